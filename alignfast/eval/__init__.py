@@ -1,0 +1,1 @@
+"""(being built in the founding sprint)"""

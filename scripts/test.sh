@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets everything up (scripts/setup.sh) and runs the default test suite: CPU + Triton interpreter,
+# no GPU needed, slow tests excluded. Extra arguments go to pytest (e.g. -k engine, -m gpu).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The tests must exercise the compiled kernels: a failed extension build is an error here.
+export ALIGNFAST_REQUIRE_EXT=1
+# shellcheck disable=SC1091
+. scripts/setup.sh
+python -m alignfast.info
+if [ "$#" -eq 0 ]; then set -- -m "not slow and not gpu"; fi
+python -m pytest -q "$@"
