@@ -12,6 +12,6 @@ Importing this package does not import torch or transformers.
 """
 
 from alignfast.toy.reward import answer_accuracy, position_accuracy
-from alignfast.toy.world import DEMO_CONFIG, ToyWorld, load_world
+from alignfast.toy.world import DEMO_CONFIG, ORACLE_OVERRIDES, ToyWorld, load_world
 
-__all__ = ["DEMO_CONFIG", "ToyWorld", "answer_accuracy", "load_world", "position_accuracy"]
+__all__ = ["DEMO_CONFIG", "ORACLE_OVERRIDES", "ToyWorld", "answer_accuracy", "load_world", "position_accuracy"]

@@ -26,11 +26,13 @@ EVAL_PROMPTS, EVAL_SEED = 250, 12
 TARGET_PROMPT_TEMPLATE = "{rewrite}"
 
 # Trainer config fields (TRL PPOConfig names plus the target_* fields of AlignProConfig) that the demo
-# uses on this world. Chosen with alignfast.toy.analysis (kl_coef: the KL-regularised optimum keeps most
-# of the headroom) and short PPO runs; see alignfast/toy/README.md for the numbers.
+# uses on this world. kl_coef from alignfast.toy.analysis: at λ = 0.05 the KL-regularised optimum keeps
+# all of the headroom (E_ρ*[R] ≈ 1.0 at KL(ρ*‖ρsft) ≈ 1.3 nats). learning_rate from short PPO runs:
+# 1e-3 jumps (approx-KL > 2 in the first steps), 1e-4 is still climbing after 50 steps, 3e-4 reaches the
+# optimum in ~30 steps for seeds 0-3. total_episodes: 50 PPO steps of 64 episodes. Numbers: README.md.
 DEMO_CONFIG: dict = {
     "kl_coef": 0.05,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-4,
     "temperature": 1.0,
     "response_length": 16,
     "missing_eos_penalty": 1.0,
@@ -38,7 +40,7 @@ DEMO_CONFIG: dict = {
     "num_mini_batches": 2,
     "per_device_train_batch_size": 32,
     "gradient_accumulation_steps": 1,
-    "total_episodes": 6400,
+    "total_episodes": 3200,
     "cliprange": 0.2,
     "vf_coef": 0.1,
     "gamma": 1.0,
@@ -50,11 +52,15 @@ DEMO_CONFIG: dict = {
     "target_num_samples": 1,
 }
 
+# What changes for the Oracle arm (PPO on the target itself): its policy writes answers, not rewrites.
+ORACLE_OVERRIDES: dict = {"response_length": DEMO_CONFIG["target_max_new_tokens"]}
+
 
 @dataclass(frozen=True)
 class ToyWorld:
     """Everything `alignfast demo` needs. Prompt rows are {"prompt": x, "answer": true answer, "task": word};
-    reward functions take (prompts, completions, **columns) and read the "answer" column."""
+    reward functions take (prompts, completions, **columns) and read the "answer" column. demo_config:
+    AlignProConfig fields for the Align-Pro arm; demo_config | oracle_overrides for the Oracle arm."""
 
     prompter_path: str
     target_path: str
@@ -64,6 +70,7 @@ class ToyWorld:
     rewrite_template: str = REWRITE_TEMPLATE
     target_prompt_template: str = TARGET_PROMPT_TEMPLATE
     demo_config: dict = field(default_factory=lambda: dict(DEMO_CONFIG))
+    oracle_overrides: dict = field(default_factory=lambda: dict(ORACLE_OVERRIDES))
     reward_weights: list[float] = field(default_factory=lambda: [1.0])
 
 

@@ -130,3 +130,14 @@ def test_reward_of_target_answers_on_original_prompts(world, models):
                                             for r in rows], max_new_tokens=8)
     helped = answer_accuracy([r["prompt"] for r in rows], [g[0] for g in explicit], answer=[r["answer"] for r in rows])
     assert sum(helped) / len(helped) >= 0.95 > 0.6 >= sum(direct) / len(direct)
+
+
+def test_demo_config_is_a_valid_trainer_config(world):
+    trainer = pytest.importorskip("alignfast.trainer")
+    if not hasattr(trainer, "AlignProConfig"):
+        pytest.skip("the trainer has not landed on this branch")
+    common = dict(rewrite_template=world.rewrite_template, target_prompt_template=world.target_prompt_template)
+    align_pro = trainer.AlignProConfig(**world.demo_config, **common)
+    oracle = trainer.AlignProConfig(**{**world.demo_config, **world.oracle_overrides}, **common)
+    assert align_pro.kl_coef == world.demo_config["kl_coef"] and oracle.response_length == 8
+    assert align_pro.num_steps(len(world.train_prompts)) >= 10
