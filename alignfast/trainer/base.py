@@ -26,7 +26,7 @@ from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.config import AlignProConfig
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
-from alignfast.trainer.environments import Environment, EnvOutput
+from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
 from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, value_head_for
@@ -296,8 +296,9 @@ class PPOEngineTrainer:
 
         env_out = self.environment.step(batch.prompts, outputs, batch.columns,
                                         seed=derive_seed(cfg.seed, step, stream=3) % (2**31))
-        self._check_scores(env_out, step, last_good, batch.prompts)
+        self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)
         scores = torch.tensor(env_out.scores, dtype=torch.float32, device=self.device)
+        self._check_scores(scores.tolist(), {}, step, last_good, batch.prompts, note=" (overflows float32)")
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~sampled.ended).float()
         t_env = time.perf_counter()
@@ -404,11 +405,11 @@ class PPOEngineTrainer:
                 return self._ref_policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=t).logprobs
         return self._ref_policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=t).logprobs
 
-    def _check_scores(self, env_out: EnvOutput, step: int, last_good, prompts) -> None:
-        for i, s in enumerate(env_out.scores):
+    def _check_scores(self, scores: list, per_func: dict, step: int, last_good, prompts, note: str = "") -> None:
+        for i, s in enumerate(scores):
             if s is None or not math.isfinite(s):
-                culprit = ""
-                for name, values in env_out.per_func.items():
+                culprit = note
+                for name, values in per_func.items():
                     v = values[i]
                     if v is not None and not math.isfinite(v):
                         culprit = f" (reward function '{name}' returned {v})"

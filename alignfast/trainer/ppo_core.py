@@ -175,7 +175,7 @@ class PPOUpdater:
                     idx = mb_idx[micro * pdbs: (micro + 1) * pdbs]
                     loss = self._micro_step(rollout, adv, idx, stats)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(epoch, mb, micro, float(loss))
+                        raise NonFiniteLoss(epoch, mb, micro, float(loss.detach()))
                     (loss / cfg.gradient_accumulation_steps).backward()
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)

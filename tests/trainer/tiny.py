@@ -35,13 +35,14 @@ def make_tokenizer(path, words: Sequence[str], *, chat_template: bool = True, pa
 
 
 def llama_config(vocab_size: int, *, hidden: int = 16, layers: int = 1, heads: int = 2, tie: bool = False,
-                 num_labels: int = 1):
+                 num_labels: int = 1, initializer_range: float = 0.02):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                       tie_word_embeddings=tie, num_labels=num_labels)
+                       tie_word_embeddings=tie, num_labels=num_labels,
+                       initializer_range=initializer_range)
 
 
 def make_causal_lm(path, vocab_size: int, *, seed: int = 0, **kwargs):
@@ -80,3 +81,43 @@ class FunctionTarget(TargetEngine):
             out.append([Completion(text=answer, token_ids=[0] * len(answer.split()), finish_reason="stop")
                         for _ in range(n)])
         return out
+
+
+WORDS = ["cat", "dog", "bird", "fish", "please", "explain", "briefly", "the", "a", "is", "what", "why"]
+
+
+def keyword_reward(prompts, completions, **columns):
+    """r(x, y): the answer mentions the original prompt's last word (+1), says please (+0.5), is short."""
+    out = []
+    for x, y in zip(prompts, completions):
+        words = y.split()
+        out.append(float(x.split()[-1] in words) + 0.5 * float("please" in words) - 0.05 * len(words))
+    return out
+
+
+class Recorder:
+    """A callback keeping each step's rollout tokens, update losses and metrics (set .trainer first)."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.trainer = None
+        self.stop_at = stop_at
+        self.responses, self.losses, self.logs = [], [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.responses.append(self.trainer.last_rollout.response_ids.clone())
+        self.losses.append(list(self.trainer.last_update_losses))
+        if self.stop_at is not None and state.global_step >= self.stop_at:
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def small_world(root, *, prompter_seed: int = 0):
+    """(tokenizer, prompter dir) of the small rewrite world used by the trainer tests."""
+    tok = make_tokenizer(root / "tok", WORDS)
+    make_causal_lm(root / "prompter", len(tok), seed=prompter_seed, hidden=16, layers=1)
+    return tok, root / "prompter"
+
+
+TRAIN_PROMPTS = ["what is a cat", "why fish", "explain the dog", "bird", "what is the bird", "a dog"]
