@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignfast.ops._checks import AlignfastArgumentError
+from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout.templates import exchange
 
 RewardFunc = Callable[..., list]
@@ -49,13 +49,13 @@ class RewardModel:
         else:
             model = model_or_path
         if tokenizer is None:
-            raise AlignfastArgumentError("alignfast: argument 'reward_tokenizer' is required when the reward model is "
-                                         "passed as a model object")
+            fail("reward_tokenizer", "is required when the reward model is "
+                 "passed as a model object")
         if not isinstance(batch_size, int) or batch_size <= 0:
-            raise AlignfastArgumentError(f"alignfast: argument 'batch_size' must be a positive integer, got {batch_size!r}")
+            fail("batch_size", f"must be a positive integer, got {batch_size!r}")
         num_labels = getattr(model.config, "num_labels", 1)
         if not 0 <= label_index < num_labels:
-            raise AlignfastArgumentError(f"alignfast: argument 'label_index' ({label_index}) must be in [0, {num_labels})")
+            fail("label_index", f"({label_index}) must be in [0, {num_labels})")
         if device is not None:
             model = model.to(device)
         model.eval()
@@ -81,8 +81,8 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
         if len(prompts) != len(completions):
-            raise AlignfastArgumentError(f"alignfast: argument 'completions' has {len(completions)} entries but "
-                                         f"'prompts' has {len(prompts)}")
+            fail("completions", f"has {len(completions)} entries but "
+                 f"'prompts' has {len(prompts)}")
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
             encoded = []
@@ -138,16 +138,16 @@ class WeightedRewards:
             raise AlignfastArgumentError("alignfast: no reward: pass 'reward_model' and/or 'reward_funcs'")
         for f in funcs:
             if not callable(f):
-                raise AlignfastArgumentError(f"alignfast: argument 'reward_funcs' holds {f!r}, which is not callable")
+                fail("reward_funcs", f"holds {f!r}, which is not callable")
         if weights is None:
             weights = [1.0] * len(funcs)
         weights = [float(w) for w in weights]
         if len(weights) != len(funcs):
-            raise AlignfastArgumentError(f"alignfast: argument 'reward_weights' has {len(weights)} entries for "
-                                         f"{len(funcs)} reward functions (reward model first, then reward_funcs)")
+            fail("reward_weights", f"has {len(weights)} entries for "
+                 f"{len(funcs)} reward functions (reward model first, then reward_funcs)")
         for w in weights:
             if not math.isfinite(w):
-                raise AlignfastArgumentError(f"alignfast: argument 'reward_weights' must be finite, got {w!r}")
+                fail("reward_weights", f"must be finite, got {w!r}")
         self.funcs = funcs
         self.weights = weights
         self.names = _unique([reward_name(f) for f in funcs])

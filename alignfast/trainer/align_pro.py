@@ -12,10 +12,10 @@ import os
 
 import torch
 
-from alignfast.ops._checks import AlignfastArgumentError
+from alignfast.ops._checks import fail
 from alignfast.rollout.engine import TargetEngine
 from alignfast.trainer.base import PPOEngineTrainer, build_rewards, load_causal_lm, load_tokenizer
-from alignfast.trainer.config import AlignProConfig
+from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.environments import AlignProEnvironment
 
 
@@ -29,12 +29,12 @@ def make_target_engine(target, target_tokenizer):
         if not isinstance(target, torch.nn.Module):
             target_tokenizer = load_tokenizer(target_tokenizer, target, "target_tokenizer")
         elif target_tokenizer is None:
-            raise AlignfastArgumentError("alignfast: argument 'target_tokenizer' is required when 'target' is a model "
-                                         "object")
+            fail("target_tokenizer", "is required when 'target' is a model "
+                 "object")
         engine = HFEngine(target if isinstance(target, torch.nn.Module) else str(target), target_tokenizer)
         return engine, target_tokenizer
-    raise AlignfastArgumentError(f"alignfast: argument 'target' must be a TargetEngine, a transformers causal LM or a "
-                                 f"path, got {type(target).__name__}")
+    fail("target", f"must be a TargetEngine, a transformers causal LM or a "
+         f"path, got {type(target).__name__}")
 
 
 class AlignProTrainer(PPOEngineTrainer):
@@ -57,8 +57,7 @@ class AlignProTrainer(PPOEngineTrainer):
     def __init__(self, config: AlignProConfig, prompter, prompter_tokenizer, target, *, target_tokenizer=None,
                  reward_model=None, reward_tokenizer=None, reward_funcs=None, reward_weights=None, train_dataset,
                  eval_dataset=None, ref_model=None, value_model=None, peft_config=None, callbacks=None):
-        if isinstance(config, dict):
-            config = AlignProConfig.from_dict(config)
+        config = coerce_config(config)
         prompter_tokenizer = load_tokenizer(prompter_tokenizer, prompter, "prompter_tokenizer")
         prompter = load_causal_lm(prompter, "prompter")
         engine, target_tokenizer = make_target_engine(target, target_tokenizer)

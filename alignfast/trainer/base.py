@@ -19,19 +19,18 @@ from pathlib import Path
 
 import torch
 
-from alignfast.ops._checks import AlignfastArgumentError
+from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
 from alignfast.rollout.rewards import RewardModel, WeightedRewards
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
-from alignfast.trainer.config import AlignProConfig
+from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
 from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, value_head_for
-from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
-                                        score_rollout)
+from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 
@@ -42,8 +41,8 @@ def load_causal_lm(model_or_path, name: str):
 
         return AutoModelForCausalLM.from_pretrained(str(model_or_path))
     if not isinstance(model_or_path, torch.nn.Module):
-        raise AlignfastArgumentError(f"alignfast: argument '{name}' must be a transformers causal LM or a path, got "
-                                     f"{type(model_or_path).__name__}")
+        fail(name, f"must be a transformers causal LM or a path, got "
+             f"{type(model_or_path).__name__}")
     return model_or_path
 
 
@@ -54,7 +53,7 @@ def load_tokenizer(tokenizer, model_or_path, name: str):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(model_or_path))
-    raise AlignfastArgumentError(f"alignfast: argument '{name}' is required when the model is passed as an object")
+    fail(name, "is required when the model is passed as an object")
 
 
 def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, reward_funcs, reward_weights,
@@ -72,7 +71,7 @@ def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, rew
         funcs.extend(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
     if reward_weights is not None and config.reward_weights is not None and \
             [float(w) for w in reward_weights] != config.reward_weights:
-        raise AlignfastArgumentError("alignfast: argument 'reward_weights' differs from config.reward_weights; give one")
+        fail("reward_weights", "differs from config.reward_weights; give one")
     weights = reward_weights if reward_weights is not None else config.reward_weights
     return WeightedRewards(funcs, weights)
 
@@ -84,11 +83,7 @@ class PPOEngineTrainer:
 
     def _setup(self, config, policy_model, policy_tokenizer, environment: Environment, *, train_dataset,
                eval_dataset=None, ref_model=None, value_model=None, peft_config=None, callbacks=None):
-        if isinstance(config, dict):
-            config = AlignProConfig.from_dict(config)
-        if not isinstance(config, AlignProConfig):
-            raise AlignfastArgumentError(f"alignfast: argument 'config' must be an AlignProConfig or a dict, got "
-                                         f"{type(config).__name__}")
+        config = coerce_config(config)
         check_reporters(config.report_to)
         self.config = config
         self.environment = environment
@@ -231,8 +226,8 @@ class PPOEngineTrainer:
         columns = {k: list(v) for k, v in (columns or {}).items()}
         for k, v in columns.items():
             if len(v) != len(prompts):
-                raise AlignfastArgumentError(f"alignfast: argument 'columns' entry '{k}' has {len(v)} values for "
-                                             f"{len(prompts)} prompts")
+                fail("columns", f"entry '{k}' has {len(v)} values for "
+                     f"{len(prompts)} prompts")
         seed = self.config.seed if seed is None else seed
         result = RolloutResult(prompts=[], rewrites=[], answers=[], scores=[], all_answers=[], reward_components={})
         bs = self.config.per_device_eval_batch_size
@@ -255,7 +250,7 @@ class PPOEngineTrainer:
         """Greedy rollouts over the eval set: eval/scores (mean), eval/scores_std, eval/rewards/<name>."""
         data = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else self.eval_dataset
         if data is None:
-            raise AlignfastArgumentError("alignfast: argument 'eval_dataset' is required (none was given to the trainer)")
+            fail("eval_dataset", "is required (none was given to the trainer)")
         res = self.rollout(data.prompts, greedy=True, columns=data.columns)
         scores = torch.tensor(res.scores, dtype=torch.float64)
         out = {"eval/scores": float(scores.mean()),

@@ -32,6 +32,13 @@ SAVE_STRATEGIES = ("steps", "no")
 REPORTERS = ("none", "jsonl", "tensorboard", "wandb", "all")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
+def _opt(default, help: str):
+    """A dataclass field with its help text (read by the CLI and by `alignfast train --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 DEFAULT_REWRITE_TEMPLATE = (
     "Rewrite the following prompt so that an assistant gives the best possible answer. "
     "Reply with the rewritten prompt only.\n\nPrompt: {prompt}"
@@ -43,79 +50,93 @@ class AlignProConfig:
     """Configuration of AlignProTrainer and OracleTrainer. See the module docstring for the batch arithmetic."""
 
     # --- run, output, logging -------------------------------------------------------------------
-    output_dir: str = field(default="alignfast-output", metadata={"help": "Where metrics.jsonl, checkpoints and the final model go."})
-    seed: int = field(default=42, metadata={"help": "Seed of every random choice (data order, sampling, mini-batch order)."})
-    backend: str = field(default="fast", metadata={"help": "'fast': alignfast.ops fused kernels; 'reference': plain PyTorch (alignfast.reference, full logits), the spec."})
-    device: str | None = field(default=None, metadata={"help": "Device for the trained models; None keeps the prompter's device."})
-    run_name: str | None = field(default=None, metadata={"help": "Name of the run for TensorBoard / W&B."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "'none', 'tensorboard', 'wandb', 'all', or a list; metrics.jsonl is always written."})
-    logging_steps: int = field(default=10, metadata={"help": "Print and send to trackers every N steps (metrics.jsonl gets every step)."})
-    num_logged_samples: int = field(default=4, metadata={"help": "Rollouts written to samples.jsonl at each logging step."})
-    save_strategy: str = field(default="steps", metadata={"help": "'steps': checkpoint every save_steps and at the end; 'no': never."})
-    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N PPO steps."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints (oldest deleted)."})
-    eval_steps: int | None = field(default=None, metadata={"help": "Greedy rollouts on eval_dataset every N steps (logged as eval/scores)."})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Prompts per greedy evaluation rollout batch."})
+    output_dir: str = _opt("alignfast-output", "Where metrics.jsonl, checkpoints and the final model go.")
+    seed: int = _opt(42, "Seed of every random choice (data order, sampling, mini-batch order).")
+    backend: str = _opt("fast",
+        "'fast': alignfast.ops fused kernels; 'reference': plain PyTorch (alignfast.reference, full logits), the "
+        "spec.")
+    device: str | None = _opt(None, "Device for the trained models; None keeps the prompter's device.")
+    run_name: str | None = _opt(None, "Name of the run for TensorBoard / W&B.")
+    report_to: str | list[str] = _opt("none",
+        "'none', 'tensorboard', 'wandb', 'all', or a list; metrics.jsonl is always written.")
+    logging_steps: int = _opt(10, "Print and send to trackers every N steps (metrics.jsonl gets every step).")
+    num_logged_samples: int = _opt(4, "Rollouts written to samples.jsonl at each logging step.")
+    save_strategy: str = _opt("steps", "'steps': checkpoint every save_steps and at the end; 'no': never.")
+    save_steps: int = _opt(500, "Checkpoint every N PPO steps.")
+    save_total_limit: int | None = _opt(None, "Keep at most this many checkpoints (oldest deleted).")
+    eval_steps: int | None = _opt(None, "Greedy rollouts on eval_dataset every N steps (logged as eval/scores).")
+    per_device_eval_batch_size: int = _opt(8, "Prompts per greedy evaluation rollout batch.")
 
     # --- optimisation (TrainingArguments names) -------------------------------------------------
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = _opt(5e-5, "AdamW learning rate.")
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Clip the gradient norm (None: no clipping)."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name, stepped once per PPO step."})
+    max_grad_norm: float | None = _opt(1.0, "Clip the gradient norm (None: no clipping).")
+    lr_scheduler_type: str = _opt("linear", "transformers scheduler name, stepped once per PPO step.")
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Episodes per micro-batch (one forward/backward)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch."})
-    batch_size: int | None = field(default=None, metadata={"help": "Episodes per PPO step; when given it must be a multiple of per_device_train_batch_size * gradient_accumulation_steps and sets num_mini_batches."})
-    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
-    total_episodes: int | None = field(default=None, metadata={"help": "Episodes in the whole run (default num_train_epochs * len(train_dataset))."})
+    per_device_train_batch_size: int = _opt(8, "Episodes per micro-batch (one forward/backward).")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    num_mini_batches: int = _opt(1, "Optimizer steps per PPO epoch.")
+    batch_size: int | None = _opt(None,
+        "Episodes per PPO step; when given it must be a multiple of per_device_train_batch_size * "
+        "gradient_accumulation_steps and sets num_mini_batches.")
+    num_ppo_epochs: int = _opt(4, "Passes over each batch of rollouts.")
+    total_episodes: int | None = _opt(None,
+        "Episodes in the whole run (default num_train_epochs * len(train_dataset)).")
     num_train_epochs: float = 3.0
-    max_steps: int = field(default=-1, metadata={"help": "If > 0: the number of PPO steps, overriding total_episodes."})
-    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Rows per no-grad forward pass in the rollout phase."})
+    max_steps: int = _opt(-1, "If > 0: the number of PPO steps, overriding total_episodes.")
+    local_rollout_forward_batch_size: int = _opt(64, "Rows per no-grad forward pass in the rollout phase.")
 
     # --- PPO (TRL PPOConfig names and defaults) ---------------------------------------------------
-    kl_coef: float = field(default=0.05, metadata={"help": "lambda: weight of the per-token KL penalty to the SFT/reference policy."})
-    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator in the reward: k1 (log-ratio), k2, k3, abs."})
-    adap_kl_ctrl: bool = field(default=False, metadata={"help": "Adapt kl_coef towards kl_target (Ziegler et al. 2019) instead of keeping it fixed."})
-    kl_target: float = field(default=6.0, metadata={"help": "Target sequence KL of the adaptive controller."})
-    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive controller."})
+    kl_coef: float = _opt(0.05, "lambda: weight of the per-token KL penalty to the SFT/reference policy.")
+    kl_estimator: str = _opt("k1", "Per-token KL estimator in the reward: k1 (log-ratio), k2, k3, abs.")
+    adap_kl_ctrl: bool = _opt(False,
+        "Adapt kl_coef towards kl_target (Ziegler et al. 2019) instead of keeping it fixed.")
+    kl_target: float = _opt(6.0, "Target sequence KL of the adaptive controller.")
+    kl_horizon: int = _opt(10000, "Horizon (episodes) of the adaptive controller.")
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight in the policy loss (TRL: 0)."})
+    entropy_coef: float = _opt(0.0, "Entropy bonus weight in the policy loss (TRL: 0).")
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
-    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over the batch (TRL always does)."})
-    value_head: str = field(default="separate", metadata={"help": "'separate': a critic with its own copy of the backbone (TRL); 'shared': a value head on the policy's backbone."})
+    whiten_advantages: bool = _opt(True, "Whiten advantages over the batch (TRL always does).")
+    value_head: str = _opt("separate",
+        "'separate': a critic with its own copy of the backbone (TRL); 'shared': a value head on the policy's "
+        "backbone.")
 
     # --- the policy's sampling (TRL OnPolicyConfig names) ----------------------------------------
-    response_length: int = field(default=53, metadata={"help": "Max tokens the policy generates (the rewrite x', or the answer for Oracle)."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the policy (also used for its log-probs)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0: off)."})
-    stop_token_id: int | None = field(default=None, metadata={"help": "An extra token id that ends the response (EOS always does)."})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of responses that hit response_length without EOS."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Keep at most the last N tokens of the policy's input."})
-    reuse_sampler_logprobs: bool | None = field(default=None, metadata={"help": "Fast path: take old log-probs from the sampler instead of a second forward (None: only for float32 policies)."})
+    response_length: int = _opt(53, "Max tokens the policy generates (the rewrite x', or the answer for Oracle).")
+    temperature: float = _opt(0.7, "Sampling temperature of the policy (also used for its log-probs).")
+    top_k: int = _opt(0, "Top-k sampling (0: off).")
+    top_p: float = _opt(1.0, "Nucleus sampling (1.0: off).")
+    stop_token_id: int | None = _opt(None, "An extra token id that ends the response (EOS always does).")
+    missing_eos_penalty: float | None = _opt(None,
+        "Subtracted from the score of responses that hit response_length without EOS.")
+    max_prompt_length: int | None = _opt(None, "Keep at most the last N tokens of the policy's input.")
+    reuse_sampler_logprobs: bool | None = _opt(None,
+        "Fast path: take old log-probs from the sampler instead of a second forward (None: only for float32 "
+        "policies).")
 
     # --- Align-Pro: the rewrite and the frozen target ---------------------------------------------
-    rewrite_template: str = field(default=DEFAULT_REWRITE_TEMPLATE, metadata={"help": "The prompter's instruction; must contain {prompt}."})
-    target_prompt_template: str = field(default="{rewrite}", metadata={"help": "What the target is asked: must contain {rewrite}; may contain {prompt}."})
+    rewrite_template: str = _opt(DEFAULT_REWRITE_TEMPLATE, "The prompter's instruction; must contain {prompt}.")
+    target_prompt_template: str = _opt("{rewrite}",
+        "What the target is asked: must contain {rewrite}; may contain {prompt}.")
     target_max_new_tokens: int = 64
-    target_temperature: float = field(default=0.0, metadata={"help": "0: greedy target answers."})
+    target_temperature: float = _opt(0.0, "0: greedy target answers.")
     target_top_p: float = 1.0
-    target_num_samples: int = field(default=1, metadata={"help": "Answers per rewrite; the reward is their mean."})
-    target_batch_size: int = field(default=32, metadata={"help": "Prompts per call to the target engine."})
-    target_use_chat_template: bool = field(default=True, metadata={"help": "Wrap the target prompt in the target tokenizer's chat template when it has one."})
+    target_num_samples: int = _opt(1, "Answers per rewrite; the reward is their mean.")
+    target_batch_size: int = _opt(32, "Prompts per call to the target engine.")
+    target_use_chat_template: bool = _opt(True,
+        "Wrap the target prompt in the target tokenizer's chat template when it has one.")
 
     # --- rewards ------------------------------------------------------------------------------------
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of [reward_model, *reward_funcs] (default all 1)."})
-    reward_template: str = field(default="{prompt}\n{completion}", metadata={"help": "Reward-model input when its tokenizer has no chat template."})
+    reward_weights: list[float] | None = _opt(None, "Weights of [reward_model, *reward_funcs] (default all 1).")
+    reward_template: str = _opt("{prompt}\n{completion}", "Reward-model input when its tokenizer has no chat template.")
     reward_batch_size: int = 32
 
     # ------------------------------------------------------------------------------------------------
@@ -247,7 +268,8 @@ class AlignProConfig:
         if not isinstance(self.rewrite_template, str) or "{prompt}" not in self.rewrite_template:
             fail("rewrite_template", f"must be a string containing '{{prompt}}', got {self.rewrite_template!r}")
         if not isinstance(self.target_prompt_template, str) or "{rewrite}" not in self.target_prompt_template:
-            fail("target_prompt_template", f"must be a string containing '{{rewrite}}', got {self.target_prompt_template!r}")
+            fail("target_prompt_template",
+                 f"must be a string containing '{{rewrite}}', got {self.target_prompt_template!r}")
         if not isinstance(self.reward_template, str) or "{completion}" not in self.reward_template:
             fail("reward_template", f"must be a string containing '{{completion}}', got {self.reward_template!r}")
 
@@ -274,3 +296,13 @@ class AlignProConfig:
             fail("total_episodes", f"({self.total_episodes}) is smaller than one PPO batch ({self.rollout_batch_size})")
         if self.reuse_sampler_logprobs is not None and not isinstance(self.reuse_sampler_logprobs, bool):
             fail("reuse_sampler_logprobs", f"must be true, false or null, got {self.reuse_sampler_logprobs!r}")
+
+
+def coerce_config(config) -> AlignProConfig:
+    """An AlignProConfig from a config or a plain dict; anything else is an error naming 'config'."""
+    if isinstance(config, dict):
+        return AlignProConfig.from_dict(config)
+    if not isinstance(config, AlignProConfig):
+        fail("config", f"must be an AlignProConfig or a dict, got "
+             f"{type(config).__name__}")
+    return config

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignfast.ops._checks import AlignfastArgumentError
+from alignfast.ops._checks import fail
 
 
 @dataclass
@@ -29,7 +29,7 @@ class PromptDataset:
     def __init__(self, data, *, name: str = "train_dataset"):
         prompts, columns = _normalise(data, name)
         if not prompts:
-            raise AlignfastArgumentError(f"alignfast: argument '{name}' is empty")
+            fail(name, "is empty")
         self.prompts = prompts
         self.columns = columns
 
@@ -75,11 +75,11 @@ def derive_seed(seed: int, step: int, *, stream: int) -> int:
 
 def _normalise(data, name: str) -> tuple[list[str], dict[str, list]]:
     if data is None:
-        raise AlignfastArgumentError(f"alignfast: argument '{name}' is required")
+        fail(name, "is required")
     column_names = getattr(data, "column_names", None)
     if column_names is not None and not isinstance(data, (list, tuple)):  # a datasets.Dataset
         if "prompt" not in column_names:
-            raise AlignfastArgumentError(f"alignfast: argument '{name}' needs a 'prompt' column, has {list(column_names)}")
+            fail(name, f"needs a 'prompt' column, has {list(column_names)}")
         prompts = list(data["prompt"])
         columns = {c: list(data[c]) for c in column_names if c != "prompt"}
     else:
@@ -89,15 +89,15 @@ def _normalise(data, name: str) -> tuple[list[str], dict[str, list]]:
         elif all(isinstance(x, dict) for x in data):
             for i, row in enumerate(data):
                 if "prompt" not in row:
-                    raise AlignfastArgumentError(f"alignfast: argument '{name}' row {i} has no 'prompt' key")
+                    fail(name, f"row {i} has no 'prompt' key")
             keys = [k for k in data[0] if k != "prompt"]
             prompts = [row["prompt"] for row in data]
             columns = {k: [row.get(k) for row in data] for k in keys}
         else:
-            raise AlignfastArgumentError(f"alignfast: argument '{name}' must be a list of strings, a list of dicts with "
-                                         "a 'prompt' key, or a datasets.Dataset with a 'prompt' column")
+            fail(name, "must be a list of strings, a list of dicts with "
+                 "a 'prompt' key, or a datasets.Dataset with a 'prompt' column")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise AlignfastArgumentError(f"alignfast: argument '{name}' prompt {i} must be a string, got "
-                                         f"{type(p).__name__}")
+            fail(name, f"prompt {i} must be a string, got "
+                 f"{type(p).__name__}")
     return prompts, columns

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from alignfast.ops._checks import AlignfastArgumentError
+from alignfast.ops._checks import fail
 
 
 def check_reporters(report_to: list[str]) -> list[str]:
@@ -24,8 +24,7 @@ def check_reporters(report_to: list[str]) -> list[str]:
             out.append("tensorboard")
         except ImportError:
             if "tensorboard" in wanted:
-                raise AlignfastArgumentError("alignfast: argument 'report_to' asks for tensorboard, which is not "
-                                             "installed (pip install tensorboard)") from None
+                fail("report_to", "asks for tensorboard, which is not installed (pip install tensorboard)")
     if "wandb" in wanted or "all" in wanted:
         try:
             import wandb  # noqa: F401
@@ -33,8 +32,7 @@ def check_reporters(report_to: list[str]) -> list[str]:
             out.append("wandb")
         except ImportError:
             if "wandb" in wanted:
-                raise AlignfastArgumentError("alignfast: argument 'report_to' asks for wandb, which is not installed "
-                                             "(pip install wandb)") from None
+                fail("report_to", "asks for wandb, which is not installed (pip install wandb)")
     return out
 
 

@@ -10,7 +10,7 @@ Align-Pro, which leaves the target's weights untouched.
 from __future__ import annotations
 
 from alignfast.trainer.base import PPOEngineTrainer, build_rewards, load_causal_lm, load_tokenizer
-from alignfast.trainer.config import AlignProConfig
+from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.environments import DirectEnvironment
 
 
@@ -25,8 +25,7 @@ class OracleTrainer(PPOEngineTrainer):
     def __init__(self, config: AlignProConfig, model, tokenizer=None, *, reward_model=None, reward_tokenizer=None,
                  reward_funcs=None, reward_weights=None, train_dataset, eval_dataset=None, ref_model=None,
                  value_model=None, peft_config=None, callbacks=None):
-        if isinstance(config, dict):
-            config = AlignProConfig.from_dict(config)
+        config = coerce_config(config)
         tokenizer = load_tokenizer(tokenizer, model, "tokenizer")
         model = load_causal_lm(model, "model")
         device = config.device or next(model.parameters()).device
