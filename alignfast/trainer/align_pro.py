@@ -20,21 +20,19 @@ from alignfast.trainer.environments import AlignProEnvironment
 
 
 def make_target_engine(target, target_tokenizer):
-    """A TargetEngine from an engine, a transformers causal LM, or a path (wrapped in HFEngine)."""
+    """(engine, tokenizer for the target's chat format) from an engine, a causal LM object, or a path.
+
+    Models and paths are wrapped in alignfast.rollout.HFEngine (which loads the tokenizer of a path)."""
     if isinstance(target, TargetEngine):
         return target, target_tokenizer if target_tokenizer is not None else getattr(target, "tokenizer", None)
+    if isinstance(target, torch.nn.Module) and target_tokenizer is None:
+        fail("target_tokenizer", "is required when 'target' is a model object")
     if isinstance(target, (str, os.PathLike, torch.nn.Module)):
         from alignfast.rollout import HFEngine
 
-        if not isinstance(target, torch.nn.Module):
-            target_tokenizer = load_tokenizer(target_tokenizer, target, "target_tokenizer")
-        elif target_tokenizer is None:
-            fail("target_tokenizer", "is required when 'target' is a model "
-                 "object")
         engine = HFEngine(target if isinstance(target, torch.nn.Module) else str(target), target_tokenizer)
-        return engine, target_tokenizer
-    fail("target", f"must be a TargetEngine, a transformers causal LM or a "
-         f"path, got {type(target).__name__}")
+        return engine, target_tokenizer if target_tokenizer is not None else engine.tokenizer
+    fail("target", f"must be a TargetEngine, a transformers causal LM or a path, got {type(target).__name__}")
 
 
 class AlignProTrainer(PPOEngineTrainer):

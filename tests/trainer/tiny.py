@@ -83,7 +83,8 @@ class FunctionTarget(TargetEngine):
         return out
 
 
-WORDS = ["cat", "dog", "bird", "fish", "please", "explain", "briefly", "the", "a", "is", "what", "why"]
+WORDS = ["cat", "dog", "bird", "fish", "please", "explain", "briefly", "the", "a", "is", "what", "why", "rewrite",
+         "answer", "about"]
 
 
 def keyword_reward(prompts, completions, **columns):
@@ -117,6 +118,7 @@ def small_world(root, *, prompter_seed: int = 0):
     """(tokenizer, prompter dir) of the small rewrite world used by the trainer tests."""
     tok = make_tokenizer(root / "tok", WORDS)
     make_causal_lm(root / "prompter", len(tok), seed=prompter_seed, hidden=16, layers=1)
+    tok.save_pretrained(str(root / "prompter"))  # a loadable model directory, as users have
     return tok, root / "prompter"
 
 
