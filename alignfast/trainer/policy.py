@@ -85,10 +85,13 @@ class CausalLMPolicy:
         self.fused = backend == "fast" and self.head is not None
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
-                return_entropy: bool = False) -> PolicyOutput:
+                return_entropy: bool = False, entropy_grad: bool = False) -> PolicyOutput:
+        """Log-probs [B, R] of the response tokens (and entropy, values). entropy_grad=False returns the
+        entropy detached (a statistic, as TRL computes it under no_grad); True keeps it in the graph
+        for an entropy bonus."""
         ids, attention, positions = join(query_ids, query_mask, response_ids, response_mask)
         Q, R = query_ids.size(1), response_ids.size(1)
-        if self.fused or (self.value_head is not None and self.backend == "fast"):
+        if self.backend == "fast" and (self.fused or self.value_head is not None):
             hidden = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
                                    use_cache=False).last_hidden_state
             hidden = hidden[:, Q - 1: Q - 1 + R]
@@ -105,7 +108,7 @@ class CausalLMPolicy:
                 logits = unwrap(self.model).get_output_embeddings()(hidden)
                 out = token_logprobs(logits, response_ids, temperature=temperature, mask=response_mask,
                                      return_entropy=return_entropy)
-            return _policy_output(out, return_entropy, values)
+            return _policy_output(out, return_entropy, entropy_grad, values)
         if self.backend == "fast":
             from alignfast.ops import token_logprobs as logprob_op
         else:
@@ -118,9 +121,16 @@ class CausalLMPolicy:
             out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
             values = None
         logits = out.logits[:, Q - 1: Q - 1 + R]
+        if return_entropy and not entropy_grad:
+            # TRL: log-probs in the graph, the entropy statistic from the same logits under no_grad.
+            logprobs = logprob_op(logits, response_ids, temperature=temperature, mask=response_mask)
+            with torch.no_grad():
+                _, entropy = logprob_op(logits, response_ids, temperature=temperature, mask=response_mask,
+                                        return_entropy=True)
+            return _policy_output((logprobs, entropy), True, False, values)
         res = logprob_op(logits, response_ids, temperature=temperature, mask=response_mask,
                          return_entropy=return_entropy)
-        return _policy_output(res, return_entropy, values)
+        return _policy_output(res, return_entropy, entropy_grad, values)
 
     def _values(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.value_head is None:
@@ -128,10 +138,11 @@ class CausalLMPolicy:
         return self.value_head(hidden).squeeze(-1).float()
 
 
-def _policy_output(out, return_entropy: bool, values) -> PolicyOutput:
+def _policy_output(out, return_entropy: bool, entropy_grad: bool, values) -> PolicyOutput:
     if return_entropy:
         logprobs, entropy = out
-        return PolicyOutput(logprobs=logprobs.float(), entropy=entropy.float(), values=values)
+        entropy = entropy.float() if entropy_grad else entropy.detach().float()
+        return PolicyOutput(logprobs=logprobs.float(), entropy=entropy, values=values)
     return PolicyOutput(logprobs=out.float(), values=values)
 
 

@@ -153,9 +153,11 @@ class PPOUpdater:
         self.config = config
 
     def forward(self, batch: Rollout, *, temperature: float, return_entropy: bool):
-        """New log-probs, entropy and values of a micro-batch (with gradient)."""
+        """New log-probs and values of a micro-batch (with gradient); the entropy carries a gradient
+        only when the loss has an entropy bonus."""
         out = self.policy.forward(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
-                                  temperature=temperature, return_entropy=return_entropy)
+                                  temperature=temperature, return_entropy=return_entropy,
+                                  entropy_grad=self.config.entropy_coef > 0)
         values = out.values
         if values is None:
             values = self.value_model(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
@@ -195,7 +197,7 @@ class PPOUpdater:
             logprobs, batch.logprobs[:, :r1], adv.advantages[idx, :r1], values, batch.values[:, :r1],
             adv.returns[idx, :r1], mask, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
             vf_coef=cfg.vf_coef)
-        mean_entropy = reference.masked_mean(entropy.detach(), mask) if entropy is not None else torch.zeros(())
+        mean_entropy = reference.masked_mean(entropy.detach(), mask)
         if cfg.entropy_coef > 0 and entropy is not None:
             loss = loss - cfg.entropy_coef * reference.masked_mean(entropy, mask)
         stats.losses.append(float(loss.detach()))

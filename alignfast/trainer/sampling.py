@@ -16,6 +16,7 @@ policy PPO optimises), as TRL computes them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,17 @@ def filter_logits(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return z
 
 
+def last_logits_kwargs(model) -> dict:
+    """Ask for the last position's logits only (logits_to_keep since transformers 4.50,
+    num_logits_to_keep before), so the prefill never builds [B, Q, V] logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 @torch.no_grad()
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -91,8 +103,8 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     valid_out = []
 
-    out = model(input_ids=query_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    keep = last_logits_kwargs(model)
+    out = model(input_ids=query_ids, attention_mask=attention, position_ids=positions, use_cache=True, **keep)
     cache = out.past_key_values
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
@@ -113,7 +125,7 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
             break
         attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=device)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    past_key_values=cache, use_cache=True, **keep)
         cache = out.past_key_values
         next_position = next_position + 1
 

@@ -34,11 +34,12 @@ def run(backend, tok, prompter_dir, tmp_path, **overrides):
     return trainer, rec
 
 
-@pytest.mark.parametrize("value_head,whiten_rewards", [("separate", False), ("shared", True)])
-def test_fast_reference_parity(tmp_path, value_head, whiten_rewards):
+@pytest.mark.parametrize("value_head,whiten_rewards,entropy_coef", [("separate", False, 0.0), ("shared", True, 0.01)])
+def test_fast_reference_parity(tmp_path, value_head, whiten_rewards, entropy_coef):
     tok, prompter_dir = small_world(tmp_path)
-    fast, rf = run("fast", tok, prompter_dir, tmp_path, value_head=value_head, whiten_rewards=whiten_rewards)
-    ref, rr = run("reference", tok, prompter_dir, tmp_path, value_head=value_head, whiten_rewards=whiten_rewards)
+    opts = dict(value_head=value_head, whiten_rewards=whiten_rewards, entropy_coef=entropy_coef)
+    fast, rf = run("fast", tok, prompter_dir, tmp_path, **opts)
+    ref, rr = run("reference", tok, prompter_dir, tmp_path, **opts)
     assert fast._reuse_sampler_logprobs() and not ref._reuse_sampler_logprobs()
     assert len(rf.losses) == len(rr.losses) == STEPS
     for step in range(STEPS):

@@ -34,7 +34,7 @@ def test_fast_and_reference_policy_paths_agree(tmp_path):
         model.zero_grad()
         head.zero_grad()
         policy = CausalLMPolicy(model, backend=backend, value_head=head)
-        out = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=0.7, return_entropy=True)
+        out = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=0.7, return_entropy=True, entropy_grad=True)
         loss = (out.logprobs * 1.3 + out.entropy * 0.2 + out.values).sum()
         loss.backward()
         outs[backend] = (out, [p.grad.clone() for p in [*model.parameters(), *head.parameters()]])
@@ -47,6 +47,12 @@ def test_fast_and_reference_policy_paths_agree(tmp_path):
     assert (fo.logprobs[~r_mask] == 0).all() and (fo.logprobs[r_mask] < 0).all()
     for a, b in zip(fg, rg):
         assert_close(a, b, rtol=1e-4, atol=1e-6, name="grad")
+    # Without an entropy bonus the entropy is a detached statistic on both paths (TRL's no_grad).
+    for backend in ("fast", "reference"):
+        out = CausalLMPolicy(model, backend=backend).forward(q_ids, q_mask, r_ids, r_mask, temperature=0.7,
+                                                             return_entropy=True)
+        assert out.logprobs.requires_grad and not out.entropy.requires_grad
+        assert_close(out.entropy, ro.entropy, rtol=1e-5, atol=1e-5, name=f"{backend} entropy")
 
 
 def test_value_model_matches_its_backbone(tmp_path):
