@@ -15,6 +15,7 @@ loaded as in the tests. Presets:
 
     cpu-tiny    V=2048,   H=64,  2 layers: demo-sized models (the default on CPU)
     cpu-small   V=16384,  H=128, 4 layers: a larger vocabulary, where the LM head dominates
+    cpu-qwen2-mini  the cuda-0.5b code path (Qwen2, tied embeddings, grouped KV heads, bf16) at toy size
     cuda-0.5b   a Qwen2-0.5B-shaped prompter (V=151936, H=896, 24 layers, bf16) and target
 
     python -m bench.bench_trainer                      # cpu-tiny and cpu-small
@@ -38,6 +39,8 @@ PRESETS = {
                      prompt_words=12, response_length=24, target_max_new_tokens=16, dtype=torch.float32),
     "cpu-small": dict(arch="llama", vocab=16384, hidden=128, layers=4, heads=4, kv_heads=4, inter=352, batch=16,
                       prompt_words=16, response_length=32, target_max_new_tokens=16, dtype=torch.float32),
+    "cpu-qwen2-mini": dict(arch="qwen2", vocab=4096, hidden=64, layers=2, heads=4, kv_heads=2, inter=128, batch=8,
+                           prompt_words=12, response_length=16, target_max_new_tokens=8, dtype=torch.bfloat16),
     "cuda-0.5b": dict(arch="qwen2", vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, batch=64,
                       prompt_words=48, response_length=64, target_max_new_tokens=64, dtype=torch.bfloat16),
 }

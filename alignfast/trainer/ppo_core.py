@@ -105,32 +105,43 @@ def whiten_keep_mean(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> 
     return torch.where(mask, reference.masked_whiten(x, mask, eps) + mean, torch.zeros_like(x))
 
 
-@dataclass
 class UpdateStats:
-    """Per micro-batch statistics of one PPO step (TRL averages them for its metrics)."""
+    """Per micro-batch statistics of one PPO step (TRL averages them for its metrics).
 
-    losses: list[float]
-    pg_loss: list[float]
-    vf_loss: list[float]
-    clipfrac: list[float]
-    vf_clipfrac: list[float]
-    approxkl: list[float]
-    ratio: list[float]
-    entropy: list[float]
+    Kept as 0-d tensors while the step runs (no host sync per micro-batch on a GPU); read once at the end.
+    """
+
+    KEYS = ("loss", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")
+
+    def __init__(self):
+        self._values: dict[str, list[torch.Tensor]] = {k: [] for k in self.KEYS}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for k in self.KEYS:
+            self._values[k].append(values[k].detach().float().reshape(()))
+
+    def series(self, key: str) -> list[float]:
+        v = self._values[key]
+        return torch.stack(v).tolist() if v else []
+
+    @property
+    def losses(self) -> list[float]:
+        return self.series("loss")
 
     def averages(self) -> dict[str, float]:
-        def mean(v):
+        def mean(key):
+            v = self.series(key)
             return sum(v) / len(v) if v else 0.0
 
-        ratio = torch.tensor(self.ratio, dtype=torch.float64)
+        ratio = torch.tensor(self.series("ratio"), dtype=torch.float64)
         return {
-            "policy/approxkl_avg": mean(self.approxkl),
-            "policy/clipfrac_avg": mean(self.clipfrac),
-            "loss/policy_avg": mean(self.pg_loss),
-            "loss/value_avg": mean(self.vf_loss),
-            "val/clipfrac_avg": mean(self.vf_clipfrac),
-            "policy/entropy_avg": mean(self.entropy),
-            "val/ratio": mean(self.ratio),
+            "policy/approxkl_avg": mean("approxkl"),
+            "policy/clipfrac_avg": mean("clipfrac"),
+            "loss/policy_avg": mean("pg_loss"),
+            "loss/value_avg": mean("vf_loss"),
+            "val/clipfrac_avg": mean("vf_clipfrac"),
+            "policy/entropy_avg": mean("entropy"),
+            "val/ratio": mean("ratio"),
             "val/ratio_var": float(ratio.var()) if ratio.numel() > 1 else 0.0,
         }
 
@@ -167,7 +178,7 @@ class PPOUpdater:
         cfg = self.config
         B = rollout.response_ids.size(0)
         mbs, pdbs = cfg.mini_batch_size, cfg.per_device_train_batch_size
-        stats = UpdateStats([], [], [], [], [], [], [], [])
+        stats = UpdateStats()
         for epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(B, generator=generator).to(rollout.response_ids.device)
             for mb in range(cfg.num_mini_batches):
@@ -200,14 +211,8 @@ class PPOUpdater:
         mean_entropy = reference.masked_mean(entropy.detach(), mask)
         if cfg.entropy_coef > 0 and entropy is not None:
             loss = loss - cfg.entropy_coef * reference.masked_mean(entropy, mask)
-        stats.losses.append(float(loss.detach()))
-        stats.pg_loss.append(float(s["pg_loss"]))
-        stats.vf_loss.append(float(s["vf_loss"]))
-        stats.clipfrac.append(float(s["clipfrac"]))
-        stats.vf_clipfrac.append(float(s["vf_clipfrac"]))
-        stats.approxkl.append(float(s["approxkl"]))
-        stats.ratio.append(float(s["ratio"]))
-        stats.entropy.append(float(mean_entropy))
+        stats.add(loss=loss, pg_loss=s["pg_loss"], vf_loss=s["vf_loss"], clipfrac=s["clipfrac"],
+                  vf_clipfrac=s["vf_clipfrac"], approxkl=s["approxkl"], ratio=s["ratio"], entropy=mean_entropy)
         return loss
 
 

@@ -129,7 +129,7 @@ def test_update_makes_epochs_times_mini_batches_optimizer_steps(tmp_path):
     stats = PPOUpdater(policy, None, opt, params, make_opset("fast"), cfg).update(roll, adv, torch.Generator())
     assert len(steps) == 3 * 2
     assert len(stats.losses) == 3 * 2 * 2
-    assert abs(stats.ratio[0] - 1.0) < 1e-6  # first micro-batch: the policy has not moved yet
+    assert abs(stats.series("ratio")[0] - 1.0) < 1e-6  # first micro-batch: the policy has not moved yet
 
 
 def test_kl_controllers():
