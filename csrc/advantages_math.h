@@ -58,16 +58,18 @@ ALIGNFAST_HD inline acc_t kl_estimate(acc_t d) {
 // Whitening statistics of a set of advantages: count, mean and sum of squared deviations (M2).
 // Sets merge with Chan et al.'s formula, so rows (CPU) or blocks (CUDA) reduce independently and
 // the batch statistics come from one ordered merge: deterministic for a given shape.
+// An aggregate without default member initialisers, so CUDA can keep it in __shared__ memory:
+// create it with MeanM2<T>{} (all zero).
 template <typename T>
 struct MeanM2 {
-  T n = 0, mean = 0, m2 = 0;
+  T n, mean, m2;
 };
 
 template <typename T>
 ALIGNFAST_HD inline MeanM2<T> merge(const MeanM2<T>& a, const MeanM2<T>& b) {
   if (b.n == T(0)) return a;
   if (a.n == T(0)) return b;
-  MeanM2<T> out;
+  MeanM2<T> out{};
   out.n = a.n + b.n;
   const T delta = b.mean - a.mean;
   out.mean = a.mean + delta * (b.n / out.n);

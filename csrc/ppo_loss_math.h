@@ -1,10 +1,13 @@
 // ppo_loss: the per-token losses and gradients shared by the CPU kernel (csrc/cpu/ppo_loss.cpp) and
 // the CUDA kernels (csrc/cuda/ppo_loss.cu). Spec: alignfast/reference/ppo_loss.py.
 //
-// The gradients follow autograd's rules for the reference's ops exactly, so the fused backward
-// matches autograd of the reference (not just almost everywhere):
-//   torch.maximum(x, y): the larger input gets the gradient; on a tie each gets half;
-//   torch.clamp(x, lo, hi): passes the gradient where lo <= x <= hi (closed interval), else 0.
+// Gradients (subgradients at the kinks), chosen to agree with autograd of the reference:
+//   max(x, y): the larger input gets the gradient; on a tie each gets half (torch.maximum's rule).
+//     Ties are the common case, not a corner: inside the clip range clip(r) == r exactly.
+//   clip(x, lo, hi): passes the gradient on the open interval lo < x < hi, so a ratio or value exactly
+//     on a bound counts as clipped (torch 2.14's clamp with scalar bounds does the same; its clamp with
+//     tensor bounds splits the gradient with the bound there instead; either is a valid subgradient,
+//     and exact hits have probability 0 except with a clip range of 0).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -61,9 +64,9 @@ ALIGNFAST_HD inline PpoToken<acc_t> ppo_token(acc_t logprob, acc_t old_logprob, 
   const acc_t pg2 = -advantage * ratio_clipped;
   out.pg = pg1 > pg2 ? pg1 : pg2;
   out.pg_clipped = pg2 > pg1;
-  // d ratio / d logprob = ratio; the clipped branch has gradient only inside [lo, hi].
+  // d ratio / d logprob = ratio; the clipped branch has gradient only inside (lo, hi).
   const acc_t g1 = -advantage * out.ratio;
-  const acc_t g2 = (out.ratio >= lo && out.ratio <= hi) ? g1 : acc_t(0);
+  const acc_t g2 = (out.ratio > lo && out.ratio < hi) ? g1 : acc_t(0);
   out.grad_logprob = max_grad(pg1, pg2, g1, g2);
 
   const acc_t vlo = old_value - cliprange_value, vhi = old_value + cliprange_value;
@@ -73,7 +76,7 @@ ALIGNFAST_HD inline PpoToken<acc_t> ppo_token(acc_t logprob, acc_t old_logprob, 
   out.vf = vf1 > vf2 ? vf1 : vf2;
   out.vf_clipped = vf2 > vf1;
   const acc_t h1 = acc_t(2) * e1;
-  const acc_t h2 = (value >= vlo && value <= vhi) ? acc_t(2) * e2 : acc_t(0);
+  const acc_t h2 = (value > vlo && value < vhi) ? acc_t(2) * e2 : acc_t(0);
   out.grad_value = acc_t(0.5) * vf_coef * max_grad(vf1, vf2, h1, h2);
   return out;
 }

@@ -9,8 +9,9 @@ With r = exp(logprobs - old_logprobs), eps = cliprange, eps_v = cliprange_value,
 The kernel (csrc/cpu/ppo_loss.cpp, csrc/cuda/ppo_loss.cu) reads every input once and, while it has the
 token in registers, also writes the token's gradient of the token *sum* of the losses (d loss / d x
 times the number of valid tokens n). Backward is then one multiply: grad_output / n times that. The
-gradients follow autograd's rules for max and clamp exactly (ties split in half, clamp passes the
-gradient on its closed interval), so they match autograd of alignfast.reference.ppo_loss.
+gradients agree with autograd of alignfast.reference.ppo_loss: at a tie of the two branches of a max
+(every unclipped token: clip(r) == r) each branch gets half, and clip passes the gradient on the open
+interval, so a ratio or value exactly on a clip bound counts as clipped (csrc/ppo_loss_math.h says why).
 
 Differentiable with respect to logprobs and values, first order only (the saved per-token gradients
 are constants to autograd, as in Liger-Kernel's fused losses). old_logprobs, advantages, old_values

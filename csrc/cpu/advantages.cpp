@@ -61,7 +61,7 @@ void gae_rows(const scalar_t* logprobs, const scalar_t* ref_logprobs, const scal
         sum += a;
         ++n;
       }
-      MeanM2<double> s;
+      MeanM2<double> s{};
       if (n > 0) {
         s.n = static_cast<double>(n);
         s.mean = sum / s.n;
@@ -77,7 +77,7 @@ void gae_rows(const scalar_t* logprobs, const scalar_t* ref_logprobs, const scal
 
 template <typename acc_t>
 void whiten_rows(acc_t* advantages, const bool* mask, int64_t B, int64_t T, const MeanM2<double>* row_stats) {
-  MeanM2<double> total;
+  MeanM2<double> total{};
   for (int64_t b = 0; b < B; ++b) total = merge(total, row_stats[b]);
   const acc_t mean = static_cast<acc_t>(total.mean);
   const acc_t rstd = static_cast<acc_t>(whiten_rstd(total));
