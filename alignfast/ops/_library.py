@@ -85,6 +85,7 @@ def _lazy_triton_kernel(target: str):
     return kernel
 
 
+@torch.compiler.assume_constant_result  # a registry lookup: constant while compiled code runs
 def has_kernel(name: str, device_type: str) -> bool:
     """Whether the dispatcher has a backend kernel for this op on this device type."""
     _ext.load()
