@@ -91,24 +91,15 @@ class CausalLMPolicy:
         for an entropy bonus."""
         ids, attention, positions = join(query_ids, query_mask, response_ids, response_mask)
         Q, R = query_ids.size(1), response_ids.size(1)
-        if self.backend == "fast" and (self.fused or self.value_head is not None):
+        if self.fused:
+            from alignfast.ops import linear_token_logprobs
+
             hidden = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
                                    use_cache=False).last_hidden_state
             hidden = hidden[:, Q - 1: Q - 1 + R]
-            values = self._values(hidden)
-            if self.fused:
-                from alignfast.ops import linear_token_logprobs
-
-                out = linear_token_logprobs(hidden, self.head.weight, response_ids, bias=self.head.bias,
-                                            temperature=temperature, mask=response_mask,
-                                            return_entropy=return_entropy)
-            else:
-                from alignfast.ops import token_logprobs
-
-                logits = unwrap(self.model).get_output_embeddings()(hidden)
-                out = token_logprobs(logits, response_ids, temperature=temperature, mask=response_mask,
-                                     return_entropy=return_entropy)
-            return _policy_output(out, return_entropy, entropy_grad, values)
+            out = linear_token_logprobs(hidden, self.head.weight, response_ids, bias=self.head.bias,
+                                        temperature=temperature, mask=response_mask, return_entropy=return_entropy)
+            return _policy_output(out, return_entropy, entropy_grad, self._values(hidden))
         if self.backend == "fast":
             from alignfast.ops import token_logprobs as logprob_op
         else:

@@ -145,3 +145,17 @@ def test_kl_controllers():
     again.load_state_dict(ctl.state_dict())
     assert again.value == ctl.value
     assert reference.kl_estimate(torch.tensor(1.0), torch.tensor(0.0), "k3") > 0
+
+
+def test_soft_capped_logits_are_not_fused(tmp_path):
+    """A model whose logits are not head(hidden) (final soft-capping) takes model(...).logits on the fast path."""
+    g = torch.Generator().manual_seed(7)
+    model = make_causal_lm(tmp_path / "m", V, seed=8, hidden=16, initializer_range=0.5)
+    q_ids, q_mask, r_ids, r_mask = batch(g)
+    plain = CausalLMPolicy(model, backend="fast").forward(q_ids, q_mask, r_ids, r_mask, temperature=1.0).logprobs
+    model.config.final_logit_softcapping = 30.0  # flagged; Llama itself ignores it, which the test exploits
+    policy = CausalLMPolicy(model, backend="fast", value_head=value_head_for(model))
+    assert not policy.fused
+    out = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=1.0)
+    assert_close(out.logprobs, plain, rtol=1e-5, atol=1e-6, name="logprobs")
+    assert out.values is not None and out.values.shape == r_ids.shape
