@@ -12,27 +12,27 @@ from pathlib import Path
 
 from alignfast.ops._checks import fail
 
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # torch.utils.tensorboard needs the first
+
 
 def check_reporters(report_to: list[str]) -> list[str]:
-    """The trackers to open; asking for one that is not installed is an error naming report_to."""
+    """The trackers to open: each one named and installed, or every installed one for 'all'. Naming one
+    that is not installed is an error naming report_to."""
+    import importlib.util
+
     wanted = set(report_to)
     out = []
-    if "tensorboard" in wanted or "all" in wanted:
+    for name, module in TRACKER_MODULES.items():
+        if name not in wanted and "all" not in wanted:
+            continue
         try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-
-            out.append("tensorboard")
-        except ImportError:
-            if "tensorboard" in wanted:
-                fail("report_to", "asks for tensorboard, which is not installed (pip install tensorboard)")
-    if "wandb" in wanted or "all" in wanted:
-        try:
-            import wandb  # noqa: F401
-
-            out.append("wandb")
-        except ImportError:
-            if "wandb" in wanted:
-                fail("report_to", "asks for wandb, which is not installed (pip install wandb)")
+            installed = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            installed = False
+        if installed:
+            out.append(name)
+        elif name in wanted:
+            fail("report_to", f"asks for {name}, which is not installed (pip install {name})")
     return out
 
 

@@ -5,8 +5,8 @@ import hashlib
 
 import pytest
 
-from alignfast.trainer import AlignProConfig, AlignProTrainer, TrainingDivergedError
-from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, keyword_reward, small_world
+from alignfast.trainer import TrainingDivergedError
+from tests.trainer.tiny import echo_trainer, keyword_reward, small_world
 
 
 def digest(directory):
@@ -19,13 +19,10 @@ def digest(directory):
 
 
 def make(tok, prompter_dir, out, reward, **overrides):
-    from transformers import AutoModelForCausalLM
-
     cfg = dict(output_dir=str(out), per_device_train_batch_size=3, num_ppo_epochs=2, max_steps=5, response_length=3,
                save_steps=2, logging_steps=1, rewrite_template="{prompt}")
     cfg.update(overrides)
-    return AlignProTrainer(AlignProConfig(**cfg), AutoModelForCausalLM.from_pretrained(prompter_dir), tok,
-                           FunctionTarget(lambda s: s, tok), reward_funcs=[reward], train_dataset=TRAIN_PROMPTS)
+    return echo_trainer(tok, prompter_dir, reward=reward, **cfg)[0]
 
 
 def test_nan_reward_stops_and_keeps_last_good_checkpoint(tmp_path):

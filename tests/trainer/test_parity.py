@@ -10,26 +10,19 @@ the bar set in the issue; the two paths differ only by float32 rounding (differe
 import pytest
 import torch
 
-from alignfast.trainer import AlignProConfig, AlignProTrainer
-from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, Recorder, keyword_reward, small_world
+from tests.trainer.tiny import echo_trainer, small_world
 from tests.utils import relative_error
 
 STEPS = 3
 
 
 def run(backend, tok, prompter_dir, tmp_path, **overrides):
-    from transformers import AutoModelForCausalLM
-
     cfg = dict(output_dir=str(tmp_path / backend), backend=backend, seed=3, per_device_train_batch_size=2,
                gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2, max_steps=STEPS,
                response_length=5, temperature=0.9, kl_coef=0.1, learning_rate=3e-3, save_strategy="no",
                logging_steps=1, rewrite_template="rewrite {prompt}")
     cfg.update(overrides)
-    rec = Recorder()
-    trainer = AlignProTrainer(AlignProConfig(**cfg), AutoModelForCausalLM.from_pretrained(prompter_dir), tok,
-                              FunctionTarget(lambda s: s, tok), reward_funcs=[keyword_reward],
-                              train_dataset=TRAIN_PROMPTS, callbacks=[rec])
-    rec.trainer = trainer
+    trainer, rec = echo_trainer(tok, prompter_dir, **cfg)
     trainer.train()
     return trainer, rec
 

@@ -5,25 +5,17 @@ import json
 
 import torch
 
-from alignfast.trainer import AlignProConfig, AlignProTrainer
-from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, Recorder, keyword_reward, small_world
+from tests.trainer.tiny import echo_trainer, small_world
 
 STEPS, STOP_AT = 4, 2
 
 
 def make(tok, prompter_dir, out, **overrides):
-    from transformers import AutoModelForCausalLM
-
     cfg = dict(output_dir=str(out), seed=11, per_device_train_batch_size=3, num_mini_batches=2, num_ppo_epochs=2,
                max_steps=STEPS, response_length=4, temperature=1.0, learning_rate=5e-3, save_steps=STOP_AT,
                logging_steps=1, rewrite_template="{prompt}", adap_kl_ctrl=True, kl_target=0.5, kl_horizon=20)
     cfg.update(overrides)
-    rec = Recorder()
-    trainer = AlignProTrainer(AlignProConfig(**cfg), AutoModelForCausalLM.from_pretrained(prompter_dir), tok,
-                              FunctionTarget(lambda s: s, tok), reward_funcs=[keyword_reward],
-                              train_dataset=TRAIN_PROMPTS, callbacks=[rec])
-    rec.trainer = trainer
-    return trainer, rec
+    return echo_trainer(tok, prompter_dir, **cfg)
 
 
 def state(trainer):

@@ -123,3 +123,18 @@ def small_world(root, *, prompter_seed: int = 0):
 
 
 TRAIN_PROMPTS = ["what is a cat", "why fish", "explain the dog", "bird", "what is the bird", "a dog"]
+
+
+def echo_trainer(tok, prompter_dir, *, reward=keyword_reward, **config):
+    """(AlignProTrainer, Recorder): a fresh prompter loaded from prompter_dir, a target that echoes the
+    rewrite, `reward` on the small world's prompts; `config` holds the AlignProConfig fields."""
+    from transformers import AutoModelForCausalLM
+
+    from alignfast.trainer import AlignProConfig, AlignProTrainer
+
+    rec = Recorder()
+    trainer = AlignProTrainer(AlignProConfig(**config), AutoModelForCausalLM.from_pretrained(prompter_dir), tok,
+                              FunctionTarget(lambda s: s, tok), reward_funcs=[reward], train_dataset=TRAIN_PROMPTS,
+                              callbacks=[rec])
+    rec.trainer = trainer
+    return trainer, rec
