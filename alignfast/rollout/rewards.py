@@ -32,28 +32,32 @@ class RewardModel:
     exchange (chat template of user=prompt, assistant=completion, or `template` without one).
 
     model_or_path: an AutoModelForSequenceClassification or a path/name to load one from.
+    label_index: which logit is the reward; required when the model has more than one label.
+    max_length: keep the last max_length tokens of an exchange.
     """
 
     def __init__(self, model_or_path, tokenizer=None, *, template: str = "{prompt}\n{completion}",
                  use_chat_template: bool = True, batch_size: int = 32, max_length: int | None = None,
-                 label_index: int = 0, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+                 label_index: int | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
         if isinstance(model_or_path, str):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            kwargs = {"num_labels": 1} if label_index == 0 else {}
-            if dtype is not None:
-                kwargs["dtype"] = dtype
+            kwargs = {"dtype": dtype} if dtype is not None else {}
             model = AutoModelForSequenceClassification.from_pretrained(model_or_path, **kwargs)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(model_or_path)
         else:
             model = model_or_path
         if tokenizer is None:
-            fail("reward_tokenizer", "is required when the reward model is "
-                 "passed as a model object")
+            fail("reward_tokenizer", "is required when the reward model is passed as a model object")
         if not isinstance(batch_size, int) or batch_size <= 0:
             fail("batch_size", f"must be a positive integer, got {batch_size!r}")
         num_labels = getattr(model.config, "num_labels", 1)
+        if label_index is None:
+            if num_labels != 1:
+                fail("label_index", f"must say which of the reward model's {num_labels} logits is the reward")
+            label_index = 0
         if not 0 <= label_index < num_labels:
             fail("label_index", f"({label_index}) must be in [0, {num_labels})")
         if device is not None:
@@ -91,7 +95,7 @@ class RewardModel:
                                              use_chat_template=self.use_chat_template)
                 ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
                 if self.max_length is not None and len(ids) > self.max_length:
-                    ids = ids[: self.max_length]
+                    ids = ids[-self.max_length:]  # keep the end: the answer is what is judged
                 encoded.append(ids)
             input_ids, attention_mask = right_pad(encoded, self.pad_token_id, self.device)
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -6,6 +6,7 @@ so the prompter must learn a prompt-dependent rewrite (copy a word from its inpu
 add "please": the random-init prompter scores about 0.2.
 """
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from alignfast.trainer import AlignProConfig, AlignProTrainer, OracleTrainer
@@ -48,3 +49,24 @@ def test_oracle_arm_trains_the_model_itself(tmp_path):
     assert res.rewrites == TRAIN_PROMPTS[:3]  # no rewrite in the Oracle arm
     assert res.scores == keyword_reward(TRAIN_PROMPTS[:3], res.answers)
     assert (tmp_path / "out" / "checkpoint-3" / "policy" / "config.json").exists()
+
+
+def test_user_value_model_and_reference_model(tmp_path):
+    """A TRL-style value model (a sequence classifier: backbone + score head) and an explicit ref_model."""
+    from tests.trainer.tiny import make_reward_model
+
+    tok, model_dir = small_world(tmp_path)
+    critic = make_reward_model(tmp_path / "critic", len(tok), seed=4, hidden=16)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = AlignProConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
+                         response_length=3, learning_rate=1e-2, save_strategy="no")
+    trainer = AlignProTrainer(cfg, AutoModelForCausalLM.from_pretrained(model_dir), tok,
+                              FunctionTarget(lambda s: s, tok), reward_funcs=[keyword_reward],
+                              train_dataset=TRAIN_PROMPTS, value_model=critic, ref_model=ref)
+    score_before = critic.score.weight.detach().clone()
+    trainer.train()
+    assert trainer.ref_model is ref and not any(p.requires_grad for p in ref.parameters())
+    assert not torch.equal(critic.score.weight, score_before)  # the critic's own head trains
+    r = trainer.last_rollout
+    assert torch.equal(r.ref_logprobs, trainer._ref_logprobs(r.query_ids, r.query_mask, r.response_ids,
+                                                             r.response_mask))

@@ -62,3 +62,17 @@ def test_render_is_single_pass_and_leaves_other_braces():
         "say {rewrite} -> R {json}"
     assert templates.target_requests("Q: {prompt} / {rewrite}", ["x"], ["y"]) == ["Q: x / y"]
     assert templates.rewrite_instructions("improve: {prompt}", ["a {b}"]) == ["improve: a {b}"]
+
+
+def test_reward_model_label_choice_and_truncation(tmp_path):
+    tok = make_tokenizer(tmp_path / "rm", WORDS, chat_template=False)
+    two = make_reward_model(tmp_path / "rm", len(tok), seed=2, hidden=16, num_labels=2)
+    with pytest.raises(AlignfastArgumentError, match="'label_index' must say which of the reward model's 2"):
+        RewardModel(two, tok)
+    with pytest.raises(AlignfastArgumentError, match="'label_index' \\(2\\) must be in \\[0, 2\\)"):
+        RewardModel(two, tok, label_index=2)
+    rm = RewardModel(two, tok, label_index=1, max_length=3)
+    ids = tok("what is a cat\nthe cat is a cat")["input_ids"][-3:]
+    with torch.no_grad():
+        want = two(input_ids=torch.tensor([ids])).logits[0, 1].item()
+    assert abs(rm(["what is a cat"], ["the cat is a cat"])[0] - want) < 1e-5
