@@ -85,7 +85,6 @@ def _lazy_triton_kernel(target: str):
     return kernel
 
 
-@torch.compiler.assume_constant_result  # a registry lookup: constant while compiled code runs
 def has_kernel(name: str, device_type: str) -> bool:
     """Whether the dispatcher has a backend kernel for this op on this device type."""
     _ext.load()
@@ -93,6 +92,14 @@ def has_kernel(name: str, device_type: str) -> bool:
     if key is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), key)
+
+
+# A registry lookup is constant while compiled code runs, so torch.compile may fold it instead of
+# breaking the graph. This is what torch.compiler.assume_constant_result does; calling it would import
+# torch._dynamo (and Triton) on `import alignfast.ops`, ~1.5 s that eager users should not pay, so the
+# marker is set directly. If a torch release renames it, compiled wrappers get a graph break, not a
+# wrong answer (tests/ops compile the wrappers with fullgraph=True and would say so).
+has_kernel._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def current_backend() -> str:
