@@ -191,7 +191,7 @@ class PPOUpdater:
                         raise NonFiniteLoss(epoch, mb, micro, float(loss.detach()))
                     (loss / cfg.gradient_accumulation_steps).backward()
                 if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return stats
