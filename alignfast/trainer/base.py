@@ -11,6 +11,7 @@ checkpoints, resume, evaluation rollouts. One PPO step:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -33,6 +34,8 @@ from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, 
 from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
+
+_log = logging.getLogger("alignfast.trainer")
 
 
 def load_causal_lm(model_or_path, name: str):
@@ -202,6 +205,10 @@ class PPOEngineTrainer:
                     logger.track(metrics, step=self.global_step)
                     logger.samples(samples[: cfg.num_logged_samples], step=self.global_step)
                     state.log_history.append({"step": self.global_step, **metrics})
+                    _log.info("step %d/%d  scores %.4f  kl %.4f  policy loss %.4f  value loss %.4f  %.2fs",
+                              self.global_step, self.num_steps, metrics["objective/scores"],
+                              metrics["objective/kl"], metrics["loss/policy_avg"], metrics["loss/value_avg"],
+                              metrics["timing_s/step"])
                     control = self.callbacks.fire("on_log", logs=metrics)
                 if self.eval_dataset is not None and cfg.eval_steps and (self.global_step % cfg.eval_steps == 0
                                                                           or final):
@@ -228,8 +235,7 @@ class PPOEngineTrainer:
         columns = {k: list(v) for k, v in (columns or {}).items()}
         for k, v in columns.items():
             if len(v) != len(prompts):
-                fail("columns", f"entry '{k}' has {len(v)} values for "
-                     f"{len(prompts)} prompts")
+                fail("columns", f"entry '{k}' has {len(v)} values for {len(prompts)} prompts")
         seed = self.config.seed if seed is None else seed
         result = RolloutResult(prompts=[], rewrites=[], answers=[], scores=[], all_answers=[], reward_components={})
         bs = self.config.per_device_eval_batch_size

@@ -59,7 +59,9 @@ class AlignProConfig:
     run_name: str | None = _opt(None, "Name of the run for TensorBoard / W&B.")
     report_to: str | list[str] = _opt("none",
         "'none', 'tensorboard', 'wandb', 'all', or a list; metrics.jsonl is always written.")
-    logging_steps: int = _opt(10, "Print and send to trackers every N steps (metrics.jsonl gets every step).")
+    logging_steps: int = _opt(10,
+        "Log a line (python logging 'alignfast.trainer', INFO), call on_log callbacks and send to trackers "
+        "every N steps; metrics.jsonl gets every step.")
     num_logged_samples: int = _opt(4, "Rollouts written to samples.jsonl at each logging step.")
     save_strategy: str = _opt("steps", "'steps': checkpoint every save_steps and at the end; 'no': never.")
     save_steps: int = _opt(500, "Checkpoint every N PPO steps.")
