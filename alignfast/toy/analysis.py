@@ -32,13 +32,14 @@ from alignfast.toy.generation import generate
 from alignfast.toy.reward import answer_accuracy, position_accuracy
 from alignfast.toy.tasks import (
     EXPLICIT_PHRASINGS,
-    OPERATIONS,
     TASKS,
     answer_text,
     explicit_prompt,
     parse_terse,
     sample_numbers,
+    terse_prompt,
 )
+from alignfast.toy.tokenizer import REWRITE_TEMPLATE
 
 LAMBDAS = (0.02, 0.05, 0.1, 0.2, 0.5)
 TARGET_MAX_NEW_TOKENS = 8
@@ -91,14 +92,14 @@ def world_checks(assets: str | Path | None = None, *, lists_per_case: int = 60, 
     for task in TASKS:
         for _ in range(lists_per_case):
             numbers = sample_numbers(rng, held_out=True)
-            terse.append((f"{task.word} {' '.join(map(str, numbers))}", answer_text(task.intended, numbers)))
+            terse.append((terse_prompt(task, numbers), answer_text(task.intended, numbers)))
     answers = target_answers(target, tokenizer, [m for m, _ in explicit + terse])
 
     def exact(cases):
         return sum(answers[m] == a for m, a in cases) / len(cases)
 
     prompts = [m for m, _ in terse]
-    rewrites = generate(prompter, tokenizer, [_rewrite_message(p) for p in prompts],
+    rewrites = generate(prompter, tokenizer, [REWRITE_TEMPLATE.format(prompt=p) for p in prompts],
                         max_new_tokens=REWRITE_MAX_NEW_TOKENS, temperature=1.0, num_samples=8, seed=seed)
     kinds = defaultdict(int)
     for prompt, samples in zip(prompts, rewrites):
@@ -110,12 +111,6 @@ def world_checks(assets: str | Path | None = None, *, lists_per_case: int = 60, 
         "target_exact_terse": round(exact(terse), 4),
         "sft_rewrite_kinds": {k: round(kinds[k] / total, 4) for k in ("copy", "intended", "wrong", "other")},
     }
-
-
-def _rewrite_message(prompt: str) -> str:
-    from alignfast.toy.tokenizer import REWRITE_TEMPLATE
-
-    return REWRITE_TEMPLATE.format(prompt=prompt)
 
 
 def _optimum_weights(rewards: list[float], lam: float) -> list[float]:

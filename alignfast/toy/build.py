@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -79,7 +78,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alignfast.toy.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ASSETS, help=f"output folder (default: {ASSETS})")
     args = parser.parse_args(argv)
-    random.seed(0)
     build(args.out)
 
 
