@@ -22,7 +22,8 @@ def generate(model, tokenizer, messages: Sequence[str], *, max_new_tokens: int, 
              num_samples: int = 1, seed: int | None = None, batch_size: int = 512) -> list[list[str]]:
     """`num_samples` decoded replies per message (greedy when temperature == 0), in message order.
 
-    With a seed, the result does not depend on the global RNG state: the seed is set before each batch.
+    With a seed, the result depends neither on nor changes the global RNG state: each batch samples
+    from seed + its offset inside a forked RNG.
     """
     if temperature < 0:
         raise ValueError(f"temperature: must be >= 0, got {temperature}")
@@ -33,13 +34,14 @@ def generate(model, tokenizer, messages: Sequence[str], *, max_new_tokens: int, 
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False)
-        if seed is not None:
-            torch.manual_seed(seed + start)
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=sample,
-            temperature=temperature if sample else None, top_k=0 if sample else None,
-            top_p=1.0 if sample else None, num_return_sequences=num_samples if sample else 1,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed + start)
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=sample,
+                temperature=temperature if sample else None, top_k=0 if sample else None,
+                top_p=1.0 if sample else None, num_return_sequences=num_samples if sample else 1,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         per = num_samples if sample else 1
         for i in range(len(decoded) // per):

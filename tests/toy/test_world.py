@@ -114,8 +114,10 @@ def test_generation_is_deterministic_under_a_seed(world, models):
     prompter, _, tokenizer = models
     messages = [world.rewrite_template.format(prompt=r["prompt"]) for r in world.eval_prompts[:16]]
     first = generate(prompter, tokenizer, messages, max_new_tokens=16, temperature=1.0, num_samples=4, seed=7)
-    torch.manual_seed(123)  # the global RNG state must not matter
+    torch.manual_seed(123)  # the global RNG state must not matter, nor be changed
+    state = torch.random.get_rng_state()
     again = generate(prompter, tokenizer, messages, max_new_tokens=16, temperature=1.0, num_samples=4, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
     other = generate(prompter, tokenizer, messages, max_new_tokens=16, temperature=1.0, num_samples=4, seed=8)
     assert first == again
     assert first != other
