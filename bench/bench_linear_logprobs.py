@@ -18,16 +18,13 @@ forward + backward: recomputing the logits in the backward is overhead this colu
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from alignfast import reference
 from alignfast.ops import linear_token_logprobs
-from bench import harness
+from bench import _vocab, harness
 
 BASELINE = "torch eager"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRL_VOCAB_CHUNK = 32768
 
 
@@ -50,21 +47,7 @@ def measured_matmul_rate(device: str, dtype: torch.dtype, n: int = 8192) -> floa
     return 2 * n ** 3 / seconds
 
 
-def _step(fn, leaves, backward: bool):
-    if not backward:
-        def run():
-            with torch.no_grad():
-                return fn()
-        return run
-
-    def run_bwd():
-        for leaf in leaves:
-            leaf.grad = None
-        out = fn()
-        outs = out if isinstance(out, tuple) else (out,)
-        sum(o.sum() for o in outs if o is not None).backward()
-        return None
-    return run_bwd
+_step = _vocab.step
 
 
 def providers(N, H, V, dtype, device, backward):
@@ -106,44 +89,25 @@ def providers(N, H, V, dtype, device, backward):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--backward", action="store_true", help="time forward + backward")
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    args = parser.parse_args(argv)
-    device = args.device
-    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    args, device, dtype = _vocab.parse_args(__doc__, argv)
     if device == "cuda":
         shapes = [(2048, 4096, 32000), (16384, 4096, 151936)] if not args.quick else [(2048, 4096, 32000)]
     else:
         shapes = [(1024, 512, 32000)] if not args.quick else [(256, 256, 32000)]
-    reps = 3 if device == "cpu" or args.quick else 10
     rate = measured_matmul_rate(device, dtype) if device == "cuda" else None
     elt = torch.empty((), dtype=dtype).element_size()
-    rows = []
-    for N, H, V in shapes:
-        shape = f"N={N} H={H} V={V} {str(dtype).replace('torch.', '')}"
-        logits_bytes = N * V * elt
-        for row in harness.run_providers(shape, providers(N, H, V, dtype, device, args.backward), device=device,
-                                         reps=reps, warmup=1):
-            if row.peak_bytes is not None:
-                row.extra["extra mem / logits"] = f"{row.peak_bytes / logits_bytes:.1%}"
-            if rate and row.seconds:
-                flops = (6 if args.backward else 2) * N * H * V
-                row.extra["% GEMM rate"] = f"{flops / row.seconds / rate:.0%}"
-            rows.append(row)
-    extra = ("extra mem / logits",) + (("% GEMM rate",) if rate else ())
-    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra)
-    title = f"linear_token_logprobs, {'forward + backward' if args.backward else 'forward'}"
-    print(f"\n{title} ({harness.device_description(device)})")
-    if rate:
-        print(f"measured {str(dtype).replace('torch.', '')} GEMM rate: {rate / 1e12:.0f} TFLOP/s")
-    print(table)
-    if args.record:
-        notes = f"measured {dtype} GEMM rate {rate / 1e12:.0f} TFLOP/s" if rate else ""
-        harness.append_results(title, table, device=device, notes=notes)
+    flops = 6 if args.backward else 2  # x N H V: the GEMMs that must be done (a recompute is overhead)
+    _vocab.run(
+        shapes,
+        providers=lambda s: providers(*s, dtype, device, args.backward),
+        label=lambda s: f"N={s[0]} H={s[1]} V={s[2]} {str(dtype).replace('torch.', '')}",
+        logits_bytes=lambda s: s[0] * s[2] * elt,
+        floor=(lambda s, sec: flops * s[0] * s[1] * s[2] / sec / rate) if rate else None,
+        floor_column="% GEMM rate",
+        baseline=BASELINE,
+        title=f"linear_token_logprobs, {'forward + backward' if args.backward else 'forward'}",
+        device=device, reps=3 if device == "cpu" or args.quick else 10, warmup=1, record=args.record,
+        notes=f"measured {str(dtype).replace('torch.', '')} GEMM rate {rate / 1e12:.0f} TFLOP/s" if rate else "")
 
 
 if __name__ == "__main__":
