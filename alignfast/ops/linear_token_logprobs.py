@@ -24,7 +24,7 @@ import torch
 from alignfast import reference
 from alignfast.ops import _checks
 from alignfast.ops._library import define_op, op, use_reference
-from alignfast.ops.token_logprobs import stats_dtype
+from alignfast.ops.token_logprobs import check_token_ids, stats_dtype
 
 NAME = "linear_token_logprobs"
 BACKWARD = "linear_token_logprobs_backward"
@@ -121,7 +121,7 @@ def _check(hidden, weight, tokens, bias, mask, temperature, chunk_size):
     temperature = _checks.positive("temperature", temperature)
     if mask is not None:
         mask = _checks.mask("mask", mask, "tokens", tokens)
-    _checks.token_ids("tokens", tokens, weight.shape[0], mask)
+    check_token_ids(tokens, weight.shape[0], mask)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         _checks.fail("chunk_size", f"must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     return mask, temperature
