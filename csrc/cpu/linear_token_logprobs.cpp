@@ -9,15 +9,20 @@
 // The matmuls are at::mm (MKL/oneDNN). Low-precision inputs never produce low-precision partials:
 // W is converted to float32 one tile of rows at a time (a tile is small next to the chunk's logits) and
 // the products and dW accumulate in float32, rounded once at the end.
-// Peak extra memory: one [chunk, V] float32 buffer (+ a W tile, and for bf16/fp16 weights a float32 dW).
+// Threads take whole sub-chunks (chunk / threads rows each) with single-threaded GEMMs; dW and db are
+// summed under a lock. Peak extra memory: [chunk, V] float32 logits in all (+ a float32 W tile per thread,
+// and for bf16/fp16 weights a float32 dW).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <mutex>
 
 #include "common.h"
 #include "cpu/logprobs_rows.h"
@@ -98,6 +103,27 @@ void for_weight_tiles(const at::Tensor& weight, at::ScalarType acc, Fn&& fn) {
   }
 }
 
+// fn(r0, rows) over chunks of rows. Threads take whole chunks (each runs its GEMM single-threaded, inside
+// the parallel region) rather than sharing each small GEMM: a multithreaded GEMM of few rows ends in a
+// barrier per call, which costs more than it parallelises (bench/NOTES-logprobs.md). A chunk of `chunk`
+// rows is split over the threads, so at most `chunk` rows of logits are live at once, as documented.
+template <typename Fn>
+void for_row_chunks(int64_t n, int64_t chunk, Fn&& fn) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t sub = std::max<int64_t>(1, (chunk + threads - 1) / threads);
+  const int64_t tasks = (n + sub - 1) / sub;
+  // The tasks call ATen ops: give the worker threads this thread's dispatch state (below autograd, as the
+  // kernel is), or they would route the tensors that require grad back through autograd.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task * sub;
+      fn(r0, std::min(sub, n - r0));
+    }
+  });
+}
+
 // z = h @ W.T + b for one chunk of rows, [rows, V] in the accumulation type.
 at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         at::ScalarType acc) {
@@ -131,25 +157,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_cpu", [&] {
     const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
-    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-      const int64_t c = std::min(chunk, n - r0);
+    for_row_chunks(n, chunk, [&](int64_t r0, int64_t c) {
       const at::Tensor z = chunk_logits(h.narrow(0, r0, c), weight, bias, in.acc);
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
-      scalar_t* lp = lp_v.data_ptr<scalar_t>() + r0;
-      scalar_t* ent = with_entropy ? ent_v.data_ptr<scalar_t>() + r0 : nullptr;
-      scalar_t* ls = lse_v.data_ptr<scalar_t>() + r0;
-      at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t t = t_ptr[r0 + i];
-          TORCH_CHECK(t >= 0 && t < in.V, "alignfast: argument 'tokens' holds token id ", t, " outside [0, ", in.V,
-                      ") at a valid position");
-          const RowStats<scalar_t> st = logprobs::forward_row<scalar_t, scalar_t>(zp + i * in.V, in.V, t, inv_temp);
-          lp[i] = st.logprob;
-          ls[i] = st.lse;
-          if (ent) ent[i] = st.entropy;
-        }
-      });
-    }
+      for (int64_t i = 0; i < c; ++i) {
+        const int64_t t = t_ptr[r0 + i];
+        TORCH_CHECK(t >= 0 && t < in.V, "alignfast: argument 'tokens' holds token id ", t, " outside [0, ", in.V,
+                    ") at a valid position");
+        const RowStats<scalar_t> st = logprobs::forward_row<scalar_t, scalar_t>(zp + i * in.V, in.V, t, inv_temp);
+        lp_v.data_ptr<scalar_t>()[r0 + i] = st.logprob;
+        lse_v.data_ptr<scalar_t>()[r0 + i] = st.lse;
+        if (with_entropy) ent_v.data_ptr<scalar_t>()[r0 + i] = st.entropy;
+      }
+    });
   });
   if (rows.has_value()) {
     logprobs.index_copy_(0, *rows, lp_v);
@@ -198,26 +218,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
     const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
     const int64_t* t_ptr = tok.const_data_ptr<int64_t>();
-    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-      const int64_t c = std::min(chunk, n - r0);
+    std::mutex shared_grads;  // dW and db are summed over chunks that threads process concurrently
+    for_row_chunks(n, chunk, [&](int64_t r0, int64_t c) {
       const at::Tensor h_c = h.narrow(0, r0, c);
       at::Tensor dz = chunk_logits(h_c, weight, bias, in.acc);  // becomes dL/dz in place
       scalar_t* zp = dz.data_ptr<scalar_t>();
-      at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t r = r0 + i;
-          const RowStats<scalar_t> st{lp.const_data_ptr<scalar_t>()[r],
-                                      with_entropy ? ent.const_data_ptr<scalar_t>()[r] : scalar_t(0),
-                                      ls.const_data_ptr<scalar_t>()[r]};
-          const scalar_t ge = with_entropy ? g_ent.const_data_ptr<scalar_t>()[r] : scalar_t(0);
-          // In place: each element is read before it is written, the target last.
-          logprobs::backward_row<scalar_t, scalar_t, scalar_t>(zp + i * in.V, in.V, t_ptr[r], inv_temp, st,
-                                                               g_lp.const_data_ptr<scalar_t>()[r], ge,
-                                                               zp + i * in.V);
-        }
-      });
-      if (need_bias) d_bias_acc.add_(dz.sum(0));
-      if (!need_hidden && !need_weight) continue;
+      for (int64_t i = 0; i < c; ++i) {
+        const int64_t r = r0 + i;
+        const RowStats<scalar_t> st{lp.const_data_ptr<scalar_t>()[r],
+                                    with_entropy ? ent.const_data_ptr<scalar_t>()[r] : scalar_t(0),
+                                    ls.const_data_ptr<scalar_t>()[r]};
+        const scalar_t ge = with_entropy ? g_ent.const_data_ptr<scalar_t>()[r] : scalar_t(0);
+        // In place: each element is read before it is written, the target last.
+        logprobs::backward_row<scalar_t, scalar_t, scalar_t>(zp + i * in.V, in.V, t_ptr[r], inv_temp, st,
+                                                             g_lp.const_data_ptr<scalar_t>()[r], ge, zp + i * in.V);
+      }
+      if (need_bias) {
+        const at::Tensor db = dz.sum(0);
+        std::lock_guard<std::mutex> lock(shared_grads);
+        d_bias_acc.add_(db);
+      }
+      if (!need_hidden && !need_weight) return;
       const at::Tensor h_acc = h_c.to(in.acc);
       at::Tensor dh_c = need_hidden ? (weight_is_acc ? at::Tensor() : at::zeros({c, in.H}, acc_opts)) : at::Tensor();
       for_weight_tiles(weight, in.acc, [&](int64_t v0, int64_t vrows, const at::Tensor& w) {
@@ -229,9 +250,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
             dh_c.addmm_(dz_tile, w);
           }
         }
-        if (need_weight) d_weight_acc.narrow(0, v0, vrows).addmm_(dz_tile.t(), h_acc);
+        if (need_weight) {
+          std::lock_guard<std::mutex> lock(shared_grads);
+          d_weight_acc.narrow(0, v0, vrows).addmm_(dz_tile.t(), h_acc);
+        }
       });
-      if (need_hidden) {
+      if (need_hidden) {  // rows of different chunks are disjoint: no lock
         const at::Tensor dh_out = dh_c.to(hidden.scalar_type());
         if (rows.has_value()) {
           d_hidden.index_copy_(0, rows->narrow(0, r0, c), dh_out);
@@ -239,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
           d_hidden.narrow(0, r0, c).copy_(dh_out);
         }
       }
-    }
+    });
   });
   at::Tensor d_weight = need_weight ? d_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor d_bias = need_bias ? d_bias_acc.to(bias->scalar_type()) : at::empty({0}, hidden.options());
