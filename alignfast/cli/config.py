@@ -53,9 +53,19 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *,
         if not isinstance(loaded, dict):
             raise CLIError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
         config = copy.deepcopy(loaded)
+    _normalise_data_paths(config)
     apply_overrides(config, overrides, trainer_fields=set(trainer_fields))
     check_keys(config)
     return config
+
+
+def _normalise_data_paths(config: dict) -> None:
+    """`data: {train: file.jsonl}` means `{train: {path: file.jsonl}}`, so `--data.train.limit` can apply."""
+    data = config.get("data")
+    if isinstance(data, dict):
+        for split in ("train", "eval"):
+            if isinstance(data.get(split), str):
+                data[split] = {"path": data[split]}
 
 
 def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, object]]:
