@@ -99,7 +99,11 @@ class CMakeBuild(build_ext):
             raise RuntimeError("no C++ compiler found (install g++)")
 
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A stable build directory (not setuptools' per-run temp dir) so that re-running the install,
+        # as scripts/setup.sh does, recompiles only what changed. Keyed by interpreter and torch so two
+        # environments sharing a checkout don't reuse each other's CMake cache.
+        tag = f"{sys.implementation.cache_tag}-torch{torch.__version__.split('+')[0]}"
+        build_dir = ROOT / "build" / f"cmake-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
 
         want_cuda = _env_flag("ALIGNFAST_BUILD_CUDA", "auto")

@@ -13,6 +13,7 @@ def report() -> str:
     import torch
 
     import alignfast
+    import alignfast.ops  # noqa: F401  - defines every op's schema, so OPS lists them all
     from alignfast import _ext
     from alignfast.ops import _library
 

@@ -31,6 +31,13 @@ fi
 # The CUDA toolkit on these machines is minimal; torch's CMake needs to be told where it is.
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 
-echo "alignfast setup: building and installing alignfast (editable, with the extension)"
-python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
+# The build's full output (CMake, compiler, setuptools' notices) goes to a log that is shown only when
+# the build fails, so a good build prints three lines and a bad one shows everything needed to fix it.
+echo "alignfast setup: building and installing alignfast (editable, with the extension; log in .venv/build.log)"
+if ! python -m pip install -v --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
+  cat .venv/build.log >&2
+  echo "alignfast setup: building alignfast failed (full log above and in .venv/build.log)" >&2
+  exit 1
+fi
+grep -E "^\s*alignfast:" .venv/build.log | sed -E "s/^\s+//" || true
 python -c "import alignfast" || { echo "alignfast setup: install failed" >&2; exit 1; }

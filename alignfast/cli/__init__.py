@@ -1,0 +1,69 @@
+"""The `alignfast` command: demo | train | eval | bench | info.
+
+    alignfast demo [--output-dir DIR]          the embedded world, offline, on a laptop CPU
+    alignfast train --config run.yaml [--section.key value ...]
+    alignfast eval  --config run.yaml --checkpoint DIR [--oracle-checkpoint DIR]
+    alignfast bench [NAME ...] [--device cuda] [--record]
+    alignfast info                             which kernel implements each op on each device
+
+User errors (a missing file, an unknown config key, a model that cannot be found offline) end in one
+line on stderr and exit code 2; the subcommands live in their own modules and import torch and
+transformers only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from alignfast.cli.errors import CLIError
+
+EPILOG = "Run `alignfast <command> --help` for a command's options. Docs: README.md of the repository."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignfast",
+        description="Align a frozen LLM with a small PPO-trained prompter (Align-Pro, arXiv 2501.03486), "
+                    "on fused kernels.",
+        epilog=EPILOG)
+    from alignfast import __version__
+
+    parser.add_argument("--version", action="version", version=f"alignfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in _COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def _command_modules():
+    import importlib
+
+    return [importlib.import_module(f"alignfast.cli.cmd_{name}") for name in COMMAND_NAMES]
+
+
+# Order of `alignfast --help`.
+COMMAND_NAMES = ("bench", "info")
+_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not _COMMANDS:
+        _COMMANDS.extend(_command_modules())
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.run(args, extra) or 0)
+    except CLIError as err:
+        print(f"alignfast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"alignfast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The run file of `alignfast train` / `alignfast eval`: which models, which data, which trainer settings.
+
+A YAML file with five sections; every key is checked, so a typo is an error, not a silently ignored
+setting:
+
+    prompter: {model: <hub name or path>, dtype: bfloat16, lora: {r: 16, ...} | null}
+    target:   {model: <hub name or path>, engine: hf | vllm | openai, dtype, base_url, api_key_env, ...}
+    reward:   {model: <sequence-classification RM> | null, functions: ["pkg.module:function", ...], weights: [...]}
+    data:     {train: {path, split, prompt_column, limit, ...}, eval: {...}}
+    trainer:  {<AlignProConfig fields>}
+
+Overrides on the command line use dotted keys, `--trainer.kl_coef 0.1` or `--target.model ./llama`; a bare
+key that names a trainer field (`--kl_coef 0.1`) means `trainer.<key>`. Values are parsed as YAML scalars
+(`true`, `3`, `1e-5`, `null`, `[a, b]`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import yaml
+
+from alignfast.cli.errors import CLIError
+
+SECTIONS: dict[str, set[str] | None] = {
+    "prompter": {"model", "tokenizer", "dtype", "lora", "trust_remote_code", "revision"},
+    "target": {"model", "tokenizer", "engine", "dtype", "base_url", "api_key_env", "chat", "max_batch_tokens",
+               "gpu_memory_utilization", "tensor_parallel_size", "attn_implementation", "trust_remote_code",
+               "revision", "concurrency", "timeout_s", "max_retries"},
+    "reward": {"model", "tokenizer", "dtype", "functions", "weights", "template", "trust_remote_code", "revision"},
+    "data": {"train", "eval"},
+    "trainer": None,  # checked against AlignProConfig's fields by the trainer itself
+}
+DATA_KEYS = {"path", "name", "split", "prompt_column", "limit", "shuffle_seed", "columns"}
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *,
+                    trainer_fields: Iterable[str] = ()) -> dict:
+    """Read the YAML run file (or start empty), apply `--key value` overrides, check every key."""
+    config: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise CLIError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise CLIError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise CLIError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        config = copy.deepcopy(loaded)
+    apply_overrides(config, overrides, trainer_fields=set(trainer_fields))
+    check_keys(config)
+    return config
+
+
+def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, object]]:
+    """['--a.b', '1', '--c=x'] -> [('a.b', 1), ('c', 'x')], values parsed as YAML scalars."""
+    pairs, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise CLIError(f"unexpected argument {tok!r}: overrides look like --section.key value")
+        key = tok[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise CLIError(f"override --{key} has no value")
+            raw = tokens[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def apply_overrides(config: dict, overrides: Sequence[str], *, trainer_fields: set[str]) -> None:
+    for key, value in parse_overrides(list(overrides)):
+        parts = key.split(".")
+        if parts[0] not in SECTIONS:
+            if len(parts) == 1 and parts[0] in trainer_fields:
+                parts = ["trainer", parts[0]]
+            else:
+                raise CLIError(f"unknown setting --{key}: use --<section>.<key> with a section in {list(SECTIONS)}"
+                               + (" or a trainer field" if trainer_fields else ""))
+        node = config
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise CLIError(f"cannot set --{key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+
+
+def check_keys(config: dict) -> None:
+    for section, value in config.items():
+        if section not in SECTIONS:
+            raise CLIError(f"unknown config section '{section}' (sections: {', '.join(SECTIONS)})")
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise CLIError(f"config section '{section}' must be a mapping, got {type(value).__name__}")
+        allowed = SECTIONS[section]
+        if allowed is not None:
+            unknown = sorted(set(value) - allowed)
+            if unknown:
+                raise CLIError(f"unknown key '{section}.{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+    for split in ("train", "eval"):
+        spec = (config.get("data") or {}).get(split)
+        if spec is None:
+            continue
+        if isinstance(spec, str):
+            config["data"][split] = spec = {"path": spec}
+        if not isinstance(spec, dict):
+            raise CLIError(f"data.{split} must be a path or a mapping, got {type(spec).__name__}")
+        unknown = sorted(set(spec) - DATA_KEYS)
+        if unknown:
+            raise CLIError(f"unknown key 'data.{split}.{unknown[0]}' (allowed: {', '.join(sorted(DATA_KEYS))})")
+
+
+def section(config: dict, name: str) -> dict:
+    return dict(config.get(name) or {})
+
+
+def require(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            raise CLIError(f"the config needs '{dotted}' (set it in the file or with --{dotted} ...)")
+        node = node[part]
+    return node

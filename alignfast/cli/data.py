@@ -1,0 +1,100 @@
+"""Prompt sets for training and evaluation: JSONL, JSON, CSV files, or a `datasets` hub name.
+
+Each record becomes a dict with "prompt" (from `prompt_column`) and every other column kept, since
+reward functions receive the extra columns (`f(prompts, completions, **columns)`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from alignfast.cli.errors import CLIError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def load_prompts(spec: dict, *, what: str) -> list[dict]:
+    """Records from `spec` = {path, name?, split?, prompt_column='prompt', limit?, shuffle_seed?, columns?}."""
+    path = spec.get("path")
+    if not path:
+        raise CLIError(f"data.{what} needs a 'path' (a .jsonl/.json/.csv file or a datasets name)")
+    column = spec.get("prompt_column") or "prompt"
+    p = Path(str(path)).expanduser()
+    if p.suffix in FILE_SUFFIXES or p.exists():
+        if not p.is_file():
+            raise CLIError(f"data.{what}: file not found: {p}")
+        rows = _read_file(p, what)
+        source = str(p)
+    else:
+        rows = _read_hub(str(path), spec, what)
+        source = f"datasets:{path}"
+    if not rows:
+        raise CLIError(f"data.{what}: {source} holds no records")
+    if column not in rows[0]:
+        raise CLIError(f"data.{what}: {source} has no column '{column}' (columns: {', '.join(map(str, rows[0]))}); "
+                       f"set data.{what}.prompt_column")
+    keep = spec.get("columns")
+    records = []
+    for i, row in enumerate(rows):
+        prompt = row.get(column)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise CLIError(f"data.{what}: record {i} of {source} has no text in column '{column}'")
+        extra = {k: v for k, v in row.items() if k != column and (keep is None or k in keep)}
+        records.append({"prompt": prompt, **extra})
+    if spec.get("shuffle_seed") is not None:
+        random.Random(int(spec["shuffle_seed"])).shuffle(records)
+    if spec.get("limit") is not None:
+        records = records[: int(spec["limit"])]
+    return records
+
+
+def _read_file(p: Path, what: str) -> list[dict]:
+    try:
+        if p.suffix == ".csv":
+            with open(p, newline="") as f:
+                return list(csv.DictReader(f))
+        if p.suffix == ".json":
+            data = json.loads(p.read_text())
+            if isinstance(data, dict):  # {"data": [...]} or {column: [values]}
+                data = data.get("data", data)
+            if isinstance(data, dict):
+                keys = list(data)
+                data = [dict(zip(keys, values)) for values in zip(*data.values())]
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise CLIError(f"data.{what}: {p} must hold a list of objects")
+            return data
+        rows = []
+        with open(p) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise CLIError(f"data.{what}: {p} line {n} is not JSON ({err.msg})") from None
+                    if not isinstance(row, dict):
+                        raise CLIError(f"data.{what}: {p} line {n} is not a JSON object")
+                    rows.append(row)
+        return rows
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"data.{what}: cannot read {p}: {err}") from None
+
+
+def _read_hub(name: str, spec: dict, what: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise CLIError(f"data.{what}: '{name}' is not a local file, and reading hub datasets needs the "
+                       "`datasets` package (pip install 'alignfast[data]')") from None
+    try:
+        ds = datasets.load_dataset(name, spec.get("name"), split=spec.get("split") or "train")
+    except Exception as err:  # noqa: BLE001 - the datasets library raises many types; one line for the user
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f"data.{what}: cannot load dataset '{name}' ({first}); offline, point data.{what}.path "
+                       "at a local .jsonl/.csv file") from None
+    limit = spec.get("limit")
+    if limit is not None and spec.get("shuffle_seed") is None:
+        ds = ds.select(range(min(int(limit), len(ds))))
+    return [dict(r) for r in ds]

@@ -1,0 +1,107 @@
+"""The run file of `alignfast train/eval`: sections, dotted overrides, unknown keys, data and model loading."""
+
+import json
+
+import pytest
+
+from alignfast.cli.config import load_run_config, parse_overrides
+from alignfast.cli.data import load_prompts
+from alignfast.cli.errors import CLIError
+from alignfast.cli.models import import_callable, load_causal_lm, torch_dtype
+
+RUN = """
+prompter: {model: ./p, dtype: bf16}
+target: {model: ./t, engine: hf}
+reward: {functions: ["alignfast.eval.metrics:win_rate"]}
+data: {train: prompts.jsonl, eval: {path: held.csv, prompt_column: question, limit: 2}}
+trainer: {kl_coef: 0.05, learning_rate: 1.0e-5}
+"""
+
+
+def test_overrides_parse_yaml_scalars():
+    pairs = parse_overrides(["--trainer.kl_coef", "0.1", "--target.model=./llama", "--flag", "true", "--xs", "[1, 2]"])
+    assert pairs == [("trainer.kl_coef", 0.1), ("target.model", "./llama"), ("flag", True), ("xs", [1, 2])]
+    with pytest.raises(CLIError, match="has no value"):
+        parse_overrides(["--trainer.kl_coef"])
+    with pytest.raises(CLIError, match="unexpected argument 'oops'"):
+        parse_overrides(["oops"])
+
+
+def test_file_then_overrides_and_bare_trainer_keys(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text(RUN)
+    cfg = load_run_config(f, ["--kl_coef", "0.2", "--prompter.model", "./other", "--trainer.seed=3"],
+                          trainer_fields={"kl_coef", "seed"})
+    assert cfg["trainer"] == {"kl_coef": 0.2, "learning_rate": 1e-5, "seed": 3}
+    assert cfg["prompter"]["model"] == "./other"
+    assert cfg["data"]["train"] == {"path": "prompts.jsonl"}  # a bare path becomes {path: ...}
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("prompter: {modle: x}", [], "unknown key 'prompter.modle'"),
+    ("promter: {model: x}", [], "unknown config section 'promter'"),
+    ("data: {train: {path: a.jsonl, colum: x}}", [], "unknown key 'data.train.colum'"),
+    ("- a\n- b", [], "must hold a mapping"),
+    ("prompter: [unclosed", [], "not valid YAML"),
+    ("", ["--lr", "1"], "unknown setting --lr"),
+])
+def test_bad_run_files_are_one_clear_line(tmp_path, text, overrides, message):
+    f = tmp_path / "run.yaml"
+    f.write_text(text)
+    with pytest.raises(CLIError, match=message) as info:
+        load_run_config(f, overrides, trainer_fields={"kl_coef"})
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(CLIError, match="config file not found"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_prompts_from_jsonl_csv_json_keep_extra_columns(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "hi", "answer": "1"}) + "\n\n"
+                                      + json.dumps({"prompt": "yo", "answer": "2"}) + "\n")
+    (tmp_path / "b.csv").write_text("question,gold\nwhat?,x\nwhy?,y\nhow?,z\n")
+    (tmp_path / "c.json").write_text(json.dumps({"prompt": ["p1", "p2"], "k": [1, 2]}))
+    assert load_prompts({"path": str(tmp_path / "a.jsonl")}, what="train") == [
+        {"prompt": "hi", "answer": "1"}, {"prompt": "yo", "answer": "2"}]
+    rows = load_prompts({"path": str(tmp_path / "b.csv"), "prompt_column": "question", "limit": 2}, what="eval")
+    assert rows == [{"prompt": "what?", "gold": "x"}, {"prompt": "why?", "gold": "y"}]
+    assert load_prompts({"path": str(tmp_path / "c.json")}, what="train")[1] == {"prompt": "p2", "k": 2}
+    shuffled = load_prompts({"path": str(tmp_path / "b.csv"), "prompt_column": "question", "shuffle_seed": 0},
+                            what="eval")
+    assert sorted(r["prompt"] for r in shuffled) == ["how?", "what?", "why?"]
+
+
+def test_bad_prompt_files(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\nnot json\n')
+    (tmp_path / "col.jsonl").write_text('{"text": "ok"}\n')
+    (tmp_path / "empty.jsonl").write_text('{"prompt": "  "}\n')
+    with pytest.raises(CLIError, match="line 2 is not JSON"):
+        load_prompts({"path": str(tmp_path / "bad.jsonl")}, what="train")
+    with pytest.raises(CLIError, match="no column 'prompt' \\(columns: text\\)"):
+        load_prompts({"path": str(tmp_path / "col.jsonl")}, what="train")
+    with pytest.raises(CLIError, match="record 0 .* has no text"):
+        load_prompts({"path": str(tmp_path / "empty.jsonl")}, what="train")
+    with pytest.raises(CLIError, match="file not found"):
+        load_prompts({"path": str(tmp_path / "missing.jsonl")}, what="train")
+
+
+def test_model_not_found_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CLIError, match="cannot load the prompter model from 'no-such-org/no-such-model' is not a local") as info:
+        load_causal_lm({"model": "no-such-org/no-such-model"}, "prompter")
+    assert "\n" not in str(info.value)
+
+
+def test_dtype_and_callable_lookup():
+    import torch
+
+    assert torch_dtype("bf16") is torch.bfloat16 and torch_dtype(None) is None and torch_dtype("auto") == "auto"
+    with pytest.raises(CLIError, match="unknown dtype 'fp8'"):
+        torch_dtype("fp8")
+    assert import_callable("alignfast.eval.metrics:win_rate", "reward function").__name__ == "win_rate"
+    with pytest.raises(CLIError, match="has no callable 'nope'"):
+        import_callable("alignfast.eval.metrics:nope", "reward function")
+    with pytest.raises(CLIError, match="must look like"):
+        import_callable("no_colon", "reward function")
