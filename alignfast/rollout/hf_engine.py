@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-from alignfast.ops._checks import choice, fail
+from alignfast.ops._checks import choice, fail, in_range
 from alignfast.rollout._batching import build_units, plan_batches
-from alignfast.rollout._decode import decode_batch, make_cache_factory, make_forward
+from alignfast.rollout._decode import decode_batch, make_runner
 from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_generate_args, check_prompts
 
 DEFAULT_MAX_BATCH_TOKENS = 32768
@@ -65,6 +65,12 @@ class HFEngine(TargetEngine):
     attn_implementation: for a path: "sdpa" by default, "flash_attention_2" when flash-attn is installed
         and the model goes to a GPU in half precision. For a model object: switched when given.
     dedupe: prefill identical prompts once (and n samples of one prompt share its prefill).
+    prefill_chunk_tokens: padded prompt tokens per prefill forward (prompts of similar length are
+        prefilled together, so little of it is padding).
+    packed_cache: use the preallocated KV cache (written in place; needs transformers >= 5 and a
+        model whose layers all use full attention, else DynamicCache is used).
+    compact_fraction: finished rows are dropped from the batch (a copy of its KV cache) once they are
+        this fraction of it; until then they keep decoding, their extra tokens discarded.
     eos_token_id: ids that end a completion; default generation_config.eos_token_id, else the
         tokenizer's eos.
     """
@@ -75,11 +81,14 @@ class HFEngine(TargetEngine):
                  on_long_prompt: str = "truncate", attn_implementation: str | None = None,
                  dedupe: bool = True, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, add_special_tokens: bool = True,
+                 prefill_chunk_tokens: int = 8192, packed_cache: bool = True, compact_fraction: float = 0.125,
                  local_files_only: bool = True, trust_remote_code: bool = False):
         if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
             fail("max_batch_tokens", f"must be an integer >= 1, got {max_batch_tokens!r}")
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             fail("max_batch_size", f"must be None or an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 1:
+            fail("prefill_chunk_tokens", f"must be an integer >= 1, got {prefill_chunk_tokens!r}")
         if max_prompt_length is not None and (not isinstance(max_prompt_length, int) or max_prompt_length < 1):
             fail("max_prompt_length", f"must be None or an integer >= 1, got {max_prompt_length!r}")
         self.on_long_prompt = choice("on_long_prompt", on_long_prompt, ("truncate", "error"))
@@ -117,8 +126,8 @@ class HFEngine(TargetEngine):
             pad_token_id = next((v for v in (getattr(gen_cfg, "pad_token_id", None),
                                              getattr(tokenizer, "pad_token_id", None), *eos) if v is not None), 0)
         self.pad_token_id = int(pad_token_id)
-        self._forward = make_forward(model)
-        self._new_cache = make_cache_factory(model)
+        self._runner = make_runner(model, use_packed_cache=packed_cache, prefill_chunk_tokens=prefill_chunk_tokens,
+                                   compact_fraction=in_range("compact_fraction", compact_fraction, 0.0, 1.0))
 
     @staticmethod
     def _load(path, tokenizer, device, dtype, attn_implementation, local_files_only, trust_remote_code):
@@ -201,7 +210,7 @@ class HFEngine(TargetEngine):
         try:
             with torch.no_grad():
                 for batch in batches:
-                    rows = decode_batch(self._forward, self._new_cache, batch, max_new_tokens=args.max_new_tokens,
+                    rows = decode_batch(self._runner, batch, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_p=args.top_p, eos_ids=self._eos,
                                         pad_id=self.pad_token_id, device=self.device)
                     slots = [s for u in batch for s in u.row_slots]

@@ -66,9 +66,17 @@ def reference_generate(model, tokenizer, prompt: str, max_new_tokens: int, eos=N
     return out
 
 
-@pytest.mark.parametrize("max_batch_tokens", [64, 100_000])  # many small batches / one batch
-def test_engine_greedy_matches_per_prompt_generate(model64, tokenizer, max_batch_tokens):
-    engine = HFEngine(model64, tokenizer, max_batch_tokens=max_batch_tokens)
+# (max_batch_tokens, prefill_chunk_tokens, packed_cache): one batch / many small batches, one prefill
+# chunk per batch / many, the preallocated cache / the DynamicCache fallback
+LAYOUTS = [(100_000, 100_000, True), (64, 100_000, True), (100_000, 40, True), (300, 1, True),
+           (100_000, 100_000, False), (64, 40, False)]
+
+
+@pytest.mark.parametrize("max_batch_tokens,prefill_chunk_tokens,packed_cache", LAYOUTS)
+def test_engine_greedy_matches_per_prompt_generate(model64, tokenizer, max_batch_tokens, prefill_chunk_tokens,
+                                                   packed_cache):
+    engine = HFEngine(model64, tokenizer, max_batch_tokens=max_batch_tokens,
+                      prefill_chunk_tokens=prefill_chunk_tokens, packed_cache=packed_cache)
     got = engine.generate(PROMPTS, max_new_tokens=10)
     assert len(got) == len(PROMPTS)
     for prompt, completions in zip(PROMPTS, got):
@@ -118,6 +126,37 @@ def test_engine_eos_stops_rows_and_matches_generate(model64, tokenizer):
     assert stopped >= 2
 
 
+@pytest.mark.parametrize("compact_fraction", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_engine_retirement_policy_does_not_change_outputs(model64, tokenizer, compact_fraction, temperature):
+    """Finished rows dropped at once, in bulk, or never: the same completions."""
+    free = HFEngine(model64, tokenizer, eos_token_id=[]).generate(PROMPTS, max_new_tokens=12)
+    eos = sorted({r[0].token_ids[i] for r, i in zip(free, (2, 4, 6, 8, 1, 3))})
+    kw = dict(max_new_tokens=12, temperature=temperature, n=3, seed=4)
+    want = HFEngine(model64, tokenizer, eos_token_id=eos, packed_cache=False, max_batch_size=1).generate(PROMPTS, **kw)
+    got = HFEngine(model64, tokenizer, eos_token_id=eos, compact_fraction=compact_fraction).generate(PROMPTS, **kw)
+    assert got == want
+    assert sum(c.finish_reason == "stop" for r in got for c in r) >= 6
+
+
+def test_engine_sliding_window_model_uses_fallback_cache(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from alignfast.rollout._kv_cache import packed_cache_layers
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(1)
+    model = MistralForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    assert packed_cache_layers(model) == 0
+    got = HFEngine(model, tokenizer).generate(PROMPTS, max_new_tokens=10)
+    for prompt, completions in zip(PROMPTS, got):
+        assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 10)
+
+
 def test_engine_eos_from_generation_config_list(tokenizer):
     model = build_model(len(tokenizer)).to(torch.float64)
     free = HFEngine(model, tokenizer, eos_token_id=[]).generate(PROMPTS[:2], max_new_tokens=8)
@@ -164,9 +203,13 @@ def test_engine_sampling_is_seeded_and_batching_independent(model64, tokenizer):
     a = HFEngine(model64, tokenizer).generate(PROMPTS, seed=11, **kw)
     assert a == HFEngine(model64, tokenizer).generate(PROMPTS, seed=11, **kw)
     assert a != HFEngine(model64, tokenizer).generate(PROMPTS, seed=12, **kw)
-    # other batch cuts, no de-duplication, a different order and subset: same samples per (prompt, sample)
-    b = HFEngine(model64, tokenizer, max_batch_tokens=40, dedupe=False).generate(PROMPTS, seed=11, **kw)
-    assert a == b
+    # other batch cuts and prefill chunks, no de-duplication, the fallback cache, a different order
+    # and subset: the same samples per (prompt, sample)
+    for layout in LAYOUTS[1:]:
+        mbt, pct, packed = layout
+        b = HFEngine(model64, tokenizer, max_batch_tokens=mbt, prefill_chunk_tokens=pct, packed_cache=packed,
+                     dedupe=mbt < 1000).generate(PROMPTS, seed=11, **kw)
+        assert a == b, layout
     c = HFEngine(model64, tokenizer, max_batch_size=2).generate([PROMPTS[4], PROMPTS[0]], seed=11, **kw)
     assert c == [a[4], a[0]]
     # the second occurrence of a duplicated prompt draws its own samples
