@@ -118,3 +118,9 @@ def check_prompts(prompts) -> list[str | list[int]]:
             fail(f"prompts[{i}]", f"must hold integer token ids only, found {bad!r}")
         out.append([int(t) for t in ids])
     return out
+
+
+class EngineRequestError(RuntimeError):
+    """A request to a generation backend (an HTTP endpoint, a vLLM instance) failed for good: after
+    the retries the engine allows, or with an error that retrying cannot fix. The message names the
+    prompt index and the last error; the original exception is chained."""
