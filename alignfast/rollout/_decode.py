@@ -35,29 +35,38 @@ class ModelRunner:
     """How to call one model: forward(input_ids, attention_mask, position_ids, cache) -> last logits."""
 
     model: torch.nn.Module
-    forward: Callable[..., torch.Tensor]
+    forward: Callable[..., torch.Tensor]  # prefill
+    decode_forward: Callable[..., torch.Tensor]  # one token per row
     packed_layers: int  # > 0: PackedKVCache with this many layers; 0: DynamicCache
     prefill_chunk_tokens: int
     compact_fraction: float
 
 
 def make_runner(model, *, use_packed_cache: bool = True, prefill_chunk_tokens: int = 8192,
-                compact_fraction: float = 0.125) -> ModelRunner:
+                compact_fraction: float = 0.125, compile: bool = False) -> ModelRunner:
     """Asks the model for the last position's logits only (logits_to_keep in transformers >= 4.50,
-    num_logits_to_keep before), so the prefill never materialises [B, T, V]."""
+    num_logits_to_keep before), so the prefill never materialises [B, T, V].
+
+    compile: decode steps go through torch.compile(model.forward, dynamic=True) (the batch and the
+    cache length change from step to step, so shapes are symbolic; no CUDA graphs). The prefill stays
+    eager: it runs a few times per call, decode steps hundreds of times."""
     params = inspect.signature(model.forward).parameters
     if "position_ids" not in params:
         raise TypeError(f"{type(model).__name__}.forward takes no position_ids: left-padded batching needs them")
     keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     extra = {keep_kw: 1} if keep_kw else {}
 
-    def forward(input_ids, attention_mask, position_ids, cache):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, **extra)
-        return out.logits[:, -1, :]
+    def bind(fn):
+        def forward(input_ids, attention_mask, position_ids, cache):
+            out = fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=cache, use_cache=True, **extra)
+            return out.logits[:, -1, :]
+        return forward
 
+    eager = bind(model)
+    decode = bind(torch.compile(model.forward, dynamic=True)) if compile else eager
     layers = packed_cache_layers(model) if use_packed_cache else 0
-    return ModelRunner(model, forward, layers, prefill_chunk_tokens, compact_fraction)
+    return ModelRunner(model, eager, decode, layers, prefill_chunk_tokens, compact_fraction)
 
 
 def _prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
@@ -141,7 +150,7 @@ def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int,
             attn, next_pos, tokens, rows = attn[keep], next_pos[keep], tokens[keep], rows[keep]
             rows_host = rows_host[keep.cpu().numpy()]
             alive = alive[keep]
-        logits = runner.forward(tokens[:, None], attn[:, :width + step + 1], next_pos[:, None], cache)
+        logits = runner.decode_forward(tokens[:, None], attn[:, :width + step + 1], next_pos[:, None], cache)
         next_pos = next_pos + 1
 
     out = out.cpu()

@@ -31,7 +31,30 @@ from alignfast.rollout._batching import build_units, plan_batches
 from alignfast.rollout._decode import decode_batch, make_runner
 from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_generate_args, check_prompts
 
-DEFAULT_MAX_BATCH_TOKENS = 32768
+DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and the floor on a GPU
+GPU_KV_MEMORY_FRACTION = 0.4  # of the free GPU memory, for the KV cache of one batch by default
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of K and V cache one token takes over all layers: 2 * layers * kv_heads * head_dim * itemsize."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
+
+
+def default_max_batch_tokens(model, device: torch.device) -> int:
+    """CPU: DEFAULT_MAX_BATCH_TOKENS. GPU: the tokens whose KV cache fills GPU_KV_MEMORY_FRACTION of the
+    memory free now (the rest is for weights' activations and logits), at least the CPU default."""
+    if device.type != "cuda":
+        return DEFAULT_MAX_BATCH_TOKENS
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+        per_token = kv_bytes_per_token(model)
+    except (AttributeError, TypeError, RuntimeError):
+        return DEFAULT_MAX_BATCH_TOKENS
+    return max(DEFAULT_MAX_BATCH_TOKENS, int(GPU_KV_MEMORY_FRACTION * free) // per_token)
 
 
 def _flash_attn_available() -> bool:
@@ -58,6 +81,7 @@ class HFEngine(TargetEngine):
         not given. Text prompts are encoded with `add_special_tokens` (BOS for Llama-style tokenizers).
     device, dtype: for a path only (defaults: cuda if available, else cpu; bf16 on cuda, fp32 on cpu).
     max_batch_tokens: KV-cache positions one batch may hold: rows * (longest prompt + max_new_tokens).
+        Default: 32768 on CPU; on a GPU as many as fill 40% of the free memory (at least 32768).
     max_batch_size: optional cap on rows per batch.
     max_prompt_length: prompts longer than this are truncated (their last tokens kept: the end of the
         prompt is what the model continues) with a warning, or rejected when on_long_prompt="error".
@@ -71,20 +95,23 @@ class HFEngine(TargetEngine):
         model whose layers all use full attention, else DynamicCache is used).
     compact_fraction: finished rows are dropped from the batch (a copy of its KV cache) once they are
         this fraction of it; until then they keep decoding, their extra tokens discarded.
+    compile: run decode steps through torch.compile(dynamic=True); the first call pays the compilation
+        (minutes), later calls reuse it. Worth it for long training runs on a GPU.
     eos_token_id: ids that end a completion; default generation_config.eos_token_id, else the
         tokenizer's eos.
     """
 
     def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 dtype: torch.dtype | None = None, max_batch_tokens: int | None = None,
                  max_batch_size: int | None = None, max_prompt_length: int | None = None,
                  on_long_prompt: str = "truncate", attn_implementation: str | None = None,
                  dedupe: bool = True, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, add_special_tokens: bool = True,
                  prefill_chunk_tokens: int = 8192, packed_cache: bool = True, compact_fraction: float = 0.125,
+                 compile: bool = False,
                  local_files_only: bool = True, trust_remote_code: bool = False):
-        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            fail("max_batch_tokens", f"must be an integer >= 1, got {max_batch_tokens!r}")
+        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+            fail("max_batch_tokens", f"must be None or an integer >= 1, got {max_batch_tokens!r}")
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             fail("max_batch_size", f"must be None or an integer >= 1, got {max_batch_size!r}")
         if not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 1:
@@ -114,6 +141,8 @@ class HFEngine(TargetEngine):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = default_max_batch_tokens(model, self.device)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
         gen_cfg = getattr(model, "generation_config", None)
@@ -127,7 +156,8 @@ class HFEngine(TargetEngine):
                                              getattr(tokenizer, "pad_token_id", None), *eos) if v is not None), 0)
         self.pad_token_id = int(pad_token_id)
         self._runner = make_runner(model, use_packed_cache=packed_cache, prefill_chunk_tokens=prefill_chunk_tokens,
-                                   compact_fraction=in_range("compact_fraction", compact_fraction, 0.0, 1.0))
+                                   compact_fraction=in_range("compact_fraction", compact_fraction, 0.0, 1.0),
+                                   compile=bool(compile))
 
     @staticmethod
     def _load(path, tokenizer, device, dtype, attn_implementation, local_files_only, trust_remote_code):

@@ -290,3 +290,21 @@ def test_engine_bad_arguments(model64, tokenizer):
         HFEngine(model64, tokenizer, max_batch_tokens=0)
     with pytest.raises(AlignfastArgumentError, match="'dtype'"):
         HFEngine(model64, tokenizer, dtype=torch.float16)
+
+
+@pytest.mark.slow  # torch.compile takes minutes on a small CPU
+def test_engine_compiled_decode_matches_eager(model64, tokenizer):
+    eager = HFEngine(model64, tokenizer).generate(PROMPTS, max_new_tokens=8, temperature=1.0, n=2, seed=0)
+    engine = HFEngine(model64, tokenizer, compile=True)
+    assert engine.generate(PROMPTS, max_new_tokens=8, temperature=1.0, n=2, seed=0) == eager
+    assert engine.generate(PROMPTS[:3], max_new_tokens=8) == HFEngine(model64, tokenizer).generate(PROMPTS[:3],
+                                                                                                   max_new_tokens=8)
+
+
+def test_engine_default_budget(model64, tokenizer):
+    from alignfast.rollout.hf_engine import DEFAULT_MAX_BATCH_TOKENS, kv_bytes_per_token
+
+    # 2 (K and V) * 2 layers * 2 KV heads * head_dim 48/4 * 8 bytes (float64)
+    assert kv_bytes_per_token(model64) == 2 * 2 * 2 * 12 * 8
+    assert HFEngine(model64, tokenizer).max_batch_tokens == DEFAULT_MAX_BATCH_TOKENS  # on CPU
+    assert HFEngine(model64, tokenizer, max_batch_tokens=500).max_batch_tokens == 500
