@@ -29,7 +29,7 @@ import torch
 from alignfast.ops._checks import choice, fail, in_range
 from alignfast.rollout._batching import build_units, plan_batches
 from alignfast.rollout._decode import decode_batch, make_runner
-from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_generate_args, check_prompts
+from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_call
 
 DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and the floor on a GPU
 GPU_KV_MEMORY_FRACTION = 0.4  # of the free GPU memory, for the KV cache of one batch by default
@@ -223,14 +223,12 @@ class HFEngine(TargetEngine):
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[Completion]]:
-        args = check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   n=n, seed=seed)
-        prompt_list = check_prompts(prompts)
+        args, prompt_list = check_call(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, n=n, seed=seed)
         if not prompt_list:
             return []
         prompt_ids = self._encode(prompt_list, args.max_new_tokens)
-        seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        units = build_units(prompt_ids, n=args.n, greedy=args.greedy, seed=seed, dedupe=self.dedupe)
+        units = build_units(prompt_ids, n=args.n, greedy=args.greedy, seed=args.base_seed(), dedupe=self.dedupe)
         batches = plan_batches(units, max_new_tokens=args.max_new_tokens, max_batch_tokens=self.max_batch_tokens,
                                max_batch_size=self.max_batch_size)
 

@@ -26,8 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from alignfast.rollout._sampling import request_seeds
-from alignfast.rollout.engine import (Completion, EngineRequestError, Prompt, TargetEngine, check_generate_args,
-                                      check_prompts)
+from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, TargetEngine, check_call
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
@@ -128,9 +127,8 @@ class OpenAIEngine(TargetEngine):
                  top_p: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[Completion]]:
         from alignfast.ops._checks import fail
 
-        args = check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   n=n, seed=seed)
-        prompt_list = check_prompts(prompts)
+        args, prompt_list = check_call(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, n=n, seed=seed)
         if not prompt_list:
             return []
         if self.api == "chat":

@@ -20,7 +20,7 @@ import gc
 from collections.abc import Sequence
 
 from alignfast.rollout._sampling import request_seeds
-from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_generate_args, check_prompts
+from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_call
 
 
 def _import_vllm():
@@ -68,22 +68,15 @@ class VLLMEngine(TargetEngine):
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[Completion]]:
-        args = check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   n=n, seed=seed)
-        prompt_list = check_prompts(prompts)
+        args, prompt_list = check_call(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, n=n, seed=seed)
         if not prompt_list:
             return []
-        if args.seed is None:
-            import torch
-
-            base = int(torch.randint(0, 2**62, (1,)).item())
-        else:
-            base = args.seed
         common = dict(n=args.n, temperature=args.temperature, top_p=args.top_p if not args.greedy else 1.0,
                       max_tokens=args.max_new_tokens)
         if self.max_prompt_length is not None:
             common["truncate_prompt_tokens"] = self.max_prompt_length
-        params = [self._vllm.SamplingParams(**common, seed=s) for s in request_seeds(prompt_list, base)]
+        params = [self._vllm.SamplingParams(**common, seed=s) for s in request_seeds(prompt_list, args.base_seed())]
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt_list]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         if len(outputs) != len(inputs):
