@@ -44,17 +44,24 @@ def kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
 
 
-def default_max_batch_tokens(model, device: torch.device) -> int:
-    """CPU: DEFAULT_MAX_BATCH_TOKENS. GPU: the tokens whose KV cache fills GPU_KV_MEMORY_FRACTION of the
-    memory free now (the rest is for weights' activations and logits), at least the CPU default."""
+def default_batch_limits(model, device: torch.device) -> tuple[int, int | None]:
+    """(max_batch_tokens, max_batch_size) when not given.
+
+    CPU: DEFAULT_MAX_BATCH_TOKENS, no row cap. GPU: the tokens whose KV cache fills
+    GPU_KV_MEMORY_FRACTION of the memory free now (at least the CPU default), and as many rows as keep
+    one step's sampling buffers (logits, fp32 probabilities, cumulative sums, sort indices: ~24 bytes
+    per vocabulary entry and row) within a tenth of it (at least 64).
+    """
     if device.type != "cuda":
-        return DEFAULT_MAX_BATCH_TOKENS
+        return DEFAULT_MAX_BATCH_TOKENS, None
     try:
         free, _ = torch.cuda.mem_get_info(device)
         per_token = kv_bytes_per_token(model)
+        vocab = int(model.get_output_embeddings().weight.shape[0])
     except (AttributeError, TypeError, RuntimeError):
-        return DEFAULT_MAX_BATCH_TOKENS
-    return max(DEFAULT_MAX_BATCH_TOKENS, int(GPU_KV_MEMORY_FRACTION * free) // per_token)
+        return DEFAULT_MAX_BATCH_TOKENS, None
+    tokens = max(DEFAULT_MAX_BATCH_TOKENS, int(GPU_KV_MEMORY_FRACTION * free) // per_token)
+    return tokens, max(64, int(0.1 * free) // (24 * vocab))
 
 
 def _flash_attn_available() -> bool:
@@ -82,7 +89,8 @@ class HFEngine(TargetEngine):
     device, dtype: for a path only (defaults: cuda if available, else cpu; bf16 on cuda, fp32 on cpu).
     max_batch_tokens: KV-cache positions one batch may hold: rows * (longest prompt + max_new_tokens).
         Default: 32768 on CPU; on a GPU as many as fill 40% of the free memory (at least 32768).
-    max_batch_size: optional cap on rows per batch.
+    max_batch_size: cap on rows per batch. Default: none on CPU; on a GPU as many rows as keep one
+        step's sampling buffers within a tenth of the free memory.
     max_prompt_length: prompts longer than this are truncated (their last tokens kept: the end of the
         prompt is what the model continues) with a warning, or rejected when on_long_prompt="error".
         Default: the model's max_position_embeddings minus max_new_tokens, when the config has it.
@@ -141,8 +149,11 @@ class HFEngine(TargetEngine):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        default_tokens, default_rows = default_batch_limits(model, self.device)
         if self.max_batch_tokens is None:
-            self.max_batch_tokens = default_max_batch_tokens(model, self.device)
+            self.max_batch_tokens = default_tokens
+        if self.max_batch_size is None:
+            self.max_batch_size = default_rows
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
         gen_cfg = getattr(model, "generation_config", None)

@@ -301,13 +301,18 @@ def test_engine_compiled_decode_matches_eager(model64, tokenizer):
                                                                                                    max_new_tokens=8)
 
 
-def test_engine_default_budget(model64, tokenizer):
-    from alignfast.rollout.hf_engine import DEFAULT_MAX_BATCH_TOKENS, kv_bytes_per_token
+def test_engine_default_budget(model64, tokenizer, monkeypatch):
+    from alignfast.rollout.hf_engine import DEFAULT_MAX_BATCH_TOKENS, default_batch_limits, kv_bytes_per_token
 
     # 2 (K and V) * 2 layers * 2 KV heads * head_dim 48/4 * 8 bytes (float64)
     assert kv_bytes_per_token(model64) == 2 * 2 * 2 * 12 * 8
-    assert HFEngine(model64, tokenizer).max_batch_tokens == DEFAULT_MAX_BATCH_TOKENS  # on CPU
+    engine = HFEngine(model64, tokenizer)
+    assert (engine.max_batch_tokens, engine.max_batch_size) == (DEFAULT_MAX_BATCH_TOKENS, None)  # on CPU
     assert HFEngine(model64, tokenizer, max_batch_tokens=500).max_batch_tokens == 500
+    # on a GPU with 10 GB free: 40% for KV, a tenth for one step's sampling buffers (24 B per vocab entry)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**10, 8 * 10**10))
+    tokens, rows = default_batch_limits(model64, torch.device("cuda"))
+    assert tokens == int(0.4 * 10**10) // 768 and rows == 10**9 // (24 * len(tokenizer))
 
 
 def _tiny(family: str, vocab: int):
