@@ -12,7 +12,8 @@ their token counts differ a little: compare tokens/s (the "tok/s vs" columns), n
 model's greedy walk falls into cycles that rarely meet an EOS id, so most rows run to the cap.
 
 Providers, all on the same random-weight model:
-  naive     model.generate per prompt (batch 1, no padding)
+  naive     model.generate per prompt (batch 1, no padding); one timed run, and skipped above
+            --naive-max-prompts (256) prompts: it takes minutes
   padded    model.generate on left-padded batches of --padded-batch prompts in arrival order: the
             plain batched baseline; every row runs until the batch's slowest row ends
   engine    HFEngine (length buckets, token budget, row retirement, dedupe)
@@ -129,7 +130,8 @@ def engine_provider(model, args, eos):
     from alignfast.rollout import HFEngine
 
     engine = HFEngine(model, None, eos_token_id=eos, max_batch_tokens=args.max_batch_tokens)
-    args.max_batch_tokens = engine.max_batch_tokens  # the default resolved, for the table's title
+    # the defaults resolved, for the table's title
+    args.max_batch_tokens, args.max_batch_rows = engine.max_batch_tokens, engine.max_batch_size
 
     def run(prompts) -> int:
         out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -153,7 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="HFEngine budget (default: the engine's)")
     p.add_argument("--providers", nargs="+", default=["naive", "padded", "engine"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed runs after the warm-up (naive: 1, it is long)")
+    p.add_argument("--naive-max-prompts", type=int, default=256,
+                   help="skip the per-prompt baseline above this many prompts (it takes minutes)")
     p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 1 rep")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
@@ -181,17 +185,20 @@ def main(argv=None) -> int:
         shape = f"{count} prompts, len {args.min_len}-{args.max_len}, new<={args.max_new_tokens}"
         rates = {}
         for name in args.providers:
+            if name == "naive" and count > args.naive_max_prompts:
+                continue
             fn = providers[name]
+            reps = 1 if name == "naive" else args.reps
             counted: list[int] = []  # the warm-up run gives the token count and the peak memory
             set_mmap_threshold(64 * 1024)
             peak = peak_extra_memory(lambda: counted.append(fn(prompts)), device=args.device)
             tokens = counted[0]
             set_mmap_threshold(32 * 1024 * 1024)
             cpu0 = cpu_seconds()
-            seconds = median_time(lambda: fn(prompts), device=args.device, warmup=0, reps=args.reps,
+            seconds = median_time(lambda: fn(prompts), device=args.device, warmup=0, reps=reps,
                                   max_seconds=float("inf"))
             # CPU seconds per run (all threads): steadier than wall time on a shared machine
-            cpu_per_run = (cpu_seconds() - cpu0) / args.reps
+            cpu_per_run = (cpu_seconds() - cpu0) / reps
             rates[name] = tokens / seconds
             rows.append(Row(shape, name, seconds, peak, extra={"tokens": tokens, "tok/s": f"{tokens / seconds:.0f}",
                                                                "cpu s": f"{cpu_per_run:.2f}"}))
@@ -204,7 +211,8 @@ def main(argv=None) -> int:
 
     title = (f"bench_engine: {model_name} model ({dtype}), {'sampling T=' + str(args.temperature) if args.temperature else 'greedy'}, "
              f"EOS ~1/{args.mean_length:g} per step, padded batch {args.padded_batch}, "
-             f"engine budget {args.max_batch_tokens} tokens")
+             f"engine budget {args.max_batch_tokens} tokens"
+             + (f" / {args.max_batch_rows} rows" if args.max_batch_rows else ""))
     table = format_table(rows, baseline="naive" if "naive" in args.providers else args.providers[0],
                          extra_columns=("tokens", "tok/s", "tok/s vs naive", "tok/s vs padded", "cpu s"))
     print(f"\n{title}\n{device_description(args.device)}\n\n{table}")
