@@ -1,0 +1,105 @@
+// ppo_loss on CPU: one pass over the tokens (rows in parallel) computes the clipped policy and value
+// losses, the stats, and, when asked, each token's gradient of the token-sum loss (Liger-style fused
+// forward/backward: backward only scales these by grad_output / n). Spec: alignfast/reference/ppo_loss.py.
+// Per-row sums are kept in double and merged in row order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "ppo_loss_math.h"
+
+namespace alignfast {
+namespace {
+
+using RowSums = std::array<double, kNumPpoStats>;
+
+template <typename scalar_t>
+void ppo_rows(const scalar_t* logprobs, const scalar_t* old_logprobs, const scalar_t* advantages,
+              const scalar_t* values, const scalar_t* old_values, const scalar_t* returns, const bool* mask,
+              scalar_t* grad_logprobs, scalar_t* grad_values, RowSums* row_sums, int64_t B, int64_t T,
+              double cliprange, double cliprange_value, double vf_coef) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t eps = static_cast<acc_t>(cliprange), eps_v = static_cast<acc_t>(cliprange_value);
+  const acc_t c_v = static_cast<acc_t>(vf_coef);
+  const bool want_grad = grad_logprobs != nullptr;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(T, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      RowSums s{};
+      for (int64_t i = b * T; i < (b + 1) * T; ++i) {
+        if (!mask[i]) {  // skipped, not multiplied by 0: garbage at masked positions cannot leak in
+          if (want_grad) grad_logprobs[i] = grad_values[i] = scalar_t(0);
+          continue;
+        }
+        const PpoToken<acc_t> tok = ppo_token<acc_t>(
+            static_cast<acc_t>(logprobs[i]), static_cast<acc_t>(old_logprobs[i]), static_cast<acc_t>(advantages[i]),
+            static_cast<acc_t>(values[i]), static_cast<acc_t>(old_values[i]), static_cast<acc_t>(returns[i]), eps,
+            eps_v, c_v);
+        s[kPgLoss] += tok.pg;
+        s[kVfLoss] += tok.vf;
+        s[kClipFrac] += tok.pg_clipped;
+        s[kVfClipFrac] += tok.vf_clipped;
+        s[kApproxKl] += static_cast<double>(tok.log_ratio) * tok.log_ratio;
+        s[kRatio] += tok.ratio;
+        s[kNumValid] += 1;
+        if (want_grad) {
+          grad_logprobs[i] = static_cast<scalar_t>(tok.grad_logprob);
+          grad_values[i] = static_cast<scalar_t>(tok.grad_value);
+        }
+      }
+      row_sums[b] = s;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_cpu(
+    const at::Tensor& logprobs_, const at::Tensor& old_logprobs_, const at::Tensor& advantages_,
+    const at::Tensor& values_, const at::Tensor& old_values_, const at::Tensor& returns_, const at::Tensor& mask_,
+    double cliprange, double cliprange_value, double vf_coef, bool compute_grad) {
+  check_ppo_args(logprobs_, old_logprobs_, advantages_, values_, old_values_, returns_, mask_, cliprange,
+                 cliprange_value, vf_coef);
+  const at::Tensor logprobs = logprobs_.contiguous(), old_logprobs = old_logprobs_.contiguous();
+  const at::Tensor advantages = advantages_.contiguous(), values = values_.contiguous();
+  const at::Tensor old_values = old_values_.contiguous(), returns = returns_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  const auto out_opts = logprobs.options().dtype(at::toOpMathType(logprobs.scalar_type()));
+  at::Tensor loss = at::empty({}, out_opts);
+  at::Tensor stats = at::empty({kNumPpoStats}, out_opts);
+  at::Tensor grad_logprobs = at::empty(compute_grad ? logprobs.sizes() : at::IntArrayRef{0}, logprobs.options());
+  at::Tensor grad_values = at::empty(compute_grad ? values.sizes() : at::IntArrayRef{0}, values.options());
+  std::vector<RowSums> row_sums(B);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "ppo_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ppo_rows<scalar_t>(logprobs.const_data_ptr<scalar_t>(), old_logprobs.const_data_ptr<scalar_t>(),
+                       advantages.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(),
+                       old_values.const_data_ptr<scalar_t>(), returns.const_data_ptr<scalar_t>(),
+                       mask.const_data_ptr<bool>(), compute_grad ? grad_logprobs.mutable_data_ptr<scalar_t>() : nullptr,
+                       compute_grad ? grad_values.mutable_data_ptr<scalar_t>() : nullptr, row_sums.data(), B, T,
+                       cliprange, cliprange_value, vf_coef);
+    RowSums total{};
+    for (const RowSums& s : row_sums) {
+      for (int k = 0; k < kNumPpoStats; ++k) total[k] += s[k];
+    }
+    double loss_d;
+    RowSums means;
+    ppo_finalize<double>(total.data(), vf_coef, &loss_d, means.data());
+    loss.fill_(static_cast<acc_t>(loss_d));
+    acc_t* out = stats.mutable_data_ptr<acc_t>();
+    for (int k = 0; k < kNumPpoStats; ++k) out[k] = static_cast<acc_t>(means[k]);
+  });
+  return {loss, stats, grad_logprobs, grad_values};
+}
+
+}  // namespace
+}  // namespace alignfast
+
+TORCH_LIBRARY_IMPL(alignfast, CPU, m) {
+  m.impl("ppo_loss", &alignfast::ppo_loss_cpu);
+}
