@@ -352,3 +352,25 @@ def test_engine_bfloat16_runs_and_keeps_padding_out(model64, tokenizer):
     b = HFEngine(model, tokenizer, pad_token_id=77).generate(PROMPTS, max_new_tokens=6, temperature=1.0, n=2, seed=0)
     assert a == b
     assert all(1 <= len(c.token_ids) <= 6 and all(0 <= t < len(tokenizer) for t in c.token_ids) for r in a for c in r)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_generate_and_fits_defaults(tiny_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).to("cuda").eval()
+    engine = HFEngine(model, tokenizer, prefill_chunk_tokens=40)
+    assert engine.max_batch_tokens >= 32768 and engine.max_batch_size >= 64
+    got = engine.generate(PROMPTS, max_new_tokens=10)
+    for prompt, completions in zip(PROMPTS, got):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                              pad_token_id=0)[0, ids.shape[1]:].tolist()
+        if 2 in want:
+            want = want[:want.index(2) + 1]
+        assert completions[0].token_ids == want
+    sampled = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.9, n=4, seed=0)
+    assert sampled == engine.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.9, n=4, seed=0)
+    bf16 = HFEngine(str(tiny_dir), device="cuda")  # loaded: bf16 and sdpa/flash-attention by default
+    assert bf16.model.dtype == torch.bfloat16
+    assert all(len(r) == 2 for r in bf16.generate(PROMPTS, max_new_tokens=6, temperature=1.0, n=2, seed=0))
