@@ -4,7 +4,11 @@ Reproducibility that does not depend on batching. Every generated row owns a 64-
 (seed, the prompt's tokens, which occurrence of that prompt it is, which of the n samples it is); the
 uniform variate that row uses at decode step t is a hash of (key, t). So a row draws the same numbers
 whether it is decoded alone or beside 500 others, in any order, with or without prompt de-duplication
-— unlike one torch.Generator shared by a batch, whose stream is consumed in batch order.
+— unlike one torch.Generator shared by a batch, whose stream is consumed in batch order. The logits
+themselves are only batch-independent up to rounding: in fp32/bf16 another batch layout (padding
+width, rows per matmul) moves them in the last bits, which flips a draw whose uniform lies that close
+to a boundary of the CDF, and the completion diverges from there (rare: at 256 prompts x ~50 tokens
+in fp32, one row of 256 differed between two token budgets). In fp64 the tests see exact equality.
 
 Sampling by inverse CDF with that single uniform u per row and step:
 

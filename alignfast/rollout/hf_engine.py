@@ -9,7 +9,8 @@ of n samples separately. This engine
   3. prefills each unique prompt once, copies its cache rows for the n samples;
   4. decodes with a KV cache, retiring rows at EOS so the batch shrinks as rows finish;
   5. draws samples from per-row random streams keyed by (seed, prompt, occurrence, sample), so the
-     output does not depend on how requests were batched.
+     output does not depend on how requests were batched (up to floating-point rounding of the
+     logits, which another batch layout can move: see _sampling).
 
 Greedy output equals per-prompt `model.generate(do_sample=False)` (tested). Temperature and top-p
 are the only logits transforms applied; other generation_config settings (repetition penalty, top_k)
