@@ -9,9 +9,10 @@
 // The matmuls are at::mm (MKL/oneDNN). Low-precision inputs never produce low-precision partials:
 // W is converted to float32 one tile of rows at a time (a tile is small next to the chunk's logits) and
 // the products and dW accumulate in float32, rounded once at the end.
-// Threads take whole sub-chunks (chunk / threads rows each) with single-threaded GEMMs; dW and db are
-// summed under a lock. Peak extra memory: [chunk, V] float32 logits in all (+ a float32 W tile per thread,
-// and for bf16/fp16 weights a float32 dW).
+// Forward: threads take whole sub-chunks (chunk / threads rows each) with single-threaded GEMMs. Backward:
+// chunks in order with multithreaded GEMMs, so that dW and db are summed in a fixed order (reproducible).
+// Peak extra memory: [chunk, V] float32 logits in all (+ a float32 W tile per thread, and for bf16/fp16
+// weights a float32 dW).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -21,8 +22,6 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-
-#include <mutex>
 
 #include "common.h"
 #include "cpu/logprobs_rows.h"
@@ -218,27 +217,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
     const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
     const int64_t* t_ptr = tok.const_data_ptr<int64_t>();
-    std::mutex shared_grads;  // dW and db are summed over chunks that threads process concurrently
-    for_row_chunks(n, chunk, [&](int64_t r0, int64_t c) {
+    // Chunks one after the other, each GEMM multithreaded: dW and db are sums over chunks, and a fixed
+    // order keeps the gradients bitwise reproducible (threads racing for a lock would not).
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t c = std::min(chunk, n - r0);
       const at::Tensor h_c = h.narrow(0, r0, c);
       at::Tensor dz = chunk_logits(h_c, weight, bias, in.acc);  // becomes dL/dz in place
       scalar_t* zp = dz.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < c; ++i) {
-        const int64_t r = r0 + i;
-        const RowStats<scalar_t> st{lp.const_data_ptr<scalar_t>()[r],
-                                    with_entropy ? ent.const_data_ptr<scalar_t>()[r] : scalar_t(0),
-                                    ls.const_data_ptr<scalar_t>()[r]};
-        const scalar_t ge = with_entropy ? g_ent.const_data_ptr<scalar_t>()[r] : scalar_t(0);
-        // In place: each element is read before it is written, the target last.
-        logprobs::backward_row<scalar_t, scalar_t, scalar_t>(zp + i * in.V, in.V, t_ptr[r], inv_temp, st,
-                                                             g_lp.const_data_ptr<scalar_t>()[r], ge, zp + i * in.V);
-      }
-      if (need_bias) {
-        const at::Tensor db = dz.sum(0);
-        std::lock_guard<std::mutex> lock(shared_grads);
-        d_bias_acc.add_(db);
-      }
-      if (!need_hidden && !need_weight) return;
+      at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t r = r0 + i;
+          const RowStats<scalar_t> st{lp.const_data_ptr<scalar_t>()[r],
+                                      with_entropy ? ent.const_data_ptr<scalar_t>()[r] : scalar_t(0),
+                                      ls.const_data_ptr<scalar_t>()[r]};
+          const scalar_t ge = with_entropy ? g_ent.const_data_ptr<scalar_t>()[r] : scalar_t(0);
+          // In place: each element is read before it is written, the target last.
+          logprobs::backward_row<scalar_t, scalar_t, scalar_t>(zp + i * in.V, in.V, t_ptr[r], inv_temp, st,
+                                                               g_lp.const_data_ptr<scalar_t>()[r], ge,
+                                                               zp + i * in.V);
+        }
+      });
+      if (need_bias) d_bias_acc.add_(dz.sum(0));
+      if (!need_hidden && !need_weight) continue;
       const at::Tensor h_acc = h_c.to(in.acc);
       at::Tensor dh_c = need_hidden ? (weight_is_acc ? at::Tensor() : at::zeros({c, in.H}, acc_opts)) : at::Tensor();
       for_weight_tiles(weight, in.acc, [&](int64_t v0, int64_t vrows, const at::Tensor& w) {
@@ -250,12 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
             dh_c.addmm_(dz_tile, w);
           }
         }
-        if (need_weight) {
-          std::lock_guard<std::mutex> lock(shared_grads);
-          d_weight_acc.narrow(0, v0, vrows).addmm_(dz_tile.t(), h_acc);
-        }
+        if (need_weight) d_weight_acc.narrow(0, v0, vrows).addmm_(dz_tile.t(), h_acc);
       });
-      if (need_hidden) {  // rows of different chunks are disjoint: no lock
+      if (need_hidden) {
         const at::Tensor dh_out = dh_c.to(hidden.scalar_type());
         if (rows.has_value()) {
           d_hidden.index_copy_(0, rows->narrow(0, r0, c), dh_out);
@@ -263,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
           d_hidden.narrow(0, r0, c).copy_(dh_out);
         }
       }
-    });
+    }
   });
   at::Tensor d_weight = need_weight ? d_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor d_bias = need_bias ? d_bias_acc.to(bias->scalar_type()) : at::empty({0}, hidden.options());
