@@ -156,13 +156,14 @@ def make_trainer(backend: str, world: World, root: Path, device: str, *, reuse: 
                            reward_funcs=world.reward_funcs, train_dataset=world.prompts)
 
 
-def run(preset_name: str, device: str, reps: int, record: bool) -> str:
+def run(preset_name: str, device: str, reps: int, record: bool, value_head: str = "separate") -> str:
     """Time the providers' PPO steps interleaved (A, B, C, A, B, C, ...) so that load drifting on a shared
     machine hits every provider alike; report medians per provider and per phase."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         world = make_world(preset_name, root)
-        shape = world.label
+        world.config["value_head"] = value_head
+        shape = world.label + ("" if value_head == "separate" else f" value_head={value_head}")
         variants = {"reference": ("reference", None), "fast": ("fast", None), "fast-recompute": ("fast", False)}
         trainers = {name: make_trainer(backend, world, root, device, reuse=reuse)
                     for name, (backend, reuse) in variants.items()}
@@ -214,6 +215,8 @@ def main(argv=None):
     ap.add_argument("--preset", action="append", choices=["demo", *sorted(PRESETS)],
                     help="repeatable; default demo, cpu-tiny and cpu-small on CPU, cuda-0.5b on CUDA")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--value-head", default="separate", choices=["separate", "shared"],
+                    help="the critic: a separate backbone (TRL's default) or a head on the policy's backbone")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     args = ap.parse_args(argv)
@@ -225,7 +228,7 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
     for name in presets:
-        run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record)
+        run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, args.value_head)
 
 
 if __name__ == "__main__":
