@@ -107,6 +107,15 @@ def add_columns(rows, device: str, copy_bandwidth: float | None) -> None:
                 r.extra["x floor"] = f"{r.seconds / floor:.2f}"
 
 
+def report(title: str, table: str, notes: str, *, device: str, record: bool) -> None:
+    """Print the table with its device and notes; with record, append it to bench/RESULTS.md."""
+    print(f"\n{title}: {harness.device_description(device)}\n")
+    print(table)
+    print("\n" + notes)
+    if record:
+        harness.append_results(title, table, device=device, notes=notes)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -138,11 +147,7 @@ def main(argv=None) -> int:
     if copy_bandwidth:
         notes += (f" x floor: time / (29 bytes per token once at the measured copy bandwidth "
                   f"{copy_bandwidth / 1e9:.0f} GB/s, read + write).")
-    print(f"\n{title}: {harness.device_description(args.device)}\n")
-    print(table)
-    print("\n" + notes)
-    if args.record:
-        harness.append_results(title, table, device=args.device, notes=notes)
+    report(title, table, notes, device=args.device, record=args.record)
     return 0
 
 

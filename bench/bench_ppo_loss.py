@@ -20,7 +20,7 @@ import torch
 import alignfast.ops as ops
 from alignfast import reference
 from bench import harness
-from bench.bench_advantages import QUICK_SHAPES, SHAPES, cuda_graph_callable
+from bench.bench_advantages import QUICK_SHAPES, SHAPES, cuda_graph_callable, report
 
 BASELINE = "reference (eager)"
 KW = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
@@ -100,11 +100,7 @@ def main(argv=None) -> int:
              "the eager reference over the provider's, in this run.")
     if copy_bandwidth:
         notes += f" x floor: 33 bytes per token once at the measured copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s."
-    print(f"\n{title}: {harness.device_description(args.device)}\n")
-    print(table)
-    print("\n" + notes)
-    if args.record:
-        harness.append_results(title, table, device=args.device, notes=notes)
+    report(title, table, notes, device=args.device, record=args.record)
     return 0
 
 
