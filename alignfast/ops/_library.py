@@ -85,7 +85,6 @@ def _lazy_triton_kernel(target: str):
     return kernel
 
 
-@torch.compiler.assume_constant_result  # a registry lookup: constant while compiled code runs
 def has_kernel(name: str, device_type: str) -> bool:
     """Whether the dispatcher has a backend kernel for this op on this device type."""
     _ext.load()
@@ -93,6 +92,12 @@ def has_kernel(name: str, device_type: str) -> bool:
     if key is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), key)
+
+
+# torch.compile treats has_kernel's result as a constant (a registry lookup cannot change while compiled
+# code runs), so the ops trace with fullgraph=True. This is the mark torch.compiler.assume_constant_result
+# sets; setting it directly keeps `import alignfast` from importing torch._dynamo, and with it Triton.
+has_kernel._dynamo_marked_constant = True
 
 
 def current_backend() -> str:
