@@ -123,7 +123,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two small shapes, no torch.compile, fewer repetitions")
     parser.add_argument("--compile-max-t", type=int, default=None,
                         help="largest T at which torch.compile(reference) is compiled (default: 256 on CPU, 4096 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (CPU; default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_advantages: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2

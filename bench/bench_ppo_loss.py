@@ -79,7 +79,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (CPU; default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_ppo_loss: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
