@@ -157,7 +157,8 @@ setup(
     # Triton kernels live in kernels/ at the top level but install as alignfast.kernels
     # (a top-level 'kernels' package would collide with the PyPI project of that name).
     package_dir={"alignfast.kernels": "kernels"},
-    package_data={"alignfast.toy": ["assets/*"]},
+    # The toy world ships one folder per model (assets/target/, assets/prompter/) beside build.json.
+    package_data={"alignfast.toy": ["assets/*", "assets/*/*"]},
     ext_modules=[CMakeExtension("alignfast._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

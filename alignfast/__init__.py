@@ -21,6 +21,7 @@ _SUBMODULES = {"ops", "reference", "rollout", "trainer", "eval", "toy", "info", 
 _LAZY_ATTRS = {
     "AlignProConfig": "alignfast.trainer",
     "AlignProTrainer": "alignfast.trainer",
+    "OracleTrainer": "alignfast.trainer",
 }
 
 __all__ = ["__version__", *sorted(_SUBMODULES), *sorted(_LAZY_ATTRS)]

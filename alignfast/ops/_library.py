@@ -94,10 +94,12 @@ def has_kernel(name: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(name), key)
 
 
-# torch.compile treats has_kernel's result as a constant (a registry lookup cannot change while compiled
-# code runs), so the ops trace with fullgraph=True. This is the mark torch.compiler.assume_constant_result
-# sets; setting it directly keeps `import alignfast` from importing torch._dynamo, and with it Triton.
-has_kernel._dynamo_marked_constant = True
+# A registry lookup is constant while compiled code runs, so torch.compile may fold it instead of
+# breaking the graph. This is what torch.compiler.assume_constant_result does; calling it would import
+# torch._dynamo (and Triton) on `import alignfast.ops`, ~1.5 s that eager users should not pay, so the
+# marker is set directly. If a torch release renames it, compiled wrappers get a graph break, not a
+# wrong answer (tests/ops compile the wrappers with fullgraph=True and would say so).
+has_kernel._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def current_backend() -> str:

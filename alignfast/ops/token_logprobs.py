@@ -1,7 +1,148 @@
-"""TEMPORARY during the founding sprint: delegates to the reference until the fused op lands.
+"""Fused per-token log-probabilities (and entropy) of sampled tokens, reading the logits once.
 
-The owner of this op replaces this file with: schema (define_op), fake impl, autograd, argument
-checks, and the dispatch between torch.ops.alignfast.token_logprobs and the reference fallback.
+With z = logits / temperature over the vocabulary axis (see alignfast.reference.logprobs):
+
+    logprob = z[token] - logsumexp(z)
+    entropy = logsumexp(z) - sum_v softmax(z)_v * z_v        (-inf logits contribute 0)
+
+Forward keeps O(N) per-row statistics (logprob, entropy, logsumexp); no [N, V] buffer. Backward
+recomputes softmax from the logits and the saved logsumexp and writes dlogits once, in the logits'
+dtype:
+
+    dlogits_v = (1/T) [ g_logprob (1[v = token] - p_v) + g_entropy p_v (E_p[z] - z_v) ]
+
+Kernels: C++ on CPU (csrc/cpu/token_logprobs.cpp), Triton on CUDA (kernels/logprobs.py).
 """
 
-from alignfast.reference import token_logprobs  # noqa: F401
+from __future__ import annotations
+
+import torch
+
+from alignfast import reference
+from alignfast.ops import _checks
+from alignfast.ops._library import define_op, op, use_reference
+
+NAME = "token_logprobs"
+BACKWARD = "token_logprobs_backward"
+
+define_op(
+    NAME,
+    "(Tensor logits, Tensor tokens, Tensor? mask, float temperature, bool with_entropy) -> (Tensor, Tensor, Tensor)",
+    gpu_impl="triton",
+    triton="logprobs:token_logprobs_cuda",
+)
+define_op(
+    BACKWARD,
+    "(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor? mask, Tensor logprobs, "
+    "Tensor entropy, Tensor lse, float temperature, ScalarType? grad_dtype) -> Tensor",
+    gpu_impl="triton",
+    triton="logprobs:token_logprobs_backward_cuda",
+    public=False,
+)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-token outputs are float32, or float64 for float64 logits."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(f"alignfast::{NAME}")
+def _fake(logits, tokens, mask, temperature, with_entropy):
+    B, T, _ = logits.shape
+    dtype = stats_dtype(logits.dtype)
+    logprobs = logits.new_empty((B, T), dtype=dtype)
+    entropy = logits.new_empty((B, T) if with_entropy else (0, 0), dtype=dtype)
+    return logprobs, entropy, logits.new_empty((B, T), dtype=dtype)
+
+
+@torch.library.register_fake(f"alignfast::{BACKWARD}")
+def _fake_backward(grad_logprobs, grad_entropy, logits, tokens, mask, logprobs, entropy, lse, temperature, grad_dtype):
+    return logits.new_empty(logits.shape, dtype=grad_dtype or logits.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, tokens, mask, temperature, with_entropy = inputs
+    logprobs, entropy, lse = output
+    ctx.save_for_backward(logits, tokens, mask, logprobs, entropy, lse)
+    ctx.temperature = temperature
+    ctx.with_entropy = with_entropy
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, tokens, mask, logprobs, entropy, lse = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(logprobs)
+    if not ctx.with_entropy:
+        grad_entropy = None
+    grad = op(BACKWARD)(grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+                        logits, tokens, mask, logprobs, entropy, lse, ctx.temperature, None)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_setup_context)
+
+
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A [B, T, V] view of logits [..., V] with unit stride over V (a copy only when no view exists)."""
+    V = logits.shape[-1]
+    if V > 1 and logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 1:
+        return logits.view(1, 1, V)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    try:
+        return logits.view(-1, logits.shape[-2], V)
+    except RuntimeError:
+        return logits.reshape(-1, logits.shape[-2], V)
+
+
+def check_args(logits, tokens, mask, temperature, *, logits_name: str = "logits"):
+    """Validate the arguments shared by the log-prob ops; returns (mask as bool or None, temperature)."""
+    _checks.tensor(logits_name, logits, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    if logits.shape[-1] < 1:
+        _checks.fail(logits_name, f"needs a vocabulary of at least one entry, got shape {tuple(logits.shape)}")
+    _checks.tensor("tokens", tokens)
+    _checks.same_shape(logits_name + "'s leading dims", logits, "tokens", tokens, shape=logits.shape[:-1])
+    _checks.same_device(logits_name, logits, "tokens", tokens)
+    temperature = _checks.positive("temperature", temperature)
+    if mask is not None:
+        mask = _checks.mask("mask", mask, "tokens", tokens)
+    _checks.token_ids("tokens", tokens, logits.shape[-1], mask)
+    return mask, temperature
+
+
+def run_rows(logits3d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, temperature: float,
+             with_entropy: bool):
+    """Call the op on [B, T, V] logits; tokens/mask of any shape with B*T elements."""
+    B, T, _ = logits3d.shape
+    tok = tokens.reshape(B, T).to(torch.int64).contiguous()
+    m = None if mask is None else mask.reshape(B, T).contiguous()
+    return op(NAME)(logits3d, tok, m, temperature, with_entropy)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    return_entropy: bool = False,
+):
+    """Log-probabilities of `tokens` under softmax(logits / temperature), without an [N, V] buffer.
+
+    logits [..., V] (float32, bfloat16, float16 or float64), tokens [...] int64/int32, mask [...] bool
+    (False = padding: output 0, gradient 0). Returns float32 logprobs [...] (float64 for float64
+    logits), and entropy [...] too when return_entropy. Differentiable w.r.t. logits through both.
+    """
+    mask, temperature = check_args(logits, tokens, mask, temperature)
+    if use_reference(NAME, logits):
+        return reference.token_logprobs(logits, tokens, temperature=temperature, mask=mask,
+                                        return_entropy=return_entropy)
+    logprobs, entropy, _lse = run_rows(as_rows(logits), tokens, mask, temperature, return_entropy)
+    shape = tokens.shape
+    if return_entropy:
+        return logprobs.view(shape), entropy.view(shape)
+    return logprobs.view(shape)

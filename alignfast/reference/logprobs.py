@@ -42,7 +42,9 @@ def token_logprobs(
     if not return_entropy:
         return logprobs
     p = torch.softmax(z, dim=-1)
-    pz = torch.where(p > 0, p * z, torch.zeros_like(z))
+    # p * z with 0 * -inf := 0. z is replaced before the product (not after): a where() around p * z
+    # would still send 0 * -inf = NaN into the gradient of p.
+    pz = p * torch.where(p > 0, z, torch.zeros_like(z))
     entropy = lse - pz.sum(dim=-1)
     if mask is not None:
         entropy = torch.where(mask, entropy, torch.zeros_like(entropy))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -53,3 +54,88 @@ class TargetEngine(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+# --- argument checks shared by every engine -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    """The sampling arguments of one `generate` call, validated."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    seed: int | None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def base_seed(self) -> int:
+        """The call's seed, or (seed=None) one drawn from torch's global generator, so that
+        torch.manual_seed makes unseeded calls reproducible too."""
+        if self.seed is not None:
+            return self.seed
+        import torch
+
+        return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _is_int(x) -> bool:
+    # bool is an int subclass but never a token id or a count.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_generate_args(*, max_new_tokens, temperature, top_p, n, seed) -> GenerateArgs:
+    """Validates the keyword arguments of `TargetEngine.generate`; errors name the argument."""
+    from alignfast.ops._checks import fail, in_range, non_negative
+
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        fail("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
+    temperature = non_negative("temperature", temperature)
+    top_p = in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    if not _is_int(n) or n < 1:
+        fail("n", f"must be an integer >= 1, got {n!r}")
+    if seed is not None and not _is_int(seed):
+        fail("seed", f"must be an integer or None, got {seed!r}")
+    return GenerateArgs(int(max_new_tokens), temperature, top_p, int(n), None if seed is None else int(seed))
+
+
+def check_prompts(prompts) -> list[str | list[int]]:
+    """Prompts as a list of text or token-id lists. Token ids may come as lists, tuples, 1-D tensors
+    or numpy arrays of integers; they are returned as plain lists of ints."""
+    from alignfast.ops._checks import fail
+
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        fail("prompts", f"must be a sequence of prompts (text or token ids), got {type(prompts).__name__}")
+    out: list[str | list[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append(p)
+            continue
+        if hasattr(p, "tolist"):  # torch tensor / numpy array
+            if getattr(p, "ndim", 1) != 1:
+                fail(f"prompts[{i}]", f"must be 1-D token ids, got shape {tuple(p.shape)}")
+            p = p.tolist()
+        if isinstance(p, bytes) or not isinstance(p, Iterable):
+            fail(f"prompts[{i}]", f"must be text or a sequence of token ids, got {type(p).__name__}")
+        ids = list(p)
+        if not all(_is_int(t) for t in ids):
+            bad = next(t for t in ids if not _is_int(t))
+            fail(f"prompts[{i}]", f"must hold integer token ids only, found {bad!r}")
+        out.append([int(t) for t in ids])
+    return out
+
+
+class EngineRequestError(RuntimeError):
+    """A request to a generation backend (an HTTP endpoint, a vLLM instance) failed for good: after
+    the retries the engine allows, or with an error that retrying cannot fix. The message names the
+    prompt index and the last error; the original exception is chained."""
+
+
+def check_call(prompts, *, max_new_tokens, temperature, top_p, n, seed) -> tuple[GenerateArgs, list[str | list[int]]]:
+    """check_generate_args and check_prompts for one `generate` call."""
+    args = check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
+    return args, check_prompts(prompts)

@@ -1,1 +1,30 @@
-"""(being built in the founding sprint)"""
+"""Trainers: Align-Pro (PPO on a prompter in front of a frozen target) and the Oracle arm (PPO on the
+target itself), on one PPO engine whose numerics run on alignfast.ops (backend="fast") or on the
+plain-PyTorch spec alignfast.reference (backend="reference").
+
+    from alignfast.trainer import AlignProConfig, AlignProTrainer
+    trainer = AlignProTrainer(AlignProConfig(output_dir="out"), prompter, prompter_tok, target_engine,
+                              reward_funcs=[my_reward], train_dataset=["prompt 1", ...])
+    trainer.train()
+"""
+
+from alignfast.trainer.align_pro import AlignProTrainer
+from alignfast.trainer.base import PPOEngineTrainer
+from alignfast.trainer.config import AlignProConfig
+from alignfast.trainer.environments import AlignProEnvironment, DirectEnvironment, Environment, EnvOutput
+from alignfast.trainer.oracle import OracleTrainer
+from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
+
+__all__ = [
+    "AlignProConfig",
+    "AlignProEnvironment",
+    "AlignProTrainer",
+    "DirectEnvironment",
+    "EnvOutput",
+    "Environment",
+    "OracleTrainer",
+    "PPOEngineTrainer",
+    "RolloutResult",
+    "TrainOutput",
+    "TrainingDivergedError",
+]

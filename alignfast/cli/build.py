@@ -1,0 +1,129 @@
+"""From a checked run file to the objects a trainer takes: models, tokenizers, target engine, rewards, data.
+
+Kept apart from the commands so `alignfast train` and `alignfast eval` build a run the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from alignfast.cli import config as run_config
+from alignfast.cli.data import load_prompts
+from alignfast.cli.errors import CLIError
+from alignfast.cli.models import import_callable, load_causal_lm, load_reward_model, load_tokenizer, torch_dtype
+
+ENGINES = ("hf", "vllm", "openai")
+
+
+def trainer_fields() -> set[str]:
+    import dataclasses
+
+    from alignfast.trainer import AlignProConfig
+
+    return {f.name for f in dataclasses.fields(AlignProConfig)}
+
+
+def trainer_config(config: dict, **forced):
+    """AlignProConfig from the `trainer` section (unknown keys are one line, naming the key)."""
+    from alignfast.ops import AlignfastArgumentError
+    from alignfast.trainer import AlignProConfig
+
+    values = {**run_config.section(config, "trainer"), **forced}
+    try:
+        return AlignProConfig.from_dict(values)
+    except AlignfastArgumentError as err:
+        raise CLIError(str(err).removeprefix("alignfast: ").replace("config key", "key trainer.")
+                       .replace("key trainer. '", "key 'trainer.")) from None
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Rewards:
+    reward_model: object | None = None
+    reward_tokenizer: object | None = None
+    reward_funcs: list = field(default_factory=list)
+    reward_weights: list[float] | None = None
+
+
+def build_rewards(config: dict, *, device) -> Rewards:
+    spec = run_config.section(config, "reward")
+    out = Rewards(reward_weights=spec.get("weights"))
+    if spec.get("model"):
+        out.reward_model = load_reward_model(spec, device=device).eval()
+        out.reward_tokenizer = load_tokenizer(spec, "reward model")
+    funcs = spec.get("functions") or []
+    if isinstance(funcs, str):
+        funcs = [funcs]
+    out.reward_funcs = [import_callable(f, "reward function") for f in funcs]
+    if out.reward_model is None and not out.reward_funcs:
+        raise CLIError("the config needs a reward: set reward.model (a sequence-classification reward model) "
+                       "and/or reward.functions ['package.module:function', ...]")
+    return out
+
+
+def build_target_engine(config: dict, *, device):
+    """The frozen target behind the TargetEngine interface chosen by target.engine (hf | vllm | openai)."""
+    spec = run_config.section(config, "target")
+    kind = (spec.get("engine") or "hf").lower()
+    if kind not in ENGINES:
+        raise CLIError(f"target.engine must be one of {', '.join(ENGINES)}, got '{kind}'")
+    model = run_config.require(config, "target.model")
+    if kind == "hf":
+        from alignfast.rollout import HFEngine
+
+        kwargs = {k: spec[k] for k in ("max_batch_tokens", "attn_implementation") if spec.get(k) is not None}
+        tokenizer = load_tokenizer(spec, "target")
+        lm = load_causal_lm(spec, "target", device=device)
+        return HFEngine(lm, tokenizer, **kwargs), tokenizer
+    if kind == "vllm":
+        from alignfast.rollout import VLLMEngine
+
+        kwargs = {k: spec[k] for k in ("gpu_memory_utilization", "tensor_parallel_size", "max_model_len",
+                                       "trust_remote_code") if spec.get(k) is not None}
+        if spec.get("dtype"):
+            kwargs["dtype"] = str(spec["dtype"])
+        return VLLMEngine(str(model), spec.get("tokenizer"), **kwargs), load_tokenizer(spec, "target")
+    from alignfast.rollout import OpenAIEngine
+
+    base_url = run_config.require(config, "target.base_url")
+    key_env = spec.get("api_key_env") or "OPENAI_API_KEY"
+    kwargs = {k: spec[k] for k in ("api", "max_concurrency", "timeout", "max_retries", "system_prompt")
+              if spec.get(k) is not None}
+    # A remote endpoint formats its own input (api: chat applies the served model's chat template), so
+    # the trainer sends plain text: no local target tokenizer.
+    return OpenAIEngine(str(base_url), str(model), api_key=os.environ.get(key_env), **kwargs), None
+
+
+def lora_config(spec: dict | None):
+    if not spec:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise CLIError("prompter.lora needs the `peft` package (pip install 'alignfast[peft]')") from None
+    values = {"task_type": "CAUSAL_LM", **spec}
+    try:
+        return LoraConfig(**values)
+    except TypeError as err:
+        raise CLIError(f"prompter.lora: {err}") from None
+
+
+def load_data(config: dict, *, need_train: bool, need_eval: bool) -> tuple[list[dict] | None, list[dict] | None]:
+    data = run_config.section(config, "data")
+    train = load_prompts(data["train"], what="train") if need_train and data.get("train") else None
+    if need_train and train is None:
+        raise CLIError("the config needs data.train (a .jsonl/.csv file with a prompt column, or a datasets name)")
+    evals = load_prompts(data["eval"], what="eval") if data.get("eval") else None
+    if need_eval and evals is None:
+        raise CLIError("the config needs data.eval (held-out prompts)")
+    return train, evals
+
+
+def policy_dtype(spec: dict):
+    return torch_dtype(spec.get("dtype"))

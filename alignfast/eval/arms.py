@@ -1,0 +1,79 @@
+"""Scoring the paper's three arms on held-out prompts, without building any trainer.
+
+    No fine-tuning : y ~ πF(·|x)                     the frozen target answers the original prompt
+    Align-Pro      : x' = ρθ(x) (greedy), y ~ πF(·|x')  a trained prompter rewrites, the target answers
+    Oracle         : y = πθ(x) (greedy)              the target itself trained with PPO (RLHF)
+
+Each arm is a policy engine (or none) in front of an environment from alignfast.trainer.environments:
+the environment builds the policy's input (rewrite instruction, chat template), runs the frozen target
+where there is one, and scores r(x, y) on the ORIGINAL prompt. All arms see the same prompts, columns,
+target engine, reward and seed, so their scores pair by prompt for the win rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ArmResult:
+    """prompts[i] -> rewrites[i] (the prompt itself where an arm does not rewrite) -> answers[i] -> scores[i]."""
+
+    name: str
+    prompts: list[str]
+    rewrites: list[str]
+    answers: list[str]
+    scores: list[float]
+    components: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores) / len(self.scores) if self.scores else float("nan")
+
+
+def _as_floats(scores: Sequence, name: str) -> list[float]:
+    if any(s is None for s in scores):
+        raise RuntimeError(f"alignfast: arm '{name}' left some prompts unscored (a reward returned None for all)")
+    return [float(s) for s in scores]
+
+
+def _columns(columns: dict | None, n: int) -> dict[str, list]:
+    cols = {k: list(v) for k, v in (columns or {}).items()}
+    for k, v in cols.items():
+        if len(v) != n:
+            raise ValueError(f"alignfast: argument 'columns' entry '{k}' has {len(v)} values for {n} prompts")
+    return cols
+
+
+def policy_outputs(engine, tokenizer, requests: Sequence[str], *, max_new_tokens: int,
+                   use_chat_template: bool = True) -> list[str]:
+    """Greedy answers of a policy model (behind a TargetEngine) to user messages, in its chat format."""
+    from alignfast.rollout import templates
+
+    ids = [templates.user_turn_ids(tokenizer, r, use_chat_template=use_chat_template) for r in requests]
+    completions = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0) if ids else []
+    return [c[0].text.strip() for c in completions]
+
+
+def no_fine_tuning(environment, prompts: Sequence[str], columns: dict | None = None, *, seed: int = 0,
+                   name: str = "No fine-tuning") -> ArmResult:
+    """The frozen target on the original prompts (an Align-Pro environment given x as its own rewrite)."""
+    prompts = list(prompts)
+    out = environment.step(prompts, prompts, _columns(columns, len(prompts)), seed=seed)
+    return ArmResult(name, prompts, list(prompts), [a[0] if a else "" for a in out.answers],
+                     _as_floats(out.scores, name), dict(out.per_func))
+
+
+def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts: Sequence[str],
+                columns: dict | None = None, *, max_new_tokens: int, seed: int = 0,
+                rewrites: bool = True) -> ArmResult:
+    """A trained policy in front of `environment`: a prompter whose outputs are rewrites (Align-Pro,
+    rewrites=True) or the target itself, whose outputs are the answers (Oracle, rewrites=False)."""
+    prompts = list(prompts)
+    cols = _columns(columns, len(prompts))
+    outputs = policy_outputs(policy_engine, policy_tokenizer, environment.policy_requests(prompts, cols),
+                             max_new_tokens=max_new_tokens)
+    out = environment.step(prompts, outputs, cols, seed=seed)
+    return ArmResult(name, prompts, list(outputs if rewrites else prompts), [a[0] if a else "" for a in out.answers],
+                     _as_floats(out.scores, name), dict(out.per_func))

@@ -1,0 +1,190 @@
+"""Rewards r(x, y): reward functions with TRL GRPO's signature, a reward-model wrapper, and their weighted sum.
+
+A reward function is any callable
+
+    f(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+
+returning one score per completion; `columns` holds the dataset's other columns (one list per
+column, aligned with prompts) plus what the environment adds (Align-Pro passes `rewrites`), so a
+function should accept **kwargs. None means "not applicable to this sample" and is skipped in the
+weighted sum (as in GRPO); NaN or inf means something broke, and the trainer stops on it.
+
+In Align-Pro the prompts are the ORIGINAL prompts x and the completions the target's answers y:
+the reward judges the answer to the user's question, not to the rewrite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.rollout.templates import exchange
+
+RewardFunc = Callable[..., list]
+
+
+class RewardModel:
+    """A sequence-classification model used as a reward function: score = logits[:, label_index] of the
+    exchange (chat template of user=prompt, assistant=completion, or `template` without one).
+
+    model_or_path: an AutoModelForSequenceClassification or a path/name to load one from.
+    label_index: which logit is the reward; required when the model has more than one label.
+    max_length: keep the last max_length tokens of an exchange.
+    """
+
+    def __init__(self, model_or_path, tokenizer=None, *, template: str = "{prompt}\n{completion}",
+                 use_chat_template: bool = True, batch_size: int = 32, max_length: int | None = None,
+                 label_index: int | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        if isinstance(model_or_path, str):
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            model = AutoModelForSequenceClassification.from_pretrained(model_or_path, **kwargs)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(model_or_path)
+        else:
+            model = model_or_path
+        if tokenizer is None:
+            fail("reward_tokenizer", "is required when the reward model is passed as a model object")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            fail("batch_size", f"must be a positive integer, got {batch_size!r}")
+        num_labels = getattr(model.config, "num_labels", 1)
+        if label_index is None:
+            if num_labels != 1:
+                fail("label_index", f"must say which of the reward model's {num_labels} logits is the reward")
+            label_index = 0
+        if not 0 <= label_index < num_labels:
+            fail("label_index", f"({label_index}) must be in [0, {num_labels})")
+        if device is not None:
+            model = model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.use_chat_template = use_chat_template
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.label_index = label_index
+        self.pad_token_id = _pad_id(tokenizer)
+        # The classifier pools the rightmost non-pad token; it must know which id pads.
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.pad_token_id
+        name = getattr(model.config, "_name_or_path", "") or "reward_model"
+        self.__name__ = name.rstrip("/").split("/")[-1] or "reward_model"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
+        if len(prompts) != len(completions):
+            fail("completions", f"has {len(completions)} entries but "
+                 f"'prompts' has {len(prompts)}")
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            encoded = []
+            for p, c in zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size]):
+                text, add_special = exchange(self.tokenizer, p, c, fallback_template=self.template,
+                                             use_chat_template=self.use_chat_template)
+                ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+                if self.max_length is not None and len(ids) > self.max_length:
+                    ids = ids[-self.max_length:]  # keep the end: the answer is what is judged
+                encoded.append(ids)
+            input_ids, attention_mask = right_pad(encoded, self.pad_token_id, self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            scores.extend(logits[:, self.label_index].float().tolist())
+        return scores
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max((len(r) for r in rows), default=1))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    return 0
+
+
+def reward_name(func) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+@dataclass
+class RewardOutput:
+    """total[i] = sum_k weights[k] * per_func[name_k][i] over the functions that scored sample i."""
+
+    total: list[float]
+    per_func: dict[str, list[float | None]]
+
+
+class WeightedRewards:
+    """sum_k w_k f_k(prompts, completions, **columns), skipping None entries (GRPO semantics)."""
+
+    def __init__(self, funcs: Sequence[RewardFunc], weights: Sequence[float] | None = None):
+        funcs = list(funcs)
+        if not funcs:
+            raise AlignfastArgumentError("alignfast: no reward: pass 'reward_model' and/or 'reward_funcs'")
+        for f in funcs:
+            if not callable(f):
+                fail("reward_funcs", f"holds {f!r}, which is not callable")
+        if weights is None:
+            weights = [1.0] * len(funcs)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(funcs):
+            fail("reward_weights", f"has {len(weights)} entries for "
+                 f"{len(funcs)} reward functions (reward model first, then reward_funcs)")
+        for w in weights:
+            if not math.isfinite(w):
+                fail("reward_weights", f"must be finite, got {w!r}")
+        self.funcs = funcs
+        self.weights = weights
+        self.names = _unique([reward_name(f) for f in funcs])
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> RewardOutput:
+        n = len(completions)
+        per_func: dict[str, list[float | None]] = {}
+        for name, f in zip(self.names, self.funcs):
+            values = f(list(prompts), list(completions), **columns)
+            values = list(values) if values is not None else []
+            if len(values) != n:
+                raise AlignfastArgumentError(f"alignfast: reward function '{name}' returned {len(values)} scores for "
+                                             f"{n} completions")
+            per_func[name] = [None if v is None else float(v) for v in values]
+        total = []
+        for i in range(n):
+            acc, seen = 0.0, False
+            for w, name in zip(self.weights, self.names):
+                v = per_func[name][i]
+                if v is not None:
+                    acc += w * v
+                    seen = True
+            if not seen:
+                raise AlignfastArgumentError(f"alignfast: every reward function returned None for completion {i}")
+            total.append(acc)
+        return RewardOutput(total=total, per_func=per_func)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        out.append(n if k == 0 else f"{n}_{k}")
+        seen[n] = k + 1
+    return out

@@ -1,0 +1,495 @@
+"""PPOEngineTrainer: the training loop shared by Align-Pro, Oracle (and later Aligner / Proxy-RLHF).
+
+A subclass supplies the trained causal LM (the policy), its tokenizer and an Environment; this class
+owns the rest: reference model, critic, optimizer, schedule, sampling, PPO steps, metrics,
+checkpoints, resume, evaluation rollouts. One PPO step:
+
+    prompts x  --policy_requests-->  policy input (chat template)  --sample-->  policy outputs
+    --environment.step-->  scores  --(old, ref log-probs, values)-->  advantages  --PPO-->  update
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.rollout import templates
+from alignfast.rollout.rewards import RewardModel, WeightedRewards
+from alignfast.trainer import checkpoint as ckpt
+from alignfast.trainer.callbacks import CallbackHandler
+from alignfast.trainer.config import AlignProConfig, coerce_config
+from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
+from alignfast.trainer.environments import Environment
+from alignfast.trainer.kl_controller import make_kl_controller
+from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
+from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, value_head_for
+from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
+from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
+from alignfast.trainer.sampling import SampledBatch, left_pad, sample
+
+_log = logging.getLogger("alignfast.trainer")
+
+
+def load_causal_lm(model_or_path, name: str):
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model_or_path))
+    if not isinstance(model_or_path, torch.nn.Module):
+        fail(name, f"must be a transformers causal LM or a path, got "
+             f"{type(model_or_path).__name__}")
+    return model_or_path
+
+
+def load_tokenizer(tokenizer, model_or_path, name: str):
+    if tokenizer is not None:
+        return tokenizer
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_or_path))
+    fail(name, "is required when the model is passed as an object")
+
+
+def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, reward_funcs, reward_weights,
+                  device) -> WeightedRewards:
+    """[reward model (if any), *reward_funcs] with weights from the argument or config.reward_weights."""
+    funcs = []
+    if reward_model is not None:
+        if isinstance(reward_model, RewardModel):
+            funcs.append(reward_model)
+        else:
+            funcs.append(RewardModel(reward_model, reward_tokenizer, template=config.reward_template,
+                                     batch_size=config.reward_batch_size,
+                                     device=device if isinstance(reward_model, (str, os.PathLike)) else None))
+    if reward_funcs is not None:
+        funcs.extend(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+    if reward_weights is not None and config.reward_weights is not None and \
+            [float(w) for w in reward_weights] != config.reward_weights:
+        fail("reward_weights", "differs from config.reward_weights; give one")
+    weights = reward_weights if reward_weights is not None else config.reward_weights
+    return WeightedRewards(funcs, weights)
+
+
+class PPOEngineTrainer:
+    """The shared PPO engine. Subclasses call `_setup(...)` from their constructor."""
+
+    arm = "ppo"
+
+    def _setup(self, config, policy_model, policy_tokenizer, environment: Environment, *, train_dataset,
+               eval_dataset=None, ref_model=None, value_model=None, peft_config=None, callbacks=None):
+        config = coerce_config(config)
+        check_reporters(config.report_to)
+        self.config = config
+        self.environment = environment
+        self.ops = make_opset(config.backend)
+        self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
+        self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
+        self.num_steps = config.num_steps(len(self.train_dataset))
+        from transformers import set_seed
+
+        set_seed(config.seed)
+
+        model = policy_model
+        if config.device is not None:
+            model = model.to(config.device)
+        self.device = next(model.parameters()).device
+        self.tokenizer = policy_tokenizer
+        self.pad_id, self.stop_ids = _special_ids(policy_tokenizer, model, config.stop_token_id)
+
+        # The critic copies the backbone before any LoRA adapter is injected into it.
+        self.value_model = None
+        shared_head = None
+        if value_model is not None:
+            self.value_model = value_model if isinstance(value_model, ValueModel) else \
+                ValueModel.from_sequence_classifier(value_model)
+        elif config.value_head == "separate":
+            self.value_model = ValueModel.from_causal_lm(model)
+        else:
+            shared_head = value_head_for(model)
+        if self.value_model is not None:
+            self.value_model.to(self.device).eval()
+            self.value_model.requires_grad_(True)
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.ref_model = None
+        if ref_model is not None:
+            self.ref_model = load_causal_lm(ref_model, "ref_model").to(self.device)
+        elif not is_peft_model(model):
+            self.ref_model = copy.deepcopy(model)
+        if self.ref_model is not None:
+            self.ref_model.eval().requires_grad_(False)
+        # Dropout off everywhere (as TRL does): the log-probs of the rollout and the update must agree.
+        model.eval()
+        self.model = model
+        self.policy = CausalLMPolicy(model, backend=config.backend, value_head=shared_head)
+        self.shared_value_head = shared_head
+        self._ref_policy = CausalLMPolicy(self.ref_model if self.ref_model is not None else model,
+                                          backend=config.backend)
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if shared_head is not None:
+            self.params += list(shared_head.parameters())
+        if self.value_model is not None:
+            self.params += [p for p in self.value_model.parameters() if p.requires_grad]
+        if not self.params:
+            raise AlignfastArgumentError("alignfast: the policy has no trainable parameter")
+        # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters (torch
+        # picks it by default on CUDA only; it is faster on CPU too).
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
+                                           config.adam_beta2), eps=config.adam_epsilon,
+                                           weight_decay=config.weight_decay, foreach=True)
+        from transformers import get_scheduler
+
+        warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
+        self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                          num_training_steps=self.num_steps)
+        self.kl_ctl = make_kl_controller(config)
+        self.updater = PPOUpdater(self.policy, self.value_model, self.optimizer, self.params, self.ops, config)
+        self.callbacks = CallbackHandler(callbacks, config)
+        self.global_step = 0
+        self.episode = 0
+        self.history: list[dict] = []
+        self.last_rollout: Rollout | None = None  # the last PPO batch (tests and debugging read it)
+        self.last_update_losses: list[float] = []
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Run PPO to the configured number of steps; resume_from_checkpoint: a checkpoint dir, or True
+        for the latest one in output_dir."""
+        cfg = self.config
+        resumed = None
+        if resume_from_checkpoint:
+            path = ckpt.latest_checkpoint(cfg.output_dir) if resume_from_checkpoint is True else \
+                Path(resume_from_checkpoint)
+            if path is None:
+                raise FileNotFoundError(f"alignfast: no checkpoint to resume from in {cfg.output_dir}")
+            self._load_checkpoint(path)
+            resumed = path
+        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict())
+        logger.restart(self.history)
+        if resumed is None and logger.samples_path.exists():
+            logger.samples_path.unlink()
+        with open(Path(cfg.output_dir) / "config.json", "w") as f:
+            f.write(cfg.to_json())
+        state = self.callbacks.state
+        state.max_steps = self.num_steps
+        state.global_step = self.global_step
+        control = self.callbacks.fire("on_train_begin")
+        last_good = ckpt.latest_checkpoint(cfg.output_dir) if resumed is not None else None
+        metrics: dict = self.history[-1] if self.history else {}
+        try:
+            while self.global_step < self.num_steps and not control.should_training_stop:
+                step = self.global_step
+                metrics, samples = self._train_step(step, last_good)
+                self.global_step = step + 1
+                self.history.append({"step": self.global_step, **metrics})
+                logger.write(metrics, step=self.global_step)
+                state.global_step = self.global_step
+                state.epoch = self.episode / len(self.train_dataset)
+                final = self.global_step == self.num_steps
+                if self.global_step % cfg.logging_steps == 0 or final:
+                    logger.track(metrics, step=self.global_step)
+                    logger.samples(samples[: cfg.num_logged_samples], step=self.global_step)
+                    state.log_history.append({"step": self.global_step, **metrics})
+                    _log.info("step %d/%d  scores %.4f  kl %.4f  policy loss %.4f  value loss %.4f  %.2fs",
+                              self.global_step, self.num_steps, metrics["objective/scores"],
+                              metrics["objective/kl"], metrics["loss/policy_avg"], metrics["loss/value_avg"],
+                              metrics["timing_s/step"])
+                    control = self.callbacks.fire("on_log", logs=metrics)
+                if self.eval_dataset is not None and cfg.eval_steps and (self.global_step % cfg.eval_steps == 0
+                                                                          or final):
+                    eval_metrics = self.evaluate()
+                    logger.write(eval_metrics, step=self.global_step)
+                    logger.track(eval_metrics, step=self.global_step)
+                    self.history[-1].update(eval_metrics)
+                    control = self.callbacks.fire("on_evaluate", metrics=eval_metrics)
+                control = self.callbacks.fire("on_step_end")
+                if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
+                                                     or control.should_training_stop):
+                    last_good = self._save_checkpoint()
+                    control = self.callbacks.fire("on_save")
+        finally:
+            logger.close()
+        self.callbacks.fire("on_train_end")
+        return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
+
+    def rollout(self, prompts: Sequence[str], *, greedy: bool = True, seed: int | None = None,
+                columns: dict[str, list] | None = None) -> RolloutResult:
+        """Run prompts through this arm without training: policy output (greedy or sampled at the
+        config's temperature), the environment's answers and the scores."""
+        prompts = list(prompts)
+        columns = {k: list(v) for k, v in (columns or {}).items()}
+        for k, v in columns.items():
+            if len(v) != len(prompts):
+                fail("columns", f"entry '{k}' has {len(v)} values for {len(prompts)} prompts")
+        seed = self.config.seed if seed is None else seed
+        result = RolloutResult(prompts=[], rewrites=[], answers=[], scores=[], all_answers=[], reward_components={})
+        bs = self.config.per_device_eval_batch_size
+        for chunk, start in enumerate(range(0, len(prompts), bs)):
+            p = prompts[start: start + bs]
+            cols = {k: v[start: start + bs] for k, v in columns.items()}
+            sampled = self._sample(p, cols, greedy=greedy, seed=derive_seed(seed, chunk, stream=5))
+            outputs = self._decode(sampled)
+            env_out = self.environment.step(p, outputs, cols, seed=derive_seed(seed, chunk, stream=6) % (2**31))
+            result.prompts += p
+            result.rewrites += self._rewrites_for_result(p, outputs)
+            result.answers += [a[0] if a else "" for a in env_out.answers]
+            result.all_answers += env_out.answers
+            result.scores += env_out.scores
+            for name, values in env_out.per_func.items():
+                result.reward_components.setdefault(name, []).extend(values)
+        return result
+
+    def evaluate(self, eval_dataset=None) -> dict[str, float]:
+        """Greedy rollouts over the eval set: eval/scores (mean), eval/scores_std, eval/rewards/<name>."""
+        data = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else self.eval_dataset
+        if data is None:
+            fail("eval_dataset", "is required (none was given to the trainer)")
+        res = self.rollout(data.prompts, greedy=True, columns=data.columns)
+        scores = torch.tensor(res.scores, dtype=torch.float64)
+        out = {"eval/scores": float(scores.mean()),
+               "eval/scores_std": float(scores.std()) if scores.numel() > 1 else 0.0}
+        for name, values in res.reward_components.items():
+            vals = [v for v in values if v is not None]
+            if vals:
+                out[f"eval/rewards/{name}"] = sum(vals) / len(vals)
+        return out
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """The policy (or its LoRA adapter) and its tokenizer in save_pretrained form."""
+        out = Path(output_dir or self.config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out))
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # hooks for subclasses
+    # ------------------------------------------------------------------------------------------
+    def _rewrites_for_result(self, prompts: list[str], outputs: list[str]) -> list[str]:
+        return outputs
+
+    # ------------------------------------------------------------------------------------------
+    # one PPO step
+    # ------------------------------------------------------------------------------------------
+    def _train_step(self, step: int, last_good) -> tuple[dict, list[dict]]:
+        cfg = self.config
+        B = cfg.rollout_batch_size
+        batch = self.train_dataset.select(batch_indices(len(self.train_dataset), B, step, cfg.seed))
+        t_start = time.perf_counter()
+        reuse = self._reuse_sampler_logprobs()
+        sampled = self._sample(batch.prompts, batch.columns, greedy=False,
+                               seed=derive_seed(cfg.seed, step, stream=2), with_logprobs=reuse)
+        outputs = self._decode(sampled)
+        t_gen = time.perf_counter()
+
+        env_out = self.environment.step(batch.prompts, outputs, batch.columns,
+                                        seed=derive_seed(cfg.seed, step, stream=3) % (2**31))
+        self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)
+        scores = torch.tensor(env_out.scores, dtype=torch.float32, device=self.device)
+        self._check_scores(scores.tolist(), {}, step, last_good, batch.prompts, note=" (overflows float32)")
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~sampled.ended).float()
+        t_env = time.perf_counter()
+
+        with torch.no_grad():
+            logprobs, ref_logprobs, values = score_rollout(
+                self.policy, self._ref_logprobs, self.value_model, sampled.query_ids, sampled.query_mask,
+                sampled.response_ids, sampled.response_mask, temperature=cfg.temperature,
+                chunk=cfg.local_rollout_forward_batch_size, logprobs=sampled.logprobs if reuse else None)
+            rollout = Rollout(query_ids=sampled.query_ids, query_mask=sampled.query_mask,
+                              response_ids=sampled.response_ids, response_mask=sampled.response_mask,
+                              ended=sampled.ended, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                              scores=scores)
+            adv = compute_advantages(rollout, self.ops, kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
+                                     gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
+                                     whiten_advantages=cfg.whiten_advantages)
+        self.last_rollout = rollout
+        t_logprobs = time.perf_counter()
+
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, step, stream=4))
+        try:
+            stats = self.updater.update(rollout, adv, g)
+        except NonFiniteLoss as err:
+            raise TrainingDivergedError(
+                f"alignfast: non-finite loss at step {step + 1}: {err}. Training stopped; the parameters in memory "
+                f"may be partly updated, the last good checkpoint is {last_good or 'none (no checkpoint yet)'}",
+                step=step + 1, checkpoint=last_good) from None
+        self.last_update_losses = stats.losses
+        self.lr_scheduler.step()
+        t_end = time.perf_counter()
+
+        mask = rollout.response_mask
+        kl_seq = adv.kl.sum(1)
+        non_score = (-self.kl_ctl.value * adv.kl).sum(1)
+        kl_coef_used = self.kl_ctl.value
+        self.kl_ctl.update(float(kl_seq.mean()), B)
+        self.episode += B
+        n_resp = int(mask.sum())
+        step_time = t_end - t_start
+        metrics = {
+            "objective/kl": float(kl_seq.mean()),
+            "objective/entropy": float((-rollout.logprobs).sum(1).mean()),
+            "objective/non_score_reward": float(non_score.mean()),
+            "objective/rlhf_reward": float(non_score.mean() + scores.mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/kl_coef": kl_coef_used,
+            **stats.averages(),
+            "val/num_eos_tokens": int(sampled.ended.sum()),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "episode": self.episode,
+            "completions/mean_length": n_resp / B,
+            "timing_s/prompter_gen": t_gen - t_start,
+            "timing_s/target_gen": env_out.timings.get("target_gen", 0.0),
+            "timing_s/reward": env_out.timings.get("reward", 0.0),
+            "timing_s/logprobs": t_logprobs - t_env,
+            "timing_s/update": t_end - t_logprobs,
+            "timing_s/step": step_time,
+            "tokens/s": (n_resp + env_out.generated_tokens) / step_time if step_time > 0 else 0.0,
+            "tokens/s/prompter_gen": n_resp / (t_gen - t_start) if t_gen > t_start else 0.0,
+        }
+        for name, values in env_out.per_func.items():
+            vals = [v for v in values if v is not None]
+            if vals:
+                metrics[f"rewards/{name}"] = sum(vals) / len(vals)
+        samples = [{"prompt": p, "output": o, "answer": a[0] if a else "", "score": s}
+                   for p, o, a, s in zip(batch.prompts, outputs, env_out.answers, scores.tolist())]
+        return metrics, samples
+
+    def _reuse_sampler_logprobs(self) -> bool:
+        if self.config.backend != "fast":
+            return False
+        if self.config.reuse_sampler_logprobs is not None:
+            return self.config.reuse_sampler_logprobs
+        return next(self.model.parameters()).dtype == torch.float32
+
+    def _sample(self, prompts, columns, *, greedy: bool, seed: int, with_logprobs: bool = False) -> SampledBatch:
+        cfg = self.config
+        requests = self.environment.policy_requests(prompts, columns)
+        rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length) for r in requests]
+        query_ids, query_mask = left_pad(rows, self.pad_id, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        logprob_fn = None
+        if with_logprobs:
+            token_logprobs = self.ops.token_logprobs
+
+            def logprob_fn(logits, tokens, temperature):
+                return token_logprobs(logits, tokens, temperature=temperature)
+        return sample(self.model, query_ids, query_mask, max_new_tokens=cfg.response_length,
+                      stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=0.0 if greedy else cfg.temperature,
+                      top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn)
+
+    def _decode(self, sampled: SampledBatch) -> list[str]:
+        out = []
+        stop = set(self.stop_ids)
+        for ids, mask in zip(sampled.response_ids.tolist(), sampled.response_mask.tolist()):
+            tokens = [t for t, m in zip(ids, mask) if m and t not in stop]
+            out.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        return out
+
+    def _ref_logprobs(self, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
+        t = self.config.temperature
+        if self.ref_model is None:  # PEFT: the reference is the base model, adapter disabled
+            with self.model.disable_adapter():
+                return self._ref_policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=t).logprobs
+        return self._ref_policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=t).logprobs
+
+    def _check_scores(self, scores: list, per_func: dict, step: int, last_good, prompts, note: str = "") -> None:
+        for i, s in enumerate(scores):
+            if s is None or not math.isfinite(s):
+                culprit = note
+                for name, values in per_func.items():
+                    v = values[i]
+                    if v is not None and not math.isfinite(v):
+                        culprit = f" (reward function '{name}' returned {v})"
+                        break
+                raise TrainingDivergedError(
+                    f"alignfast: non-finite reward {s} at step {step + 1} for episode {i}{culprit}, prompt "
+                    f"{prompts[i][:80]!r}. Training stopped before any update of this step; the last good "
+                    f"checkpoint is {last_good or 'none (no checkpoint yet)'}", step=step + 1, checkpoint=last_good)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------
+    def _trainable_state(self) -> dict:
+        state = {"policy": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
+        if self.value_model is not None:
+            state["value_model"] = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
+        if self.shared_value_head is not None:
+            state["value_head"] = {k: v.detach().clone() for k, v in self.shared_value_head.state_dict().items()}
+        return state
+
+    def _save_checkpoint(self) -> Path:
+        cfg = self.config
+        state = {"global_step": self.global_step, "episode": self.episode, "kl_controller": self.kl_ctl.state_dict(),
+                 "history": self.history, "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps}
+
+        def save_policy(path):
+            self.model.save_pretrained(str(path))
+            self.tokenizer.save_pretrained(str(path))
+
+        return ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=self._trainable_state(),
+                                    optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
+                                    save_policy=save_policy, total_limit=cfg.save_total_limit)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        data = ckpt.load_checkpoint(path, map_location=self.device)
+        trainable = data["trainable"]
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trainable["policy"].items():
+                if name not in params:
+                    raise ValueError(f"alignfast: checkpoint {path} holds parameter {name!r} the policy does not have")
+                params[name].copy_(value)
+        if self.value_model is not None and "value_model" in trainable:
+            self.value_model.load_state_dict(trainable["value_model"])
+        if self.shared_value_head is not None and "value_head" in trainable:
+            self.shared_value_head.load_state_dict(trainable["value_head"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.lr_scheduler.load_state_dict(data["scheduler"])
+        ckpt.set_rng_state(data["rng"])
+        state = data["state"]
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.global_step = int(state["global_step"])
+        self.episode = int(state["episode"])
+        self.history = list(state["history"])
+
+
+def _special_ids(tokenizer, model, extra_stop: int | None) -> tuple[int, list[int]]:
+    """(pad id, stop ids). Without a pad token the EOS id pads: masks come from positions, never from ids."""
+    eos = tokenizer.eos_token_id
+    stops = set()
+    if eos is not None:
+        stops.add(int(eos))
+    gen_cfg = getattr(model, "generation_config", None)
+    gen_eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(gen_eos, int):
+        stops.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        stops.update(int(e) for e in gen_eos)
+    if extra_stop is not None:
+        stops.add(int(extra_stop))
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = eos if eos is not None else (min(stops) if stops else None)
+    if pad is None:
+        raise AlignfastArgumentError("alignfast: the policy tokenizer has neither a pad nor an EOS token; set "
+                                     "tokenizer.pad_token or config.stop_token_id")
+    if not stops:
+        raise AlignfastArgumentError("alignfast: the policy tokenizer has no EOS token: set config.stop_token_id so "
+                                     "responses can end")
+    return int(pad), sorted(stops)

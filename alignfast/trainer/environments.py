@@ -1,0 +1,139 @@
+"""Environments: what turns the trained policy's outputs into scores.
+
+The PPO engine is the same for every method; only the environment changes:
+
+    policy_requests(prompts, columns) -> the user message the policy answers, per prompt
+    step(prompts, outputs, columns, seed) -> EnvOutput (one score per episode + what happened)
+
+AlignProEnvironment: the policy output is a rewrite x'; the frozen target answers it (y ~ piF(.|x'))
+and the reward scores r(x, y) on the ORIGINAL prompt x, averaged over target_num_samples answers.
+Everything here is environment dynamics: no gradient, log-prob or KL is taken on y.
+DirectEnvironment (Oracle / standard RLHF): the policy output is the answer; score r(x, y).
+Aligner (a corrector after the target) and Proxy-RLHF fit the same interface later.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from alignfast.rollout import templates
+from alignfast.rollout.rewards import WeightedRewards
+
+
+@dataclass
+class EnvOutput:
+    """scores[i] for episode i; per_func[name][i] the mean of that reward component (None: not scored);
+    answers[i] the final answers scored for episode i; timings in seconds; generated_tokens by the env."""
+
+    scores: list[float]
+    per_func: dict[str, list[float | None]]
+    answers: list[list[str]]
+    requests: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    generated_tokens: int = 0
+
+
+class Environment(abc.ABC):
+    @abc.abstractmethod
+    def policy_requests(self, prompts: Sequence[str], columns: dict[str, list]) -> list[str]:
+        ...
+
+    @abc.abstractmethod
+    def step(self, prompts: Sequence[str], outputs: Sequence[str], columns: dict[str, list], *,
+             seed: int | None) -> EnvOutput:
+        ...
+
+
+class DirectEnvironment(Environment):
+    """The policy answers the prompt itself; the reward scores its answer (standard RLHF)."""
+
+    def __init__(self, rewards: WeightedRewards):
+        self.rewards = rewards
+
+    def policy_requests(self, prompts, columns):
+        return list(prompts)
+
+    def step(self, prompts, outputs, columns, *, seed):
+        t0 = time.perf_counter()
+        out = self.rewards(list(prompts), list(outputs), **columns)
+        return EnvOutput(scores=out.total, per_func=out.per_func, answers=[[o] for o in outputs],
+                         requests=list(prompts), timings={"reward": time.perf_counter() - t0})
+
+
+class AlignProEnvironment(Environment):
+    """x -> rewrite instruction -> (policy) x' -> target request -> (frozen target) y -> r(x, y)."""
+
+    def __init__(self, target, rewards: WeightedRewards, *, target_tokenizer=None, rewrite_template: str,
+                 target_prompt_template: str = "{rewrite}", max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, num_samples: int = 1, batch_size: int = 32, use_chat_template: bool = True):
+        self.target = target
+        self.rewards = rewards
+        self.target_tokenizer = target_tokenizer
+        self.rewrite_template = rewrite_template
+        self.target_prompt_template = target_prompt_template
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.use_chat_template = use_chat_template
+
+    def policy_requests(self, prompts, columns):
+        return templates.rewrite_instructions(self.rewrite_template, prompts)
+
+    def target_inputs(self, requests: Sequence[str]) -> list:
+        """Token ids in the target's chat format when its tokenizer is known, else the plain request text."""
+        if self.target_tokenizer is None:
+            return list(requests)
+        return [templates.user_turn_ids(self.target_tokenizer, r, use_chat_template=self.use_chat_template)
+                for r in requests]
+
+    def answer(self, requests: Sequence[str], *, seed: int | None) -> tuple[list[list[str]], int]:
+        """The target's answers (num_samples per request) and the number of tokens it generated."""
+        inputs = self.target_inputs(requests)
+        answers: list[list[str]] = []
+        n_tokens = 0
+        for chunk_index, start in enumerate(range(0, len(inputs), self.batch_size)):
+            chunk = inputs[start: start + self.batch_size]
+            chunk_seed = None if seed is None else seed + chunk_index
+            completions = self.target.generate(chunk, max_new_tokens=self.max_new_tokens,
+                                               temperature=self.temperature, top_p=self.top_p,
+                                               n=self.num_samples, seed=chunk_seed)
+            if len(completions) != len(chunk):
+                raise RuntimeError(f"alignfast: the target engine returned {len(completions)} lists for "
+                                   f"{len(chunk)} prompts")
+            for per_prompt in completions:
+                answers.append([c.text for c in per_prompt])
+                n_tokens += sum(len(c.token_ids) for c in per_prompt)
+        return answers, n_tokens
+
+    def step(self, prompts, outputs, columns, *, seed):
+        prompts, rewrites = list(prompts), list(outputs)
+        requests = templates.target_requests(self.target_prompt_template, prompts, rewrites)
+        t0 = time.perf_counter()
+        answers, n_tokens = self.answer(requests, seed=seed)
+        t1 = time.perf_counter()
+        # One reward call over every (episode, sample) pair; then the mean over each episode's samples.
+        owner = [i for i, a in enumerate(answers) for _ in a]
+        flat_answers = [y for a in answers for y in a]
+        flat_columns = {k: [v[i] for i in owner] for k, v in columns.items()}
+        flat_columns["rewrites"] = [rewrites[i] for i in owner]
+        out = self.rewards([prompts[i] for i in owner], flat_answers, **flat_columns)
+        t2 = time.perf_counter()
+        scores = _episode_means(out.total, owner, len(prompts))
+        per_func = {name: _episode_means(values, owner, len(prompts)) for name, values in out.per_func.items()}
+        return EnvOutput(scores=scores, per_func=per_func, answers=answers, requests=requests,
+                         timings={"target_gen": t1 - t0, "reward": t2 - t1}, generated_tokens=n_tokens)
+
+
+def _episode_means(values: list, owner: list[int], n: int) -> list:
+    """Mean of the non-None values of each episode (None when it has none)."""
+    sums, counts = [0.0] * n, [0] * n
+    for v, i in zip(values, owner):
+        if v is not None:
+            sums[i] += v
+            counts[i] += 1
+    return [s / c if c else None for s, c in zip(sums, counts)]

@@ -1,0 +1,39 @@
+"""OracleTrainer: the paper's "RLHF / Oracle" arm — the same PPO engine trains the target model itself.
+
+    max_pi  E[x~D, y~pi(.|x)] r(x, y)  -  lambda * KL(pi(.|x) || pi_sft(.|x))
+
+No prompter and no frozen model: the policy answers the prompt (in its chat template) and the reward
+scores its answer. With the same config, reward and data it is the upper-bound comparison for
+Align-Pro, which leaves the target's weights untouched.
+"""
+
+from __future__ import annotations
+
+from alignfast.trainer.base import PPOEngineTrainer, build_rewards, load_causal_lm, load_tokenizer
+from alignfast.trainer.config import AlignProConfig, coerce_config
+from alignfast.trainer.environments import DirectEnvironment
+
+
+class OracleTrainer(PPOEngineTrainer):
+    """PPO directly on `model` (the target); arguments as AlignProTrainer's, minus the prompter/target split.
+
+    rollout(...).rewrites holds the prompts unchanged (there is no rewrite); answers are the model's.
+    """
+
+    arm = "oracle"
+
+    def __init__(self, config: AlignProConfig, model, tokenizer=None, *, reward_model=None, reward_tokenizer=None,
+                 reward_funcs=None, reward_weights=None, train_dataset, eval_dataset=None, ref_model=None,
+                 value_model=None, peft_config=None, callbacks=None):
+        config = coerce_config(config)
+        tokenizer = load_tokenizer(tokenizer, model, "tokenizer")
+        model = load_causal_lm(model, "model")
+        device = config.device or next(model.parameters()).device
+        self.rewards = build_rewards(config, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                                     reward_funcs=reward_funcs, reward_weights=reward_weights, device=device)
+        env = DirectEnvironment(self.rewards)
+        self._setup(config, model, tokenizer, env, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                    ref_model=ref_model, value_model=value_model, peft_config=peft_config, callbacks=callbacks)
+
+    def _rewrites_for_result(self, prompts, outputs):
+        return list(prompts)

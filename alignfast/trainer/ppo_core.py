@@ -1,0 +1,256 @@
+"""The PPO engine: rollout statistics, KL-shaped advantages, clipped updates. Method-agnostic.
+
+Per PPO step, over a batch of B episodes with response mask m [B, R]:
+
+  1. old log-probs pi_old(a_t), reference log-probs pi_ref(a_t), values V(s_t)        (no grad)
+  2. rewards_t = -lambda * kl_t (+ score at the last action), GAE(gamma, lam) -> A_t, returns_t;
+     A whitened over the batch                                                      (compute_advantages)
+  3. num_ppo_epochs x num_mini_batches optimizer steps, each accumulating gradient_accumulation_steps
+     micro-batches of   ppo_loss(...) - entropy_coef * mean entropy   (scaled by 1/accumulation),
+     the gradient norm clipped to max_grad_norm.
+
+The numerics come from an OpSet: alignfast.ops (fused kernels) or alignfast.reference (the spec);
+everything else is identical, which is what makes the fast-vs-reference parity test meaningful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from alignfast import reference
+from alignfast.trainer.policy import CausalLMPolicy
+
+
+@dataclass
+class OpSet:
+    compute_advantages: Callable
+    ppo_loss: Callable
+    token_logprobs: Callable
+    name: str
+
+
+def make_opset(backend: str) -> OpSet:
+    if backend == "reference":
+        return OpSet(reference.compute_advantages, reference.ppo_loss, reference.token_logprobs, "reference")
+    from alignfast import ops
+
+    return OpSet(ops.compute_advantages, ops.ppo_loss, ops.token_logprobs, "fast")
+
+
+@dataclass
+class Rollout:
+    """One PPO batch, on the training device. Token tensors [B, Q] / [B, R]; scores [B] float32."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+@dataclass
+class Advantages:
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor
+
+
+def trim_columns(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
+    """(first query column holding a real token in some row, response columns up to the last action):
+    the all-padding margins of a micro-batch need no compute."""
+    q_any = query_mask.any(dim=0)
+    q_start = int(q_any.nonzero()[0]) if bool(q_any.any()) else query_mask.size(1) - 1
+    # Keep at least one query column: the logits of its last position predict the first action.
+    q_start = min(q_start, query_mask.size(1) - 1)
+    r_any = response_mask.any(dim=0)
+    r_end = int(r_any.nonzero()[-1]) + 1 if bool(r_any.any()) else 1
+    return q_start, r_end
+
+
+def compute_advantages(rollout: Rollout, ops: OpSet, *, kl_coef: float, kl_estimator: str, gamma: float,
+                       lam: float, whiten_rewards: bool, whiten_advantages: bool) -> Advantages:
+    """KL-shaped rewards and GAE through the op set.
+
+    whiten_rewards (TRL): rewards are rescaled to unit variance over valid tokens, keeping their mean,
+    before GAE. The op takes (logprobs, ref_logprobs) rather than rewards, so the second call feeds
+    the whitened rewards r as k1 estimator inputs with kl_coef = 1: -(0 - r) = r.
+    """
+    m = rollout.response_mask
+    rewards, advantages, returns, kl = ops.compute_advantages(
+        rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores, m, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, gamma=gamma, lam=lam, whiten=whiten_advantages)
+    if whiten_rewards:
+        rewards = whiten_keep_mean(rewards, m)
+        zeros = torch.zeros_like(rewards)
+        _, advantages, returns, _ = ops.compute_advantages(
+            zeros, rewards, rollout.values, torch.zeros_like(rollout.scores), m, kl_coef=1.0, kl_estimator="k1",
+            gamma=gamma, lam=lam, whiten=whiten_advantages)
+    return Advantages(rewards=rewards, advantages=advantages, returns=returns, kl=kl)
+
+
+def whiten_keep_mean(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """TRL's masked_whiten(shift_mean=False): (x - mean) / std + mean over the mask, 0 off it."""
+    mean = reference.masked_mean(x, mask)
+    return torch.where(mask, reference.masked_whiten(x, mask, eps) + mean, torch.zeros_like(x))
+
+
+class UpdateStats:
+    """Per micro-batch statistics of one PPO step (TRL averages them for its metrics).
+
+    Kept as 0-d tensors while the step runs (no host sync per micro-batch on a GPU); read once at the end.
+    """
+
+    KEYS = ("loss", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")
+
+    def __init__(self):
+        self._values: dict[str, list[torch.Tensor]] = {k: [] for k in self.KEYS}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for k in self.KEYS:
+            self._values[k].append(values[k].detach().float().reshape(()))
+
+    def series(self, key: str) -> list[float]:
+        v = self._values[key]
+        return torch.stack(v).tolist() if v else []
+
+    @property
+    def losses(self) -> list[float]:
+        return self.series("loss")
+
+    def averages(self) -> dict[str, float]:
+        def mean(key):
+            v = self.series(key)
+            return sum(v) / len(v) if v else 0.0
+
+        ratio = torch.tensor(self.series("ratio"), dtype=torch.float64)
+        return {
+            "policy/approxkl_avg": mean("approxkl"),
+            "policy/clipfrac_avg": mean("clipfrac"),
+            "loss/policy_avg": mean("pg_loss"),
+            "loss/value_avg": mean("vf_loss"),
+            "val/clipfrac_avg": mean("vf_clipfrac"),
+            "policy/entropy_avg": mean("entropy"),
+            "val/ratio": mean("ratio"),
+            "val/ratio_var": float(ratio.var()) if ratio.numel() > 1 else 0.0,
+        }
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, mini_batch: int, micro_batch: int, value: float):
+        super().__init__(f"loss is {value} (PPO epoch {epoch}, mini-batch {mini_batch}, micro-batch {micro_batch})")
+
+
+class PPOUpdater:
+    """Runs the clipped PPO updates of one step. value_model is None for a shared value head."""
+
+    def __init__(self, policy: CausalLMPolicy, value_model, optimizer: torch.optim.Optimizer,
+                 params: list[torch.nn.Parameter], ops: OpSet, config):
+        self.policy = policy
+        self.value_model = value_model
+        self.optimizer = optimizer
+        self.params = params
+        self.ops = ops
+        self.config = config
+
+    def forward(self, batch: Rollout, *, temperature: float, return_entropy: bool):
+        """New log-probs and values of a micro-batch (with gradient); the entropy carries a gradient
+        only when the loss has an entropy bonus."""
+        out = self.policy.forward(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
+                                  temperature=temperature, return_entropy=return_entropy,
+                                  entropy_grad=self.config.entropy_coef > 0)
+        values = out.values
+        if values is None:
+            values = self.value_model(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+        return out.logprobs, out.entropy, values
+
+    def update(self, rollout: Rollout, adv: Advantages, generator: torch.Generator) -> UpdateStats:
+        cfg = self.config
+        B = rollout.response_ids.size(0)
+        mbs, pdbs = cfg.mini_batch_size, cfg.per_device_train_batch_size
+        stats = UpdateStats()
+        for epoch in range(cfg.num_ppo_epochs):
+            order = torch.randperm(B, generator=generator).to(rollout.response_ids.device)
+            for mb in range(cfg.num_mini_batches):
+                mb_idx = order[mb * mbs: (mb + 1) * mbs]
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in range(cfg.gradient_accumulation_steps):
+                    idx = mb_idx[micro * pdbs: (micro + 1) * pdbs]
+                    loss = self._micro_step(rollout, adv, idx, stats)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(epoch, mb, micro, float(loss.detach()))
+                    (loss / cfg.gradient_accumulation_steps).backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def _micro_step(self, rollout: Rollout, adv: Advantages, idx: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
+        cfg = self.config
+        batch = rollout.select(idx)
+        q0, r1 = trim_columns(batch.query_mask, batch.response_mask)
+        batch.query_ids, batch.query_mask = batch.query_ids[:, q0:], batch.query_mask[:, q0:]
+        mask = batch.response_mask[:, :r1]
+        batch.response_ids, batch.response_mask = batch.response_ids[:, :r1], mask
+        logprobs, entropy, values = self.forward(batch, temperature=cfg.temperature, return_entropy=True)
+        loss, s = self.ops.ppo_loss(
+            logprobs, batch.logprobs[:, :r1], adv.advantages[idx, :r1], values, batch.values[:, :r1],
+            adv.returns[idx, :r1], mask, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
+            vf_coef=cfg.vf_coef)
+        mean_entropy = reference.masked_mean(entropy.detach(), mask)
+        if cfg.entropy_coef > 0 and entropy is not None:
+            loss = loss - cfg.entropy_coef * reference.masked_mean(entropy, mask)
+        stats.add(loss=loss, pg_loss=s["pg_loss"], vf_loss=s["vf_loss"], clipfrac=s["clipfrac"],
+                  vf_clipfrac=s["vf_clipfrac"], approxkl=s["approxkl"], ratio=s["ratio"], entropy=mean_entropy)
+        return loss
+
+
+@torch.no_grad()
+def score_rollout(policy: CausalLMPolicy, ref_logprobs_fn: Callable, value_model, query_ids, query_mask,
+                  response_ids, response_mask, *, temperature: float, chunk: int,
+                  logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(old log-probs, reference log-probs, values), each [B, R] float32, in chunks of `chunk` rows.
+
+    `logprobs` given (taken from the sampler) skips the policy's own forward unless the policy also
+    produces the values (shared head).
+    """
+    B = response_ids.size(0)
+    out_lp, out_ref, out_v = [], [], []
+    for start in range(0, B, chunk):
+        sl = slice(start, start + chunk)
+        q_ids, q_mask, r_ids, r_mask = query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl]
+        q0, r1 = trim_columns(q_mask, r_mask)
+        R = r_ids.size(1)
+        q_ids, q_mask, r_ids, r_mask = q_ids[:, q0:], q_mask[:, q0:], r_ids[:, :r1], r_mask[:, :r1]
+        values = None
+        if logprobs is None or value_model is None:
+            pol = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=temperature)
+            lp, values = pol.logprobs, pol.values
+            if logprobs is not None:
+                lp = logprobs[sl, :r1]
+        else:
+            lp = logprobs[sl, :r1]
+        if values is None:
+            values = value_model(q_ids, q_mask, r_ids, r_mask)
+        ref = ref_logprobs_fn(q_ids, q_mask, r_ids, r_mask)
+        out_lp.append(_pad_right(lp, R))
+        out_ref.append(_pad_right(ref, R))
+        out_v.append(_pad_right(torch.where(r_mask, values, torch.zeros_like(values)), R))
+    return torch.cat(out_lp), torch.cat(out_ref), torch.cat(out_v)
+
+
+def _pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
+    if x.size(1) == width:
+        return x.float()
+    return torch.nn.functional.pad(x.float(), (0, width - x.size(1)))

@@ -1,0 +1,182 @@
+"""Triton kernels of alignfast::token_logprobs and its backward (the op's CUDA implementation).
+
+Same math and numerics as the CPU kernels (csrc/cpu/logprobs_rows.h); per row of z = x / T, target t:
+
+    forward   one program per row, an online pass over the row in BLOCK-wide tiles:
+              m = max z, S = sum e^{z-m}, S_off = sum_{v != t} e^{z-m}, W = sum e^{z-m} (z-m)
+              logprob = -log1p(S_off / e^{z_t-m})  (t near the max)  else  (z_t - m) - log S
+              lse = m + log S,  entropy = log S - W / S
+    backward  a (row, tile) grid: p = e^{z-lse},
+              dx = (1/T) p (g_ent ((lse - z) - H) - g_lp)   and at the target
+              dx_t = (1/T) (g_lp (-expm1(logprob)) + g_ent p_t (-logprob - H))
+
+Launchers take [B, T, V] logits with unit stride over V (any B/T strides), int64 tokens [B, T] and an
+optional bool mask [B, T]; under TRITON_INTERPRET=1 they also run on CPU tensors (the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FORWARD_BLOCK = 4096
+BACKWARD_BLOCK = 4096
+
+
+@triton.jit
+def _log1p(r):
+    """log(1 + r) for r >= 0, accurate for small r (Goldberg: log(u) * r / (u - 1) with u = 1 + r)."""
+    u = 1.0 + r
+    den = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, r, tl.log(u) * (r / den))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 for x <= 0, accurate for small |x| (Kahan: (u - 1) * x / log(u) with u = exp(x))."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    safe_log = tl.where((u == 1.0) | (u == 0.0), 1.0, tl.log(u))
+    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, um1 * (x / safe_log)))
+
+
+@triton.jit
+def _row_offset(row, T, stride_b, stride_t):
+    return (row // T) * stride_b + (row % T) * stride_t
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+                    T, V, stride_b, stride_t, inv_temp,
+                    HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            tl.store(logprobs_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            if WITH_ENTROPY:
+                tl.store(entropy_ptr + row, 0.0)
+            return
+    x_row = logits_ptr + _row_offset(row, T, stride_b, stride_t)
+    t = tl.load(tokens_ptr + row)
+    t = tl.minimum(tl.maximum(t, 0), V - 1)  # ids are checked by the wrapper; never read out of bounds
+
+    m = tl.full([], -float("inf"), ACC)
+    s_all = tl.full([], 0.0, ACC)
+    s_off = tl.full([], 0.0, ACC)
+    w = tl.full([], 0.0, ACC)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        z = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(ACC) * inv_temp
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        shift = tl.where(m == -float("inf"), 0.0, m - new_m)
+        c = tl.exp(shift)
+        m_safe = tl.where(new_m == -float("inf"), 0.0, new_m)
+        d = z - m_safe
+        e = tl.exp(d)
+        ed = tl.where(e > 0.0, e * d, 0.0)
+        w = c * (w + shift * s_all) + tl.sum(ed, axis=0)
+        s_all = c * s_all + tl.sum(e, axis=0)
+        s_off = c * s_off + tl.sum(tl.where(offs == t, 0.0, e), axis=0)
+        m = new_m
+
+    z_t = tl.load(x_row + t).to(ACC) * inv_temp
+    d_t = z_t - m
+    e_t = tl.exp(d_t)
+    s = s_off + e_t
+    near = d_t > -20.0
+    l1p = _log1p(s_off / tl.where(near, e_t, 1.0))
+    log_s = tl.where(near, d_t + l1p, tl.log(s))
+    logprob = tl.where(near, -l1p, d_t - log_s)
+    tl.store(logprobs_ptr + row, logprob)
+    tl.store(lse_ptr + row, m + log_s)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, log_s - w / s)
+
+
+@triton.jit
+def _backward_kernel(grad_lp_ptr, grad_ent_ptr, logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
+                     lse_ptr, grad_ptr, T, V, stride_b, stride_t, inv_temp,
+                     HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < V
+    out_row = grad_ptr + row * V
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            tl.store(out_row + offs, tl.zeros((BLOCK,), ACC).to(grad_ptr.dtype.element_ty), mask=inside)
+            return
+    x_row = logits_ptr + _row_offset(row, T, stride_b, stride_t)
+    t = tl.load(tokens_ptr + row)
+    lse = tl.load(lse_ptr + row).to(ACC)
+    lp = tl.load(logprobs_ptr + row).to(ACC)
+    g_lp = tl.load(grad_lp_ptr + row).to(ACC)
+    if WITH_ENTROPY:
+        g_ent = tl.load(grad_ent_ptr + row).to(ACC)
+        ent = tl.load(entropy_ptr + row).to(ACC)
+    else:
+        g_ent = tl.full([], 0.0, ACC)
+        ent = tl.full([], 0.0, ACC)
+    z = tl.load(x_row + offs, mask=inside, other=-float("inf")).to(ACC) * inv_temp
+    p = tl.exp(z - lse)
+    gap = tl.minimum(lse - z, 1e4)  # -log p, clamped so that p = 0 (a -inf logit) gives 0, not 0 * inf
+    grad = p * (g_ent * gap - (g_ent * ent + g_lp))
+    p_t = tl.exp(lp)
+    target = g_lp * -_expm1(lp) + tl.where(p_t > 0.0, g_ent * p_t * (-lp - ent), 0.0)
+    grad = tl.where(offs == t, target, grad) * inv_temp
+    tl.store(out_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(dtype: torch.dtype):
+    """Accumulation type: float32, or float64 for float64 logits."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def token_logprobs_cuda(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, temperature: float,
+                        with_entropy: bool):
+    """(logprobs [B, T], entropy [B, T] or [0, 0], lse [B, T]) for logits [B, T, V]."""
+    B, T, V = logits.shape
+    if V > 1 and logits.stride(2) != 1:
+        logits = logits.contiguous()
+    dtype = _stats_dtype(logits.dtype)
+    logprobs = torch.empty((B, T), dtype=dtype, device=logits.device)
+    entropy = torch.empty((B, T) if with_entropy else (0, 0), dtype=dtype, device=logits.device)
+    lse = torch.empty((B, T), dtype=dtype, device=logits.device)
+    N = B * T
+    if N == 0:
+        return logprobs, entropy, lse
+    block = min(FORWARD_BLOCK, triton.next_power_of_2(V))
+    _forward_kernel[(N,)](
+        logits, tokens, tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse,
+        T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
+        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return logprobs, entropy, lse
+
+
+def token_logprobs_backward_cuda(grad_logprobs, grad_entropy, logits, tokens, mask, logprobs, entropy, lse,
+                                 temperature: float, grad_dtype=None):
+    """dlogits [B, T, V] (contiguous, in grad_dtype or the logits' dtype)."""
+    B, T, V = logits.shape
+    if V > 1 and logits.stride(2) != 1:
+        logits = logits.contiguous()
+    grad = torch.empty((B, T, V), dtype=grad_dtype or logits.dtype, device=logits.device)
+    N = B * T
+    if N == 0:
+        return grad
+    with_entropy = grad_entropy is not None
+    block = min(BACKWARD_BLOCK, triton.next_power_of_2(V))
+    _backward_kernel[(N, triton.cdiv(V, block))](
+        grad_logprobs, grad_entropy if with_entropy else grad_logprobs, logits, tokens,
+        tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse, grad,
+        T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
+        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return grad

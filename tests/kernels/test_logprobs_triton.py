@@ -1,0 +1,100 @@
+"""Triton kernels of token_logprobs (kernels/logprobs.py) under TRITON_INTERPRET=1 on CPU tensors.
+
+The interpreter runs every program in Python: sizes stay tiny (the whole file takes a few seconds).
+Tolerances as in tests/ops/test_token_logprobs.py; float64 here is computed in float64 except for
+the temperature, which Triton receives as a float32 scalar (relative 1e-7 on the result).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from alignfast import reference
+from tests.utils import assert_close, random_mask
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                       reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU"),
+]
+
+GRAD_TOL = {
+    torch.float32: dict(rtol=1e-4, atol=2e-7),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-9),
+    torch.float16: dict(rtol=2e-3, atol=1e-7),
+    torch.float64: dict(rtol=1e-6, atol=1e-12),
+}
+
+
+def _kernels():
+    pytest.importorskip("triton")
+    from alignfast.kernels import logprobs
+
+    return logprobs
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.mark.parametrize("dtype,V,with_mask,temperature", [
+    (torch.float32, 1, False, 1.0),
+    (torch.float32, 300, True, 0.7),
+    (torch.bfloat16, 7, True, 1.5),
+    (torch.float16, 129, False, 1.0),
+    (torch.float64, 50, True, 0.7),
+])
+def test_forward_backward_match_reference(dtype, V, with_mask, temperature):
+    K = _kernels()
+    dev = _device()
+    B, T = 2, 5
+    logits = (torch.randn(B, T, V) * 3).to(dtype)
+    tokens = torch.randint(0, V, (B, T))
+    logits[0, 0, tokens[0, 0]] = 30.0  # a very confident row
+    if V > 2:
+        logits[1, 1, : V // 2] = float("-inf")
+        tokens[1, 1] = V - 1
+        logits[1, 2, tokens[1, 2]] = float("-inf")  # a -inf target
+    mask = random_mask(B, T) if with_mask else None
+    if mask is not None:
+        mask[0, 0] = mask[1, 1] = mask[1, 2] = True
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    g_lp, g_ent = torch.randn(B, T, dtype=stats), torch.randn(B, T, dtype=stats)
+
+    x = logits.double().requires_grad_()
+    r_lp, r_ent = reference.token_logprobs(x, tokens, temperature=temperature, mask=mask, return_entropy=True)
+    (r_lp * g_lp + r_ent * g_ent).sum().backward()
+
+    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy evaluates both sides of tl.where
+        lp, ent, lse = K.token_logprobs_cuda(to(logits), to(tokens), to(mask), temperature, True)
+        grad = K.token_logprobs_backward_cuda(to(g_lp), to(g_ent), to(logits), to(tokens), to(mask), lp, ent, lse,
+                                              temperature)
+    assert lp.dtype == stats and grad.dtype == dtype
+    assert_close(lp, r_lp, name="logprobs", rtol=1e-5, atol=2e-5)
+    assert_close(ent, r_ent, name="entropy", rtol=1e-5, atol=5e-5)
+    assert_close(grad, x.grad, name="dlogits", **GRAD_TOL[dtype])
+
+
+def test_strided_rows_and_no_entropy():
+    K = _kernels()
+    dev = _device()
+    full = torch.randn(2, 4, 40)
+    logits = full[:, :-1, :33]  # B/T strides of the parent, unit stride over V
+    tokens = torch.randint(0, 33, (2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lp, ent, lse = K.token_logprobs_cuda(logits.to(dev), tokens.to(dev), None, 1.0, False)
+        g = torch.ones(2, 3)
+        grad = K.token_logprobs_backward_cuda(g.to(dev), None, logits.to(dev), tokens.to(dev), None, lp, ent, lse, 1.0)
+    assert ent.numel() == 0
+    x = logits.double().requires_grad_()
+    r = reference.token_logprobs(x, tokens)
+    r.sum().backward()
+    assert_close(lp, r, rtol=1e-5, atol=2e-5)
+    assert_close(grad, x.grad, **GRAD_TOL[torch.float32])

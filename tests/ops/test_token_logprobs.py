@@ -1,0 +1,280 @@
+"""alignfast.ops.token_logprobs (C++ on CPU) against the float64 reference.
+
+Tolerances (stated once, used below):
+  outputs are computed in float32 from the given logits; against float64 on the same values the error is
+  float32 accumulation only: logprob atol 2e-5 + rtol 1e-5, entropy atol 5e-5 + rtol 1e-5 (entropies
+  reach ~12 at V = 151936).
+  gradients are rounded once to the logits' dtype: rtol = that dtype's half-ulp plus margin
+  (fp16 2e-3, bf16 1.6e-2) and an atol at the dtype's absolute resolution near the gradient scale
+  (fp16 gradients of ~1/V are subnormal: 1e-7). In float32 the error is the float32 logsumexp and
+  entropy (sums over V terms, ~1e-6 relative) carried into p_v and p_v (E[z] - z_v), which cancels
+  where -log p_v ~ entropy: rtol 1e-4, atol 2e-7 (gradients are O(1) at most), norm-wise 2e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignfast import reference
+from alignfast.ops import AlignfastArgumentError, force_backend, token_logprobs
+from alignfast.ops._library import has_kernel, op
+from tests.utils import assert_close, random_mask
+
+LP_TOL = dict(rtol=1e-5, atol=2e-5)
+ENT_TOL = dict(rtol=1e-5, atol=5e-5)
+GRAD_TOL = {
+    torch.float32: dict(rtol=1e-4, atol=2e-7, rel=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=1e-7),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-9),
+    torch.float64: dict(rtol=1e-10, atol=1e-14),
+}
+
+pytestmark = pytest.mark.skipif(not has_kernel("token_logprobs", "cpu"),
+                                reason="alignfast._C has no CPU kernel (extension not built)")
+
+
+def make_logits(shape, dtype, *, scale=3.0, generator=None):
+    return (torch.randn(shape, generator=generator) * scale).to(dtype)
+
+
+def reference_and_grads(logits, tokens, mask, temperature, g_lp, g_ent):
+    """float64 reference outputs and d(sum g_lp*lp + g_ent*ent)/dlogits."""
+    x = logits.detach().to(torch.float64).requires_grad_()
+    lp, ent = reference.token_logprobs(x, tokens, temperature=temperature, mask=mask, return_entropy=True)
+    (lp * g_lp.double() + ent * g_ent.double()).sum().backward()
+    return lp.detach(), ent.detach(), x.grad
+
+
+def run_and_compare(logits, tokens, mask, temperature):
+    g_lp = torch.randn(tokens.shape)
+    g_ent = torch.randn(tokens.shape)
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, tokens, temperature=temperature, mask=mask, return_entropy=True)
+    assert lp.dtype == ent.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    (lp * g_lp.to(lp.dtype) + ent * g_ent.to(ent.dtype)).sum().backward()
+    assert x.grad.dtype == logits.dtype
+    r_lp, r_ent, r_grad = reference_and_grads(logits, tokens, mask, temperature, g_lp, g_ent)
+    assert_close(lp, r_lp, name="logprobs", **LP_TOL)
+    assert_close(ent, r_ent, name="entropy", **ENT_TOL)
+    assert_close(x.grad, r_grad, name="dlogits", **GRAD_TOL[logits.dtype])
+    return lp, ent, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1, 7, 1000, 32000])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_matches_reference(dtype, V, temperature):
+    B, T = (3, 5) if V < 32000 else (2, 3)
+    logits = make_logits((B, T, V), dtype)
+    tokens = torch.randint(0, V, (B, T))
+    mask = random_mask(B, T)
+    run_and_compare(logits, tokens, mask, temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_vocabulary(dtype):
+    V = 151936
+    logits = make_logits((2, 2, V), dtype)
+    tokens = torch.randint(0, V, (2, 2))
+    run_and_compare(logits, tokens, None, 1.0)
+
+
+def test_float64_is_computed_in_float64():
+    logits = make_logits((3, 4, 1000), torch.float64)
+    tokens = torch.randint(0, 1000, (3, 4))
+    lp, ent, _ = run_and_compare(logits, tokens, random_mask(3, 4), 0.7)
+    assert lp.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_positions_are_zero_with_zero_gradient(dtype):
+    B, T, V = 6, 7, 300
+    logits = make_logits((B, T, V), dtype)
+    mask = random_mask(B, T)
+    assert (~mask).all(dim=1).any(), "want a fully masked row"
+    tokens = torch.randint(0, V, (B, T))
+    tokens[~mask] = -100  # padding ids must not be read at masked positions
+    lp, ent, grad = run_and_compare(logits, tokens, mask, 1.0)
+    assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    assert (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_infinity_logits(dtype):
+    B, T, V = 2, 4, 1000
+    logits = make_logits((B, T, V), dtype)
+    tokens = torch.randint(0, V, (B, T))
+    logits[0, 0, : V // 2] = float("-inf")  # a partly -inf row
+    tokens[0, 0] = V - 1
+    logits[0, 1, ::3] = float("-inf")  # holes
+    tokens[0, 1] = 1
+    logits[1, 2, tokens[1, 2]] = float("-inf")  # a -inf target
+    logits[1, 3, :] = float("-inf")  # all -inf but one entry, which is the target
+    logits[1, 3, tokens[1, 3]] = 0.0
+    lp, ent, grad = run_and_compare(logits, tokens, None, 1.3)
+    assert lp[1, 2] == float("-inf")
+    assert lp[1, 3] == 0 and ent[1, 3] == 0
+    assert torch.isfinite(ent).all() and not torch.isnan(grad).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_confident_rows_keep_the_target_gradient(dtype):
+    """1 - p_target for p_target ~ 1 - 1e-6: a naive onehot - softmax in bf16 rounds it to 0."""
+    B, T, V = 2, 3, 1000
+    logits = make_logits((B, T, V), dtype, scale=1.0)
+    tokens = torch.randint(0, V, (B, T))
+    for i in range(B):
+        for j in range(T):
+            logits[i, j, tokens[i, j]] = 16.0 + 2 * j
+    lp, _, grad = run_and_compare(logits, tokens, None, 1.0)
+    assert (lp < 0).all(), "logprob of a confident row must stay strictly below 0"
+    target_grad = grad.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert (target_grad != 0).all()
+
+
+def test_logprobs_only_and_gradients_without_entropy():
+    logits = make_logits((3, 5, 777), torch.float32).requires_grad_()
+    tokens = torch.randint(0, 777, (3, 5))
+    mask = random_mask(3, 5)
+    lp = token_logprobs(logits, tokens, mask=mask)
+    lp.sum().backward()
+    x = logits.detach().double().requires_grad_()
+    r = reference.token_logprobs(x, tokens, mask=mask)
+    r.sum().backward()
+    assert_close(lp, r, name="logprobs", **LP_TOL)
+    assert_close(logits.grad, x.grad, name="dlogits", **GRAD_TOL[torch.float32])
+
+
+def test_entropy_only_gradient():
+    logits = make_logits((2, 3, 50), torch.float32).requires_grad_()
+    tokens = torch.randint(0, 50, (2, 3))
+    _, ent = token_logprobs(logits, tokens, return_entropy=True, temperature=0.7)
+    ent.sum().backward()
+    x = logits.detach().double().requires_grad_()
+    _, r = reference.token_logprobs(x, tokens, return_entropy=True, temperature=0.7)
+    r.sum().backward()
+    assert_close(logits.grad, x.grad, name="dlogits", **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", [(11,), (4, 11), (2, 3, 11), (2, 2, 3, 11), (1, 1, 11)])
+def test_shapes(shape):
+    logits = make_logits(shape, torch.float32)
+    tokens = torch.randint(0, 11, shape[:-1])
+    lp, ent = token_logprobs(logits, tokens, return_entropy=True)
+    assert lp.shape == ent.shape == tokens.shape
+    r_lp, r_ent = reference.token_logprobs(logits.double(), tokens, return_entropy=True)
+    assert_close(lp, r_lp, **LP_TOL)
+    assert_close(ent, r_ent, **ENT_TOL)
+
+
+def test_strided_logits_slice_and_int32_tokens():
+    """logits[:, :-1] (no [N, V] view exists) and logits with a padded vocabulary stride."""
+    full = make_logits((3, 9, 130), torch.bfloat16)
+    logits = full[:, :-1, :100]
+    tokens = torch.randint(0, 100, (3, 8), dtype=torch.int32)
+    mask = random_mask(3, 8)
+    run_and_compare(logits, tokens, mask, 1.0)
+
+
+def test_empty_batch():
+    logits = torch.randn(0, 5, 13, requires_grad=True)
+    tokens = torch.zeros(0, 5, dtype=torch.long)
+    lp, ent = token_logprobs(logits, tokens, return_entropy=True)
+    assert lp.shape == (0, 5)
+    (lp.sum() + ent.sum()).backward()
+    assert logits.grad.shape == logits.shape
+
+
+def test_reference_backend_agrees():
+    logits = make_logits((2, 3, 64), torch.float32)
+    tokens = torch.randint(0, 64, (2, 3))
+    fast = token_logprobs(logits, tokens, temperature=0.7)
+    with force_backend("reference"):
+        ref = token_logprobs(logits, tokens, temperature=0.7)
+    assert_close(fast, ref, **LP_TOL)
+
+
+def test_gradcheck_float64():
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 7, (2, 3))
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+
+    def f(x):
+        lp, ent = token_logprobs(x, tokens, temperature=0.7, mask=mask, return_entropy=True)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_opcheck():
+    logits = torch.randn(2, 3, 17, requires_grad=True)
+    tokens = torch.randint(0, 17, (2, 3))
+    mask = random_mask(2, 3)
+    torch.library.opcheck(op("token_logprobs"), (logits, tokens, mask, 0.7, True))  # all checks, incl. aot (~8 s)
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op("token_logprobs"), (logits.to(torch.bfloat16), tokens, None, 1.0, False), test_utils=quick)
+    lp, ent, lse = op("token_logprobs")(logits.detach(), tokens, mask, 0.7, True)
+    torch.library.opcheck(op("token_logprobs_backward"),
+                          (torch.randn(2, 3), torch.randn(2, 3), logits.detach(), tokens, mask, lp, ent, lse, 0.7, None),
+                          test_utils=quick)
+
+
+@pytest.mark.parametrize("position_valid", [True, False])
+def test_token_out_of_range(position_valid):
+    logits = torch.randn(2, 3, 10)
+    tokens = torch.randint(0, 10, (2, 3))
+    tokens[1, 2] = 10
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = position_valid
+    if position_valid:
+        with pytest.raises(AlignfastArgumentError, match="'tokens'.*10"):
+            token_logprobs(logits, tokens, mask=mask)
+    else:
+        token_logprobs(logits, tokens, mask=mask)
+
+
+def test_kernel_itself_rejects_bad_token_ids():
+    """A direct torch.ops call bypasses the Python checks; the C++ kernel still names the argument."""
+    with pytest.raises(RuntimeError, match="'tokens'"):
+        op("token_logprobs")(torch.randn(1, 2, 5), torch.tensor([[0, -1]]), None, 1.0, False)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=0.0), dict(temperature=float("nan")), dict(temperature=-1.0),
+])
+def test_bad_temperature(bad):
+    with pytest.raises(AlignfastArgumentError, match="temperature"):
+        token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), **bad)
+
+
+def test_bad_arguments():
+    with pytest.raises(AlignfastArgumentError, match="'tokens'"):
+        token_logprobs(torch.randn(2, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(AlignfastArgumentError, match="'tokens'"):
+        token_logprobs(torch.randn(2, 5), torch.zeros(2))
+    with pytest.raises(AlignfastArgumentError, match="'logits'"):
+        token_logprobs(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(AlignfastArgumentError, match="'logits'"):
+        token_logprobs(torch.randn(2, 0), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(AlignfastArgumentError, match="'mask'"):
+        token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), mask=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_large_vocabulary(dtype):
+    V = 151936
+    logits = make_logits((4, 8, V), dtype).cuda()
+    tokens = torch.randint(0, V, (4, 8)).cuda()
+    mask = random_mask(4, 8).cuda()
+    logits[0, 1, tokens[0, 1]] = 25.0
+    logits[1, 0, : V // 2] = float("-inf")
+    g_lp, g_ent = torch.randn(4, 8), torch.randn(4, 8)
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, tokens, mask=mask, temperature=0.7, return_entropy=True)
+    (lp * g_lp.cuda() + ent * g_ent.cuda()).sum().backward()
+    r_lp, r_ent, r_grad = reference_and_grads(logits.cpu(), tokens.cpu(), mask.cpu(), 0.7, g_lp, g_ent)
+    assert_close(lp, r_lp, name="logprobs", **LP_TOL)
+    assert_close(ent, r_ent, name="entropy", **ENT_TOL)
+    assert_close(x.grad, r_grad, name="dlogits", **GRAD_TOL[dtype])

@@ -1,0 +1,161 @@
+"""PPO engine pieces: the policy's two log-prob paths agree (values and gradients), whitened rewards
+match TRL's formula, padding margins are trimmed safely, update counts follow the config, and the
+adaptive KL controller follows Ziegler et al."""
+
+import torch
+
+from alignfast import reference
+from alignfast.trainer.config import AlignProConfig
+from alignfast.trainer.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
+from alignfast.trainer.policy import CausalLMPolicy, ValueModel, value_head_for
+from alignfast.trainer.ppo_core import PPOUpdater, Rollout, compute_advantages, make_opset, trim_columns
+from alignfast.trainer.sampling import left_pad
+from tests.trainer.tiny import make_causal_lm
+from tests.utils import assert_close, random_mask
+
+V = 23
+
+
+def batch(generator):
+    q_ids, q_mask = left_pad([[1, 5, 6, 7], [1, 8], [1, 9, 10], [4, 4, 4, 4, 4]], 0)
+    r_ids = torch.randint(3, V, (4, 6), generator=generator)
+    r_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]]).bool()
+    return q_ids, q_mask, r_ids, r_mask
+
+
+def test_fast_and_reference_policy_paths_agree(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    model = make_causal_lm(tmp_path / "m", V, seed=2, hidden=16, layers=2, initializer_range=0.3)
+    head = value_head_for(model)
+    torch.nn.init.normal_(head.weight, std=0.5, generator=g)
+    q_ids, q_mask, r_ids, r_mask = batch(g)
+    outs = {}
+    for backend in ("fast", "reference"):
+        model.zero_grad()
+        head.zero_grad()
+        policy = CausalLMPolicy(model, backend=backend, value_head=head)
+        out = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=0.7, return_entropy=True, entropy_grad=True)
+        loss = (out.logprobs * 1.3 + out.entropy * 0.2 + out.values).sum()
+        loss.backward()
+        outs[backend] = (out, [p.grad.clone() for p in [*model.parameters(), *head.parameters()]])
+    (fo, fg), (ro, rg) = outs["fast"], outs["reference"]
+    assert CausalLMPolicy(model, backend="fast").fused
+    # float32 models: the paths differ in summation order only.
+    assert_close(fo.logprobs, ro.logprobs, rtol=1e-5, atol=1e-5, name="logprobs")
+    assert_close(fo.entropy, ro.entropy, rtol=1e-5, atol=1e-5, name="entropy")
+    assert_close(fo.values, ro.values, rtol=1e-5, atol=1e-5, name="values")
+    assert (fo.logprobs[~r_mask] == 0).all() and (fo.logprobs[r_mask] < 0).all()
+    for a, b in zip(fg, rg):
+        assert_close(a, b, rtol=1e-4, atol=1e-6, name="grad")
+    # Without an entropy bonus the entropy is a detached statistic on both paths (TRL's no_grad).
+    for backend in ("fast", "reference"):
+        out = CausalLMPolicy(model, backend=backend).forward(q_ids, q_mask, r_ids, r_mask, temperature=0.7,
+                                                             return_entropy=True)
+        assert out.logprobs.requires_grad and not out.entropy.requires_grad
+        assert_close(out.entropy, ro.entropy, rtol=1e-5, atol=1e-5, name=f"{backend} entropy")
+
+
+def test_value_model_matches_its_backbone(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    model = make_causal_lm(tmp_path / "m", V, seed=3, hidden=16)
+    critic = ValueModel.from_causal_lm(model)
+    assert (critic(*batch(g)) == 0).all()  # zero-initialised head
+    torch.nn.init.normal_(critic.head.weight, generator=g)
+    q_ids, q_mask, r_ids, r_mask = batch(g)
+    v = critic(q_ids, q_mask, r_ids, r_mask)
+    shared = CausalLMPolicy(model, backend="reference", value_head=critic.head)
+    assert_close(v, shared.forward(q_ids, q_mask, r_ids, r_mask, temperature=1.0).values, rtol=1e-5, atol=1e-6)
+    assert critic.backbone is not model.model  # a copy: training the critic leaves the policy alone
+
+
+def test_whitened_rewards_follow_trl():
+    g = torch.Generator().manual_seed(4)
+    B, T = 6, 9
+    mask = random_mask(B, T, generator=g)
+    mask[3] = True  # keep at least a few rows fully valid
+    lp, ref_lp, values = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3))
+    scores = torch.randn(B, generator=g, dtype=torch.float64)
+    roll = Rollout(query_ids=None, query_mask=None, response_ids=None, response_mask=mask, ended=None, logprobs=lp,
+                   ref_logprobs=ref_lp, values=values, scores=scores)
+    got = compute_advantages(roll, make_opset("reference"), kl_coef=0.3, kl_estimator="k1", gamma=0.99, lam=0.9,
+                             whiten_rewards=True, whiten_advantages=False)
+    # TRL: rewards = -kl_coef * kl (+ score at the last valid token); whiten keeping the mean; then GAE.
+    rewards = torch.where(mask, -0.3 * (lp - ref_lp), torch.zeros_like(lp))
+    for b in range(B):
+        valid = mask[b].nonzero()
+        if len(valid):
+            rewards[b, valid[-1]] += scores[b]
+    mean = rewards[mask].mean()
+    rewards = torch.where(mask, (rewards - mean) / torch.sqrt(rewards[mask].var() + 1e-8) + mean, 0 * rewards)
+    adv = torch.zeros_like(rewards)
+    for b in range(B):
+        nxt_v, nxt_a = 0.0, 0.0
+        for t in reversed(mask[b].nonzero().flatten().tolist()):
+            delta = rewards[b, t] + 0.99 * nxt_v - values[b, t]
+            nxt_a = delta + 0.99 * 0.9 * nxt_a
+            adv[b, t], nxt_v = nxt_a, values[b, t]
+    assert_close(got.rewards, rewards, rtol=1e-12, atol=1e-12, name="rewards")
+    assert_close(got.advantages, adv, rtol=1e-10, atol=1e-12, name="advantages")
+    assert_close(got.returns, torch.where(mask, adv + values, 0 * adv), rtol=1e-10, atol=1e-12, name="returns")
+    assert_close(got.kl, torch.where(mask, lp - ref_lp, 0 * lp), rtol=0, atol=0, name="kl")
+
+
+def test_trim_columns():
+    q = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]).bool()
+    r = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    assert trim_columns(q, r) == (2, 2)
+    assert trim_columns(torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)) == (2, 1)
+
+
+def test_update_makes_epochs_times_mini_batches_optimizer_steps(tmp_path):
+    model = make_causal_lm(tmp_path / "m", V, seed=5, hidden=16)
+    cfg = AlignProConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_mini_batches=2,
+                         num_ppo_epochs=3)
+    head = value_head_for(model)
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    steps = []
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    g = torch.Generator().manual_seed(6)
+    q_ids, q_mask, r_ids, r_mask = batch(g)
+    q_ids, q_mask, r_ids, r_mask = (torch.cat([x, x]) for x in (q_ids, q_mask, r_ids, r_mask))
+    policy = CausalLMPolicy(model, backend="fast", value_head=head)
+    with torch.no_grad():
+        out = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=cfg.temperature)
+    roll = Rollout(q_ids, q_mask, r_ids, r_mask, torch.ones(8, dtype=torch.bool), out.logprobs, out.logprobs,
+                   out.values, torch.randn(8, generator=g))
+    adv = compute_advantages(roll, make_opset("fast"), kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=0.95,
+                             whiten_rewards=False, whiten_advantages=True)
+    stats = PPOUpdater(policy, None, opt, params, make_opset("fast"), cfg).update(roll, adv, torch.Generator())
+    assert len(steps) == 3 * 2
+    assert len(stats.losses) == 3 * 2 * 2
+    assert abs(stats.series("ratio")[0] - 1.0) < 1e-6  # first micro-batch: the policy has not moved yet
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(9.0, 256)  # error clipped to +0.2
+    assert abs(ctl.value - 0.2 * (1 + 0.2 * 256 / 10000)) < 1e-15
+    ctl.update(6.0 * 0.9, 100)  # error -0.1
+    assert abs(ctl.value - 0.2 * (1 + 0.2 * 256 / 10000) * (1 - 0.1 * 100 / 10000)) < 1e-15
+    again = make_kl_controller(AlignProConfig(adap_kl_ctrl=True, kl_coef=0.5))
+    again.load_state_dict(ctl.state_dict())
+    assert again.value == ctl.value
+    assert reference.kl_estimate(torch.tensor(1.0), torch.tensor(0.0), "k3") > 0
+
+
+def test_soft_capped_logits_are_not_fused(tmp_path):
+    """A model whose logits are not head(hidden) (final soft-capping) takes model(...).logits on the fast path."""
+    g = torch.Generator().manual_seed(7)
+    model = make_causal_lm(tmp_path / "m", V, seed=8, hidden=16, initializer_range=0.5)
+    q_ids, q_mask, r_ids, r_mask = batch(g)
+    plain = CausalLMPolicy(model, backend="fast").forward(q_ids, q_mask, r_ids, r_mask, temperature=1.0).logprobs
+    model.config.final_logit_softcapping = 30.0  # flagged; Llama itself ignores it, which the test exploits
+    policy = CausalLMPolicy(model, backend="fast", value_head=value_head_for(model))
+    assert not policy.fused
+    out = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=1.0)
+    assert_close(out.logprobs, plain, rtol=1e-5, atol=1e-6, name="logprobs")
+    assert out.values is not None and out.values.shape == r_ids.shape
