@@ -116,20 +116,31 @@ def report(title: str, table: str, notes: str, *, device: str, record: bool) -> 
         harness.append_results(title, table, device=device, notes=notes)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, argv, extra=None) -> argparse.Namespace | None:
+    """--device, --record, --quick, --threads (+ extra(parser)); applies --threads. None: no CUDA device."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    parser.add_argument("--quick", action="store_true", help="two small shapes, no torch.compile, fewer repetitions")
-    parser.add_argument("--compile-max-t", type=int, default=None,
-                        help="largest T at which torch.compile(reference) is compiled (default: 256 on CPU, 4096 on CUDA)")
+    parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (CPU; default: torch's choice)")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_advantages: --device cuda but no CUDA device is available", file=sys.stderr)
+        print("--device cuda but no CUDA device is available", file=sys.stderr)
+        return None
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv, lambda parser: parser.add_argument(
+        "--compile-max-t", type=int, default=None,
+        help="largest T at which torch.compile(reference) is compiled (default: 256 on CPU, 4096 on CUDA; "
+             "--quick: none)"))
+    if args is None:
         return 2
     compile_max_t = args.compile_max_t if args.compile_max_t is not None else (256 if args.device == "cpu" else 4096)
     if args.quick:

@@ -12,7 +12,6 @@ moves 49 (its backward reads and rescales the saved gradients).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -20,7 +19,7 @@ import torch
 import alignfast.ops as ops
 from alignfast import reference
 from bench import harness
-from bench.bench_advantages import QUICK_SHAPES, SHAPES, cuda_graph_callable, report
+from bench.bench_advantages import QUICK_SHAPES, SHAPES, cuda_graph_callable, parse_args, report
 
 BASELINE = "reference (eager)"
 KW = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
@@ -75,17 +74,8 @@ def providers(tensors, mask, device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for the run (CPU; default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_ppo_loss: --device cuda but no CUDA device is available", file=sys.stderr)
+    args = parse_args(__doc__, argv)
+    if args is None:
         return 2
     copy_bandwidth = harness.measured_copy_bandwidth(args.device) if args.device == "cuda" else None
     rows = []
