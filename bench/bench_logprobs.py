@@ -1,6 +1,7 @@
 """token_logprobs against the ways RLHF code computes per-token log-probs today.
 
     python -m bench.bench_logprobs [--device cpu|cuda] [--record] [--quick] [--backward] [--dtype bf16]
+    python -m bench.bench_logprobs --policy-loss [...]     (ppo_policy_loss_from_logits, forward + backward)
 
 Providers (each on the same logits, in the same run):
   torch eager            log_softmax(logits.float() / T).gather(tokens)          (materialises [N, V] fp32)
@@ -10,6 +11,13 @@ Providers (each on the same logits, in the same run):
   torch.compile reference     torch.compile of alignfast.reference.token_logprobs
   alignfast / alignfast +entropy   this package's op (C++ on CPU, Triton on CUDA)
 
+With --policy-loss (always forward + backward, entropy_coef 0.01, random masks):
+  reference (eager)           alignfast.reference.ppo_policy_loss_from_logits (log_softmax-based)
+  torch.compile reference     the same under torch.compile
+  liger grpo_loss             Liger-Kernel's fused Triton GRPO loss, loss_type='dapo' (token mean), beta 0,
+                              per-sequence advantages, inplace=True (dlogits overwrite the logits) (CUDA)
+  alignfast                   ppo_policy_loss_from_logits (fused token_logprobs pass + O(N) terms)
+
 Columns: median time, peak extra memory, speed-up vs TRL's selective_log_softmax (the goal's baseline),
 extra memory as a fraction of the logits' size, and on CUDA the fraction of the measured copy
 bandwidth achieved for the bytes that must move (logits read once forward; read twice and dlogits
@@ -18,16 +26,13 @@ written once forward+backward).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from alignfast import reference
 from alignfast.ops import token_logprobs
-from bench import harness
+from bench import _vocab, harness
 
 BASELINE = "trl selective_log_softmax"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_inputs(B, T, V, dtype, device, *, grad: bool):
@@ -40,20 +45,8 @@ def make_inputs(B, T, V, dtype, device, *, grad: bool):
 
 
 def _step(fn, logits, backward: bool):
-    """fn(logits) -> tensor or tuple; forward only, or forward + backward of the sum of the outputs."""
-    if not backward:
-        def run():
-            with torch.no_grad():
-                return fn(logits)
-        return run
-
-    def run_bwd():
-        logits.grad = None
-        out = fn(logits)
-        outs = out if isinstance(out, tuple) else (out,)
-        sum(o.sum() for o in outs).backward()
-        return None
-    return run_bwd
+    """fn(logits), timed forward only or forward + backward."""
+    return _vocab.step(lambda: fn(logits), (logits,), backward)
 
 
 def providers(B, T, V, dtype, device, temperature, backward):
@@ -112,47 +105,76 @@ def providers(B, T, V, dtype, device, temperature, backward):
     return table
 
 
+def policy_loss_providers(B, T, V, dtype, device, temperature):
+    from alignfast.ops import ppo_policy_loss_from_logits
+
+    def inputs(extra_row=False):
+        logits, tokens = make_inputs(B, T + int(extra_row), V, dtype, device, grad=True)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        old = (torch.randn(B, T, generator=g) * 0.1 - 8).to(device)
+        adv = torch.randn(B, generator=g).to(device)
+        mask = torch.rand(B, T, generator=g).to(device) > 0.1
+        return logits, tokens[:, :T], old, adv, mask
+
+    def ours(fn):
+        def factory():
+            logits, tokens, old, adv, mask = inputs()
+            adv_tok = adv[:, None].expand(B, T).contiguous()
+            return _vocab.step(lambda: fn(logits, tokens, old, adv_tok, mask, temperature=temperature,
+                                          entropy_coef=0.01)[0], (logits,), True)
+        return factory
+
+    def liger():
+        if device != "cuda":
+            raise RuntimeError("CUDA only")
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        logits, tokens, old, adv, mask = inputs(extra_row=True)
+        return _vocab.step(lambda: triton_grpo_loss(logits, old, None, tokens.contiguous(), adv, mask.contiguous(),
+                                                    temperature=temperature, beta=0.0, eps_low=0.2, eps_high=0.2,
+                                                    inplace=True, loss_type="dapo", reduce=True)[0],
+                           (logits,), True)
+
+    table = {
+        "reference (eager)": ours(reference.ppo_policy_loss_from_logits),
+        "torch.compile reference": ours(torch.compile(reference.ppo_policy_loss_from_logits)),
+        "alignfast": ours(ppo_policy_loss_from_logits),
+    }
+    if device == "cuda":
+        table["liger grpo_loss"] = liger
+    return table
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--backward", action="store_true", help="time forward + backward")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
-    args = parser.parse_args(argv)
-    device = args.device
-    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    def extra(parser):
+        parser.add_argument("--temperature", type=float, default=1.0)
+        parser.add_argument("--policy-loss", action="store_true", help="time ppo_policy_loss_from_logits fwd+bwd")
+
+    args, device, dtype = _vocab.parse_args(__doc__, argv, extra)
+    if args.policy_loss:
+        args.backward = True
     if device == "cuda":
         shapes = [(1, 2048, 32000), (8, 2048, 151936)] if not args.quick else [(1, 2048, 32000)]
     else:
         shapes = [(8, 256, 32000)] if not args.quick else [(2, 64, 32000)]
-    reps = 5 if args.quick else 10
-    rows = []
     bandwidth = harness.measured_copy_bandwidth(device) if device == "cuda" else None
     elt = torch.empty((), dtype=dtype).element_size()
-    for B, T, V in shapes:
-        shape = f"{B}x{T}x{V} {str(dtype).replace('torch.', '')}"
-        logits_bytes = B * T * V * elt
-        for row in harness.run_providers(shape, providers(B, T, V, dtype, device, args.temperature, args.backward),
-                                         device=device, reps=reps):
-            if row.peak_bytes is not None:
-                row.extra["extra mem / logits"] = f"{row.peak_bytes / logits_bytes:.1%}"
-            if bandwidth and row.seconds:
-                moved = logits_bytes * (3 if args.backward else 1)
-                row.extra["% copy BW"] = f"{moved / row.seconds / bandwidth:.0%}"
-            rows.append(row)
-    extra = ("extra mem / logits",) + (("% copy BW",) if bandwidth else ())
-    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra)
-    mode = "forward + backward" if args.backward else "forward"
-    title = f"token_logprobs, {mode}, temperature {args.temperature}"
-    print(f"\n{title} ({harness.device_description(device)})")
-    if bandwidth:
-        print(f"measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
-    print(table)
-    if args.record:
-        notes = f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""
-        harness.append_results(title, table, device=device, notes=notes)
+    logits_bytes = lambda s: s[0] * s[1] * s[2] * elt  # noqa: E731
+    moved = 3 if args.backward else 1  # logits read once; + read again and dlogits written in the backward
+    _vocab.run(
+        shapes,
+        providers=(lambda s: policy_loss_providers(*s, dtype, device, args.temperature)) if args.policy_loss else
+                  (lambda s: providers(*s, dtype, device, args.temperature, args.backward)),
+        label=lambda s: f"{s[0]}x{s[1]}x{s[2]} {str(dtype).replace('torch.', '')}",
+        logits_bytes=logits_bytes,
+        floor=(lambda s, sec: moved * logits_bytes(s) / sec / bandwidth) if bandwidth else None,
+        floor_column="% copy BW",
+        baseline="reference (eager)" if args.policy_loss else BASELINE,
+        title=(f"ppo_policy_loss_from_logits, forward + backward, temperature {args.temperature}" if args.policy_loss
+               else f"token_logprobs, {'forward + backward' if args.backward else 'forward'}, "
+                    f"temperature {args.temperature}"),
+        device=device, reps=5 if args.quick else 10, warmup=2, record=args.record,
+        notes=f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else "")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,16 @@ same rollouts; only the numerics differ:
     fast-recompute  fast, but old log-probs from a second forward pass (isolates the sampler reuse)
 
 Models are random-weight Llama/Qwen2-shaped configs with a word-level tokenizer of V words, saved and
-loaded as in the tests. Presets:
+loaded as in the tests, and the toy world of `alignfast demo`. Presets:
 
+    demo        alignfast.toy's prompter (V=51, H=64, 2 layers) and target, its prompts, reward and
+                demo hyperparameters (64 episodes per step): the goal's yardstick
     cpu-tiny    V=2048,   H=64,  2 layers: demo-sized models (the default on CPU)
     cpu-small   V=16384,  H=128, 4 layers: a larger vocabulary, where the LM head dominates
     cpu-qwen2-mini  the cuda-0.5b code path (Qwen2, tied embeddings, grouped KV heads, bf16) at toy size
     cuda-0.5b   a Qwen2-0.5B-shaped prompter (V=151936, H=896, 24 layers, bf16) and target
 
-    python -m bench.bench_trainer                      # cpu-tiny and cpu-small
+    python -m bench.bench_trainer                      # demo, cpu-tiny and cpu-small
     python -m bench.bench_trainer --device cuda --record
 """
 
@@ -28,6 +30,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,8 +89,24 @@ def word_overlap_reward(prompts, completions, **columns):
     return out
 
 
-def make_world(preset: str, device: str, root: Path):
-    p = PRESETS[preset]
+@dataclass
+class World:
+    """What a preset trains on: model folders, tokenizer, prompts, reward, and config fields."""
+
+    label: str
+    prompter: Path
+    target: Path
+    tokenizer: object
+    prompts: list
+    reward_funcs: list
+    dtype: torch.dtype
+    config: dict
+
+
+def make_world(preset_name: str, root: Path) -> World:
+    if preset_name == "demo":
+        return demo_world()
+    p = PRESETS[preset_name]
     tok = build_tokenizer(root / "tok", p["vocab"])
     build_model(root / "prompter", p, seed=0, dtype=p["dtype"])
     build_model(root / "target", p, seed=1, dtype=p["dtype"])
@@ -95,38 +114,58 @@ def make_world(preset: str, device: str, root: Path):
     n_words = p["vocab"] - 6
     prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, n_words, (p["prompt_words"],), generator=g))
                for _ in range(4 * p["batch"])]
-    return p, tok, prompts
+    config = dict(per_device_train_batch_size=p["batch"] // 2, num_mini_batches=2, num_ppo_epochs=4,
+                  response_length=p["response_length"], temperature=1.0,
+                  target_max_new_tokens=p["target_max_new_tokens"], rewrite_template="{prompt}",
+                  learning_rate=1e-6)
+    label = f"{preset_name}: V={p['vocab']} H={p['hidden']} L={p['layers']} B={p['batch']} R={p['response_length']}"
+    return World(label, root / "prompter", root / "target", tok, prompts, [word_overlap_reward], p["dtype"], config)
 
 
-def make_trainer(backend: str, preset: dict, tok, prompts, root: Path, device: str, *, reuse: bool | None):
+def demo_world() -> World:
+    """The models, prompts, reward and hyperparameters of `alignfast demo` (alignfast.toy)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from alignfast.toy import load_world
+
+    w = load_world()
+    cfg = json.loads((Path(w.prompter_path) / "config.json").read_text())
+    config = {k: v for k, v in w.demo_config.items() if k not in ("total_episodes", "seed")}
+    config.update(rewrite_template=w.rewrite_template, target_prompt_template=w.target_prompt_template)
+    batch = config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * config["num_mini_batches"]
+    label = (f"demo (alignfast.toy): V={cfg['vocab_size']} H={cfg['hidden_size']} L={cfg['num_hidden_layers']} "
+             f"B={batch} R={config['response_length']}")
+    return World(label, Path(w.prompter_path), Path(w.target_path), AutoTokenizer.from_pretrained(w.prompter_path),
+                 w.train_prompts, list(w.reward_funcs), torch.float32, config)
+
+
+def make_trainer(backend: str, world: World, root: Path, device: str, *, reuse: bool | None):
     from transformers import AutoModelForCausalLM
 
     from alignfast.rollout import HFEngine
     from alignfast.trainer import AlignProConfig, AlignProTrainer
 
-    load = dict(dtype=preset["dtype"])
-    prompter = AutoModelForCausalLM.from_pretrained(str(root / "prompter"), **load).to(device)
-    target = AutoModelForCausalLM.from_pretrained(str(root / "target"), **load).to(device)
-    cfg = AlignProConfig(output_dir=str(root / f"out-{backend}"), backend=backend, seed=0,
-                         per_device_train_batch_size=preset["batch"] // 2, gradient_accumulation_steps=1,
-                         num_mini_batches=2, num_ppo_epochs=4, response_length=preset["response_length"],
-                         temperature=1.0, target_max_new_tokens=preset["target_max_new_tokens"],
-                         rewrite_template="{prompt}", learning_rate=1e-6, save_strategy="no", max_steps=1000,
-                         logging_steps=1000, reuse_sampler_logprobs=reuse, local_rollout_forward_batch_size=64)
-    return AlignProTrainer(cfg, prompter, tok, HFEngine(target, tok), reward_funcs=[word_overlap_reward],
-                           train_dataset=prompts)
+    prompter = AutoModelForCausalLM.from_pretrained(str(world.prompter), dtype=world.dtype).to(device)
+    target = AutoModelForCausalLM.from_pretrained(str(world.target), dtype=world.dtype).to(device)
+    cfg = AlignProConfig(**{**world.config, "output_dir": str(root / f"out-{backend}"), "backend": backend,
+                            "seed": 0, "save_strategy": "no", "max_steps": 1000, "logging_steps": 1000,
+                            "reuse_sampler_logprobs": reuse})
+    return AlignProTrainer(cfg, prompter, world.tokenizer, HFEngine(target, world.tokenizer),
+                           reward_funcs=world.reward_funcs, train_dataset=world.prompts)
 
 
-def run(preset_name: str, device: str, reps: int, record: bool) -> str:
+def run(preset_name: str, device: str, reps: int, record: bool, value_head: str = "separate") -> str:
     """Time the providers' PPO steps interleaved (A, B, C, A, B, C, ...) so that load drifting on a shared
     machine hits every provider alike; report medians per provider and per phase."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        preset, tok, prompts = make_world(preset_name, device, root)
-        shape = (f"{preset_name}: V={preset['vocab']} H={preset['hidden']} L={preset['layers']} B={preset['batch']} "
-                 f"R={preset['response_length']}")
+        world = make_world(preset_name, root)
+        world.config["value_head"] = value_head
+        shape = world.label + ("" if value_head == "separate" else f" value_head={value_head}")
         variants = {"reference": ("reference", None), "fast": ("fast", None), "fast-recompute": ("fast", False)}
-        trainers = {name: make_trainer(backend, preset, tok, prompts, root, device, reuse=reuse)
+        trainers = {name: make_trainer(backend, world, root, device, reuse=reuse)
                     for name, (backend, reuse) in variants.items()}
         steps = {name: 0 for name in trainers}
         totals = {name: [] for name in trainers}
@@ -173,9 +212,11 @@ def _sync(device: str) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                    help="repeatable; default cpu-tiny and cpu-small on CPU, cuda-0.5b on CUDA")
+    ap.add_argument("--preset", action="append", choices=["demo", *sorted(PRESETS)],
+                    help="repeatable; default demo, cpu-tiny and cpu-small on CPU, cuda-0.5b on CUDA")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--value-head", default="separate", choices=["separate", "shared"],
+                    help="the critic: a separate backbone (TRL's default) or a head on the policy's backbone")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     args = ap.parse_args(argv)
@@ -185,9 +226,9 @@ def main(argv=None):
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["cpu-tiny", "cpu-small"])
+    presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
     for name in presets:
-        run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record)
+        run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, args.value_head)
 
 
 if __name__ == "__main__":

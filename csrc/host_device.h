@@ -1,6 +1,7 @@
 // Helpers for math written once and compiled for both the CPU kernels and the CUDA kernels.
 #pragma once
 #include <cmath>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define ALIGNFAST_HD __host__ __device__
@@ -10,48 +11,25 @@
 
 namespace alignfast {
 
-// Overloads for float and double that call the device intrinsic in device code and std:: on the host.
-ALIGNFAST_HD inline float exp_(float x) {
+// exp, expm1, sqrt for float and double: the single-precision device function for float in device
+// code (never a silent promotion to double), std:: on the host. The execution space is the same in
+// nvcc's host and device passes; only the body differs.
 #ifdef __CUDA_ARCH__
-  return expf(x);
+#define ALIGNFAST_MATH_BODY(fn)                                   \
+  if constexpr (std::is_same_v<T, float>) return fn##f(x); \
+  else return ::fn(x);
 #else
-  return std::exp(x);
+#define ALIGNFAST_MATH_BODY(fn) return std::fn(x);
 #endif
-}
-ALIGNFAST_HD inline double exp_(double x) {
-#ifdef __CUDA_ARCH__
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-ALIGNFAST_HD inline float expm1_(float x) {
-#ifdef __CUDA_ARCH__
-  return expm1f(x);
-#else
-  return std::expm1(x);
-#endif
-}
-ALIGNFAST_HD inline double expm1_(double x) {
-#ifdef __CUDA_ARCH__
-  return ::expm1(x);
-#else
-  return std::expm1(x);
-#endif
-}
-ALIGNFAST_HD inline float sqrt_(float x) {
-#ifdef __CUDA_ARCH__
-  return sqrtf(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-ALIGNFAST_HD inline double sqrt_(double x) {
-#ifdef __CUDA_ARCH__
-  return ::sqrt(x);
-#else
-  return std::sqrt(x);
-#endif
-}
+#define ALIGNFAST_MATH_FN(name, fn) \
+  template <typename T>             \
+  ALIGNFAST_HD inline T name(T x) { \
+    ALIGNFAST_MATH_BODY(fn)         \
+  }
+ALIGNFAST_MATH_FN(exp_, exp)
+ALIGNFAST_MATH_FN(expm1_, expm1)
+ALIGNFAST_MATH_FN(sqrt_, sqrt)
+#undef ALIGNFAST_MATH_FN
+#undef ALIGNFAST_MATH_BODY
 
 }  // namespace alignfast

@@ -44,7 +44,7 @@ def _command_modules():
 
 
 # Order of `alignfast --help`.
-COMMAND_NAMES = ("bench", "info")
+COMMAND_NAMES = ("demo", "train", "eval", "bench", "info")
 _COMMANDS: list = []
 
 

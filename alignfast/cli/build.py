@@ -84,17 +84,20 @@ def build_target_engine(config: dict, *, device):
     if kind == "vllm":
         from alignfast.rollout import VLLMEngine
 
-        kwargs = {k: spec[k] for k in ("gpu_memory_utilization", "tensor_parallel_size") if spec.get(k) is not None}
+        kwargs = {k: spec[k] for k in ("gpu_memory_utilization", "tensor_parallel_size", "max_model_len",
+                                       "trust_remote_code") if spec.get(k) is not None}
         if spec.get("dtype"):
             kwargs["dtype"] = str(spec["dtype"])
-        return VLLMEngine(str(model), **kwargs), load_tokenizer(spec, "target")
+        return VLLMEngine(str(model), spec.get("tokenizer"), **kwargs), load_tokenizer(spec, "target")
     from alignfast.rollout import OpenAIEngine
 
     base_url = run_config.require(config, "target.base_url")
     key_env = spec.get("api_key_env") or "OPENAI_API_KEY"
-    kwargs = {k: spec[k] for k in ("concurrency", "timeout_s", "max_retries", "chat") if spec.get(k) is not None}
-    # The endpoint applies the target's chat template itself: no local tokenizer is needed.
-    return OpenAIEngine(base_url=str(base_url), model=str(model), api_key=os.environ.get(key_env), **kwargs), None
+    kwargs = {k: spec[k] for k in ("api", "max_concurrency", "timeout", "max_retries", "system_prompt")
+              if spec.get(k) is not None}
+    # A remote endpoint formats its own input (api: chat applies the served model's chat template), so
+    # the trainer sends plain text: no local target tokenizer.
+    return OpenAIEngine(str(base_url), str(model), api_key=os.environ.get(key_env), **kwargs), None
 
 
 def lora_config(spec: dict | None):

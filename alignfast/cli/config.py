@@ -4,7 +4,8 @@ A YAML file with five sections; every key is checked, so a typo is an error, not
 setting:
 
     prompter: {model: <hub name or path>, dtype: bfloat16, lora: {r: 16, ...} | null}
-    target:   {model: <hub name or path>, engine: hf | vllm | openai, dtype, base_url, api_key_env, ...}
+    target:   {model: <hub name or path>, engine: hf | vllm | openai, dtype, ...; for openai: base_url,
+               api: chat | completions, api_key_env (default OPENAI_API_KEY), max_concurrency, timeout, ...}
     reward:   {model: <sequence-classification RM> | null, functions: ["pkg.module:function", ...], weights: [...]}
     data:     {train: {path, split, prompt_column, limit, ...}, eval: {...}}
     trainer:  {<AlignProConfig fields>}
@@ -26,9 +27,10 @@ from alignfast.cli.errors import CLIError
 
 SECTIONS: dict[str, set[str] | None] = {
     "prompter": {"model", "tokenizer", "dtype", "lora", "trust_remote_code", "revision"},
-    "target": {"model", "tokenizer", "engine", "dtype", "base_url", "api_key_env", "chat", "max_batch_tokens",
-               "gpu_memory_utilization", "tensor_parallel_size", "attn_implementation", "trust_remote_code",
-               "revision", "concurrency", "timeout_s", "max_retries"},
+    "target": {"model", "tokenizer", "engine", "dtype", "max_batch_tokens", "attn_implementation",   # hf
+               "gpu_memory_utilization", "tensor_parallel_size", "max_model_len",                     # vllm
+               "base_url", "api", "api_key_env", "max_concurrency", "timeout", "max_retries",         # openai
+               "system_prompt", "trust_remote_code", "revision", "lora"},
     "reward": {"model", "tokenizer", "dtype", "functions", "weights", "template", "trust_remote_code", "revision"},
     "data": {"train", "eval"},
     "trainer": None,  # checked against AlignProConfig's fields by the trainer itself
@@ -53,9 +55,19 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *,
         if not isinstance(loaded, dict):
             raise CLIError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
         config = copy.deepcopy(loaded)
+    _normalise_data_paths(config)
     apply_overrides(config, overrides, trainer_fields=set(trainer_fields))
     check_keys(config)
     return config
+
+
+def _normalise_data_paths(config: dict) -> None:
+    """`data: {train: file.jsonl}` means `{train: {path: file.jsonl}}`, so `--data.train.limit` can apply."""
+    data = config.get("data")
+    if isinstance(data, dict):
+        for split in ("train", "eval"):
+            if isinstance(data.get(split), str):
+                data[split] = {"path": data[split]}
 
 
 def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, object]]:

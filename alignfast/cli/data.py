@@ -14,6 +14,14 @@ from pathlib import Path
 from alignfast.cli.errors import CLIError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
+TOY_SETS = ("toy:train", "toy:eval")  # the embedded world's training and held-out prompts (alignfast.toy)
+
+
+def _toy_rows(name: str) -> list[dict]:
+    from alignfast.toy import load_world
+
+    world = load_world()
+    return [dict(r) for r in (world.train_prompts if name == "toy:train" else world.eval_prompts)]
 
 
 def load_prompts(spec: dict, *, what: str) -> list[dict]:
@@ -23,7 +31,10 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
         raise CLIError(f"data.{what} needs a 'path' (a .jsonl/.json/.csv file or a datasets name)")
     column = spec.get("prompt_column") or "prompt"
     p = Path(str(path)).expanduser()
-    if p.suffix in FILE_SUFFIXES or p.exists():
+    if str(path) in TOY_SETS:
+        rows = _toy_rows(str(path))
+        source = str(path)
+    elif p.suffix in FILE_SUFFIXES or p.exists():
         if not p.is_file():
             raise CLIError(f"data.{what}: file not found: {p}")
         rows = _read_file(p, what)

@@ -6,7 +6,10 @@ with a message that says so, instead of transformers' multi-screen traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +17,13 @@ from alignfast.cli.errors import CLIError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "auto": "auto"}
+
+
+def quiet_transformers() -> None:
+    """No per-file weight-loading bars: the commands show their own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def torch_dtype(name: str | None):
@@ -27,6 +37,24 @@ def torch_dtype(name: str | None):
     return key if key == "auto" else getattr(torch, key)
 
 
+TOY_PREFIX = "toy:"
+
+
+def resolve_model_name(name) -> str:
+    """'toy:prompter' / 'toy:target' name the embedded world's models (alignfast.toy); anything else as is."""
+    name = str(name)
+    if name.startswith(TOY_PREFIX):
+        from alignfast.toy import load_world
+
+        world = load_world()
+        paths = {"prompter": world.prompter_path, "target": world.target_path}
+        key = name[len(TOY_PREFIX):]
+        if key not in paths:
+            raise CLIError(f"unknown toy model '{name}' (use toy:prompter or toy:target)")
+        return paths[key]
+    return name
+
+
 def _why(err: Exception, name: str) -> str:
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
     if not Path(name).exists() and ("offline" in str(err).lower() or "connect" in str(err).lower()
@@ -38,25 +66,51 @@ def _why(err: Exception, name: str) -> str:
     return first
 
 
-def _load(loader: Callable, name: str, role: str, **kwargs):
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """The hub client logs a warning per retry (five, over ~25 s, without a network): keep them off stderr;
+    the one line we print on failure says what happened."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
-        return loader(name, **{k: v for k, v in kwargs.items() if v is not None})
-    except (OSError, ValueError, EnvironmentError) as err:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _load(loader: Callable, name: str, role: str, **kwargs):
+    """Local folder or Hugging Face cache first (instant, no network); the hub only when that fails and
+    HF_HUB_OFFLINE (read now, not at import) allows it."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return loader(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(name).exists() or _offline():
+            raise CLIError(f"cannot load the {role} from {_why(err, name)}") from None
+    try:
+        with _quiet_hub():
+            return loader(name, **kwargs)
+    except (OSError, ValueError) as err:
         raise CLIError(f"cannot load the {role} from {_why(err, name)}") from None
 
 
 def load_tokenizer(spec: dict, role: str):
     from transformers import AutoTokenizer
 
-    name = spec.get("tokenizer") or spec["model"]
-    return _load(AutoTokenizer.from_pretrained, str(name), f"{role} tokenizer",
+    name = resolve_model_name(spec.get("tokenizer") or spec["model"])
+    return _load(AutoTokenizer.from_pretrained, name, f"{role} tokenizer",
                  trust_remote_code=spec.get("trust_remote_code"), revision=spec.get("revision"))
 
 
 def load_causal_lm(spec: dict, role: str, *, device=None):
     from transformers import AutoModelForCausalLM
 
-    model = _load(AutoModelForCausalLM.from_pretrained, str(spec["model"]), f"{role} model",
+    model = _load(AutoModelForCausalLM.from_pretrained, resolve_model_name(spec["model"]), f"{role} model",
                   dtype=torch_dtype(spec.get("dtype")), trust_remote_code=spec.get("trust_remote_code"),
                   revision=spec.get("revision"))
     return model.to(device) if device is not None else model
@@ -65,7 +119,7 @@ def load_causal_lm(spec: dict, role: str, *, device=None):
 def load_reward_model(spec: dict, *, device=None):
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(AutoModelForSequenceClassification.from_pretrained, str(spec["model"]), "reward model",
+    model = _load(AutoModelForSequenceClassification.from_pretrained, resolve_model_name(spec["model"]), "reward model",
                   dtype=torch_dtype(spec.get("dtype")), trust_remote_code=spec.get("trust_remote_code"),
                   revision=spec.get("revision"))
     return model.to(device) if device is not None else model

@@ -1,7 +1,161 @@
-"""TEMPORARY during the founding sprint: delegates to the reference until the fused op lands.
+"""Per-token log-probs (and entropy) straight from the last hidden states, never holding [N, V] logits.
 
-The owner of this op replaces this file with: schema (define_op), fake impl, autograd, argument
-checks, and the dispatch between torch.ops.alignfast.linear_token_logprobs and the reference fallback.
+    linear_token_logprobs(hidden, weight, tokens, bias=b, ...) == token_logprobs(hidden @ weight.T + b, tokens, ...)
+
+The rows are processed in chunks: each chunk's logits [chunk, V] are computed by a GEMM with float32
+accumulation and output, reduced by the fused log-prob kernel to per-row stats (logprob, entropy,
+logsumexp), and dropped. The backward recomputes each chunk's logits, turns them into dlogits with
+the saved stats, and accumulates dhidden, dweight and dbias (dweight/dbias in float32, rounded once).
+Masked rows are dropped before any GEMM.
+
+Chunk size (rows per chunk, overridable with chunk_size=): the chunk's float32 logits are kept to
+1/16 of the size the materialised logits would have in the input's dtype, so that with the backward's
+dlogits buffer the extra memory stays within 1/8 of them; at least 64 rows per chunk (GEMM efficiency)
+and at most 1 GiB of float32 logits. Kernels: C++ on CPU (csrc/cpu/linear_token_logprobs.cpp); on CUDA
+cuBLAS + the Triton token_logprobs kernels (kernels/linear_logprobs.py).
 """
 
-from alignfast.reference import linear_token_logprobs  # noqa: F401
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alignfast import reference
+from alignfast.ops import _checks
+from alignfast.ops._library import define_op, op, use_reference
+from alignfast.ops.token_logprobs import check_token_ids, stats_dtype
+
+NAME = "linear_token_logprobs"
+BACKWARD = "linear_token_logprobs_backward"
+
+MIN_CHUNK_ROWS = 64
+MAX_CHUNK_BYTES = 1 << 30
+
+define_op(
+    NAME,
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, Tensor? mask, float temperature, bool with_entropy, "
+    "int chunk_size) -> (Tensor, Tensor, Tensor)",
+    gpu_impl="triton",
+    triton="linear_logprobs:linear_token_logprobs_cuda",
+)
+define_op(
+    BACKWARD,
+    "(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, "
+    "Tensor? mask, Tensor logprobs, Tensor entropy, Tensor lse, float temperature, int chunk_size, bool need_hidden, "
+    "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
+    gpu_impl="triton",
+    triton="linear_logprobs:linear_token_logprobs_backward_cuda",
+    public=False,
+)
+
+
+def default_chunk_size(N: int, V: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: float32 chunk logits <= 1/16 of the materialised logits, within [64, 1 GiB]."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    rows = math.ceil(N * elt / (16 * acc))
+    rows = min(rows, max(1, MAX_CHUNK_BYTES // (V * acc)))
+    return max(1, min(N, max(MIN_CHUNK_ROWS, rows)))
+
+
+@torch.library.register_fake(f"alignfast::{NAME}")
+def _fake(hidden, weight, bias, tokens, mask, temperature, with_entropy, chunk_size):
+    N = hidden.shape[0]
+    dtype = stats_dtype(hidden.dtype)
+    return (hidden.new_empty(N, dtype=dtype), hidden.new_empty(N if with_entropy else 0, dtype=dtype),
+            hidden.new_empty(N, dtype=dtype))
+
+
+@torch.library.register_fake(f"alignfast::{BACKWARD}")
+def _fake_backward(grad_logprobs, grad_entropy, hidden, weight, bias, tokens, mask, logprobs, entropy, lse,
+                   temperature, chunk_size, need_hidden, need_weight, need_bias):
+    d_hidden = hidden.new_empty(hidden.shape if need_hidden else (0,))
+    d_weight = weight.new_empty(weight.shape if need_weight else (0,))
+    d_bias = hidden.new_empty(bias.shape if (need_bias and bias is not None) else (0,))
+    return d_hidden, d_weight, d_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, tokens, mask, temperature, with_entropy, chunk_size = inputs
+    logprobs, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, tokens, mask, logprobs, entropy, lse)
+    ctx.temperature, ctx.with_entropy, ctx.chunk_size = temperature, with_entropy, chunk_size
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, bias, tokens, mask, logprobs, entropy, lse = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if not (need_hidden or need_weight or need_bias):
+        return (None,) * 8
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(logprobs)
+    if not ctx.with_entropy:
+        grad_entropy = None
+    d_hidden, d_weight, d_bias = op(BACKWARD)(
+        grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(), hidden, weight, bias,
+        tokens, mask, logprobs, entropy, lse, ctx.temperature, ctx.chunk_size, need_hidden, need_weight,
+        bool(need_bias and bias is not None))
+    return (d_hidden if need_hidden else None, d_weight if need_weight else None,
+            d_bias if (need_bias and bias is not None) else None, None, None, None, None, None)
+
+
+torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_setup_context)
+
+
+def _check(hidden, weight, tokens, bias, mask, temperature, chunk_size):
+    _checks.tensor("hidden", hidden, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,))
+    if weight.shape[1] != hidden.shape[-1]:
+        _checks.fail("weight", f"has shape {tuple(weight.shape)} but hidden's last dimension is {hidden.shape[-1]}")
+    if weight.shape[0] < 1:
+        _checks.fail("weight", "needs at least one vocabulary row")
+    _checks.same_device("hidden", hidden, "weight", weight)
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, dtypes=(hidden.dtype,))
+        _checks.same_shape("weight's rows", weight, "bias", bias, shape=weight.shape[:1])
+        _checks.same_device("hidden", hidden, "bias", bias)
+    _checks.tensor("tokens", tokens)
+    _checks.same_shape("hidden's leading dims", hidden, "tokens", tokens, shape=hidden.shape[:-1])
+    _checks.same_device("hidden", hidden, "tokens", tokens)
+    temperature = _checks.positive("temperature", temperature)
+    if mask is not None:
+        mask = _checks.mask("mask", mask, "tokens", tokens)
+    check_token_ids(tokens, weight.shape[0], mask)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        _checks.fail("chunk_size", f"must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    return mask, temperature
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+):
+    """hidden [..., H], weight [V, H] (bias [V]), tokens [...] -> float32 logprobs [...] (and entropy).
+
+    The same as token_logprobs(hidden @ weight.T + bias, tokens, ...), computed chunk by chunk without
+    the [N, V] logits; differentiable w.r.t. hidden, weight and bias (gradients in their dtype).
+    chunk_size: rows per chunk (default: see the module docstring).
+    """
+    mask, temperature = _check(hidden, weight, tokens, bias, mask, temperature, chunk_size)
+    if use_reference(NAME, hidden):
+        return reference.linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature, mask=mask,
+                                               return_entropy=return_entropy)
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H).contiguous()
+    N = h.shape[0]
+    chunk = chunk_size or default_chunk_size(N, weight.shape[0], hidden.dtype)
+    tok = tokens.reshape(N).to(torch.int64).contiguous()
+    m = None if mask is None else mask.reshape(N).contiguous()
+    logprobs, entropy, _lse = op(NAME)(h, weight, bias, tok, m, temperature, return_entropy, chunk)
+    shape = tokens.shape
+    if return_entropy:
+        return logprobs.view(shape), entropy.view(shape)
+    return logprobs.view(shape)

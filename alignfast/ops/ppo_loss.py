@@ -56,11 +56,14 @@ def _setup_context(ctx, inputs, output):
     _loss, stats, grad_logprobs, grad_values = output
     ctx.save_for_backward(stats, grad_logprobs, grad_values)
     ctx.mark_non_differentiable(stats, grad_logprobs, grad_values)
+    ctx.set_materialize_grads(False)  # backward needs only grad_loss: no [B, T] zeros for the other outputs
 
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_grad_logprobs, _grad_grad_values):
     stats, grad_logprobs, grad_values = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if grad_loss is None:  # only the (non-differentiable) stats were used downstream
+        return (None,) * 11
     if any(needs[i] for i in (1, 2, 4, 5)):
         raise RuntimeError("alignfast.ppo_loss is differentiable with respect to logprobs and values only; "
                            "detach old_logprobs, advantages, old_values and returns")

@@ -110,8 +110,18 @@ def check_args(logits, tokens, mask, temperature, *, logits_name: str = "logits"
     temperature = _checks.positive("temperature", temperature)
     if mask is not None:
         mask = _checks.mask("mask", mask, "tokens", tokens)
-    _checks.token_ids("tokens", tokens, logits.shape[-1], mask)
+    check_token_ids(tokens, logits.shape[-1], mask)
     return mask, temperature
+
+
+def check_token_ids(tokens, vocab_size: int, mask):
+    """Ids in [0, vocab_size) at valid positions. Under torch.compile only the dtype is checked (the value
+    check would break the graph); the CPU kernels still check every id they read, the Triton ones clamp."""
+    if torch.compiler.is_compiling():
+        if tokens.dtype not in (torch.int64, torch.int32):
+            _checks.fail("tokens", f"must be an int64 or int32 tensor of token ids, got {tokens.dtype}")
+        return
+    _checks.token_ids("tokens", tokens, vocab_size, mask)
 
 
 def run_rows(logits3d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, temperature: float,

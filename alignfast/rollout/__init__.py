@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from alignfast.rollout.engine import Completion, TargetEngine
+from alignfast.rollout.engine import Completion, EngineRequestError, TargetEngine
 
 # name -> module under alignfast.rollout (one line per public name; keep sorted)
 _LAZY = {
@@ -21,7 +21,7 @@ _LAZY = {
     "VLLMEngine": "vllm_engine",
 }
 
-__all__ = ["Completion", "TargetEngine", *sorted(_LAZY)]
+__all__ = ["Completion", "EngineRequestError", "TargetEngine", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):

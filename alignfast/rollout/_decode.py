@@ -1,110 +1,163 @@
-"""The decode loop of one batch: left-padded prefill, KV cache, rows retired as they finish.
+"""The decode loop of one batch: chunked left-padded prefill, KV cache, finished rows retired.
 
-One batch holds U unique prompts and R >= U generated rows (several samples of one prompt share its
-prefill: the prompt's cache rows are copied, not recomputed). Each step feeds only the rows still
-running: when a row emits an EOS id its cache rows, mask row and position are dropped, so the batch
-shrinks instead of computing until its slowest row ends.
+One batch holds U unique prompts (units, longest first) and R >= U generated rows (the n samples of a
+prompt share its prefill: its cache rows are copied, not recomputed).
 
-Left padding with explicit position ids: a prompt of length L gets positions 0..L-1 whatever the pad
-width, so its tokens see the same rotary phases as when run alone; pads are masked out of attention
-and never reach the outputs.
+Prefill: with the packed cache, units are prefilled in chunks of at most `prefill_chunk_tokens` padded
+tokens; sorted by length, each chunk pads its prompts only to its own longest one, and writes straight
+into the batch's cache (see _kv_cache). With the DynamicCache fallback the batch is one chunk.
+
+Left padding with explicit position ids: a prompt of length L has positions 0..L-1 whatever the pad
+width, so it sees the same rotary phases as alone; pads are masked and never reach the outputs.
+
+Retirement: a row that emits an EOS id is dead. Dropping it from the batch copies the whole KV cache,
+so dead rows are dropped lazily, once they are `compact_fraction` of the batch: until then they keep
+decoding (their tokens after EOS are cut off at the end). This bounds both the wasted compute (a
+fraction of the rows) and the copying (each compaction shrinks the batch by that fraction).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from alignfast.rollout._batching import Unit
+from alignfast.rollout._kv_cache import new_dynamic_cache, new_packed_cache, packed_cache_layers
 from alignfast.rollout._sampling import choose_tokens, step_uniforms
 
 
-def make_cache_factory(model) -> Callable[[], object]:
-    """DynamicCache for this model's config (transformers >= 5 wants the config; 4.x takes none)."""
-    from transformers import DynamicCache
+@dataclass
+class ModelRunner:
+    """How to call one model: forward(input_ids, attention_mask, position_ids, cache) -> last logits."""
 
-    try:
-        DynamicCache(config=model.config)
-        return lambda: DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache
+    model: torch.nn.Module
+    forward: Callable[..., torch.Tensor]  # prefill
+    decode_forward: Callable[..., torch.Tensor]  # one token per row
+    packed_layers: int  # > 0: PackedKVCache with this many layers; 0: DynamicCache
+    prefill_chunk_tokens: int
+    compact_fraction: float
 
 
-def make_forward(model) -> Callable[..., torch.Tensor]:
-    """forward(input_ids, attention_mask, position_ids, cache) -> last-position logits [B, V].
-
-    Asks the model for the last position's logits only (logits_to_keep in transformers >= 4.50,
+def make_runner(model, *, use_packed_cache: bool = True, prefill_chunk_tokens: int = 8192,
+                compact_fraction: float = 0.125, compile: bool = False) -> ModelRunner:
+    """Asks the model for the last position's logits only (logits_to_keep in transformers >= 4.50,
     num_logits_to_keep before), so the prefill never materialises [B, T, V].
-    """
+
+    compile: decode steps go through torch.compile(model.forward, dynamic=True) (the batch and the
+    cache length change from step to step, so shapes are symbolic; no CUDA graphs). The prefill stays
+    eager: it runs a few times per call, decode steps hundreds of times."""
     params = inspect.signature(model.forward).parameters
     if "position_ids" not in params:
         raise TypeError(f"{type(model).__name__}.forward takes no position_ids: left-padded batching needs them")
     keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     extra = {keep_kw: 1} if keep_kw else {}
 
-    def forward(input_ids, attention_mask, position_ids, cache):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True, **extra)
-        return out.logits[:, -1, :]
+    def bind(fn):
+        def forward(input_ids, attention_mask, position_ids, cache):
+            out = fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=cache, use_cache=True, **extra)
+            return out.logits[:, -1, :]
+        return forward
 
-    return forward
+    eager = bind(model)
+    decode = bind(torch.compile(model.forward, dynamic=True)) if compile else eager
+    layers = packed_cache_layers(model) if use_packed_cache else 0
+    return ModelRunner(model, eager, decode, layers, prefill_chunk_tokens, compact_fraction)
 
 
-def decode_batch(forward, new_cache, units: list[Unit], *, max_new_tokens: int, temperature: float,
+def _prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges of prompts whose padded prefill (count * longest) fits the budget
+    (a prompt longer than the budget is a chunk of its own)."""
+    chunks, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest = max(longest, n)
+        if i > start and (i - start + 1) * longest > budget:
+            chunks.append((start, i))
+            start, longest = i, n
+    chunks.append((start, len(lengths)))
+    return chunks
+
+
+def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int, temperature: float,
                  top_p: float, eos_ids: torch.Tensor, pad_id: int, device: torch.device) -> list[list[int]]:
     """Generated token ids per row, rows in unit order; a row that stopped ends with its EOS id."""
-    U = len(units)
     lengths = [len(u.ids) for u in units]
-    width = max(lengths)
-    ids = torch.full((U, width), pad_id, dtype=torch.long)
-    # the mask for the whole run: prompt part left-padded, generated part all ones; step s uses a prefix
-    mask = torch.ones((U, width + max_new_tokens), dtype=torch.long)
-    for i, u in enumerate(units):
-        pad = width - lengths[i]
-        ids[i, pad:] = torch.tensor(u.ids, dtype=torch.long)
-        mask[i, :pad] = 0
-    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    cache = new_cache()
-    logits = forward(ids, mask[:, :width], positions, cache)
-
-    rows_per_unit = torch.tensor([u.rows for u in units])
-    R = int(rows_per_unit.sum())
-    next_pos = torch.tensor(lengths, dtype=torch.long)
-    if R != U:  # several rows per prompt: copy the prompt's cache instead of recomputing it
-        expand = torch.repeat_interleave(torch.arange(U), rows_per_unit)
-        next_pos = next_pos[expand]
-        expand = expand.to(device)
-        cache.batch_select_indices(expand)
-        logits, mask = logits[expand], mask[expand]
-    next_pos = next_pos.to(device)
+    rows_per_unit = [u.rows for u in units]
+    width, R = max(lengths), sum(rows_per_unit)
+    capacity = width + max_new_tokens
     sampling = temperature > 0.0
     keys = np.array([k for u in units for k in u.row_keys], dtype=np.uint64)
+    row_start = np.concatenate([[0], np.cumsum(rows_per_unit)])
 
+    def pick(logits, rows_host):
+        u = torch.from_numpy(step_uniforms(keys[rows_host], step)).to(device) if sampling else None
+        return choose_tokens(logits, temperature=temperature, top_p=top_p, uniforms=u)
+
+    # --- prefill -------------------------------------------------------------------------------
+    step = 0
+    packed = runner.packed_layers > 0
+    cache = new_packed_cache(runner.packed_layers, R, capacity) if packed else new_dynamic_cache(runner.model)
+    chunks = _prefill_chunks(lengths, runner.prefill_chunk_tokens) if packed else [(0, len(units))]
+    first = torch.empty(R, dtype=torch.long, device=device)
+    for a, b in chunks:
+        w = max(lengths[a:b])
+        ids = torch.full((b - a, w), pad_id, dtype=torch.long)
+        mask = torch.zeros((b - a, w), dtype=torch.long)
+        for i, u in enumerate(units[a:b]):
+            ids[i, w - lengths[a + i]:] = torch.tensor(u.ids, dtype=torch.long)
+            mask[i, w - lengths[a + i]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        r0, r1 = int(row_start[a]), int(row_start[b])
+        expand = None
+        if r1 - r0 != b - a:  # several rows per prompt: copy the prompt's keys instead of recomputing
+            expand = torch.repeat_interleave(torch.arange(b - a), torch.tensor(rows_per_unit[a:b])).to(device)
+        target = cache.prefill_view(r0, r1, width - w, expand) if packed else cache
+        logits = runner.forward(ids.to(device), mask.to(device), positions.to(device), target)
+        first[r0:r1] = pick(logits if expand is None else logits[expand], np.arange(r0, r1))
+        if not packed and expand is not None:
+            cache.batch_select_indices(expand)
+    if packed:
+        cache.finish_prefill(width)
+
+    # --- decode --------------------------------------------------------------------------------
+    attn = torch.ones((R, capacity), dtype=torch.long)
+    for i, u in enumerate(units):
+        attn[int(row_start[i]):int(row_start[i + 1]), :width - lengths[i]] = 0
+    attn = attn.to(device)
+    next_pos = torch.repeat_interleave(torch.tensor(lengths), torch.tensor(rows_per_unit)).to(device)
+    rows = torch.arange(R, device=device)  # batch position -> row
+    rows_host = np.arange(R)
+    alive = torch.ones(R, dtype=torch.bool, device=device)
     out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=device)
-    active = torch.arange(R, device=device)
-    active_host = np.arange(R)
+    tokens = first
     for step in range(max_new_tokens):
-        uniforms = torch.from_numpy(step_uniforms(keys[active_host], step)).to(device) if sampling else None
-        tokens = choose_tokens(logits, temperature=temperature, top_p=top_p, uniforms=uniforms)
-        out[active, step] = tokens
+        if step > 0:
+            tokens = pick(logits, rows_host)
+        out[rows, step] = tokens
         if step + 1 == max_new_tokens:
             break
-        done = torch.isin(tokens, eos_ids)
-        if bool(done.any()):
-            keep_host = (~done).nonzero().squeeze(1).cpu()
-            if keep_host.numel() == 0:
-                break
-            keep = keep_host.to(device)
+        alive &= ~torch.isin(tokens, eos_ids)
+        n_alive = int(alive.sum())
+        if n_alive == 0:
+            break
+        if (alive.numel() - n_alive) >= max(1.0, runner.compact_fraction * alive.numel()):
+            keep = alive.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            mask, next_pos, tokens, active = mask[keep], next_pos[keep], tokens[keep], active[keep]
-            active_host = active_host[keep_host.numpy()]
-        logits = forward(tokens[:, None], mask[:, :width + step + 1], next_pos[:, None], cache)
+            attn, next_pos, tokens, rows = attn[keep], next_pos[keep], tokens[keep], rows[keep]
+            rows_host = rows_host[keep.cpu().numpy()]
+            alive = alive[keep]
+        logits = runner.decode_forward(tokens[:, None], attn[:, :width + step + 1], next_pos[:, None], cache)
         next_pos = next_pos + 1
 
     out = out.cpu()
-    return [row[row >= 0].tolist() for row in out]
+    eos = eos_ids.cpu()
+    generated = []
+    for row in out:
+        row = row[row >= 0]
+        hits = torch.isin(row, eos).nonzero()
+        generated.append(row[: int(hits[0]) + 1].tolist() if hits.numel() else row.tolist())
+    return generated

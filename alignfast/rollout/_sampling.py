@@ -4,7 +4,11 @@ Reproducibility that does not depend on batching. Every generated row owns a 64-
 (seed, the prompt's tokens, which occurrence of that prompt it is, which of the n samples it is); the
 uniform variate that row uses at decode step t is a hash of (key, t). So a row draws the same numbers
 whether it is decoded alone or beside 500 others, in any order, with or without prompt de-duplication
-— unlike one torch.Generator shared by a batch, whose stream is consumed in batch order.
+— unlike one torch.Generator shared by a batch, whose stream is consumed in batch order. The logits
+themselves are only batch-independent up to rounding: in fp32/bf16 another batch layout (padding
+width, rows per matmul) moves them in the last bits, which flips a draw whose uniform lies that close
+to a boundary of the CDF, and the completion diverges from there (rare: at 256 prompts x ~50 tokens
+in fp32, one row of 256 differed between two token budgets). In fp64 the tests see exact equality.
 
 Sampling by inverse CDF with that single uniform u per row and step:
 
@@ -29,12 +33,32 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-def row_key(seed: int, prompt_ids, occurrence: int, sample: int) -> int:
-    """A 64-bit key for one generated row: a hash of (seed, prompt tokens, occurrence, sample index)."""
+def row_key(seed: int, prompt, occurrence: int, sample: int) -> int:
+    """A 64-bit key for one generated row: a hash of (seed, prompt, occurrence, sample index).
+
+    prompt: token ids, or text (hashed as UTF-8 under its own tag, so text never collides with ids).
+    """
     h = hashlib.blake2b(digest_size=8)
     h.update(struct.pack("<qqq", seed & 0x7FFFFFFFFFFFFFFF, occurrence, sample))
-    h.update(np.asarray(prompt_ids, dtype=np.int64).tobytes())
+    if isinstance(prompt, str):
+        h.update(b"text:" + prompt.encode("utf-8"))
+    else:
+        h.update(np.asarray(prompt, dtype=np.int64).tobytes())
     return int.from_bytes(h.digest(), "little")
+
+
+def request_seeds(prompts, seed: int) -> list[int]:
+    """One 31-bit seed per prompt for backends that take a seed per request (vLLM, OpenAI-compatible
+    servers): a function of (seed, prompt, which occurrence of that prompt), not of its position, so
+    reordering or splitting a call does not change a prompt's samples."""
+    seen: dict = {}
+    out = []
+    for p in prompts:
+        key = p if isinstance(p, str) else tuple(p)
+        occ = seen.get(key, 0)
+        seen[key] = occ + 1
+        out.append(row_key(seed, p, occ, 0) & 0x7FFFFFFF)
+    return out
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -73,12 +97,11 @@ def choose_tokens(logits: torch.Tensor, *, temperature: float, top_p: float,
         order = None
     cum = probs.cumsum(dim=-1)
     total = cum[:, -1:]
-    target = uniforms.view(-1, 1).to(cum.dtype) * total
+    # u * total < total in exact arithmetic; after rounding keep the target strictly below the top, so
+    # the first index whose cumulative mass exceeds it is a token with non-zero probability (trailing
+    # zero-mass tokens share the top value and can never be the first to exceed the target).
+    target = torch.minimum(uniforms.view(-1, 1).to(cum.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
     idx = torch.searchsorted(cum, target, right=True)
-    # u*total < total always, but rounding in cumsum can leave the target at the very top: clamp to the
-    # last token with non-zero probability.
-    last_nonzero = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
-    idx = torch.minimum(idx, last_nonzero)
     if order is not None:
         idx = order.gather(-1, idx)
     return idx.squeeze(-1)

@@ -73,6 +73,15 @@ class GenerateArgs:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def base_seed(self) -> int:
+        """The call's seed, or (seed=None) one drawn from torch's global generator, so that
+        torch.manual_seed makes unseeded calls reproducible too."""
+        if self.seed is not None:
+            return self.seed
+        import torch
+
+        return int(torch.randint(0, 2**62, (1,)).item())
+
 
 def _is_int(x) -> bool:
     # bool is an int subclass but never a token id or a count.
@@ -118,3 +127,15 @@ def check_prompts(prompts) -> list[str | list[int]]:
             fail(f"prompts[{i}]", f"must hold integer token ids only, found {bad!r}")
         out.append([int(t) for t in ids])
     return out
+
+
+class EngineRequestError(RuntimeError):
+    """A request to a generation backend (an HTTP endpoint, a vLLM instance) failed for good: after
+    the retries the engine allows, or with an error that retrying cannot fix. The message names the
+    prompt index and the last error; the original exception is chained."""
+
+
+def check_call(prompts, *, max_new_tokens, temperature, top_p, n, seed) -> tuple[GenerateArgs, list[str | list[int]]]:
+    """check_generate_args and check_prompts for one `generate` call."""
+    args = check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
+    return args, check_prompts(prompts)

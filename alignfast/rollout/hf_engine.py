@@ -9,7 +9,8 @@ of n samples separately. This engine
   3. prefills each unique prompt once, copies its cache rows for the n samples;
   4. decodes with a KV cache, retiring rows at EOS so the batch shrinks as rows finish;
   5. draws samples from per-row random streams keyed by (seed, prompt, occurrence, sample), so the
-     output does not depend on how requests were batched.
+     output does not depend on how requests were batched (up to floating-point rounding of the
+     logits, which another batch layout can move: see _sampling).
 
 Greedy output equals per-prompt `model.generate(do_sample=False)` (tested). Temperature and top-p
 are the only logits transforms applied; other generation_config settings (repetition penalty, top_k)
@@ -26,12 +27,42 @@ from collections.abc import Sequence
 
 import torch
 
-from alignfast.ops._checks import choice, fail
+from alignfast.ops._checks import choice, fail, in_range
 from alignfast.rollout._batching import build_units, plan_batches
-from alignfast.rollout._decode import decode_batch, make_cache_factory, make_forward
-from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_generate_args, check_prompts
+from alignfast.rollout._decode import decode_batch, make_runner
+from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_call
 
-DEFAULT_MAX_BATCH_TOKENS = 32768
+DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and the floor on a GPU
+GPU_KV_MEMORY_FRACTION = 0.4  # of the free GPU memory, for the KV cache of one batch by default
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of K and V cache one token takes over all layers: 2 * layers * kv_heads * head_dim * itemsize."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * head_dim * itemsize
+
+
+def default_batch_limits(model, device: torch.device) -> tuple[int, int | None]:
+    """(max_batch_tokens, max_batch_size) when not given.
+
+    CPU: DEFAULT_MAX_BATCH_TOKENS, no row cap. GPU: the tokens whose KV cache fills
+    GPU_KV_MEMORY_FRACTION of the memory free now (at least the CPU default), and as many rows as keep
+    one step's sampling buffers (logits, fp32 probabilities, cumulative sums, sort indices: ~24 bytes
+    per vocabulary entry and row) within a tenth of it (at least 64).
+    """
+    if device.type != "cuda":
+        return DEFAULT_MAX_BATCH_TOKENS, None
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+        per_token = kv_bytes_per_token(model)
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+    except (AttributeError, TypeError, RuntimeError):
+        return DEFAULT_MAX_BATCH_TOKENS, None
+    tokens = max(DEFAULT_MAX_BATCH_TOKENS, int(GPU_KV_MEMORY_FRACTION * free) // per_token)
+    return tokens, max(64, int(0.1 * free) // (24 * vocab))
 
 
 def _flash_attn_available() -> bool:
@@ -58,28 +89,42 @@ class HFEngine(TargetEngine):
         not given. Text prompts are encoded with `add_special_tokens` (BOS for Llama-style tokenizers).
     device, dtype: for a path only (defaults: cuda if available, else cpu; bf16 on cuda, fp32 on cpu).
     max_batch_tokens: KV-cache positions one batch may hold: rows * (longest prompt + max_new_tokens).
-    max_batch_size: optional cap on rows per batch.
+        Default: 32768 on CPU; on a GPU as many as fill 40% of the free memory (at least 32768).
+    max_batch_size: cap on rows per batch. Default: none on CPU; on a GPU as many rows as keep one
+        step's sampling buffers within a tenth of the free memory.
     max_prompt_length: prompts longer than this are truncated (their last tokens kept: the end of the
         prompt is what the model continues) with a warning, or rejected when on_long_prompt="error".
         Default: the model's max_position_embeddings minus max_new_tokens, when the config has it.
     attn_implementation: for a path: "sdpa" by default, "flash_attention_2" when flash-attn is installed
         and the model goes to a GPU in half precision. For a model object: switched when given.
     dedupe: prefill identical prompts once (and n samples of one prompt share its prefill).
+    prefill_chunk_tokens: padded prompt tokens per prefill forward (prompts of similar length are
+        prefilled together, so little of it is padding).
+    packed_cache: use the preallocated KV cache (written in place; needs transformers >= 5 and a
+        model whose layers all use full attention, else DynamicCache is used).
+    compact_fraction: finished rows are dropped from the batch (a copy of its KV cache) once they are
+        this fraction of it; until then they keep decoding, their extra tokens discarded.
+    compile: run decode steps through torch.compile(dynamic=True); the first call pays the compilation
+        (minutes), later calls reuse it. Worth it for long training runs on a GPU.
     eos_token_id: ids that end a completion; default generation_config.eos_token_id, else the
         tokenizer's eos.
     """
 
     def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 dtype: torch.dtype | None = None, max_batch_tokens: int | None = None,
                  max_batch_size: int | None = None, max_prompt_length: int | None = None,
                  on_long_prompt: str = "truncate", attn_implementation: str | None = None,
                  dedupe: bool = True, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, add_special_tokens: bool = True,
+                 prefill_chunk_tokens: int = 8192, packed_cache: bool = True, compact_fraction: float = 0.125,
+                 compile: bool = False,
                  local_files_only: bool = True, trust_remote_code: bool = False):
-        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-            fail("max_batch_tokens", f"must be an integer >= 1, got {max_batch_tokens!r}")
+        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+            fail("max_batch_tokens", f"must be None or an integer >= 1, got {max_batch_tokens!r}")
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             fail("max_batch_size", f"must be None or an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 1:
+            fail("prefill_chunk_tokens", f"must be an integer >= 1, got {prefill_chunk_tokens!r}")
         if max_prompt_length is not None and (not isinstance(max_prompt_length, int) or max_prompt_length < 1):
             fail("max_prompt_length", f"must be None or an integer >= 1, got {max_prompt_length!r}")
         self.on_long_prompt = choice("on_long_prompt", on_long_prompt, ("truncate", "error"))
@@ -105,6 +150,11 @@ class HFEngine(TargetEngine):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        default_tokens, default_rows = default_batch_limits(model, self.device)
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = default_tokens
+        if self.max_batch_size is None:
+            self.max_batch_size = default_rows
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
         gen_cfg = getattr(model, "generation_config", None)
@@ -117,8 +167,9 @@ class HFEngine(TargetEngine):
             pad_token_id = next((v for v in (getattr(gen_cfg, "pad_token_id", None),
                                              getattr(tokenizer, "pad_token_id", None), *eos) if v is not None), 0)
         self.pad_token_id = int(pad_token_id)
-        self._forward = make_forward(model)
-        self._new_cache = make_cache_factory(model)
+        self._runner = make_runner(model, use_packed_cache=packed_cache, prefill_chunk_tokens=prefill_chunk_tokens,
+                                   compact_fraction=in_range("compact_fraction", compact_fraction, 0.0, 1.0),
+                                   compile=bool(compile))
 
     @staticmethod
     def _load(path, tokenizer, device, dtype, attn_implementation, local_files_only, trust_remote_code):
@@ -184,14 +235,12 @@ class HFEngine(TargetEngine):
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[Completion]]:
-        args = check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   n=n, seed=seed)
-        prompt_list = check_prompts(prompts)
+        args, prompt_list = check_call(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, n=n, seed=seed)
         if not prompt_list:
             return []
         prompt_ids = self._encode(prompt_list, args.max_new_tokens)
-        seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        units = build_units(prompt_ids, n=args.n, greedy=args.greedy, seed=seed, dedupe=self.dedupe)
+        units = build_units(prompt_ids, n=args.n, greedy=args.greedy, seed=args.base_seed(), dedupe=self.dedupe)
         batches = plan_batches(units, max_new_tokens=args.max_new_tokens, max_batch_tokens=self.max_batch_tokens,
                                max_batch_size=self.max_batch_size)
 
@@ -201,7 +250,7 @@ class HFEngine(TargetEngine):
         try:
             with torch.no_grad():
                 for batch in batches:
-                    rows = decode_batch(self._forward, self._new_cache, batch, max_new_tokens=args.max_new_tokens,
+                    rows = decode_batch(self._runner, batch, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_p=args.top_p, eos_ids=self._eos,
                                         pad_id=self.pad_token_id, device=self.device)
                     slots = [s for u in batch for s in u.row_slots]

@@ -371,7 +371,9 @@ class PPOEngineTrainer:
         return metrics, samples
 
     def _reuse_sampler_logprobs(self) -> bool:
-        if self.config.backend != "fast":
+        """Old log-probs from the sampler: fast path only, and only where it saves a forward pass (a
+        shared value head needs the policy's forward for the values anyway)."""
+        if self.config.backend != "fast" or self.value_model is None:
             return False
         if self.config.reuse_sampler_logprobs is not None:
             return self.config.reuse_sampler_logprobs

@@ -121,8 +121,8 @@ class AlignProConfig:
         "Subtracted from the score of responses that hit response_length without EOS.")
     max_prompt_length: int | None = _opt(None, "Keep at most the last N tokens of the policy's input.")
     reuse_sampler_logprobs: bool | None = _opt(None,
-        "Fast path: take old log-probs from the sampler instead of a second forward (None: only for float32 "
-        "policies).")
+        "Fast path with a separate value model: take old log-probs from the sampler instead of a second "
+        "forward (None: for float32 policies only).")
 
     # --- Align-Pro: the rewrite and the frozen target ---------------------------------------------
     rewrite_template: str = _opt(DEFAULT_REWRITE_TEMPLATE, "The prompter's instruction; must contain {prompt}.")

@@ -222,8 +222,8 @@ def score_rollout(policy: CausalLMPolicy, ref_logprobs_fn: Callable, value_model
                   logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(old log-probs, reference log-probs, values), each [B, R] float32, in chunks of `chunk` rows.
 
-    `logprobs` given (taken from the sampler) skips the policy's own forward unless the policy also
-    produces the values (shared head).
+    `logprobs` given (taken from the sampler) skips the policy's own forward; the trainer passes them
+    only with a separate value model (a shared head needs the policy's forward for the values).
     """
     B = response_ids.size(0)
     out_lp, out_ref, out_v = [], [], []
@@ -234,11 +234,9 @@ def score_rollout(policy: CausalLMPolicy, ref_logprobs_fn: Callable, value_model
         R = r_ids.size(1)
         q_ids, q_mask, r_ids, r_mask = q_ids[:, q0:], q_mask[:, q0:], r_ids[:, :r1], r_mask[:, :r1]
         values = None
-        if logprobs is None or value_model is None:
+        if logprobs is None:
             pol = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=temperature)
             lp, values = pol.logprobs, pol.values
-            if logprobs is not None:
-                lp = logprobs[sl, :r1]
         else:
             lp = logprobs[sl, :r1]
         if values is None:

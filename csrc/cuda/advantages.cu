@@ -35,8 +35,9 @@ namespace {
 
 constexpr int kItems = 8;         // contiguous tokens per thread per tile
 // A tile holds at most 2048 tokens. The float kernel needs ~82 registers a thread (130 for double):
-// 256 threads keep three float blocks (768 threads) resident per SM, enough bytes in flight to
-// saturate HBM (bench/NOTES-advantages.md); 512 would fit one block and not launch at all for double.
+// at 256 threads two float blocks are resident per SM (264 on an H100, so a 256-row batch runs in one
+// wave) with enough bytes in flight to saturate HBM (bench/NOTES-advantages.md); 512 threads would fit
+// one block per SM, and for double could not launch at all.
 constexpr int kMaxThreads = 256;
 constexpr int kStatsThreads = 256;
 constexpr int kApplyThreads = 256;

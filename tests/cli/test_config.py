@@ -105,3 +105,20 @@ def test_dtype_and_callable_lookup():
         import_callable("alignfast.eval.metrics:nope", "reward function")
     with pytest.raises(CLIError, match="must look like"):
         import_callable("no_colon", "reward function")
+
+
+def test_target_engines_build_from_the_run_file(monkeypatch):
+    from alignfast.cli.build import build_target_engine
+    from alignfast.rollout import OpenAIEngine
+
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    config = {"target": {"model": "served-model", "engine": "openai", "base_url": "http://127.0.0.1:9/v1",
+                         "api": "chat", "api_key_env": "MY_KEY", "max_concurrency": 3, "timeout": 2.5,
+                         "max_retries": 1}}
+    engine, tokenizer = build_target_engine(config, device="cpu")
+    assert isinstance(engine, OpenAIEngine) and tokenizer is None
+    assert engine.api == "chat" and engine.max_concurrency == 3
+    with pytest.raises(CLIError, match="target.engine must be one of hf, vllm, openai"):
+        build_target_engine({"target": {"model": "m", "engine": "tgi"}}, device="cpu")
+    with pytest.raises(CLIError, match="needs 'target.base_url'"):
+        build_target_engine({"target": {"model": "m", "engine": "openai"}}, device="cpu")

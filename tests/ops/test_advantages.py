@@ -243,3 +243,10 @@ def test_device_mismatch_names_the_argument():
     logprobs, ref_logprobs, values, scores, mask = make_inputs(2, 3, seed=16)
     with pytest.raises(AlignfastArgumentError, match="'values' is on meta"):
         ops.compute_advantages(logprobs, ref_logprobs, values.to("meta"), scores, mask, kl_coef=0.1)
+
+
+def test_empty_batch_or_sequence():
+    for B, T in ((0, 5), (3, 0)):
+        inputs = make_inputs(B, T, seed=17, mask=torch.ones(B, T, dtype=torch.bool))
+        for name, out in zip(OUTPUTS, ops.compute_advantages(*inputs, kl_coef=0.1)):
+            assert out.shape == (B, T) and out.dtype == torch.float32, name

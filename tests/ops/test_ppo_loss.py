@@ -294,3 +294,13 @@ def test_direct_op_call_checks_arguments():
         torch.ops.alignfast.ppo_loss(*tensors, mask, -1.0, 0.2, 0.1, False)
     with pytest.raises(RuntimeError, match="'values'"):
         torch.ops.alignfast.ppo_loss(*tensors[:3], tensors[3].double(), *tensors[4:], mask, 0.2, 0.2, 0.1, False)
+
+
+def test_empty_batch_or_sequence():
+    for B, T in ((0, 5), (3, 0)):
+        tensors, mask = make_inputs(B, T, seed=17, mask=torch.ones(B, T, dtype=torch.bool))
+        tensors = leaf(tensors)
+        loss, stats = ops.ppo_loss(*tensors, mask)
+        assert loss.item() == 0 and all(v.item() == 0 for v in stats.values())
+        loss.backward()
+        assert tensors[0].grad.shape == (B, T) and tensors[3].grad.shape == (B, T)

@@ -220,6 +220,23 @@ def test_opcheck():
                           test_utils=quick)
 
 
+def test_torch_compile_fullgraph():
+    logits = make_logits((2, 3, 40), torch.float32)
+    tokens = torch.randint(0, 40, (2, 3))
+    mask = random_mask(2, 3)
+
+    def step(x):
+        lp, ent = token_logprobs(x, tokens, temperature=0.7, mask=mask, return_entropy=True)
+        return (lp - 0.1 * ent).sum()
+
+    x_eager, x_comp = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    step(x_eager).backward()
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(x_comp)
+    out.backward()
+    assert_close(out, step(logits), **LP_TOL)
+    assert torch.equal(x_comp.grad, x_eager.grad)
+
+
 @pytest.mark.parametrize("position_valid", [True, False])
 def test_token_out_of_range(position_valid):
     logits = torch.randn(2, 3, 10)

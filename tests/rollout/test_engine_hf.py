@@ -66,9 +66,17 @@ def reference_generate(model, tokenizer, prompt: str, max_new_tokens: int, eos=N
     return out
 
 
-@pytest.mark.parametrize("max_batch_tokens", [64, 100_000])  # many small batches / one batch
-def test_engine_greedy_matches_per_prompt_generate(model64, tokenizer, max_batch_tokens):
-    engine = HFEngine(model64, tokenizer, max_batch_tokens=max_batch_tokens)
+# (max_batch_tokens, prefill_chunk_tokens, packed_cache): one batch / many small batches, one prefill
+# chunk per batch / many, the preallocated cache / the DynamicCache fallback
+LAYOUTS = [(100_000, 100_000, True), (64, 100_000, True), (100_000, 40, True), (300, 1, True),
+           (100_000, 100_000, False), (64, 40, False)]
+
+
+@pytest.mark.parametrize("max_batch_tokens,prefill_chunk_tokens,packed_cache", LAYOUTS)
+def test_engine_greedy_matches_per_prompt_generate(model64, tokenizer, max_batch_tokens, prefill_chunk_tokens,
+                                                   packed_cache):
+    engine = HFEngine(model64, tokenizer, max_batch_tokens=max_batch_tokens,
+                      prefill_chunk_tokens=prefill_chunk_tokens, packed_cache=packed_cache)
     got = engine.generate(PROMPTS, max_new_tokens=10)
     assert len(got) == len(PROMPTS)
     for prompt, completions in zip(PROMPTS, got):
@@ -118,6 +126,37 @@ def test_engine_eos_stops_rows_and_matches_generate(model64, tokenizer):
     assert stopped >= 2
 
 
+@pytest.mark.parametrize("compact_fraction", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_engine_retirement_policy_does_not_change_outputs(model64, tokenizer, compact_fraction, temperature):
+    """Finished rows dropped at once, in bulk, or never: the same completions."""
+    free = HFEngine(model64, tokenizer, eos_token_id=[]).generate(PROMPTS, max_new_tokens=12)
+    eos = sorted({r[0].token_ids[i] for r, i in zip(free, (2, 4, 6, 8, 1, 3))})
+    kw = dict(max_new_tokens=12, temperature=temperature, n=3, seed=4)
+    want = HFEngine(model64, tokenizer, eos_token_id=eos, packed_cache=False, max_batch_size=1).generate(PROMPTS, **kw)
+    got = HFEngine(model64, tokenizer, eos_token_id=eos, compact_fraction=compact_fraction).generate(PROMPTS, **kw)
+    assert got == want
+    assert sum(c.finish_reason == "stop" for r in got for c in r) >= 6
+
+
+def test_engine_sliding_window_model_uses_fallback_cache(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from alignfast.rollout._kv_cache import packed_cache_layers
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(1)
+    model = MistralForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    assert packed_cache_layers(model) == 0
+    got = HFEngine(model, tokenizer).generate(PROMPTS, max_new_tokens=10)
+    for prompt, completions in zip(PROMPTS, got):
+        assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 10)
+
+
 def test_engine_eos_from_generation_config_list(tokenizer):
     model = build_model(len(tokenizer)).to(torch.float64)
     free = HFEngine(model, tokenizer, eos_token_id=[]).generate(PROMPTS[:2], max_new_tokens=8)
@@ -164,9 +203,13 @@ def test_engine_sampling_is_seeded_and_batching_independent(model64, tokenizer):
     a = HFEngine(model64, tokenizer).generate(PROMPTS, seed=11, **kw)
     assert a == HFEngine(model64, tokenizer).generate(PROMPTS, seed=11, **kw)
     assert a != HFEngine(model64, tokenizer).generate(PROMPTS, seed=12, **kw)
-    # other batch cuts, no de-duplication, a different order and subset: same samples per (prompt, sample)
-    b = HFEngine(model64, tokenizer, max_batch_tokens=40, dedupe=False).generate(PROMPTS, seed=11, **kw)
-    assert a == b
+    # other batch cuts and prefill chunks, no de-duplication, the fallback cache, a different order
+    # and subset: the same samples per (prompt, sample)
+    for layout in LAYOUTS[1:]:
+        mbt, pct, packed = layout
+        b = HFEngine(model64, tokenizer, max_batch_tokens=mbt, prefill_chunk_tokens=pct, packed_cache=packed,
+                     dedupe=mbt < 1000).generate(PROMPTS, seed=11, **kw)
+        assert a == b, layout
     c = HFEngine(model64, tokenizer, max_batch_size=2).generate([PROMPTS[4], PROMPTS[0]], seed=11, **kw)
     assert c == [a[4], a[0]]
     # the second occurrence of a duplicated prompt draws its own samples
@@ -247,3 +290,87 @@ def test_engine_bad_arguments(model64, tokenizer):
         HFEngine(model64, tokenizer, max_batch_tokens=0)
     with pytest.raises(AlignfastArgumentError, match="'dtype'"):
         HFEngine(model64, tokenizer, dtype=torch.float16)
+
+
+@pytest.mark.slow  # torch.compile takes minutes on a small CPU
+def test_engine_compiled_decode_matches_eager(model64, tokenizer):
+    eager = HFEngine(model64, tokenizer).generate(PROMPTS, max_new_tokens=8, temperature=1.0, n=2, seed=0)
+    engine = HFEngine(model64, tokenizer, compile=True)
+    assert engine.generate(PROMPTS, max_new_tokens=8, temperature=1.0, n=2, seed=0) == eager
+    assert engine.generate(PROMPTS[:3], max_new_tokens=8) == HFEngine(model64, tokenizer).generate(PROMPTS[:3],
+                                                                                                   max_new_tokens=8)
+
+
+def test_engine_default_budget(model64, tokenizer, monkeypatch):
+    from alignfast.rollout.hf_engine import DEFAULT_MAX_BATCH_TOKENS, default_batch_limits, kv_bytes_per_token
+
+    # 2 (K and V) * 2 layers * 2 KV heads * head_dim 48/4 * 8 bytes (float64)
+    assert kv_bytes_per_token(model64) == 2 * 2 * 2 * 12 * 8
+    engine = HFEngine(model64, tokenizer)
+    assert (engine.max_batch_tokens, engine.max_batch_size) == (DEFAULT_MAX_BATCH_TOKENS, None)  # on CPU
+    assert HFEngine(model64, tokenizer, max_batch_tokens=500).max_batch_tokens == 500
+    # on a GPU with 10 GB free: 40% for KV, a tenth for one step's sampling buffers (24 B per vocab entry)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**10, 8 * 10**10))
+    tokens, rows = default_batch_limits(model64, torch.device("cuda"))
+    assert tokens == int(0.4 * 10**10) // 768 and rows == 10**9 // (24 * len(tokenizer))
+
+
+def _tiny(family: str, vocab: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "qwen2":  # biases on q/k/v, tied embeddings
+        config = tf.Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+        cls = tf.Qwen2ForCausalLM
+    else:  # gpt2: learned absolute positions, fused qkv
+        config = tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=256, **common)
+        cls = tf.GPT2LMHeadModel
+    torch.manual_seed(2)
+    model = cls(config).to(torch.float64).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(25.0)  # well-separated greedy choices
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_engine_other_model_families_match_generate(tokenizer, family):
+    model = _tiny(family, len(tokenizer))
+    engine = HFEngine(model, tokenizer, prefill_chunk_tokens=40)
+    got = engine.generate(PROMPTS, max_new_tokens=8)
+    for prompt, completions in zip(PROMPTS, got):
+        assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 8)
+
+
+def test_engine_bfloat16_runs_and_keeps_padding_out(model64, tokenizer):
+    """bf16 (the GPU dtype): batched rounding differs from single-prompt runs, so no exact comparison
+    with generate here; the outputs are well-formed and a prompt's samples do not depend on the pad id."""
+    import copy
+
+    model = copy.deepcopy(model64).to(torch.bfloat16)
+    a = HFEngine(model, tokenizer, pad_token_id=0).generate(PROMPTS, max_new_tokens=6, temperature=1.0, n=2, seed=0)
+    b = HFEngine(model, tokenizer, pad_token_id=77).generate(PROMPTS, max_new_tokens=6, temperature=1.0, n=2, seed=0)
+    assert a == b
+    assert all(1 <= len(c.token_ids) <= 6 and all(0 <= t < len(tokenizer) for t in c.token_ids) for r in a for c in r)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_generate_and_fits_defaults(tiny_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).to("cuda").eval()
+    engine = HFEngine(model, tokenizer, prefill_chunk_tokens=40)
+    assert engine.max_batch_tokens >= 32768 and engine.max_batch_size >= 64
+    got = engine.generate(PROMPTS, max_new_tokens=10)
+    for prompt, completions in zip(PROMPTS, got):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                              pad_token_id=0)[0, ids.shape[1]:].tolist()
+        if 2 in want:
+            want = want[:want.index(2) + 1]
+        assert completions[0].token_ids == want
+    sampled = engine.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.9, n=4, seed=0)
+    assert sampled == engine.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.9, n=4, seed=0)
+    bf16 = HFEngine(str(tiny_dir), device="cuda")  # loaded: bf16 and sdpa/flash-attention by default
+    assert bf16.model.dtype == torch.bfloat16
+    assert all(len(r) == 2 for r in bf16.generate(PROMPTS, max_new_tokens=6, temperature=1.0, n=2, seed=0))

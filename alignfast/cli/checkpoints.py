@@ -1,0 +1,46 @@
+"""Loading a trained policy for evaluation: a `save_model` folder, a checkpoint-<step> folder (its policy/),
+either holding full weights or a LoRA adapter (peft), with its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignfast.cli.errors import CLIError
+from alignfast.cli.models import load_tokenizer
+
+
+def policy_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CLIError(f"checkpoint not found: {p}")
+    if (p / "policy").is_dir():  # output_dir/checkpoint-<step>/policy
+        p = p / "policy"
+    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise CLIError(f"{p} holds no model (expected config.json, or adapter_config.json for a LoRA adapter); "
+                       "pass a folder written by `alignfast train` (final/ or checkpoint-<step>/)")
+    return p
+
+
+def load_policy(path: str | Path, *, base_spec: dict, role: str, device=None):
+    """(model, tokenizer) of a trained policy; a LoRA adapter is merged into its base for fast decoding."""
+    from alignfast.cli.models import _load, torch_dtype
+
+    p = policy_dir(path)
+    if (p / "adapter_config.json").is_file():
+        try:
+            from peft import AutoPeftModelForCausalLM
+        except ImportError:
+            raise CLIError(f"{p} is a LoRA adapter: loading it needs `peft` (pip install 'alignfast[peft]')") from None
+        model = _load(AutoPeftModelForCausalLM.from_pretrained, str(p), f"{role} adapter",
+                      dtype=torch_dtype(base_spec.get("dtype")))
+        model = model.merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = _load(AutoModelForCausalLM.from_pretrained, str(p), f"{role} model",
+                      dtype=torch_dtype(base_spec.get("dtype")))
+    if device is not None:
+        model = model.to(device)
+    has_tokenizer = (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer({"model": str(p)} if has_tokenizer else base_spec, role)
+    return model.eval().requires_grad_(False), tokenizer

@@ -1,0 +1,86 @@
+"""`alignfast eval`: the paper's comparison table for a trained prompter on held-out prompts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BASELINE = "No fine-tuning"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="compare a trained prompter with no prompter (and an Oracle checkpoint) on held-out prompts",
+        description="Scores data.eval of the run file with No fine-tuning (the frozen target answers the prompt), "
+                    "Align-Pro (the prompter in --checkpoint rewrites it, greedily) and, with --oracle-checkpoint, "
+                    "the Oracle (a target trained with `alignfast train --oracle`). Prints mean reward, reward "
+                    "variance and win rate vs No fine-tuning; writes eval.json, eval.md and the rollouts.")
+    p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file used for training")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a trained prompter: output_dir/final or output_dir/checkpoint-<step>")
+    p.add_argument("--oracle-checkpoint", metavar="DIR", help="a target trained with --oracle (optional)")
+    p.add_argument("--output-dir", metavar="DIR", help="where eval.json/eval.md go (default: next to --checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the target's sampling when it samples (default 0)")
+    p.set_defaults(run=run, accepts_overrides=True)
+
+
+def run(args, overrides) -> int:
+    import json
+
+    from alignfast.cli import build
+    from alignfast.cli.checkpoints import load_policy
+    from alignfast.cli.config import load_run_config, section
+    from alignfast.eval import arms as arm_eval
+    from alignfast.eval import compare_arms, to_json, to_markdown
+    from alignfast.rollout import HFEngine
+    from alignfast.trainer.base import build_rewards
+    from alignfast.trainer.environments import AlignProEnvironment, DirectEnvironment
+
+    from alignfast.cli.models import quiet_transformers
+
+    quiet_transformers()
+    config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
+    cfg = build.trainer_config(config, output_dir=str(Path(args.checkpoint).parent))
+    device = build.default_device()
+    _, evals = build.load_data(config, need_train=False, need_eval=True)
+    prompts = [r["prompt"] for r in evals]
+    columns = {k: [r.get(k) for r in evals] for k in evals[0] if k != "prompt"}
+    r = build.build_rewards(config, device=device)
+    rewards = build_rewards(cfg, reward_model=r.reward_model, reward_tokenizer=r.reward_tokenizer,
+                            reward_funcs=r.reward_funcs, reward_weights=r.reward_weights, device=device)
+    engine, target_tokenizer = build.build_target_engine(config, device=device)
+    env = AlignProEnvironment(
+        engine, rewards, target_tokenizer=target_tokenizer, rewrite_template=cfg.rewrite_template,
+        target_prompt_template=cfg.target_prompt_template, max_new_tokens=cfg.target_max_new_tokens,
+        temperature=cfg.target_temperature, top_p=cfg.target_top_p, num_samples=cfg.target_num_samples,
+        batch_size=cfg.target_batch_size, use_chat_template=cfg.target_use_chat_template)
+
+    results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
+    prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
+                                         device=device)
+    results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, HFEngine(prompter, prompter_tok), prompter_tok,
+                                                prompts, columns, max_new_tokens=cfg.response_length, seed=args.seed)
+    if args.oracle_checkpoint:
+        oracle, oracle_tok = load_policy(args.oracle_checkpoint, base_spec=section(config, "target"), role="oracle",
+                                         device=device)
+        results["Oracle"] = arm_eval.with_policy("Oracle", DirectEnvironment(rewards), HFEngine(oracle, oracle_tok),
+                                                 oracle_tok, prompts, columns, max_new_tokens=cfg.target_max_new_tokens,
+                                                 seed=args.seed, rewrites=False)
+
+    rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
+    out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    table = to_markdown(rows, baseline=BASELINE)
+    (out / "eval.json").write_text(to_json(rows, baseline=BASELINE, extra={
+        "checkpoint": str(args.checkpoint), "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
+        "prompts": len(prompts)}))
+    (out / "eval.md").write_text(table + "\n")
+    with open(out / "eval_rollouts.jsonl", "w") as f:
+        for name, res in results.items():
+            for i in range(len(res.prompts)):
+                f.write(json.dumps({"arm": name, "prompt": res.prompts[i], "rewrite": res.rewrites[i],
+                                    "answer": res.answers[i], "reward": res.scores[i]}) + "\n")
+    print(table)
+    print(f"alignfast eval: {len(prompts)} prompts; wrote {out / 'eval.json'}, {out / 'eval.md'}, "
+          f"{out / 'eval_rollouts.jsonl'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,71 @@
+"""`alignfast train`: Align-Pro (or, with --oracle, PPO on the target itself) on real models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a prompter with Align-Pro (or the target itself with --oracle)",
+        description="Trains the prompter of the run file with PPO against the frozen target and the reward, "
+                    "writing metrics.jsonl, checkpoints and the final model under trainer.output_dir. Any "
+                    "setting of the run file can be overridden: --trainer.kl_coef 0.1, --target.model ./llama, "
+                    "or a bare trainer field such as --learning_rate 1e-6.",
+        epilog="Sections of the run file: prompter, target, reward, data, trainer (see configs/ and README).")
+    p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file (YAML)")
+    p.add_argument("--oracle", action="store_true",
+                   help="train the target model itself (the paper's RLHF/Oracle arm) instead of a prompter")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT, or from the latest checkpoint in output_dir when given alone")
+    p.set_defaults(run=run, accepts_overrides=True)
+
+
+def run(args, overrides) -> int:
+    from alignfast.cli import build
+    from alignfast.cli.config import load_run_config, require, section
+    from alignfast.cli.errors import CLIError
+    from alignfast.cli.models import load_causal_lm, load_tokenizer
+    from alignfast.cli.progress import ProgressCallback
+    from alignfast.ops import AlignfastArgumentError
+
+    from alignfast.cli.models import quiet_transformers
+
+    quiet_transformers()
+    config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
+    device = build.default_device()
+    cfg = build.trainer_config(config)
+    train, evals = build.load_data(config, need_train=True, need_eval=False)
+    rewards = build.build_rewards(config, device=device)
+    common = dict(reward_model=rewards.reward_model, reward_tokenizer=rewards.reward_tokenizer,
+                  reward_funcs=rewards.reward_funcs, reward_weights=rewards.reward_weights, train_dataset=train,
+                  eval_dataset=evals, callbacks=[ProgressCallback(desc="Oracle PPO" if args.oracle else "Align-Pro")])
+    try:
+        if args.oracle:
+            from alignfast.trainer import OracleTrainer
+
+            spec = section(config, "target")
+            require(config, "target.model")
+            model = load_causal_lm(spec, "target", device=device)
+            trainer = OracleTrainer(cfg, model, load_tokenizer(spec, "target"),
+                                    peft_config=build.lora_config(spec.get("lora")), **common)
+        else:
+            from alignfast.trainer import AlignProTrainer
+
+            spec = section(config, "prompter")
+            require(config, "prompter.model")
+            prompter = load_causal_lm(spec, "prompter", device=device)
+            engine, target_tokenizer = build.build_target_engine(config, device=device)
+            trainer = AlignProTrainer(cfg, prompter, load_tokenizer(spec, "prompter"), engine,
+                                      target_tokenizer=target_tokenizer,
+                                      peft_config=build.lora_config(spec.get("lora")), **common)
+        result = trainer.train(resume_from_checkpoint=args.resume)
+    except (AlignfastArgumentError, FileNotFoundError) as err:
+        raise CLIError(str(err).removeprefix("alignfast: ")) from None
+    final = trainer.save_model(Path(cfg.output_dir) / "final")
+    last = result.metrics
+    print(f"alignfast train: {result.global_step} PPO steps; last objective/scores "
+          f"{last.get('objective/scores', float('nan')):.4f}; model in {final}; metrics in "
+          f"{Path(cfg.output_dir) / 'metrics.jsonl'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,67 @@
+"""Shared pieces of the vocabulary-wide benchmarks (bench_logprobs, bench_linear_logprobs):
+argument parsing, the forward / forward+backward step, and the run-annotate-print-record loop."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from bench import harness
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(doc: str, argv=None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Common flags; returns (args, device, dtype) with dtype defaulting to fp32 on CPU and bf16 on CUDA."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    return args, args.device, DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+
+
+def step(fn: Callable[[], object], leaves, backward: bool) -> Callable[[], object]:
+    """The timed call: fn() under no_grad, or fn() and the backward of the sum of its outputs."""
+    if not backward:
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    def run_bwd():
+        for leaf in leaves:
+            leaf.grad = None
+        out = fn()
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.sum() for o in outs if o is not None).backward()
+        return None
+    return run_bwd
+
+
+def run(shapes, *, providers, label, logits_bytes, floor=None, floor_column: str = "", baseline: str, title: str,
+        device: str, reps: int, warmup: int, record: bool, notes: str = "") -> None:
+    """Run providers(shape) for each shape; annotate extra memory / logits (and floor(shape, seconds), a
+    fraction of the device's measured roof, on CUDA); print the table; append it to RESULTS.md if record."""
+    rows = []
+    for shape in shapes:
+        for row in harness.run_providers(label(shape), providers(shape), device=device, reps=reps, warmup=warmup):
+            if row.peak_bytes is not None:
+                row.extra["extra mem / logits"] = f"{row.peak_bytes / logits_bytes(shape):.1%}"
+            if floor is not None and row.seconds:
+                row.extra[floor_column] = f"{floor(shape, row.seconds):.0%}"
+            rows.append(row)
+    extra = ("extra mem / logits",) + ((floor_column,) if floor is not None else ())
+    table = harness.format_table(rows, baseline=baseline, extra_columns=extra)
+    print(f"\n{title} ({harness.device_description(device)})")
+    if notes:
+        print(notes)
+    print(table)
+    if record:
+        harness.append_results(title, table, device=device, notes=notes)

@@ -1,0 +1,170 @@
+"""compute_advantages (KL rewards -> GAE -> whitening, fused) vs the Python GAE loops as TRL and verl write
+them (bench/baselines.py), vs alignfast.reference, vs torch.compile of the reference.
+
+    python -m bench.bench_advantages [--device cpu|cuda] [--record] [--quick] [--compile-max-t N]
+
+Inputs are float32 rollouts with right-padded response masks (lengths uniform in [T/2, T]: the layout
+TRL's loop assumes; verl's and ours skip masked positions anywhere), k1 KL, gamma 1, lam 0.95, whitening on.
+On CUDA the table adds "x floor": measured time / the time to move the bytes that must move once
+(bench/NOTES-advantages.md) at the copy bandwidth measured in the same run, and a CUDA-graph row that
+times the kernels without the Python wrapper and launch overhead.
+torch.compile unrolls the reference's T-step loop, so its compile time grows with T (about 2 minutes at
+T=256 on the 2-core development machine); shapes with T above --compile-max-t get a row that says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import alignfast.ops as ops
+from alignfast import reference
+from bench import baselines, harness
+
+SHAPES = [(8, 256), (64, 1024), (256, 4096)]
+QUICK_SHAPES = [(8, 256), (64, 1024)]
+KW = dict(kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, whiten=True)
+LOOP_KW = dict(kl_coef=0.05, gamma=1.0, lam=0.95)
+BASELINE = "TRL loop"
+
+
+class Skipped(RuntimeError):
+    """A provider not run at this shape, with the reason (shown in the table)."""
+
+
+def make_inputs(B: int, T: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(B, T, generator=g) * 4
+    ref_logprobs = logprobs + 0.1 * torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    scores = torch.randn(B, generator=g)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    mask = torch.arange(T).expand(B, T) < lengths[:, None]
+    return tuple(t.to(device) for t in (logprobs, ref_logprobs, values, scores, mask))
+
+
+def bytes_that_must_move(B: int, T: int) -> int:
+    """Read logprobs, ref_logprobs, values (4 B each) and the mask (1 B), write rewards, advantages, returns,
+    kl (4 B each): 29 bytes per token, plus the scores. Whitening's second look at the advantages is extra."""
+    return B * T * (3 * 4 + 1 + 4 * 4) + B * 4
+
+
+def cuda_graph_callable(fn):
+    """Capture fn() once in a CUDA graph; return a callable that replays it (kernels only, no Python)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph.replay
+
+
+def providers(inputs, device: str, compile_max_t: int) -> dict:
+    T = inputs[0].shape[1]
+
+    def fused():
+        return lambda: ops.compute_advantages(*inputs, **KW)
+
+    def compiled():
+        if T > compile_max_t:
+            raise Skipped(f"not run, T > --compile-max-t {compile_max_t}: compiling the unrolled loop is too slow")
+        fn = torch.compile(reference.compute_advantages, dynamic=False)
+        fn(*inputs, **KW)  # compile outside the timed region
+        return lambda: fn(*inputs, **KW)
+
+    table = {
+        "alignfast": fused,
+        "TRL loop": lambda: (lambda: baselines.trl_advantages(*inputs, **LOOP_KW)),
+        "verl loop": lambda: (lambda: baselines.verl_advantages(*inputs, **LOOP_KW)),
+        "reference": lambda: (lambda: reference.compute_advantages(*inputs, **KW)),
+        "torch.compile(reference)": compiled,
+    }
+    if device == "cuda":
+        table["alignfast (CUDA graph)"] = lambda: cuda_graph_callable(lambda: ops.compute_advantages(*inputs, **KW))
+    return table
+
+
+def add_columns(rows, device: str, copy_bandwidth: float | None) -> None:
+    """'vs verl loop' for every row; on CUDA also 'x floor' (time / bytes-once-at-copy-bandwidth)."""
+    by_shape = {}
+    for r in rows:
+        by_shape.setdefault(r.shape, {})[r.provider] = r
+    for shape, group in by_shape.items():
+        verl = group.get("verl loop")
+        B, T = map(int, shape.split("x"))
+        for r in group.values():
+            if r.seconds is None:
+                continue
+            if verl is not None and verl.seconds:
+                r.extra["vs verl loop"] = f"{verl.seconds / r.seconds:.1f}x"
+            if copy_bandwidth:
+                floor = bytes_that_must_move(B, T) / copy_bandwidth
+                r.extra["x floor"] = f"{r.seconds / floor:.2f}"
+
+
+def report(title: str, table: str, notes: str, *, device: str, record: bool) -> None:
+    """Print the table with its device and notes; with record, append it to bench/RESULTS.md."""
+    print(f"\n{title}: {harness.device_description(device)}\n")
+    print(table)
+    print("\n" + notes)
+    if record:
+        harness.append_results(title, table, device=device, notes=notes)
+
+
+def parse_args(doc: str, argv, extra=None) -> argparse.Namespace | None:
+    """--device, --record, --quick, --threads (+ extra(parser)); applies --threads. None: no CUDA device."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (CPU; default: torch's choice)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda but no CUDA device is available", file=sys.stderr)
+        return None
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv, lambda parser: parser.add_argument(
+        "--compile-max-t", type=int, default=None,
+        help="largest T at which torch.compile(reference) is compiled (default: 256 on CPU, 4096 on CUDA; "
+             "--quick: none)"))
+    if args is None:
+        return 2
+    compile_max_t = args.compile_max_t if args.compile_max_t is not None else (256 if args.device == "cpu" else 4096)
+    if args.quick:
+        compile_max_t = 0
+    reps = 3 if args.quick else 10
+
+    copy_bandwidth = harness.measured_copy_bandwidth(args.device) if args.device == "cuda" else None
+    rows = []
+    for B, T in QUICK_SHAPES if args.quick else SHAPES:
+        inputs = make_inputs(B, T, args.device)
+        rows += harness.run_providers(f"{B}x{T}", providers(inputs, args.device, compile_max_t), device=args.device,
+                                      reps=reps)
+    add_columns(rows, args.device, copy_bandwidth)
+    extra = ("vs verl loop",) + (("x floor",) if copy_bandwidth else ())
+    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra)
+    title = f"compute_advantages ({args.device})"
+    notes = ("float32, right-padded masks, k1, gamma 1, lam 0.95, whiten on. Speed-ups are times of the TRL-style "
+             "loop (and verl-style loop) over the provider's, in this run.")
+    if copy_bandwidth:
+        notes += (f" x floor: time / (29 bytes per token once at the measured copy bandwidth "
+                  f"{copy_bandwidth / 1e9:.0f} GB/s, read + write).")
+    report(title, table, notes, device=args.device, record=args.record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""ppo_loss forward + backward: the fused op (per-token gradients written in the forward pass, backward a
+scale) vs alignfast.reference.ppo_loss under eager autograd vs torch.compile of the reference.
+
+    python -m bench.bench_ppo_loss [--device cpu|cuda] [--record] [--quick]
+
+Each call computes the loss and its gradients with respect to logprobs and values (a training step's
+share of the loss). float32 inputs, right-padded masks, cliprange 0.2, cliprange_value 0.2, vf_coef 0.1.
+On CUDA, "x floor" = time / the time to read the six inputs and the mask once and write the two
+gradients once (33 bytes per token) at the copy bandwidth measured in the same run; the fused path
+moves 49 (its backward reads and rescales the saved gradients).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import alignfast.ops as ops
+from alignfast import reference
+from bench import harness
+from bench.bench_advantages import QUICK_SHAPES, SHAPES, cuda_graph_callable, parse_args, report
+
+BASELINE = "reference (eager)"
+KW = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+
+
+def make_inputs(B: int, T: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(B, T, generator=g) * 4
+    old_logprobs = logprobs + 0.2 * torch.randn(B, T, generator=g)
+    advantages = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    old_values = values + 0.2 * torch.randn(B, T, generator=g)
+    returns = values + torch.randn(B, T, generator=g)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    mask = torch.arange(T).expand(B, T) < lengths[:, None]
+    tensors = [t.to(device) for t in (logprobs, old_logprobs, advantages, values, old_values, returns)]
+    tensors[0].requires_grad_(True)
+    tensors[3].requires_grad_(True)
+    return tensors, mask.to(device)
+
+
+def bytes_that_must_move(B: int, T: int) -> int:
+    return B * T * (6 * 4 + 1 + 2 * 4)
+
+
+def step_fn(loss_fn, tensors, mask):
+    """One forward + backward; returns the gradients (so the memory measurement sees them)."""
+    logprobs, values = tensors[0], tensors[3]
+
+    def step():
+        loss, _ = loss_fn(*tensors, mask, **KW)
+        return torch.autograd.grad(loss, [logprobs, values])
+
+    return step
+
+
+def providers(tensors, mask, device: str) -> dict:
+    def compiled():
+        fn = torch.compile(reference.ppo_loss, dynamic=False)
+        step = step_fn(fn, tensors, mask)
+        step()  # compile outside the timed region
+        return step
+
+    table = {
+        "alignfast (fused)": lambda: step_fn(ops.ppo_loss, tensors, mask),
+        BASELINE: lambda: step_fn(reference.ppo_loss, tensors, mask),
+        "torch.compile(reference)": compiled,
+    }
+    if device == "cuda":
+        table["alignfast (CUDA graph)"] = lambda: cuda_graph_callable(step_fn(ops.ppo_loss, tensors, mask))
+    return table
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv)
+    if args is None:
+        return 2
+    copy_bandwidth = harness.measured_copy_bandwidth(args.device) if args.device == "cuda" else None
+    rows = []
+    for B, T in QUICK_SHAPES if args.quick else SHAPES:
+        tensors, mask = make_inputs(B, T, args.device)
+        rows += harness.run_providers(f"{B}x{T}", providers(tensors, mask, args.device), device=args.device,
+                                      reps=3 if args.quick else 10)
+    if copy_bandwidth:
+        for r in rows:
+            if r.seconds:
+                B, T = map(int, r.shape.split("x"))
+                r.extra["x floor"] = f"{r.seconds / (bytes_that_must_move(B, T) / copy_bandwidth):.2f}"
+    table = harness.format_table(rows, baseline=BASELINE, extra_columns=("x floor",) if copy_bandwidth else ())
+    title = f"ppo_loss forward + backward ({args.device})"
+    notes = ("float32, right-padded masks, gradients with respect to logprobs and values; speed-ups are times of "
+             "the eager reference over the provider's, in this run.")
+    if copy_bandwidth:
+        notes += f" x floor: 33 bytes per token once at the measured copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s."
+    report(title, table, notes, device=args.device, record=args.record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

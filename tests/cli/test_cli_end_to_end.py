@@ -1,0 +1,83 @@
+"""The commands end to end on the embedded toy world with a reduced budget: train -> eval (both arms),
+resume, the demo's outputs, and one-line errors for user mistakes."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignfast.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY = str(ROOT / "configs" / "toy.yaml")
+SMALL = ["--total_episodes", "64", "--data.eval.limit", "24", "--save_steps", "1"]
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| method"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_train_then_eval_both_arms(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TOY, "--trainer.output_dir", str(out), *SMALL]) == 0
+    assert (out / "final" / "config.json").is_file() and (out / "checkpoint-1" / "policy").is_dir()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and "objective/scores" in metrics[0] and "objective/kl" in metrics[0]
+
+    oracle = tmp_path / "oracle"
+    assert main(["train", "--config", TOY, "--oracle", "--trainer.output_dir", str(oracle),
+                 "--response_length", "8", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--config", TOY, "--checkpoint", str(out / "final"), "--oracle-checkpoint",
+                 str(oracle / "checkpoint-1"), "--output-dir", str(tmp_path / "eval"), "--data.eval.limit", "24"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert list(rows) == ["No fine-tuning", "Align-Pro", "Oracle"]
+    assert all(r[1] == "24" for r in rows.values())
+    payload = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert payload["baseline"] == "No fine-tuning" and [a["name"] for a in payload["arms"]] == list(rows)
+    for arm in payload["arms"][1:]:
+        assert 0.0 <= arm["win_rate"] <= 1.0 and arm["wins"] + arm["ties"] + arm["losses"] == 24
+    rollouts = (tmp_path / "eval" / "eval_rollouts.jsonl").read_text().splitlines()
+    assert len(rollouts) == 3 * 24
+
+
+def test_resume_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", TOY, "--trainer.output_dir", str(out), "--save_steps", "1"]
+    assert main([*args, "--total_episodes", "64"]) == 0
+    assert main([*args, "--total_episodes", "128", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_demo_writes_the_comparison(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path), "--episodes", "64"]) == 0
+    printed = capsys.readouterr().out
+    rows = _table_rows(printed)
+    assert list(rows) == ["No fine-tuning", "SFT prompter (before PPO)", "Align-Pro", "Oracle (PPO on the target)"]
+    assert "Before and after Align-Pro" in printed and "prompt: 'sort" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["episodes"] == 64 and results["held_out_prompts"] == 250
+    assert {"align_pro_train_s", "oracle_train_s", "total_s"} <= set(results["timings_s"])
+    assert (tmp_path / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "align_pro" / "metrics.jsonl").is_file() and (tmp_path / "oracle" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "no/such.yaml"], "config file not found"),
+    (["train", "--config", TOY, "--trainer.klcoef", "1"], "unknown key 'trainer.klcoef'; did you mean 'kl_coef'"),
+    (["train", "--config", TOY, "--prompter.model", "no-org/no-model"], "cannot load the prompter"),
+    (["train", "--config", TOY, "--kl_coef", "nan"], "'kl_coef'"),
+    (["eval", "--config", TOY, "--checkpoint", "no/such/dir"], "checkpoint not found"),
+    (["demo", "--episodes", "0"], "--episodes must be >= 1"),
+])
+def test_user_errors_are_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

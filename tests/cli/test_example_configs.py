@@ -1,0 +1,30 @@
+"""Every run file in configs/ parses, names only known keys, and validates as an AlignProConfig; its LoRA
+section builds a peft config. (The GPU ones load models by hub name, which CI cannot download.)"""
+
+from pathlib import Path
+
+import pytest
+
+from alignfast.cli import build
+from alignfast.cli.config import load_run_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_there_are_example_configs():
+    names = {p.name for p in CONFIGS}
+    assert "toy.yaml" in names and len(names) >= 4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_example_config_validates(path):
+    config = load_run_config(path, trainer_fields=build.trainer_fields())
+    cfg = build.trainer_config(config)
+    assert cfg.kl_coef > 0 and "{prompt}" in cfg.rewrite_template
+    for section in ("prompter", "target", "reward", "data"):
+        assert config.get(section), f"{path.name} has no '{section}' section"
+    assert config["data"]["train"]["path"] and config["data"]["eval"]["path"]
+    lora = config["prompter"].get("lora")
+    if lora:
+        pytest.importorskip("peft")
+        assert build.lora_config(lora).r == lora["r"]

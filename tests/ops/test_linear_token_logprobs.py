@@ -1,0 +1,189 @@
+"""linear_token_logprobs (C++ on CPU) against the float64 reference token_logprobs(hidden @ W.T + b).
+
+Tolerances:
+  outputs: logits are float32 GEMM results of the given (possibly bf16) values, so the only error is
+  float32 accumulation: logprob atol 2e-5, entropy atol 5e-5 (rtol 1e-5).
+  gradients: float32 GEMMs over N or V terms: norm-wise relative 1e-5, elementwise rtol 1e-3 + atol
+  1e-6 * max|ref|. bf16/fp16 gradients are rounded once to the dtype (dW summed in float32 first):
+  norm-wise 4e-3 (bf16 half-ulp 2e-3 plus margin) / 1e-3 (fp16), elementwise atol 1e-2 * max|ref|
+  (elements of dW that cancel to ~0 are only meaningful relative to the tensor's scale).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignfast import reference
+from alignfast.ops import AlignfastArgumentError, linear_token_logprobs
+from alignfast.ops._library import has_kernel, op
+from alignfast.ops.linear_token_logprobs import default_chunk_size
+from tests.utils import assert_close, random_mask
+
+LP_TOL = dict(rtol=1e-5, atol=2e-5)
+ENT_TOL = dict(rtol=1e-5, atol=5e-5)
+GRAD_REL = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float64: 1e-12}
+GRAD_ATOL_SCALE = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+pytestmark = pytest.mark.skipif(not has_kernel("linear_token_logprobs", "cpu"),
+                                reason="alignfast._C has no CPU kernel (extension not built)")
+
+
+def make(shape_rows, H, V, dtype, *, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape_rows, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype) if bias else None
+    tokens = torch.randint(0, V, shape_rows, generator=g)
+    return hidden, weight, b, tokens
+
+
+def check_grad(got, ref, dtype, name):
+    rel = GRAD_REL[dtype]
+    assert_close(got, ref, name=name, rtol=1e-3 if dtype != torch.float64 else 1e-10,
+                 atol=GRAD_ATOL_SCALE[dtype] * float(ref.abs().max()) + 1e-30, rel=rel)
+
+
+def run_and_compare(hidden, weight, bias, tokens, *, mask=None, temperature=1.0, chunk_size=None,
+                    grads=(True, True, True)):
+    dtype = hidden.dtype
+    leaves = [hidden.clone().requires_grad_(grads[0]), weight.clone().requires_grad_(grads[1]),
+              None if bias is None else bias.clone().requires_grad_(grads[2])]
+    lp, ent = linear_token_logprobs(leaves[0], leaves[1], tokens, bias=leaves[2], temperature=temperature, mask=mask,
+                                    return_entropy=True, chunk_size=chunk_size)
+    assert lp.shape == ent.shape == tokens.shape
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    g_lp, g_ent = torch.randn(tokens.shape), torch.randn(tokens.shape)
+    (lp * g_lp.to(lp.dtype) + ent * g_ent.to(lp.dtype)).sum().backward()
+
+    refs = [None if x is None else x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    r_lp, r_ent = reference.linear_token_logprobs(refs[0], refs[1], tokens, bias=refs[2], temperature=temperature,
+                                                  mask=mask, return_entropy=True)
+    (r_lp * g_lp.double() + r_ent * g_ent.double()).sum().backward()
+    assert_close(lp, r_lp, name="logprobs", **LP_TOL)
+    assert_close(ent, r_ent, name="entropy", **ENT_TOL)
+    for name, leaf, ref, want in zip(("dhidden", "dweight", "dbias"), leaves, refs, grads):
+        if leaf is None:
+            continue
+        if not want:
+            assert leaf.grad is None
+            continue
+        assert leaf.grad.dtype == dtype
+        check_grad(leaf.grad, ref.grad, dtype, name)
+    return lp, ent, leaves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1, 7, 1000])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_matches_reference(dtype, V, temperature):
+    hidden, weight, bias, tokens = make((4, 9), 32, V, dtype)
+    run_and_compare(hidden, weight, bias, tokens, mask=random_mask(4, 9), temperature=temperature, chunk_size=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_vocabulary(dtype):
+    V = 32000 if dtype == torch.float32 else 151936
+    hidden, weight, bias, tokens = make((5,), 16, V, dtype)
+    run_and_compare(hidden, weight, bias, tokens, chunk_size=2)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, None, 1000])
+def test_chunking_does_not_change_results(chunk_size):
+    hidden, weight, bias, tokens = make((3, 11), 24, 257, torch.float32)
+    mask = random_mask(3, 11)
+    lp, ent, _ = run_and_compare(hidden, weight, bias, tokens, mask=mask, chunk_size=chunk_size)
+    assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
+
+
+def test_no_bias_float64_and_gradcheck():
+    hidden, weight, _, tokens = make((2, 3), 5, 9, torch.float64, bias=False)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    run_and_compare(hidden, weight, None, tokens, mask=mask, temperature=0.7, chunk_size=2)
+    hidden, weight, bias, tokens = make((2, 3), 5, 9, torch.float64)
+    inputs = tuple(x.clone().requires_grad_() for x in (hidden, weight, bias))
+
+    def f(h, w, b):
+        return linear_token_logprobs(h, w, tokens, bias=b, mask=mask, temperature=0.7, return_entropy=True,
+                                     chunk_size=2)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_frozen_weight_and_bias():
+    """A frozen lm_head (LoRA, frozen target): only dhidden is computed."""
+    hidden, weight, bias, tokens = make((6,), 16, 100, torch.bfloat16)
+    run_and_compare(hidden, weight, bias, tokens, grads=(True, False, False), chunk_size=4)
+
+
+def test_masked_rows_get_zero_hidden_gradient():
+    hidden, weight, bias, tokens = make((5, 6), 16, 64, torch.float32)
+    mask = random_mask(5, 6)
+    tokens[~mask] = -1  # padding ids are never read
+    _, _, leaves = run_and_compare(hidden, weight, bias, tokens, mask=mask, chunk_size=3)
+    assert (leaves[0].grad[~mask] == 0).all()
+
+
+def test_default_chunk_size():
+    # float32 chunk logits are 1/16 of the materialised logits in the input dtype (bf16: N/32 rows) ...
+    assert default_chunk_size(16384, 151936, torch.bfloat16) == 512
+    assert default_chunk_size(2048, 32000, torch.float32) == 128
+    # ... with at least 64 rows, never more than N, and at most 1 GiB of float32 logits
+    assert default_chunk_size(100, 32000, torch.float32) == 64
+    assert default_chunk_size(10, 32000, torch.float32) == 10
+    assert default_chunk_size(10 ** 7, 151936, torch.float32) == (1 << 30) // (151936 * 4)
+
+
+def test_opcheck():
+    hidden, weight, bias, tokens = make((6,), 8, 21, torch.float32)
+    mask = torch.tensor([True, False, True, True, False, True])
+    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), tokens, mask, 0.7, True, 4)
+    torch.library.opcheck(op("linear_token_logprobs"), args)
+    lp, ent, lse = op("linear_token_logprobs")(hidden.detach(), weight.detach(), bias.detach(), tokens, mask, 0.7,
+                                               True, 4)
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op("linear_token_logprobs_backward"),
+                          (torch.randn(6), torch.randn(6), hidden.detach(), weight.detach(), bias.detach(), tokens,
+                           mask, lp, ent, lse, 0.7, 4, True, True, True), test_utils=quick)
+
+
+def test_bad_arguments():
+    hidden, weight, bias, tokens = make((4,), 8, 10, torch.float32)
+    with pytest.raises(AlignfastArgumentError, match="'weight'"):
+        linear_token_logprobs(hidden, weight[:, :7], tokens)
+    with pytest.raises(AlignfastArgumentError, match="'weight'"):
+        linear_token_logprobs(hidden, weight.double(), tokens)
+    with pytest.raises(AlignfastArgumentError, match="'bias'"):
+        linear_token_logprobs(hidden, weight, tokens, bias=bias[:9])
+    with pytest.raises(AlignfastArgumentError, match="'tokens'"):
+        linear_token_logprobs(hidden, weight, tokens[:3])
+    with pytest.raises(AlignfastArgumentError, match="'tokens'"):
+        bad = tokens.clone()
+        bad[1] = 10
+        linear_token_logprobs(hidden, weight, bad)
+    with pytest.raises(AlignfastArgumentError, match="'chunk_size'"):
+        linear_token_logprobs(hidden, weight, tokens, chunk_size=0)
+    with pytest.raises(AlignfastArgumentError, match="'temperature'"):
+        linear_token_logprobs(hidden, weight, tokens, temperature=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_large_vocabulary(dtype):
+    hidden, weight, bias, tokens = make((4, 16), 256, 151936, dtype)
+    mask = random_mask(4, 16)
+    leaves = [x.cuda().requires_grad_() for x in (hidden, weight, bias)]
+    lp, ent = linear_token_logprobs(leaves[0], leaves[1], tokens.cuda(), bias=leaves[2], mask=mask.cuda(),
+                                    return_entropy=True, chunk_size=16)
+    g_lp, g_ent = torch.randn(4, 16), torch.randn(4, 16)
+    (lp * g_lp.cuda() + ent * g_ent.cuda()).sum().backward()
+    refs = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+    r_lp, r_ent = reference.linear_token_logprobs(refs[0], refs[1], tokens, bias=refs[2], mask=mask,
+                                                  return_entropy=True)
+    (r_lp * g_lp.double() + r_ent * g_ent.double()).sum().backward()
+    assert_close(lp, r_lp, name="logprobs", rtol=1e-5, atol=1e-4)  # TF32-free float32 GEMM; bf16 -> fp32 out
+    assert_close(ent, r_ent, name="entropy", rtol=1e-5, atol=2e-4)
+    for name, leaf, ref in zip(("dhidden", "dweight", "dbias"), leaves, refs):
+        # on CUDA dz is rounded to the weight's dtype before the gradient GEMMs (tensor cores): 2 roundings
+        rel = 1e-2 if dtype == torch.bfloat16 else 1e-4
+        assert_close(leaf.grad, ref.grad, name=name, rtol=1.0, atol=float("inf"), rel=rel)

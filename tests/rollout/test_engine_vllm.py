@@ -1,0 +1,136 @@
+"""VLLMEngine's mapping onto vLLM's offline API, against a fake `vllm` module (vLLM is not installed
+here), and its error when vLLM is missing."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+
+from alignfast.ops import AlignfastArgumentError
+from alignfast.rollout import Completion
+
+
+@dataclass
+class FakeSamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    seed: int | None = None
+    truncate_prompt_tokens: int | None = None
+
+
+@dataclass
+class FakeCompletionOutput:
+    index: int
+    text: str
+    token_ids: list
+    finish_reason: str
+
+
+@dataclass
+class FakeRequestOutput:
+    prompt: object
+    outputs: list = field(default_factory=list)
+
+
+class FakeLLM:
+    """Answers deterministically from (prompt, seed, sample index); records every call."""
+
+    instances: list = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls = []
+        FakeLLM.instances.append(self)
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append((prompts, sampling_params))
+        results = []
+        for prompt, sp in zip(prompts, sampling_params):
+            ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else [ord(c) for c in prompt]
+            outs = []
+            for i in reversed(range(sp.n)):  # out of order on purpose: the engine must sort by index
+                length = 1 + (sum(ids) + i + (sp.seed or 0)) % sp.max_tokens
+                toks = [(sum(ids) + 7 * i + (sp.seed or 0) + k) % 100 for k in range(length)]
+                outs.append(FakeCompletionOutput(i, f"s{i}:{len(toks)}", toks,
+                                                 "length" if length == sp.max_tokens else "stop"))
+            results.append(FakeRequestOutput(prompt, outs))
+        return results
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    FakeLLM.instances.clear()
+    return module
+
+
+def test_engine_vllm_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    from alignfast.rollout import VLLMEngine
+
+    with pytest.raises(ImportError, match=r"'vllm' package.*pip install 'alignfast\[vllm\]'"):
+        VLLMEngine("some/model")
+
+
+def test_engine_vllm_constructor_arguments(fake_vllm):
+    from alignfast.rollout import VLLMEngine
+
+    VLLMEngine("org/model", gpu_memory_utilization=0.5, tensor_parallel_size=2, seed=3, max_model_len=1024,
+               llm_kwargs={"enforce_eager": True})
+    kw = FakeLLM.instances[-1].kwargs
+    assert kw["model"] == "org/model" and kw["gpu_memory_utilization"] == 0.5
+    assert kw["tensor_parallel_size"] == 2 and kw["seed"] == 3 and kw["max_model_len"] == 1024
+    assert kw["enforce_eager"] is True
+    llm = FakeLLM(model="x")
+    assert VLLMEngine(llm).llm is llm  # an existing LLM is used as is
+    with pytest.raises(AlignfastArgumentError, match="'gpu_memory_utilization'"):
+        VLLMEngine("m", gpu_memory_utilization=1.5)
+    with pytest.raises(AlignfastArgumentError, match="'tensor_parallel_size'"):
+        VLLMEngine("m", tensor_parallel_size=0)
+
+
+def test_engine_vllm_maps_prompts_params_and_outputs(fake_vllm):
+    from alignfast.rollout import VLLMEngine
+
+    engine = VLLMEngine("m", max_prompt_length=64)
+    prompts = ["hello", [5, 6, 7], "hello"]
+    out = engine.generate(prompts, max_new_tokens=9, temperature=0.7, top_p=0.9, n=3, seed=1)
+    (inputs, params), = FakeLLM.instances[-1].calls
+    assert inputs == ["hello", {"prompt_token_ids": [5, 6, 7]}, "hello"]
+    assert all((p.n, p.temperature, p.top_p, p.max_tokens, p.truncate_prompt_tokens) == (3, 0.7, 0.9, 9, 64)
+               for p in params)
+    seeds = [p.seed for p in params]
+    assert len(set(seeds)) == 3  # the repeated prompt gets its own seed
+    assert [len(r) for r in out] == [3, 3, 3]
+    for r in out:
+        assert all(isinstance(c, Completion) for c in r)
+        assert [c.text.split(":")[0] for c in r] == ["s0", "s1", "s2"]  # sorted by output index
+        assert all(c.finish_reason in ("stop", "length") for c in r)
+        assert all(len(c.token_ids) == int(c.text.split(":")[1]) for c in r)
+    # the same prompt keeps its seed whatever its neighbours and position
+    engine.generate([[5, 6, 7]], max_new_tokens=9, temperature=0.7, seed=1)
+    assert FakeLLM.instances[-1].calls[-1][1][0].seed == seeds[1]
+
+
+def test_engine_vllm_greedy_empty_and_bad_arguments(fake_vllm):
+    from alignfast.rollout import VLLMEngine
+
+    engine = VLLMEngine("m")
+    assert engine.generate([], max_new_tokens=4) == []
+    engine.generate(["a"], max_new_tokens=4, top_p=0.5)
+    p = FakeLLM.instances[-1].calls[-1][1][0]
+    assert p.temperature == 0.0 and p.top_p == 1.0 and p.truncate_prompt_tokens is None
+    with pytest.raises(AlignfastArgumentError, match="'max_new_tokens'"):
+        engine.generate(["a"], max_new_tokens=0)
+    with pytest.raises(AlignfastArgumentError, match=r"prompts\[0\]"):
+        engine.generate([[1, "x"]], max_new_tokens=2)
+    engine.close()
+    engine.close()  # idempotent
+    assert engine.llm is None
