@@ -42,6 +42,10 @@ def test_pure_python_wheel_layout(tmp_path):
     assert not any(n.startswith("kernels/") for n in names), "Triton kernels must not install as top-level 'kernels'"
     assert not any(n.startswith("alignfast/_C") for n in names)
     assert "alignfast/ops/_library.py" in names
+    # The demo's world ships inside the package: one folder per model, as from_pretrained wants.
+    for model in ("prompter", "target"):
+        for leaf in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            assert f"alignfast/toy/assets/{model}/{leaf}" in names, (model, leaf)
 
 
 def test_broken_compiler_is_one_line_and_install_continues(tmp_path):
@@ -56,3 +60,26 @@ def test_broken_compiler_is_one_line_and_install_continues(tmp_path):
     env["ALIGNFAST_REQUIRE_EXT"] = "1"
     failed = _build_wheel(src, tmp_path / "dist2", **env)
     assert failed.returncode != 0
+
+
+def test_cpu_only_build_needs_no_cuda_toolkit(tmp_path):
+    """A CUDA build of torch (what `pip install torch` gives) on a machine without nvcc or a toolkit: the
+    C++ CPU kernels must still build and register (torch's own CMake package would refuse here)."""
+    src = _source_copy(tmp_path)
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(ALIGNFAST_BUILD_CUDA="0", ALIGNFAST_REQUIRE_EXT="1", CUDA_HOME="/nonexistent", CUDA_PATH="",
+               PATH=f"{venv_bin}:/usr/bin:/bin", MAX_JOBS="2")
+    done = _build_wheel(src, tmp_path / "dist", **env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "building the extension (C++ CPU only)" in done.stdout + done.stderr
+    wheel = next((tmp_path / "dist").glob("alignfast-*.whl"))
+    module = next(n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("alignfast/_C"))
+    so = tmp_path / Path(module).name
+    so.write_bytes(zipfile.ZipFile(wheel).read(module))
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, torch, alignfast.ops as o; torch.ops.load_library(sys.argv[1]);"
+         "print(all(torch._C._dispatch_has_kernel_for_dispatch_key('alignfast::' + n, 'CPU')"
+         " for n in ('compute_advantages', 'ppo_loss', 'token_logprobs')))", str(so)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "ALIGNFAST_DISABLE_EXT": "1"})
+    assert probe.returncode == 0 and probe.stdout.strip() == "True", probe.stdout + probe.stderr

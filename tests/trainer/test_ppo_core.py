@@ -2,6 +2,8 @@
 match TRL's formula, padding margins are trimmed safely, update counts follow the config, and the
 adaptive KL controller follows Ziegler et al."""
 
+import copy
+
 import torch
 
 from alignfast import reference
@@ -11,7 +13,7 @@ from alignfast.trainer.policy import CausalLMPolicy, ValueModel, value_head_for
 from alignfast.trainer.ppo_core import PPOUpdater, Rollout, compute_advantages, make_opset, trim_columns
 from alignfast.trainer.sampling import left_pad
 from tests.trainer.tiny import make_causal_lm
-from tests.utils import assert_close, random_mask
+from tests.utils import assert_close, random_mask, relative_error
 
 V = 23
 
@@ -45,8 +47,20 @@ def test_fast_and_reference_policy_paths_agree(tmp_path):
     assert_close(fo.entropy, ro.entropy, rtol=1e-5, atol=1e-5, name="entropy")
     assert_close(fo.values, ro.values, rtol=1e-5, atol=1e-5, name="values")
     assert (fo.logprobs[~r_mask] == 0).all() and (fo.logprobs[r_mask] < 0).all()
-    for a, b in zip(fg, rg):
-        assert_close(a, b, rtol=1e-4, atol=1e-6, name="grad")
+    # Gradients: both float32 paths against the same model in float64. Their difference (a few 1e-6 on
+    # gradients of ~1e-2) is float32 rounding in different summation orders, so the bar is that the fast
+    # path is as accurate as the reference, norm-wise per parameter, and close elementwise.
+    model64, head64 = copy.deepcopy(model).double(), copy.deepcopy(head).double()
+    model64.zero_grad()
+    head64.zero_grad()
+    out64 = CausalLMPolicy(model64, backend="reference", value_head=head64).forward(
+        q_ids, q_mask, r_ids, r_mask, temperature=0.7, return_entropy=True, entropy_grad=True)
+    (out64.logprobs * 1.3 + out64.entropy * 0.2 + out64.values).sum().backward()
+    truth = [p.grad for p in [*model64.parameters(), *head64.parameters()]]
+    for a, b, t in zip(fg, rg, truth):
+        assert_close(a, b, rtol=1e-4, atol=2e-5, name="grad")
+        fast_err, ref_err = relative_error(a, t), relative_error(b, t)
+        assert fast_err <= 2 * ref_err + 1e-6, f"fast path grad error {fast_err:.3g} vs reference {ref_err:.3g}"
     # Without an entropy bonus the entropy is a detached statistic on both paths (TRL's no_grad).
     for backend in ("fast", "reference"):
         out = CausalLMPolicy(model, backend=backend).forward(q_ids, q_mask, r_ids, r_mask, temperature=0.7,
