@@ -83,20 +83,84 @@ def _quiet_hub():
         hub_logger.setLevel(level)
 
 
-def _load(loader: Callable, name: str, role: str, **kwargs):
-    """Local folder or Hugging Face cache first (instant, no network); the hub only when that fails and
-    HF_HUB_OFFLINE (read now, not at import) allows it."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, when its host name does not even resolve (no network); None otherwise.
+
+    Without this check a typo'd model name costs two rounds of the hub client's five retries (~50 s)
+    before the same one-line error. Behind a proxy the local resolver proves nothing, so it is skipped."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
     try:
-        return loader(name, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as err:
-        if Path(name).exists() or _offline():
-            raise CLIError(f"cannot load the {role} from {_why(err, name)}") from None
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname
+    except (ImportError, AttributeError):
+        return None
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return (f"the hub's host {host} does not resolve ({err.strerror or err}): no network here? "
+                "(HF_HUB_OFFLINE=1 skips the hub)")
+    return None
+
+
+def _in_hub_cache(name: str, revision: str | None) -> bool:
+    """Whether the Hugging Face cache holds files of repository `name` (no network is touched)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # cannot tell: let the loader decide
+        return True
+    for filename in ("config.json", "tokenizer_config.json", "adapter_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+                return True
+        except Exception:  # noqa: BLE001 - an invalid repository id is simply not cached
+            return False
+    return False
+
+
+def _load(loader: Callable, name: str, role: str, *, local_kwargs: dict | None = None, **kwargs):
+    """Local folder or Hugging Face cache first (instant, no network); the hub only when that fails and
+    HF_HUB_OFFLINE (read now, not at import) allows it.
+
+    A name that is neither a folder nor cached is not handed to the loader with local_files_only: some
+    transformers releases still look for a PEFT adapter on the hub then (five retries, ~25 s and a
+    warning per retry without a network). local_kwargs: extra arguments for the local attempt only."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    local = Path(name).exists() or _in_hub_cache(name, kwargs.get("revision"))
+    if local:
+        try:
+            with _quiet_hub():
+                return loader(name, local_files_only=True, **(local_kwargs or {}), **kwargs)
+        except (OSError, ValueError) as err:
+            if Path(name).exists() or _offline():
+                raise CLIError(f"cannot load the {role} from {_why(err, name)}") from None
+    elif _offline():
+        raise CLIError(f"cannot load the {role}: '{name}' is not a local directory and is not in the Hugging Face "
+                       "cache (HF_HUB_OFFLINE is set, so the hub was not asked)")
+    else:
+        why = _hub_unreachable()
+        if why:
+            raise CLIError(f"cannot load the {role}: '{name}' is not a local directory and is not in the Hugging "
+                           f"Face cache, and {why}")
     try:
         with _quiet_hub():
             return loader(name, **kwargs)
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot load the {role} from {_why(err, name)}") from None
+
+
+# Model loaders get this on their local attempt: transformers 5 otherwise asks the hub for an adapter config
+# even with local_files_only=True.
+_LOCAL_ADAPTER_KWARGS = {"adapter_kwargs": {"local_files_only": True}}
 
 
 def load_tokenizer(spec: dict, role: str):
@@ -111,7 +175,8 @@ def load_causal_lm(spec: dict, role: str, *, device=None):
     from transformers import AutoModelForCausalLM
 
     model = _load(AutoModelForCausalLM.from_pretrained, resolve_model_name(spec["model"]), f"{role} model",
-                  dtype=torch_dtype(spec.get("dtype")), trust_remote_code=spec.get("trust_remote_code"),
+                  local_kwargs=_LOCAL_ADAPTER_KWARGS, dtype=torch_dtype(spec.get("dtype")),
+                  trust_remote_code=spec.get("trust_remote_code"),
                   revision=spec.get("revision"))
     return model.to(device) if device is not None else model
 
@@ -120,7 +185,8 @@ def load_reward_model(spec: dict, *, device=None):
     from transformers import AutoModelForSequenceClassification
 
     model = _load(AutoModelForSequenceClassification.from_pretrained, resolve_model_name(spec["model"]), "reward model",
-                  dtype=torch_dtype(spec.get("dtype")), trust_remote_code=spec.get("trust_remote_code"),
+                  local_kwargs=_LOCAL_ADAPTER_KWARGS, dtype=torch_dtype(spec.get("dtype")),
+                  trust_remote_code=spec.get("trust_remote_code"),
                   revision=spec.get("revision"))
     return model.to(device) if device is not None else model
 

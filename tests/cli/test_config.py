@@ -89,9 +89,46 @@ def test_bad_prompt_files(tmp_path):
 
 def test_model_not_found_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CLIError, match="cannot load the prompter model from 'no-such-org/no-such-model' is not a local") as info:
+    with pytest.raises(CLIError, match="cannot load the prompter model: 'no-such-org/no-such-model' is not a local "
+                                      "directory and is not in the Hugging Face cache") as info:
         load_causal_lm({"model": "no-such-org/no-such-model"}, "prompter")
     assert "\n" not in str(info.value)
+
+
+def test_uncached_name_offline_never_reaches_the_loader(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE set after huggingface_hub was imported (as a user's shell or a test does): a name that is
+    neither a folder nor cached fails at once. Handing it to transformers with local_files_only=True is not
+    enough: transformers 5 still asks the hub for an adapter config (~25 s of retries and warnings)."""
+    from alignfast.cli import models
+
+    calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CLIError, match="not in the Hugging Face cache"):
+        models._load(lambda *a, **k: calls.append((a, k)), "no-such-org/no-such-model", "target model")
+    assert calls == []
+    # A local folder goes to the loader, offline, with the local-only extras.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    models._load(lambda *a, **k: calls.append((a, k)), str(folder), "target model", local_kwargs={"x": 1}, dtype=None)
+    assert calls == [((str(folder),), {"local_files_only": True, "x": 1})]
+
+
+def test_unreachable_hub_fails_at_once(monkeypatch):
+    import socket
+
+    from alignfast.cli import models
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    calls = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in models._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(CLIError, match="does not resolve .*no network here"):
+        models._load(lambda *a, **k: calls.append(a), "no-such-org/no-such-model", "reward model")
+    assert calls == []
 
 
 def test_dtype_and_callable_lookup():
