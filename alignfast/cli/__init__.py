@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"alignfast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # An output path that is a file, a folder that cannot be written: the user's to fix, in one line.
+        print(f"alignfast {args.command}: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"alignfast {args.command}: interrupted", file=sys.stderr)
         return 130

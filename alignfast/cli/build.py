@@ -88,7 +88,11 @@ def build_target_engine(config: dict, *, device):
                                        "trust_remote_code") if spec.get(k) is not None}
         if spec.get("dtype"):
             kwargs["dtype"] = str(spec["dtype"])
-        return VLLMEngine(str(model), spec.get("tokenizer"), **kwargs), load_tokenizer(spec, "target")
+        try:
+            engine = VLLMEngine(str(model), spec.get("tokenizer"), **kwargs)
+        except ImportError as err:  # vllm not installed: the engine says how to install it
+            raise CLIError(f"target.engine vllm: {err}") from None
+        return engine, load_tokenizer(spec, "target")
     from alignfast.rollout import OpenAIEngine
 
     base_url = run_config.require(config, "target.base_url")
@@ -97,7 +101,10 @@ def build_target_engine(config: dict, *, device):
               if spec.get(k) is not None}
     # A remote endpoint formats its own input (api: chat applies the served model's chat template), so
     # the trainer sends plain text: no local target tokenizer.
-    return OpenAIEngine(str(base_url), str(model), api_key=os.environ.get(key_env), **kwargs), None
+    try:
+        return OpenAIEngine(str(base_url), str(model), api_key=os.environ.get(key_env), **kwargs), None
+    except ImportError as err:  # openai not installed
+        raise CLIError(f"target.engine openai: {err}") from None
 
 
 def lora_config(spec: dict | None):

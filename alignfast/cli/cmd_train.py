@@ -29,6 +29,7 @@ def run(args, overrides) -> int:
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.progress import ProgressCallback
     from alignfast.ops import AlignfastArgumentError
+    from alignfast.trainer.results import TrainingDivergedError
 
     from alignfast.cli.models import quiet_transformers
 
@@ -62,6 +63,8 @@ def run(args, overrides) -> int:
                                       peft_config=build.lora_config(spec.get("lora")), **common)
         result = trainer.train(resume_from_checkpoint=args.resume)
     except (AlignfastArgumentError, FileNotFoundError) as err:
+        raise CLIError(str(err).removeprefix("alignfast: ")) from None
+    except TrainingDivergedError as err:  # NaN/inf reward or loss: the message names the step and the checkpoint
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     final = trainer.save_model(Path(cfg.output_dir) / "final")
     last = result.metrics

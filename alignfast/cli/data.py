@@ -30,6 +30,8 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
     if not path:
         raise CLIError(f"data.{what} needs a 'path' (a .jsonl/.json/.csv file or a datasets name)")
     column = spec.get("prompt_column") or "prompt"
+    limit = _int_setting(spec, "limit", what, minimum=1)
+    shuffle_seed = _int_setting(spec, "shuffle_seed", what, minimum=0)
     p = Path(str(path)).expanduser()
     if str(path) in TOY_SETS:
         rows = _toy_rows(str(path))
@@ -55,11 +57,20 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
             raise CLIError(f"data.{what}: record {i} of {source} has no text in column '{column}'")
         extra = {k: v for k, v in row.items() if k != column and (keep is None or k in keep)}
         records.append({"prompt": prompt, **extra})
-    if spec.get("shuffle_seed") is not None:
-        random.Random(int(spec["shuffle_seed"])).shuffle(records)
-    if spec.get("limit") is not None:
-        records = records[: int(spec["limit"])]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(records)
+    if limit is not None:
+        records = records[:limit]
     return records
+
+
+def _int_setting(spec: dict, key: str, what: str, *, minimum: int) -> int | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CLIError(f"data.{what}.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def _read_file(p: Path, what: str) -> list[dict]:
@@ -105,7 +116,7 @@ def _read_hub(name: str, spec: dict, what: str) -> list[dict]:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CLIError(f"data.{what}: cannot load dataset '{name}' ({first}); offline, point data.{what}.path "
                        "at a local .jsonl/.csv file") from None
-    limit = spec.get("limit")
+    limit = spec.get("limit")  # checked by load_prompts
     if limit is not None and spec.get("shuffle_seed") is None:
-        ds = ds.select(range(min(int(limit), len(ds))))
+        ds = ds.select(range(min(limit, len(ds))))
     return [dict(r) for r in ds]

@@ -75,9 +75,41 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     (["train", "--config", TOY, "--kl_coef", "nan"], "'kl_coef'"),
     (["eval", "--config", TOY, "--checkpoint", "no/such/dir"], "checkpoint not found"),
     (["demo", "--episodes", "0"], "--episodes must be >= 1"),
+    (["train", "--config", TOY, "--data.train.limit", "abc"], "data.train.limit must be an integer >= 1, got 'abc'"),
+    (["eval", "--config", TOY, "--checkpoint", "x", "--data.eval.shuffle_seed", "-1"], "data.eval.shuffle_seed"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def nan_reward(prompts, completions, **columns):
+    """A broken reward function (used by name from the command line below)."""
+    return [float("nan")] * len(completions)
+
+
+def test_training_stop_on_nan_is_one_line(tmp_path, capsys):
+    argv = ["train", "--config", TOY, "--trainer.output_dir", str(tmp_path / "run"), "--total_episodes", "64",
+            "--reward.functions", f"[{__name__}:nan_reward]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite reward nan at step 1" in err[0] and "nan_reward" in err[0], err
+
+
+def test_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["demo", "--output-dir", str(tmp_path / "file" / "sub"), "--episodes", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Not a directory" in err[0] and str(tmp_path / "file") in err[0], err
+
+
+def test_missing_engine_package_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    assert main(["train", "--config", TOY, "--target.engine", "vllm", "--trainer.output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install" in err[0] and "vllm" in err[0], err
