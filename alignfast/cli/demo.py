@@ -29,7 +29,7 @@ def _configs(world, out: Path, *, seed: int, episodes: int | None, backend: str)
 
     base = dict(world.demo_config, seed=seed, backend=backend, rewrite_template=world.rewrite_template,
                 target_prompt_template=world.target_prompt_template, save_strategy="no", logging_steps=5,
-                report_to="none")
+                report_to="none", overwrite_output_dir=True)  # a rerun of the demo replaces its own runs
     if episodes is not None:
         base["total_episodes"] = episodes
     align = AlignProConfig.from_dict({**base, "output_dir": str(out / "align_pro")})

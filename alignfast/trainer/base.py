@@ -14,6 +14,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,8 +180,10 @@ class PPOEngineTrainer:
                 raise FileNotFoundError(f"alignfast: no checkpoint to resume from in {cfg.output_dir}")
             self._load_checkpoint(path)
             resumed = path
+        else:
+            self._claim_output_dir()
         logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict())
-        logger.restart(self.history)
+        logger.restart(self.history, step=self.global_step)
         if resumed is None and logger.samples_path.exists():
             logger.samples_path.unlink()
         with open(Path(cfg.output_dir) / "config.json", "w") as f:
@@ -226,6 +229,30 @@ class PPOEngineTrainer:
             logger.close()
         self.callbacks.fire("on_train_end")
         return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be
+        overwritten, `resume` would pick the earlier run's later checkpoints, and save_total_limit would
+        delete this run's checkpoints as the oldest. So: an error, or with overwrite_output_dir, a clean slate."""
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        if self.global_step > 0:  # this trainer's own run, continued by a second train() call
+            return
+        previous = ckpt.list_checkpoints(out)
+        metrics = out / "metrics.jsonl"
+        found = [p.name for p in previous] + ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
+        if not found:
+            return
+        if not cfg.overwrite_output_dir:
+            shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (resume_from_checkpoint=True, "
+                 "`alignfast train --resume`), choose another output_dir, or set overwrite_output_dir=True to "
+                 "replace it")
+        _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s", ", ".join(found), out)
+        for p in previous + sorted(out.glob(".tmp-checkpoint-*")):  # with what a crash left half-written
+            shutil.rmtree(p, ignore_errors=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (out / name).unlink(missing_ok=True)
 
     def rollout(self, prompts: Sequence[str], *, greedy: bool = True, seed: int | None = None,
                 columns: dict[str, list] | None = None) -> RolloutResult:

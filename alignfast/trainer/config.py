@@ -51,6 +51,9 @@ class AlignProConfig:
 
     # --- run, output, logging -------------------------------------------------------------------
     output_dir: str = _opt("alignfast-output", "Where metrics.jsonl, checkpoints and the final model go.")
+    overwrite_output_dir: bool = _opt(False,
+        "A run started without resume_from_checkpoint in an output_dir that already holds one (checkpoints, "
+        "metrics.jsonl) is an error unless this is true; then that run's checkpoints and metrics are deleted first.")
     seed: int = _opt(42, "Seed of every random choice (data order, sampling, mini-batch order).")
     backend: str = _opt("fast",
         "'fast': alignfast.ops fused kernels; 'reference': plain PyTorch (alignfast.reference, full logits), the "
@@ -229,6 +232,10 @@ class AlignProConfig:
                      "target_batch_size", "local_rollout_forward_batch_size", "logging_steps", "save_steps",
                      "per_device_eval_batch_size", "reward_batch_size", "kl_horizon"):
             positive_int(name)
+        for name in ("overwrite_output_dir", "adap_kl_ctrl", "whiten_rewards", "whiten_advantages",
+                     "target_use_chat_template"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             fail("seed", f"must be an integer, got {self.seed!r}")
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):

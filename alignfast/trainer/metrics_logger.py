@@ -55,11 +55,17 @@ class MetricsLogger:
 
             self._wandb = wandb.init(name=run_name, config=config, reinit=True)
 
-    def restart(self, history: list[dict]) -> None:
-        """Rewrite metrics.jsonl to exactly `history` (on resume: drop lines past the checkpoint)."""
+    def restart(self, history: list[dict], *, step: int) -> None:
+        """Rewrite metrics.jsonl to exactly `history` and keep the samples.jsonl rows of steps <= `step` (on
+        resume: drop what the interrupted run wrote past its checkpoint; those steps run again)."""
         with open(self.metrics_path, "w") as f:
             for row in history:
                 f.write(json.dumps(_clean(row)) + "\n")
+        if self.samples_path.exists():
+            lines = self.samples_path.read_text().splitlines()
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+            if len(kept) != len(lines):
+                self.samples_path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, metrics: dict, *, step: int) -> None:
         with open(self.metrics_path, "a") as f:
@@ -88,6 +94,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        return None
 
 
 def _clean(row: dict) -> dict:

@@ -31,6 +31,8 @@ from alignfast.trainer.config import DEFAULT_REWRITE_TEMPLATE
     ("reward_weights", [1.0, float("inf")]),
     ("save_total_limit", 0),
     ("lr_scheduler_type", "exotic"),
+    ("whiten_rewards", "false"),  # a quoted YAML string is truthy: never silently "on"
+    ("overwrite_output_dir", 1),
 ])
 def test_bad_value_names_the_field(field, value):
     with pytest.raises(AlignfastArgumentError, match=f"'{field}'"):

@@ -49,6 +49,54 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [{k: m[k] for k in keys} for m in full_out.history] == [{k: m[k] for k in keys} for m in second_out.history]
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))
+    full_samples = (tmp_path / "full" / "samples.jsonl").read_text()
+    assert (tmp_path / "split" / "samples.jsonl").read_text() == full_samples
+
+
+def test_resume_drops_samples_written_past_the_checkpoint(tmp_path):
+    """A run that died after its last checkpoint logged samples of steps that the resumed run repeats: they
+    are dropped, so samples.jsonl holds each step once, as after an uninterrupted run."""
+    tok, prompter_dir = small_world(tmp_path)
+    full, _ = make(tok, prompter_dir, tmp_path / "full", max_steps=3, save_steps=1)
+    full.train()
+    crashed, _ = make(tok, prompter_dir, tmp_path / "crashed", max_steps=3, save_steps=1)
+    crashed.train()
+    # As if the process had died after logging step 3 but before writing checkpoint-3.
+    import shutil
+
+    shutil.rmtree(tmp_path / "crashed" / "checkpoint-3")
+    resumed, _ = make(tok, prompter_dir, tmp_path / "crashed", max_steps=3, save_steps=1)
+    resumed.train(resume_from_checkpoint=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "samples.jsonl").read_text().splitlines()]
+    want = [json.loads(line)["step"] for line in (tmp_path / "full" / "samples.jsonl").read_text().splitlines()]
+    assert steps == want and steps.count(3) == steps.count(1) > 0
+
+
+def test_fresh_run_refuses_an_output_dir_holding_a_run(tmp_path):
+    """Starting over in a used output_dir (without resume) would overwrite metrics.jsonl, let `resume` pick the
+    old run's later checkpoints and let save_total_limit delete the new run's: an error naming output_dir, or a
+    clean slate with overwrite_output_dir."""
+    import pytest
+
+    from alignfast.ops._checks import AlignfastArgumentError
+    from alignfast.trainer import checkpoint as ckpt
+
+    tok, prompter_dir = small_world(tmp_path)
+    out = tmp_path / "run"
+    old, _ = make(tok, prompter_dir, out, max_steps=3, save_steps=1)
+    old.train()
+    before = (out / "metrics.jsonl").read_text()
+    again, _ = make(tok, prompter_dir, out, max_steps=1, save_steps=1)
+    with pytest.raises(AlignfastArgumentError, match="'output_dir' .*already holds a run .*checkpoint-1.*resume"):
+        again.train()
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+    fresh, _ = make(tok, prompter_dir, out, max_steps=1, save_steps=1, save_total_limit=1, overwrite_output_dir=True)
+    fresh.train()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert ckpt.load_checkpoint(out / "checkpoint-1")["state"]["num_steps"] == 1  # the new run's, not the old one's
 
 
 def test_resume_from_explicit_checkpoint_path_and_missing_one(tmp_path):
