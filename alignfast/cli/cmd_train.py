@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
         epilog="Sections of the run file: prompter, target, reward, data, trainer (see configs/ and README).")
     p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file (YAML)")
     p.add_argument("--oracle", action="store_true",
-                   help="train the target model itself (the paper's RLHF/Oracle arm) instead of a prompter")
+                   help="train the target model itself (the paper's RLHF/Oracle arm) instead of a prompter; it writes "
+                        "to <output_dir>/oracle and answers with up to trainer.target_max_new_tokens tokens, as the "
+                        "frozen target does in the other arms")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or from the latest checkpoint in output_dir when given alone")
     p.set_defaults(run=run, accepts_overrides=True)
@@ -36,7 +38,7 @@ def run(args, overrides) -> int:
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
     device = build.default_device()
-    cfg = build.trainer_config(config)
+    cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
     train, evals = build.load_data(config, need_train=True, need_eval=False)
     rewards = build.build_rewards(config, device=device)
     common = dict(reward_model=rewards.reward_model, reward_tokenizer=rewards.reward_tokenizer,
@@ -72,3 +74,22 @@ def run(args, overrides) -> int:
           f"{last.get('objective/scores', float('nan')):.4f}; model in {final}; metrics in "
           f"{Path(cfg.output_dir) / 'metrics.jsonl'}", file=sys.stderr)
     return 0
+
+
+def oracle_settings(config: dict) -> dict:
+    """Trainer settings the Oracle arm takes from the run file's Align-Pro ones.
+
+    output_dir: <output_dir>/oracle, so the arm never overwrites the prompter's run (metrics, checkpoints,
+    final/) when both are trained from one run file. response_length: the Oracle's policy writes the answer,
+    so it gets the frozen target's answer budget (target_max_new_tokens), not the rewrite's, which is also the
+    length `alignfast eval` gives it."""
+    import dataclasses
+
+    from alignfast.cli.config import section
+    from alignfast.trainer import AlignProConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(AlignProConfig)}
+    trainer = section(config, "trainer")
+    output_dir = trainer.get("output_dir") or defaults["output_dir"]
+    return {"output_dir": str(Path(str(output_dir)) / "oracle"),
+            "response_length": trainer.get("target_max_new_tokens", defaults["target_max_new_tokens"])}

@@ -29,9 +29,12 @@ def test_train_then_eval_both_arms(tmp_path, capsys):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "objective/scores" in metrics[0] and "objective/kl" in metrics[0]
 
-    oracle = tmp_path / "oracle"
-    assert main(["train", "--config", TOY, "--oracle", "--trainer.output_dir", str(oracle),
-                 "--response_length", "8", *SMALL]) == 0
+    # The Oracle arm from the same run file: its own folder, the target's answer budget as its response length.
+    before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(["train", "--config", TOY, "--oracle", "--trainer.output_dir", str(out), *SMALL]) == 0
+    oracle = out / "oracle"
+    assert json.loads((oracle / "config.json").read_text())["response_length"] == 8  # toy target_max_new_tokens
+    assert {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if oracle not in p.parents and p != oracle} == before
     capsys.readouterr()
     assert main(["eval", "--config", TOY, "--checkpoint", str(out / "final"), "--oracle-checkpoint",
                  str(oracle / "checkpoint-1"), "--output-dir", str(tmp_path / "eval"), "--data.eval.limit", "24"]) == 0
