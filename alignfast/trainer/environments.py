@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from alignfast.ops._checks import fail
 from alignfast.rollout import templates
 from alignfast.rollout.rewards import WeightedRewards
 
@@ -85,11 +86,26 @@ class AlignProEnvironment(Environment):
         return templates.rewrite_instructions(self.rewrite_template, prompts)
 
     def target_inputs(self, requests: Sequence[str]) -> list:
-        """Token ids in the target's chat format when its tokenizer is known, else the plain request text."""
+        """Token ids in the target's chat format when its tokenizer is known, else the plain request text.
+
+        An empty rewrite (the prompter's first token was EOS) to a target without a chat template whose
+        tokenizer adds no BOS (GPT-2-style base models) would be zero tokens, which no engine can continue:
+        it becomes the tokenizer's BOS (else EOS) token alone, what generate() starts from without input."""
         if self.target_tokenizer is None:
             return list(requests)
-        return [templates.user_turn_ids(self.target_tokenizer, r, use_chat_template=self.use_chat_template)
-                for r in requests]
+        out = []
+        for r in requests:
+            ids = templates.user_turn_ids(self.target_tokenizer, r, use_chat_template=self.use_chat_template)
+            out.append(ids if ids else self._start_token())
+        return out
+
+    def _start_token(self) -> list[int]:
+        tok = self.target_tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            fail("target_tokenizer", "has no chat template, BOS or EOS token, so an empty rewrite leaves the target "
+                 "no token to start from")
+        return [int(start)]
 
     def answer(self, requests: Sequence[str], *, seed: int | None) -> tuple[list[list[str]], int]:
         """The target's answers (num_samples per request) and the number of tokens it generated."""

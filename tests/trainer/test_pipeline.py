@@ -117,3 +117,21 @@ def test_tokenizer_without_pad_token(tmp_path):
         n = sum(mask)
         assert mask == [True] * n + [False] * (len(mask) - n)
         assert ended == (ids[n - 1] == tok.eos_token_id)
+
+
+def test_empty_rewrite_reaches_a_base_model_target_as_its_start_token(tmp_path):
+    """A prompter whose first token is EOS rewrites x as ''. A target without a chat template whose tokenizer
+    adds no BOS (a GPT-2-style base model) then got zero tokens and HFEngine stopped the run ('prompts[i] has
+    no tokens'); it now gets the BOS (else EOS) token alone and answers."""
+    from alignfast.rollout import HFEngine
+    from alignfast.rollout.rewards import WeightedRewards
+    from alignfast.trainer import AlignProEnvironment
+
+    target_tok = make_tokenizer(tmp_path / "target", WORDS, chat_template=False)
+    assert target_tok("", add_special_tokens=True)["input_ids"] == []
+    target = make_causal_lm(tmp_path / "target", len(target_tok), seed=5, hidden=16)
+    env = AlignProEnvironment(HFEngine(target, target_tok), WeightedRewards([keyword_reward]),
+                              target_tokenizer=target_tok, rewrite_template="{prompt}", max_new_tokens=3)
+    assert env.target_inputs(["", "a dog"]) == [[target_tok.bos_token_id], target_tok("a dog")["input_ids"]]
+    out = env.step(["a dog", "why fish"], ["", "why fish"], {}, seed=0)
+    assert len(out.scores) == 2 and all(math.isfinite(s) for s in out.scores)
