@@ -32,7 +32,6 @@ def run(args, overrides) -> int:
     from alignfast.cli.config import load_run_config, section
     from alignfast.eval import arms as arm_eval
     from alignfast.eval import compare_arms, to_json, to_markdown
-    from alignfast.rollout import HFEngine
     from alignfast.trainer.base import build_rewards
     from alignfast.trainer.environments import AlignProEnvironment, DirectEnvironment
 
@@ -58,14 +57,16 @@ def run(args, overrides) -> int:
     results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
     prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
                                          device=device)
-    results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, HFEngine(prompter, prompter_tok), prompter_tok,
-                                                prompts, columns, max_new_tokens=cfg.response_length, seed=args.seed)
+    results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, policy_engine(prompter, prompter_tok, cfg),
+                                                prompter_tok, prompts, columns, max_new_tokens=cfg.response_length,
+                                                seed=args.seed)
     if args.oracle_checkpoint:
         oracle, oracle_tok = load_policy(args.oracle_checkpoint, base_spec=section(config, "target"), role="oracle",
                                          device=device)
-        results["Oracle"] = arm_eval.with_policy("Oracle", DirectEnvironment(rewards), HFEngine(oracle, oracle_tok),
-                                                 oracle_tok, prompts, columns, max_new_tokens=cfg.target_max_new_tokens,
-                                                 seed=args.seed, rewrites=False)
+        results["Oracle"] = arm_eval.with_policy("Oracle", DirectEnvironment(rewards),
+                                                 policy_engine(oracle, oracle_tok, cfg), oracle_tok, prompts, columns,
+                                                 max_new_tokens=cfg.target_max_new_tokens, seed=args.seed,
+                                                 rewrites=False)
 
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
     out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
@@ -84,3 +85,13 @@ def run(args, overrides) -> int:
     print(f"alignfast eval: {len(prompts)} prompts; wrote {out / 'eval.json'}, {out / 'eval.md'}, "
           f"{out / 'eval_rollouts.jsonl'}", file=sys.stderr)
     return 0
+
+
+def policy_engine(model, tokenizer, cfg):
+    """A trained policy's greedy decoder that stops and truncates as the trainer's sampler did: on EOS, the
+    generation config's EOS ids and trainer.stop_token_id; inputs cut to their last max_prompt_length tokens."""
+    from alignfast.rollout import HFEngine
+    from alignfast.trainer.base import _special_ids
+
+    _, stops = _special_ids(tokenizer, model, cfg.stop_token_id)
+    return HFEngine(model, tokenizer, eos_token_id=stops, max_prompt_length=cfg.max_prompt_length)

@@ -159,3 +159,26 @@ def test_target_engines_build_from_the_run_file(monkeypatch):
         build_target_engine({"target": {"model": "m", "engine": "tgi"}}, device="cpu")
     with pytest.raises(CLIError, match="needs 'target.base_url'"):
         build_target_engine({"target": {"model": "m", "engine": "openai"}}, device="cpu")
+
+
+def test_eval_decodes_the_prompter_as_training_sampled_it():
+    """`alignfast eval` stops the trained prompter where the trainer's sampler did: trainer.stop_token_id too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.cli.cmd_eval import policy_engine
+    from alignfast.rollout import templates
+    from alignfast.toy import load_world
+    from alignfast.trainer import AlignProConfig
+
+    world = load_world()
+    tok = AutoTokenizer.from_pretrained(world.prompter_path)
+    model = AutoModelForCausalLM.from_pretrained(world.prompter_path)
+    query = templates.user_turn_ids(tok, world.rewrite_template.replace("{prompt}", "sort 3 1 2"))
+    free = policy_engine(model, tok, AlignProConfig()).generate([query], max_new_tokens=12)[0][0]
+    assert len(free.token_ids) > 1
+    stop = free.token_ids[0]
+    cfg = AlignProConfig(stop_token_id=stop, max_prompt_length=len(query))
+    engine = policy_engine(model, tok, cfg)
+    assert stop in engine.eos_token_ids and tok.eos_token_id in engine.eos_token_ids
+    assert engine.max_prompt_length == len(query)
+    assert engine.generate([query], max_new_tokens=12)[0][0].token_ids == [stop]
