@@ -20,12 +20,12 @@ from alignfast import reference
 from alignfast.ops import _checks
 from alignfast.ops._library import use_reference
 from alignfast.ops.token_logprobs import NAME as TOKEN_LOGPROBS
-from alignfast.ops.token_logprobs import token_logprobs
+from alignfast.ops.token_logprobs import check_args, token_logprobs
 from alignfast.reference.advantages import masked_mean
 from alignfast.reference.ppo_loss import _policy_terms
 
 
-def _check(logits, tokens, old_logprobs, advantages, mask, cliprange, entropy_coef):
+def _check(logits, tokens, old_logprobs, advantages, mask, temperature, cliprange, entropy_coef):
     _checks.tensor("logits", logits, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     lead = logits.shape[:-1]
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages)):
@@ -34,6 +34,9 @@ def _check(logits, tokens, old_logprobs, advantages, mask, cliprange, entropy_co
         _checks.same_device("logits", logits, name, t)
     if mask is None:
         _checks.fail("mask", "is required (the loss is a mean over valid tokens)")
+    # tokens, mask and temperature as token_logprobs checks them: the reference path must get the same
+    # named errors (it used to fail inside torch.gather, or take temperature 0 silently).
+    check_args(logits, tokens, mask, temperature)
     _checks.in_range("cliprange", cliprange, 0.0, 1.0, hi_open=True)
     _checks.finite("entropy_coef", entropy_coef)
 
@@ -54,12 +57,11 @@ def ppo_policy_loss_from_logits(
     loss is a 0-d float32 tensor (float64 for float64 logits), differentiable w.r.t. logits; stats holds
     detached 0-d tensors pg_loss, entropy (mean over valid tokens), clipfrac, approxkl and ratio.
     """
-    _check(logits, tokens, old_logprobs, advantages, mask, cliprange, entropy_coef)
+    _check(logits, tokens, old_logprobs, advantages, mask, temperature, cliprange, entropy_coef)
     if use_reference(TOKEN_LOGPROBS, logits):
         return reference.ppo_policy_loss_from_logits(
             logits, tokens, old_logprobs, advantages, mask, temperature=temperature, cliprange=cliprange,
             entropy_coef=entropy_coef)
-    # token_logprobs validates tokens, mask and temperature.
     logprobs, entropy = token_logprobs(logits, tokens, temperature=temperature, mask=mask, return_entropy=True)
     mask = mask.bool()
     dtype = logprobs.dtype

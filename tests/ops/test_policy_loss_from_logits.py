@@ -116,6 +116,27 @@ def test_bad_arguments():
         ppo_policy_loss_from_logits(logits, bad, old, adv, mask)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_arguments_name_the_argument_on_every_backend(backend):
+    """The reference fallback (no extension, or ALIGNFAST_BACKEND=reference) checks what the fused path checks:
+    it used to fail inside torch.gather on a bad token id and to accept temperature 0."""
+    from alignfast.ops import force_backend
+
+    logits, tokens, old, adv = make_batch(2, 3, 20, torch.float32)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    bad = tokens.clone()
+    bad[1, 2] = 20
+    with force_backend(backend):
+        with pytest.raises(AlignfastArgumentError, match="'tokens' holds token id 20"):
+            ppo_policy_loss_from_logits(logits, bad, old, adv, mask)
+        with pytest.raises(AlignfastArgumentError, match="'temperature'"):
+            ppo_policy_loss_from_logits(logits, tokens, old, adv, mask, temperature=0.0)
+        with pytest.raises(AlignfastArgumentError, match="'mask'"):
+            ppo_policy_loss_from_logits(logits, tokens, old, adv, torch.ones(2, 4, dtype=torch.bool))
+        with pytest.raises(AlignfastArgumentError, match="'tokens'"):
+            ppo_policy_loss_from_logits(logits, tokens[:, :2], old, adv, mask)
+
+
 @pytest.mark.gpu
 def test_cuda_large_vocabulary():
     logits, tokens, old, adv = make_batch(4, 8, 151936, torch.bfloat16)
