@@ -11,6 +11,7 @@ checkpoints, resume, evaluation rollouts. One PPO step:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -475,6 +476,16 @@ class PPOEngineTrainer:
                                     optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
                                     save_policy=save_policy, total_limit=cfg.save_total_limit)
 
+    def _warn_changed_settings(self, path: Path, saved: dict) -> None:
+        """A resume with other hyperparameters is allowed (it may be on purpose) but never silent: the run
+        will not match an uninterrupted one."""
+        now = json.loads(self.config.to_json())  # the form the checkpoint stored
+        changed = _changed_settings(saved, now)
+        if changed:
+            _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
+                         "match an uninterrupted one", path,
+                         "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
+
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         trainable = data["trainable"]
@@ -492,10 +503,22 @@ class PPOEngineTrainer:
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])
         state = data["state"]
+        self._warn_changed_settings(path, state.get("config") or {})
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.global_step = int(state["global_step"])
         self.episode = int(state["episode"])
         self.history = list(state["history"])
+
+
+# Settings a resumed run may change without changing what it computes (where it writes, how often it logs or
+# saves, how long it runs).
+_RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
+                   "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
+                   "total_episodes", "num_train_epochs", "max_steps", "device"}
+
+
+def _changed_settings(saved: dict, now: dict) -> list[str]:
+    return sorted(k for k in now if k not in _RESUME_NEUTRAL and k in saved and saved[k] != now[k])
 
 
 def _special_ids(tokenizer, model, extra_stop: int | None) -> tuple[int, list[int]]:

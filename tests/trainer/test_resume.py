@@ -115,3 +115,18 @@ def test_resume_from_explicit_checkpoint_path_and_missing_one(tmp_path):
         assert "no checkpoint" in str(err)
     else:
         raise AssertionError("resuming with no checkpoint must fail")
+
+
+def test_resume_with_changed_settings_warns(tmp_path, caplog):
+    tok, prompter_dir = small_world(tmp_path)
+    first, _ = make(tok, prompter_dir, tmp_path / "run", max_steps=1, save_steps=1)
+    first.train()
+    same, _ = make(tok, prompter_dir, tmp_path / "run", max_steps=2, save_steps=1)  # a longer run: fine
+    with caplog.at_level("WARNING", logger="alignfast.trainer"):
+        same.train(resume_from_checkpoint=True)
+    assert not [r for r in caplog.records if "differ" in r.getMessage()]
+    other, _ = make(tok, prompter_dir, tmp_path / "run", max_steps=3, save_steps=1, learning_rate=1e-3, seed=5)
+    with caplog.at_level("WARNING", logger="alignfast.trainer"):
+        other.train(resume_from_checkpoint=True)
+    msgs = [r.getMessage() for r in caplog.records if "differ" in r.getMessage()]
+    assert len(msgs) == 1 and "learning_rate: 0.005 -> 0.001" in msgs[0] and "seed: 11 -> 5" in msgs[0], msgs
