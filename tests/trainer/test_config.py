@@ -108,3 +108,18 @@ def test_trainer_rejects_bad_arguments(tmp_path):
         AlignProTrainer(object(), model, tok, target, reward_funcs=[keyword_reward], train_dataset=["a"])
     with pytest.raises(AlignfastArgumentError, match="'prompter_tokenizer' is required"):
         AlignProTrainer(cfg, model, None, target, reward_funcs=[keyword_reward], train_dataset=["a"])
+
+
+def test_target_max_new_tokens_must_fit_the_target(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from alignfast.rollout import HFEngine
+    from tests.trainer.tiny import keyword_reward, make_causal_lm, small_world
+
+    tok, prompter_dir = small_world(tmp_path)
+    target = make_causal_lm(tmp_path / "target", len(tok), seed=1)  # max_position_embeddings 256
+    cfg = AlignProConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,
+                         target_max_new_tokens=256)
+    with pytest.raises(AlignfastArgumentError, match="'target_max_new_tokens' \\(256\\) leaves no room .* 256"):
+        AlignProTrainer(cfg, AutoModelForCausalLM.from_pretrained(prompter_dir), tok, HFEngine(target, tok),
+                        reward_funcs=[keyword_reward], train_dataset=["a"])
