@@ -16,6 +16,7 @@ the reward judges the answer to the user's question, not to the rewrite.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,13 +41,13 @@ class RewardModel:
                  use_chat_template: bool = True, batch_size: int = 32, max_length: int | None = None,
                  label_index: int | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None):
-        if isinstance(model_or_path, str):
+        if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             kwargs = {"dtype": dtype} if dtype is not None else {}
-            model = AutoModelForSequenceClassification.from_pretrained(model_or_path, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(str(model_or_path), **kwargs)
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(model_or_path)
+                tokenizer = AutoTokenizer.from_pretrained(str(model_or_path))
         else:
             model = model_or_path
         if tokenizer is None:

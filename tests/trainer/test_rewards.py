@@ -76,3 +76,6 @@ def test_reward_model_label_choice_and_truncation(tmp_path):
     with torch.no_grad():
         want = two(input_ids=torch.tensor([ids])).logits[0, 1].item()
     assert abs(rm(["what is a cat"], ["the cat is a cat"])[0] - want) < 1e-5
+    # A path object loads like a path string (it was taken for a model object: AttributeError on .config).
+    from_path = RewardModel(tmp_path / "rm", label_index=1, max_length=3)
+    assert from_path(["what is a cat"], ["the cat is a cat"]) == rm(["what is a cat"], ["the cat is a cat"])
