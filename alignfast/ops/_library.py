@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -125,11 +126,39 @@ def force_backend(backend: str):
         _local.backend = previous
 
 
+def triton_available() -> bool:
+    """Whether Triton imports (checked once; the lazily registered CUDA kernels of Triton ops import it)."""
+    if "triton" not in _found:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _found["triton"] = False
+        else:
+            _found["triton"] = True
+    return _found["triton"]
+
+
+_found: dict[str, bool] = {}
+triton_available._dynamo_marked_constant = True  # type: ignore[attr-defined]  # as has_kernel, for torch.compile
+
+
+_warned: set[str] = set()
+
+
 def use_reference(name: str, tensor: torch.Tensor) -> bool:
     """True when the public wrapper should call the reference instead of torch.ops.alignfast.<name>."""
     if current_backend() == "reference":
         return True
-    if has_kernel(name, tensor.device.type):
+    device_type = tensor.device.type
+    if device_type == "cuda" and OPS[name].gpu_impl == "triton" and not triton_available():
+        # The CUDA kernel registered for a Triton op imports Triton on its first call: without Triton, the
+        # reference (as `alignfast.info` reports), not an ImportError from inside the dispatcher.
+        if "triton" not in _warned:
+            _warned.add("triton")
+            warnings.warn("alignfast: triton is not installed; the Triton ops use the plain-PyTorch reference on "
+                          "CUDA (pip install triton)", RuntimeWarning, stacklevel=3)
+        return True
+    if has_kernel(name, device_type):
         return False
     _ext.warn_missing_once()
     return True
@@ -154,8 +183,6 @@ def describe(name: str, device_type: str) -> tuple[str, str]:
             return "CUDA C++", "alignfast._C (compiled with nvcc)"
         why = _ext.reason() or "alignfast._C was built without CUDA (nvcc not found at build time)"
         return "reference", why
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_available():
         return "reference", "triton is not installed"
     return "Triton", f"alignfast.kernels.{info.triton.split(':')[0]}"

@@ -62,3 +62,28 @@ def test_without_extension_ops_fall_back_to_the_reference(tmp_path):
         assert_close(got["stats"][name], stats[name], name=name, rtol=1e-5, atol=1e-6)
     assert_close(got["grads"][0], tensors[0].grad, name="d/dlogprobs", rtol=1e-5, atol=1e-7)
     assert_close(got["grads"][1], tensors[3].grad, name="d/dvalues", rtol=1e-5, atol=1e-7)
+
+
+
+def test_triton_ops_on_cuda_without_triton_use_the_reference(monkeypatch):
+    """What `alignfast.info` reports (reference, "triton is not installed") is what the wrappers do: the lazily
+    registered CUDA kernel of a Triton op would raise ImportError from inside the dispatcher instead."""
+    import warnings
+    from types import SimpleNamespace
+
+    from alignfast.ops import _library
+
+    cuda_tensor = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # only its device type is read
+    monkeypatch.setitem(_library._found, "triton", False)
+    monkeypatch.setattr(_library, "_warned", set())
+    triton_ops = [name for name, info in _library.OPS.items() if info.gpu_impl == "triton" and info.public]
+    assert triton_ops
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in triton_ops:
+            assert _library.describe(name, "cuda")[0] == "reference"
+            assert _library.use_reference(name, cuda_tensor)
+    assert [str(w.message) for w in caught if "triton is not installed" in str(w.message)] != []
+    assert len(caught) == 1  # once per process, not per call
+    monkeypatch.setitem(_library._found, "triton", True)
+    assert not _library.use_reference("token_logprobs", cuda_tensor)  # the Triton kernel is registered for CUDA
