@@ -28,3 +28,17 @@ def test_example_config_validates(path):
     if lora:
         pytest.importorskip("peft")
         assert build.lora_config(lora).r == lora["r"]
+
+
+def test_toy_run_file_trains_as_the_demo_does():
+    """configs/toy.yaml is the demo's world as a run file: the settings the demo tuned (alignfast.toy.DEMO_CONFIG,
+    e.g. kl_coef 0.1, where 0.05 let a seed collapse) must not drift apart from it."""
+    from alignfast.toy import DEMO_CONFIG, load_world
+
+    config = load_run_config(CONFIGS[[p.name for p in CONFIGS].index("toy.yaml")], trainer_fields=build.trainer_fields())
+    trainer = config["trainer"]
+    differ = {k: (trainer[k], v) for k, v in DEMO_CONFIG.items() if k in trainer and trainer[k] != v}
+    assert not differ, f"toy.yaml vs DEMO_CONFIG: {differ}"
+    world = load_world()
+    assert trainer["rewrite_template"] == world.rewrite_template
+    assert trainer["target_prompt_template"] == world.target_prompt_template
