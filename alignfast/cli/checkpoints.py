@@ -15,6 +15,10 @@ def policy_dir(path: str | Path) -> Path:
         raise CLIError(f"checkpoint not found: {p}")
     if (p / "policy").is_dir():  # output_dir/checkpoint-<step>/policy
         p = p / "policy"
+    if (p / "metrics.jsonl").is_file():  # a run's output_dir: its config.json is the trainer's, not a model's
+        runs = sorted(c.name for c in p.iterdir() if c.name == "final" or c.name.startswith("checkpoint-"))
+        raise CLIError(f"{p} is a training run's folder, not a model; pass one of its model folders"
+                       + (f": {', '.join(runs[-3:])}" if runs else " (final/ or checkpoint-<step>/)"))
     if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
         raise CLIError(f"{p} holds no model (expected config.json, or adapter_config.json for a LoRA adapter); "
                        "pass a folder written by `alignfast train` (final/ or checkpoint-<step>/)")

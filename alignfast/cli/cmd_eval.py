@@ -28,7 +28,7 @@ def run(args, overrides) -> int:
     import json
 
     from alignfast.cli import build
-    from alignfast.cli.checkpoints import load_policy
+    from alignfast.cli.checkpoints import load_policy, policy_dir
     from alignfast.cli.config import load_run_config, section
     from alignfast.eval import arms as arm_eval
     from alignfast.eval import compare_arms, to_json, to_markdown
@@ -39,6 +39,9 @@ def run(args, overrides) -> int:
 
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
+    for path in (args.checkpoint, args.oracle_checkpoint):  # a wrong folder fails before any model runs
+        if path:
+            policy_dir(path)
     cfg = build.trainer_config(config, output_dir=str(Path(args.checkpoint).parent))
     device = build.default_device()
     _, evals = build.load_data(config, need_train=False, need_eval=True)

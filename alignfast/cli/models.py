@@ -63,7 +63,7 @@ def _why(err: Exception, name: str) -> str:
                                     or isinstance(err, OSError)):
         return (f"'{name}' is not a local directory and could not be found in the Hugging Face cache "
                 f"(no network here?): {first}")
-    return first
+    return f"'{name}': {first}"
 
 
 def _offline() -> bool:

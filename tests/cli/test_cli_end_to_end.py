@@ -48,6 +48,11 @@ def test_train_then_eval_both_arms(tmp_path, capsys):
     rollouts = (tmp_path / "eval" / "eval_rollouts.jsonl").read_text().splitlines()
     assert len(rollouts) == 3 * 24
 
+    # The run folder itself (its config.json is the trainer's) is named as such, with the folders to pass.
+    assert main(["eval", "--config", TOY, "--checkpoint", str(out), "--data.eval.limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a training run's folder" in err[0] and "final" in err[0], err
+
 
 def test_resume_from_the_command_line(tmp_path):
     out = tmp_path / "run"
