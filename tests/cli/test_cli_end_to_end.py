@@ -84,7 +84,7 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     (["eval", "--config", TOY, "--checkpoint", "no/such/dir"], "checkpoint not found"),
     (["demo", "--episodes", "0"], "--episodes must be >= 1"),
     (["train", "--config", TOY, "--data.train.limit", "abc"], "data.train.limit must be an integer >= 1, got 'abc'"),
-    (["eval", "--config", TOY, "--checkpoint", "x", "--data.eval.shuffle_seed", "-1"], "data.eval.shuffle_seed"),
+    (["train", "--config", TOY, "--data.eval.shuffle_seed", "-1"], "data.eval.shuffle_seed must be an integer >= 0"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
