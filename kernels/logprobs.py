@@ -11,10 +11,14 @@ Same math and numerics as the CPU kernels (csrc/cpu/logprobs_rows.h); per row of
               dx_t = (1/T) (g_lp (-expm1(logprob)) + g_ent p_t (-logprob - H))
 
 Launchers take [B, T, V] logits with unit stride over V (any B/T strides), int64 tokens [B, T] and an
-optional bool mask [B, T]; under TRITON_INTERPRET=1 they also run on CPU tensors (the tests).
+optional bool mask [B, T] (the per-row tensors are indexed as flat rows: non-contiguous ones are copied);
+under TRITON_INTERPRET=1 they also run on CPU tensors (the tests). Triton launches on the *current* CUDA
+device and its stream, so the launchers make the logits' device current for the launch.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -137,12 +141,24 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _on_device_of(t: torch.Tensor):
+    """Make t's GPU the current device for a launch (Triton uses the current device and stream, not the
+    tensor's); nothing to do for CPU tensors under the interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-row tensors are read at flat offset b*T + t: contiguous (a no-op for the ops' own calls)."""
+    return None if t is None else t.contiguous()
+
+
 def token_logprobs_cuda(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, temperature: float,
                         with_entropy: bool):
     """(logprobs [B, T], entropy [B, T] or [0, 0], lse [B, T]) for logits [B, T, V]."""
     B, T, V = logits.shape
     if V > 1 and logits.stride(2) != 1:
         logits = logits.contiguous()
+    tokens, mask = _rows(tokens), _rows(mask)
     dtype = _stats_dtype(logits.dtype)
     logprobs = torch.empty((B, T), dtype=dtype, device=logits.device)
     entropy = torch.empty((B, T) if with_entropy else (0, 0), dtype=dtype, device=logits.device)
@@ -151,12 +167,13 @@ def token_logprobs_cuda(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.
     if N == 0:
         return logprobs, entropy, lse
     block = min(FORWARD_BLOCK, triton.next_power_of_2(V))
-    _forward_kernel[(N,)](
-        logits, tokens, tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse,
-        T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
-        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
-        num_warps=8 if block >= 2048 else 4,
-    )
+    with _on_device_of(logits):
+        _forward_kernel[(N,)](
+            logits, tokens, tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse,
+            T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
+            HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
+            num_warps=8 if block >= 2048 else 4,
+        )
     return logprobs, entropy, lse
 
 
@@ -166,17 +183,20 @@ def token_logprobs_backward_cuda(grad_logprobs, grad_entropy, logits, tokens, ma
     B, T, V = logits.shape
     if V > 1 and logits.stride(2) != 1:
         logits = logits.contiguous()
+    grad_logprobs, grad_entropy, tokens, mask = _rows(grad_logprobs), _rows(grad_entropy), _rows(tokens), _rows(mask)
+    logprobs, entropy, lse = _rows(logprobs), _rows(entropy), _rows(lse)
     grad = torch.empty((B, T, V), dtype=grad_dtype or logits.dtype, device=logits.device)
     N = B * T
     if N == 0:
         return grad
     with_entropy = grad_entropy is not None
     block = min(BACKWARD_BLOCK, triton.next_power_of_2(V))
-    _backward_kernel[(N, triton.cdiv(V, block))](
-        grad_logprobs, grad_entropy if with_entropy else grad_logprobs, logits, tokens,
-        tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse, grad,
-        T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
-        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
-        num_warps=8 if block >= 2048 else 4,
-    )
+    with _on_device_of(logits):
+        _backward_kernel[(N, triton.cdiv(V, block))](
+            grad_logprobs, grad_entropy if with_entropy else grad_logprobs, logits, tokens,
+            tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse, grad,
+            T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
+            HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
+            num_warps=8 if block >= 2048 else 4,
+        )
     return grad

@@ -98,3 +98,28 @@ def test_strided_rows_and_no_entropy():
     r.sum().backward()
     assert_close(lp, r, rtol=1e-5, atol=2e-5)
     assert_close(grad, x.grad, **GRAD_TOL[torch.float32])
+
+
+def test_non_contiguous_row_tensors():
+    """Direct op calls may hand the launchers transposed [B, T] tokens, mask and upstream gradients; the
+    kernels index them as flat rows, so the launchers must not read them through their strides."""
+    K = _kernels()
+    dev = _device()
+    B, T, V = 3, 4, 33
+    logits = torch.randn(B, T, V) * 2
+    tokens = torch.randint(0, V, (T, B)).t()
+    mask = random_mask(T, B).t()
+    mask[0, 0] = True
+    g_lp, g_ent = torch.randn(T, B).t(), torch.randn(T, B).t()
+    assert not (tokens.is_contiguous() or mask.is_contiguous() or g_lp.is_contiguous())
+    x = logits.double().requires_grad_()
+    r_lp, r_ent = reference.token_logprobs(x, tokens, mask=mask, return_entropy=True)
+    (r_lp * g_lp + r_ent * g_ent).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lp, ent, lse = K.token_logprobs_cuda(logits.to(dev), tokens.to(dev), mask.to(dev), 1.0, True)
+        grad = K.token_logprobs_backward_cuda(g_lp.to(dev), g_ent.to(dev), logits.to(dev), tokens.to(dev),
+                                              mask.to(dev), lp.t().contiguous().t(), ent, lse, 1.0)
+    assert_close(lp, r_lp, name="logprobs", rtol=1e-5, atol=2e-5)
+    assert_close(ent, r_ent, name="entropy", rtol=1e-5, atol=5e-5)
+    assert_close(grad, x.grad, name="dlogits", **GRAD_TOL[torch.float32])
