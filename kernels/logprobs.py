@@ -46,15 +46,23 @@ def _expm1(x):
 
 
 @triton.jit
+def _scale_in(inv_temp, ACC: tl.constexpr):
+    """1/temperature in the accumulation type. It arrives as a float64 argument (annotated: a Python float
+    would be passed as float32), so float64 logits are scaled by the exact double."""
+    return (tl.full([], 1.0, tl.float64) * inv_temp).to(ACC)
+
+
+@triton.jit
 def _row_offset(row, T, stride_b, stride_t):
     return (row // T) * stride_b + (row % T) * stride_t
 
 
 @triton.jit
 def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-                    T, V, stride_b, stride_t, inv_temp,
+                    T, V, stride_b, stride_t, inv_temp: tl.float64,
                     HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = _scale_in(inv_temp, ACC)
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
             tl.store(logprobs_ptr + row, 0.0)
@@ -72,7 +80,7 @@ def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
     w = tl.full([], 0.0, ACC)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(ACC) * inv_temp
+        z = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(ACC) * inv_t
         new_m = tl.maximum(m, tl.max(z, axis=0))
         shift = tl.where(m == -float("inf"), 0.0, m - new_m)
         c = tl.exp(shift)
@@ -85,7 +93,7 @@ def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
         s_off = c * s_off + tl.sum(tl.where(offs == t, 0.0, e), axis=0)
         m = new_m
 
-    z_t = tl.load(x_row + t).to(ACC) * inv_temp
+    z_t = tl.load(x_row + t).to(ACC) * inv_t
     d_t = z_t - m
     e_t = tl.exp(d_t)
     s = s_off + e_t
@@ -101,9 +109,10 @@ def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
 
 @triton.jit
 def _backward_kernel(grad_lp_ptr, grad_ent_ptr, logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
-                     lse_ptr, grad_ptr, T, V, stride_b, stride_t, inv_temp,
+                     lse_ptr, grad_ptr, T, V, stride_b, stride_t, inv_temp: tl.float64,
                      HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = _scale_in(inv_temp, ACC)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < V
     out_row = grad_ptr + row * V
@@ -122,13 +131,13 @@ def _backward_kernel(grad_lp_ptr, grad_ent_ptr, logits_ptr, tokens_ptr, mask_ptr
     else:
         g_ent = tl.full([], 0.0, ACC)
         ent = tl.full([], 0.0, ACC)
-    z = tl.load(x_row + offs, mask=inside, other=-float("inf")).to(ACC) * inv_temp
+    z = tl.load(x_row + offs, mask=inside, other=-float("inf")).to(ACC) * inv_t
     p = tl.exp(z - lse)
     gap = tl.minimum(lse - z, 1e4)  # -log p, clamped so that p = 0 (a -inf logit) gives 0, not 0 * inf
     grad = p * (g_ent * gap - (g_ent * ent + g_lp))
     p_t = tl.exp(lp)
     target = g_lp * -_expm1(lp) + tl.where(p_t > 0.0, g_ent * p_t * (-lp - ent), 0.0)
-    grad = tl.where(offs == t, target, grad) * inv_temp
+    grad = tl.where(offs == t, target, grad) * inv_t
     tl.store(out_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 

@@ -5,7 +5,8 @@ unsupported op for a dtype, or a block shape the backend rejects only shows when
 to PTX and ptxas assembles it. triton.compile does both ahead of time with no device (ptxas ships with
 Triton), in a subprocess because tests/conftest.py has set TRITON_INTERPRET=1 in this one. The
 specialisations mirror what the launchers pass at run time: 16-byte aligned pointers and strides
-divisible by 16 (V = 151936), a 64-bit batch stride, V = 1 (a constexpr), each dtype's accumulator.
+divisible by 16 (V = 151936), a 64-bit batch stride, V = 1 (a constexpr), each dtype's accumulator, and
+1/temperature typed as the kernels annotate it (a bare Python float would be passed as float32).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 def signature(fn, dt, acc, stride_b):
     types = {}
+    annotated = {p.name: p.annotation_type for p in fn.params}
     for name in fn.arg_names:
         if name in ("HAS_MASK", "WITH_ENTROPY", "BLOCK", "ACC"):
             types[name] = "constexpr"
@@ -45,7 +47,7 @@ def signature(fn, dt, acc, stride_b):
         elif name.endswith("_ptr"):
             types[name] = "*" + acc
         elif name == "inv_temp":
-            types[name] = "fp32"
+            types[name] = annotated[name] or "fp32"  # what the JIT makes of a Python float
         else:
             types[name] = stride_b if name == "stride_b" else "i32"
     return types
@@ -65,7 +67,10 @@ def build(fn, dt, block, has_mask, entropy, *, stride_b="i32", v_is_one=False):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=TARGET, options={"num_warps": 8 if block >= 2048 else 4})
-    assert ".entry" in kernel.asm["ptx"] and kernel.asm["cubin"]
+    ptx = kernel.asm["ptx"]
+    assert ".entry" in ptx and kernel.asm["cubin"]
+    if acc == "fp64":  # float64 logits are scaled by 1/temperature as a double, not a float32 rounding of it
+        assert ".param .f64" in ptx, "inv_temp reaches the float64 kernel as float32"
 
 
 for fn in (K._forward_kernel, K._backward_kernel):
