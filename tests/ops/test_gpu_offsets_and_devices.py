@@ -1,5 +1,7 @@
-"""GPU-only checks the interpreter cannot make: 64-bit offsets into [N, V] logits past 2^31 elements, and
-tensors on a GPU that is not the current device (Triton launches on the current device unless told).
+"""GPU-only checks the interpreter cannot make: the fast kernels are the ones running (not the reference
+fallback, which would let every other gpu test pass against itself), 64-bit offsets into [N, V] logits
+past 2^31 elements, and tensors on a GPU that is not the current device (Triton launches on the current
+device unless told).
 
 Skipped without CUDA; the multi-device test also needs two GPUs, the large test ~12 GiB free.
 Tolerances as in tests/ops/test_token_logprobs.py (bf16 logits, float32 outputs, bf16 gradients).
@@ -11,7 +13,8 @@ import pytest
 import torch
 
 import alignfast.ops as ops
-from alignfast import reference
+from alignfast import _ext, reference
+from alignfast.ops._library import OPS, describe, has_kernel
 from tests.ops.test_advantages import OUTPUTS
 from tests.ops.test_advantages import make_inputs as advantage_inputs
 from tests.ops.test_ppo_loss import leaf
@@ -24,6 +27,15 @@ V = 151936
 LP_TOL = dict(rtol=1e-5, atol=2e-5)
 ENT_TOL = dict(rtol=1e-5, atol=5e-5)
 BF16_GRAD_TOL = dict(rtol=1.6e-2, atol=1e-9)
+
+
+def test_every_op_runs_its_gpu_kernel():
+    """A CUDA build that failed or was skipped would send the ops to the reference with one warning."""
+    assert _ext.cuda_compiled(), f"alignfast._C has no CUDA kernels: {_ext.reason()}"
+    for name, info in OPS.items():
+        assert has_kernel(name, "cuda"), name
+        impl, why = describe(name, "cuda")
+        assert impl == ("CUDA C++" if info.gpu_impl == "cuda" else "Triton"), f"{name}: {impl} ({why})"
 
 
 def _free_bytes() -> int:
