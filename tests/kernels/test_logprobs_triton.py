@@ -127,3 +127,35 @@ def test_non_contiguous_row_tensors():
     assert_close(lp, r_lp, name="logprobs", rtol=1e-5, atol=2e-5)
     assert_close(ent, r_ent, name="entropy", rtol=1e-5, atol=5e-5)
     assert_close(grad, x.grad, name="dlogits", **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_online_rescaling_across_tiles(dtype, monkeypatch):
+    """The forward's running max/sum/entropy rescaling across vocabulary tiles (only V > 4096 reaches it
+    with the real block size): 16-wide tiles here, with whole tiles of -inf before and after finite ones,
+    a row whose max arrives in the last tile, and a very confident row."""
+    K = _kernels()
+    dev = _device()
+    monkeypatch.setattr(K, "FORWARD_BLOCK", 16)
+    monkeypatch.setattr(K, "BACKWARD_BLOCK", 16)
+    B, T, V = 2, 4, 100
+    logits = (torch.randn(B, T, V) * 3).to(dtype)
+    tokens = torch.randint(0, V, (B, T))
+    logits[0, 0, :48] = float("-inf")  # three whole -inf tiles first
+    tokens[0, 0] = 60
+    logits[0, 1, 80:] = float("-inf")  # -inf tiles last
+    tokens[0, 1] = 3
+    logits[0, 2, 99] = 25.0  # the max in the last (partial) tile
+    logits[1, 0, tokens[1, 0]] = 30.0  # confident
+    g_lp, g_ent = torch.randn(B, T), torch.randn(B, T)
+    x = logits.double().requires_grad_()
+    r_lp, r_ent = reference.token_logprobs(x, tokens, temperature=0.7, return_entropy=True)
+    (r_lp * g_lp + r_ent * g_ent).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lp, ent, lse = K.token_logprobs_cuda(logits.to(dev), tokens.to(dev), None, 0.7, True)
+        grad = K.token_logprobs_backward_cuda(g_lp.to(dev), g_ent.to(dev), logits.to(dev), tokens.to(dev), None,
+                                              lp, ent, lse, 0.7)
+    assert_close(lp, r_lp, name="logprobs", **OUT_TOL["logprobs"])
+    assert_close(ent, r_ent, name="entropy", **OUT_TOL["entropy"])
+    assert_close(grad, x.grad, name="dlogits", **GRAD_TOL[dtype])
