@@ -9,7 +9,8 @@ On CUDA the table adds "x floor": measured time / the time to move the bytes tha
 (bench/NOTES-advantages.md) at the copy bandwidth measured in the same run, and a CUDA-graph row that
 times the kernels without the Python wrapper and launch overhead.
 torch.compile unrolls the reference's T-step loop, so its compile time grows with T (about 2 minutes at
-T=256 on the 2-core development machine); shapes with T above --compile-max-t get a row that says so.
+T=256 and 10 at T=1024 on the 2-core development machine; compiling is CPU work on a GPU machine too);
+shapes with T above --compile-max-t (default 256) get a row that says so.
 """
 
 from __future__ import annotations
@@ -138,9 +139,8 @@ def parse_args(doc: str, argv, extra=None) -> argparse.Namespace | None:
 def main(argv=None) -> int:
     args = parse_args(__doc__, argv, lambda parser: parser.add_argument(
         "--compile-max-t", type=int, default=None,
-        help="largest T at which torch.compile(reference) is compiled (default 256; --quick: none). Compiling "
-             "the unrolled loop is host work, on a GPU machine too: ~2 min at T=256, ~10 min at T=1024, far more "
-             "at 4096"))
+        help="largest T at which torch.compile(reference) is compiled (default 256: compile time grows "
+             "with T, and at 1024 and up it outlasts a 10-minute GPU session command; --quick: none)"))
     if args is None:
         return 2
     compile_max_t = args.compile_max_t if args.compile_max_t is not None else 256

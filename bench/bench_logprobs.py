@@ -36,9 +36,11 @@ BASELINE = "trl selective_log_softmax"
 
 
 def make_inputs(B, T, V, dtype, device, *, grad: bool):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype).to(device)
-    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
+    # Drawn on the device itself: at 16384 x 151936 a CPU draw takes ~10 s per provider of a GPU call
+    # that must fit in 10 minutes. Seeded per device, so every provider times the same logits.
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g, device=device, dtype=torch.float32) * 2).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g, device=device)
     if grad:
         logits.requires_grad_()
     return logits, tokens

@@ -21,7 +21,6 @@ loaded as in the tests, and the toy world of `alignfast demo`. Presets:
     cuda-0.5b   a Qwen2-0.5B-shaped prompter (V=151936, H=896, 24 layers, bf16) and target
 
     python -m bench.bench_trainer                      # demo, cpu-tiny and cpu-small
-    python -m bench.bench_trainer --quick              # demo only, two timed steps
     python -m bench.bench_trainer --device cuda --record
 """
 
@@ -220,7 +219,7 @@ def main(argv=None):
                     help="the critic: a separate backbone (TRL's default) or a head on the policy's backbone")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    ap.add_argument("--quick", action="store_true", help="one preset (demo on CPU), two timed steps: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="one preset (demo on CPU), two timed steps")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,11 +228,10 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
-    if args.quick and not args.preset:
-        presets = presets[:1]
-    reps = args.reps or (2 if args.quick else 10 if args.device == "cuda" else 5)
+    if args.quick:
+        presets, args.reps = presets[:1], args.reps or 2
     for name in presets:
-        run(name, args.device, reps, args.record, args.value_head)
+        run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, args.value_head)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,14 @@ Same math and numerics as the CPU kernels (csrc/cpu/logprobs_rows.h); per row of
               dx_t = (1/T) (g_lp (-expm1(logprob)) + g_ent p_t (-logprob - H))
 
 Launchers take [B, T, V] logits with unit stride over V (any B/T strides), int64 tokens [B, T] and an
-optional bool mask [B, T]; under TRITON_INTERPRET=1 they also run on CPU tensors (the tests).
+optional bool mask [B, T] (the per-row tensors are indexed as flat rows: non-contiguous ones are copied);
+under TRITON_INTERPRET=1 they also run on CPU tensors (the tests). Triton launches on the *current* CUDA
+device and its stream, so the launchers make the logits' device current for the launch.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -42,15 +46,23 @@ def _expm1(x):
 
 
 @triton.jit
+def _scale_in(inv_temp, ACC: tl.constexpr):
+    """1/temperature in the accumulation type. It arrives as a float64 argument (annotated: a Python float
+    would be passed as float32), so float64 logits are scaled by the exact double."""
+    return (tl.full([], 1.0, tl.float64) * inv_temp).to(ACC)
+
+
+@triton.jit
 def _row_offset(row, T, stride_b, stride_t):
     return (row // T) * stride_b + (row % T) * stride_t
 
 
 @triton.jit
 def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-                    T, V, stride_b, stride_t, inv_temp,
+                    T, V, stride_b, stride_t, inv_temp: tl.float64,
                     HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = _scale_in(inv_temp, ACC)
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
             tl.store(logprobs_ptr + row, 0.0)
@@ -68,7 +80,7 @@ def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
     w = tl.full([], 0.0, ACC)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(ACC) * inv_temp
+        z = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(ACC) * inv_t
         new_m = tl.maximum(m, tl.max(z, axis=0))
         shift = tl.where(m == -float("inf"), 0.0, m - new_m)
         c = tl.exp(shift)
@@ -81,7 +93,7 @@ def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
         s_off = c * s_off + tl.sum(tl.where(offs == t, 0.0, e), axis=0)
         m = new_m
 
-    z_t = tl.load(x_row + t).to(ACC) * inv_temp
+    z_t = tl.load(x_row + t).to(ACC) * inv_t
     d_t = z_t - m
     e_t = tl.exp(d_t)
     s = s_off + e_t
@@ -97,9 +109,10 @@ def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
 
 @triton.jit
 def _backward_kernel(grad_lp_ptr, grad_ent_ptr, logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
-                     lse_ptr, grad_ptr, T, V, stride_b, stride_t, inv_temp,
+                     lse_ptr, grad_ptr, T, V, stride_b, stride_t, inv_temp: tl.float64,
                      HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = _scale_in(inv_temp, ACC)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < V
     out_row = grad_ptr + row * V
@@ -118,13 +131,13 @@ def _backward_kernel(grad_lp_ptr, grad_ent_ptr, logits_ptr, tokens_ptr, mask_ptr
     else:
         g_ent = tl.full([], 0.0, ACC)
         ent = tl.full([], 0.0, ACC)
-    z = tl.load(x_row + offs, mask=inside, other=-float("inf")).to(ACC) * inv_temp
+    z = tl.load(x_row + offs, mask=inside, other=-float("inf")).to(ACC) * inv_t
     p = tl.exp(z - lse)
     gap = tl.minimum(lse - z, 1e4)  # -log p, clamped so that p = 0 (a -inf logit) gives 0, not 0 * inf
     grad = p * (g_ent * gap - (g_ent * ent + g_lp))
     p_t = tl.exp(lp)
     target = g_lp * -_expm1(lp) + tl.where(p_t > 0.0, g_ent * p_t * (-lp - ent), 0.0)
-    grad = tl.where(offs == t, target, grad) * inv_temp
+    grad = tl.where(offs == t, target, grad) * inv_t
     tl.store(out_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
@@ -137,12 +150,24 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _on_device_of(t: torch.Tensor):
+    """Make t's GPU the current device for a launch (Triton uses the current device and stream, not the
+    tensor's); nothing to do for CPU tensors under the interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-row tensors are read at flat offset b*T + t: contiguous (a no-op for the ops' own calls)."""
+    return None if t is None else t.contiguous()
+
+
 def token_logprobs_cuda(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, temperature: float,
                         with_entropy: bool):
     """(logprobs [B, T], entropy [B, T] or [0, 0], lse [B, T]) for logits [B, T, V]."""
     B, T, V = logits.shape
     if V > 1 and logits.stride(2) != 1:
         logits = logits.contiguous()
+    tokens, mask = _rows(tokens), _rows(mask)
     dtype = _stats_dtype(logits.dtype)
     logprobs = torch.empty((B, T), dtype=dtype, device=logits.device)
     entropy = torch.empty((B, T) if with_entropy else (0, 0), dtype=dtype, device=logits.device)
@@ -151,12 +176,13 @@ def token_logprobs_cuda(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.
     if N == 0:
         return logprobs, entropy, lse
     block = min(FORWARD_BLOCK, triton.next_power_of_2(V))
-    _forward_kernel[(N,)](
-        logits, tokens, tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse,
-        T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
-        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
-        num_warps=8 if block >= 2048 else 4,
-    )
+    with _on_device_of(logits):
+        _forward_kernel[(N,)](
+            logits, tokens, tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse,
+            T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
+            HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
+            num_warps=8 if block >= 2048 else 4,
+        )
     return logprobs, entropy, lse
 
 
@@ -166,17 +192,20 @@ def token_logprobs_backward_cuda(grad_logprobs, grad_entropy, logits, tokens, ma
     B, T, V = logits.shape
     if V > 1 and logits.stride(2) != 1:
         logits = logits.contiguous()
+    grad_logprobs, grad_entropy, tokens, mask = _rows(grad_logprobs), _rows(grad_entropy), _rows(tokens), _rows(mask)
+    logprobs, entropy, lse = _rows(logprobs), _rows(entropy), _rows(lse)
     grad = torch.empty((B, T, V), dtype=grad_dtype or logits.dtype, device=logits.device)
     N = B * T
     if N == 0:
         return grad
     with_entropy = grad_entropy is not None
     block = min(BACKWARD_BLOCK, triton.next_power_of_2(V))
-    _backward_kernel[(N, triton.cdiv(V, block))](
-        grad_logprobs, grad_entropy if with_entropy else grad_logprobs, logits, tokens,
-        tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse, grad,
-        T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
-        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
-        num_warps=8 if block >= 2048 else 4,
-    )
+    with _on_device_of(logits):
+        _backward_kernel[(N, triton.cdiv(V, block))](
+            grad_logprobs, grad_entropy if with_entropy else grad_logprobs, logits, tokens,
+            tokens if mask is None else mask, logprobs, entropy if with_entropy else logprobs, lse, grad,
+            T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
+            HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
+            num_warps=8 if block >= 2048 else 4,
+        )
     return grad

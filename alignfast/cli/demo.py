@@ -55,12 +55,13 @@ def _examples(arms: dict, world, k: int = 4) -> list[dict]:
 
 def _print_examples(rows: list[dict], names: list[str]) -> str:
     lines = []
+    width = max(len(n) for n in names) + 2
     for r in rows:
         lines.append(f"prompt: {r['prompt']!r}    (meant: {r['true answer']})")
         for name in names:
             a = r[name]
             rewrite = "" if a["rewrite"] == r["prompt"] else f"rewrite {a['rewrite']!r} -> "
-            lines.append(f"  {name:<22} {rewrite}answer {a['answer']!r}  reward {a['reward']}")
+            lines.append(f"  {name:<{width}}{rewrite}answer {a['answer']!r}  reward {a['reward']}")
         lines.append("")
     return "\n".join(lines)
 
