@@ -56,3 +56,21 @@ def test_info_without_extension_says_why():
                          env={**os.environ, "ALIGNFAST_DISABLE_EXT": "1"})
     assert out.returncode == 0, out.stderr
     assert "not loaded: disabled by ALIGNFAST_DISABLE_EXT=1" in out.stdout
+
+
+def test_every_extra_the_messages_name_exists():
+    """Error messages tell users to `pip install 'alignfast[<extra>]'`: each such extra is declared (pip only
+    warns about an unknown extra and installs nothing)."""
+    import re
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[2]
+    extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = set()
+    for path in [*(root / "alignfast").rglob("*.py"), root / "README.md", *(root / "configs").glob("*.yaml")]:
+        named |= set(re.findall(r"alignfast\[([a-z0-9_-]+)\]", path.read_text()))
+    assert named and named <= extras, f"named but not declared: {sorted(named - extras)}"
