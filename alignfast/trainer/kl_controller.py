@@ -22,7 +22,8 @@ class FixedKLController:
         return {"kind": "fixed", "value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+        """Nothing to restore: a fixed coefficient is the config's kl_coef, so a run resumed with another
+        kl_coef uses it (as the resume warning says) instead of silently keeping the checkpoint's."""
 
 
 class AdaptiveKLController:
