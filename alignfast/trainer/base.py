@@ -483,7 +483,8 @@ class PPOEngineTrainer:
         changed = _changed_settings(saved, now)
         if changed:
             _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
-                         "match an uninterrupted one", path,
+                         "match an uninterrupted one (the optimizer and learning-rate schedule, learning rate "
+                         "included, continue from the checkpoint)", path,
                          "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
 
     def _load_checkpoint(self, path: Path) -> None:
