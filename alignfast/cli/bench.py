@@ -28,6 +28,12 @@ def run(names: list[str], *, device: str, record: bool, quick: bool) -> int:
     unknown = [n for n in names if n not in found]
     if unknown:
         raise CLIError(f"unknown benchmark '{unknown[0]}' (available: {', '.join(found)})")
+    import importlib.util
+
+    missing = [m for m in ("trl", "liger_kernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"alignfast bench: {' and '.join(missing)} not installed: their baseline rows will say so "
+              "(pip install -e '.[bench]' to measure against them)", file=sys.stderr)
     status = 0
     for name in names or found:
         cmd = [sys.executable, "-m", f"bench.bench_{name}", "--device", device]

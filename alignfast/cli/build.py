@@ -86,6 +86,10 @@ def build_target_engine(config: dict, *, device):
 
         kwargs = {k: spec[k] for k in ("gpu_memory_utilization", "tensor_parallel_size", "max_model_len",
                                        "trust_remote_code") if spec.get(k) is not None}
+        # vLLM reserves this fraction of the whole GPU at start-up, after the prompter, its optimizer and the
+        # reward model are already there: its own default (0.9) would not start. Override with
+        # target.gpu_memory_utilization when the target has a GPU to itself.
+        kwargs.setdefault("gpu_memory_utilization", 0.4)
         if spec.get("dtype"):
             kwargs["dtype"] = str(spec["dtype"])
         try:

@@ -58,8 +58,15 @@ def policy_outputs(engine, tokenizer, requests: Sequence[str], *, max_new_tokens
 
 def no_fine_tuning(environment, prompts: Sequence[str], columns: dict | None = None, *, seed: int = 0,
                    name: str = "No fine-tuning") -> ArmResult:
-    """The frozen target on the original prompts (an Align-Pro environment given x as its own rewrite)."""
+    """The frozen target on the original prompts: an Align-Pro environment given x as its own rewrite, with
+    the target template reduced to the rewrite alone (a template that also quotes {prompt} would otherwise
+    show the target x twice, which is not the untouched target)."""
+    import copy
+
     prompts = list(prompts)
+    if getattr(environment, "target_prompt_template", "{rewrite}") != "{rewrite}":
+        environment = copy.copy(environment)
+        environment.target_prompt_template = "{rewrite}"
     out = environment.step(prompts, prompts, _columns(columns, len(prompts)), seed=seed)
     return ArmResult(name, prompts, list(prompts), [a[0] if a else "" for a in out.answers],
                      _as_floats(out.scores, name), dict(out.per_func))

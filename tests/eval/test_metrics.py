@@ -63,3 +63,24 @@ def test_reward_curve_png_and_truncated_jsonl(tmp_path):
     pytest.importorskip("matplotlib")
     out = reward_curves({"Align-Pro": log}, tmp_path / "plots" / "reward.png", baselines={"No fine-tuning": 0.1})
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_fine_tuning_ignores_a_template_that_quotes_the_prompt():
+    """The baseline is the untouched target on x, whatever the Align-Pro target template adds around x'."""
+    from alignfast.eval.arms import no_fine_tuning
+
+    class Env:
+        target_prompt_template = "Original: {prompt}\nBetter: {rewrite}"
+
+        def step(self, prompts, outputs, columns, *, seed):
+            from types import SimpleNamespace
+
+            requests = [self.target_prompt_template.replace("{prompt}", p).replace("{rewrite}", o)
+                        for p, o in zip(prompts, outputs)]
+            return SimpleNamespace(answers=[[r] for r in requests], scores=[float(len(r)) for r in requests],
+                                   per_func={})
+
+    env = Env()
+    res = no_fine_tuning(env, ["x1", "long prompt"])
+    assert res.answers == ["x1", "long prompt"] and res.scores == [2.0, 11.0]
+    assert env.target_prompt_template.startswith("Original")  # the caller's environment is untouched
