@@ -79,7 +79,7 @@ def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts
     rewrites=True) or the target itself, whose outputs are the answers (Oracle, rewrites=False)."""
     prompts = list(prompts)
     cols = _columns(columns, len(prompts))
-    outputs = policy_outputs(policy_engine, policy_tokenizer, environment.policy_requests(prompts, cols),
+    outputs = policy_outputs(policy_engine, policy_tokenizer, environment.policy_requests(prompts, cols, seed=seed),
                              max_new_tokens=max_new_tokens)
     out = environment.step(prompts, outputs, cols, seed=seed)
     return ArmResult(name, prompts, list(outputs if rewrites else prompts), [a[0] if a else "" for a in out.answers],

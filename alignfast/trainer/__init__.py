@@ -1,5 +1,5 @@
-"""Trainers: Align-Pro (PPO on a prompter in front of a frozen target) and the Oracle arm (PPO on the
-target itself), on one PPO engine whose numerics run on alignfast.ops (backend="fast") or on the
+"""Trainers: Align-Pro (PPO on a prompter in front of a frozen target), the Oracle arm (PPO on the
+target itself) and PPOTrainer (any Environment, e.g. AlignerEnvironment), on one PPO engine whose numerics run on alignfast.ops (backend="fast") or on the
 plain-PyTorch spec alignfast.reference (backend="reference").
 
     from alignfast.trainer import AlignProConfig, AlignProTrainer
@@ -11,19 +11,23 @@ plain-PyTorch spec alignfast.reference (backend="reference").
 from alignfast.trainer.align_pro import AlignProTrainer
 from alignfast.trainer.base import PPOEngineTrainer
 from alignfast.trainer.config import AlignProConfig
-from alignfast.trainer.environments import AlignProEnvironment, DirectEnvironment, Environment, EnvOutput
+from alignfast.trainer.environments import (AlignerEnvironment, AlignProEnvironment, DirectEnvironment, Environment,
+                                            EnvOutput)
 from alignfast.trainer.oracle import OracleTrainer
+from alignfast.trainer.ppo_trainer import PPOTrainer
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 
 __all__ = [
     "AlignProConfig",
     "AlignProEnvironment",
     "AlignProTrainer",
+    "AlignerEnvironment",
     "DirectEnvironment",
     "EnvOutput",
     "Environment",
     "OracleTrainer",
     "PPOEngineTrainer",
+    "PPOTrainer",
     "RolloutResult",
     "TrainOutput",
     "TrainingDivergedError",

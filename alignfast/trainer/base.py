@@ -409,7 +409,7 @@ class PPOEngineTrainer:
 
     def _sample(self, prompts, columns, *, greedy: bool, seed: int, with_logprobs: bool = False) -> SampledBatch:
         cfg = self.config
-        requests = self.environment.policy_requests(prompts, columns)
+        requests = self.environment.policy_requests(prompts, columns, seed=derive_seed(seed, 0, stream=7) % (2**31))
         rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length) for r in requests]
         query_ids, query_mask = left_pad(rows, self.pad_id, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -2,14 +2,17 @@
 
 The PPO engine is the same for every method; only the environment changes:
 
-    policy_requests(prompts, columns) -> the user message the policy answers, per prompt
+    policy_requests(prompts, columns, seed) -> the user message the policy answers, per prompt; it may add
+                                               per-episode columns (a draft answer, ...) that step and the
+                                               reward functions then receive
     step(prompts, outputs, columns, seed) -> EnvOutput (one score per episode + what happened)
 
 AlignProEnvironment: the policy output is a rewrite x'; the frozen target answers it (y ~ piF(.|x'))
 and the reward scores r(x, y) on the ORIGINAL prompt x, averaged over target_num_samples answers.
 Everything here is environment dynamics: no gradient, log-prob or KL is taken on y.
 DirectEnvironment (Oracle / standard RLHF): the policy output is the answer; score r(x, y).
-Aligner (a corrector after the target) and Proxy-RLHF fit the same interface later.
+AlignerEnvironment (Aligner, Ji et al. 2024): the frozen target drafts y0 before the policy acts; the
+policy, a small corrector, rewrites the draft; score r(x, y). Train any of them with trainer.PPOTrainer.
 """
 
 from __future__ import annotations
@@ -38,8 +41,13 @@ class EnvOutput:
 
 
 class Environment(abc.ABC):
+    """What a PPO method does around its policy (see the module docstring)."""
+
     @abc.abstractmethod
-    def policy_requests(self, prompts: Sequence[str], columns: dict[str, list]) -> list[str]:
+    def policy_requests(self, prompts: Sequence[str], columns: dict[str, list], *,
+                        seed: int | None = None) -> list[str]:
+        """The policy's user message per prompt. May add lists of len(prompts) to `columns` (episode state
+        computed before the policy acts); `step` and the reward functions receive them."""
         ...
 
     @abc.abstractmethod
@@ -54,7 +62,7 @@ class DirectEnvironment(Environment):
     def __init__(self, rewards: WeightedRewards):
         self.rewards = rewards
 
-    def policy_requests(self, prompts, columns):
+    def policy_requests(self, prompts, columns, *, seed=None):
         return list(prompts)
 
     def step(self, prompts, outputs, columns, *, seed):
@@ -82,7 +90,7 @@ class AlignProEnvironment(Environment):
         self.batch_size = batch_size
         self.use_chat_template = use_chat_template
 
-    def policy_requests(self, prompts, columns):
+    def policy_requests(self, prompts, columns, *, seed=None):
         return templates.rewrite_instructions(self.rewrite_template, prompts)
 
     def target_inputs(self, requests: Sequence[str]) -> list:
@@ -153,3 +161,41 @@ def _episode_means(values: list, owner: list[int], n: int) -> list:
             sums[i] += v
             counts[i] += 1
     return [s / c if c else None for s, c in zip(sums, counts)]
+
+
+DEFAULT_CORRECTION_TEMPLATE = "{prompt}\n\nDraft answer: {draft}\n\nWrite an improved answer."
+
+
+class AlignerEnvironment(Environment):
+    """x -> (frozen target) draft y0 -> (policy, the corrector) y given (x, y0) -> r(x, y).
+
+    The draft is environment dynamics computed before the policy acts: policy_requests asks the target
+    (greedy by default, seeded), stores the drafts in columns["draft"] (the reward functions see them),
+    and renders `correction_template` ({prompt}, {draft}). The policy's output is the final answer.
+    """
+
+    def __init__(self, target, rewards: WeightedRewards, *, target_tokenizer=None,
+                 correction_template: str = DEFAULT_CORRECTION_TEMPLATE, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32, use_chat_template: bool = True):
+        for field_name in ("{prompt}", "{draft}"):
+            if field_name not in correction_template:
+                fail("correction_template", f"must contain {field_name}, got {correction_template!r}")
+        self.rewards = rewards
+        self.correction_template = correction_template
+        # The target is asked the original prompt as it is: Align-Pro's target call with the identity rewrite.
+        self._drafter = AlignProEnvironment(
+            target, rewards, target_tokenizer=target_tokenizer, rewrite_template="{prompt}",
+            target_prompt_template="{rewrite}", max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, num_samples=1, batch_size=batch_size, use_chat_template=use_chat_template)
+
+    def policy_requests(self, prompts, columns, *, seed=None):
+        drafts, _ = self._drafter.answer(list(prompts), seed=seed)
+        columns["draft"] = [d[0] if d else "" for d in drafts]
+        return [templates.render(self.correction_template, prompt=p, draft=d)
+                for p, d in zip(prompts, columns["draft"], strict=True)]
+
+    def step(self, prompts, outputs, columns, *, seed):
+        t0 = time.perf_counter()
+        out = self.rewards(list(prompts), list(outputs), **columns)
+        return EnvOutput(scores=out.total, per_func=out.per_func, answers=[[o] for o in outputs],
+                         requests=list(prompts), timings={"reward": time.perf_counter() - t0})

@@ -1,0 +1,52 @@
+"""The engine serves methods beyond Align-Pro: Aligner's corrector (a small policy after a frozen target)
+through AlignerEnvironment + PPOTrainer. The target drafts before the policy acts; the policy sees the
+draft in its request; the reward sees the draft column and scores the corrected answer; learning works."""
+
+import pytest
+
+from alignfast.ops import AlignfastArgumentError
+from alignfast.rollout.rewards import WeightedRewards
+from alignfast.trainer import AlignerEnvironment, AlignProConfig, PPOTrainer
+from tests.trainer.tiny import WORDS, FunctionTarget, make_causal_lm, make_tokenizer
+
+PROMPTS = [f"what is the {w}" for w in ("cat", "dog", "bird", "fish")] * 4
+
+
+def corrected(prompts, completions, draft, **columns):
+    """+1 when the answer names the prompt's last word (the draft never does), -0.05 per word."""
+    assert len(draft) == len(prompts) and all(d == "a dog" for d in draft)
+    return [float(x.split()[-1] in y.split()) - 0.05 * len(y.split()) for x, y in zip(prompts, completions)]
+
+
+def _trainer(tmp_path, **overrides):
+    tok = make_tokenizer(tmp_path / "tok", WORDS)
+    policy = make_causal_lm(tmp_path / "policy", len(tok), seed=3, hidden=32, layers=1)
+    target = FunctionTarget(lambda request: "a dog", tok)
+    env = AlignerEnvironment(target, WeightedRewards([corrected]), target_tokenizer=tok,
+                             correction_template="{prompt} answer {draft} rewrite", max_new_tokens=4)
+    cfg = AlignProConfig(output_dir=str(tmp_path / "out"), seed=0, learning_rate=1e-2, response_length=4,
+                         temperature=1.0, per_device_train_batch_size=16, num_mini_batches=1, num_ppo_epochs=4,
+                         kl_coef=0.01, save_strategy="no", logging_steps=1, **overrides)
+    return PPOTrainer(cfg, policy, tok, env, train_dataset=[{"prompt": p} for p in PROMPTS]), env, target
+
+
+def test_aligner_corrector_sees_the_draft_and_learns(tmp_path):
+    trainer, env, target = _trainer(tmp_path, max_steps=40)  # seed 0: 0.26 -> 0.82 (ceiling 0.95)
+    columns: dict = {}
+    requests = env.policy_requests(PROMPTS[:2], columns, seed=1)
+    assert requests == ["what is the cat answer a dog rewrite", "what is the dog answer a dog rewrite"]
+    assert columns["draft"] == ["a dog", "a dog"]
+    before = trainer.rollout(PROMPTS, greedy=False, seed=5).mean_score
+    trainer.train()
+    after = trainer.rollout(PROMPTS, greedy=False, seed=5).mean_score
+    assert target.calls > 40  # the target drafted for every rollout batch
+    assert after > before + 0.3, (before, after)
+
+
+def test_bad_environment_and_template(tmp_path):
+    with pytest.raises(AlignfastArgumentError, match="'correction_template' must contain {draft}"):
+        AlignerEnvironment(FunctionTarget(str), WeightedRewards([corrected]), correction_template="{prompt}")
+    tok = make_tokenizer(tmp_path / "tok", WORDS)
+    with pytest.raises(AlignfastArgumentError, match="'environment' must be an alignfast.trainer.Environment"):
+        PPOTrainer(AlignProConfig(output_dir=str(tmp_path / "o")), make_causal_lm(tmp_path / "m", len(tok)), tok,
+                   object(), train_dataset=["a"])
