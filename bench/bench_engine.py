@@ -26,13 +26,13 @@ Llama config: hidden 896, 24 layers, 14 heads / 2 KV heads, vocab 151936; bf16; 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import random
 import resource
 import sys
 
 import torch
 
+from bench import harness
 from bench.harness import Row, append_results, device_description, format_table, median_time, peak_extra_memory
 
 CONFIGS = {
@@ -41,21 +41,6 @@ CONFIGS = {
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2),
 }
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:
-    _LIBC = None
-
-
-def set_mmap_threshold(nbytes: int) -> None:
-    """bench.harness serves every allocation over 64 KiB with mmap so that peak memory shows in the
-    resident set; that also makes each step's fresh KV tensors page-fault in, which is not how a
-    normal process runs. The warm-up run (which measures memory) keeps the harness's setting; the
-    timed runs use 32 MiB, glibc's own ceiling for its dynamic threshold."""
-    if _LIBC is not None:
-        _LIBC.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 def cpu_seconds() -> float:
@@ -190,10 +175,10 @@ def main(argv=None) -> int:
             fn = providers[name]
             reps = 1 if name == "naive" else args.reps
             counted: list[int] = []  # the warm-up run gives the token count and the peak memory
-            set_mmap_threshold(64 * 1024)
+            harness.set_mmap_threshold(harness.MEMORY_MMAP_THRESHOLD)
             peak = peak_extra_memory(lambda: counted.append(fn(prompts)), device=args.device)
             tokens = counted[0]
-            set_mmap_threshold(32 * 1024 * 1024)
+            harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)
             cpu0 = cpu_seconds()
             seconds = median_time(lambda: fn(prompts), device=args.device, warmup=0, reps=reps,
                                   max_seconds=float("inf"))
