@@ -25,7 +25,6 @@ def add_parser(sub) -> None:
 
 
 def run(args, overrides) -> int:
-    import json
 
     from alignfast.cli import build
     from alignfast.cli.checkpoints import load_policy, policy_dir
@@ -51,11 +50,7 @@ def run(args, overrides) -> int:
     rewards = build_rewards(cfg, reward_model=r.reward_model, reward_tokenizer=r.reward_tokenizer,
                             reward_funcs=r.reward_funcs, reward_weights=r.reward_weights, device=device)
     engine, target_tokenizer = build.build_target_engine(config, device=device)
-    env = AlignProEnvironment(
-        engine, rewards, target_tokenizer=target_tokenizer, rewrite_template=cfg.rewrite_template,
-        target_prompt_template=cfg.target_prompt_template, max_new_tokens=cfg.target_max_new_tokens,
-        temperature=cfg.target_temperature, top_p=cfg.target_top_p, num_samples=cfg.target_num_samples,
-        batch_size=cfg.target_batch_size, use_chat_template=cfg.target_use_chat_template)
+    env = AlignProEnvironment.from_config(cfg, engine, rewards, target_tokenizer=target_tokenizer)
 
     results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
     prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
@@ -79,11 +74,7 @@ def run(args, overrides) -> int:
         "checkpoint": str(args.checkpoint), "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
         "prompts": len(prompts)}))
     (out / "eval.md").write_text(table + "\n")
-    with open(out / "eval_rollouts.jsonl", "w") as f:
-        for name, res in results.items():
-            for i in range(len(res.prompts)):
-                f.write(json.dumps({"arm": name, "prompt": res.prompts[i], "rewrite": res.rewrites[i],
-                                    "answer": res.answers[i], "reward": res.scores[i]}) + "\n")
+    arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")
     print(table)
     print(f"alignfast eval: {len(prompts)} prompts; wrote {out / 'eval.json'}, {out / 'eval.md'}, "
           f"{out / 'eval_rollouts.jsonl'}", file=sys.stderr)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -150,11 +149,7 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = No
             "torch_threads": torch.get_num_threads()}
     (out / "results.json").write_text(to_json(rows, baseline=BASELINE, extra={**meta, "examples": examples}))
     (out / "results.md").write_text(f"# alignfast demo (seed {seed})\n\n{table}\n")
-    with open(out / "held_out_rollouts.jsonl", "w") as f:
-        for name, r in results.items():
-            for i in range(len(r.prompts)):
-                f.write(json.dumps({"arm": name, "prompt": r.prompts[i], "rewrite": r.rewrites[i],
-                                    "answer": r.answers[i], "reward": r.scores[i]}) + "\n")
+    arm_eval.write_rollouts(results, out / "held_out_rollouts.jsonl")
 
     print(f"\nHeld-out comparison ({len(prompts)} prompts the prompter never trained on; seed {seed}):\n")
     print(table)

@@ -12,7 +12,9 @@ target engine, reward and seed, so their scores pair by prompt for the win rate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 
@@ -84,3 +86,14 @@ def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts
     out = environment.step(prompts, outputs, cols, seed=seed)
     return ArmResult(name, prompts, list(outputs if rewrites else prompts), [a[0] if a else "" for a in out.answers],
                      _as_floats(out.scores, name), dict(out.per_func))
+
+
+def write_rollouts(results: Mapping[str, ArmResult], path: str | Path) -> Path:
+    """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward."""
+    path = Path(path)
+    with open(path, "w") as f:
+        for name, r in results.items():
+            for prompt, rewrite, answer, score in zip(r.prompts, r.rewrites, r.answers, r.scores, strict=True):
+                f.write(json.dumps({"arm": name, "prompt": prompt, "rewrite": rewrite, "answer": answer,
+                                    "reward": score}) + "\n")
+    return path

@@ -77,11 +77,7 @@ class AlignProTrainer(PPOEngineTrainer):
         rewards = build_rewards(config, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                 reward_funcs=reward_funcs, reward_weights=reward_weights, device=device)
         self.rewards = rewards
-        env = AlignProEnvironment(
-            engine, rewards, target_tokenizer=target_tokenizer, rewrite_template=config.rewrite_template,
-            target_prompt_template=config.target_prompt_template, max_new_tokens=config.target_max_new_tokens,
-            temperature=config.target_temperature, top_p=config.target_top_p, num_samples=config.target_num_samples,
-            batch_size=config.target_batch_size, use_chat_template=config.target_use_chat_template)
+        env = AlignProEnvironment.from_config(config, engine, rewards, target_tokenizer=target_tokenizer)
         self._setup(config, prompter, prompter_tokenizer, env, train_dataset=train_dataset, eval_dataset=eval_dataset,
                     ref_model=ref_model, value_model=value_model, peft_config=peft_config, callbacks=callbacks)
 

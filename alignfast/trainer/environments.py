@@ -90,6 +90,16 @@ class AlignProEnvironment(Environment):
         self.batch_size = batch_size
         self.use_chat_template = use_chat_template
 
+    @classmethod
+    def from_config(cls, config, target, rewards: WeightedRewards, *, target_tokenizer=None) -> AlignProEnvironment:
+        """The environment an AlignProConfig describes (its rewrite_template and target_* fields): one place
+        for that mapping, shared by the trainer and `alignfast eval`."""
+        return cls(target, rewards, target_tokenizer=target_tokenizer, rewrite_template=config.rewrite_template,
+                   target_prompt_template=config.target_prompt_template, max_new_tokens=config.target_max_new_tokens,
+                   temperature=config.target_temperature, top_p=config.target_top_p,
+                   num_samples=config.target_num_samples, batch_size=config.target_batch_size,
+                   use_chat_template=config.target_use_chat_template)
+
     def policy_requests(self, prompts, columns, *, seed=None):
         return templates.rewrite_instructions(self.rewrite_template, prompts)
 
