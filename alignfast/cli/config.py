@@ -12,7 +12,8 @@ setting:
 
 Overrides on the command line use dotted keys, `--trainer.kl_coef 0.1` or `--target.model ./llama`; a bare
 key that names a trainer field (`--kl_coef 0.1`) means `trainer.<key>`. Values are parsed as YAML scalars
-(`true`, `3`, `1e-5`, `null`, `[a, b]`).
+(`true`, `3`, `1e-5`, `null`, `[a, b]`). The file and the overrides are read with YAML 1.2's scalars
+(alignfast.cli.yaml12): `1e-6` is a number and `save_strategy: no` the string 'no', not False.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from alignfast.cli import yaml12
 from alignfast.cli.errors import CLIError
 
 SECTIONS: dict[str, set[str] | None] = {
@@ -47,7 +49,9 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *,
         if not p.is_file():
             raise CLIError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml12.load(p.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            raise CLIError(f"config file {p} cannot be read: {err}") from None
         except yaml.YAMLError as err:
             raise CLIError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
         if loaded is None:
@@ -87,7 +91,7 @@ def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, object]]:
             raw = tokens[i + 1]
             i += 2
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml12.load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         pairs.append((key.replace("-", "_"), value))

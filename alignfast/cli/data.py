@@ -49,6 +49,7 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
     if column not in rows[0]:
         raise CLIError(f"data.{what}: {source} has no column '{column}' (columns: {', '.join(map(str, rows[0]))}); "
                        f"set data.{what}.prompt_column")
+    _check_same_columns(rows, source, what)
     keep = spec.get("columns")
     records = []
     for i, row in enumerate(rows):
@@ -77,14 +78,24 @@ def _read_file(p: Path, what: str) -> list[dict]:
     try:
         if p.suffix == ".csv":
             with open(p, newline="") as f:
-                return list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                rows = []
+                for row in reader:  # DictReader pads a short row with None and files a long one's extras under None
+                    if None in row or any(v is None for v in row.values()):
+                        side = "more" if None in row else "fewer"
+                        raise CLIError(f"data.{what}: {p} line {reader.line_num} has {side} fields than its header "
+                                       f"({len(reader.fieldnames or [])}: {', '.join(reader.fieldnames or [])})")
+                    rows.append(row)
+            return rows
         if p.suffix == ".json":
-            data = json.loads(p.read_text())
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError as err:
+                raise CLIError(f"data.{what}: {p} is not JSON ({err.msg} at line {err.lineno})") from None
             if isinstance(data, dict):  # {"data": [...]} or {column: [values]}
                 data = data.get("data", data)
             if isinstance(data, dict):
-                keys = list(data)
-                data = [dict(zip(keys, values)) for values in zip(*data.values())]
+                data = _columns_to_rows(data, p, what)
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise CLIError(f"data.{what}: {p} must hold a list of objects")
             return data
@@ -102,6 +113,35 @@ def _read_file(p: Path, what: str) -> list[dict]:
         return rows
     except (OSError, UnicodeDecodeError) as err:
         raise CLIError(f"data.{what}: cannot read {p}: {err}") from None
+
+
+def _columns_to_rows(data: dict, p: Path, what: str) -> list[dict]:
+    """{column: [values]} -> [{column: value}]; columns of different lengths are an error (zip would
+    silently train on the shortest)."""
+    lengths = {}
+    for k, v in data.items():
+        if not isinstance(v, list):
+            raise CLIError(f"data.{what}: {p} must hold a list of objects or {{column: [values]}}; column '{k}' "
+                           f"is a {type(v).__name__}, not a list")
+        lengths[k] = len(v)
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"'{k}': {n}" for k, n in lengths.items())
+        raise CLIError(f"data.{what}: {p} has columns of different lengths ({shown})")
+    keys = list(data)
+    return [dict(zip(keys, values)) for values in zip(*data.values())]
+
+
+def _check_same_columns(rows: list[dict], source: str, what: str) -> None:
+    """Every record has the columns the first one has: a missing one would reach the reward as None."""
+    first = set(rows[0])
+    for i, row in enumerate(rows[1:], 1):
+        keys = set(row)
+        if keys != first:
+            missing, extra = sorted(first - keys), sorted(keys - first)
+            detail = (f"lacks column '{missing[0]}'" if missing else f"has column '{extra[0]}'")
+            raise CLIError(f"data.{what}: record {i} of {source} {detail} that record 0 "
+                           f"{'has' if missing else 'lacks'} (every record needs the same columns; use null for "
+                           "a missing value)")
 
 
 def _read_hub(name: str, spec: dict, what: str) -> list[dict]:

@@ -115,3 +115,26 @@ def token_ids(name: str, tokens: torch.Tensor, vocab_size: int, valid: torch.Ten
     if bool(bad.any()):
         first = tokens[bad][0].item()
         fail(name, f"holds token id {first} outside [0, {vocab_size}) at a valid position")
+
+
+def device(name: str, value, *, require_available: bool = True) -> torch.device:
+    """A torch device spelling ('cpu', 'cuda', 'cuda:1', a torch.device) that this machine has."""
+    try:
+        d = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        fail(name, f"is not a device torch knows, got {value!r} (e.g. 'cpu', 'cuda', 'cuda:1')")
+    if not require_available or d.type in ("cpu", "meta"):
+        return d
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            fail(name, f"is {value!r} but this machine has no CUDA device torch can use")
+        if d.index is not None and d.index >= n:
+            fail(name, f"is {value!r} but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return d
+    try:
+        torch.empty(0, device=d)
+    except (RuntimeError, AssertionError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        fail(name, f"is {value!r}, which this machine cannot use ({first})")
+    return d

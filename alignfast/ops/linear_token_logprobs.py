@@ -5,7 +5,8 @@
 The rows are processed in chunks: each chunk's logits [chunk, V] are computed by a GEMM with float32
 accumulation and output, reduced by the fused log-prob kernel to per-row stats (logprob, entropy,
 logsumexp), and dropped. The backward recomputes each chunk's logits, turns them into dlogits with
-the saved stats, and accumulates dhidden, dweight and dbias (dweight/dbias in float32, rounded once).
+the saved stats, and accumulates dhidden, dweight and dbias (dweight/dbias in float32, rounded once). A
+backward with create_graph=True (second derivatives) differentiates the reference instead.
 Masked rows are dropped before any GEMM.
 
 Chunk size (rows per chunk, overridable with chunk_size=): the chunk's float32 logits are kept to
@@ -92,12 +93,38 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         grad_logprobs = torch.zeros_like(logprobs)
     if not ctx.with_entropy:
         grad_entropy = None
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the kernel's gradients would be constants to autograd (second derivatives
+        # silently 0); differentiate the reference instead (it materialises [N, V]; a rare path).
+        return (*_grads_through_reference(hidden, weight, bias, tokens, mask, ctx.temperature, grad_logprobs,
+                                          grad_entropy, (need_hidden, need_weight, need_bias and bias is not None)),
+                None, None, None, None, None)
     d_hidden, d_weight, d_bias = op(BACKWARD)(
         grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(), hidden, weight, bias,
         tokens, mask, logprobs, entropy, lse, ctx.temperature, ctx.chunk_size, need_hidden, need_weight,
         bool(need_bias and bias is not None))
     return (d_hidden if need_hidden else None, d_weight if need_weight else None,
             d_bias if (need_bias and bias is not None) else None, None, None, None, None, None)
+
+
+def _grads_through_reference(hidden, weight, bias, tokens, mask, temperature, grad_logprobs, grad_entropy, needs):
+    """(dhidden, dweight, dbias) of sum g_lp * logprob + g_ent * entropy, with create_graph=True, from the
+    reference; None where not needed."""
+    with torch.enable_grad():
+        inputs = [t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (hidden, weight, bias)]
+        lp, ent = reference.linear_token_logprobs(inputs[0], inputs[1], tokens, bias=inputs[2],
+                                                  temperature=temperature, mask=mask, return_entropy=True)
+        outs, grads = [lp], [grad_logprobs.to(lp.dtype)]
+        if grad_entropy is not None:
+            outs.append(ent)
+            grads.append(grad_entropy.to(ent.dtype))
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        got = iter(torch.autograd.grad(outs, wanted, grads, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in zip(inputs, needs):
+        g = next(got) if need else None
+        out.append(None if g is None else g.to(t.dtype))
+    return out
 
 
 torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_setup_context)
@@ -110,6 +137,8 @@ def _check(hidden, weight, tokens, bias, mask, temperature, chunk_size):
         _checks.fail("weight", f"has shape {tuple(weight.shape)} but hidden's last dimension is {hidden.shape[-1]}")
     if weight.shape[0] < 1:
         _checks.fail("weight", "needs at least one vocabulary row")
+    if hidden.shape[-1] < 1:
+        _checks.fail("hidden", f"needs a hidden size (last dimension) of at least 1, got shape {tuple(hidden.shape)}")
     _checks.same_device("hidden", hidden, "weight", weight)
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1, dtypes=(hidden.dtype,))

@@ -64,6 +64,12 @@ def _backward(ctx, grad_loss, _grad_stats, _grad_grad_logprobs, _grad_grad_value
     needs = ctx.needs_input_grad
     if grad_loss is None:  # only the (non-differentiable) stats were used downstream
         return (None,) * 11
+    if torch.is_grad_enabled() and (needs[0] or needs[3]):
+        # backward(create_graph=True): the saved per-token gradients are constants, so a second derivative would
+        # silently be 0. Say so instead.
+        raise RuntimeError("alignfast.ppo_loss has first derivatives only (its backward is a saved constant), so "
+                           "backward(create_graph=True) would give wrong second derivatives; for higher-order "
+                           "gradients use alignfast.reference.ppo_loss (or alignfast.ops.force_backend('reference'))")
     if any(needs[i] for i in (1, 2, 4, 5)):
         raise RuntimeError("alignfast.ppo_loss is differentiable with respect to logprobs and values only; "
                            "detach old_logprobs, advantages, old_values and returns")

@@ -7,7 +7,7 @@ With z = logits / temperature over the vocabulary axis (see alignfast.reference.
 
 Forward keeps O(N) per-row statistics (logprob, entropy, logsumexp); no [N, V] buffer. Backward
 recomputes softmax from the logits and the saved logsumexp and writes dlogits once, in the logits'
-dtype:
+dtype (a backward with create_graph=True, for second derivatives, goes through the reference instead):
 
     dlogits_v = (1/T) [ g_logprob (1[v = token] - p_v) + g_entropy p_v (E_p[z] - z_v) ]
 
@@ -74,9 +74,28 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         grad_logprobs = torch.zeros_like(logprobs)
     if not ctx.with_entropy:
         grad_entropy = None
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the kernel's dlogits would be a constant to autograd (second derivatives
+        # silently 0), so this rare path differentiates the reference instead, which autograd can differentiate
+        # again. It materialises [N, V] like the reference does.
+        grad = _grad_through_reference(logits, tokens, mask, ctx.temperature, grad_logprobs, grad_entropy)
+        return grad, None, None, None, None
     grad = op(BACKWARD)(grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
                         logits, tokens, mask, logprobs, entropy, lse, ctx.temperature, None)
     return grad, None, None, None, None
+
+
+def _grad_through_reference(logits, tokens, mask, temperature, grad_logprobs, grad_entropy):
+    """d(sum g_lp * logprob + g_ent * entropy)/dlogits with create_graph=True, from alignfast.reference."""
+    with torch.enable_grad():
+        x = logits if logits.requires_grad else logits.detach().requires_grad_()
+        lp, ent = reference.token_logprobs(x, tokens, temperature=temperature, mask=mask, return_entropy=True)
+        outs, grads = [lp], [grad_logprobs.to(lp.dtype)]
+        if grad_entropy is not None:
+            outs.append(ent)
+            grads.append(grad_entropy.to(ent.dtype))
+        (grad,) = torch.autograd.grad(outs, x, grads, create_graph=True)
+    return grad
 
 
 torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_setup_context)

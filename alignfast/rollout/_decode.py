@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from alignfast.rollout._batching import Unit
+from alignfast.rollout._cache_api import cache_keyword
 from alignfast.rollout._kv_cache import new_dynamic_cache, new_packed_cache, packed_cache_layers
 from alignfast.rollout._sampling import choose_tokens, step_uniforms
 
@@ -55,11 +56,12 @@ def make_runner(model, *, use_packed_cache: bool = True, prefill_chunk_tokens: i
         raise TypeError(f"{type(model).__name__}.forward takes no position_ids: left-padded batching needs them")
     keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     extra = {keep_kw: 1} if keep_kw else {}
+    cache_kw = cache_keyword(model)
 
     def bind(fn):
         def forward(input_ids, attention_mask, position_ids, cache):
             out = fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=cache, use_cache=True, **extra)
+                     use_cache=True, **{cache_kw: cache}, **extra)
             return out.logits[:, -1, :]
         return forward
 

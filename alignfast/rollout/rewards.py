@@ -15,7 +15,9 @@ the reward judges the answer to the user's question, not to the rewrite.
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,6 +136,71 @@ class RewardOutput:
     per_func: dict[str, list[float | None]]
 
 
+class RewardFunctionError(AlignfastArgumentError):
+    """A reward function raised, or returned something other than one number (or None) per completion.
+    The message names the function; the original exception is chained."""
+
+
+def check_weights(weights, name: str = "reward_weights") -> list[float]:
+    """Weights as floats; a string, a bool or a non-finite number is an error naming the entry."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, (list, tuple)):
+        fail(name, f"must be a list of numbers, got {weights!r}")
+    out = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            fail(name, f"entry {i} must be a finite number, got {w!r}")
+        out.append(float(w))
+    return out
+
+
+def _check_accepts(f, name: str, columns: dict) -> None:
+    """The columns are passed as keywords: a function without **kwargs that does not name one of them would
+    fail with Python's "unexpected keyword argument"; say which columns and what to do instead."""
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to check
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)}
+    unknown = [c for c in columns if c not in named]
+    if unknown:
+        raise RewardFunctionError(f"alignfast: reward function '{name}' does not accept the column(s) "
+                                  f"{', '.join(repr(c) for c in unknown)} it is passed: give it a **kwargs "
+                                  "parameter (f(prompts, completions, **kwargs))")
+
+
+def _score(value, name: str, i: int) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
+        value = value.item()
+    if isinstance(value, numbers.Real):  # bool, int, float, numpy scalars
+        return float(value)
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise RewardFunctionError(f"alignfast: reward function '{name}' returned {type(value).__name__} {shown} for "
+                              f"completion {i}; each entry must be a number (or None: not scored)")
+
+
+def _scores(values, name: str, n: int) -> list[float | None]:
+    if isinstance(values, torch.Tensor):
+        values = values.reshape(-1).tolist() if values.dim() == 1 else values
+    elif hasattr(values, "ndim") and hasattr(values, "tolist") and getattr(values, "ndim", 0) == 1:  # numpy
+        values = values.tolist()
+    if values is None or isinstance(values, (str, bytes, dict, numbers.Number, torch.Tensor)) \
+            or not isinstance(values, (list, tuple)):
+        shown = repr(values)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise RewardFunctionError(f"alignfast: reward function '{name}' returned {type(values).__name__} {shown}; "
+                                  f"it must return a list of {n} scores, one per completion")
+    if len(values) != n:
+        raise RewardFunctionError(f"alignfast: reward function '{name}' returned {len(values)} scores for "
+                                  f"{n} completions")
+    return [_score(v, name, i) for i, v in enumerate(values)]
+
+
 class WeightedRewards:
     """sum_k w_k f_k(prompts, completions, **columns), skipping None entries (GRPO semantics)."""
 
@@ -146,13 +213,10 @@ class WeightedRewards:
                 fail("reward_funcs", f"holds {f!r}, which is not callable")
         if weights is None:
             weights = [1.0] * len(funcs)
-        weights = [float(w) for w in weights]
+        weights = check_weights(weights)
         if len(weights) != len(funcs):
             fail("reward_weights", f"has {len(weights)} entries for "
                  f"{len(funcs)} reward functions (reward model first, then reward_funcs)")
-        for w in weights:
-            if not math.isfinite(w):
-                fail("reward_weights", f"must be finite, got {w!r}")
         self.funcs = funcs
         self.weights = weights
         self.names = _unique([reward_name(f) for f in funcs])
@@ -161,12 +225,17 @@ class WeightedRewards:
         n = len(completions)
         per_func: dict[str, list[float | None]] = {}
         for name, f in zip(self.names, self.funcs):
-            values = f(list(prompts), list(completions), **columns)
-            values = list(values) if values is not None else []
-            if len(values) != n:
-                raise AlignfastArgumentError(f"alignfast: reward function '{name}' returned {len(values)} scores for "
-                                             f"{n} completions")
-            per_func[name] = [None if v is None else float(v) for v in values]
+            if not isinstance(f, RewardModel):
+                _check_accepts(f, name, columns)
+            try:
+                values = f(list(prompts), list(completions), **columns)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the user's code: re-raised naming the function
+                first = str(err).splitlines()[0] if str(err) else ""
+                raise RewardFunctionError(f"alignfast: reward function '{name}' raised {type(err).__name__}"
+                                          + (f": {first}" if first else "")) from err
+            per_func[name] = _scores(values, name, n)
         total = []
         for i in range(n):
             acc, seen = 0.0, False

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from alignfast.ops import _checks
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
-from alignfast.rollout.rewards import RewardModel, WeightedRewards
+from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weights
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.config import AlignProConfig, coerce_config
@@ -36,6 +37,8 @@ from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, 
 from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
+from alignfast.trainer.resume_checks import check_resume_matches
+from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
 
 _log = logging.getLogger("alignfast.trainer")
 
@@ -74,8 +77,9 @@ def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, rew
                                      device=device if isinstance(reward_model, (str, os.PathLike)) else None))
     if reward_funcs is not None:
         funcs.extend(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
-    if reward_weights is not None and config.reward_weights is not None and \
-            [float(w) for w in reward_weights] != config.reward_weights:
+    if reward_weights is not None:
+        reward_weights = check_weights(reward_weights)
+    if reward_weights is not None and config.reward_weights is not None and reward_weights != config.reward_weights:
         fail("reward_weights", "differs from config.reward_weights; give one")
     weights = reward_weights if reward_weights is not None else config.reward_weights
     return WeightedRewards(funcs, weights)
@@ -102,7 +106,7 @@ class PPOEngineTrainer:
 
         model = policy_model
         if config.device is not None:
-            model = model.to(config.device)
+            model = model.to(_checks.device("device", config.device))
         self.device = next(model.parameters()).device
         self.tokenizer = policy_tokenizer
         self.pad_id, self.stop_ids = _special_ids(policy_tokenizer, model, config.stop_token_id)
@@ -174,11 +178,10 @@ class PPOEngineTrainer:
         for the latest one in output_dir."""
         cfg = self.config
         resumed = None
+        for name in ckpt.clean_stale(cfg.output_dir):  # what a killed checkpoint writer left (gigabytes with real models)
+            _log.warning("removed %s, a checkpoint a killed run did not finish writing", Path(cfg.output_dir) / name)
         if resume_from_checkpoint:
-            path = ckpt.latest_checkpoint(cfg.output_dir) if resume_from_checkpoint is True else \
-                Path(resume_from_checkpoint)
-            if path is None:
-                raise FileNotFoundError(f"alignfast: no checkpoint to resume from in {cfg.output_dir}")
+            path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; falls back past damaged ones
             self._load_checkpoint(path)
             resumed = path
         else:
@@ -193,8 +196,9 @@ class PPOEngineTrainer:
         state.max_steps = self.num_steps
         state.global_step = self.global_step
         control = self.callbacks.fire("on_train_begin")
-        last_good = ckpt.latest_checkpoint(cfg.output_dir) if resumed is not None else None
+        last_good = resumed
         metrics: dict = self.history[-1] if self.history else {}
+        stop = StopSignals().__enter__()  # SIGTERM/SIGINT: finish the step, checkpoint, stop (trainer/stop_signals.py)
         try:
             while self.global_step < self.num_steps and not control.should_training_stop:
                 step = self.global_step
@@ -223,10 +227,13 @@ class PPOEngineTrainer:
                     control = self.callbacks.fire("on_evaluate", metrics=eval_metrics)
                 control = self.callbacks.fire("on_step_end")
                 if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
-                                                     or control.should_training_stop):
+                                                     or control.should_training_stop or stop.requested):
                     last_good = self._save_checkpoint()
                     control = self.callbacks.fire("on_save")
+                if stop.requested and not final:
+                    raise stopped_by_signal(stop, self.global_step, self.num_steps, last_good)
         finally:
+            stop.restore()
             logger.close()
         self.callbacks.fire("on_train_end")
         return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
@@ -490,15 +497,15 @@ class PPOEngineTrainer:
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         trainable = data["trainable"]
+        check_resume_matches(path, trainable, data["state"], self.model, self.config,
+                             value_model=self.value_model, value_head=self.shared_value_head)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in trainable["policy"].items():
-                if name not in params:
-                    raise ValueError(f"alignfast: checkpoint {path} holds parameter {name!r} the policy does not have")
                 params[name].copy_(value)
-        if self.value_model is not None and "value_model" in trainable:
+        if self.value_model is not None:
             self.value_model.load_state_dict(trainable["value_model"])
-        if self.shared_value_head is not None and "value_head" in trainable:
+        if self.shared_value_head is not None:
             self.shared_value_head.load_state_dict(trainable["value_head"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
@@ -545,4 +552,23 @@ def _special_ids(tokenizer, model, extra_stop: int | None) -> tuple[int, list[in
     if not stops:
         raise AlignfastArgumentError("alignfast: the policy tokenizer has no EOS token: set config.stop_token_id so "
                                      "responses can end")
+    _check_ids_in_vocab(model, pad, eos, extra_stop, stops)
     return int(pad), sorted(stops)
+
+
+def _check_ids_in_vocab(model, pad, eos, extra_stop, stops) -> None:
+    """An id at or past the vocabulary would never be sampled (a stop that never stops) or index past the
+    embedding (a pad token added to the tokenizer without resize_token_embeddings)."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(getattr(emb, "weight", None), "shape", (None,))[0] or getattr(getattr(model, "config", None),
+                                                                              "vocab_size", None)
+    if not vocab:
+        return
+    if extra_stop is not None and not 0 <= int(extra_stop) < vocab:
+        fail("stop_token_id", f"({extra_stop}) is outside the policy's vocabulary [0, {vocab})")
+    for what, i in (("pad token id", pad), ("EOS token id", eos), *(("stop id (generation_config.eos_token_id)", s)
+                                                                  for s in stops)):
+        if i is not None and not 0 <= int(i) < vocab:
+            raise AlignfastArgumentError(f"alignfast: the policy tokenizer's {what} {i} is outside the model's "
+                                         f"vocabulary [0, {vocab}): resize the embeddings "
+                                         "(model.resize_token_embeddings(len(tokenizer))) or fix the tokenizer")

@@ -1,24 +1,37 @@
-"""Atomic checkpoints: everything a run needs to continue exactly where it stopped.
+"""Atomic, verified checkpoints: everything a run needs to continue exactly where it stopped.
 
 Layout of output_dir/checkpoint-<step>/:
-    trainable.pt        the parameters that training changes (policy or its LoRA adapter, value model)
+    policy/             the policy in save_pretrained form (what a user loads afterwards)
+    trainable.pt        the trained parameters that policy/ does not already hold bit for bit (a value model or
+                        value head, parameters save_pretrained stores under another name), and for the rest a map
+                        {parameter: (file, key)} into policy/'s safetensors: one copy of the weights, never two;
+                        no frozen weight (LoRA: the adapter only)
     optimizer.pt        optimizer state;   scheduler.pt: LR scheduler state
     rng.pt              python / numpy / torch (CPU and CUDA) generator states
     trainer_state.json  step, episode, KL controller, metrics so far, the config
-    policy/             the policy in save_pretrained form (what a user loads afterwards)
+    manifest.json       every other file's size and SHA-256, written last
 
-A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
-(or a NaN stop) never leaves a half-written checkpoint-<step>, and the previous ones stay intact.
+Writing: into a temporary sibling `.tmp-checkpoint-<step>-<pid>-<random>` (created under the process's umask,
+so other users of a shared machine can read it as they can read the run's other files), every file and folder
+fsynced, then the manifest, then one rename into place and an fsync of output_dir. A crash or a power loss
+therefore leaves either the previous checkpoints alone or a complete new one; never a half-written
+checkpoint-<step>. What a killed writer leaves behind (`.tmp-checkpoint-*`) is removed by the next run
+(`clean_stale`).
+
+Reading: `verify` checks a checkpoint against its manifest before anything trusts it; `resume_point` picks
+the newest checkpoint that passes and warns, naming each newer one that does not and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,40 +64,54 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that fails verification (missing or damaged files, no manifest); names it and why."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"alignfast: checkpoint {path} is damaged or incomplete: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict, optimizer, scheduler,
                     trainer_state: dict, save_policy=None, total_limit: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically; `save_policy(dir)` writes the user-facing model."""
+    """Write checkpoint-<step> atomically; `save_policy(dir)` writes the user-facing model. trainable["policy"]
+    (name -> tensor) is stored only where policy/ does not already hold the same tensor."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=root))
+    tmp = _fresh_dir(root, f"{TMP_PREFIX}{step}-")
     try:
+        if save_policy is not None:
+            save_policy(tmp / "policy")
+            if "policy" in trainable:
+                kept, files = _split_policy(trainable["policy"], tmp / "policy")
+                trainable = {**trainable, "policy": kept, POLICY_FILES: files}
         torch.save(trainable, tmp / "trainable.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(trainer_state, f, indent=1, default=_json_default)
-        if save_policy is not None:
-            save_policy(tmp / "policy")
+        _write_manifest(tmp)  # fsyncs every file and folder, then the manifest: from here the copy is complete
         if final.exists():  # the same step written again (a rerun): replace it, still atomically
-            old = Path(tempfile.mkdtemp(prefix=f".old-checkpoint-{step}-", dir=root))
+            old = _fresh_dir(root, f"{TMP_PREFIX}replaced-{step}-")
             os.replace(final, old / "c")
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if total_limit is not None:
         for old in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under output_dir, oldest step first."""
+    """checkpoint-<step> folders under output_dir (not yet verified), oldest step first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -101,20 +128,256 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def verify(path: str | os.PathLike) -> None:
+    """Raise CorruptCheckpointError unless every file the manifest lists is there with its size and SHA-256."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CorruptCheckpointError(path, "not a folder")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(path, f"no {MANIFEST} (it is written last: the write did not finish, or an "
+                                           "older alignfast wrote it)") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(path, f"{MANIFEST} is unreadable ({err})") from None
+    for rel, meta in sorted(files.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CorruptCheckpointError(path, f"{rel} is missing")
+        size = f.stat().st_size
+        if size != meta.get("size"):
+            raise CorruptCheckpointError(path, f"{rel} has {size} bytes, the manifest says {meta.get('size')}")
+        digest, _ = _sha256(f)
+        if digest != meta.get("sha256"):
+            raise CorruptCheckpointError(path, f"{rel} does not match its SHA-256 in the manifest")
+
+
+def resume_point(output_dir: str | os.PathLike, requested: str | os.PathLike | bool, *, warn=None) -> Path:
+    """The checkpoint to resume from: `requested` itself (verified; an error if it is damaged), or with
+    requested=True the newest checkpoint of output_dir that verifies, with a warning (`warn(msg)`) naming
+    each newer one that does not."""
+    if requested is not True:
+        path = Path(requested)
+        if not path.is_dir():
+            raise FileNotFoundError(f"alignfast: checkpoint {path} not found")
+        verify(path)
+        return path
+    candidates = list_checkpoints(output_dir)
+    if not candidates:
+        raise FileNotFoundError(f"alignfast: no checkpoint to resume from in {output_dir}")
+    skipped = []
+    for path in reversed(candidates):
+        try:
+            verify(path)
+        except CorruptCheckpointError as err:
+            skipped.append(err)
+            continue
+        for err in skipped:
+            (warn or _log.warning)(f"alignfast: not resuming from {err.path.name}: {err.reason}; resuming from "
+                                   f"{path.name} instead (the damaged checkpoint is left in place)")
+        return path
+    raise CorruptCheckpointError(Path(output_dir), "no checkpoint in it passes verification ("
+                                 + "; ".join(f"{e.path.name}: {e.reason}" for e in skipped) + ")")
+
+
+def clean_stale(output_dir: str | os.PathLike) -> list[str]:
+    """Remove what killed writers left in output_dir (`.tmp-checkpoint-*` of processes no longer running).
+    A checkpoint that was being replaced when the writer died is put back first. Returns the names removed."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in sorted(root.glob(TMP_PREFIX + "*")) + sorted(root.glob(".old-checkpoint-*")):
+        if _writer_alive(p.name):
+            continue
+        m = re.match(rf"^{re.escape(TMP_PREFIX)}replaced-(\d+)-", p.name)
+        if m and (p / "c").is_dir() and not (root / f"checkpoint-{m.group(1)}").exists():
+            os.replace(p / "c", root / f"checkpoint-{m.group(1)}")  # killed between the two renames
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location=None) -> dict:
-    """{'trainable', 'optimizer', 'scheduler', 'rng', 'state'} of a checkpoint directory."""
+    """{'trainable', 'optimizer', 'scheduler', 'rng', 'state'} of a checkpoint directory. A file that cannot be
+    read raises CorruptCheckpointError naming it."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"alignfast: {path} is not a complete checkpoint (no {STATE_FILE})")
-    with open(path / STATE_FILE) as f:
-        state = json.load(f)
-    return {
-        "trainable": torch.load(path / "trainable.pt", map_location=map_location, weights_only=True),
-        "optimizer": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),
-        "scheduler": torch.load(path / "scheduler.pt", map_location=map_location, weights_only=False),
-        "rng": torch.load(path / "rng.pt", weights_only=False),
-        "state": state,
-    }
+    out = {}
+    for key, name, weights_only in (("trainable", "trainable.pt", True), ("optimizer", "optimizer.pt", True),
+                                    ("scheduler", "scheduler.pt", False), ("rng", "rng.pt", False)):
+        try:
+            out[key] = torch.load(path / name, map_location=None if key == "rng" else map_location,
+                                  weights_only=weights_only)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(path, f"{name} is missing") from None
+        except Exception as err:  # noqa: BLE001 - torch.load raises many types on a damaged file
+            raise CorruptCheckpointError(path, f"{name} cannot be read ({type(err).__name__}: "
+                                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    try:
+        out["state"] = json.loads((path / STATE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(path, f"{STATE_FILE} is not JSON ({err})") from None
+    files = out["trainable"].pop(POLICY_FILES, None)
+    if files:
+        out["trainable"]["policy"] = {**_read_policy_tensors(path / "policy", files, map_location),
+                                      **out["trainable"].get("policy", {})}
+    return out
+
+
+# --- internals -----------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-checkpoint-"
+POLICY_FILES = "policy_files"  # trainable.pt key: {parameter name: [file under policy/, tensor key]}
+_log = logging.getLogger("alignfast.trainer")
+
+
+def _fresh_dir(root: Path, prefix: str) -> Path:
+    """A new folder root/<prefix><pid>-<random>, created with the process's umask (tempfile.mkdtemp's would be
+    0700: unreadable to the other users of a shared machine)."""
+    while True:
+        p = root / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named this temporary folder (…-<pid>-<hex>) is still running (a concurrent
+    writer's folder is not stale). Names without a pid (older alignfast) are stale."""
+    m = re.search(r"-(\d+)-[0-9a-f]{8}$", name)
+    if not m:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return False  # this process is starting a run: nothing of its own is being written
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that a crash halfway leaves no half-deleted checkpoint-<step>: rename, then delete."""
+    doomed = path.parent / f"{TMP_PREFIX}deleted-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _sha256(path: Path, *, fsync: bool = False) -> tuple[str, int]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        if fsync:
+            os.fsync(f.fileno())
+        size = f.tell()
+    return h.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {}
+    for dirpath, _dirs, names in os.walk(folder):
+        for name in sorted(names):
+            f = Path(dirpath) / name
+            digest, size = _sha256(f, fsync=True)
+            files[f.relative_to(folder).as_posix()] = {"size": size, "sha256": digest}
+        _fsync_dir(Path(dirpath))
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"format": 1, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _name_candidates(name: str) -> list[str]:
+    """Keys under which save_pretrained may store parameter `name`: as is, or (PEFT) without the adapter name."""
+    out = [name]
+    stripped = re.sub(r"\.default(?=\.)", "", name)
+    if stripped != name:
+        out.append(stripped)
+    return out
+
+
+def _split_policy(params: dict, policy_dir: Path) -> tuple[dict, dict]:
+    """(params policy/ does not hold bit for bit, {name: [file, key]} for those it does). Each match is checked
+    by value, so a format that renames or converts a tensor only costs the second copy, never a wrong resume."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return params, {}
+    index: dict[str, str] = {}
+    for f in sorted(policy_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                index.setdefault(k, f.name)
+    kept, files = {}, {}
+    handles = {}
+    try:
+        for name, value in params.items():
+            match = None
+            for key in _name_candidates(name):
+                fname = index.get(key)
+                if fname is None:
+                    continue
+                st = handles.get(fname) or handles.setdefault(fname, safe_open(str(policy_dir / fname),
+                                                                               framework="pt"))
+                stored = st.get_tensor(key)
+                if stored.dtype == value.dtype and stored.shape == value.shape and \
+                        torch.equal(stored, value.detach().to("cpu")):
+                    match = [fname, key]
+                    break
+            if match is None:
+                kept[name] = value
+            else:
+                files[name] = match
+    finally:
+        handles.clear()
+    return kept, files
+
+
+def _read_policy_tensors(policy_dir: Path, files: dict, map_location) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for name, (fname, key) in files.items():
+        by_file.setdefault(fname, []).append((name, key))
+    for fname, entries in by_file.items():
+        try:
+            with safe_open(str(policy_dir / fname), framework="pt") as st:
+                for name, key in entries:
+                    t = st.get_tensor(key)
+                    out[name] = t.to(map_location) if map_location is not None else t
+        except Exception as err:  # noqa: BLE001 - a damaged or missing safetensors file
+            raise CorruptCheckpointError(policy_dir.parent, f"policy/{fname} cannot be read ({err})") from None
+    return out
 
 
 def _json_default(x):

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from alignfast.ops import _checks
 from alignfast.ops._checks import AlignfastArgumentError, fail
 
 BACKENDS = ("fast", "reference")
@@ -250,6 +251,10 @@ class AlignProConfig:
         if self.stop_token_id is not None and (not isinstance(self.stop_token_id, int) or self.stop_token_id < 0):
             fail("stop_token_id", f"must be a non-negative token id, got {self.stop_token_id!r}")
 
+        if self.device is not None:
+            if not isinstance(self.device, str):
+                fail("device", f"must be a device name such as 'cpu' or 'cuda:0', got {self.device!r}")
+            _checks.device("device", self.device, require_available=False)
         number("learning_rate", lo=0, lo_open=True)
         number("weight_decay", lo=0)
         number("adam_beta1", lo=0, hi=1)

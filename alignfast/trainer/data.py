@@ -91,6 +91,12 @@ def _normalise(data, name: str) -> tuple[list[str], dict[str, list]]:
                 if "prompt" not in row:
                     fail(name, f"row {i} has no 'prompt' key")
             keys = [k for k in data[0] if k != "prompt"]
+            for i, row in enumerate(data):  # a missing column would reach the reward functions as None
+                if len(row) != len(keys) + 1 or any(k not in row for k in keys):
+                    other = next((k for k in keys if k not in row), None)
+                    detail = (f"lacks column '{other}' that row 0 has" if other is not None else
+                              f"has column '{next(k for k in row if k not in keys and k != 'prompt')}' that row 0 lacks")
+                    fail(name, f"row {i} {detail} (every row needs the same columns; use None for a missing value)")
             prompts = [row["prompt"] for row in data]
             columns = {k: [row.get(k) for row in data] for k in keys}
         else:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignfast.rollout._cache_api import cache_keyword, output_cache
+
 
 @dataclass
 class SampledBatch:
@@ -104,8 +106,9 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
     valid_out = []
 
     keep = last_logits_kwargs(model)
+    cache_kw = cache_keyword(model)
     out = model(input_ids=query_ids, attention_mask=attention, position_ids=positions, use_cache=True, **keep)
-    cache = out.past_key_values
+    cache = output_cache(out)
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
         if temperature == 0:
@@ -125,8 +128,8 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
             break
         attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=device)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
-                    past_key_values=cache, use_cache=True, **keep)
-        cache = out.past_key_values
+                    use_cache=True, **{cache_kw: cache}, **keep)
+        cache = output_cache(out)
         next_position = next_position + 1
 
     response_ids = torch.stack(tokens_out, dim=1)

@@ -1,0 +1,25 @@
+"""The KV-cache argument of a transformers model under its current name.
+
+transformers 5 renamed `past_key_values` to `cache` (the forward's keyword and the output's field) and logs a
+deprecation warning on every use of the old name; transformers 4 knows only the old one (and would silently
+ignore `cache=`, landing in **kwargs). So the name is read from the forward's signature, once per model.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def cache_keyword(model) -> str:
+    """'cache' when model.forward takes it (transformers >= 5), else 'past_key_values'."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The cache a forward returned, read under the new name first (no deprecation warning)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

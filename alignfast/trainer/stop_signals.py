@@ -1,0 +1,90 @@
+"""SIGTERM / SIGINT during training: finish the step, write a checkpoint, stop with a line saying how to resume.
+
+Schedulers (Slurm, Kubernetes, systemd) send SIGTERM before they kill a job, and Ctrl-C sends SIGINT. Without
+a handler either one ends the process at once and loses every step since the last checkpoint. With
+`StopSignals` installed around the training loop:
+
+    first signal   -> the current PPO step finishes, a checkpoint is written, TrainingInterrupted is raised
+    second signal  -> the step is abandoned at once (KeyboardInterrupt); the last checkpoint stays as it was
+
+Handlers can only be installed from the main thread; elsewhere (a trainer run in a worker thread) the
+process keeps its own handlers and nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+_log = logging.getLogger("alignfast.trainer")
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGTERM/SIGINT after a step; `checkpoint` is where to resume from (None when
+    save_strategy is 'no'), `signal_name` the signal, `exit_code` 128 + its number (the shell's convention)."""
+
+    def __init__(self, message: str, *, step: int, checkpoint, signal_name: str, exit_code: int):
+        super().__init__(message)
+        self.step, self.checkpoint, self.signal_name, self.exit_code = step, checkpoint, signal_name, exit_code
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+class StopSignals:
+    """Installs the handlers on enter (main thread only) and restores the previous ones on exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                try:
+                    self._previous[s] = signal.signal(s, self._handle)
+                except (ValueError, OSError):  # not allowed here (an embedded interpreter): leave it
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        if self.received is not None:  # the second one: stop now
+            self.restore()
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: the current step was abandoned")
+        self.received = signum
+        _log.warning("alignfast: %s received: finishing the current step, then writing a checkpoint and stopping "
+                     "(send it again to stop at once without a checkpoint)", signal.Signals(signum).name)
+
+
+def stopped_by_signal(stop: StopSignals, step: int, num_steps: int, checkpoint) -> TrainingInterrupted:
+    """The exception (and the one line the CLI prints) for a run stopped by `stop`'s signal after `step`."""
+    if checkpoint is not None and str(checkpoint).endswith(f"checkpoint-{step}"):
+        where = (f"checkpoint {checkpoint} written; continue the run with `alignfast train ... --resume` "
+                 "(Python: train(resume_from_checkpoint=True))")
+    elif checkpoint is not None:
+        where = (f"no checkpoint of this step (save_strategy is 'no'); the last one is {checkpoint}, from which "
+                 "`--resume` continues")
+    else:
+        where = "no checkpoint written (save_strategy is 'no'): the run cannot be resumed"
+    return TrainingInterrupted(f"alignfast: stopped by {stop.name} after step {step} of {num_steps}; {where}",
+                               step=step, checkpoint=checkpoint, signal_name=stop.name,
+                               exit_code=128 + int(stop.received))
