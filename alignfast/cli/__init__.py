@@ -64,9 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         # An output path that is a file, a folder that cannot be written: the user's to fix, in one line.
         print(f"alignfast {args.command}: error: {err.strerror}: {err.filename}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if getattr(err, "exit_code", None):  # TrainingInterrupted: SIGTERM/SIGINT, checkpoint written; says how to resume
+            print(f"alignfast {args.command}: {str(err).removeprefix('alignfast: ')}", file=sys.stderr)
+            return err.exit_code
         print(f"alignfast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - alignfast's own user-facing errors in one line; anything else re-raised
+        from alignfast.cli.errors import known_error_line
+
+        line = known_error_line(err)
+        if line is None:
+            raise
+        print(f"alignfast {args.command}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -101,14 +101,36 @@ def build_target_engine(config: dict, *, device):
 
     base_url = run_config.require(config, "target.base_url")
     key_env = spec.get("api_key_env") or "OPENAI_API_KEY"
-    kwargs = {k: spec[k] for k in ("api", "max_concurrency", "timeout", "max_retries", "system_prompt")
-              if spec.get(k) is not None}
+    kwargs = {k: spec[k] for k in ("api", "max_concurrency", "timeout", "max_retries", "retry_budget", "call_timeout",
+                                   "system_prompt") if spec.get(k) is not None}
     # A remote endpoint formats its own input (api: chat applies the served model's chat template), so
     # the trainer sends plain text: no local target tokenizer.
     try:
         return OpenAIEngine(str(base_url), str(model), api_key=os.environ.get(key_env), **kwargs), None
     except ImportError as err:  # openai not installed
         raise CLIError(f"target.engine openai: {err}") from None
+
+
+def preflight_target(config: dict) -> None:
+    """Before any model loads: an OpenAI-compatible target is asked for its model list, so a wrong base_url
+    (a missing /v1, a wrong port, a server that is down) is one line naming the URL in seconds, not after the
+    prompter, the reward model and the first rollout (minutes with real models)."""
+    spec = run_config.section(config, "target")
+    if (spec.get("engine") or "hf").lower() != "openai":
+        return
+    from alignfast.ops import AlignfastArgumentError
+    from alignfast.rollout import EngineRequestError
+
+    try:
+        engine, _ = build_target_engine(config, device="cpu")
+    except AlignfastArgumentError as err:
+        raise CLIError(f"target: {str(err).removeprefix('alignfast: ')}") from None
+    try:
+        engine.check_endpoint(timeout=min(10.0, engine.timeout))
+    except EngineRequestError as err:
+        raise CLIError(f"target.base_url: {err}") from None
+    finally:
+        engine.close()
 
 
 def lora_config(spec: dict | None):

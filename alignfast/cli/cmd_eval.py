@@ -42,6 +42,7 @@ def run(args, overrides) -> int:
         if path:
             policy_dir(path)
     cfg = build.trainer_config(config, output_dir=str(Path(args.checkpoint).parent))
+    build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     device = build.default_device()
     _, evals = build.load_data(config, need_train=False, need_eval=True)
     prompts = [r["prompt"] for r in evals]

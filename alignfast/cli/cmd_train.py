@@ -31,6 +31,7 @@ def run(args, overrides) -> int:
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.progress import ProgressCallback
     from alignfast.ops import AlignfastArgumentError
+    from alignfast.rollout import EngineRequestError
     from alignfast.trainer.results import TrainingDivergedError
 
     from alignfast.cli.models import quiet_transformers
@@ -39,6 +40,8 @@ def run(args, overrides) -> int:
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
     device = build.default_device()
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
+    if not args.oracle:
+        build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     train, evals = build.load_data(config, need_train=True, need_eval=False)
     rewards = build.build_rewards(config, device=device)
     common = dict(reward_model=rewards.reward_model, reward_tokenizer=rewards.reward_tokenizer,
@@ -68,6 +71,15 @@ def run(args, overrides) -> int:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     except TrainingDivergedError as err:  # NaN/inf reward or loss: the message names the step and the checkpoint
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
+    except EngineRequestError as err:  # the target endpoint failed for good (after its retry budget)
+        from alignfast.trainer.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(cfg.output_dir)
+        resume = (f"the checkpoints so far are kept (latest: {last}): once the endpoint is back, the same command "
+                  "with --resume continues the run" if last is not None else
+                  "no checkpoint was written yet: rerun once the endpoint is back")
+        raise CLIError(f"the target failed: {err}; {resume} (target.retry_budget sets how long requests are "
+                       "retried)") from None
     final = trainer.save_model(Path(cfg.output_dir) / "final")
     last = result.metrics
     print(f"alignfast train: {result.global_step} PPO steps; last objective/scores "

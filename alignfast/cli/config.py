@@ -5,7 +5,8 @@ setting:
 
     prompter: {model: <hub name or path>, dtype: bfloat16, lora: {r: 16, ...} | null}
     target:   {model: <hub name or path>, engine: hf | vllm | openai, dtype, ...; for openai: base_url,
-               api: chat | completions, api_key_env (default OPENAI_API_KEY), max_concurrency, timeout, ...}
+               api: chat | completions, api_key_env (default OPENAI_API_KEY), max_concurrency, timeout,
+               retry_budget (seconds of retrying per request, default 30), call_timeout, ...}
     reward:   {model: <sequence-classification RM> | null, functions: ["pkg.module:function", ...], weights: [...]}
     data:     {train: {path, split, prompt_column, limit, ...}, eval: {...}}
     trainer:  {<AlignProConfig fields>}
@@ -32,6 +33,7 @@ SECTIONS: dict[str, set[str] | None] = {
     "target": {"model", "tokenizer", "engine", "dtype", "max_batch_tokens", "attn_implementation",   # hf
                "gpu_memory_utilization", "tensor_parallel_size", "max_model_len",                     # vllm
                "base_url", "api", "api_key_env", "max_concurrency", "timeout", "max_retries",         # openai
+               "retry_budget", "call_timeout",
                "system_prompt", "trust_remote_code", "revision", "lora"},
     "reward": {"model", "tokenizer", "dtype", "functions", "weights", "template", "trust_remote_code", "revision"},
     "data": {"train", "eval"},

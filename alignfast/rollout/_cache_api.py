@@ -12,8 +12,9 @@ import inspect
 
 def cache_keyword(model) -> str:
     """'cache' when model.forward takes it (transformers >= 5), else 'past_key_values'."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs to it
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"

@@ -14,12 +14,19 @@ class Completion:
 
     text: the decoded continuation (special tokens removed); token_ids: the generated ids (EOS
     included when generation stopped there; empty for engines that return text only);
-    finish_reason: 'stop' (EOS or a stop string) or 'length' (max_new_tokens reached).
+    finish_reason: 'stop' (EOS or a stop string) or 'length' (max_new_tokens reached);
+    num_tokens: tokens generated, for engines that return no token_ids but know the count (OpenAI: the
+    response's usage); None means len(token_ids).
     """
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    num_tokens: int | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids) if self.num_tokens is None else self.num_tokens
 
 
 Prompt = str | Sequence[int]

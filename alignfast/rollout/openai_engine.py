@@ -2,33 +2,47 @@
 or a hosted model): the black-box setting Align-Pro is built for, where only generations can be had.
 
 Each prompt is one request (`n` samples via the API's `n`, or n requests when the server does not
-support it), sent from a thread pool of `max_concurrency` workers through the `openai` SDK. Requests
-that fail with a retryable error (timeout, connection error, HTTP 408/409/429/5xx) are retried up to
-`max_retries` times after an exponential backoff with jitter:
+support it), sent through the `openai` SDK's async client, `max_concurrency` at a time, on an event loop
+the engine runs in a daemon thread (so `generate` is an ordinary blocking call, usable from a notebook too).
 
-    wait_k = min(backoff_max, backoff * 2**k) * U(0.75, 1)      (k = 0, 1, ... retries so far)
+Deadlines. Every attempt must bring a complete response within `timeout` seconds: an overall deadline,
+not a per-read one, so a server that trickles a byte at a time cannot hold a request forever. The whole
+`generate` call may also be bounded with `call_timeout`. Either ends in EngineRequestError.
 
-Any other error (400, 401, 404, ...), or a retryable one that outlives its retries, cancels the
-requests not yet started and raises EngineRequestError naming the prompt and the last error.
+Retries. A retryable failure (timeout, connection error, HTTP 408/409/429/5xx) is retried after
+
+    wait_k = Retry-After (when the server sends one)  else  min(backoff_max, backoff * 2**k) * U(0.75, 1)
+
+(k = retries so far) while the waits of that request stay within `retry_budget` seconds in total (and,
+when set, at most `max_retries` times). The default budget, 30 s, outlasts a server restart. A request
+that still fails, or fails with an error retrying cannot fix (400, 401, 404, a malformed response), cancels
+the requests not yet answered and raises EngineRequestError naming the prompt and quoting the server.
 
 Endpoints: "completions" sends the prompt as is (text, or token ids, which the completions API
 accepts); "chat" sends it as one user message (after an optional system message), text only.
-Completions carry text only (token_ids is empty): the endpoint's tokenizer is not ours.
+Completions carry text only (token_ids is empty: the endpoint's tokenizer is not ours); their num_tokens
+comes from the response's `usage.completion_tokens` (split evenly over the n choices of one request).
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import json
+import logging
+import math
 import os
 import random
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from alignfast.rollout._sampling import request_seeds
 from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, TargetEngine, check_call
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+DEFAULT_RETRY_BUDGET = 30.0  # seconds of waiting between attempts, per request: a server restart fits in it
+_log = logging.getLogger("alignfast.rollout")
 
 
 def _import_openai():
@@ -40,13 +54,27 @@ def _import_openai():
     return openai
 
 
+class _Malformed(Exception):
+    """A 2xx response that is not a completion (HTML, an error object, no choices): not retried."""
+
+
+class _Deadline(Exception):
+    """An attempt that brought no complete response within `timeout` (reported as APITimeoutError)."""
+
+
+def _quote(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 class OpenAIEngine(TargetEngine):
     """Frozen-target generation through an OpenAI-compatible API.
 
     base_url: e.g. "http://127.0.0.1:8000/v1". model: the served model's name.
     api: "completions" or "chat". api_key: default $OPENAI_API_KEY, else "EMPTY" (local servers).
-    max_concurrency: requests in flight at once. timeout: seconds per request attempt.
-    max_retries, backoff, backoff_max: see the module docstring.
+    max_concurrency: requests in flight at once. timeout: seconds for one attempt, all of it (connect,
+    send, wait, read). call_timeout: seconds for one whole `generate` call (None: bounded by the others).
+    max_retries (None: no count limit), retry_budget, backoff, backoff_max: see the module docstring.
     n_per_request: send `n` in one request (False: n requests of one sample each).
     send_seed: pass a per-prompt seed (derived from the call's seed, the prompt and its occurrence).
     system_prompt: for api="chat", a system message before each prompt.
@@ -54,72 +82,145 @@ class OpenAIEngine(TargetEngine):
     """
 
     def __init__(self, base_url: str, model: str, *, api: str = "completions", api_key: str | None = None,
-                 max_concurrency: int = 8, timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.5,
-                 backoff_max: float = 8.0, n_per_request: bool = True, send_seed: bool = True,
+                 max_concurrency: int = 8, timeout: float = 60.0, max_retries: int | None = None,
+                 retry_budget: float = DEFAULT_RETRY_BUDGET, backoff: float = 0.5, backoff_max: float = 8.0,
+                 call_timeout: float | None = None, n_per_request: bool = True, send_seed: bool = True,
                  system_prompt: str | None = None, extra_body: dict | None = None):
         from alignfast.ops._checks import choice, fail, non_negative, positive
 
         self.api = choice("api", api, ("completions", "chat"))
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             fail("max_concurrency", f"must be an integer >= 1, got {max_concurrency!r}")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            fail("max_retries", f"must be an integer >= 0, got {max_retries!r}")
+        if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)
+                                        or max_retries < 0):
+            fail("max_retries", f"must be an integer >= 0 or None, got {max_retries!r}")
         self.timeout = positive("timeout", timeout)
+        self.call_timeout = None if call_timeout is None else positive("call_timeout", call_timeout)
+        self.retry_budget = non_negative("retry_budget", retry_budget)
         self.backoff = non_negative("backoff", backoff)
         self.backoff_max = non_negative("backoff_max", backoff_max)
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
         self.model, self.n_per_request, self.send_seed = model, bool(n_per_request), bool(send_seed)
         self.system_prompt, self.extra_body = system_prompt, dict(extra_body or {})
+        self.base_url = str(base_url)
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self._openai = _import_openai()
-        # retries are ours (backoff above, errors reported per prompt): the SDK must not retry too
-        self._client = self._openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY")
-                                           or "EMPTY", timeout=self.timeout, max_retries=0)
-        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client = None  # an AsyncOpenAI, created on the engine's loop (it belongs to that loop)
+        self._closed = False
+
+    # --- the event loop -----------------------------------------------------------------------------
+
+    def _run(self, coro, *, what: str):
+        """Run `coro` on the engine's loop and wait for it; Ctrl-C cancels it there too."""
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise EngineRequestError(f"OpenAIEngine: {what} called after close(); create a new engine")
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="alignfast-openai", daemon=True)
+                self._thread.start()
+            loop = self._loop
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _get_client(self):
+        if self._client is None:
+            # retries and deadlines are ours (see the module docstring): the SDK must not retry too
+            self._client = self._openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key,
+                                                    timeout=self.timeout, max_retries=0)
+        return self._client
 
     # --- one request ------------------------------------------------------------------------------
 
-    def _request(self, prompt, *, n: int, seed: int | None, args) -> list[Completion]:
+    async def _request(self, prompt, *, n: int, seed: int | None, args) -> list[Completion]:
         body = dict(model=self.model, n=n, max_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p if not args.greedy else 1.0)
         if seed is not None:
             body["seed"] = seed
         if self.extra_body:
             body["extra_body"] = self.extra_body
+        client = self._get_client()
         if self.api == "chat":
             messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-            resp = self._client.chat.completions.create(messages=[*messages, {"role": "user", "content": prompt}],
-                                                        **body)
-            texts = [(c.index, c.message.content or "", c.finish_reason) for c in resp.choices]
+            raw = await client.chat.completions.with_raw_response.create(
+                messages=[*messages, {"role": "user", "content": prompt}], **body)
         else:
-            resp = self._client.completions.create(prompt=prompt, **body)
-            texts = [(c.index, c.text or "", c.finish_reason) for c in resp.choices]
+            raw = await client.completions.with_raw_response.create(prompt=prompt, **body)
+        return self._parse(raw.text, n)
+
+    def _parse(self, text: str, n: int) -> list[Completion]:
+        """Completions from a 2xx body, or _Malformed quoting what the server said instead."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise _Malformed(f"the endpoint's answer is not JSON: {_quote(text)}") from None
+        if not isinstance(data, dict):
+            raise _Malformed(f"the endpoint answered {_quote(text)}, not a completion object")
+        if data.get("error"):
+            raise _Malformed(f"the endpoint answered with an error: {_quote(json.dumps(data['error']))}")
+        choices = data.get("choices")
+        if not isinstance(choices, list):
+            raise _Malformed(f"the endpoint's answer has no 'choices': {_quote(text)}")
+        texts = []
+        for c in choices:
+            if not isinstance(c, dict):
+                raise _Malformed(f"the endpoint's answer has a malformed choice: {_quote(json.dumps(c))}")
+            content = (c.get("message") or {}).get("content") if self.api == "chat" else c.get("text")
+            texts.append((c.get("index", len(texts)), content or "", c.get("finish_reason")))
         if len(texts) != n:
-            raise EngineRequestError(f"the endpoint returned {len(texts)} choices for n={n}")
-        return [Completion(text, [], "length" if reason == "length" else "stop") for _, text, reason in sorted(texts)]
+            raise _Malformed(f"the endpoint returned {len(texts)} choices for n={n}: {_quote(text)}")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        total = usage.get("completion_tokens")
+        counts = [None] * n
+        if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+            counts = [total // n + (1 if i < total % n else 0) for i in range(n)]
+        return [Completion(t, [], "length" if reason == "length" else "stop", num_tokens=k)
+                for (_, t, reason), k in zip(sorted(texts, key=lambda x: x[0]), counts)]
 
-    def _retryable(self, err: Exception) -> bool:
+    def _classify(self, err: BaseException) -> tuple[bool, float | None]:
+        """(retryable, Retry-After seconds or None)."""
         o = self._openai
-        if isinstance(err, (o.APITimeoutError, o.APIConnectionError)):
-            return True
+        if isinstance(err, (_Deadline, o.APITimeoutError, o.APIConnectionError)):
+            return True, None
         if isinstance(err, o.APIStatusError):
-            return err.status_code in RETRYABLE_STATUS or err.status_code >= 500
-        return False
+            retryable = err.status_code in RETRYABLE_STATUS or err.status_code >= 500
+            return retryable, _retry_after(getattr(err, "response", None))
+        return False, None
 
-    def _with_retries(self, index: int, prompt, stop: threading.Event, **kwargs) -> list[Completion]:
-        attempt = 0
+    async def _with_retries(self, index: int, prompt, **kwargs) -> list[Completion]:
+        attempt, waited = 0, 0.0
         while True:
-            if stop.is_set():
-                return []
             try:
-                return self._request(prompt, **kwargs)
-            except Exception as err:  # noqa: BLE001 - classified below, re-raised with context
-                if not self._retryable(err) or attempt >= self.max_retries:
-                    tries = f"after {attempt + 1} attempts" if attempt else "on its first attempt"
-                    raise EngineRequestError(f"OpenAIEngine: the request for prompts[{index}] failed {tries}: "
-                                             f"{type(err).__name__}: {err}") from err
-                time.sleep(min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0))
-                attempt += 1
+                return await asyncio.wait_for(self._request(prompt, **kwargs), self.timeout)
+            except asyncio.TimeoutError:
+                err: BaseException = _Deadline(f"no complete response within timeout={self.timeout:g} s")
+            except Exception as e:  # noqa: BLE001 - classified below, re-raised with context
+                err = e
+            retryable, retry_after = self._classify(err)
+            tries = f"after {attempt + 1} attempts" if attempt else "on its first attempt"
+            name = "APITimeoutError" if isinstance(err, _Deadline) else type(err).__name__
+            name = "malformed response" if isinstance(err, _Malformed) else name
+            failure = f"OpenAIEngine ({self.base_url}): the request for prompts[{index}] failed {tries}: {name}: {err}"
+            if not retryable or (self.max_retries is not None and attempt >= self.max_retries):
+                raise EngineRequestError(failure) from err
+            wait = retry_after if retry_after is not None else \
+                min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0)
+            if waited + wait > self.retry_budget:
+                asked = f"the server asked to retry after {retry_after:g} s, which" if retry_after is not None \
+                    else "another retry"
+                raise EngineRequestError(f"{failure} ({asked} would exceed the retry budget of "
+                                         f"{self.retry_budget:g} s: retry_budget sets it)") from err
+            await asyncio.sleep(wait)
+            waited += wait
+            attempt += 1
 
     # --- the call -------------------------------------------------------------------------------
 
@@ -127,6 +228,8 @@ class OpenAIEngine(TargetEngine):
                  top_p: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[Completion]]:
         from alignfast.ops._checks import fail
 
+        if self._closed:
+            raise EngineRequestError("OpenAIEngine: generate() called after close(); create a new engine")
         args, prompt_list = check_call(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, n=n, seed=seed)
         if not prompt_list:
@@ -145,30 +248,108 @@ class OpenAIEngine(TargetEngine):
                 jobs.append((i, args.n, s))
             else:
                 jobs.extend((i, 1, None if s is None else (s + k) & 0x7FFFFFFF) for k in range(args.n))
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="alignfast-openai")
-        stop = threading.Event()
-        futures = [self._pool.submit(self._with_retries, i, prompt_list[i], stop, n=k, seed=s, args=args)
-                   for i, k, s in jobs]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in futures if f.done() and f.exception() is not None), None)
-        if failed is not None:
-            stop.set()
-            for f in pending:
-                f.cancel()
-            raise failed.exception()
+        answers = self._run(self._run_jobs(jobs, prompt_list, args), what="generate()")
         results: list[list[Completion]] = [[] for _ in prompt_list]
-        for (i, _, _), f in zip(jobs, futures):
-            results[i].extend(f.result())
+        for (i, _, _), got in zip(jobs, answers):
+            results[i].extend(got)
         return results
+
+    async def _run_jobs(self, jobs, prompt_list, args) -> list[list[Completion]]:
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(i, k, s):
+            async with gate:
+                return await self._with_retries(i, prompt_list[i], n=k, seed=s, args=args)
+
+        tasks = [asyncio.ensure_future(one(i, k, s)) for i, k, s in jobs]
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=self.call_timeout, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in tasks if t in done and t.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            if pending:
+                raise EngineRequestError(
+                    f"OpenAIEngine: generate() did not finish within call_timeout={self.call_timeout:g} s "
+                    f"({len(done)} of {len(tasks)} requests to {self.base_url} answered)")
+            return [t.result() for t in tasks]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- before a run -----------------------------------------------------------------------------
+
+    def check_endpoint(self, timeout: float = 10.0) -> None:
+        """A cheap request (GET <base_url>/models) that fails fast, naming the URL, when the endpoint cannot
+        serve this engine: nothing listening, a base_url without its /v1, a rejected API key. A model name the
+        server does not list is a warning (some gateways route names they do not list)."""
+        self._run(self._check_endpoint(timeout), what="check_endpoint()")
+
+    async def _check_endpoint(self, timeout: float) -> None:
+        o = self._openai
+        url = self.base_url.rstrip("/") + "/models"
+        try:
+            page = await asyncio.wait_for(self._get_client().models.list(), timeout)
+        except asyncio.TimeoutError:
+            raise EngineRequestError(f"OpenAIEngine: the target endpoint {url} did not answer within {timeout:g} s"
+                                     ) from None
+        except o.APIConnectionError as err:
+            raise EngineRequestError(f"OpenAIEngine: cannot reach the target endpoint {self.base_url} "
+                                     f"({type(err).__name__}: {err}); is the server running, and is base_url "
+                                     "right?") from None
+        except o.APIStatusError as err:
+            hint = {404: " (does base_url lack its /v1?)", 401: " (check the API key: target.api_key_env)",
+                    403: " (check the API key: target.api_key_env)"}.get(err.status_code, "")
+            raise EngineRequestError(f"OpenAIEngine: the target endpoint {url} answered HTTP {err.status_code}"
+                                     f"{hint}: {_quote(err.message)}") from None
+        except Exception as err:  # noqa: BLE001 - e.g. an HTML page where JSON was expected
+            raise EngineRequestError(f"OpenAIEngine: the target endpoint {url} gave an unusable answer "
+                                     f"({type(err).__name__}: {err}); is base_url an OpenAI-compatible API?") from None
+        served = [getattr(m, "id", None) for m in getattr(page, "data", None) or []]
+        if served and self.model not in served:
+            _log.warning("OpenAIEngine: %s does not list model %r (it serves %s); requests may fail", url, self.model,
+                         ", ".join(map(str, served[:5])) + (", ..." if len(served) > 5 else ""))
 
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
-        client = getattr(self, "_client", None)
+            self._closed = True
+            loop, thread, client = self._loop, self._thread, self._client
+            self._loop = self._thread = self._client = None
+        if loop is None:
+            return
         if client is not None:
-            client.close()
-            self._client = None
+            try:
+                asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=5)
+            except Exception:  # noqa: BLE001 - closing: nothing left to report to
+                pass
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
+
+
+def _retry_after(response) -> float | None:
+    """Seconds from a Retry-After (seconds or an HTTP date) or retry-after-ms header; None when absent."""
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            v = float(ms) / 1000.0
+            return v if math.isfinite(v) and v >= 0 else None
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        v = float(value)
+        return v if math.isfinite(v) and v >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from alignfast.ops._checks import AlignfastArgumentError
+
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -64,7 +66,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(AlignfastArgumentError):
     """A checkpoint that fails verification (missing or damaged files, no manifest); names it and why."""
 
     def __init__(self, path, reason: str):

@@ -139,9 +139,14 @@ class AlignProEnvironment(Environment):
             if len(completions) != len(chunk):
                 raise RuntimeError(f"alignfast: the target engine returned {len(completions)} lists for "
                                    f"{len(chunk)} prompts")
-            for per_prompt in completions:
+            for i, per_prompt in enumerate(completions):
+                if len(per_prompt) != self.num_samples:  # else the episode's reward would be a missing (None) mean
+                    raise RuntimeError(f"alignfast: the target engine ({type(self.target).__name__}) returned "
+                                       f"{len(per_prompt)} completions for prompt {start + i} of the batch, "
+                                       f"{self.num_samples} were asked (target_num_samples); request: "
+                                       f"{str(requests[start + i])[:80]!r}")
                 answers.append([c.text for c in per_prompt])
-                n_tokens += sum(len(c.token_ids) for c in per_prompt)
+                n_tokens += sum(c.generated_tokens for c in per_prompt)
         return answers, n_tokens
 
     def step(self, prompts, outputs, columns, *, seed):

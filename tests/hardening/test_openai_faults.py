@@ -1,0 +1,234 @@
+"""OpenAIEngine against misbehaving OpenAI-compatible servers on 127.0.0.1 (issue 10 cases 6, 7, 14; issue 14
+items 4 and 7): every wait is bounded, Retry-After is honoured within the retry budget, malformed answers are
+quoted, a closed engine says so, the endpoint is checked before a run, and usage counts the target's tokens.
+
+Each test's server misbehaves by its path's prompt (see FaultServer.answer); every test is bounded by a few
+seconds of wall time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("openai")
+
+from alignfast.rollout import EngineRequestError, OpenAIEngine  # noqa: E402
+
+
+def _completion(prompt: str, n: int, tokens: int = 3) -> dict:
+    return {"id": "x", "object": "text_completion", "created": 0, "model": "m",
+            "choices": [{"index": i, "text": f"{prompt}|{i}", "finish_reason": "stop", "logprobs": None}
+                        for i in range(n)],
+            "usage": {"prompt_tokens": 1, "completion_tokens": tokens * n, "total_tokens": 1 + tokens * n}}
+
+
+class FaultServer:
+    """prompt -> behaviour:
+        trickle          headers, then one byte of a long body every 0.2 s (for minutes)
+        trickle-headers  the status line and headers one byte every 0.2 s
+        silent           accepts, never answers
+        retry-after<s>   429 with Retry-After: <s> for the first request, then an answer
+        always-429       429 with Retry-After: 1 always
+        html             200 with an HTML page
+        error-200        200 carrying {"error": ...}
+        no-choices       200 with a JSON object without choices
+        anything else    a normal completion (usage: 3 tokens per choice)"""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {}
+        self.models = ["m"]
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/v1/models"):
+                    self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                                  "owned_by": "me"} for m in server.models]})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body.get("prompt")
+                server.times.setdefault(prompt, []).append(time.monotonic())
+                try:
+                    self._answer(prompt, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def _send(self, status, payload, headers=(), raw: bytes | None = None, ctype="application/json"):
+                data = raw if raw is not None else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _answer(self, prompt, body):
+                n = body.get("n", 1)
+                if prompt == "trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    for _ in range(300):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                elif prompt == "trickle-headers":
+                    for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"a" * 300:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                elif prompt == "silent":
+                    time.sleep(60)
+                elif prompt.startswith("retry-after"):
+                    if len(server.times[prompt]) == 1:
+                        self._send(429, {"error": {"message": "slow down"}}, headers=[("Retry-After", prompt[11:])])
+                    else:
+                        self._send(200, _completion(prompt, n))
+                elif prompt == "always-429":
+                    self._send(429, {"error": {"message": "slow down"}}, headers=[("Retry-After", "1")])
+                elif prompt == "html":
+                    self._send(200, None, raw=b"<html><body>Bad Gateway from the proxy</body></html>",
+                               ctype="text/html")
+                elif prompt == "error-200":
+                    self._send(200, {"error": {"message": "model overloaded", "type": "server_error"}})
+                elif prompt == "no-choices":
+                    self._send(200, {"id": "x", "object": "text_completion", "result": "hello"})
+                else:
+                    self._send(200, _completion(prompt, n))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+def engine(server, **kw):
+    kw.setdefault("backoff", 0.01)
+    return OpenAIEngine(server.base_url, "m", **kw)
+
+
+@pytest.mark.parametrize("prompt", ["trickle", "trickle-headers", "silent"])
+def test_a_stuck_endpoint_ends_in_bounded_time(server, prompt):
+    # timeout is the whole attempt's deadline, not a per-read one: a trickling server cannot extend it
+    with engine(server, timeout=0.6, max_retries=1) as e:
+        start = time.monotonic()
+        with pytest.raises(EngineRequestError, match=r"prompts\[0\] failed after 2 attempts: APITimeoutError.*0.6 s"):
+            e.generate([prompt], max_new_tokens=4)
+        assert time.monotonic() - start < 2.5
+
+
+def test_call_timeout_bounds_the_whole_call(server):
+    with engine(server, timeout=30, call_timeout=0.5) as e:
+        start = time.monotonic()
+        with pytest.raises(EngineRequestError, match=r"did not finish within call_timeout=0.5 s \(1 of 2 requests"):
+            e.generate(["fine", "silent"], max_new_tokens=4)
+        assert time.monotonic() - start < 1.5
+
+
+def test_retry_after_is_honoured(server):
+    with engine(server, backoff=0.01) as e:
+        out = e.generate(["retry-after1"], max_new_tokens=4)
+    assert out[0][0].text == "retry-after1|0"
+    first, second = server.times["retry-after1"]
+    assert second - first >= 0.95  # waited what the server asked, not the 0.01 s backoff
+
+
+def test_retry_after_beyond_the_budget_fails_at_once_naming_the_setting(server):
+    with engine(server, retry_budget=0.5) as e:
+        start = time.monotonic()
+        with pytest.raises(EngineRequestError, match=r"asked to retry after 1 s.*retry budget of 0.5 s: retry_budget"):
+            e.generate(["always-429"], max_new_tokens=4)
+        assert time.monotonic() - start < 0.9  # did not sleep 1 s to fail afterwards
+    with engine(server, retry_budget=2.5) as e:  # within the budget: retried twice (1 s + 1 s), then given up
+        with pytest.raises(EngineRequestError, match=r"failed after 3 attempts: RateLimitError"):
+            e.generate(["always-429"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("prompt, quoted", [
+    ("html", r"not JSON: '<html><body>Bad Gateway from the proxy</body></html>'"),
+    ("error-200", r"answered with an error: .*model overloaded"),
+    ("no-choices", r"has no 'choices': .*\"result\": \"hello\""),
+])
+def test_malformed_answers_are_quoted(server, prompt, quoted):
+    with engine(server) as e:
+        with pytest.raises(EngineRequestError, match=rf"prompts\[0\] failed on its first attempt: malformed "
+                                                      rf"response: .*{quoted}"):
+            e.generate([prompt], max_new_tokens=4)
+    assert len(server.times[prompt]) == 1  # not retried
+
+
+def test_generate_after_close_is_a_clear_error(server):
+    e = engine(server)
+    assert e.generate(["a"], max_new_tokens=2)[0][0].text == "a|0"
+    e.close()
+    e.close()  # idempotent
+    with pytest.raises(EngineRequestError, match=r"generate\(\) called after close\(\)"):
+        e.generate(["a"], max_new_tokens=2)
+
+
+def test_usage_counts_the_target_tokens(server):
+    with engine(server) as e:
+        out = e.generate(["a", "b"], max_new_tokens=4, n=2)
+    assert [[c.generated_tokens for c in r] for r in out] == [[3, 3], [3, 3]]  # 6 completion tokens per request
+
+
+def test_check_endpoint_names_the_url(server, caplog):
+    engine(server).check_endpoint(timeout=2)  # fine
+    with pytest.raises(EngineRequestError, match=r"/models answered HTTP 404 \(does base_url lack its /v1\?\)"):
+        OpenAIEngine(server.base_url.removesuffix("/v1"), "m").check_endpoint(timeout=2)
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(EngineRequestError, match=rf"cannot reach the target endpoint http://127.0.0.1:{port}/v1"):
+        OpenAIEngine(f"http://127.0.0.1:{port}/v1", "m").check_endpoint(timeout=2)
+    assert time.monotonic() - start < 2.5
+    with caplog.at_level(logging.WARNING, logger="alignfast.rollout"):
+        OpenAIEngine(server.base_url, "other-model").check_endpoint(timeout=2)
+    assert "does not list model 'other-model'" in caplog.text
+
+
+def test_cli_checks_the_endpoint_before_loading_models(tmp_path, capsys):
+    from pathlib import Path
+
+    from alignfast.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    toy = str(Path(__file__).resolve().parents[2] / "configs" / "toy.yaml")
+    start = time.monotonic()
+    code = main(["train", "--config", toy, "--trainer.output_dir", str(tmp_path / "run"), "--target.engine", "openai",
+                 "--target.base_url", f"http://127.0.0.1:{port}/v1", "--prompter.model", str(tmp_path / "absent")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    # the endpoint is named, and it failed before the (absent) prompter was looked for
+    assert f"cannot reach the target endpoint http://127.0.0.1:{port}/v1" in err[0] and "absent" not in err[0]
+    assert time.monotonic() - start < 60  # imports only: no model was loaded (timings swing on a busy machine)
