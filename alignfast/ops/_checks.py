@@ -65,6 +65,8 @@ def mask(name: str, m, like_name: str, like: torch.Tensor) -> torch.Tensor:
 
 
 def finite(name: str, value) -> float:
+    if isinstance(value, (str, bytes, bool)):  # float('1e-3') and float(True) would pass silently
+        fail(name, f"must be a real number, got {value!r} ({type(value).__name__})")
     try:
         v = float(value)
     except (TypeError, ValueError):

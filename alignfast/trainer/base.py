@@ -37,7 +37,7 @@ from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, 
 from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
-from alignfast.trainer.resume_checks import check_resume_matches
+from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
 from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
 
 _log = logging.getLogger("alignfast.trainer")
@@ -307,6 +307,11 @@ class PPOEngineTrainer:
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """The policy (or its LoRA adapter) and its tokenizer in save_pretrained form."""
         out = Path(output_dir or self.config.output_dir)
+        if not out.exists():  # a new folder appears whole or not at all (a kill mid-write leaves no partial model)
+            with ckpt.new_folder_atomically(out) as tmp:
+                self.model.save_pretrained(str(tmp))
+                self.tokenizer.save_pretrained(str(tmp))
+            return out
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(out))
         self.tokenizer.save_pretrained(str(out))
@@ -473,7 +478,8 @@ class PPOEngineTrainer:
     def _save_checkpoint(self) -> Path:
         cfg = self.config
         state = {"global_step": self.global_step, "episode": self.episode, "kl_controller": self.kl_ctl.state_dict(),
-                 "history": self.history, "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps}
+                 "history": self.history, "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps,
+                 "reference_fingerprint": self._reference_fingerprint()}
 
         def save_policy(path):
             self.model.save_pretrained(str(path))
@@ -482,6 +488,12 @@ class PPOEngineTrainer:
         return ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=self._trainable_state(),
                                     optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
                                     save_policy=save_policy, total_limit=cfg.save_total_limit)
+
+    def _reference_fingerprint(self) -> str:
+        """Identity of the frozen reference policy (the reference model, or LoRA's frozen base weights)."""
+        ref = self.ref_model if self.ref_model is not None else self.model
+        return reference_fingerprint((n, p) for n, p in ref.named_parameters() if not p.requires_grad
+                                     or ref is self.ref_model)
 
     def _warn_changed_settings(self, path: Path, saved: dict) -> None:
         """A resume with other hyperparameters is allowed (it may be on purpose) but never silent: the run
@@ -499,6 +511,7 @@ class PPOEngineTrainer:
         trainable = data["trainable"]
         check_resume_matches(path, trainable, data["state"], self.model, self.config,
                              value_model=self.value_model, value_head=self.shared_value_head)
+        check_same_reference(path, data["state"], self._reference_fingerprint(), self.arm)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in trainable["policy"].items():

@@ -24,6 +24,7 @@ the newest checkpoint that passes and warns, naming each newer one that does not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -110,6 +111,27 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict
         for old in list_checkpoints(root)[:-total_limit]:
             _remove(old)
     return final
+
+
+@contextlib.contextmanager
+def new_folder_atomically(path: str | os.PathLike):
+    """Yield a temporary sibling of `path` to write into; on success it is fsynced and renamed to `path`, on an
+    error removed. So a kill never leaves a half-written `path` (the final model, say) that looks complete.
+    `path` must not exist yet (an existing folder may hold other things, and is written in place by callers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_dir(path.parent, f"{TMP_PREFIX}{path.name}-")
+    try:
+        yield tmp
+        for dirpath, _dirs, names in os.walk(tmp):
+            for name in names:
+                _sha256(Path(dirpath) / name, fsync=True)
+            _fsync_dir(Path(dirpath))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

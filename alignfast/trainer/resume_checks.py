@@ -52,3 +52,31 @@ def check_resume_matches(path, trainable: dict, state: dict, model, config, *, v
             if tuple(value.shape) != tuple(own[name].shape):
                 _fail(path, f"its {label}'s {name!r} has shape {tuple(value.shape)} there and "
                             f"{tuple(own[name].shape)} here (another model?)")
+
+
+def reference_fingerprint(named_tensors) -> str:
+    """A cheap identity of the frozen reference weights (the SFT policy the KL is taken to): name, shape, dtype
+    and the first and last 16 values of each. A resume from the same prompter reproduces it; another model,
+    even of the same architecture, does not. (Hashing every byte would cost seconds per gigabyte.)"""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        flat = t.detach().reshape(-1)
+        ends = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64)
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(ends.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_same_reference(path, state: dict, fingerprint: str, arm: str) -> None:
+    path = Path(path)
+    saved_arm = state.get("arm")
+    if saved_arm is not None and saved_arm != arm:
+        _fail(path, f"it was written by the {saved_arm!r} arm and this is the {arm!r} arm")
+    saved = state.get("reference_fingerprint")
+    if saved is not None and saved != fingerprint:
+        _fail(path, "it was trained from another model: its reference (SFT) weights differ from this run's policy "
+                    "before training (same architecture, other weights?)")

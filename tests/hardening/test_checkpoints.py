@@ -244,3 +244,25 @@ def test_resuming_with_another_value_head_or_model_is_one_line(run, tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"checkpoint-2: policy parameter '.*' has shape .* there"):
         trainer_for(tok, other, out, max_steps=3).train(resume_from_checkpoint=True)
     assert issubclass(CheckpointMismatchError, AlignfastArgumentError)  # the CLI prints these in one line
+
+
+def test_resuming_from_another_model_of_the_same_shape_is_one_line(run, tmp_path):
+    tok, _, out, _ = run
+    same_shape_other_weights = make_causal_lm(tmp_path / "other", len(tok), seed=5, hidden=16, layers=1)
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-2: it was trained from another model: its "
+                                                      r"reference \(SFT\) weights differ"):
+        trainer_for(tok, same_shape_other_weights, out, max_steps=3).train(resume_from_checkpoint=True)
+
+
+def test_the_final_model_appears_whole_or_not_at_all(run, tmp_path, monkeypatch):
+    *_, trainer = run
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer.tokenizer, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_model(tmp_path / "final")
+    assert list(tmp_path.iterdir()) == []  # neither final/ nor a temporary folder is left
+    monkeypatch.undo()
+    assert (trainer.save_model(tmp_path / "final") / "config.json").is_file()

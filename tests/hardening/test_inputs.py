@@ -170,3 +170,24 @@ def test_a_target_that_returns_no_completion_is_named():
     with pytest.raises(RuntimeError, match=r"target engine \(Silent\) returned 0 completions for prompt 1 of the "
                                            r"batch, 1 were asked \(target_num_samples\); request: 'two'"):
         env.step(["one", "two"], ["one", "two"], {}, seed=0)
+
+
+@pytest.mark.parametrize("value", ["1.0", b"1", True])
+def test_op_arguments_that_are_not_numbers(value):
+    from alignfast.ops import token_logprobs
+
+    with pytest.raises(AlignfastArgumentError, match=r"'temperature' must be a real number, got"):
+        token_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature=value)
+
+
+def test_the_target_tokens_count_from_usage():
+    """tokens/s with an engine that returns text only (OpenAI) counts the response's usage, not 0."""
+    from alignfast.rollout.engine import Completion, TargetEngine
+    from alignfast.trainer.environments import AlignProEnvironment
+
+    class TextOnly(TargetEngine):
+        def generate(self, prompts, **kw):
+            return [[Completion("ok", [], "stop", num_tokens=7)] for _ in prompts]
+
+    env = AlignProEnvironment(TextOnly(), WeightedRewards([scores]), rewrite_template="{prompt}")
+    assert env.step(["one", "two"], ["one", "two"], {}, seed=0).generated_tokens == 14

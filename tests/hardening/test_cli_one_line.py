@@ -1,0 +1,93 @@
+"""The CLI promises one line and exit code 2 for a user's mistake (issue 10 case 13): an unknown device, a
+non-numeric reward weight, a reward function that raises, a target endpoint that fails for good (with how to
+continue: --resume), resuming with another value head. Each runs `alignfast train` in-process on the toy world."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from alignfast.cli import main
+
+TOY = str(Path(__file__).resolve().parents[2] / "configs" / "toy.yaml")
+SMALL = ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--num_mini_batches", "1",
+         "--num_ppo_epochs", "1", "--response_length", "4", "--save_steps", "1", "--data.eval", "null"]
+
+
+def raising_reward(prompts, completions, **kwargs):
+    raise ZeroDivisionError("division by zero in my reward")
+
+
+def one_line(capsys, code, expected_code=2) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line
+           and "Writing" not in line]
+    assert code == expected_code and len(err) == 1, (code, err)
+    return err[0]
+
+
+def test_settings_and_reward_functions(tmp_path, capsys):
+    run = ["train", "--config", TOY, "--trainer.output_dir", str(tmp_path / "a"), *SMALL]
+    line = one_line(capsys, main([*run, "--trainer.device", "tpu:9"]))
+    assert line == "alignfast train: error: argument 'device' is not a device torch knows, got 'tpu:9' (e.g. 'cpu', " \
+                   "'cuda', 'cuda:1')"
+    line = one_line(capsys, main([*run, "--reward.weights", "[heavy]"]))
+    assert "'reward_weights' entry 0 must be a finite number, got 'heavy'" in line
+    line = one_line(capsys, main([*run, "--reward.functions", "[tests.hardening.test_cli_one_line:raising_reward]"]))
+    assert "reward function 'raising_reward' raised ZeroDivisionError: division by zero in my reward" in line
+
+
+def test_resume_with_another_value_head(tmp_path, capsys):
+    run = ["train", "--config", TOY, "--trainer.output_dir", str(tmp_path / "b"), *SMALL]
+    assert main([*run, "--max_steps", "1"]) == 0
+    capsys.readouterr()
+    line = one_line(capsys, main([*run, "--max_steps", "2", "--value_head", "shared", "--resume"]))
+    assert "cannot resume from" in line and "checkpoint-1: it was written with value_head='separate' and this run " \
+                                           "has value_head='shared'" in line
+
+
+class FailingServer:
+    """Lists its model (the preflight passes), then answers every completion with HTTP 503."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": "toy", "object": "model"}]})
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self._send(503, {"error": {"message": "server restarting"}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+
+def test_a_target_that_fails_for_good_says_how_to_continue(tmp_path, capsys):
+    pytest.importorskip("openai")
+    server = FailingServer()
+    try:
+        line = one_line(capsys, main(["train", "--config", TOY, "--trainer.output_dir", str(tmp_path / "c"), *SMALL,
+                                      "--target.engine", "openai", "--target.base_url", server.base_url,
+                                      "--target.retry_budget", "0.3", "--target.timeout", "5"]))
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+    assert line.startswith("alignfast train: error: the target failed: OpenAIEngine (" + server.base_url)
+    assert "InternalServerError" in line and "server restarting" in line and "retry budget of 0.3 s" in line
+    assert "no checkpoint was written yet: rerun once the endpoint is back" in line
