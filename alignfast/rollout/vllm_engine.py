@@ -20,7 +20,7 @@ import gc
 from collections.abc import Sequence
 
 from alignfast.rollout._sampling import request_seeds
-from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_call
+from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, TargetEngine, check_call
 
 
 def _import_vllm():
@@ -68,6 +68,8 @@ class VLLMEngine(TargetEngine):
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, n: int = 1, seed: int | None = None) -> list[list[Completion]]:
+        if getattr(self, "llm", None) is None:
+            raise EngineRequestError("VLLMEngine: generate() called after close(); create a new engine")
         args, prompt_list = check_call(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, n=n, seed=seed)
         if not prompt_list:

@@ -16,6 +16,7 @@ from alignfast.trainer.environments import (AlignerEnvironment, AlignProEnvironm
 from alignfast.trainer.oracle import OracleTrainer
 from alignfast.trainer.ppo_trainer import PPOTrainer
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
+from alignfast.trainer.stop_signals import TrainingInterrupted
 
 __all__ = [
     "AlignProConfig",
@@ -31,4 +32,5 @@ __all__ = [
     "RolloutResult",
     "TrainOutput",
     "TrainingDivergedError",
+    "TrainingInterrupted",
 ]

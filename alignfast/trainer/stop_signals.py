@@ -26,9 +26,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGTERM/SIGINT after a step; `checkpoint` is where to resume from (None when
     save_strategy is 'no'), `signal_name` the signal, `exit_code` 128 + its number (the shell's convention)."""
 
-    def __init__(self, message: str, *, step: int, checkpoint, signal_name: str, exit_code: int):
+    def __init__(self, message: str, *, step: int, num_steps: int, checkpoint, signal_name: str, exit_code: int):
         super().__init__(message)
-        self.step, self.checkpoint, self.signal_name, self.exit_code = step, checkpoint, signal_name, exit_code
+        self.step, self.num_steps, self.checkpoint = step, num_steps, checkpoint
+        self.signal_name, self.exit_code = signal_name, exit_code
 
     def __str__(self) -> str:
         return self.args[0] if self.args else ""
@@ -77,14 +78,17 @@ class StopSignals:
 
 def stopped_by_signal(stop: StopSignals, step: int, num_steps: int, checkpoint) -> TrainingInterrupted:
     """The exception (and the one line the CLI prints) for a run stopped by `stop`'s signal after `step`."""
+    line = stop_line(stop.name, step, num_steps, checkpoint, how="train(resume_from_checkpoint=True)")
+    return TrainingInterrupted(f"alignfast: {line}", step=step, num_steps=num_steps, checkpoint=checkpoint,
+                               signal_name=stop.name, exit_code=128 + int(stop.received))
+
+
+def stop_line(signal_name: str, step: int, num_steps: int, checkpoint, *, how: str) -> str:
+    """'stopped by SIGTERM after step 3 of 10; checkpoint <path> written; <how> continues the run'."""
     if checkpoint is not None and str(checkpoint).endswith(f"checkpoint-{step}"):
-        where = (f"checkpoint {checkpoint} written; continue the run with `alignfast train ... --resume` "
-                 "(Python: train(resume_from_checkpoint=True))")
+        where = f"checkpoint {checkpoint} written; {how} continues the run"
     elif checkpoint is not None:
-        where = (f"no checkpoint of this step (save_strategy is 'no'); the last one is {checkpoint}, from which "
-                 "`--resume` continues")
+        where = f"no checkpoint of this step (save_strategy is 'no'); {how} continues from {checkpoint}"
     else:
         where = "no checkpoint written (save_strategy is 'no'): the run cannot be resumed"
-    return TrainingInterrupted(f"alignfast: stopped by {stop.name} after step {step} of {num_steps}; {where}",
-                               step=step, checkpoint=checkpoint, signal_name=stop.name,
-                               exit_code=128 + int(stop.received))
+    return f"stopped by {signal_name} after step {step} of {num_steps}; {where}"

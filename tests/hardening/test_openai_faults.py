@@ -232,3 +232,13 @@ def test_cli_checks_the_endpoint_before_loading_models(tmp_path, capsys):
     # the endpoint is named, and it failed before the (absent) prompter was looked for
     assert f"cannot reach the target endpoint http://127.0.0.1:{port}/v1" in err[0] and "absent" not in err[0]
     assert time.monotonic() - start < 60  # imports only: no model was loaded (timings swing on a busy machine)
+
+
+def test_vllm_engine_after_close_is_a_clear_error():
+    """The same mistake on the vLLM engine (its LLM is dropped by close()); no vLLM needed to check it."""
+    from alignfast.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # as close() leaves it
+    engine.llm = None
+    with pytest.raises(EngineRequestError, match=r"VLLMEngine: generate\(\) called after close\(\)"):
+        engine.generate(["a"], max_new_tokens=2)

@@ -52,8 +52,7 @@ def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, s
     assert proc.returncode == 128 + sig, err[-2000:]
     step = _steps_done(out)
     assert last == (f"alignfast train: stopped by {signal.Signals(sig).name} after step {step} of 1000; checkpoint "
-                    f"{out / f'checkpoint-{step}'} written; continue the run with `alignfast train ... --resume` "
-                    "(Python: train(resume_from_checkpoint=True))"), last
+                    f"{out / f'checkpoint-{step}'} written; the same command with --resume continues the run"), last
     ckpt.verify(out / f"checkpoint-{step}")
     assert json.loads((out / f"checkpoint-{step}" / ckpt.STATE_FILE).read_text())["global_step"] == step
 
