@@ -14,7 +14,10 @@ def policy_dir(path: str | Path) -> Path:
     if not p.is_dir():
         raise CLIError(f"checkpoint not found: {p}")
     if (p / "policy").is_dir():  # output_dir/checkpoint-<step>/policy
+        _check_intact(p)
         p = p / "policy"
+    elif p.name == "policy" and (p.parent / "manifest.json").is_file():
+        _check_intact(p.parent)
     if (p / "metrics.jsonl").is_file():  # a run's output_dir: its config.json is the trainer's, not a model's
         runs = sorted(c.name for c in p.iterdir() if c.name == "final" or c.name.startswith("checkpoint-"))
         raise CLIError(f"{p} is a training run's folder, not a model; pass one of its model folders"
@@ -23,6 +26,18 @@ def policy_dir(path: str | Path) -> Path:
         raise CLIError(f"{p} holds no model (expected config.json, or adapter_config.json for a LoRA adapter); "
                        "pass a folder written by `alignfast train` (final/ or checkpoint-<step>/)")
     return p
+
+
+def _check_intact(checkpoint: Path) -> None:
+    """A checkpoint's files against its manifest (a truncated model file would fail deep inside the loader)."""
+    from alignfast.trainer import checkpoint as ckpt
+
+    if not (checkpoint / ckpt.MANIFEST).is_file():
+        return  # written before checkpoints had manifests
+    try:
+        ckpt.verify(checkpoint)
+    except ckpt.CorruptCheckpointError as err:
+        raise CLIError(str(err).removeprefix("alignfast: ")) from None
 
 
 def load_policy(path: str | Path, *, base_spec: dict, role: str, device=None):

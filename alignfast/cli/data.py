@@ -51,6 +51,13 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
                        f"set data.{what}.prompt_column")
     _check_same_columns(rows, source, what)
     keep = spec.get("columns")
+    if keep is not None:
+        if isinstance(keep, str) or not isinstance(keep, list):
+            raise CLIError(f"data.{what}.columns must be a list of column names, got {keep!r}")
+        absent = [k for k in keep if k not in rows[0]]
+        if absent:  # a typo here would silently starve the reward functions of that column
+            raise CLIError(f"data.{what}.columns names '{absent[0]}', which {source} does not have (columns: "
+                           f"{', '.join(map(str, rows[0]))})")
     records = []
     for i, row in enumerate(rows):
         prompt = row.get(column)

@@ -75,6 +75,10 @@ class CorruptCheckpointError(AlignfastArgumentError):
         self.path, self.reason = Path(path), reason
 
 
+class UnverifiedCheckpoint(CorruptCheckpointError):
+    """A checkpoint without a manifest: from an alignfast that wrote none (resumable, unverified), or damaged."""
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict, optimizer, scheduler,
                     trainer_state: dict, save_policy=None, total_limit: int | None = None) -> Path:
     """Write checkpoint-<step> atomically; `save_policy(dir)` writes the user-facing model. trainable["policy"]
@@ -163,8 +167,8 @@ def verify(path: str | os.PathLike) -> None:
         if not isinstance(files, dict) or not files:
             raise ValueError("no files listed")
     except FileNotFoundError:
-        raise CorruptCheckpointError(path, f"no {MANIFEST} (it is written last: the write did not finish, or an "
-                                           "older alignfast wrote it)") from None
+        raise UnverifiedCheckpoint(path, f"no {MANIFEST} (written by an alignfast without manifests, or "
+                                         "damaged)") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(path, f"{MANIFEST} is unreadable ({err})") from None
     for rel, meta in sorted(files.items()):
@@ -187,7 +191,10 @@ def resume_point(output_dir: str | os.PathLike, requested: str | os.PathLike | b
         path = Path(requested)
         if not path.is_dir():
             raise FileNotFoundError(f"alignfast: checkpoint {path} not found")
-        verify(path)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"alignfast: {path} is not a checkpoint (no {STATE_FILE}); pass a "
+                                    "checkpoint-<step> folder of the run, or --resume alone for the latest")
+        _verify_or_accept_legacy(path, warn)
         return path
     candidates = list_checkpoints(output_dir)
     if not candidates:
@@ -195,7 +202,7 @@ def resume_point(output_dir: str | os.PathLike, requested: str | os.PathLike | b
     skipped = []
     for path in reversed(candidates):
         try:
-            verify(path)
+            _verify_or_accept_legacy(path, warn)
         except CorruptCheckpointError as err:
             skipped.append(err)
             continue
@@ -205,6 +212,19 @@ def resume_point(output_dir: str | os.PathLike, requested: str | os.PathLike | b
         return path
     raise CorruptCheckpointError(Path(output_dir), "no checkpoint in it passes verification ("
                                  + "; ".join(f"{e.path.name}: {e.reason}" for e in skipped) + ")")
+
+
+def _verify_or_accept_legacy(path: Path, warn) -> None:
+    """verify(path); a checkpoint without a manifest whose trainer_state.json reads is accepted with a warning
+    (alignfast wrote no manifests before; a write of this version cannot lose its manifest and keep its name)."""
+    try:
+        verify(path)
+    except UnverifiedCheckpoint as err:
+        try:
+            json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise CorruptCheckpointError(path, f"no {MANIFEST} and an unreadable {STATE_FILE}") from None
+        (warn or _log.warning)(f"alignfast: {path.name} has {err.reason}: resuming from it unverified")
 
 
 def clean_stale(output_dir: str | os.PathLike) -> list[str]:

@@ -55,13 +55,41 @@ def _damage(bad, how):
         (bad / "trainable.pt").write_bytes(b"")
     elif how == "garbage-state":
         (bad / ckpt.STATE_FILE).write_text("{not json")
-    elif how == "no-manifest":
-        (bad / ckpt.MANIFEST).unlink()
+    elif how == "truncated-model":
+        data = (bad / "policy" / "model.safetensors").read_bytes()
+        (bad / "policy" / "model.safetensors").write_bytes(data[:100])
     else:
         (bad / "policy" / "model.safetensors").unlink()
 
 
-DAMAGES = ["truncated", "empty", "garbage-state", "no-manifest", "missing-file"]
+DAMAGES = ["truncated", "empty", "garbage-state", "missing-file"]
+
+
+def test_a_checkpoint_without_manifest_is_resumed_unverified_and_a_final_folder_is_named(run, tmp_path):
+    _, _, out, trainer = run
+    copy = _copy_run(out, tmp_path / "legacy")
+    (copy / "checkpoint-2" / ckpt.MANIFEST).unlink()  # as an alignfast without manifests wrote it
+    warnings = []
+    assert ckpt.resume_point(copy, True, warn=warnings.append) == copy / "checkpoint-2"
+    assert len(warnings) == 1 and "no manifest.json" in warnings[0] and "unverified" in warnings[0]
+    (copy / "checkpoint-2" / ckpt.STATE_FILE).write_text("")  # and without a readable state: damaged, skipped
+    assert ckpt.resume_point(copy, True, warn=warnings.append) == copy / "checkpoint-1"
+    final = trainer.save_model(tmp_path / "final")
+    with pytest.raises(FileNotFoundError, match=r"final is not a checkpoint \(no trainer_state.json\)"):
+        ckpt.resume_point(copy, final)
+
+
+def test_eval_names_a_damaged_checkpoint(run, tmp_path):
+    from alignfast.cli.checkpoints import policy_dir
+    from alignfast.cli.errors import CLIError
+
+    _, _, out, _ = run
+    copy = _copy_run(out, tmp_path / "out")
+    assert policy_dir(copy / "checkpoint-2") == copy / "checkpoint-2" / "policy"
+    _damage(copy / "checkpoint-2", "truncated-model")
+    for path in (copy / "checkpoint-2", copy / "checkpoint-2" / "policy"):
+        with pytest.raises(CLIError, match=r"checkpoint-2 is damaged or incomplete: policy/model.safetensors has"):
+            policy_dir(path)
 
 
 def test_damaged_checkpoints_are_detected_and_skipped_by_name(run, tmp_path):

@@ -95,6 +95,9 @@ def test_rows_missing_a_column_are_errors_naming_the_record(tmp_path):
     with pytest.raises(AlignfastArgumentError, match=r"row 1 has column 'extra' that row 0 lacks"):
         PromptDataset([{"prompt": "a"}, {"prompt": "b", "extra": 2}])
     assert PromptDataset([{"prompt": "a", "x": None}, {"prompt": "b", "x": 1}]).columns == {"x": [None, 1]}
+    f.write_text('{"prompt": "a", "answer": "1"}\n')
+    with pytest.raises(CLIError, match=r"data.train.columns names 'anwser', which .*d.jsonl does not have"):
+        load_prompts({"path": str(f), "columns": ["anwser"]}, what="train")
 
 
 def scores(prompts, completions, **kwargs):
