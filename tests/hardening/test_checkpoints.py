@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import stat
+import warnings
 
 import pytest
 import torch
@@ -251,7 +252,10 @@ def test_peft_checkpoint_keeps_the_adapter_once_and_resumes(tmp_path):
                                    FunctionTarget(lambda s: s, tok), reward_funcs=[keyword_reward],
                                    train_dataset=TRAIN_PROMPTS, peft_config=lora)
     first = make()
-    first.train()
+    with warnings.catch_warnings(record=True) as caught:  # PeftModel.forward takes **kwargs: the cache keyword is
+        warnings.simplefilter("always")                   # read from the base model (issue 10 case 17, with LoRA)
+        first.train()
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
     path = tmp_path / "out" / "checkpoint-2"
     assert_no_tensor_twice(path)
     saved = torch.load(path / "trainable.pt", weights_only=True)
@@ -294,3 +298,11 @@ def test_the_final_model_appears_whole_or_not_at_all(run, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []  # neither final/ nor a temporary folder is left
     monkeypatch.undo()
     assert (trainer.save_model(tmp_path / "final") / "config.json").is_file()
+
+
+def test_a_checkpoint_of_another_arm_is_refused():
+    from alignfast.trainer.resume_checks import check_same_reference
+
+    check_same_reference("c", {"arm": "align-pro", "reference_fingerprint": "ab"}, "ab", "align-pro")
+    with pytest.raises(CheckpointMismatchError, match=r"written by the 'oracle' arm and this is the 'align-pro' arm"):
+        check_same_reference("c", {"arm": "oracle"}, "ab", "align-pro")

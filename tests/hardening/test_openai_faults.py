@@ -242,3 +242,19 @@ def test_vllm_engine_after_close_is_a_clear_error():
     engine.llm = None
     with pytest.raises(EngineRequestError, match=r"VLLMEngine: generate\(\) called after close\(\)"):
         engine.generate(["a"], max_new_tokens=2)
+
+
+def test_retry_after_header_forms():
+    from email.utils import formatdate
+
+    from alignfast.rollout.openai_engine import _retry_after
+
+    class R:
+        def __init__(self, **headers):
+            self.headers = headers
+
+    assert _retry_after(R(**{"retry-after": "2"})) == 2.0
+    assert _retry_after(R(**{"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    assert 8 < _retry_after(R(**{"retry-after": formatdate(time.time() + 10, usegmt=True)})) <= 10
+    assert _retry_after(R(**{"retry-after": "soon"})) is None and _retry_after(R()) is None
+    assert _retry_after(R(**{"retry-after": "-3"})) is None and _retry_after(None) is None

@@ -63,3 +63,27 @@ def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, s
                      "--max_steps", str(step + 1), "--resume"]) == 0
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, step + 2))
+
+
+def test_second_signal_abandons_and_the_lines_without_a_checkpoint():
+    from alignfast.trainer.stop_signals import StopSignals, stop_line
+
+    with StopSignals() as stop:
+        stop._handle(signal.SIGTERM, None)
+        assert stop.requested and stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt, match="SIGINT received twice"):
+            stop._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+    assert stop_line("SIGTERM", 3, 9, None, how="x") == \
+        "stopped by SIGTERM after step 3 of 9; no checkpoint written (save_strategy is 'no'): the run cannot be resumed"
+    assert stop_line("SIGINT", 3, 9, "out/checkpoint-2", how="--resume").endswith(
+        "no checkpoint of this step (save_strategy is 'no'); --resume continues from out/checkpoint-2")
+
+
+def test_a_live_writers_temporary_folder_is_kept(tmp_path):
+    live = tmp_path / f".tmp-checkpoint-4-{os.getppid()}-0123abcd"  # the parent process is running
+    dead = tmp_path / ".tmp-checkpoint-4-999999999-0123abcd"
+    live.mkdir()
+    dead.mkdir()
+    assert ckpt.clean_stale(tmp_path) == [dead.name]
+    assert live.is_dir() and not dead.exists()
