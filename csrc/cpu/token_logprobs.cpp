@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
           continue;
         }
         const int64_t t = checked_token(tok, row, L.V);
-        const RowStats<acc_t> st = logprobs::forward_row<scalar_t, acc_t>(x + L.offset(row), L.V, t, inv_temp);
+        const RowStats<acc_t> st = logprobs::forward_row<scalar_t, acc_t>(x + L.offset(row), L.V, t, inv_temp, with_entropy);
         out_lp[row] = st.logprob;
         out_lse[row] = st.lse;
         if (out_ent) out_ent[row] = st.entropy;
