@@ -81,22 +81,26 @@ inline RowStats<acc_t> finish_row(acc_t raw_max, acc_t m, acc_t s_off, acc_t w, 
 
 // ---------------------------------------------------------------- scalar (any type, double accumulation ok)
 
+// Accumulates in double whatever acc_t is: one running sum over a 150K-entry row in float would lose ~1e-4
+// relative (the vector paths keep 16-32 partial sums instead).
 template <typename scalar_t, typename acc_t>
-inline RowStats<acc_t> forward_row_scalar(const scalar_t* x, int64_t V, int64_t t, acc_t inv_temp) {
-  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
-  constexpr acc_t lowest = std::numeric_limits<acc_t>::lowest();
-  acc_t M = -inf, s_off = 0, w = 0;  // M: running raw max
+inline RowStats<acc_t> forward_row_scalar(const scalar_t* x, int64_t V, int64_t t, acc_t inv_temp_) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  constexpr double lowest = std::numeric_limits<double>::lowest();
+  const double inv_temp = static_cast<double>(inv_temp_);
+  auto at = [&](int64_t v) { return static_cast<double>(static_cast<acc_t>(x[v])); };
+  double M = -inf, s_off = 0, w = 0;  // M: running raw max
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t b1 = std::min(V, b0 + kBlock);
-    acc_t bm = -inf;
-    for (int64_t v = b0; v < b1; ++v) bm = std::max(bm, static_cast<acc_t>(x[v]));
-    if (bm == inf) return finish_row<acc_t>(inf, inf, 0, 0, (static_cast<acc_t>(x[t]) - inf) * inv_temp);
+    double bm = -inf;
+    for (int64_t v = b0; v < b1; ++v) bm = std::max(bm, at(v));
+    if (bm == inf) return finish_row<acc_t>(inf, inf, 0, 0, static_cast<acc_t>((at(t) - inf) * inv_temp));
     if (bm > M) {
       if (M != -inf) {
         // W' = sum e^{d'} d' = c (W + shift S) over the elements seen so far; S includes the target's term
         // once its block has been read (S_off never does).
-        const acc_t shift = (M - bm) * inv_temp, c = std::exp(shift);
-        const acc_t s_seen = s_off + (t < b0 ? std::exp((static_cast<acc_t>(x[t]) - M) * inv_temp) : acc_t(0));
+        const double shift = (M - bm) * inv_temp, c = std::exp(shift);
+        const double s_seen = s_off + (t < b0 ? std::exp((at(t) - M) * inv_temp) : 0.0);
         w = c * (w + shift * s_seen);
         s_off *= c;
       }
@@ -104,13 +108,14 @@ inline RowStats<acc_t> forward_row_scalar(const scalar_t* x, int64_t V, int64_t 
     }
     if (M == -inf) continue;
     for (int64_t v = b0; v < b1; ++v) {
-      const acc_t d = std::max((static_cast<acc_t>(x[v]) - M) * inv_temp, lowest);  // -inf -> lowest: e*d = 0
-      const acc_t e = std::exp(d);
+      const double d = std::max((at(v) - M) * inv_temp, lowest);  // -inf -> lowest: e = 0, e * d = 0
+      const double e = std::exp(d);
       if (v != t) s_off += e;
       w += e * d;
     }
   }
-  return finish_row<acc_t>(M, M * inv_temp, s_off, w, (static_cast<acc_t>(x[t]) - M) * inv_temp);
+  const RowStats<double> r = finish_row<double>(M, M * inv_temp, s_off, w, (at(t) - M) * inv_temp);
+  return {static_cast<acc_t>(r.logprob), static_cast<acc_t>(r.entropy), static_cast<acc_t>(r.lse)};
 }
 
 template <typename scalar_t, typename acc_t, typename out_t>
