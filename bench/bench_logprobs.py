@@ -193,7 +193,8 @@ def main(argv=None):
         title=(f"ppo_policy_loss_from_logits, forward + backward, temperature {args.temperature}" if args.policy_loss
                else f"token_logprobs, {'forward + backward' if args.backward else 'forward'}, "
                     f"temperature {args.temperature}"),
-        device=device, rounds=args.rounds, reps=1 if args.quick else 2, warmup=2, record=args.record,
+        device=device, rounds=args.rounds, reps=1 if args.quick or device == "cpu" else 2, warmup=1,
+        record=args.record,
         notes=f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else "")
 
 
