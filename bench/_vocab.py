@@ -21,9 +21,12 @@ def parse_args(doc: str, argv=None, extra: Callable[[argparse.ArgumentParser], N
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--rounds", type=int, default=harness.ROUNDS, help="interleaved rounds (>= 5 to record)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or (args.record and args.rounds < harness.ROUNDS):
+        parser.error(f"--rounds must be >= 1, and >= {harness.ROUNDS} with --record (got {args.rounds})")
     return args, args.device, DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
 
 
@@ -45,23 +48,30 @@ def step(fn: Callable[[], object], leaves, backward: bool) -> Callable[[], objec
     return run_bwd
 
 
-def run(shapes, *, providers, label, logits_bytes, floor=None, floor_column: str = "", baseline: str, title: str,
-        device: str, reps: int, warmup: int, record: bool, notes: str = "") -> None:
-    """Run providers(shape) for each shape; annotate extra memory / logits (and floor(shape, seconds), a
-    fraction of the device's measured roof, on CUDA); print the table; append it to RESULTS.md if record."""
+def run(shapes, *, inputs, providers, label, logits_bytes, floor=None, floor_column: str = "", baseline: str,
+        also_vs: tuple[str, ...] = (), title: str, device: str, rounds: int, reps: int, warmup: int, record: bool,
+        notes: str = "") -> list:
+    """For each shape: harness.run_rounds over providers(shape) (name -> factory(inputs)) with inputs(shape)
+    (round -> a fresh draw); annotate extra memory / logits (and floor(shape, seconds), a fraction of the
+    device's measured roof, on CUDA); print the table; append it to RESULTS.md if record. Returns the rows."""
     rows = []
     for shape in shapes:
-        for row in harness.run_providers(label(shape), providers(shape), device=device, reps=reps, warmup=warmup):
+        for row in harness.run_rounds(label(shape), providers(shape), inputs=inputs(shape), device=device,
+                                      rounds=rounds, reps=reps, warmup=warmup, baselines=(baseline, *also_vs)):
             if row.peak_bytes is not None:
                 row.extra["extra mem / logits"] = f"{row.peak_bytes / logits_bytes(shape):.1%}"
             if floor is not None and row.seconds:
                 row.extra[floor_column] = f"{floor(shape, row.seconds):.0%}"
             rows.append(row)
+            print(f"  {row.shape} {row.provider}: " + (f"{row.seconds * 1e3:.1f} ms" if row.seconds else row.error),
+                  flush=True)
     extra = ("extra mem / logits",) + ((floor_column,) if floor is not None else ())
-    table = harness.format_table(rows, baseline=baseline, extra_columns=extra)
-    print(f"\n{title} ({harness.device_description(device)})")
+    table = harness.format_table(rows, baseline=baseline, extra_columns=extra, also_vs=also_vs)
+    notes = " ".join(n for n in (notes, harness.spread_note(rows)) if n)
+    print(f"\n{title} ({harness.device_description(device)}; {harness.load_average()})")
     if notes:
         print(notes)
     print(table)
     if record:
         harness.append_results(title, table, device=device, notes=notes)
+    return rows

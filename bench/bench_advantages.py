@@ -3,6 +3,7 @@ them (bench/baselines.py), vs alignfast.reference, vs torch.compile of the refer
 
     python -m bench.bench_advantages [--device cpu|cuda] [--record] [--quick] [--compile-max-t N]
 
+Timing: bench/harness.py's interleaved rounds (--rounds, default 5), fresh inputs each round.
 Inputs are float32 rollouts with right-padded response masks (lengths uniform in [T/2, T]: the layout
 TRL's loop assumes; verl's and ours skip masked positions anywhere), k1 KL, gamma 1, lam 0.95, whitening on.
 On CUDA the table adds "x floor": measured time / the time to move the bytes that must move once
@@ -65,44 +66,38 @@ def cuda_graph_callable(fn):
     return graph.replay
 
 
-def providers(inputs, device: str, compile_max_t: int) -> dict:
-    T = inputs[0].shape[1]
+def providers(T: int, device: str, compile_max_t: int) -> dict:
+    """name -> factory(inputs) -> the timed call (inputs: make_inputs' tuple, drawn afresh each round)."""
+    compiled = torch.compile(reference.compute_advantages, dynamic=False)  # compiled in the warm-up
 
-    def fused():
-        return lambda: ops.compute_advantages(*inputs, **KW)
-
-    def compiled():
+    def compiled_factory(inputs):
         if T > compile_max_t:
             raise Skipped(f"not run, T > --compile-max-t {compile_max_t}: compiling the unrolled loop is too slow")
-        fn = torch.compile(reference.compute_advantages, dynamic=False)
-        fn(*inputs, **KW)  # compile outside the timed region
-        return lambda: fn(*inputs, **KW)
+        return lambda: compiled(*inputs, **KW)
 
     table = {
-        "alignfast": fused,
-        "TRL loop": lambda: (lambda: baselines.trl_advantages(*inputs, **LOOP_KW)),
-        "verl loop": lambda: (lambda: baselines.verl_advantages(*inputs, **LOOP_KW)),
-        "reference": lambda: (lambda: reference.compute_advantages(*inputs, **KW)),
-        "torch.compile(reference)": compiled,
+        "alignfast": lambda inputs: (lambda: ops.compute_advantages(*inputs, **KW)),
+        "TRL loop": lambda inputs: (lambda: baselines.trl_advantages(*inputs, **LOOP_KW)),
+        "verl loop": lambda inputs: (lambda: baselines.verl_advantages(*inputs, **LOOP_KW)),
+        "reference": lambda inputs: (lambda: reference.compute_advantages(*inputs, **KW)),
+        "torch.compile(reference)": compiled_factory,
     }
     if device == "cuda":
-        table["alignfast (CUDA graph)"] = lambda: cuda_graph_callable(lambda: ops.compute_advantages(*inputs, **KW))
+        table["alignfast (CUDA graph)"] = lambda inputs: cuda_graph_callable(
+            lambda: ops.compute_advantages(*inputs, **KW))
     return table
 
 
 def add_columns(rows, device: str, copy_bandwidth: float | None) -> None:
-    """'vs verl loop' for every row; on CUDA also 'x floor' (time / bytes-once-at-copy-bandwidth)."""
+    """On CUDA, 'x floor' (time / bytes-once-at-copy-bandwidth) for every row."""
     by_shape = {}
     for r in rows:
         by_shape.setdefault(r.shape, {})[r.provider] = r
     for shape, group in by_shape.items():
-        verl = group.get("verl loop")
         B, T = map(int, shape.split("x"))
         for r in group.values():
             if r.seconds is None:
                 continue
-            if verl is not None and verl.seconds:
-                r.extra["vs verl loop"] = f"{verl.seconds / r.seconds:.1f}x"
             if copy_bandwidth:
                 floor = bytes_that_must_move(B, T) / copy_bandwidth
                 r.extra["x floor"] = f"{r.seconds / floor:.2f}"
@@ -123,11 +118,14 @@ def parse_args(doc: str, argv, extra=None) -> argparse.Namespace | None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
+    parser.add_argument("--rounds", type=int, default=harness.ROUNDS, help="interleaved rounds (>= 5 to record)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (CPU; default: torch's choice)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or (args.record and args.rounds < harness.ROUNDS):
+        parser.error(f"--rounds must be >= 1, and >= {harness.ROUNDS} with --record (got {args.rounds})")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -146,20 +144,22 @@ def main(argv=None) -> int:
     compile_max_t = args.compile_max_t if args.compile_max_t is not None else 256
     if args.quick:
         compile_max_t = 0
-    reps = 3 if args.quick else 10
+    reps = 1 if args.quick else 3
 
     copy_bandwidth = harness.measured_copy_bandwidth(args.device) if args.device == "cuda" else None
     rows = []
     for B, T in QUICK_SHAPES if args.quick else SHAPES:
-        inputs = make_inputs(B, T, args.device)
-        rows += harness.run_providers(f"{B}x{T}", providers(inputs, args.device, compile_max_t), device=args.device,
-                                      reps=reps)
+        rows += harness.run_rounds(f"{B}x{T}", providers(T, args.device, compile_max_t),
+                                   inputs=lambda r, B=B, T=T: make_inputs(B, T, args.device, seed=r),
+                                   device=args.device, rounds=args.rounds, reps=reps, warmup=2,
+                                   baselines=(BASELINE, "verl loop"))
     add_columns(rows, args.device, copy_bandwidth)
-    extra = ("vs verl loop",) + (("x floor",) if copy_bandwidth else ())
-    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra)
+    extra = ("x floor",) if copy_bandwidth else ()
+    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra, also_vs=("verl loop",))
     title = f"compute_advantages ({args.device})"
-    notes = ("float32, right-padded masks, k1, gamma 1, lam 0.95, whiten on. Speed-ups are times of the TRL-style "
-             "loop (and verl-style loop) over the provider's, in this run.")
+    notes = (f"float32, right-padded masks, k1, gamma 1, lam 0.95, whiten on, torch threads "
+             f"{torch.get_num_threads()}. Speed-ups: per-round time of the TRL-style loop (and verl-style loop) over "
+             f"the provider's, median (IQR) over rounds. {harness.spread_note(rows)}").strip()
     if copy_bandwidth:
         notes += (f" x floor: time / (29 bytes per token once at the measured copy bandwidth "
                   f"{copy_bandwidth / 1e9:.0f} GB/s, read + write).")

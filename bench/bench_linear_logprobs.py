@@ -10,6 +10,7 @@ Providers (same hidden/weight/tokens, same run):
   torch.compile reference   torch.compile of alignfast.reference.linear_token_logprobs
   alignfast                 this package's op (default chunk size)
 
+Timing: bench/harness.py's interleaved rounds (--rounds, default 5), fresh inputs each round.
 Columns: median time, peak extra memory, speed-up vs torch eager, extra memory as a fraction of the
 materialised logits ([N, V] in the input dtype; the CPU goal is <= 1/8), and on CUDA the fraction of
 the measured bf16/fp32 GEMM rate achieved for the FLOPs that must be done (2NHV forward, 6NHV
@@ -28,8 +29,8 @@ BASELINE = "torch eager"
 TRL_VOCAB_CHUNK = 32768
 
 
-def make_inputs(N, H, V, dtype, device, *, grad: bool):
-    g = torch.Generator(device="cpu").manual_seed(0)
+def make_inputs(N, H, V, dtype, device, *, grad: bool, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(N, H, generator=g).to(dtype).to(device)
     weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).to(device)
     tokens = torch.randint(0, V, (N,), generator=g).to(device)
@@ -51,34 +52,36 @@ _step = _vocab.step
 
 
 def providers(N, H, V, dtype, device, backward):
-    def eager():
-        h, w, t = make_inputs(N, H, V, dtype, device, grad=backward)
+    """name -> factory((hidden, weight, tokens)) -> the timed call."""
+    def eager(inp):
+        h, w, t = inp
         return _step(lambda: torch.log_softmax((h @ w.t()).float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1),
                      (h, w), backward)
 
-    def trl_chunked():
+    def trl_chunked(inp):
         from trl.kernels import ChunkedLogProbFunction
 
-        h, w, t = make_inputs(N, H, V, dtype, device, grad=backward)
+        h, w, t = inp
         return _step(lambda: ChunkedLogProbFunction.apply(h, w, None, t, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ())[0],
                      (h, w), backward)
 
-    def liger():
+    def liger(inp):
         if device != "cuda":
             raise RuntimeError("CUDA only")
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-        h, w, t = make_inputs(N, H, V, dtype, device, grad=backward)
+        h, w, t = inp
         return _step(lambda: LigerFusedLinearCrossEntropyFunction.apply(h, w, t, None, None, -100, 0.0, 0.0, "none")[0],
                      (h, w), backward)
 
-    def compiled_reference():
-        h, w, t = make_inputs(N, H, V, dtype, device, grad=backward)
-        fn = torch.compile(reference.linear_token_logprobs)
-        return _step(lambda: fn(h, w, t), (h, w), backward)
+    compiled = torch.compile(reference.linear_token_logprobs)  # compiled in the first round's warm-up
 
-    def alignfast():
-        h, w, t = make_inputs(N, H, V, dtype, device, grad=backward)
+    def compiled_reference(inp):
+        h, w, t = inp
+        return _step(lambda: compiled(h, w, t), (h, w), backward)
+
+    def alignfast(inp):
+        h, w, t = inp
         return _step(lambda: linear_token_logprobs(h, w, t), (h, w), backward)
 
     table = {BASELINE: eager, "trl chunked_logprob": trl_chunked, "torch.compile reference": compiled_reference,
@@ -99,6 +102,7 @@ def main(argv=None):
     flops = 6 if args.backward else 2  # x N H V: the GEMMs that must be done (a recompute is overhead)
     _vocab.run(
         shapes,
+        inputs=lambda s: (lambda r: make_inputs(*s, dtype, device, grad=args.backward, seed=r)),
         providers=lambda s: providers(*s, dtype, device, args.backward),
         label=lambda s: f"N={s[0]} H={s[1]} V={s[2]} {str(dtype).replace('torch.', '')}",
         logits_bytes=lambda s: s[0] * s[2] * elt,
@@ -106,7 +110,8 @@ def main(argv=None):
         floor_column="% GEMM rate",
         baseline=BASELINE,
         title=f"linear_token_logprobs, {'forward + backward' if args.backward else 'forward'}",
-        device=device, reps=3 if device == "cpu" or args.quick else 10, warmup=1, record=args.record,
+        device=device, rounds=args.rounds, reps=1 if device == "cpu" or args.quick else 3, warmup=1,
+        record=args.record,
         notes=f"measured {str(dtype).replace('torch.', '')} GEMM rate {rate / 1e12:.0f} TFLOP/s" if rate else "")
 
 

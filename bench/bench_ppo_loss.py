@@ -3,6 +3,7 @@ scale) vs alignfast.reference.ppo_loss under eager autograd vs torch.compile of 
 
     python -m bench.bench_ppo_loss [--device cpu|cuda] [--record] [--quick]
 
+Timing: bench/harness.py's interleaved rounds (--rounds, default 5), fresh inputs each round.
 Each call computes the loss and its gradients with respect to logprobs and values (a training step's
 share of the loss). float32 inputs, right-padded masks, cliprange 0.2, cliprange_value 0.2, vf_coef 0.1.
 On CUDA, "x floor" = time / the time to read the six inputs and the mask once and write the two
@@ -56,20 +57,16 @@ def step_fn(loss_fn, tensors, mask):
     return step
 
 
-def providers(tensors, mask, device: str) -> dict:
-    def compiled():
-        fn = torch.compile(reference.ppo_loss, dynamic=False)
-        step = step_fn(fn, tensors, mask)
-        step()  # compile outside the timed region
-        return step
-
+def providers(device: str) -> dict:
+    """name -> factory((tensors, mask)) -> the timed call (inputs drawn afresh each round)."""
+    compiled = torch.compile(reference.ppo_loss, dynamic=False)  # compiled in the first round's warm-up
     table = {
-        "alignfast (fused)": lambda: step_fn(ops.ppo_loss, tensors, mask),
-        BASELINE: lambda: step_fn(reference.ppo_loss, tensors, mask),
-        "torch.compile(reference)": compiled,
+        "alignfast (fused)": lambda inp: step_fn(ops.ppo_loss, *inp),
+        BASELINE: lambda inp: step_fn(reference.ppo_loss, *inp),
+        "torch.compile(reference)": lambda inp: step_fn(compiled, *inp),
     }
     if device == "cuda":
-        table["alignfast (CUDA graph)"] = lambda: cuda_graph_callable(step_fn(ops.ppo_loss, tensors, mask))
+        table["alignfast (CUDA graph)"] = lambda inp: cuda_graph_callable(step_fn(ops.ppo_loss, *inp))
     return table
 
 
@@ -80,9 +77,10 @@ def main(argv=None) -> int:
     copy_bandwidth = harness.measured_copy_bandwidth(args.device) if args.device == "cuda" else None
     rows = []
     for B, T in QUICK_SHAPES if args.quick else SHAPES:
-        tensors, mask = make_inputs(B, T, args.device)
-        rows += harness.run_providers(f"{B}x{T}", providers(tensors, mask, args.device), device=args.device,
-                                      reps=3 if args.quick else 10)
+        rows += harness.run_rounds(f"{B}x{T}", providers(args.device),
+                                   inputs=lambda r, B=B, T=T: make_inputs(B, T, args.device, seed=r),
+                                   device=args.device, rounds=args.rounds, reps=1 if args.quick else 3, warmup=2,
+                                   baselines=(BASELINE,))
     if copy_bandwidth:
         for r in rows:
             if r.seconds:
@@ -90,8 +88,8 @@ def main(argv=None) -> int:
                 r.extra["x floor"] = f"{r.seconds / (bytes_that_must_move(B, T) / copy_bandwidth):.2f}"
     table = harness.format_table(rows, baseline=BASELINE, extra_columns=("x floor",) if copy_bandwidth else ())
     title = f"ppo_loss forward + backward ({args.device})"
-    notes = ("float32, right-padded masks, gradients with respect to logprobs and values; speed-ups are times of "
-             "the eager reference over the provider's, in this run.")
+    notes = ("float32, right-padded masks, gradients with respect to logprobs and values; speed-ups: per-round time "
+             "of the eager reference over the provider's, median (IQR) over rounds. " + harness.spread_note(rows)).strip()
     if copy_bandwidth:
         notes += f" x floor: 33 bytes per token once at the measured copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s."
     report(title, table, notes, device=args.device, record=args.record)

@@ -1,7 +1,16 @@
-"""Shared benchmark machinery: timing, peak extra memory, tables, and RESULTS.md entries.
+"""Shared benchmark machinery: interleaved rounds, spread, peak extra memory, tables, RESULTS.md entries.
 
-Benchmarks measure; tests assert. Every table row carries the provider's median time, its peak
-extra memory and its ratio to the baseline provider measured in the same run.
+Benchmarks measure; tests assert. A shared, loaded machine makes any single timing unreliable (one run of
+a loop that took 10x its idle time once became a README headline), so every op benchmark goes through
+run_rounds:
+
+  * rounds >= 5, in one process; in each round every provider runs in turn (round-robin, the order rotated
+    from round to round), on a fresh input draw for that round shared by all providers;
+  * a provider's time per round is the median of `reps` calls; its row shows the median over rounds and the
+    inter-quartile range (q1-q3);
+  * the speed-up against a baseline is computed per round (baseline time / provider time in the same round,
+    so load that hits both cancels) and summarised as the median ratio and its IQR;
+  * a row whose time or ratio spread (IQR / median) exceeds SPREAD_WARNING is flagged in the table.
 
 Peak extra memory:
   CUDA: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
@@ -27,6 +36,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+ROUNDS = 5              # the fewest rounds a recorded table may have
+SPREAD_WARNING = 0.25   # IQR / median above which a row is flagged
 
 try:  # M_MMAP_THRESHOLD = -3: fixed threshold, no dynamic growth, so RSS tracks live allocations.
     _libc = ctypes.CDLL("libc.so.6")
@@ -116,37 +127,133 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> int |
     return max(0, (hwm - rss) * 1024)
 
 
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) of xs (inclusive method: with 5 samples, the 2nd, 3rd and 4th smallest)."""
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, med, q3
+
+
 @dataclass
 class Row:
     shape: str
     provider: str
-    seconds: float | None
+    seconds: float | None            # median over rounds of each round's median
     peak_bytes: int | None
     extra: dict = field(default_factory=dict)
     error: str | None = None
+    samples: list = field(default_factory=list)   # seconds per round
+    ratios: dict = field(default_factory=dict)    # baseline -> (q1, median, q3) of the per-round speed-ups
+
+    @property
+    def spread(self) -> float | None:
+        """IQR / median of the per-round times (None with fewer than 2 rounds)."""
+        if len(self.samples) < 2 or not self.seconds:
+            return None
+        q1, med, q3 = quartiles(self.samples)
+        return (q3 - q1) / med
+
+
+def worst_spread(r: Row) -> float:
+    """The larger of the row's time spread and the spread of its speed-ups (IQR / median)."""
+    worst = r.spread or 0.0
+    for q1, med, q3 in r.ratios.values():
+        worst = max(worst, (q3 - q1) / med if med else 0.0)
+    return worst
+
+
+def _error_text(err: Exception) -> str:
+    text = str(err).splitlines()[0][:80] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
+
+
+def _timed(fn: Callable[[], object], device: str, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[int], object] | None = None,
+               baselines: tuple[str, ...] = (), device: str = "cpu", rounds: int = ROUNDS, reps: int = 1,
+               warmup: int = 1, measure_memory: bool = True) -> list[Row]:
+    """Time providers round-robin over `rounds` rounds; see the module docstring.
+
+    With `inputs` (round index -> inputs, drawn afresh each round), providers map name -> factory(inputs)
+    returning the zero-argument callable to time on them. Without it, factory() is called once and its
+    callable reused (for whole-program providers that own their state). `warmup` untimed calls run in the
+    first round only (compilation, caches). Peak extra memory is measured once, in the last round, outside
+    the timed calls. A provider that raises (not installed, out of memory, unsupported) gets a row with its
+    error and is not run again, so the table says what could not run rather than silently dropping it.
+    `baselines`: providers to which every row's per-round speed-up is computed.
+    """
+    names = list(providers)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
+    peaks: dict[str, int | None] = {}
+    cached: dict[str, Callable[[], object]] = {}
+    for r in range(rounds):
+        inp = inputs(r) if inputs is not None else None
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name in errors:
+                continue
+            try:
+                if inputs is not None:
+                    fn = providers[name](inp)
+                else:
+                    fn = cached.get(name) or cached.setdefault(name, providers[name]())
+                if r == 0:
+                    for _ in range(warmup):
+                        fn()
+                _sync(device)
+                samples[name].append(_timed(fn, device, reps))
+                if measure_memory and r == rounds - 1:
+                    peaks[name] = peak_extra_memory(fn, device=device)
+                del fn
+            except Exception as err:  # noqa: BLE001 - recorded in the table
+                errors[name] = _error_text(err)
+            finally:
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        del inp
+        gc.collect()
+    rows = []
+    for name in names:
+        if name in errors:
+            rows.append(Row(shape, name, None, None, error=errors[name]))
+            continue
+        row = Row(shape, name, statistics.median(samples[name]), peaks.get(name), samples=samples[name])
+        for base in baselines:
+            if base in samples and base not in errors and samples[base]:
+                per_round = [b / s for b, s in zip(samples[base], samples[name])]
+                row.ratios[base] = quartiles(per_round)
+        rows.append(row)
+    return rows
 
 
 def run_providers(shape: str, providers: dict[str, Callable[[], Callable[[], object]]], *, device: str = "cpu",
-                  warmup: int = 2, reps: int = 10, measure_memory: bool = True) -> list[Row]:
+                  warmup: int = 2, reps: int = 10, measure_memory: bool = True,
+                  baselines: tuple[str, ...] = ()) -> list[Row]:
     """providers: name -> factory returning the zero-argument callable to time (inputs bound inside).
 
-    A provider that raises (not installed, out of memory, unsupported) gets a row with its error,
-    so the table says what could not run rather than silently dropping it.
+    The same interleaved rounds as run_rounds (without fresh inputs: the factories own theirs), `reps`
+    calls spread over ROUNDS rounds.
     """
-    rows = []
-    for name, factory in providers.items():
-        try:
-            fn = factory()
-            seconds = median_time(fn, device=device, warmup=warmup, reps=reps)
-            peak = peak_extra_memory(fn, device=device) if measure_memory else None
-            rows.append(Row(shape, name, seconds, peak))
-        except Exception as err:  # noqa: BLE001 - recorded in the table
-            rows.append(Row(shape, name, None, None, error=f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"))
-        finally:
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    return rows
+    return run_rounds(shape, providers, device=device, rounds=ROUNDS, reps=max(1, -(-reps // ROUNDS)),
+                      warmup=warmup, measure_memory=measure_memory, baselines=baselines)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -159,22 +266,58 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def format_table(rows: list[Row], *, baseline: str, extra_columns: tuple[str, ...] = ()) -> str:
-    """Markdown table; 'vs baseline' = baseline time / provider time in the same shape (higher is faster)."""
-    header = ["shape", "provider", "median ms", f"speed-up vs {baseline}", "peak extra mem", *extra_columns]
+def _fmt_ratio(q: tuple[float, float, float]) -> str:
+    q1, med, q3 = q
+    return f"{med:.2f}x ({q1:.2f}-{q3:.2f})"
+
+
+def format_table(rows: list[Row], *, baseline: str, extra_columns: tuple[str, ...] = (),
+                 also_vs: tuple[str, ...] = ()) -> str:
+    """Markdown table. 'speed-up vs X' = X's time / the provider's, per round, as "median (q1-q3)" over
+    rounds (higher is faster); rows built without rounds show the ratio of medians. 'spread' flags a row
+    whose time or speed-up IQR exceeds SPREAD_WARNING of its median."""
+    header = ["shape", "provider", "median ms", "IQR ms", f"speed-up vs {baseline}",
+              *[f"vs {b}" for b in also_vs], "peak extra mem", *extra_columns, "spread"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = {r.shape: r.seconds for r in rows if r.provider == baseline and r.seconds}
+    medians = {(r.shape, r.provider): r.seconds for r in rows if r.seconds}
     for r in rows:
         if r.seconds is None:
-            cells = [r.shape, r.provider, "failed", "", "", *["" for _ in extra_columns]]
-            cells[3] = r.error or ""
-        else:
-            ratio = base.get(r.shape)
-            cells = [r.shape, r.provider, f"{r.seconds * 1e3:.3f}",
-                     f"{ratio / r.seconds:.2f}x" if ratio else "n/a", _fmt_bytes(r.peak_bytes),
-                     *[str(r.extra.get(c, "")) for c in extra_columns]]
+            cells = [r.shape, r.provider, "failed", "", r.error or "", *["" for _ in also_vs], "",
+                     *["" for _ in extra_columns], ""]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        ratio_cells, worst = [], worst_spread(r)
+        for base in (baseline, *also_vs):
+            if base in r.ratios:
+                ratio_cells.append(_fmt_ratio(r.ratios[base]))
+            elif medians.get((r.shape, base)):
+                ratio_cells.append(f"{medians[(r.shape, base)] / r.seconds:.2f}x")
+            else:
+                ratio_cells.append("n/a")
+        iqr = (f"{quartiles(r.samples)[0] * 1e3:.3f}-{quartiles(r.samples)[2] * 1e3:.3f}"
+               if len(r.samples) >= 2 else "")
+        flag = f"WARNING {worst:.0%}" if worst > SPREAD_WARNING else (f"{worst:.0%}" if r.samples else "")
+        cells = [r.shape, r.provider, f"{r.seconds * 1e3:.3f}", iqr, *ratio_cells, _fmt_bytes(r.peak_bytes),
+                 *[str(r.extra.get(c, "")) for c in extra_columns], flag]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def spread_note(rows: list[Row]) -> str:
+    """A sentence for the notes when any row is flagged (empty otherwise)."""
+    n = sum(1 for r in rows if r.seconds and worst_spread(r) > SPREAD_WARNING)
+    if not n:
+        return ""
+    return (f"WARNING: {n} row(s) have a time or speed-up IQR above {SPREAD_WARNING:.0%} of the median: the "
+            f"machine was too busy for those figures to be more than indicative.")
+
+
+def load_average() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min), {os.cpu_count()} CPUs"
 
 
 def device_description(device: str = "cpu") -> str:
@@ -211,7 +354,9 @@ def git_commit() -> str:
 def append_results(title: str, table: str, *, device: str = "cpu", notes: str = "") -> None:
     """Append a dated section (title, device, commit, table, notes) to bench/RESULTS.md."""
     stamp = datetime.date.today().isoformat()
-    section = [f"\n## {title}\n", f"{stamp}, commit {git_commit()}, {device_description(device)}\n", "", table, ""]
+    section = [f"\n## {title}\n",
+               f"{stamp}, commit {git_commit()}, {device_description(device)}; {load_average()} when recorded; "
+               f"median of {ROUNDS}+ interleaved rounds\n", "", table, ""]
     if notes:
         section += [notes, ""]
     with open(RESULTS, "a") as f:

@@ -1,12 +1,17 @@
 """Triton kernels of alignfast::token_logprobs and its backward (the op's CUDA implementation).
 
-Same math and numerics as the CPU kernels (csrc/cpu/logprobs_rows.h); per row of z = x / T, target t:
+Same math and numerics as the CPU kernels (csrc/cpu/logprobs_rows.h); per row x, z = x / T, target t:
 
-    forward   one program per row, an online pass over the row in BLOCK-wide tiles:
-              m = max z, S = sum e^{z-m}, S_off = sum_{v != t} e^{z-m}, W = sum e^{z-m} (z-m)
-              logprob = -log1p(S_off / e^{z_t-m})  (t near the max)  else  (z_t - m) - log S
-              lse = m + log S,  entropy = log S - W / S
-    backward  a (row, tile) grid: p = e^{z-lse},
+    forward   one program per row, an online pass over the row in BLOCK-wide tiles, M = max x (raw):
+              d = (x - M) / T (<= 0 exactly: a tiny T cannot push the max's term above e^0 = 1, as
+              x / T - M / T fused into one FMA could), S = sum e^d, S_off = sum_{v != t} e^d, W = sum e^d d
+              logprob = -log1p(S_off / e^{d_t})  (t near the max)  else  d_t - log S
+              lse = M / T + log S,  entropy = log S - W / S
+              rows with a +inf logit, or only -inf logits: torch.log_softmax's results (see alignfast.ops)
+              Both kernels launch with enable_fp_fusion=False: lse - x * (1/T) fused into one FMA would not
+              round x / T as the forward (and the reference) did, and at T = 1e-9 (|z| ~ 1e9, ulp 256) the
+              max's gap would come out as +-256 instead of 0: p = 0 where it is 1.
+    backward  a (row, tile) grid: p = e^{-gap}, gap = clamp(lse - z, 0, 1e4),
               dx = (1/T) p (g_ent ((lse - z) - H) - g_lp)   and at the target
               dx_t = (1/T) (g_lp (-expm1(logprob)) + g_ent p_t (-logprob - H))
 
@@ -74,37 +79,45 @@ def _forward_kernel(logits_ptr, tokens_ptr, mask_ptr, logprobs_ptr, entropy_ptr,
     t = tl.load(tokens_ptr + row)
     t = tl.minimum(tl.maximum(t, 0), V - 1)  # ids are checked by the wrapper; never read out of bounds
 
-    m = tl.full([], -float("inf"), ACC)
+    M = tl.full([], -float("inf"), ACC)  # running raw max: d = (x - M) / T is <= 0 exactly (see the docstring)
     s_all = tl.full([], 0.0, ACC)
     s_off = tl.full([], 0.0, ACC)
     w = tl.full([], 0.0, ACC)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        z = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(ACC) * inv_t
-        new_m = tl.maximum(m, tl.max(z, axis=0))
-        shift = tl.where(m == -float("inf"), 0.0, m - new_m)
+        x = tl.load(x_row + offs, mask=offs < V, other=-float("inf")).to(ACC)
+        new_M = tl.maximum(M, tl.max(x, axis=0))
+        shift = tl.where(M == -float("inf"), 0.0, (M - new_M) * inv_t)
         c = tl.exp(shift)
-        m_safe = tl.where(new_m == -float("inf"), 0.0, new_m)
-        d = z - m_safe
+        M_safe = tl.where(new_M == -float("inf"), 0.0, new_M)
+        d = (x - M_safe) * inv_t
         e = tl.exp(d)
         ed = tl.where(e > 0.0, e * d, 0.0)
         w = c * (w + shift * s_all) + tl.sum(ed, axis=0)
         s_all = c * s_all + tl.sum(e, axis=0)
         s_off = c * s_off + tl.sum(tl.where(offs == t, 0.0, e), axis=0)
-        m = new_m
+        M = new_M
 
-    z_t = tl.load(x_row + t).to(ACC) * inv_t
-    d_t = z_t - m
+    # Rows with a +inf logit (lse +inf; logprob -inf, or NaN for a +inf target; entropy NaN) or only -inf
+    # logits (logprob and entropy NaN, lse -inf) are set apart: what torch.log_softmax gives.
+    pos_inf = M == float("inf")
+    neg_inf = M == -float("inf")
+    M_fin = tl.where(pos_inf | neg_inf, 0.0, M)
+    x_t = tl.load(x_row + t).to(ACC)
+    d_t = (x_t - M_fin) * inv_t
     e_t = tl.exp(d_t)
     s = s_off + e_t
     near = d_t > -20.0
     l1p = _log1p(s_off / tl.where(near, e_t, 1.0))
     log_s = tl.where(near, d_t + l1p, tl.log(s))
     logprob = tl.where(near, -l1p, d_t - log_s)
+    logprob = tl.where(pos_inf, tl.where(x_t == float("inf"), float("nan"), -float("inf")),
+                       tl.where(neg_inf, float("nan"), logprob))
+    lse = tl.where(pos_inf, float("inf"), tl.where(neg_inf, -float("inf"), M_fin * inv_t + log_s))
     tl.store(logprobs_ptr + row, logprob)
-    tl.store(lse_ptr + row, m + log_s)
+    tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, log_s - w / s)
+        tl.store(entropy_ptr + row, tl.where(pos_inf | neg_inf, float("nan"), log_s - w / s))
 
 
 @triton.jit
@@ -132,12 +145,15 @@ def _backward_kernel(grad_lp_ptr, grad_ent_ptr, logits_ptr, tokens_ptr, mask_ptr
         g_ent = tl.full([], 0.0, ACC)
         ent = tl.full([], 0.0, ACC)
     z = tl.load(x_row + offs, mask=inside, other=-float("inf")).to(ACC) * inv_t
-    p = tl.exp(z - lse)
-    gap = tl.minimum(lse - z, 1e4)  # -log p, clamped so that p = 0 (a -inf logit) gives 0, not 0 * inf
+    # gap = -log p in [0, 1e4]: >= 0 even if lse - z is fused into an FMA or T is tiny (p <= 1), and p = 0
+    # (a -inf logit) gives 0, not 0 * inf.
+    gap = tl.minimum(tl.maximum(lse - z, 0.0), 1e4)
+    p = tl.exp(-gap)
     grad = p * (g_ent * gap - (g_ent * ent + g_lp))
     p_t = tl.exp(lp)
     target = g_lp * -_expm1(lp) + tl.where(p_t > 0.0, g_ent * p_t * (-lp - ent), 0.0)
     grad = tl.where(offs == t, target, grad) * inv_t
+    grad = tl.where(lse == float("inf"), float("nan"), grad)  # a row with a +inf logit has no gradient
     tl.store(out_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
@@ -182,6 +198,7 @@ def token_logprobs_cuda(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.
             T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
             HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
             num_warps=8 if block >= 2048 else 4,
+            enable_fp_fusion=False,  # x / T and lse round as the reference's (tiny T): see the module docstring
         )
     return logprobs, entropy, lse
 
@@ -207,5 +224,6 @@ def token_logprobs_backward_cuda(grad_logprobs, grad_entropy, logits, tokens, ma
             T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
             HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK=block, ACC=_acc(logits.dtype),
             num_warps=8 if block >= 2048 else 4,
+            enable_fp_fusion=False,  # x / T and lse round as the reference's (tiny T): see the module docstring
         )
     return grad

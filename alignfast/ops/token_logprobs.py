@@ -11,6 +11,15 @@ dtype (a backward with create_graph=True, for second derivatives, goes through t
 
     dlogits_v = (1/T) [ g_logprob (1[v = token] - p_v) + g_entropy p_v (E_p[z] - z_v) ]
 
+Non-finite logits (every path: the C++ kernels, the Triton kernels and the reference agree):
+  * -inf logits are tokens of probability 0: they contribute nothing; a -inf target gives logprob -inf.
+  * a row with a +inf logit has no normalisable distribution. Its outputs are what torch.log_softmax gives:
+    logprob -inf for a finite target and NaN for a +inf target, entropy NaN, logsumexp +inf, and a NaN
+    gradient for the row (the fused kernels fill the row; the reference has NaN at the +inf entries).
+  * a row of -inf only: logprob and entropy NaN.
+Tiny temperatures stay finite wherever the float32 reference is: the kernels scale (x - max x) / T, which
+is <= 0 exactly, rather than x / T - max(x / T) (tests/ops/test_logprobs_extremes.py).
+
 Kernels: C++ on CPU (csrc/cpu/token_logprobs.cpp), Triton on CUDA (kernels/logprobs.py).
 """
 

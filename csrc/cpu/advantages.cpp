@@ -29,8 +29,7 @@ void gae_rows(const scalar_t* logprobs, const scalar_t* ref_logprobs, const scal
   const acc_t kl_coef = static_cast<acc_t>(kl_coef_);
   const acc_t gamma = static_cast<acc_t>(gamma_);
   const acc_t gamma_lam = static_cast<acc_t>(gamma_ * lam_);
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(T, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(B, 4 * T, [&](int64_t begin, int64_t end) {  // ~4 ns a token; threads only for big calls
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = b * T;
       auto zero = [&](int64_t i) { rewards[i] = advantages[i] = returns[i] = kl[i] = acc_t(0); };
@@ -94,8 +93,7 @@ void whiten_rows(acc_t* advantages, const bool* mask, int64_t B, int64_t T, cons
   for (int64_t b = 0; b < B; ++b) total = merge(total, row_stats[b]);
   const acc_t mean = static_cast<acc_t>(total.mean);
   const acc_t rstd = static_cast<acc_t>(whiten_rstd(total));
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(T, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(B, T, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * T; i < end * T; ++i) {
       // Branch-free so it vectorises; masked positions hold 0 and keep it.
       advantages[i] = mask[i] ? (advantages[i] - mean) * rstd : acc_t(0);

@@ -163,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
         const int64_t t = t_ptr[r0 + i];
         TORCH_CHECK(t >= 0 && t < in.V, "alignfast: argument 'tokens' holds token id ", t, " outside [0, ", in.V,
                     ") at a valid position");
-        const RowStats<scalar_t> st = logprobs::forward_row<scalar_t, scalar_t>(zp + i * in.V, in.V, t, inv_temp);
+        const RowStats<scalar_t> st = logprobs::forward_row<scalar_t, scalar_t>(zp + i * in.V, in.V, t, inv_temp,
+                                                                                  with_entropy);
         lp_v.data_ptr<scalar_t>()[r0 + i] = st.logprob;
         lse_v.data_ptr<scalar_t>()[r0 + i] = st.lse;
         if (with_entropy) ent_v.data_ptr<scalar_t>()[r0 + i] = st.entropy;
@@ -224,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
       const at::Tensor h_c = h.narrow(0, r0, c);
       at::Tensor dz = chunk_logits(h_c, weight, bias, in.acc);  // becomes dL/dz in place
       scalar_t* zp = dz.data_ptr<scalar_t>();
-      at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+      parallel_rows(c, 2 * in.V, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t r = r0 + i;
           const RowStats<scalar_t> st{lp.const_data_ptr<scalar_t>()[r],

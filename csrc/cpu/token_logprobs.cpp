@@ -20,8 +20,10 @@ namespace {
 
 using logprobs::RowStats;
 
-// Rows per parallel task: enough work (~64K elements) per task that scheduling is noise.
-int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(V, 1)); }
+// Nanoseconds per row, single-threaded (bench/NOTES-threads.md): ~1 ns per logit forward (AVX-512, fp32),
+// ~2 ns forward + backward (the gradient row is written and first-touched).
+int64_t forward_row_ns(int64_t V) { return V; }
+int64_t backward_row_ns(int64_t V) { return 2 * V; }
 
 struct RowLayout {
   int64_t B, T, V, stride_b, stride_t;
@@ -77,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
     acc_t* out_ent = with_entropy ? entropy.data_ptr<acc_t>() : nullptr;
     acc_t* out_lse = lse.data_ptr<acc_t>();
     const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, N, row_grain(L.V), [&](int64_t begin, int64_t end) {
+    parallel_rows(N, forward_row_ns(L.V), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         if (valid != nullptr && !valid[row]) {
           out_lp[row] = 0;
@@ -86,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
           continue;
         }
         const int64_t t = checked_token(tok, row, L.V);
-        const RowStats<acc_t> st = logprobs::forward_row<scalar_t, acc_t>(x + L.offset(row), L.V, t, inv_temp);
+        const RowStats<acc_t> st = logprobs::forward_row<scalar_t, acc_t>(x + L.offset(row), L.V, t, inv_temp, with_entropy);
         out_lp[row] = st.logprob;
         out_lse[row] = st.lse;
         if (out_ent) out_ent[row] = st.entropy;
@@ -135,7 +137,7 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const st
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_type, "token_logprobs_backward_cpu_out", [&] {
       using out_t = scalar_t;
       out_t* out = grad.data_ptr<out_t>();
-      at::parallel_for(0, N, row_grain(L.V), [&](int64_t begin, int64_t end) {
+      parallel_rows(N, backward_row_ns(L.V), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           out_t* o = out + row * L.V;
           if (valid != nullptr && !valid[row]) {

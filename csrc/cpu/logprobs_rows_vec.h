@@ -1,0 +1,181 @@
+// The vectorised row kernels of logprobs_rows.h, written once over at::vec::Vectorized<float> and compiled
+// once per instruction set: logprobs_rows_avx2.cpp and logprobs_rows_avx512.cpp set CPU_CAPABILITY and the
+// target, include the vec headers, then this file with ALIGNFAST_VEC_NS naming the namespace.
+// The math (and why d = (x - M) / tau) is in logprobs_rows.h.
+#pragma once
+
+#ifndef ALIGNFAST_VEC_NS
+#error "define ALIGNFAST_VEC_NS (avx2 or avx512) and include the at::vec headers first"
+#endif
+
+namespace alignfast::logprobs::ALIGNFAST_VEC_NS {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();  // 8 floats (AVX2) or 16 (AVX-512)
+constexpr int64_t kStep = 2 * kW;    // elements per step: two float vectors (one bf16/fp16 vector)
+
+// Load / store kStep consecutive elements of a row as two float vectors.
+inline void load2(const float* p, Vec& a, Vec& b) {
+  a = Vec::loadu(p);
+  b = Vec::loadu(p + kW);
+}
+inline void load2(const c10::BFloat16* p, Vec& a, Vec& b) { at::vec::load_to_float<c10::BFloat16>(p, a, b); }
+inline void load2(const c10::Half* p, Vec& a, Vec& b) { at::vec::load_to_float<c10::Half>(p, a, b); }
+inline void store2(float* p, const Vec& a, const Vec& b) {
+  a.store(p);
+  b.store(p + kW);
+}
+inline void store2(c10::BFloat16* p, const Vec& a, const Vec& b) { at::vec::convert_float_bfloat16(a, b).store(p); }
+inline void store2(c10::Half* p, const Vec& a, const Vec& b) { at::vec::convert_float_half(a, b).store(p); }
+
+inline float reduce_add(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, v);
+}
+
+// WITH_ENTROPY = false skips W (one multiply-add per element) when the caller does not want the entropy.
+template <bool WITH_ENTROPY, typename scalar_t>
+inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t, float inv_temp) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const Vec vinv(inv_temp), vlowest(std::numeric_limits<float>::lowest());
+  float M = -inf;  // running raw max
+  Vec vs(0.f), vw(0.f);  // per-lane S_off and W, relative to M
+  float s_tail = 0.f, w_tail = 0.f;
+  const int64_t t_lo = (t / kStep) * kStep;  // the step that holds the target
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t b1 = std::min(V, b0 + kBlock);
+    const int64_t bv = b0 + ((b1 - b0) / kStep) * kStep;  // end of the vectorised part
+    Vec vmax(-inf);
+    for (int64_t v = b0; v < bv; v += kStep) {
+      Vec a, b;
+      load2(x + v, a, b);
+      vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+    }
+    float bm = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
+    for (int64_t v = bv; v < b1; ++v) bm = std::max(bm, static_cast<float>(x[v]));
+    if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
+    if (bm > M) {
+      if (M != -inf) {
+        // Rescale to the new max (rare: at most once per block). Fold the lanes into the scalar
+        // accumulators so that W' = c (W + shift S) applies the shift exactly once; S counts the
+        // target's term once its block has been read (S_off never does).
+        const float shift = (M - bm) * inv_temp, c = std::exp(shift);
+        const float s_off = reduce_add(vs) + s_tail;
+        vs = Vec(0.f);
+        s_tail = c * s_off;
+        if constexpr (WITH_ENTROPY) {
+          const float w_all = reduce_add(vw) + w_tail;
+          const float s_seen = s_off + (t < b0 ? std::exp((static_cast<float>(x[t]) - M) * inv_temp) : 0.f);
+          vw = Vec(0.f);
+          w_tail = c * (w_all + shift * s_seen);
+        }
+      }
+      M = bm;
+    }
+    if (M == -inf) continue;
+    const Vec vM(M);
+    for (int64_t v = b0; v < bv; v += kStep) {
+      Vec a, b;
+      load2(x + v, a, b);
+      const Vec da = at::vec::maximum((a - vM) * vinv, vlowest);  // -inf -> lowest: e = 0 and e * d = 0
+      const Vec db = at::vec::maximum((b - vM) * vinv, vlowest);
+      Vec ea = da.exp(), eb = db.exp();
+      if constexpr (WITH_ENTROPY) {
+        vw = at::vec::fmadd(ea, da, vw);
+        vw = at::vec::fmadd(eb, db, vw);
+      }
+      if (v == t_lo) {  // keep the target out of S_off
+        alignas(64) float buf[kStep];
+        ea.store(buf);
+        eb.store(buf + kW);
+        buf[t - v] = 0.f;
+        ea = Vec::loadu(buf);
+        eb = Vec::loadu(buf + kW);
+      }
+      vs = vs + ea + eb;
+    }
+    for (int64_t v = bv; v < b1; ++v) {
+      const float d = std::max((static_cast<float>(x[v]) - M) * inv_temp, std::numeric_limits<float>::lowest());
+      const float e = std::exp(d);
+      if (v != t) s_tail += e;
+      if constexpr (WITH_ENTROPY) w_tail += e * d;
+    }
+  }
+  const float s_off = reduce_add(vs) + s_tail;
+  const float w = WITH_ENTROPY ? reduce_add(vw) + w_tail : 0.f;
+  return finish_row<float>(M, M * inv_temp, s_off, w, (static_cast<float>(x[t]) - M) * inv_temp);
+}
+
+template <typename scalar_t>
+inline RowStats<float> forward_row_vec(const scalar_t* x, int64_t V, int64_t t, float inv_temp, bool with_entropy) {
+  return with_entropy ? forward_row_impl<true>(x, V, t, inv_temp) : forward_row_impl<false>(x, V, t, inv_temp);
+}
+
+template <typename scalar_t, typename out_t>
+inline void backward_row_vec(const scalar_t* x, int64_t V, int64_t t, float inv_temp, RowStats<float> st, float g_lp,
+                             float g_ent, out_t* out) {
+  if (st.lse == std::numeric_limits<float>::infinity()) {  // a +inf logit: NaN gradient, as documented
+    std::fill(out, out + V, static_cast<out_t>(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
+  const Vec vinv(inv_temp), vlse(st.lse), vbig(1e4f), vzero(0.f);
+  const Vec vgent(g_ent), vcoef(g_ent * st.entropy + g_lp);  // p * (g_ent * gap - (g_ent * H + g_lp))
+  const int64_t vend = (V / kStep) * kStep;
+  for (int64_t v = 0; v < vend; v += kStep) {
+    Vec a, b;
+    load2(x + v, a, b);
+    // gap = -log p in [0, big]: >= 0 even when lse - z is contracted into an FMA (p <= 1), and p = 0 gives 0.
+    const Vec ga = at::vec::minimum(at::vec::maximum(vlse - a * vinv, vzero), vbig);
+    const Vec gb = at::vec::minimum(at::vec::maximum(vlse - b * vinv, vzero), vbig);
+    const Vec pa = ga.neg().exp(), pb = gb.neg().exp();
+    const Vec oa = vinv * pa * at::vec::fmsub(vgent, ga, vcoef);
+    const Vec ob = vinv * pb * at::vec::fmsub(vgent, gb, vcoef);
+    store2(out + v, oa, ob);
+  }
+  for (int64_t v = vend; v < V; ++v) {
+    const float gap = std::min(std::max(st.lse - static_cast<float>(x[v]) * inv_temp, 0.f), 1e4f);
+    out[v] = static_cast<out_t>(inv_temp * std::exp(-gap) * (g_ent * gap - (g_ent * st.entropy + g_lp)));
+  }
+  const float lp = st.logprob;
+  const float p_t = std::exp(lp);  // 0 for a -inf target, whose gap -lp is inf: its entropy term is 0
+  const float target = g_lp * -std::expm1(lp) + (p_t > 0 ? g_ent * p_t * (-lp - st.entropy) : 0.f);
+  out[t] = static_cast<out_t>(inv_temp * target);
+}
+
+}  // namespace alignfast::logprobs::ALIGNFAST_VEC_NS
+
+// The out-of-line functions logprobs_rows.h declares, for this instruction set.
+#define ALIGNFAST_DEFINE_VEC_ROWS()                                                                                 \
+  namespace alignfast::logprobs::ALIGNFAST_VEC_NS {                                                                 \
+  RowStats<float> forward_row(const float* x, int64_t V, int64_t t, float inv_temp, bool with_entropy) {          \
+    return forward_row_vec(x, V, t, inv_temp, with_entropy);                                                        \
+  }                                                                                                                 \
+  RowStats<float> forward_row(const c10::BFloat16* x, int64_t V, int64_t t, float inv_temp, bool with_entropy) {  \
+    return forward_row_vec(x, V, t, inv_temp, with_entropy);                                                        \
+  }                                                                                                                 \
+  RowStats<float> forward_row(const c10::Half* x, int64_t V, int64_t t, float inv_temp, bool with_entropy) {      \
+    return forward_row_vec(x, V, t, inv_temp, with_entropy);                                                        \
+  }                                                                                                                 \
+  template <typename scalar_t, typename out_t>                                                                      \
+  void backward_row(const scalar_t* x, int64_t V, int64_t t, float inv_temp, RowStats<float> st, float g_lp,       \
+                    float g_ent, out_t* out) {                                                                      \
+    backward_row_vec<scalar_t, out_t>(x, V, t, inv_temp, st, g_lp, g_ent, out);                                     \
+  }                                                                                                                 \
+  template void backward_row<float, float>(const float*, int64_t, int64_t, float, RowStats<float>, float, float,   \
+                                           float*);                                                                 \
+  template void backward_row<float, c10::BFloat16>(const float*, int64_t, int64_t, float, RowStats<float>, float,  \
+                                                   float, c10::BFloat16*);                                          \
+  template void backward_row<float, c10::Half>(const float*, int64_t, int64_t, float, RowStats<float>, float,      \
+                                               float, c10::Half*);                                                  \
+  template void backward_row<c10::BFloat16, float>(const c10::BFloat16*, int64_t, int64_t, float, RowStats<float>, \
+                                                   float, float, float*);                                           \
+  template void backward_row<c10::BFloat16, c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, float,         \
+                                                           RowStats<float>, float, float, c10::BFloat16*);          \
+  template void backward_row<c10::BFloat16, c10::Half>(const c10::BFloat16*, int64_t, int64_t, float,             \
+                                                       RowStats<float>, float, float, c10::Half*);                  \
+  template void backward_row<c10::Half, float>(const c10::Half*, int64_t, int64_t, float, RowStats<float>, float,  \
+                                               float, float*);                                                      \
+  template void backward_row<c10::Half, c10::BFloat16>(const c10::Half*, int64_t, int64_t, float, RowStats<float>, \
+                                                       float, float, c10::BFloat16*);                               \
+  template void backward_row<c10::Half, c10::Half>(const c10::Half*, int64_t, int64_t, float, RowStats<float>,     \
+                                                   float, float, c10::Half*);                                       \
+  }

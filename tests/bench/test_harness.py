@@ -1,0 +1,119 @@
+"""bench/harness.py's rounds and bench/readme_table.py: the machinery that keeps one noisy run out of the README.
+
+Timing is replaced by a scripted clock, so these tests check the bookkeeping (round-robin order, a fresh input
+draw per round, per-round ratios, medians, IQRs, the spread warning) and never measure anything."""
+
+import pytest
+
+from bench import harness, readme_table
+
+
+class ScriptedClock:
+    """perf_counter() for providers whose call durations are scripted per (provider, round)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = ScriptedClock()
+    monkeypatch.setattr(harness.time, "perf_counter", c)
+    return c
+
+
+def test_rounds_interleave_draw_fresh_inputs_and_ratio_per_round(clock):
+    # Round r: the baseline takes 10 * load[r] ms and the fast provider 2 * load[r] ms: load hits both, so the
+    # per-round ratio is exactly 5 although the times vary 4x.
+    load = [1.0, 4.0, 1.0, 2.0, 1.0]
+    calls, draws = [], []
+
+    def provider(name, ms):
+        def factory(inp):
+            def call():
+                calls.append((name, inp))
+                clock.now += ms * load[inp] / 1e3
+            return call
+        return factory
+
+    def inputs(r):
+        draws.append(r)
+        return r
+
+    rows = harness.run_rounds("s", {"base": provider("base", 10), "fast": provider("fast", 2)}, inputs=inputs,
+                              baselines=("base",), rounds=5, reps=1, warmup=1, measure_memory=False)
+    assert draws == [0, 1, 2, 3, 4]
+    assert calls[:4] == [("base", 0)] * 2 + [("fast", 0)] * 2  # round 0: a warm-up call, then the timed one
+    assert [c for c in calls if c[1] == 1] == [("fast", 1), ("base", 1)]  # the order rotates each round
+    by = {r.provider: r for r in rows}
+    assert by["fast"].samples == pytest.approx([2e-3 * x for x in load])
+    assert by["fast"].seconds == pytest.approx(2e-3)
+    assert by["fast"].ratios["base"] == pytest.approx((5.0, 5.0, 5.0))
+    assert by["base"].spread == pytest.approx((2.0 - 1.0) / 1.0)  # q1 1, median 1, q3 2
+    table = harness.format_table(rows, baseline="base")
+    fast_line = next(line for line in table.splitlines() if "| fast |" in line)
+    assert "5.00x (5.00-5.00)" in fast_line and "WARNING" in fast_line  # its time spread is large
+    assert "WARNING" in harness.spread_note(rows)
+
+
+def test_a_failing_provider_gets_a_row_with_its_error_and_is_not_retried(clock):
+    tries = []
+
+    def broken(inp):
+        tries.append(inp)
+        raise RuntimeError("not installed")
+
+    rows = harness.run_rounds("s", {"ok": lambda inp: (lambda: None), "broken": broken}, inputs=lambda r: r,
+                              rounds=5, measure_memory=False)
+    assert tries == [0]
+    row = next(r for r in rows if r.provider == "broken")
+    assert row.seconds is None and "not installed" in row.error
+    assert "failed" in harness.format_table(rows, baseline="ok")
+
+
+def test_readme_generator_reads_what_the_harness_writes(clock):
+    load = [1.0, 1.2, 0.9, 1.1, 1.0]
+    rnd = iter(range(100))
+
+    def provider(ms):
+        def factory(inp):
+            def call():
+                clock.now += ms * load[inp] / 1e3
+            return call
+        return factory
+
+    rows = harness.run_rounds("64x1024", {"TRL loop": provider(30), "verl loop": provider(60),
+                                          "alignfast": provider(0.5)},
+                              inputs=lambda r: next(rnd) % 5, baselines=("TRL loop", "verl loop"), rounds=5,
+                              measure_memory=False)
+    table = harness.format_table(rows, baseline="TRL loop", also_vs=("verl loop",))
+    results = f"# Benchmark results\n\n## compute_advantages (cpu)\n\n2026-11-30, commit abc1234, CPU x; " \
+              f"load average 7.5 / 6.0 / 5.0 (1 / 5 / 15 min), 2 CPUs when recorded\n\n\n{table}\n\nnotes\n"
+    out = readme_table.render(results)
+    line = next(line for line in out.splitlines() if line.startswith("| `compute_advantages`"))
+    assert "60.00× TRL loop (60.00–60.00)" in line and "120.00× verl loop" in line
+    assert "2026-11-30 abc1234, load 7.5" in line
+    assert "not recorded yet" in out  # specs with no section say so instead of inventing a number
+
+
+def test_goals_are_judged_from_the_median_ratio():
+    results = ("## token_logprobs, forward, temperature 1.0\n\n2026-11-30, commit abc, CPU\n\n"
+               "| shape | provider | median ms | IQR ms | speed-up vs trl selective_log_softmax | "
+               "vs torch.compile reference | vs torch.compile reference +entropy | peak extra mem | spread |\n"
+               "|---|---|---|---|---|---|---|---|---|\n"
+               "| 8x256x32000 float32 | alignfast | 1 | 1-1 | 2.50x (2.40-2.60) | 1.20x (1.10-1.30) | n/a | 1 KiB | 5% |\n")
+    line = next(line for line in readme_table.render(results).splitlines()
+                if "forward | 8×256×32000 float32" in line)
+    assert "≥2× trl selective_log_softmax: met" in line
+    assert "≥1.3× torch.compile reference: **not met**" in line
+
+
+def test_readme_performance_table_is_the_generated_one():
+    """README.md's table is exactly what `python -m bench.readme_table` makes of bench/RESULTS.md (regenerate
+    it with `python -m bench.readme_table --write` or `alignfast bench --record`)."""
+    readme = readme_table.README.read_text()
+    assert readme_table.BEGIN in readme and readme_table.END in readme
+    assert readme_table.readme_table(readme) == readme_table.render(readme_table.RESULTS.read_text())

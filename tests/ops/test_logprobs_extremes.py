@@ -1,0 +1,164 @@
+"""token_logprobs at the edges of float range, on every path: the CPU op (each vector instruction set the CPU
+has, and the scalar code) and the Triton kernels under TRITON_INTERPRET=1 (what runs on CUDA).
+
+* A tiny temperature (issue 10, case 3): at T = 1e-9, z = x / T is ~1e9, and computing x * (1/T) - max as one
+  fused multiply-add left the max's own term ~e^512 = inf: +inf/NaN where the float32 reference is finite.
+  The kernels now subtract the raw max before scaling, (x - max) / T <= 0 exactly, and clamp the backward's
+  gap to >= 0.
+* A +inf logit (case 5), documented in alignfast.ops.token_logprobs: the row has no normalisable
+  distribution; the outputs are what log_softmax (the reference) gives: lse +inf, logprob -inf for a finite
+  target and NaN for a +inf target, entropy NaN; the row's gradient is NaN (the reference's is NaN at the
+  +inf entries).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from alignfast import reference
+from alignfast.ops import linear_token_logprobs, token_logprobs
+from alignfast.ops._library import has_kernel
+
+needs_cpu_kernel = pytest.mark.skipif(not has_kernel("token_logprobs", "cpu"),
+                                      reason="alignfast._C has no CPU kernel (extension not built)")
+
+
+def _triton():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    pytest.importorskip("triton")
+    from alignfast.kernels import logprobs
+
+    return logprobs
+
+
+def _cpu_op(logits, tokens, temperature, g_lp, g_ent):
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, tokens, temperature=temperature, return_entropy=True)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    return lp.detach(), ent.detach(), x.grad
+
+
+def _triton_op(logits, tokens, temperature, g_lp, g_ent):
+    K = _triton()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy evaluates both sides of tl.where
+        lp, ent, lse = K.token_logprobs_cuda(logits, tokens, None, temperature, True)
+        grad = K.token_logprobs_backward_cuda(g_lp, g_ent, logits, tokens, None, lp, ent, lse, temperature)
+    return lp, ent, grad
+
+
+PATHS = [pytest.param(_cpu_op, id="cpu", marks=needs_cpu_kernel), pytest.param(_triton_op, id="triton")]
+
+
+def _reference(logits, tokens, temperature, g_lp, g_ent, dtype=torch.float64):
+    x = logits.detach().to(dtype).requires_grad_()
+    lp, ent = reference.token_logprobs(x, tokens, temperature=temperature, return_entropy=True)
+    (lp * g_lp.to(dtype) + ent * g_ent.to(dtype)).sum().backward()
+    return lp.detach(), ent.detach(), x.grad
+
+
+def _tiny_temperature_case(dtype, V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(2, 6, V, generator=g) * 3).to(dtype)
+    tokens = torch.randint(0, V, (2, 6), generator=g)
+    tokens[0, 0] = logits[0, 0].float().argmax()  # the max itself: logprob 0
+    return logits, tokens, torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+
+
+def check_tiny_temperature(op, dtype, V, temperature):
+    logits, tokens, g_lp, g_ent = _tiny_temperature_case(dtype, V)
+    r32 = _reference(logits, tokens, temperature, g_lp, g_ent, dtype=torch.float32)
+    assert all(torch.isfinite(t).all() for t in r32), "the case must be one where the float32 reference is finite"
+    lp, ent, grad = op(logits, tokens, temperature, g_lp, g_ent)
+    for name, t in (("logprobs", lp), ("entropy", ent), ("dlogits", grad)):
+        assert torch.isfinite(t).all(), f"{name}: non-finite at temperature {temperature}"
+    r_lp, r_ent, r_grad = _reference(logits, tokens, temperature, g_lp, g_ent)
+    # |z| ~ 1e9: float32 carries ~1e-7 of it; the max's own row is exact (logprob 0).
+    torch.testing.assert_close(lp.double(), r_lp, rtol=1e-6, atol=1e-3)
+    assert lp[0, 0] == 0
+    torch.testing.assert_close(ent.double(), r_ent, rtol=0, atol=1e-3)
+    # The gradient is +-g/T at the target and the max; float32 rounds it once.
+    torch.testing.assert_close(grad.double(), r_grad, rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-3)
+
+
+def _inf_case(dtype):
+    V = 40
+    logits = (torch.randn(1, 4, V) * 2).to(dtype)
+    tokens = torch.tensor([[3, 5, 7, 9]])
+    logits[0, 0, 11] = float("inf")                  # +inf elsewhere: logprob -inf
+    logits[0, 1, 5] = float("inf")                   # +inf at the target: NaN
+    logits[0, 2, 7] = logits[0, 2, 30] = float("inf")  # two of them, one the target
+    # row 3 is ordinary and must stay so
+    return logits, tokens, torch.randn(1, 4), torch.randn(1, 4)
+
+
+def check_positive_infinity(op, dtype):
+    logits, tokens, g_lp, g_ent = _inf_case(dtype)
+    lp, ent, grad = op(logits, tokens, 1.0, g_lp, g_ent)
+    r_lp, r_ent, r_grad = _reference(logits, tokens, 1.0, g_lp, g_ent)
+    assert lp[0, 0] == float("-inf") and torch.isnan(lp[0, 1]) and torch.isnan(lp[0, 2])
+    assert torch.equal(torch.isnan(lp), torch.isnan(r_lp)) and torch.equal(torch.isinf(lp), torch.isinf(r_lp))
+    assert torch.equal(torch.isnan(ent), torch.isnan(r_ent))
+    assert torch.isnan(grad[0, :3]).all() and torch.isnan(r_grad[0, :3]).any(dim=-1).all()
+    torch.testing.assert_close(lp[0, 3].double(), r_lp[0, 3], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(grad[0, 3].double(), r_grad[0, 3], rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1e-9, 1e-6])
+def test_tiny_temperature_is_finite_and_matches_the_reference(op, dtype, temperature):
+    check_tiny_temperature(op, dtype, V=300 if op is _triton_op else 3000, temperature=temperature)
+
+
+@pytest.mark.parametrize("op", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_positive_infinity_logit_gives_log_softmax_results(op, dtype):
+    check_positive_infinity(op, dtype)
+
+
+@needs_cpu_kernel
+def test_linear_op_tiny_temperature_is_finite():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 16, generator=g, requires_grad=True)
+    weight = torch.randn(500, 16, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 500, (12,), generator=g)
+    lp = linear_token_logprobs(hidden, weight, tokens, temperature=1e-9)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    r = reference.linear_token_logprobs(hidden.detach().double(), weight.detach().double(), tokens, temperature=1e-9)
+    torch.testing.assert_close(lp.double(), r, rtol=1e-5, atol=1e-3)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_other_instruction_sets(isa):
+    """The CPU op picks its widest vector code once per process (ALIGNFAST_CPU_ISA caps it): run the checks
+    above, and one ordinary case against the reference, in a process held to the narrower code."""
+    code = (
+        "import torch\n"
+        "from tests.ops.test_logprobs_extremes import _cpu_op, _reference, check_tiny_temperature, "
+        "check_positive_infinity\n"
+        "for dt in (torch.float32, torch.bfloat16):\n"
+        "    check_tiny_temperature(_cpu_op, dt, 3000, 1e-9)\n"
+        "    check_positive_infinity(_cpu_op, dt)\n"
+        "    x = (torch.randn(3, 5, 2051) * 3).to(dt); t = torch.randint(0, 2051, (3, 5))\n"
+        "    g1, g2 = torch.randn(3, 5), torch.randn(3, 5)\n"
+        "    got, ref = _cpu_op(x, t, 0.7, g1, g2), _reference(x, t, 0.7, g1, g2)\n"
+        "    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=2e-5)\n"
+        "    torch.testing.assert_close(got[1].double(), ref[1], rtol=1e-5, atol=5e-5)\n"
+        "    torch.testing.assert_close(got[2].double(), ref[2], rtol=1.6e-2 if dt == torch.bfloat16 else 1e-4, "
+        "atol=2e-7)\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ALIGNFAST_CPU_ISA": isa})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
