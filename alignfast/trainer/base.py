@@ -358,6 +358,7 @@ class PPOEngineTrainer:
                 f"may be partly updated, the last good checkpoint is {last_good or 'none (no checkpoint yet)'}",
                 step=step + 1, checkpoint=last_good) from None
         self.last_update_losses = stats.losses
+        lr_used = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used; step() sets the next
         self.lr_scheduler.step()
         t_end = time.perf_counter()
 
@@ -378,7 +379,7 @@ class PPOEngineTrainer:
             "objective/kl_coef": kl_coef_used,
             **stats.averages(),
             "val/num_eos_tokens": int(sampled.ended.sum()),
-            "lr": self.lr_scheduler.get_last_lr()[0],
+            "lr": lr_used,
             "episode": self.episode,
             "completions/mean_length": n_resp / B,
             "timing_s/prompter_gen": t_gen - t_start,
