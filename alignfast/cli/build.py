@@ -37,6 +37,16 @@ def trainer_config(config: dict, **forced):
                        .replace("key trainer. '", "key 'trainer.")) from None
 
 
+def run_file_dirs(config_path) -> list[str]:
+    """The run file's folder, then the working directory: where `reward.functions: [my_rewards:score]` finds
+    my_rewards.py (the console script, unlike `python -m`, puts neither on sys.path)."""
+    from pathlib import Path
+
+    dirs = [str(Path(config_path).expanduser().resolve().parent)] if config_path else []
+    cwd = str(Path.cwd())
+    return dirs + ([cwd] if cwd not in dirs else [])
+
+
 def default_device() -> str:
     import torch
 
@@ -51,7 +61,9 @@ class Rewards:
     reward_weights: list[float] | None = None
 
 
-def build_rewards(config: dict, *, device) -> Rewards:
+def build_rewards(config: dict, *, device, search_dirs=()) -> Rewards:
+    """search_dirs: where reward.functions' own modules and relative .py paths are found (see
+    run_file_dirs)."""
     spec = run_config.section(config, "reward")
     out = Rewards(reward_weights=spec.get("weights"))
     if spec.get("model"):
@@ -60,7 +72,7 @@ def build_rewards(config: dict, *, device) -> Rewards:
     funcs = spec.get("functions") or []
     if isinstance(funcs, str):
         funcs = [funcs]
-    out.reward_funcs = [import_callable(f, "reward function") for f in funcs]
+    out.reward_funcs = [import_callable(f, "reward function", search_dirs=search_dirs) for f in funcs]
     if out.reward_model is None and not out.reward_funcs:
         raise CLIError("the config needs a reward: set reward.model (a sequence-classification reward model) "
                        "and/or reward.functions ['package.module:function', ...]")

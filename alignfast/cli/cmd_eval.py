@@ -12,6 +12,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval", help="compare a trained prompter with no prompter (and an Oracle checkpoint) on held-out prompts",
         description="Scores data.eval of the run file with No fine-tuning (the frozen target answers the prompt), "
+                    "SFT prompter (before PPO) (prompter.model rewrites it, greedily; --no-sft skips it), "
                     "Align-Pro (the prompter in --checkpoint rewrites it, greedily) and, with --oracle-checkpoint, "
                     "the Oracle (a target trained with `alignfast train --oracle`). Prints mean reward, reward "
                     "variance and win rate vs No fine-tuning; writes eval.json, eval.md and the rollouts.")
@@ -20,15 +21,26 @@ def add_parser(sub) -> None:
                    help="a trained prompter: output_dir/final or output_dir/checkpoint-<step>")
     p.add_argument("--oracle-checkpoint", metavar="DIR", help="a target trained with --oracle (optional)")
     p.add_argument("--output-dir", metavar="DIR", help="where eval.json/eval.md go (default: next to --checkpoint)")
+    p.add_argument("--no-sft", action="store_true",
+                   help="skip the 'SFT prompter (before PPO)' arm: prompter.model of the run file rewriting the "
+                        "prompts, which shows what PPO changed (it loads that model once more)")
     p.add_argument("--seed", type=int, default=0, help="seed of the target's sampling when it samples (default 0)")
     p.set_defaults(run=run, accepts_overrides=True)
 
 
 def run(args, overrides) -> int:
+    from alignfast.cli.logs import command_logging
 
+    with command_logging():
+        return _evaluate(args, overrides)
+
+
+def _evaluate(args, overrides) -> int:
     from alignfast.cli import build
     from alignfast.cli.checkpoints import load_policy, policy_dir
     from alignfast.cli.config import load_run_config, section
+    from alignfast.cli.models import load_causal_lm, load_tokenizer
+    from alignfast.cli.threads import fit_threads_to_machine
     from alignfast.eval import arms as arm_eval
     from alignfast.eval import compare_arms, to_json, to_markdown
     from alignfast.trainer.base import build_rewards
@@ -43,17 +55,25 @@ def run(args, overrides) -> int:
             policy_dir(path)
     cfg = build.trainer_config(config, output_dir=str(Path(args.checkpoint).parent))
     build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
+    fit_threads_to_machine()
     device = build.default_device()
     _, evals = build.load_data(config, need_train=False, need_eval=True)
     prompts = [r["prompt"] for r in evals]
     columns = {k: [r.get(k) for r in evals] for k in evals[0] if k != "prompt"}
-    r = build.build_rewards(config, device=device)
+    r = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config))
     rewards = build_rewards(cfg, reward_model=r.reward_model, reward_tokenizer=r.reward_tokenizer,
                             reward_funcs=r.reward_funcs, reward_weights=r.reward_weights, device=device)
     engine, target_tokenizer = build.build_target_engine(config, device=device)
     env = AlignProEnvironment.from_config(cfg, engine, rewards, target_tokenizer=target_tokenizer)
 
     results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
+    if not args.no_sft:  # the prompter before PPO (prompter.model, without the checkpoint's training)
+        spec = section(config, "prompter")
+        sft, sft_tok = load_causal_lm(spec, "prompter", device=device).eval(), load_tokenizer(spec, "prompter")
+        results[arm_eval.SFT] = arm_eval.with_policy(arm_eval.SFT, env, policy_engine(sft, sft_tok, cfg), sft_tok,
+                                                     prompts, columns, max_new_tokens=cfg.response_length,
+                                                     seed=args.seed)
+        del sft  # freed before the trained prompter loads
     prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
                                          device=device)
     results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, policy_engine(prompter, prompter_tok, cfg),

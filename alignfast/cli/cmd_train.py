@@ -25,11 +25,19 @@ def add_parser(sub) -> None:
 
 
 def run(args, overrides) -> int:
+    from alignfast.cli.logs import command_logging
+
+    with command_logging():  # one line per logging step when stderr is not a terminal (nohup, CI, > log)
+        return _train(args, overrides)
+
+
+def _train(args, overrides) -> int:
     from alignfast.cli import build
     from alignfast.cli.config import load_run_config, require, section
     from alignfast.cli.errors import CLIError
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.progress import ProgressCallback
+    from alignfast.cli.threads import fit_threads_to_machine
     from alignfast.ops import AlignfastArgumentError
     from alignfast.rollout import EngineRequestError
     from alignfast.trainer.results import TrainingDivergedError
@@ -43,8 +51,16 @@ def run(args, overrides) -> int:
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
     if not args.oracle:
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
+    if not args.resume:  # an output_dir that holds a run fails now, not after the models have loaded
+        from alignfast.trainer.base import check_output_dir
+
+        try:
+            check_output_dir(cfg)
+        except AlignfastArgumentError as err:
+            raise CLIError(str(err).removeprefix("alignfast: ")) from None
+    fit_threads_to_machine()
     train, evals = build.load_data(config, need_train=True, need_eval=False)
-    rewards = build.build_rewards(config, device=device)
+    rewards = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config))
     common = dict(reward_model=rewards.reward_model, reward_tokenizer=rewards.reward_tokenizer,
                   reward_funcs=rewards.reward_funcs, reward_weights=rewards.reward_weights, train_dataset=train,
                   eval_dataset=evals, callbacks=[ProgressCallback(desc="Oracle PPO" if args.oracle else "Align-Pro")])

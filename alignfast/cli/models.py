@@ -10,7 +10,8 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from alignfast.cli.errors import CLIError
@@ -191,16 +192,56 @@ def load_reward_model(spec: dict, *, device=None):
     return model.to(device) if device is not None else model
 
 
-def import_callable(path: str, role: str) -> Callable:
-    """'package.module:function' -> the function."""
+def import_callable(path: str, role: str, *, search_dirs: Sequence[str | os.PathLike] = ()) -> Callable:
+    """'package.module:function' or 'path/to/file.py:function' -> the function.
+
+    search_dirs (the run file's folder, then the working directory) are where a user's own module lives: a
+    module name is looked up in them after sys.path (they are appended to it, so a local file never shadows
+    an installed package), and a relative file path is taken from the first of them that holds it."""
     if not isinstance(path, str) or ":" not in path:
-        raise CLIError(f"{role} '{path}' must look like 'package.module:function'")
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise CLIError(f"{role} '{path}': cannot import {module_name} ({err})") from None
+        raise CLIError(f"{role} '{path}' must look like 'package.module:function' or 'path/to/file.py:function'")
+    module_name, _, attr = path.rpartition(":")
+    dirs = [Path(d).expanduser().resolve() for d in search_dirs]
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        module = _import_file(module_name, dirs, role, path)
+    else:
+        for d in dirs:
+            if str(d) not in sys.path:
+                sys.path.append(str(d))
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            where = f" (looked in {', '.join(map(str, dirs))} and sys.path)" if dirs else ""
+            raise CLIError(f"{role} '{path}': cannot import {module_name}: {err}{where}; a file can be named "
+                           f"directly, e.g. 'path/to/{module_name.split('.')[-1]}.py:{attr}'") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise CLIError(f"{role} '{path}': {module_name} has no callable '{attr}'")
     return fn
+
+
+def _import_file(file: str, dirs: list[Path], role: str, path: str):
+    """The module in a .py file, imported once per resolved path under a name derived from it (so two files
+    both called rewards.py stay apart, and functions defined there pickle by that name)."""
+    import hashlib
+    import importlib.util
+
+    p = Path(file).expanduser()
+    tried = [p] if p.is_absolute() else [d / p for d in dirs] or [Path.cwd() / p]
+    found = next((t.resolve() for t in tried if t.is_file()), None)
+    if found is None:
+        raise CLIError(f"{role} '{path}': file not found (looked for {', '.join(map(str, tried))})")
+    name = f"alignfast_user_{found.stem}_{hashlib.sha1(str(found).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, found)
+    if spec is None or spec.loader is None:
+        raise CLIError(f"{role} '{path}': {found} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -1,6 +1,7 @@
 """Scoring the paper's three arms on held-out prompts, without building any trainer.
 
     No fine-tuning : y ~ πF(·|x)                     the frozen target answers the original prompt
+    SFT prompter   : x' = ρsft(x) (greedy), y ~ πF(·|x') the prompter before PPO (what PPO starts from)
     Align-Pro      : x' = ρθ(x) (greedy), y ~ πF(·|x')  a trained prompter rewrites, the target answers
     Oracle         : y = πθ(x) (greedy)              the target itself trained with PPO (RLHF)
 
@@ -16,6 +17,11 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
+
+
+# The arm of the prompter before PPO (`with_policy(SFT, ...)` with the untrained prompter): the demo's and
+# `alignfast eval`'s row name, so tables from both read the same.
+SFT = "SFT prompter (before PPO)"
 
 
 @dataclass

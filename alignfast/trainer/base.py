@@ -246,18 +246,11 @@ class PPOEngineTrainer:
         out = Path(cfg.output_dir)
         if self.global_step > 0:  # this trainer's own run, continued by a second train() call
             return
-        previous = ckpt.list_checkpoints(out)
-        metrics = out / "metrics.jsonl"
-        found = [p.name for p in previous] + ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
+        found = check_output_dir(cfg)
         if not found:
             return
-        if not cfg.overwrite_output_dir:
-            shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-            fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (resume_from_checkpoint=True, "
-                 "`alignfast train --resume`), choose another output_dir, or set overwrite_output_dir=True to "
-                 "replace it")
         _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s", ", ".join(found), out)
-        for p in previous + sorted(out.glob(".tmp-checkpoint-*")):  # with what a crash left half-written
+        for p in ckpt.list_checkpoints(out) + sorted(out.glob(".tmp-checkpoint-*")):  # with what a crash left
             shutil.rmtree(p, ignore_errors=True)
         for name in ("metrics.jsonl", "samples.jsonl"):
             (out / name).unlink(missing_ok=True)
@@ -370,6 +363,7 @@ class PPOEngineTrainer:
                 f"may be partly updated, the last good checkpoint is {last_good or 'none (no checkpoint yet)'}",
                 step=step + 1, checkpoint=last_good) from None
         self.last_update_losses = stats.losses
+        lr_used = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used; step() sets the next
         self.lr_scheduler.step()
         t_end = time.perf_counter()
 
@@ -390,7 +384,7 @@ class PPOEngineTrainer:
             "objective/kl_coef": kl_coef_used,
             **stats.averages(),
             "val/num_eos_tokens": int(sampled.ended.sum()),
-            "lr": self.lr_scheduler.get_last_lr()[0],
+            "lr": lr_used,
             "episode": self.episode,
             "completions/mean_length": n_resp / B,
             "timing_s/prompter_gen": t_gen - t_start,
@@ -536,6 +530,22 @@ class PPOEngineTrainer:
 _RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
                    "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
                    "total_episodes", "num_train_epochs", "max_steps", "device"}
+
+
+def check_output_dir(config: AlignProConfig) -> list[str]:
+    """What of an earlier run config.output_dir holds (its checkpoints, a non-empty metrics.jsonl); an error
+    naming the ways out when there is any and overwrite_output_dir is off. Cheap, so a command can call it
+    before loading any model."""
+    out = Path(config.output_dir)
+    metrics = out / "metrics.jsonl"
+    found = [p.name for p in ckpt.list_checkpoints(out)] + \
+        ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
+    if found and not config.overwrite_output_dir:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (resume_from_checkpoint=True, "
+             "`alignfast train --resume`), choose another output_dir, or set overwrite_output_dir=True to "
+             "replace it")
+    return found
 
 
 def _changed_settings(saved: dict, now: dict) -> list[str]:

@@ -39,14 +39,26 @@ def test_train_then_eval_both_arms(tmp_path, capsys):
     assert main(["eval", "--config", TOY, "--checkpoint", str(out / "final"), "--oracle-checkpoint",
                  str(oracle / "checkpoint-1"), "--output-dir", str(tmp_path / "eval"), "--data.eval.limit", "24"]) == 0
     rows = _table_rows(capsys.readouterr().out)
-    assert list(rows) == ["No fine-tuning", "Align-Pro", "Oracle"]
+    assert list(rows) == ["No fine-tuning", "SFT prompter (before PPO)", "Align-Pro", "Oracle"]
     assert all(r[1] == "24" for r in rows.values())
     payload = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert payload["baseline"] == "No fine-tuning" and [a["name"] for a in payload["arms"]] == list(rows)
     for arm in payload["arms"][1:]:
         assert 0.0 <= arm["win_rate"] <= 1.0 and arm["wins"] + arm["ties"] + arm["losses"] == 24
     rollouts = (tmp_path / "eval" / "eval_rollouts.jsonl").read_text().splitlines()
-    assert len(rollouts) == 3 * 24
+    assert len(rollouts) == 4 * 24
+
+    # The SFT arm is the run file's prompter.model, untrained: what eval of that model as --checkpoint gives.
+    from alignfast.toy import load_world
+
+    assert main(["eval", "--config", TOY, "--checkpoint", load_world().prompter_path, "--no-sft",
+                 "--output-dir", str(tmp_path / "eval_sft"), "--data.eval.limit", "24"]) == 0
+    assert list(_table_rows(capsys.readouterr().out)) == ["No fine-tuning", "Align-Pro"]
+    arms = {}
+    for line in rollouts + (tmp_path / "eval_sft" / "eval_rollouts.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        arms.setdefault(row.pop("arm"), []).append(row)
+    assert arms["SFT prompter (before PPO)"] == arms["Align-Pro"][24:]  # the second eval's Align-Pro rows
 
     # The run folder itself (its config.json is the trainer's) is named as such, with the folders to pass.
     assert main(["eval", "--config", TOY, "--checkpoint", str(out), "--data.eval.limit", "2"]) == 2
