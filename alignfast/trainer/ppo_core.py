@@ -219,11 +219,13 @@ class PPOUpdater:
 @torch.no_grad()
 def score_rollout(policy: CausalLMPolicy, ref_logprobs_fn: Callable, value_model, query_ids, query_mask,
                   response_ids, response_mask, *, temperature: float, chunk: int,
-                  logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  logprobs: torch.Tensor | None = None,
+                  values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(old log-probs, reference log-probs, values), each [B, R] float32, in chunks of `chunk` rows.
 
-    `logprobs` given (taken from the sampler) skips the policy's own forward; the trainer passes them
-    only with a separate value model (a shared head needs the policy's forward for the values).
+    `logprobs` given (taken from the sampler) skips the policy's own forward, unless the values of a
+    shared value head are still needed from it: with a shared head the sampler gives `values` too, and
+    then only the reference policy (and nothing else) runs here.
     """
     B = response_ids.size(0)
     out_lp, out_ref, out_v = [], [], []
@@ -233,18 +235,18 @@ def score_rollout(policy: CausalLMPolicy, ref_logprobs_fn: Callable, value_model
         q0, r1 = trim_columns(q_mask, r_mask)
         R = r_ids.size(1)
         q_ids, q_mask, r_ids, r_mask = q_ids[:, q0:], q_mask[:, q0:], r_ids[:, :r1], r_mask[:, :r1]
-        values = None
-        if logprobs is None:
+        v = values[sl, :r1] if values is not None else None
+        if logprobs is None or (v is None and value_model is None):
             pol = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=temperature)
-            lp, values = pol.logprobs, pol.values
+            lp, v = pol.logprobs, (v if v is not None else pol.values)
         else:
             lp = logprobs[sl, :r1]
-        if values is None:
-            values = value_model(q_ids, q_mask, r_ids, r_mask)
+        if v is None:
+            v = value_model(q_ids, q_mask, r_ids, r_mask)
         ref = ref_logprobs_fn(q_ids, q_mask, r_ids, r_mask)
         out_lp.append(_pad_right(lp, R))
         out_ref.append(_pad_right(ref, R))
-        out_v.append(_pad_right(torch.where(r_mask, values, torch.zeros_like(values)), R))
+        out_v.append(_pad_right(torch.where(r_mask, v, torch.zeros_like(v)), R))
     return torch.cat(out_lp), torch.cat(out_ref), torch.cat(out_v)
 
 
