@@ -34,7 +34,8 @@ from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
-from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
+from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, bounded_param_groups, compute_advantages,
+                                        make_opset, score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 
@@ -153,8 +154,10 @@ class PPOEngineTrainer:
         if not self.params:
             raise AlignfastArgumentError("alignfast: the policy has no trainable parameter")
         # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters (torch
-        # picks it by default on CUDA only; it is faster on CPU too).
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
+        # picks it by default on CUDA only; it is faster on CPU too). Its sqrt(v) temporary is as large as
+        # a param group, so the params come in groups of bounded size (bitwise the same update).
+        self.optimizer = torch.optim.AdamW(bounded_param_groups(self.params), lr=config.learning_rate,
+                                           betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_epsilon,
                                            weight_decay=config.weight_decay, foreach=True)
         from transformers import get_scheduler

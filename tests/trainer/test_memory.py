@@ -89,3 +89,30 @@ def test_fast_path_keeps_no_vocabulary_sized_tensor_for_backward(world, tmp_path
     assert vocab_rows(ref_shapes) >= 2 * 2  # the reference keeps [B, T, V] logits (T rows a sequence)
     assert vocab_rows(fast_shapes) == 0, [s for s in fast_shapes if s and s[-1] == V]
     assert T > 2
+
+
+def test_bounded_param_groups_change_no_update():
+    """The optimizer's params in groups of bounded size (smaller foreach temporaries): every parameter once,
+    in order, and AdamW's update bitwise that of one group."""
+    from alignfast.trainer.ppo_core import bounded_param_groups
+
+    torch.manual_seed(0)
+    shapes = [(40, 30), (7,), (100, 50), (3, 3), (60, 20), (1,)]
+    base = [torch.randn(s) for s in shapes]
+    groups = bounded_param_groups([torch.nn.Parameter(b.clone()) for b in base], max_numel=1500)
+    assert [tuple(p.shape) for g in groups for p in g["params"]] == shapes
+    assert all(sum(p.numel() for p in g["params"]) <= 1500 or len(g["params"]) == 1 for g in groups)
+    assert [len(g["params"]) for g in groups] == [2, 1, 3]  # (40x30, 7), (100x50 alone), (3x3, 60x20, 1)
+    one = [torch.nn.Parameter(b.clone()) for b in base]
+    split = [torch.nn.Parameter(b.clone()) for b in base]
+    kw = dict(lr=1e-2, weight_decay=0.1, foreach=True)
+    opt_one = torch.optim.AdamW(one, **kw)
+    opt_split = torch.optim.AdamW(bounded_param_groups(split, max_numel=1500), **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for a, b in zip(one, split):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt_one.step()
+        opt_split.step()
+    assert all(torch.equal(a, b) for a, b in zip(one, split))
