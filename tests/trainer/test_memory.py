@@ -10,12 +10,12 @@ from tests.trainer.tiny import echo_trainer, make_causal_lm, make_tokenizer, WOR
 from tests.utils import relative_error
 
 
-def run(tok, prompter_dir, tmp_path, name, **overrides):
+def run(tok, prompter_dir, tmp_path, name, peft_config=None, **overrides):
     cfg = dict(output_dir=str(tmp_path / name), seed=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                num_mini_batches=1, num_ppo_epochs=2, max_steps=2, response_length=5, temperature=0.9,
                learning_rate=3e-3, save_strategy="no", rewrite_template="rewrite {prompt}")
     cfg.update(overrides)
-    trainer, rec = echo_trainer(tok, prompter_dir, **cfg)
+    trainer, rec = echo_trainer(tok, prompter_dir, peft_config=peft_config, **cfg)
     trainer.train()
     return trainer, rec
 
@@ -52,11 +52,16 @@ def world(tmp_path_factory):
     return tok, root / "prompter"
 
 
-@pytest.mark.parametrize("value_head", ["separate", "shared"])
-def test_gradient_checkpointing_changes_memory_not_results(world, tmp_path, value_head):
+@pytest.mark.parametrize("value_head,lora", [("separate", False), ("shared", False), ("separate", True)])
+def test_gradient_checkpointing_changes_memory_not_results(world, tmp_path, value_head, lora):
     tok, prompter_dir = world
-    plain, rp = run(tok, prompter_dir, tmp_path, "plain", value_head=value_head)
-    ckpt, rc = run(tok, prompter_dir, tmp_path, "ckpt", value_head=value_head, gradient_checkpointing=True)
+    extra = {}
+    if lora:
+        peft = pytest.importorskip("peft")
+        extra["peft_config"] = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               lora_dropout=0.0, init_lora_weights=False)
+    plain, rp = run(tok, prompter_dir, tmp_path, "plain", value_head=value_head, **extra)
+    ckpt, rc = run(tok, prompter_dir, tmp_path, "ckpt", value_head=value_head, gradient_checkpointing=True, **extra)
     assert len(ckpt.policy.checkpointed) >= 3  # the decoder layers (and the stack) are checkpointed
     if value_head == "separate":
         assert len(ckpt.value_model.checkpointed) >= 3
