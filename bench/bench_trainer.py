@@ -27,7 +27,7 @@ Fine-tuning: --finetune full (every weight) or lora (PEFT LoRA r=16 on every pro
 policy is then the base model with the adapter disabled). --gradient-checkpointing turns on the
 config option of that name.
 
-Memory (--memory): each provider runs two PPO steps alone in a fresh process; the table gives that
+Memory (--memory): each provider runs one PPO step alone in a fresh process; the table gives that
 process's peak RSS (what /usr/bin/time -v reports as "Maximum resident set size"), the bytes of every
 copy of the weights and of the optimizer state, the gradients, and the tensors autograd saves for the
 backward of one micro-batch (activations, and the [N, V] logits on the reference path).
@@ -72,9 +72,9 @@ PRESETS = {
     "smollm2-135m": dict(**SMOLLM2_135M, batch=4, prompt_words=24, response_length=16, target_max_new_tokens=8,
                          config=dict(num_ppo_epochs=1)),
     # The sizes of the first real run (issue 14: CLI defaults, 8 episodes per micro-batch, ~70 prompt tokens,
-    # 53 response tokens): for --memory (one step; the peak does not depend on the number of epochs).
+    # 53 response tokens): for --memory (one step of two epochs: the second optimizer step is the steady state).
     "smollm2-135m-run": dict(**SMOLLM2_135M, batch=8, prompt_words=68, response_length=53, target_max_new_tokens=32,
-                             config=dict(num_ppo_epochs=1, num_mini_batches=1, per_device_train_batch_size=8)),
+                             config=dict(num_ppo_epochs=2, num_mini_batches=1, per_device_train_batch_size=8)),
 }
 # The step's phases as the trainer's metrics name them (timing_s/<phase>); "logprobs" is the scoring phase:
 # old log-probs, reference log-probs and values of the rollout.
@@ -315,31 +315,15 @@ def _mib(n: int) -> str:
 
 
 def memory_child(preset_name: str, variant: str, root: Path, device: str, setup: Setup) -> dict:
-    """Two PPO steps of one provider in this process; the accounting of what it holds."""
-    from alignfast.trainer.ppo_core import UpdateStats, compute_advantages
-
+    """One PPO step of one provider in this process (with num_ppo_epochs >= 2 its second optimizer step
+    runs with the AdamW state allocated: the run's steady-state peak); the accounting of what it holds."""
     world = make_world(preset_name, root, build=False)
     engine = load_target(world, device)
     trainer = make_trainer(variant, world, root, device, setup, engine)
-    for step in range(2):
-        trainer._train_step(step, None)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     policy = _storages(trainer.model.parameters())
-    ref = _storages(trainer.ref_model.parameters()) if trainer.ref_model is not None else {}
-    critic = _storages(trainer.value_model.parameters()) if trainer.value_model is not None else {}
-    if trainer.shared_value_head is not None:
-        critic = _storages(trainer.shared_value_head.parameters())
-    target = _storages(engine.model.parameters())
-    opt = _storages(t for st in trainer.optimizer.state.values() for t in st.values()
-                    if torch.is_tensor(t) and t.dim() > 0)
-    grads = sum(p.numel() * p.element_size() for p in trainer.params)
-
-    # What autograd keeps for the backward of one micro-batch (policy and critic forward, PPO loss).
-    cfg = trainer.config
-    rollout = trainer.last_rollout
-    adv = compute_advantages(rollout, trainer.ops, kl_coef=trainer.kl_ctl.value, kl_estimator=cfg.kl_estimator,
-                             gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
-                             whiten_advantages=cfg.whiten_advantages)
+    critic_params = trainer.value_model.parameters() if trainer.value_model is not None else \
+        trainer.shared_value_head.parameters()
+    critic = _storages(critic_params)
     params = {p.untyped_storage().data_ptr() for p in trainer.params} | set(policy) | set(critic)
     saved: dict[int, int] = {}
     largest = [0]
@@ -351,28 +335,39 @@ def memory_child(preset_name: str, variant: str, root: Path, device: str, setup:
             largest[0] = max(largest[0], st.nbytes())
         return t
 
-    idx = torch.arange(cfg.per_device_train_batch_size, device=rollout.response_ids.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trainer.updater._micro_step(rollout, adv, idx, UpdateStats())
-    loss.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    # What autograd keeps for the backward of the first micro-batch (policy and critic forward, PPO loss).
+    micro_step = trainer.updater._micro_step
+
+    def first_micro_step_recorded(*args, **kwargs):
+        trainer.updater._micro_step = micro_step
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return micro_step(*args, **kwargs)
+
+    trainer.updater._micro_step = first_micro_step_recorded
+    trainer._train_step(0, None)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ref = _storages(trainer.ref_model.parameters()) if trainer.ref_model is not None else {}
+    target = _storages(engine.model.parameters())
+    opt = _storages(t for st in trainer.optimizer.state.values() for t in st.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+    grads = sum(p.numel() * p.element_size() for p in trainer.params)
     return {"peak_rss": peak_rss, "policy": sum(policy.values()),
             "ref": sum(v for k, v in ref.items() if k not in policy), "critic": sum(critic.values()),
             "target": sum(target.values()), "optimizer": sum(opt.values()), "grads": grads,
             "saved": sum(saved.values()), "largest_saved": largest[0]}
 
 
-def run_memory(preset_name: str, device: str, record: bool, setup: Setup) -> str:
+def run_memory(preset_name: str, device: str, record: bool, setup: Setup, variants=None) -> str:
     """Each provider alone in a fresh process (peak RSS is per process); one table row each."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         world = make_world(preset_name, root)
-        for variant in world.variants:
+        for variant in variants or world.variants:
             cmd = [sys.executable, "-m", "bench.bench_trainer", "--memory-child", variant, "--root", str(root),
                    "--preset", preset_name, "--device", device, "--finetune", setup.finetune,
-                   "--value-head", setup.value_head] + (["--gradient-checkpointing"] if setup.gradient_checkpointing
-                                                        else [])
+                   "--value-head", setup.value_head, "--threads", str(torch.get_num_threads())] + \
+                (["--gradient-checkpointing"] if setup.gradient_checkpointing else [])
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
             if out.returncode != 0:
                 raise RuntimeError(f"memory child {variant} failed:\n{out.stderr[-3000:]}")
@@ -389,7 +384,7 @@ def run_memory(preset_name: str, device: str, record: bool, setup: Setup) -> str
     if record:
         append_results(f"bench_trainer --memory ({preset_name}{setup.label()}): what one Align-Pro run holds",
                        table, device=device,
-                       notes="Each provider alone in a fresh process, two PPO steps; peak RSS = getrusage ru_maxrss "
+                       notes="Each provider alone in a fresh process, one PPO step of two epochs; peak RSS = getrusage ru_maxrss "
                        "(/usr/bin/time -v's maximum resident set size) at glibc's normal mmap threshold. Bytes of "
                        "unique tensor storages; 'saved for backward' = the tensors autograd keeps for one "
                        "micro-batch's backward (policy, critic, PPO loss), parameters excluded.")
@@ -412,6 +407,8 @@ def main(argv=None):
     ap.add_argument("--finetune", default="full", choices=["full", "lora"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--memory", action="store_true", help="peak RSS and what holds it, one process per provider")
+    ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
+                    help="--memory: the providers to measure (repeatable; default the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="one preset (demo on CPU), two timed rounds")
@@ -434,7 +431,7 @@ def main(argv=None):
         presets, args.reps = presets[:1], args.reps or 2
     for name in presets:
         if args.memory:
-            run_memory(name, args.device, args.record, setup)
+            run_memory(name, args.device, args.record, setup, args.variant)
         else:
             run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, setup)
 
