@@ -19,15 +19,35 @@ loaded as in the tests, and the toy world of `alignfast demo`. Presets:
     cpu-small   V=16384,  H=128, 4 layers: a larger vocabulary, where the LM head dominates
     cpu-qwen2-mini  the cuda-0.5b code path (Qwen2, tied embeddings, grouped KV heads, bf16) at toy size
     cuda-0.5b   a Qwen2-0.5B-shaped prompter (V=151936, H=896, 24 layers, bf16) and target
+    smollm2-135m  a real model's shape: SmolLM2-135M's Llama config (V=49152, H=576, 30 layers, 9 heads /
+                3 KV heads, intermediate 1536, tied embeddings), random weights, prompter and target alike;
+                fast and reference only (three 135M trainers would not fit beside the others on 16 GB)
+
+Fine-tuning: --finetune full (every weight) or lora (PEFT LoRA r=16 on every projection; the reference
+policy is then the base model with the adapter disabled). --gradient-checkpointing turns on the
+config option of that name.
+
+Memory (--memory): each provider runs one PPO step alone in a fresh process; the table gives that
+process's peak RSS (what /usr/bin/time -v reports as "Maximum resident set size"), the bytes of every
+copy of the weights and of the optimizer state, the gradients, and the tensors autograd saves for the
+backward of one micro-batch (activations, and the [N, V] logits on the reference path).
 
     python -m bench.bench_trainer                      # demo, cpu-tiny and cpu-small
+    python -m bench.bench_trainer --quick              # the demo preset, two timed steps: seconds
+    flock /work/wt/bigmem.lock python -m bench.bench_trainer --preset smollm2-135m [--finetune lora]
+    flock /work/wt/bigmem.lock python -m bench.bench_trainer --preset smollm2-135m --memory
     python -m bench.bench_trainer --device cuda --record
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,8 +55,11 @@ from pathlib import Path
 
 import torch
 
+from bench import harness
 from bench.harness import Row, append_results, device_description, format_table, peak_extra_memory
 
+SMOLLM2_135M = dict(arch="llama", vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, inter=1536, tied=True,
+                    dtype=torch.float32, variants=("reference", "fast"))
 PRESETS = {
     "cpu-tiny": dict(arch="llama", vocab=2048, hidden=64, layers=2, heads=4, kv_heads=4, inter=128, batch=16,
                      prompt_words=12, response_length=24, target_max_new_tokens=16, dtype=torch.float32),
@@ -46,8 +69,17 @@ PRESETS = {
                            prompt_words=12, response_length=16, target_max_new_tokens=8, dtype=torch.bfloat16),
     "cuda-0.5b": dict(arch="qwen2", vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, batch=64,
                       prompt_words=48, response_length=64, target_max_new_tokens=64, dtype=torch.bfloat16),
+    "smollm2-135m": dict(**SMOLLM2_135M, batch=4, prompt_words=24, response_length=16, target_max_new_tokens=8,
+                         config=dict(num_ppo_epochs=1)),
+    # The sizes of the first real run (issue 14: CLI defaults, 8 episodes per micro-batch, ~70 prompt tokens,
+    # 53 response tokens): for --memory (one step of two epochs: the second optimizer step is the steady state).
+    "smollm2-135m-run": dict(**SMOLLM2_135M, batch=8, prompt_words=68, response_length=53, target_max_new_tokens=32,
+                             config=dict(num_ppo_epochs=2, num_mini_batches=1, per_device_train_batch_size=8)),
 }
+# The step's phases as the trainer's metrics name them (timing_s/<phase>); "logprobs" is the scoring phase:
+# old log-probs, reference log-probs and values of the rollout.
 PHASES = ["prompter_gen", "target_gen", "reward", "logprobs", "update"]
+VARIANTS = {"reference": ("reference", None), "fast": ("fast", None), "fast-recompute": ("fast", False)}
 
 
 def build_tokenizer(path: Path, vocab: int):
@@ -74,7 +106,7 @@ def build_model(path: Path, p: dict, seed: int, dtype: torch.dtype):
     cfg = cls_cfg(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["inter"],
                   num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
                   max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                  tie_word_embeddings=p["arch"] == "qwen2")
+                  tie_word_embeddings=p.get("tied", p["arch"] == "qwen2"))
     torch.manual_seed(seed)
     cls_model(cfg).to(dtype).save_pretrained(str(path))
     return path
@@ -101,15 +133,22 @@ class World:
     reward_funcs: list
     dtype: torch.dtype
     config: dict
+    variants: tuple = tuple(VARIANTS)
 
 
-def make_world(preset_name: str, root: Path) -> World:
+def make_world(preset_name: str, root: Path, *, build: bool = True) -> World:
+    """build=False: the world an earlier call saved under `root` (the memory bench's child processes)."""
     if preset_name == "demo":
         return demo_world()
     p = PRESETS[preset_name]
-    tok = build_tokenizer(root / "tok", p["vocab"])
-    build_model(root / "prompter", p, seed=0, dtype=p["dtype"])
-    build_model(root / "target", p, seed=1, dtype=p["dtype"])
+    if build:
+        tok = build_tokenizer(root / "tok", p["vocab"])
+        build_model(root / "prompter", p, seed=0, dtype=p["dtype"])
+        build_model(root / "target", p, seed=1, dtype=p["dtype"])
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(root / "tok"))
     g = torch.Generator().manual_seed(0)
     n_words = p["vocab"] - 6
     prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, n_words, (p["prompt_words"],), generator=g))
@@ -118,8 +157,10 @@ def make_world(preset_name: str, root: Path) -> World:
                   response_length=p["response_length"], temperature=1.0,
                   target_max_new_tokens=p["target_max_new_tokens"], rewrite_template="{prompt}",
                   learning_rate=1e-6)
+    config.update(p.get("config", {}))
     label = f"{preset_name}: V={p['vocab']} H={p['hidden']} L={p['layers']} B={p['batch']} R={p['response_length']}"
-    return World(label, root / "prompter", root / "target", tok, prompts, [word_overlap_reward], p["dtype"], config)
+    return World(label, root / "prompter", root / "target", tok, prompts, [word_overlap_reward], p["dtype"], config,
+                 p.get("variants", tuple(VARIANTS)))
 
 
 def demo_world() -> World:
@@ -141,32 +182,73 @@ def demo_world() -> World:
                  w.train_prompts, list(w.reward_funcs), torch.float32, config)
 
 
-def make_trainer(backend: str, world: World, root: Path, device: str, *, reuse: bool | None):
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Setup:
+    """How the trainers of one table are configured, beyond the preset."""
+
+    finetune: str = "full"            # "full" | "lora"
+    value_head: str = "separate"      # "separate" | "shared"
+    gradient_checkpointing: bool = False
+
+    def label(self) -> str:
+        parts = [] if self.finetune == "full" else [f"finetune={self.finetune}"]
+        parts += [] if self.value_head == "separate" else [f"value_head={self.value_head}"]
+        parts += ["gradient_checkpointing"] if self.gradient_checkpointing else []
+        return (" " + " ".join(parts)) if parts else ""
+
+
+def load_target(world: World, device: str):
+    """The frozen target behind an HFEngine; one engine serves every provider (it never changes)."""
     from transformers import AutoModelForCausalLM
 
     from alignfast.rollout import HFEngine
+
+    target = AutoModelForCausalLM.from_pretrained(str(world.target), dtype=world.dtype).to(device)
+    return HFEngine(target, world.tokenizer)
+
+
+def make_trainer(variant: str, world: World, root: Path, device: str, setup: Setup, engine):
+    from transformers import AutoModelForCausalLM
+
     from alignfast.trainer import AlignProConfig, AlignProTrainer
 
+    backend, reuse = VARIANTS[variant]
     prompter = AutoModelForCausalLM.from_pretrained(str(world.prompter), dtype=world.dtype).to(device)
-    target = AutoModelForCausalLM.from_pretrained(str(world.target), dtype=world.dtype).to(device)
-    cfg = AlignProConfig(**{**world.config, "output_dir": str(root / f"out-{backend}"), "backend": backend,
+    peft_config = None
+    if setup.finetune == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                 task_type="CAUSAL_LM")
+    extra = {"gradient_checkpointing": True} if setup.gradient_checkpointing else {}
+    cfg = AlignProConfig(**{**world.config, "output_dir": str(root / f"out-{variant}"), "backend": backend,
                             "seed": 0, "save_strategy": "no", "max_steps": 1000, "logging_steps": 1000,
-                            "reuse_sampler_logprobs": reuse})
-    return AlignProTrainer(cfg, prompter, world.tokenizer, HFEngine(target, world.tokenizer),
-                           reward_funcs=world.reward_funcs, train_dataset=world.prompts)
+                            "reuse_sampler_logprobs": reuse, "value_head": setup.value_head, **extra})
+    return AlignProTrainer(cfg, prompter, world.tokenizer, engine, reward_funcs=world.reward_funcs,
+                           train_dataset=world.prompts, peft_config=peft_config)
 
 
-def run(preset_name: str, device: str, reps: int, record: bool, value_head: str = "separate") -> str:
-    """Time the providers' PPO steps interleaved (A, B, C, A, B, C, ...) so that load drifting on a shared
-    machine hits every provider alike; report medians per provider and per phase."""
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup) -> str:
+    """Time the providers' PPO steps interleaved (A, B, A, B, ...: one round = one step of each) so that load
+    drifting on a shared machine hits every provider alike; report medians per provider and per phase, and
+    the per-round ratio to the reference (its median and inter-quartile range)."""
+    harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # time the step as a normal process runs it
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         world = make_world(preset_name, root)
-        world.config["value_head"] = value_head
-        shape = world.label + ("" if value_head == "separate" else f" value_head={value_head}")
-        variants = {"reference": ("reference", None), "fast": ("fast", None), "fast-recompute": ("fast", False)}
-        trainers = {name: make_trainer(backend, world, root, device, reuse=reuse)
-                    for name, (backend, reuse) in variants.items()}
+        shape = world.label + setup.label()
+        engine = load_target(world, device)
+        trainers = {name: make_trainer(name, world, root, device, setup, engine) for name in world.variants}
         steps = {name: 0 for name in trainers}
         totals = {name: [] for name in trainers}
         phases = {name: {ph: [] for ph in PHASES} for name in trainers}
@@ -188,19 +270,124 @@ def run(preset_name: str, device: str, reps: int, record: bool, value_head: str 
                 for ph in PHASES:
                     phases[name][ph].append(metrics[f"timing_s/{ph}"])
         rows = []
+        big = PRESETS.get(preset_name, {}).get("vocab", 0) * PRESETS.get(preset_name, {}).get("hidden", 0) > 1e7
         for name in trainers:
-            peak = peak_extra_memory(lambda name=name: one_step(name), device=device)
+            # The peak-memory step is not timed; on the 135M preset the process-wide RSS says more (--memory).
+            peak = None if big else peak_extra_memory(lambda name=name: one_step(name), device=device)
             row = Row(shape, name, statistics.median(totals[name]), peak)
+            ratios = [r / t for r, t in zip(totals["reference"], totals[name])]
+            q1, q2, q3 = _quartiles(ratios)
+            q1t, _, q3t = _quartiles(totals[name])
+            row.extra["IQR ms"] = f"{q1t * 1e3:.0f}-{q3t * 1e3:.0f}"
+            row.extra["per-round ratio (IQR)"] = f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
             for ph in PHASES:
                 row.extra[f"{ph} ms"] = f"{statistics.median(phases[name][ph]) * 1e3:.1f}"
             rows.append(row)
-        table = format_table(rows, baseline="reference", extra_columns=tuple(f"{ph} ms" for ph in PHASES))
-    print(f"\n{device_description(device)}\n{table}")
+        extra_cols = ("IQR ms", "per-round ratio (IQR)", *(f"{ph} ms" for ph in PHASES))
+        table = format_table(rows, baseline="reference", extra_columns=extra_cols)
+        cfg = trainers["reference"].config
+    print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}")
     if record:
-        append_results(f"bench_trainer ({preset_name}): one Align-Pro PPO step, fast vs reference", table,
-                       device=device, notes=f"Median of {reps} interleaved steps per provider after one warm-up step; "
-                       "phase columns: medians of each phase (num_ppo_epochs=4, num_mini_batches=2, one HFEngine "
-                       "target of the same shape).")
+        append_results(f"bench_trainer ({preset_name}{setup.label()}): one Align-Pro PPO step, fast vs reference",
+                       table, device=device,
+                       notes=f"{reps} rounds, providers interleaved, after one warm-up step each; load average "
+                       f"{os.getloadavg()[0]:.1f} at the end. Phase columns: medians of each phase (num_ppo_epochs="
+                       f"{cfg.num_ppo_epochs}, num_mini_batches={cfg.num_mini_batches}, "
+                       f"per_device_train_batch_size={cfg.per_device_train_batch_size}, one HFEngine target of the "
+                       "same shape shared by the providers); logprobs = the scoring phase (old and reference "
+                       "log-probs, values).")
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# memory: one provider per process
+# --------------------------------------------------------------------------------------------------
+def _storages(tensors) -> dict[int, int]:
+    out = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def memory_child(preset_name: str, variant: str, root: Path, device: str, setup: Setup) -> dict:
+    """One PPO step of one provider in this process (with num_ppo_epochs >= 2 its second optimizer step
+    runs with the AdamW state allocated: the run's steady-state peak); the accounting of what it holds."""
+    world = make_world(preset_name, root, build=False)
+    engine = load_target(world, device)
+    trainer = make_trainer(variant, world, root, device, setup, engine)
+    policy = _storages(trainer.model.parameters())
+    critic_params = trainer.value_model.parameters() if trainer.value_model is not None else \
+        trainer.shared_value_head.parameters()
+    critic = _storages(critic_params)
+    params = {p.untyped_storage().data_ptr() for p in trainer.params} | set(policy) | set(critic)
+    saved: dict[int, int] = {}
+    largest = [0]
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+            largest[0] = max(largest[0], st.nbytes())
+        return t
+
+    # What autograd keeps for the backward of the first micro-batch (policy and critic forward, PPO loss).
+    micro_step = trainer.updater._micro_step
+
+    def first_micro_step_recorded(*args, **kwargs):
+        trainer.updater._micro_step = micro_step
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return micro_step(*args, **kwargs)
+
+    trainer.updater._micro_step = first_micro_step_recorded
+    trainer._train_step(0, None)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ref = _storages(trainer.ref_model.parameters()) if trainer.ref_model is not None else {}
+    target = _storages(engine.model.parameters())
+    opt = _storages(t for st in trainer.optimizer.state.values() for t in st.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+    grads = sum(p.numel() * p.element_size() for p in trainer.params)
+    return {"peak_rss": peak_rss, "policy": sum(policy.values()),
+            "ref": sum(v for k, v in ref.items() if k not in policy), "critic": sum(critic.values()),
+            "target": sum(target.values()), "optimizer": sum(opt.values()), "grads": grads,
+            "saved": sum(saved.values()), "largest_saved": largest[0]}
+
+
+def run_memory(preset_name: str, device: str, record: bool, setup: Setup, variants=None) -> str:
+    """Each provider alone in a fresh process (peak RSS is per process); one table row each."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        world = make_world(preset_name, root)
+        for variant in variants or world.variants:
+            cmd = [sys.executable, "-m", "bench.bench_trainer", "--memory-child", variant, "--root", str(root),
+                   "--preset", preset_name, "--device", device, "--finetune", setup.finetune,
+                   "--value-head", setup.value_head, "--threads", str(torch.get_num_threads())] + \
+                (["--gradient-checkpointing"] if setup.gradient_checkpointing else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+            if out.returncode != 0:
+                raise RuntimeError(f"memory child {variant} failed:\n{out.stderr[-3000:]}")
+            rows.append((variant, json.loads(out.stdout.strip().splitlines()[-1])))
+    cols = ["peak_rss", "policy", "ref", "critic", "target", "optimizer", "grads", "saved", "largest_saved"]
+    names = ["peak RSS", "policy", "reference (not shared)", "critic / value head", "target", "optimizer state",
+             "gradients", "saved for backward (1 micro-batch)", "largest saved tensor"]
+    lines = ["| shape | provider | " + " | ".join(f"{n} MiB" for n in names) + " |",
+             "|" + "---|" * (len(names) + 2)]
+    for variant, m in rows:
+        lines.append(f"| {world.label}{setup.label()} | {variant} | " + " | ".join(_mib(m[c]) for c in cols) + " |")
+    table = "\n".join(lines)
+    print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}")
+    if record:
+        append_results(f"bench_trainer --memory ({preset_name}{setup.label()}): what one Align-Pro run holds",
+                       table, device=device,
+                       notes="Each provider alone in a fresh process, one PPO step of two epochs; peak RSS = getrusage ru_maxrss "
+                       "(/usr/bin/time -v's maximum resident set size) at glibc's normal mmap threshold. Bytes of "
+                       "unique tensor storages; 'saved for backward' = the tensors autograd keeps for one "
+                       "micro-batch's backward (policy, critic, PPO loss), parameters excluded.")
     return table
 
 
@@ -214,12 +401,19 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", action="append", choices=["demo", *sorted(PRESETS)],
                     help="repeatable; default demo, cpu-tiny and cpu-small on CPU, cuda-0.5b on CUDA")
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None, help="rounds (one step of each provider per round)")
     ap.add_argument("--value-head", default="separate", choices=["separate", "shared"],
                     help="the critic: a separate backbone (TRL's default) or a head on the policy's backbone")
+    ap.add_argument("--finetune", default="full", choices=["full", "lora"])
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="peak RSS and what holds it, one process per provider")
+    ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
+                    help="--memory: the providers to measure (repeatable; default the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    ap.add_argument("--quick", action="store_true", help="one preset (demo on CPU), two timed steps")
+    ap.add_argument("--quick", action="store_true", help="one preset (demo on CPU), two timed rounds")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,11 +421,19 @@ def main(argv=None):
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing)
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
+    if args.memory_child:
+        harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # a normal process's allocator
+        print(json.dumps(memory_child(presets[0], args.memory_child, Path(args.root), args.device, setup)))
+        return
     if args.quick:
         presets, args.reps = presets[:1], args.reps or 2
     for name in presets:
-        run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, args.value_head)
+        if args.memory:
+            run_memory(name, args.device, args.record, setup, args.variant)
+        else:
+            run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, setup)
 
 
 if __name__ == "__main__":

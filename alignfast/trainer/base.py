@@ -33,8 +33,10 @@ from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
-from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, value_head_for
-from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
+from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
+                                     value_head_for)
+from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, bounded_param_groups, compute_advantages,
+                                        make_opset, score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
@@ -141,6 +143,10 @@ class PPOEngineTrainer:
         self.model = model
         self.policy = CausalLMPolicy(model, backend=config.backend, value_head=shared_head)
         self.shared_value_head = shared_head
+        if config.gradient_checkpointing:
+            self.policy.checkpointed = enable_activation_checkpointing(model)
+            if self.value_model is not None:
+                self.value_model.checkpointed = enable_activation_checkpointing(self.value_model.backbone)
         self._ref_policy = CausalLMPolicy(self.ref_model if self.ref_model is not None else model,
                                           backend=config.backend)
 
@@ -152,8 +158,10 @@ class PPOEngineTrainer:
         if not self.params:
             raise AlignfastArgumentError("alignfast: the policy has no trainable parameter")
         # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters (torch
-        # picks it by default on CUDA only; it is faster on CPU too).
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
+        # picks it by default on CUDA only; it is faster on CPU too). Its sqrt(v) temporary is as large as
+        # a param group, so the params come in groups of bounded size (bitwise the same update).
+        self.optimizer = torch.optim.AdamW(bounded_param_groups(self.params), lr=config.learning_rate,
+                                           betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_epsilon,
                                            weight_decay=config.weight_decay, foreach=True)
         from transformers import get_scheduler
@@ -343,7 +351,8 @@ class PPOEngineTrainer:
             logprobs, ref_logprobs, values = score_rollout(
                 self.policy, self._ref_logprobs, self.value_model, sampled.query_ids, sampled.query_mask,
                 sampled.response_ids, sampled.response_mask, temperature=cfg.temperature,
-                chunk=cfg.local_rollout_forward_batch_size, logprobs=sampled.logprobs if reuse else None)
+                chunk=cfg.local_rollout_forward_batch_size, logprobs=sampled.logprobs if reuse else None,
+                values=sampled.values if reuse else None)
             rollout = Rollout(query_ids=sampled.query_ids, query_mask=sampled.query_mask,
                               response_ids=sampled.response_ids, response_mask=sampled.response_mask,
                               ended=sampled.ended, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
@@ -405,9 +414,10 @@ class PPOEngineTrainer:
         return metrics, samples
 
     def _reuse_sampler_logprobs(self) -> bool:
-        """Old log-probs from the sampler: fast path only, and only where it saves a forward pass (a
-        shared value head needs the policy's forward for the values anyway)."""
-        if self.config.backend != "fast" or self.value_model is None:
+        """Old log-probs (and a shared value head's values) from the sampler: fast path only. The sampler's
+        KV-cached decode computes the same hidden states as a full forward (to float32 rounding), so the
+        rollout phase's own policy forward is not needed (bench/NOTES-trainer.md)."""
+        if self.config.backend != "fast":
             return False
         if self.config.reuse_sampler_logprobs is not None:
             return self.config.reuse_sampler_logprobs
@@ -425,9 +435,11 @@ class PPOEngineTrainer:
 
             def logprob_fn(logits, tokens, temperature):
                 return token_logprobs(logits, tokens, temperature=temperature)
+        value_fn = self.policy._values if with_logprobs and self.shared_value_head is not None else None
         return sample(self.model, query_ids, query_mask, max_new_tokens=cfg.response_length,
                       stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=0.0 if greedy else cfg.temperature,
-                      top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn)
+                      top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn,
+                      value_fn=value_fn)
 
     def _decode(self, sampled: SampledBatch) -> list[str]:
         out = []
@@ -529,7 +541,7 @@ class PPOEngineTrainer:
 # saves, how long it runs).
 _RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
                    "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
-                   "total_episodes", "num_train_epochs", "max_steps", "device"}
+                   "total_episodes", "num_train_epochs", "max_steps", "device", "gradient_checkpointing"}
 
 
 def check_output_dir(config: AlignProConfig) -> list[str]:

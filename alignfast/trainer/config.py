@@ -95,6 +95,10 @@ class AlignProConfig:
     num_train_epochs: float = 3.0
     max_steps: int = _opt(-1, "If > 0: the number of PPO steps, overriding total_episodes.")
     local_rollout_forward_batch_size: int = _opt(64, "Rows per no-grad forward pass in the rollout phase.")
+    gradient_checkpointing: bool = _opt(False,
+        "Activation checkpointing of the policy's and the critic's decoder layers in the update: each layer keeps "
+        "only its input and recomputes the rest in the backward (about a third more compute, a fraction of the "
+        "activation memory); results are unchanged.")
 
     # --- PPO (TRL PPOConfig names and defaults) ---------------------------------------------------
     kl_coef: float = _opt(0.05, "lambda: weight of the per-token KL penalty to the SFT/reference policy.")
@@ -125,7 +129,7 @@ class AlignProConfig:
         "Subtracted from the score of responses that hit response_length without EOS.")
     max_prompt_length: int | None = _opt(None, "Keep at most the last N tokens of the policy's input.")
     reuse_sampler_logprobs: bool | None = _opt(None,
-        "Fast path with a separate value model: take old log-probs from the sampler instead of a second "
+        "Fast path: take old log-probs (and a shared value head's values) from the sampler instead of a second "
         "forward (None: for float32 policies only).")
 
     # --- Align-Pro: the rewrite and the frozen target ---------------------------------------------
@@ -234,7 +238,7 @@ class AlignProConfig:
                      "per_device_eval_batch_size", "reward_batch_size", "kl_horizon"):
             positive_int(name)
         for name in ("overwrite_output_dir", "adap_kl_ctrl", "whiten_rewards", "whiten_advantages",
-                     "target_use_chat_template"):
+                     "target_use_chat_template", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -17,6 +17,7 @@ logit scale) use model(...).logits with the fast token_logprobs op instead.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,44 @@ def plain_linear_head(model) -> nn.Linear | None:
     return head
 
 
+def enable_activation_checkpointing(model) -> list[nn.Module]:
+    """Turn on transformers' activation checkpointing of `model`'s decoder layers (non-reentrant
+    torch.utils.checkpoint: a layer keeps its input, its activations are recomputed in the backward).
+
+    Returns the modules whose `training` flag gates it: transformers checkpoints only modules in training
+    mode, while the trainer keeps every module in eval mode (no dropout, so the rollout's and the update's
+    log-probs agree). `layers_in_training_mode` flips those flags alone, never their children's, so
+    dropout stays off; the recompute runs the same ops on the same inputs, so values and gradients are
+    those without checkpointing.
+    """
+    base = unwrap(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"alignfast: gradient_checkpointing: {type(base).__name__} does not support activation "
+                         "checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+@contextlib.contextmanager
+def layers_in_training_mode(modules: list[nn.Module]):
+    """Set `training` on these modules only (not recursively) while grad is enabled; restore after."""
+    if not modules or not torch.is_grad_enabled():
+        yield
+        return
+    before = [m.training for m in modules]
+    for m in modules:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, before):
+            m.training = flag
+
+
 @dataclass
 class PolicyOutput:
     """Per response token, [B, R]: logprobs (float32, 0 off mask), entropy (or None), values (or None)."""
@@ -83,12 +122,19 @@ class CausalLMPolicy:
         self.backbone = backbone_of(model)
         self.head = plain_linear_head(model)
         self.fused = backend == "fast" and self.head is not None
+        self.checkpointed: list[nn.Module] = []  # set by enable_activation_checkpointing
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
                 return_entropy: bool = False, entropy_grad: bool = False) -> PolicyOutput:
         """Log-probs [B, R] of the response tokens (and entropy, values). entropy_grad=False returns the
         entropy detached (a statistic, as TRL computes it under no_grad); True keeps it in the graph
         for an entropy bonus."""
+        with layers_in_training_mode(self.checkpointed):
+            return self._forward(query_ids, query_mask, response_ids, response_mask, temperature=temperature,
+                                 return_entropy=return_entropy, entropy_grad=entropy_grad)
+
+    def _forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
+                 return_entropy: bool, entropy_grad: bool) -> PolicyOutput:
         ids, attention, positions = join(query_ids, query_mask, response_ids, response_mask)
         Q, R = query_ids.size(1), response_ids.size(1)
         if self.fused:
@@ -160,6 +206,7 @@ class ValueModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.checkpointed: list[nn.Module] = []  # set by enable_activation_checkpointing
 
     @classmethod
     def from_causal_lm(cls, model) -> ValueModel:
@@ -186,8 +233,9 @@ class ValueModel(nn.Module):
         """Values [B, R] (float32) of the states before each response token."""
         ids, attention, positions = join(query_ids, query_mask, response_ids, response_mask)
         Q, R = query_ids.size(1), response_ids.size(1)
-        hidden = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
-                               use_cache=False).last_hidden_state[:, Q - 1: Q - 1 + R]
+        with layers_in_training_mode(self.checkpointed):
+            hidden = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                   use_cache=False).last_hidden_state[:, Q - 1: Q - 1 + R]
         return self.head(hidden).squeeze(-1).float()
 
 

@@ -105,6 +105,26 @@ def whiten_keep_mean(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> 
     return torch.where(mask, reference.masked_whiten(x, mask, eps) + mean, torch.zeros_like(x))
 
 
+def bounded_param_groups(params: list[torch.nn.Parameter], max_numel: int = 1 << 24) -> list[dict]:
+    """The parameters as consecutive optimizer param groups of at most max_numel elements each (a larger
+    tensor alone in its group).
+
+    Why: torch's foreach AdamW computes sqrt(v) for a whole group into one temporary list, a full extra
+    copy of the trainable parameters at the peak of the step (1 GB for a 135M policy and its critic in
+    float32). AdamW is elementwise, so the split changes no value; the groups share every hyperparameter.
+    """
+    groups, current, size = [], [], 0
+    for p in params:
+        if current and size + p.numel() > max_numel:
+            groups.append({"params": current})
+            current, size = [], 0
+        current.append(p)
+        size += p.numel()
+    if current:
+        groups.append({"params": current})
+    return groups
+
+
 class UpdateStats:
     """Per micro-batch statistics of one PPO step (TRL averages them for its metrics).
 
@@ -219,11 +239,13 @@ class PPOUpdater:
 @torch.no_grad()
 def score_rollout(policy: CausalLMPolicy, ref_logprobs_fn: Callable, value_model, query_ids, query_mask,
                   response_ids, response_mask, *, temperature: float, chunk: int,
-                  logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  logprobs: torch.Tensor | None = None,
+                  values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(old log-probs, reference log-probs, values), each [B, R] float32, in chunks of `chunk` rows.
 
-    `logprobs` given (taken from the sampler) skips the policy's own forward; the trainer passes them
-    only with a separate value model (a shared head needs the policy's forward for the values).
+    `logprobs` given (taken from the sampler) skips the policy's own forward, unless the values of a
+    shared value head are still needed from it: with a shared head the sampler gives `values` too, and
+    then only the reference policy (and nothing else) runs here.
     """
     B = response_ids.size(0)
     out_lp, out_ref, out_v = [], [], []
@@ -233,18 +255,18 @@ def score_rollout(policy: CausalLMPolicy, ref_logprobs_fn: Callable, value_model
         q0, r1 = trim_columns(q_mask, r_mask)
         R = r_ids.size(1)
         q_ids, q_mask, r_ids, r_mask = q_ids[:, q0:], q_mask[:, q0:], r_ids[:, :r1], r_mask[:, :r1]
-        values = None
-        if logprobs is None:
+        v = values[sl, :r1] if values is not None else None
+        if logprobs is None or (v is None and value_model is None):
             pol = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=temperature)
-            lp, values = pol.logprobs, pol.values
+            lp, v = pol.logprobs, (v if v is not None else pol.values)
         else:
             lp = logprobs[sl, :r1]
-        if values is None:
-            values = value_model(q_ids, q_mask, r_ids, r_mask)
+        if v is None:
+            v = value_model(q_ids, q_mask, r_ids, r_mask)
         ref = ref_logprobs_fn(q_ids, q_mask, r_ids, r_mask)
         out_lp.append(_pad_right(lp, R))
         out_ref.append(_pad_right(ref, R))
-        out_v.append(_pad_right(torch.where(r_mask, values, torch.zeros_like(values)), R))
+        out_v.append(_pad_right(torch.where(r_mask, v, torch.zeros_like(v)), R))
     return torch.cat(out_lp), torch.cat(out_ref), torch.cat(out_v)
 
 

@@ -31,7 +31,7 @@ class SampledBatch:
 
     response_mask marks the actions: every generated token up to and including the first stop token.
     ended[b]: the row stopped on a stop token (else it ran out of max_new_tokens).
-    logprobs [B, R] (float32, 0 off the mask) when the sampler was asked for them.
+    logprobs [B, R] (float32, 0 off the mask) when the sampler was asked for them; values likewise.
     """
 
     query_ids: torch.Tensor
@@ -40,6 +40,7 @@ class SampledBatch:
     response_mask: torch.Tensor
     ended: torch.Tensor
     logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,11 +90,14 @@ def last_logits_kwargs(model) -> dict:
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None,
-           logprob_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None) -> SampledBatch:
+           logprob_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
+           value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampledBatch:
     """Sample up to max_new_tokens continuations of left-padded queries (temperature 0: greedy).
 
     logprob_fn(logits [B, V], tokens [B], temperature) -> [B] log-probs; when given, the per-token
     log-probs of the drawn tokens are returned in SampledBatch.logprobs.
+    value_fn(last hidden state [B, H]) -> [B]; when given, the value of the state each token is drawn
+    from (a value head on the policy's own backbone) is returned in SampledBatch.values.
     """
     device = query_ids.device
     B = query_ids.size(0)
@@ -101,12 +105,14 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
     attention = query_mask.long()
     positions = position_ids_from_mask(query_mask)
     next_position = positions[:, -1:] + 1
-    tokens_out, logprobs_out = [], []
+    tokens_out, logprobs_out, values_out = [], [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     valid_out = []
 
     keep = last_logits_kwargs(model)
     cache_kw = cache_keyword(model)
+    if value_fn is not None:  # the last layer's output too (logits_to_keep leaves hidden states whole)
+        keep = {**keep, "output_hidden_states": True}
     out = model(input_ids=query_ids, attention_mask=attention, position_ids=positions, use_cache=True, **keep)
     cache = output_cache(out)
     for step in range(max_new_tokens):
@@ -119,6 +125,8 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         if logprob_fn is not None:
             logprobs_out.append(logprob_fn(logits, token, temperature if temperature > 0 else 1.0))
+        if value_fn is not None:
+            values_out.append(value_fn(out.hidden_states[-1][:, -1, :]))
         active = ~finished
         token = torch.where(active, token, torch.full_like(token, pad_id))
         tokens_out.append(token)
@@ -138,5 +146,9 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
     if logprob_fn is not None:
         logprobs = torch.stack(logprobs_out, dim=1).float()
         logprobs = torch.where(response_mask, logprobs, torch.zeros_like(logprobs))
+    values = None
+    if value_fn is not None:
+        values = torch.stack(values_out, dim=1).float()
+        values = torch.where(response_mask, values, torch.zeros_like(values))
     return SampledBatch(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                        response_mask=response_mask, ended=finished, logprobs=logprobs)
+                        response_mask=response_mask, ended=finished, logprobs=logprobs, values=values)

@@ -53,6 +53,31 @@ def test_sampler_logprobs_equal_a_full_forward(model):
     assert (out.logprobs[~m] == 0).all()
 
 
+def test_sampler_values_equal_a_full_forward(model):
+    """A value head on the policy's backbone, read off the decode's last hidden state, gives the values a
+    full forward gives: the trainer's fast path takes a shared head's old values from the sampler."""
+    ids, mask = queries()
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 1)
+
+    def value_fn(hidden):
+        return head(hidden).squeeze(-1)
+
+    out = sample(model, ids, mask, max_new_tokens=7, stop_ids=[EOS], pad_id=PAD, temperature=0.8,
+                 generator=torch.Generator().manual_seed(0), value_fn=value_fn)
+    full_ids = torch.cat([ids, out.response_ids], 1)
+    attn = torch.cat([mask, out.response_mask], 1).long()
+    pos = (attn.cumsum(1) - 1).clamp_min(0)
+    Q, R = ids.size(1), out.response_ids.size(1)
+    with torch.no_grad():
+        hidden = model.model(input_ids=full_ids, attention_mask=attn, position_ids=pos).last_hidden_state
+        want = head(hidden[:, Q - 1: Q - 1 + R]).squeeze(-1)
+    m = out.response_mask
+    assert out.logprobs is None and out.values.dtype == torch.float32
+    torch.testing.assert_close(out.values[m], want[m], rtol=1e-5, atol=1e-5)
+    assert (out.values[~m] == 0).all()
+
+
 def test_stop_tokens_end_rows_and_mask_the_rest(model):
     ids, mask = queries()
     out = sample(model, ids, mask, max_new_tokens=12, stop_ids=list(range(V // 2)), pad_id=PAD, temperature=1.0,

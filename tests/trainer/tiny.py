@@ -125,7 +125,7 @@ def small_world(root, *, prompter_seed: int = 0):
 TRAIN_PROMPTS = ["what is a cat", "why fish", "explain the dog", "bird", "what is the bird", "a dog"]
 
 
-def echo_trainer(tok, prompter_dir, *, reward=keyword_reward, **config):
+def echo_trainer(tok, prompter_dir, *, reward=keyword_reward, peft_config=None, **config):
     """(AlignProTrainer, Recorder): a fresh prompter loaded from prompter_dir, a target that echoes the
     rewrite, `reward` on the small world's prompts; `config` holds the AlignProConfig fields."""
     from transformers import AutoModelForCausalLM
@@ -135,6 +135,6 @@ def echo_trainer(tok, prompter_dir, *, reward=keyword_reward, **config):
     rec = Recorder()
     trainer = AlignProTrainer(AlignProConfig(**config), AutoModelForCausalLM.from_pretrained(prompter_dir), tok,
                               FunctionTarget(lambda s: s, tok), reward_funcs=[reward], train_dataset=TRAIN_PROMPTS,
-                              callbacks=[rec])
+                              callbacks=[rec], peft_config=peft_config)
     rec.trainer = trainer
     return trainer, rec
