@@ -36,8 +36,8 @@ from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
 from alignfast.trainer.policy import CausalLMPolicy, ValueModel, is_peft_model, value_head_for
 from alignfast.trainer.ppo_core import NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset, score_rollout
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
-from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
+from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
 
 _log = logging.getLogger("alignfast.trainer")
