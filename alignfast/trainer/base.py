@@ -38,8 +38,8 @@ from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activat
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, bounded_param_groups, compute_advantages,
                                         make_opset, score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
-from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
+from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
 
 _log = logging.getLogger("alignfast.trainer")
