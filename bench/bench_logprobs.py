@@ -165,6 +165,8 @@ def main(argv=None):
     def extra(parser):
         parser.add_argument("--temperature", type=float, default=1.0)
         parser.add_argument("--policy-loss", action="store_true", help="time ppo_policy_loss_from_logits fwd+bwd")
+        parser.add_argument("--shapes", choices=["all", "small", "large"], default="all",
+                            help="the first shape, the second, or both (the second needs several GB on CPU)")
 
     args, device, dtype = _vocab.parse_args(__doc__, argv, extra)
     if args.policy_loss:
@@ -173,8 +175,10 @@ def main(argv=None):
         shapes = [(1, 2048, 32000), (8, 2048, 151936)] if not args.quick else [(1, 2048, 32000)]
     else:
         shapes = [(8, 256, 32000), (4, 512, 151936)] if not args.quick else [(2, 64, 32000)]
-    if args.policy_loss:
+    if args.policy_loss or args.shapes == "small":
         shapes = shapes[:1]
+    elif args.shapes == "large" and len(shapes) > 1:
+        shapes = shapes[1:]
     bandwidth = harness.measured_copy_bandwidth(device) if device == "cuda" else None
     elt = torch.empty((), dtype=dtype).element_size()
     logits_bytes = lambda s: s[0] * s[1] * s[2] * elt  # noqa: E731

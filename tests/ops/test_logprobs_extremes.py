@@ -29,9 +29,13 @@ needs_cpu_kernel = pytest.mark.skipif(not has_kernel("token_logprobs", "cpu"),
                                       reason="alignfast._C has no CPU kernel (extension not built)")
 
 
+def _triton_device() -> str:
+    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
 def _triton():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
     pytest.importorskip("triton")
     from alignfast.kernels import logprobs
 
@@ -46,12 +50,15 @@ def _cpu_op(logits, tokens, temperature, g_lp, g_ent):
 
 
 def _triton_op(logits, tokens, temperature, g_lp, g_ent):
+    """The Triton kernels: on the GPU when there is one, else on CPU tensors under the interpreter."""
     K = _triton()
+    dev = _triton_device()
+    logits, tokens, g_lp, g_ent = (t.to(dev) for t in (logits, tokens, g_lp, g_ent))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy evaluates both sides of tl.where
         lp, ent, lse = K.token_logprobs_cuda(logits, tokens, None, temperature, True)
         grad = K.token_logprobs_backward_cuda(g_lp, g_ent, logits, tokens, None, lp, ent, lse, temperature)
-    return lp, ent, grad
+    return lp.cpu(), ent.cpu(), grad.cpu()
 
 
 PATHS = [pytest.param(_cpu_op, id="cpu", marks=needs_cpu_kernel), pytest.param(_triton_op, id="triton")]
