@@ -28,7 +28,9 @@ from alignfast.rollout.rewards import RewardModel, WeightedRewards
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.config import AlignProConfig, coerce_config
-from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
+from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
+from alignfast.trainer.distributed import (TrainableModules, gather_env_output, gather_rollout,
+                                           gathered_for_generation, make_processes)
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
@@ -92,6 +94,7 @@ class PPOEngineTrainer:
         check_reporters(config.report_to)
         self.config = config
         self.environment = environment
+        self.processes = make_processes(config)  # one process without a launcher: no Accelerator
         self.ops = make_opset(config.backend)
         self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
         self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
@@ -101,7 +104,9 @@ class PPOEngineTrainer:
         set_seed(config.seed)
 
         model = policy_model
-        if config.device is not None:
+        if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)
+            model = model.to(self.processes.accelerator.device)
+        elif config.device is not None:
             model = model.to(config.device)
         self.device = next(model.parameters()).device
         self.tokenizer = policy_tokenizer
@@ -158,7 +163,12 @@ class PPOEngineTrainer:
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                           num_training_steps=self.num_steps)
         self.kl_ctl = make_kl_controller(config)
-        self.updater = PPOUpdater(self.policy, self.value_model, self.optimizer, self.params, self.ops, config)
+        self.trainable = None  # under a launcher: the policy (+ value head / critic) as accelerate wrapped it
+        if self.processes.distributed:
+            modules = TrainableModules(model, self.policy, self.value_model, shared_head)
+            self.trainable, self.optimizer = self.processes.accelerator.prepare(modules, self.optimizer)
+        self.updater = PPOUpdater(self.policy, self.value_model, self.optimizer, self.params, self.ops, config,
+                                  processes=self.processes, forward_module=self.trainable)
         self.callbacks = CallbackHandler(callbacks, config)
         self.global_step = 0
         self.episode = 0
@@ -181,14 +191,18 @@ class PPOEngineTrainer:
                 raise FileNotFoundError(f"alignfast: no checkpoint to resume from in {cfg.output_dir}")
             self._load_checkpoint(path)
             resumed = path
-        else:
+        elif self.processes.is_main:
             self._claim_output_dir()
-        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict())
+        self.processes.wait()  # the other processes start once the main one has claimed output_dir
+        # Metrics, samples and the run's config are global and written once, by the main process.
+        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict()) \
+            if self.processes.is_main else _SilentLogger()
         logger.restart(self.history, step=self.global_step)
-        if resumed is None and logger.samples_path.exists():
-            logger.samples_path.unlink()
-        with open(Path(cfg.output_dir) / "config.json", "w") as f:
-            f.write(cfg.to_json())
+        if self.processes.is_main:
+            if resumed is None and logger.samples_path.exists():
+                logger.samples_path.unlink()
+            with open(Path(cfg.output_dir) / "config.json", "w") as f:
+                f.write(cfg.to_json())
         state = self.callbacks.state
         state.max_steps = self.num_steps
         state.global_step = self.global_step
@@ -209,10 +223,11 @@ class PPOEngineTrainer:
                     logger.track(metrics, step=self.global_step)
                     logger.samples(samples[: cfg.num_logged_samples], step=self.global_step)
                     state.log_history.append({"step": self.global_step, **metrics})
-                    _log.info("step %d/%d  scores %.4f  kl %.4f  policy loss %.4f  value loss %.4f  %.2fs",
-                              self.global_step, self.num_steps, metrics["objective/scores"],
-                              metrics["objective/kl"], metrics["loss/policy_avg"], metrics["loss/value_avg"],
-                              metrics["timing_s/step"])
+                    if self.processes.is_main:
+                        _log.info("step %d/%d  scores %.4f  kl %.4f  policy loss %.4f  value loss %.4f  %.2fs",
+                                  self.global_step, self.num_steps, metrics["objective/scores"],
+                                  metrics["objective/kl"], metrics["loss/policy_avg"], metrics["loss/value_avg"],
+                                  metrics["timing_s/step"])
                     control = self.callbacks.fire("on_log", logs=metrics)
                 if self.eval_dataset is not None and cfg.eval_steps and (self.global_step % cfg.eval_steps == 0
                                                                           or final):
@@ -318,20 +333,26 @@ class PPOEngineTrainer:
         cfg = self.config
         B = cfg.rollout_batch_size
         batch = self.train_dataset.select(batch_indices(len(self.train_dataset), B, step, cfg.seed))
+        # Under N processes this one samples, answers and scores rows [lo, hi) of the global batch, with the
+        # random draws those rows get in one process; everything after the gathers is global.
+        procs = self.processes
+        lo, hi = procs.rows(B)
+        local = batch if not procs.distributed else \
+            PromptBatch(batch.prompts[lo:hi], {k: v[lo:hi] for k, v in batch.columns.items()})
         t_start = time.perf_counter()
         reuse = self._reuse_sampler_logprobs()
-        sampled = self._sample(batch.prompts, batch.columns, greedy=False,
-                               seed=derive_seed(cfg.seed, step, stream=2), with_logprobs=reuse)
+        sampled = self._sample(local.prompts, local.columns, greedy=False, seed=derive_seed(cfg.seed, step, stream=2),
+                               with_logprobs=reuse, draw_rows=(lo, B) if procs.distributed else None)
         outputs = self._decode(sampled)
         t_gen = time.perf_counter()
 
-        env_out = self.environment.step(batch.prompts, outputs, batch.columns,
-                                        seed=derive_seed(cfg.seed, step, stream=3) % (2**31))
+        env_out = self.environment.step(local.prompts, outputs, local.columns,
+                                        seed=self._env_seed(derive_seed(cfg.seed, step, stream=3) % (2**31), lo))
+        if procs.distributed:
+            outputs, env_out = procs.gather_objects(outputs), gather_env_output(procs, env_out)
         self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)
         scores = torch.tensor(env_out.scores, dtype=torch.float32, device=self.device)
         self._check_scores(scores.tolist(), {}, step, last_good, batch.prompts, note=" (overflows float32)")
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~sampled.ended).float()
         t_env = time.perf_counter()
 
         with torch.no_grad():
@@ -343,6 +364,12 @@ class PPOEngineTrainer:
                               response_ids=sampled.response_ids, response_mask=sampled.response_mask,
                               ended=sampled.ended, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                               scores=scores)
+            if procs.distributed:
+                rollout = gather_rollout(procs, rollout, self.pad_id)
+                sampled.ended = rollout.ended
+            if cfg.missing_eos_penalty is not None:
+                scores = scores - cfg.missing_eos_penalty * (~sampled.ended).float()
+                rollout.scores = scores
             adv = compute_advantages(rollout, self.ops, kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
                                      gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
                                      whiten_advantages=cfg.whiten_advantages)
@@ -407,9 +434,30 @@ class PPOEngineTrainer:
             return self.config.reuse_sampler_logprobs
         return next(self.model.parameters()).dtype == torch.float32
 
-    def _sample(self, prompts, columns, *, greedy: bool, seed: int, with_logprobs: bool = False) -> SampledBatch:
+    def _env_seed(self, seed: int, first_row: int) -> int:
+        """The environment's seed for this process's rows. The environments seed their target calls per
+        chunk of `batch_size` requests (seed + chunk index); a share starting at a chunk boundary gets the
+        seeds one process gives those rows. Other shares draw different (equally distributed) target
+        samples: exact N-process parity then needs a deterministic target (temperature 0)."""
+        if first_row == 0:
+            return seed
+        chunk = getattr(self.environment, "batch_size", None)
+        if isinstance(chunk, int) and chunk > 0 and first_row % chunk == 0:
+            return seed + first_row // chunk
+        if isinstance(chunk, int) and not getattr(self, "_warned_env_seed", False):
+            self._warned_env_seed = True
+            _log.warning("the %d episodes per process are not a multiple of the environment's batch_size %s: a "
+                         "sampled target draws other samples than one process would", first_row, chunk)
+        return seed + first_row
+
+    def _sample(self, prompts, columns, *, greedy: bool, seed: int, with_logprobs: bool = False,
+                draw_rows: tuple[int, int] | None = None) -> SampledBatch:
         cfg = self.config
-        requests = self.environment.policy_requests(prompts, columns, seed=derive_seed(seed, 0, stream=7) % (2**31))
+        if draw_rows is not None:  # this process's rows of the global batch
+            policy_seed = self._env_seed(derive_seed(seed, 0, stream=7) % (2**31), draw_rows[0])
+        else:
+            policy_seed = derive_seed(seed, 0, stream=7) % (2**31)
+        requests = self.environment.policy_requests(prompts, columns, seed=policy_seed)
         rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length) for r in requests]
         query_ids, query_mask = left_pad(rows, self.pad_id, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -419,9 +467,12 @@ class PPOEngineTrainer:
 
             def logprob_fn(logits, tokens, temperature):
                 return token_logprobs(logits, tokens, temperature=temperature)
-        return sample(self.model, query_ids, query_mask, max_new_tokens=cfg.response_length,
-                      stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=0.0 if greedy else cfg.temperature,
-                      top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn)
+        # A sharded policy (FSDP2, ZeRO-3: the Oracle arm's target) is gathered for generation.
+        with gathered_for_generation(self.processes, self.trainable):
+            return sample(self.model, query_ids, query_mask, max_new_tokens=cfg.response_length,
+                          stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=0.0 if greedy else cfg.temperature,
+                          top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn,
+                          draw_rows=draw_rows)
 
     def _decode(self, sampled: SampledBatch) -> list[str]:
         out = []
@@ -466,15 +517,22 @@ class PPOEngineTrainer:
     def _save_checkpoint(self) -> Path:
         cfg = self.config
         state = {"global_step": self.global_step, "episode": self.episode, "kl_controller": self.kl_ctl.state_dict(),
-                 "history": self.history, "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps}
+                 "history": self.history, "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps,
+                 "num_processes": self.processes.num_processes}
 
         def save_policy(path):
             self.model.save_pretrained(str(path))
             self.tokenizer.save_pretrained(str(path))
 
-        return ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=self._trainable_state(),
-                                    optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
-                                    save_policy=save_policy, total_limit=cfg.save_total_limit)
+        path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
+        if self.processes.sharded_state:  # every process writes its shard (accelerate), beside the main files
+            self.processes.accelerator.save_state(str(Path(cfg.output_dir) / f"sharded-{self.global_step}"))
+        if self.processes.is_main:
+            path = ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=self._trainable_state(),
+                                        optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
+                                        save_policy=save_policy, total_limit=cfg.save_total_limit)
+        self.processes.wait()  # no process runs ahead of (or resumes from) a half-written checkpoint
+        return path
 
     def _warn_changed_settings(self, path: Path, saved: dict) -> None:
         """A resume with other hyperparameters is allowed (it may be on purpose) but never silent: the run
@@ -504,11 +562,38 @@ class PPOEngineTrainer:
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])
         state = data["state"]
+        saved_n = int(state.get("num_processes", 1))
+        if self.processes.sharded_state:
+            if saved_n != self.processes.num_processes:
+                fail("num_processes", f"{self.processes.num_processes} cannot resume {path}: its sharded state was "
+                     f"written by {saved_n} processes (resume it with `accelerate launch --num_processes {saved_n}`)")
+            self.processes.accelerator.load_state(str(Path(path).parent / f"sharded-{int(state['global_step'])}"))
+        elif saved_n != self.processes.num_processes:
+            _log.info("resuming %s (written by %d processes) on %d: the state is replicated and the run does not "
+                      "depend on the number of processes", path, saved_n, self.processes.num_processes)
         self._warn_changed_settings(path, state.get("config") or {})
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.global_step = int(state["global_step"])
         self.episode = int(state["episode"])
         self.history = list(state["history"])
+
+
+class _SilentLogger:
+    """The metrics logger of a process other than the main one: metrics are global and written once."""
+
+    def restart(self, history, *, step):
+        pass
+
+    def write(self, metrics, *, step):
+        pass
+
+    track = write
+
+    def samples(self, rows, *, step):
+        pass
+
+    def close(self):
+        pass
 
 
 # Settings a resumed run may change without changing what it computes (where it writes, how often it logs or

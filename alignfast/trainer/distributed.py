@@ -1,0 +1,216 @@
+"""The trainer across processes: accelerate owns the process group, placement, DDP/FSDP2/ZeRO wrapping,
+backward, clipping and collectives; this module says how one PPO step is split over N processes.
+
+Launched by `accelerate launch` or `torchrun` (WORLD_SIZE > 1), every process builds the same trainer;
+one process without a launcher builds no Accelerator at all and runs exactly the single-process code.
+
+One PPO step over a global batch of B episodes, process r of N (B and every batch size are global):
+
+    rows [r·B/N, (r+1)·B/N) of the batch   sample (each row's random draws are those it gets in a
+                                           1-process run: sampling.sample(draw_rows=...)),
+                                           the environment (target + reward), old/ref log-probs, values
+    all-gather (padded)                    every process holds the global rollout [B, ...]: advantages,
+                                           whitening, the KL controller's mean KL and the metrics are
+                                           those of the global batch, computed by the same fused op
+                                           that one process runs (B x R elementwise work, replicated)
+    mini-batch m, micro-batches k          process r runs micro-batches [r·G/N, (r+1)·G/N) of the same
+                                           mini-batch permutation as 1 process, with loss scale
+                                           N · n_k / n_m (n: response tokens), so the data-parallel
+                                           MEAN of the gradients is the gradient of the mini-batch's
+                                           token-mean loss (verl's agg_loss "token-mean"):
+                                               (1/N) Σ_r Σ_{k∈r} N n_k/n_m · ∇ℓ_k = ∇ (Σ_k n_k ℓ_k / n_m)
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from alignfast.ops._checks import fail
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, accelerate launch) started; 1 without one."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+class Processes:
+    """The process group seen by the trainer. `accelerator` is None for a single process without a launcher."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+        self.num_processes = accelerator.num_processes if accelerator is not None else 1
+        self.index = accelerator.process_index if accelerator is not None else 0
+        self.is_main = self.index == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1
+
+    @property
+    def sharded_state(self) -> bool:
+        """Parameters/optimizer state split over processes (FSDP, DeepSpeed): checkpoints go through
+        accelerate's save_state, one shard per process."""
+        if self.accelerator is None:
+            return False
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    # -- the split ------------------------------------------------------------------------------------
+    def rows(self, total: int) -> tuple[int, int]:
+        """[lo, hi) of this process's rows of a global batch of `total` rows (even split)."""
+        per = total // self.num_processes
+        return self.index * per, (self.index + 1) * per
+
+    def micro_batches(self, per_mini_batch: int) -> range:
+        """This process's micro-batch indices among a mini-batch's `per_mini_batch`."""
+        per = per_mini_batch // self.num_processes
+        return range(self.index * per, (self.index + 1) * per)
+
+    def check_config(self, config) -> None:
+        """The global batch must split evenly: every process runs the same number of micro-batches."""
+        n, g = self.num_processes, config.gradient_accumulation_steps
+        if n > 1 and g % n:
+            fail("gradient_accumulation_steps", f"({g}) must be a multiple of the number of processes ({n}): the "
+                 f"global batch of {config.rollout_batch_size} episodes (per_device_train_batch_size "
+                 f"{config.per_device_train_batch_size} x gradient_accumulation_steps {g} x num_mini_batches "
+                 f"{config.num_mini_batches}) is split by micro-batches over the processes")
+
+    # -- collectives (no-ops for one process) ---------------------------------------------------------
+    def gather_rows(self, x: torch.Tensor, *, pad_value=0, left: bool = False) -> torch.Tensor:
+        """Concatenate every process's rows in process order, padding dim 1 to the widest first
+        (left padding for left-padded queries)."""
+        if not self.distributed:
+            return x
+        if x.dim() > 1:
+            x = self.accelerator.pad_across_processes(x.contiguous(), dim=1, pad_index=pad_value, pad_first=left)
+        return self.accelerator.gather(x.contiguous())
+
+    def gather_objects(self, items: list) -> list:
+        """Concatenate every process's list of picklable items in process order."""
+        if not self.distributed:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.gather(t).max())
+
+    def sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.gather(t).sum())
+
+    def wait(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def no_sync(self, module, last: bool):
+        """Gradient all-reduce only on the last backward of an accumulation."""
+        if self.accelerator is None or last:
+            return nullcontext()
+        return self.accelerator.no_sync(module)
+
+
+def make_processes(config) -> Processes:
+    """An Accelerator when launched on several processes (its plugins come from the launcher's config or
+    environment: `accelerate launch --config_file configs/accelerate/fsdp2.yaml`); none otherwise."""
+    if launched_world_size() <= 1:
+        return Processes(None)
+    from accelerate import Accelerator
+
+    # On a machine without accelerators accelerate runs the CPU/gloo process group only when asked.
+    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu)
+    processes = Processes(accelerator)
+    processes.check_config(config)
+    return processes
+
+
+class TrainableModules(nn.Module):
+    """The policy, its value head or critic, as ONE module: what DDP/FSDP2/ZeRO wrap. Its forward is the
+    update phase's forward (new log-probs, entropy, values), so the wrapper's hooks see every trained
+    parameter (calling the policy's backbone directly would bypass DDP's gradient synchronisation)."""
+
+    def __init__(self, model: nn.Module, policy, value_model: nn.Module | None, value_head: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.value_model = value_model
+        self.value_head = value_head
+        self._policy = [policy]  # not a submodule: it holds references to the modules above
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
+                entropy_grad: bool):
+        out = self._policy[0].forward(query_ids, query_mask, response_ids, response_mask, temperature=temperature,
+                                      return_entropy=True, entropy_grad=entropy_grad)
+        values = out.values
+        if values is None:
+            values = self.value_model(query_ids, query_mask, response_ids, response_mask)
+        return out.logprobs, out.entropy, values
+
+
+@contextmanager
+def gathered_for_generation(processes: Processes, module: nn.Module):
+    """The full parameters for generation from a sharded model (TRL's unwrap_model_for_generation):
+    ZeRO-3 gathers them with deepspeed.zero.GatheredParameters, FSDP2 unshards every FSDP unit for the
+    duration; DDP and one process need nothing."""
+    acc = processes.accelerator
+    if acc is None or not processes.sharded_state:
+        yield
+        return
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+
+
+def gather_env_output(processes: Processes, env_out):
+    """The global EnvOutput from every process's share (lists in episode order; tokens summed; this
+    process's timings, which are the step-time split the main process reports)."""
+    from alignfast.trainer.environments import EnvOutput
+
+    per_func = {name: processes.gather_objects(values) for name, values in sorted(env_out.per_func.items())}
+    return EnvOutput(scores=processes.gather_objects(env_out.scores), per_func=per_func,
+                     answers=processes.gather_objects(env_out.answers),
+                     requests=processes.gather_objects(env_out.requests), timings=dict(env_out.timings),
+                     generated_tokens=int(processes.sum(env_out.generated_tokens)))
+
+
+def gather_rollout(processes: Processes, rollout, pad_id: int):
+    """The global Rollout: every process's rows in order, queries left-padded and responses right-padded
+    to the global widths, exactly the tensors one process sampling every row builds."""
+    from alignfast.trainer.ppo_core import Rollout
+
+    g = processes.gather_rows
+    return Rollout(query_ids=g(rollout.query_ids, pad_value=pad_id, left=True),
+                   query_mask=g(rollout.query_mask, pad_value=False, left=True),
+                   response_ids=g(rollout.response_ids, pad_value=pad_id),
+                   response_mask=g(rollout.response_mask, pad_value=False),
+                   ended=g(rollout.ended), logprobs=g(rollout.logprobs), ref_logprobs=g(rollout.ref_logprobs),
+                   values=g(rollout.values), scores=rollout.scores)

@@ -1,0 +1,106 @@
+"""Trains the trainer tests' small world under whatever launched it (torchrun with N processes, or plain
+python for one) and writes, from the main process, what the distributed tests compare:
+
+    python tests/distributed/toy_run.py WORLD_DIR OUT_DIR SCENARIO [SCENARIO ...]
+
+WORLD_DIR holds tok/ and prompter/ (tests.trainer.tiny.small_world). Each scenario writes
+OUT_DIR/<scenario>.pt = {"params": {name: tensor}, "history": [metrics without timings], "kl_coef": float}
+or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
+
+    align_pro        AlignProTrainer, echo target, 3 PPO steps
+    oracle           OracleTrainer, 3 PPO steps
+    killed           align_pro saving every step; every process exits (code 17) right after checkpoint-2
+    resumed          continues `killed` from its latest checkpoint to step 3
+    hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
+    openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
+    bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importable under torchrun
+
+from alignfast.ops._checks import AlignfastArgumentError  # noqa: E402
+from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, keyword_reward  # noqa: E402
+
+STEPS = 3
+CONFIG = dict(seed=5, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_mini_batches=2,
+              num_ppo_epochs=2, max_steps=STEPS, response_length=4, temperature=1.0, learning_rate=5e-3,
+              logging_steps=1, rewrite_template="{prompt}", adap_kl_ctrl=True, kl_target=0.5, kl_horizon=20,
+              save_steps=STEPS, device="cpu", target_max_new_tokens=4, target_batch_size=2)
+
+
+class ExitAfterCheckpoint:
+    """Every process dies right after the checkpoint of step `at` is on disk (no clean shutdown)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.at:
+            sys.stdout.flush()
+            os._exit(17)
+
+
+def make_trainer(world: Path, out: Path, scenario: str, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.trainer import AlignProConfig, AlignProTrainer, OracleTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(world / "tok"))
+    cfg = dict(CONFIG, output_dir=str(out / scenario), overwrite_output_dir=True)
+    cfg.update(overrides)
+    model = AutoModelForCausalLM.from_pretrained(str(world / "prompter"))
+    common = dict(reward_funcs=[keyword_reward], train_dataset=TRAIN_PROMPTS)
+    if scenario == "oracle":
+        return OracleTrainer(AlignProConfig(**cfg), model, tok, **common)
+    callbacks = [ExitAfterCheckpoint(2)] if scenario == "killed" else None
+    if scenario == "hf_target":
+        target = str(world / "prompter")  # a real causal LM answers (greedy): HFEngine in every process
+    elif scenario == "openai_target":
+        from alignfast.rollout import OpenAIEngine
+
+        target = OpenAIEngine(os.environ["ALIGNFAST_TEST_STUB_URL"], "tiny", max_concurrency=2)
+    else:
+        target = FunctionTarget(lambda s: s, tok)
+    return AlignProTrainer(AlignProConfig(**cfg), model, tok, target, target_tokenizer=tok, callbacks=callbacks,
+                           **common)
+
+
+def run(world: Path, out: Path, scenario: str) -> None:
+    overrides = {}
+    if scenario in ("killed", "resumed"):
+        overrides = dict(save_steps=1, output_dir=str(out / "killed"), overwrite_output_dir=scenario == "killed")
+    if scenario == "bad_accumulation":
+        overrides = dict(gradient_accumulation_steps=3)
+    try:
+        trainer = make_trainer(world, out, scenario, **overrides)
+        result = trainer.train(resume_from_checkpoint=True if scenario == "resumed" else None)
+    except AlignfastArgumentError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out / f"{scenario}.error").write_text(str(err))
+        return
+    if trainer.processes.is_main:
+        params = {f"policy.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+        params.update({f"value.{n}": p.detach().clone() for n, p in trainer.value_model.named_parameters()})
+        history = [{k: v for k, v in m.items() if not k.startswith(("timing_s", "tokens/s"))}
+                   for m in result.history]
+        torch.save({"params": params, "history": history, "kl_coef": trainer.kl_ctl.value,
+                    "num_processes": trainer.processes.num_processes}, out / f"{scenario}.pt")
+
+
+def main(argv: list[str]) -> None:
+    world, out, scenarios = Path(argv[0]), Path(argv[1]), argv[2:]
+    out.mkdir(parents=True, exist_ok=True)
+    for scenario in scenarios:
+        run(world, out, scenario)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
