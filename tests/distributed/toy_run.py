@@ -11,6 +11,7 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     oracle           OracleTrainer, 3 PPO steps
     killed           align_pro saving every step; every process exits (code 17) right after checkpoint-2
     resumed          continues `killed` from its latest checkpoint to step 3
+    resumed_copy     the same from OUT_DIR/killed_copy (a copy made before `resumed` ran)
     hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
     openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
     bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
@@ -75,13 +76,14 @@ def make_trainer(world: Path, out: Path, scenario: str, **overrides):
 
 def run(world: Path, out: Path, scenario: str) -> None:
     overrides = {}
-    if scenario in ("killed", "resumed"):
-        overrides = dict(save_steps=1, output_dir=str(out / "killed"), overwrite_output_dir=scenario == "killed")
+    if scenario in ("killed", "resumed", "resumed_copy"):
+        folder = "killed_copy" if scenario == "resumed_copy" else "killed"
+        overrides = dict(save_steps=1, output_dir=str(out / folder), overwrite_output_dir=scenario == "killed")
     if scenario == "bad_accumulation":
         overrides = dict(gradient_accumulation_steps=3)
     try:
         trainer = make_trainer(world, out, scenario, **overrides)
-        result = trainer.train(resume_from_checkpoint=True if scenario == "resumed" else None)
+        result = trainer.train(resume_from_checkpoint=True if scenario.startswith("resumed") else None)
     except AlignfastArgumentError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             (out / f"{scenario}.error").write_text(str(err))
