@@ -37,7 +37,9 @@ def run(args, overrides) -> int:
 
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
-    device = build.default_device()
+    from alignfast.trainer.distributed import launched_device
+
+    device = launched_device(build.default_device())  # under a launcher: this process's GPU
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
     train, evals = build.load_data(config, need_train=True, need_eval=False)
     rewards = build.build_rewards(config, device=device)
@@ -70,6 +72,8 @@ def run(args, overrides) -> int:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     final = trainer.save_model(Path(cfg.output_dir) / "final")
     last = result.metrics
+    if not trainer.processes.is_main:
+        return 0
     print(f"alignfast train: {result.global_step} PPO steps; last objective/scores "
           f"{last.get('objective/scores', float('nan')):.4f}; model in {final}; metrics in "
           f"{Path(cfg.output_dir) / 'metrics.jsonl'}", file=sys.stderr)

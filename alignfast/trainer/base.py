@@ -315,9 +315,11 @@ class PPOEngineTrainer:
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """The policy (or its LoRA adapter) and its tokenizer in save_pretrained form."""
         out = Path(output_dir or self.config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(out))
-        self.tokenizer.save_pretrained(str(out))
+        if self.processes.is_main:  # the replicas are identical: one process writes
+            out.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(str(out))
+            self.tokenizer.save_pretrained(str(out))
+        self.processes.wait()
         return out
 
     # ------------------------------------------------------------------------------------------

@@ -40,6 +40,13 @@ def launched_world_size() -> int:
         return 1
 
 
+def launched_device(device: str) -> str:
+    """`cuda` under a launcher means this process's GPU (cuda:LOCAL_RANK); anything else is kept."""
+    if device == "cuda" and launched_world_size() > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 class Processes:
     """The process group seen by the trainer. `accelerator` is None for a single process without a launcher."""
 
@@ -76,12 +83,14 @@ class Processes:
 
     def check_config(self, config) -> None:
         """The global batch must split evenly: every process runs the same number of micro-batches."""
-        n, g = self.num_processes, config.gradient_accumulation_steps
+        n, g, p = self.num_processes, config.gradient_accumulation_steps, config.per_device_train_batch_size
         if n > 1 and g % n:
+            hint = f"; the same batch: per_device_train_batch_size {p // n} with gradient_accumulation_steps {g * n}" \
+                if p % n == 0 else ""
             fail("gradient_accumulation_steps", f"({g}) must be a multiple of the number of processes ({n}): the "
-                 f"global batch of {config.rollout_batch_size} episodes (per_device_train_batch_size "
-                 f"{config.per_device_train_batch_size} x gradient_accumulation_steps {g} x num_mini_batches "
-                 f"{config.num_mini_batches}) is split by micro-batches over the processes")
+                 f"global batch of {config.rollout_batch_size} episodes (per_device_train_batch_size {p} x "
+                 f"gradient_accumulation_steps {g} x num_mini_batches {config.num_mini_batches}) is split by "
+                 f"micro-batches over the processes{hint}")
 
     # -- collectives (no-ops for one process) ---------------------------------------------------------
     def gather_rows(self, x: torch.Tensor, *, pad_value=0, left: bool = False) -> torch.Tensor:
