@@ -29,8 +29,9 @@ from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
-from alignfast.trainer.distributed import (TrainableModules, gather_env_output, gather_rollout,
-                                           gathered_for_generation, make_processes)
+from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
+                                           gather_env_output, gather_rollout, gathered_for_generation, make_processes,
+                                           save_sharded_state)
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
@@ -527,11 +528,14 @@ class PPOEngineTrainer:
             self.tokenizer.save_pretrained(str(path))
 
         path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
-        if self.processes.sharded_state:  # every process writes its shard (accelerate), beside the main files
-            self.processes.accelerator.save_state(str(Path(cfg.output_dir) / f"sharded-{self.global_step}"))
+        trainable, optimizer = (self._trainable_state(), self.optimizer) if not self.processes.sharded_state else \
+            ({"policy": {}}, _NoState())
+        if self.processes.sharded_state:  # FSDP2 / ZeRO-3: one shard per process, moved in with the main files
+            save_policy = save_sharded_state(self.processes, cfg.output_dir, self.global_step, self.trainable,
+                                             self.model, self.tokenizer)
         if self.processes.is_main:
-            path = ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=self._trainable_state(),
-                                        optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
+            path = ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=trainable,
+                                        optimizer=optimizer, scheduler=self.lr_scheduler, trainer_state=state,
                                         save_policy=save_policy, total_limit=cfg.save_total_limit)
         self.processes.wait()  # no process runs ahead of (or resumes from) a half-written checkpoint
         return path
@@ -549,6 +553,10 @@ class PPOEngineTrainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
+        sharded = check_resumable(self.processes, path, data["state"])
+        if sharded:  # every process reads its shard of parameters and optimizer state
+            self.processes.accelerator.load_state(str(sharded))
+            data["trainable"] = {"policy": {}}
         trainable = data["trainable"]
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -560,19 +568,11 @@ class PPOEngineTrainer:
             self.value_model.load_state_dict(trainable["value_model"])
         if self.shared_value_head is not None and "value_head" in trainable:
             self.shared_value_head.load_state_dict(trainable["value_head"])
-        self.optimizer.load_state_dict(data["optimizer"])
+        if not sharded:
+            self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])
         state = data["state"]
-        saved_n = int(state.get("num_processes", 1))
-        if self.processes.sharded_state:
-            if saved_n != self.processes.num_processes:
-                fail("num_processes", f"{self.processes.num_processes} cannot resume {path}: its sharded state was "
-                     f"written by {saved_n} processes (resume it with `accelerate launch --num_processes {saved_n}`)")
-            self.processes.accelerator.load_state(str(Path(path).parent / f"sharded-{int(state['global_step'])}"))
-        elif saved_n != self.processes.num_processes:
-            _log.info("resuming %s (written by %d processes) on %d: the state is replicated and the run does not "
-                      "depend on the number of processes", path, saved_n, self.processes.num_processes)
         self._warn_changed_settings(path, state.get("config") or {})
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.global_step = int(state["global_step"])

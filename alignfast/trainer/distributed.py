@@ -63,12 +63,14 @@ class Processes:
     @property
     def sharded_state(self) -> bool:
         """Parameters/optimizer state split over processes (FSDP, DeepSpeed): checkpoints go through
-        accelerate's save_state, one shard per process."""
+        accelerate's save_state, one shard per process. ALIGNFAST_SHARDED_CHECKPOINTS=1 takes that path
+        under DDP too (the CPU tests do: accelerate runs FSDP only on GPUs)."""
         if self.accelerator is None:
             return False
         from accelerate.utils import DistributedType
 
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) or \
+            os.environ.get("ALIGNFAST_SHARDED_CHECKPOINTS", "0") == "1"
 
     # -- the split ------------------------------------------------------------------------------------
     def rows(self, total: int) -> tuple[int, int]:
@@ -223,3 +225,52 @@ def gather_rollout(processes: Processes, rollout, pad_id: int):
                    response_mask=g(rollout.response_mask, pad_value=False),
                    ended=g(rollout.ended), logprobs=g(rollout.logprobs), ref_logprobs=g(rollout.ref_logprobs),
                    values=g(rollout.values), scores=rollout.scores)
+
+
+class NoState:
+    """The optimizer slot of a sharded checkpoint's main files (its state is in the shards)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+SHARDS = "sharded"  # the folder of a checkpoint holding accelerate's per-process state
+
+
+def save_sharded_state(processes: Processes, output_dir, step: int, trainable: nn.Module, model: nn.Module,
+                       tokenizer):
+    """Collective: every process writes its shard (accelerate save_state: parameters, optimizer, RNG) to a
+    temporary folder and the full policy weights are gathered to the main process. Returns the main
+    process's save_policy(path) for checkpoint.save_checkpoint, which writes the user-facing model and moves
+    the shards into the checkpoint before its atomic rename (a half-written checkpoint never looks complete)."""
+    from pathlib import Path
+
+    shards = Path(output_dir) / f".tmp-sharded-{step}"
+    processes.accelerator.save_state(str(shards))
+    full = processes.accelerator.get_state_dict(trainable)  # collective under FSDP2 / ZeRO-3
+    processes.wait()
+    policy_state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")} if full else {}
+
+    def save_policy(path):
+        model.save_pretrained(str(path), state_dict=policy_state)
+        tokenizer.save_pretrained(str(path))
+        os.replace(shards, Path(path).parent / SHARDS)
+
+    return save_policy
+
+
+def check_resumable(processes: Processes, path, state: dict):
+    """The shard folder to load (None: a replicated checkpoint). Replicated state resumes under any number
+    of processes (the run does not depend on it); sharded state only under the same one, with sharding."""
+    from pathlib import Path
+
+    saved_n, n = int(state.get("num_processes", 1)), processes.num_processes
+    shards = Path(path) / SHARDS
+    if not shards.is_dir() and not processes.sharded_state:
+        return None
+    if not shards.is_dir() or not processes.sharded_state or saved_n != n:
+        written = f"its state is sharded over {saved_n} processes" if shards.is_dir() else \
+            f"it holds replicated state from {saved_n} process(es) and this launch shards the state"
+        fail("num_processes", f"{n} process(es) cannot resume {path}: {written}; resume with the launcher config "
+             f"it was written with (accelerate launch --num_processes {saved_n})")
+    return shards

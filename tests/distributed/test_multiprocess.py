@@ -41,18 +41,19 @@ def runs(tmp_path_factory):
     one, two = root / "one", root / "two"
     stub = HFCompletionsStub(str(world / "prompter"))
     try:
-        first = launch(world, two, "align_pro", "oracle", "hf_target", "openai_target", "bad_accumulation", "killed",
-                       env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
+        first = launch(world, two, "align_pro", "oracle", "hf_target", "openai_target", "bad_accumulation",
+                       "stopped_sharded", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
     finally:
         stub.close()
     assert (two / "killed" / "checkpoint-2").is_dir(), first.stdout[-3000:] + first.stderr[-6000:]
     assert first.returncode != 0  # the processes died after checkpoint-2
     assert not (two / "killed" / "checkpoint-3").exists()
     shutil.copytree(two / "killed", two / "killed_copy")
-    second = launch(world, two, "resumed")
+    shutil.copytree(two / "stopped_sharded", two / "sharded_copy")
+    second = launch(world, two, "resumed", "resumed_sharded")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
     toy_run.main([str(world), str(one), "align_pro", "oracle", "hf_target"])
-    toy_run.main([str(world), str(two), "resumed_copy"])  # 2 processes' checkpoint, resumed by 1
+    toy_run.main([str(world), str(two), "resumed_copy", "resumed_sharded_copy"])  # 2 processes' checkpoints, 1 resumes
     return {"one": one, "two": two, "stub_max_in_flight": stub.max_in_flight, "stub_requests": stub.requests}
 
 
@@ -100,3 +101,14 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(runs):
 def test_batch_that_does_not_split_over_the_processes_is_one_line_error(runs):
     message = (runs["two"] / "bad_accumulation.error").read_text()
     assert "\n" not in message and "'gradient_accumulation_steps'" in message and "processes (2)" in message
+
+
+def test_sharded_state_checkpoint_resumes_under_the_same_processes_only(runs):
+    """accelerate's save_state/load_state path (FSDP2/ZeRO-3's), taken under DDP on CPU: the shards live in
+    the checkpoint, the gathered policy is saved beside them, the resumed run is the uninterrupted one."""
+    checkpoint = runs["two"] / "stopped_sharded" / "checkpoint-2"
+    assert (checkpoint / "sharded").is_dir() and (checkpoint / "policy" / "config.json").exists()
+    assert not list((runs["two"] / "stopped_sharded").glob(".tmp-*"))
+    assert_same_run(load(runs["two"], "align_pro"), load(runs["two"], "resumed_sharded"), atol=0.0)
+    message = (runs["two"] / "resumed_sharded_copy.error").read_text()
+    assert "\n" not in message and "'num_processes'" in message and "sharded over 2 processes" in message

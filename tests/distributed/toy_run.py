@@ -12,6 +12,9 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     killed           align_pro saving every step; every process exits (code 17) right after checkpoint-2
     resumed          continues `killed` from its latest checkpoint to step 3
     resumed_copy     the same from OUT_DIR/killed_copy (a copy made before `resumed` ran)
+    stopped_sharded  align_pro with accelerate's sharded-state checkpoints (ALIGNFAST_SHARDED_CHECKPOINTS=1),
+                     stopped after checkpoint-2
+    resumed_sharded  continues `stopped_sharded` to step 3; resumed_sharded_copy: from OUT_DIR/sharded_copy
     hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
     openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
     bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
@@ -35,6 +38,15 @@ CONFIG = dict(seed=5, per_device_train_batch_size=2, gradient_accumulation_steps
               num_ppo_epochs=2, max_steps=STEPS, response_length=4, temperature=1.0, learning_rate=5e-3,
               logging_steps=1, rewrite_template="{prompt}", adap_kl_ctrl=True, kl_target=0.5, kl_horizon=20,
               save_steps=STEPS, device="cpu", target_max_new_tokens=4, target_batch_size=2)
+
+
+class StopAfterCheckpoint:
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.at:
+            control.should_training_stop = True
 
 
 class ExitAfterCheckpoint:
@@ -61,7 +73,8 @@ def make_trainer(world: Path, out: Path, scenario: str, **overrides):
     common = dict(reward_funcs=[keyword_reward], train_dataset=TRAIN_PROMPTS)
     if scenario == "oracle":
         return OracleTrainer(AlignProConfig(**cfg), model, tok, **common)
-    callbacks = [ExitAfterCheckpoint(2)] if scenario == "killed" else None
+    callbacks = [ExitAfterCheckpoint(2)] if scenario == "killed" else \
+        [StopAfterCheckpoint(2)] if scenario == "stopped_sharded" else None
     if scenario == "hf_target":
         target = str(world / "prompter")  # a real causal LM answers (greedy): HFEngine in every process
     elif scenario == "openai_target":
@@ -79,8 +92,12 @@ def run(world: Path, out: Path, scenario: str) -> None:
     if scenario in ("killed", "resumed", "resumed_copy"):
         folder = "killed_copy" if scenario == "resumed_copy" else "killed"
         overrides = dict(save_steps=1, output_dir=str(out / folder), overwrite_output_dir=scenario == "killed")
+    if "sharded" in scenario:
+        folder = "sharded_copy" if scenario == "resumed_sharded_copy" else "stopped_sharded"
+        overrides = dict(save_steps=1, output_dir=str(out / folder), overwrite_output_dir=scenario == "stopped_sharded")
     if scenario == "bad_accumulation":
         overrides = dict(gradient_accumulation_steps=3)
+    os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
     try:
         trainer = make_trainer(world, out, scenario, **overrides)
         result = trainer.train(resume_from_checkpoint=True if scenario.startswith("resumed") else None)
