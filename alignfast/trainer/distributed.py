@@ -55,6 +55,7 @@ class Processes:
         self.num_processes = accelerator.num_processes if accelerator is not None else 1
         self.index = accelerator.process_index if accelerator is not None else 0
         self.is_main = self.index == 0
+        self.backward_scale = 1.0  # DeepSpeed divides each micro-batch loss by its accumulation steps
 
     @property
     def distributed(self) -> bool:
@@ -147,6 +148,16 @@ def make_processes(config) -> Processes:
     accelerator = Accelerator(cpu=cpu)
     processes = Processes(accelerator)
     processes.check_config(config)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # UNTESTED: DeepSpeed does not run on CPU CI
+        # The engine steps itself every `gradient_accumulation_steps` backward calls, clips by its config and
+        # scales each loss by 1 / those steps: tell it this process's share of a mini-batch and undo the scale.
+        steps = config.gradient_accumulation_steps // processes.num_processes
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=config.per_device_train_batch_size,
+                  gradient_accumulation_steps=steps, gradient_clipping=config.max_grad_norm or 0.0)
+        processes.backward_scale = float(steps)
     return processes
 
 

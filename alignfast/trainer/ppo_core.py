@@ -233,7 +233,7 @@ class PPOUpdater:
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.forward_module is not None:
-            self.processes.accelerator.backward(loss)
+            self.processes.accelerator.backward(loss * self.processes.backward_scale)
         else:
             loss.backward()
 
