@@ -106,7 +106,7 @@ def main(argv=None) -> None:
               *[f"{ph} s" for ph in PHASES]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for pv in providers:
-        n = pv
+        n = pv[0]
         step = statistics.median(s["timing_s/step"] for s in timed[pv])
         spread = f"{min(round_medians[pv]):.3f}-{max(round_medians[pv]):.3f}"
         phases = [f"{statistics.median(s[f'timing_s/{ph}'] for s in timed[pv]):.3f}" for ph in PHASES]
