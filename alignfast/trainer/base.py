@@ -471,7 +471,7 @@ class PPOEngineTrainer:
             def logprob_fn(logits, tokens, temperature):
                 return token_logprobs(logits, tokens, temperature=temperature)
         # A sharded policy (FSDP2, ZeRO-3: the Oracle arm's target) is gathered for generation.
-        with gathered_for_generation(self.processes, self.trainable):
+        with gathered_for_generation(self.trainable):
             return sample(self.model, query_ids, query_mask, max_new_tokens=cfg.response_length,
                           stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=0.0 if greedy else cfg.temperature,
                           top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn,

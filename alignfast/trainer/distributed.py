@@ -184,20 +184,19 @@ class TrainableModules(nn.Module):
 
 
 @contextmanager
-def gathered_for_generation(processes: Processes, module: nn.Module):
-    """The full parameters for generation from a sharded model (TRL's unwrap_model_for_generation):
-    ZeRO-3 gathers them with deepspeed.zero.GatheredParameters, FSDP2 unshards every FSDP unit for the
-    duration; DDP and one process need nothing."""
-    acc = processes.accelerator
-    if acc is None or not processes.sharded_state:
+def gathered_for_generation(module: nn.Module | None):
+    """The full parameters of a sharded model for generation (TRL's unwrap_model_for_generation): FSDP2
+    units are unsharded for the duration (a unit's own hooks may reshard and gather it again per forward), ZeRO-3
+    parameters gathered with deepspeed.zero.GatheredParameters; replicated models (DDP, one process) pass
+    through untouched."""
+    if module is None:
         yield
         return
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.DEEPSPEED:
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3 partitioned parameters (UNTESTED)
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
         return
     from torch.distributed.fsdp import FSDPModule

@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
     stub = HFCompletionsStub(str(world / "prompter"))
     try:
         first = launch(world, two, "align_pro", "oracle", "hf_target", "openai_target", "bad_accumulation",
-                       "stopped_sharded", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
+                       "stopped_sharded", "fsdp_generation", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
     finally:
         stub.close()
     assert (two / "killed" / "checkpoint-2").is_dir(), first.stdout[-3000:] + first.stderr[-6000:]
@@ -112,3 +112,10 @@ def test_sharded_state_checkpoint_resumes_under_the_same_processes_only(runs):
     assert_same_run(load(runs["two"], "align_pro"), load(runs["two"], "resumed_sharded"), atol=0.0)
     message = (runs["two"] / "resumed_sharded_copy.error").read_text()
     assert "\n" not in message and "'num_processes'" in message and "sharded over 2 processes" in message
+
+
+def test_oracle_generation_from_an_fsdp2_sharded_policy(runs):
+    res = torch.load(runs["two"] / "fsdp_generation.pt")
+    assert torch.equal(res["expected"], res["got"])
+    assert res["logprob_diff"] <= 1e-5
+    assert res["unsharded_call_failed"]  # without gathered_for_generation the sharded root's weights are missing

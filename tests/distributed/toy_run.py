@@ -18,6 +18,8 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
     openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
     bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
+    fsdp_generation  the prompter sharded with torch FSDP2 (fully_shard, gloo) samples inside
+                     gathered_for_generation exactly what the unsharded model samples
 """
 
 from __future__ import annotations
@@ -87,7 +89,67 @@ def make_trainer(world: Path, out: Path, scenario: str, **overrides):
                            **common)
 
 
+class Root(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def fsdp_generation(world: Path, out: Path) -> None:
+    """The Oracle arm's generation from a sharded policy, on CPU: accelerate runs FSDP2 on GPUs only, so the
+    policy is sharded with torch's fully_shard directly (one unit per decoder layer and the root, as
+    configs/accelerate/fsdp2.yaml does) and sampled through the trainer's context and sampler."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from alignfast.trainer.distributed import gathered_for_generation
+    from alignfast.trainer.sampling import left_pad, sample
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = AutoModelForCausalLM.from_pretrained(str(world / "prompter")).eval()
+    sharded = AutoModelForCausalLM.from_pretrained(str(world / "prompter")).eval()
+    # As the trainer's TrainableModules: the policy is a child of the sharded root, so the embeddings, final
+    # norm and LM head belong to the root's unit, which calling the policy directly does not unshard.
+    root = Root(sharded)
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())
+    q_ids, q_mask = left_pad([[6, 7, 8], [9, 10], [11, 12, 13, 14]], 0)
+
+    def draw(model):
+        g = torch.Generator().manual_seed(3)
+        return sample(model, q_ids, q_mask, max_new_tokens=6, stop_ids=[2], pad_id=0, temperature=1.0, generator=g,
+                      logprob_fn=lambda logits, tokens, t: torch.log_softmax(logits / t, -1).gather(
+                          -1, tokens[:, None]).squeeze(-1))
+
+    expected = draw(full)
+    try:
+        draw(sharded)
+        unsharded_call_failed = False
+    except Exception:  # noqa: BLE001 - a DTensor mixed with plain tensors, whatever torch calls it
+        unsharded_call_failed = True
+    with gathered_for_generation(root):
+        got = draw(sharded)
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())  # sharded again afterwards
+    if dist.get_rank() == 0:
+        torch.save({"expected": expected.response_ids, "got": got.response_ids,
+                    "logprob_diff": (expected.logprobs - got.logprobs).abs().max().item(),
+                    "unsharded_call_failed": unsharded_call_failed},
+                   out / "fsdp_generation.pt")
+
+
 def run(world: Path, out: Path, scenario: str) -> None:
+    if scenario == "fsdp_generation":
+        return fsdp_generation(world, out)
     overrides = {}
     if scenario in ("killed", "resumed", "resumed_copy"):
         folder = "killed_copy" if scenario == "resumed_copy" else "killed"
