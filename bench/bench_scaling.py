@@ -110,8 +110,8 @@ def main(argv=None) -> None:
         step = statistics.median(s["timing_s/step"] for s in timed[pv])
         spread = f"{min(round_medians[pv]):.3f}-{max(round_medians[pv]):.3f}"
         phases = [f"{statistics.median(s[f'timing_s/{ph}'] for s in timed[pv]):.3f}" for ph in PHASES]
-        lines.append(f"| {n} x {pv[1]} | {batch / step:.1f} | {step:.3f} ({spread}) | {base / step:.2f}x | " + " | ".join(phases)
-                     + " |")
+        lines.append(f"| {n} x {pv[1]} | {batch / step:.1f} | {step:.3f} ({spread}) | {base / step:.2f}x | "
+                     + " | ".join(phases) + " |")
     table = "\n".join(lines)
     notes = (f"Toy world (alignfast demo's models, HFEngine target in every process), global batch {batch} episodes "
              f"(8 x 4 micro-batches x 2 mini-batches, num_ppo_epochs 4), {args.rounds} interleaved rounds of "

@@ -113,12 +113,6 @@ class Processes:
 
         return gather_object(list(items))
 
-    def max(self, value: float) -> float:
-        if not self.distributed:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.gather(t).max())
-
     def sum(self, value: float) -> float:
         if not self.distributed:
             return value
