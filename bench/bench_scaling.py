@@ -79,7 +79,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=4, help="PPO steps per launch; the first is a warm-up")
     p.add_argument("--device", default="cpu")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    p.add_argument("--quick", action="store_true", help="one round of 1 timed step, 1x1 and 2x1 only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.providers = 1, 2, ["1x1", "2x1"]
     if args.worker:
         worker(args.out, args.steps, args.device)
         return

@@ -30,8 +30,8 @@ from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
-                                           gather_env_output, gather_rollout, gathered_for_generation, make_processes,
-                                           save_sharded_state)
+                                           gather_env_output, gather_rollout, gathered_for_generation,
+                                           gathered_policy_state, make_processes, save_sharded_state)
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
@@ -316,9 +316,11 @@ class PPOEngineTrainer:
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """The policy (or its LoRA adapter) and its tokenizer in save_pretrained form."""
         out = Path(output_dir or self.config.output_dir)
+        # Sharded state (FSDP2 / ZeRO-3): the full weights are gathered to the main process (collective).
+        state = gathered_policy_state(self.processes, self.trainable) if self.processes.sharded_state else None
         if self.processes.is_main:  # the replicas are identical: one process writes
             out.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(str(out))
+            self.model.save_pretrained(str(out), **({"state_dict": state} if state is not None else {}))
             self.tokenizer.save_pretrained(str(out))
         self.processes.wait()
         return out
@@ -358,7 +360,8 @@ class PPOEngineTrainer:
         self._check_scores(scores.tolist(), {}, step, last_good, batch.prompts, note=" (overflows float32)")
         t_env = time.perf_counter()
 
-        with torch.no_grad():
+        # A sharded policy (FSDP2 / ZeRO-3) is scored with its full weights, as it generates.
+        with torch.no_grad(), gathered_for_generation(self.trainable):
             logprobs, ref_logprobs, values = score_rollout(
                 self.policy, self._ref_logprobs, self.value_model, sampled.query_ids, sampled.query_mask,
                 sampled.response_ids, sampled.response_mask, temperature=cfg.temperature,

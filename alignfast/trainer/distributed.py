@@ -251,9 +251,8 @@ def save_sharded_state(processes: Processes, output_dir, step: int, trainable: n
 
     shards = Path(output_dir) / f".tmp-sharded-{step}"
     processes.accelerator.save_state(str(shards))
-    full = processes.accelerator.get_state_dict(trainable)  # collective under FSDP2 / ZeRO-3
+    policy_state = gathered_policy_state(processes, trainable)
     processes.wait()
-    policy_state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")} if full else {}
 
     def save_policy(path):
         model.save_pretrained(str(path), state_dict=policy_state)
@@ -261,6 +260,13 @@ def save_sharded_state(processes: Processes, output_dir, step: int, trainable: n
         os.replace(shards, Path(path).parent / SHARDS)
 
     return save_policy
+
+
+def gathered_policy_state(processes: Processes, trainable: nn.Module) -> dict:
+    """Collective: the policy's full state dict (TrainableModules' `model.` entries) on the main process
+    ({} elsewhere under FSDP2 / ZeRO-3)."""
+    full = processes.accelerator.get_state_dict(trainable) or {}
+    return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
 
 
 def check_resumable(processes: Processes, path, state: dict):

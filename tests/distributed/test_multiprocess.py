@@ -109,7 +109,9 @@ def test_sharded_state_checkpoint_resumes_under_the_same_processes_only(runs):
     checkpoint = runs["two"] / "stopped_sharded" / "checkpoint-2"
     assert (checkpoint / "sharded").is_dir() and (checkpoint / "policy" / "config.json").exists()
     assert not list((runs["two"] / "stopped_sharded").glob(".tmp-*"))
-    assert_same_run(load(runs["two"], "align_pro"), load(runs["two"], "resumed_sharded"), atol=0.0)
+    resumed = load(runs["two"], "resumed_sharded")
+    assert_same_run(load(runs["two"], "align_pro"), resumed, atol=0.0)
+    assert resumed["saved"] and all(torch.equal(v, resumed["params"][k]) for k, v in resumed["saved"].items())
     message = (runs["two"] / "resumed_sharded_copy.error").read_text()
     assert "\n" not in message and "'num_processes'" in message and "sharded over 2 processes" in message
 

@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importable under torchrun
 
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 from alignfast.ops._checks import AlignfastArgumentError  # noqa: E402
 from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, keyword_reward  # noqa: E402
 
@@ -167,12 +169,16 @@ def run(world: Path, out: Path, scenario: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             (out / f"{scenario}.error").write_text(str(err))
         return
+    # the user-facing model of a sharded run: the gathered full weights (a collective call)
+    final = trainer.save_model(out / scenario / "final") if "sharded" in scenario else None
     if trainer.processes.is_main:
         params = {f"policy.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
         params.update({f"value.{n}": p.detach().clone() for n, p in trainer.value_model.named_parameters()})
         history = [{k: v for k, v in m.items() if not k.startswith(("timing_s", "tokens/s"))}
                    for m in result.history]
-        torch.save({"params": params, "history": history, "kl_coef": trainer.kl_ctl.value,
+        saved = {} if final is None else \
+            {f"policy.{n}": p.detach() for n, p in AutoModelForCausalLM.from_pretrained(str(final)).named_parameters()}
+        torch.save({"params": params, "history": history, "kl_coef": trainer.kl_ctl.value, "saved": saved,
                     "num_processes": trainer.processes.num_processes}, out / f"{scenario}.pt")
 
 
