@@ -47,7 +47,9 @@ def _train(args, overrides) -> int:
 
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
-    device = build.default_device()
+    from alignfast.trainer.distributed import launched_device
+
+    device = launched_device(build.default_device())  # under a launcher: this process's GPU
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
     if not args.oracle:
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
@@ -103,6 +105,8 @@ def _train(args, overrides) -> int:
                        "retried)") from None
     final = trainer.save_model(Path(cfg.output_dir) / "final")
     last = result.metrics
+    if not trainer.processes.is_main:
+        return 0
     print(f"alignfast train: {result.global_step} PPO steps; last objective/scores "
           f"{last.get('objective/scores', float('nan')):.4f}; model in {final}; metrics in "
           f"{Path(cfg.output_dir) / 'metrics.jsonl'}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -20,7 +21,7 @@ class ProgressCallback:
 
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
                         position=self.position, leave=True, file=sys.stderr,
-                        disable=not (self.always or sys.stderr.isatty()), dynamic_ncols=True)
+                        disable=not (self.always or sys.stderr.isatty()) or not _main_process(), dynamic_ncols=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs:
@@ -39,3 +40,8 @@ class ProgressCallback:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _main_process() -> bool:
+    """Under a launcher (torchrun, accelerate launch) only the main process draws the bar."""
+    return os.environ.get("RANK", "0") == "0"

@@ -29,7 +29,10 @@ from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weight
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.config import AlignProConfig, coerce_config
-from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
+from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
+from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
+                                           gather_env_output, gather_rollout, gathered_for_generation,
+                                           gathered_policy_state, make_processes, save_sharded_state)
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
@@ -98,6 +101,7 @@ class PPOEngineTrainer:
         check_reporters(config.report_to)
         self.config = config
         self.environment = environment
+        self.processes = make_processes(config)  # one process without a launcher: no Accelerator
         self.ops = make_opset(config.backend)
         self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
         self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
@@ -107,7 +111,9 @@ class PPOEngineTrainer:
         set_seed(config.seed)
 
         model = policy_model
-        if config.device is not None:
+        if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)
+            model = model.to(self.processes.accelerator.device)
+        elif config.device is not None:
             model = model.to(_checks.device("device", config.device))
         self.device = next(model.parameters()).device
         self.tokenizer = policy_tokenizer
@@ -170,7 +176,12 @@ class PPOEngineTrainer:
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                           num_training_steps=self.num_steps)
         self.kl_ctl = make_kl_controller(config)
-        self.updater = PPOUpdater(self.policy, self.value_model, self.optimizer, self.params, self.ops, config)
+        self.trainable = None  # under a launcher: the policy (+ value head / critic) as accelerate wrapped it
+        if self.processes.distributed:
+            modules = TrainableModules(model, self.policy, self.value_model, shared_head)
+            self.trainable, self.optimizer = self.processes.accelerator.prepare(modules, self.optimizer)
+        self.updater = PPOUpdater(self.policy, self.value_model, self.optimizer, self.params, self.ops, config,
+                                  processes=self.processes, forward_module=self.trainable)
         self.callbacks = CallbackHandler(callbacks, config)
         self.global_step = 0
         self.episode = 0
@@ -192,14 +203,18 @@ class PPOEngineTrainer:
             path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; falls back past damaged ones
             self._load_checkpoint(path)
             resumed = path
-        else:
+        elif self.processes.is_main:
             self._claim_output_dir()
-        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict())
+        self.processes.wait()  # the other processes start once the main one has claimed output_dir
+        # Metrics, samples and the run's config are global and written once, by the main process.
+        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict()) \
+            if self.processes.is_main else _SilentLogger()
         logger.restart(self.history, step=self.global_step)
-        if resumed is None and logger.samples_path.exists():
-            logger.samples_path.unlink()
-        with open(Path(cfg.output_dir) / "config.json", "w") as f:
-            f.write(cfg.to_json())
+        if self.processes.is_main:
+            if resumed is None and logger.samples_path.exists():
+                logger.samples_path.unlink()
+            with open(Path(cfg.output_dir) / "config.json", "w") as f:
+                f.write(cfg.to_json())
         state = self.callbacks.state
         state.max_steps = self.num_steps
         state.global_step = self.global_step
@@ -221,10 +236,11 @@ class PPOEngineTrainer:
                     logger.track(metrics, step=self.global_step)
                     logger.samples(samples[: cfg.num_logged_samples], step=self.global_step)
                     state.log_history.append({"step": self.global_step, **metrics})
-                    _log.info("step %d/%d  scores %.4f  kl %.4f  policy loss %.4f  value loss %.4f  %.2fs",
-                              self.global_step, self.num_steps, metrics["objective/scores"],
-                              metrics["objective/kl"], metrics["loss/policy_avg"], metrics["loss/value_avg"],
-                              metrics["timing_s/step"])
+                    if self.processes.is_main:
+                        _log.info("step %d/%d  scores %.4f  kl %.4f  policy loss %.4f  value loss %.4f  %.2fs",
+                                  self.global_step, self.num_steps, metrics["objective/scores"],
+                                  metrics["objective/kl"], metrics["loss/policy_avg"], metrics["loss/value_avg"],
+                                  metrics["timing_s/step"])
                     control = self.callbacks.fire("on_log", logs=metrics)
                 if self.eval_dataset is not None and cfg.eval_steps and (self.global_step % cfg.eval_steps == 0
                                                                           or final):
@@ -308,14 +324,18 @@ class PPOEngineTrainer:
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """The policy (or its LoRA adapter) and its tokenizer in save_pretrained form."""
         out = Path(output_dir or self.config.output_dir)
-        if not out.exists():  # a new folder appears whole or not at all (a kill mid-write leaves no partial model)
-            with ckpt.new_folder_atomically(out) as tmp:
-                self.model.save_pretrained(str(tmp))
-                self.tokenizer.save_pretrained(str(tmp))
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(out))
-        self.tokenizer.save_pretrained(str(out))
+        # Sharded state (FSDP2 / ZeRO-3): the full weights are gathered to the main process (collective).
+        state = gathered_policy_state(self.processes, self.trainable) if self.processes.sharded_state else None
+        extra = {"state_dict": state} if state is not None else {}
+        if self.processes.is_main:  # the replicas are identical: one process writes
+            if not out.exists():  # a new folder appears whole or not at all (a kill mid-write leaves no partial model)
+                with ckpt.new_folder_atomically(out) as tmp:
+                    self.model.save_pretrained(str(tmp), **extra)
+                    self.tokenizer.save_pretrained(str(tmp))
+            else:
+                self.model.save_pretrained(str(out), **extra)
+                self.tokenizer.save_pretrained(str(out))
+        self.processes.wait()
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -331,23 +351,30 @@ class PPOEngineTrainer:
         cfg = self.config
         B = cfg.rollout_batch_size
         batch = self.train_dataset.select(batch_indices(len(self.train_dataset), B, step, cfg.seed))
+        # Under N processes this one samples, answers and scores rows [lo, hi) of the global batch, with the
+        # random draws those rows get in one process; everything after the gathers is global.
+        procs = self.processes
+        lo, hi = procs.rows(B)
+        local = batch if not procs.distributed else \
+            PromptBatch(batch.prompts[lo:hi], {k: v[lo:hi] for k, v in batch.columns.items()})
         t_start = time.perf_counter()
         reuse = self._reuse_sampler_logprobs()
-        sampled = self._sample(batch.prompts, batch.columns, greedy=False,
-                               seed=derive_seed(cfg.seed, step, stream=2), with_logprobs=reuse)
+        sampled = self._sample(local.prompts, local.columns, greedy=False, seed=derive_seed(cfg.seed, step, stream=2),
+                               with_logprobs=reuse, draw_rows=(lo, B) if procs.distributed else None)
         outputs = self._decode(sampled)
         t_gen = time.perf_counter()
 
-        env_out = self.environment.step(batch.prompts, outputs, batch.columns,
-                                        seed=derive_seed(cfg.seed, step, stream=3) % (2**31))
+        env_out = self.environment.step(local.prompts, outputs, local.columns,
+                                        seed=self._env_seed(derive_seed(cfg.seed, step, stream=3) % (2**31), lo))
+        if procs.distributed:
+            outputs, env_out = procs.gather_objects(outputs), gather_env_output(procs, env_out)
         self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)
         scores = torch.tensor(env_out.scores, dtype=torch.float32, device=self.device)
         self._check_scores(scores.tolist(), {}, step, last_good, batch.prompts, note=" (overflows float32)")
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~sampled.ended).float()
         t_env = time.perf_counter()
 
-        with torch.no_grad():
+        # A sharded policy (FSDP2 / ZeRO-3) is scored with its full weights, as it generates.
+        with torch.no_grad(), gathered_for_generation(self.trainable):
             logprobs, ref_logprobs, values = score_rollout(
                 self.policy, self._ref_logprobs, self.value_model, sampled.query_ids, sampled.query_mask,
                 sampled.response_ids, sampled.response_mask, temperature=cfg.temperature,
@@ -357,6 +384,12 @@ class PPOEngineTrainer:
                               response_ids=sampled.response_ids, response_mask=sampled.response_mask,
                               ended=sampled.ended, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                               scores=scores)
+            if procs.distributed:
+                rollout = gather_rollout(procs, rollout, self.pad_id)
+                sampled.ended = rollout.ended
+            if cfg.missing_eos_penalty is not None:
+                scores = scores - cfg.missing_eos_penalty * (~sampled.ended).float()
+                rollout.scores = scores
             adv = compute_advantages(rollout, self.ops, kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
                                      gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
                                      whiten_advantages=cfg.whiten_advantages)
@@ -423,9 +456,30 @@ class PPOEngineTrainer:
             return self.config.reuse_sampler_logprobs
         return next(self.model.parameters()).dtype == torch.float32
 
-    def _sample(self, prompts, columns, *, greedy: bool, seed: int, with_logprobs: bool = False) -> SampledBatch:
+    def _env_seed(self, seed: int, first_row: int) -> int:
+        """The environment's seed for this process's rows. The environments seed their target calls per
+        chunk of `batch_size` requests (seed + chunk index); a share starting at a chunk boundary gets the
+        seeds one process gives those rows. Other shares draw different (equally distributed) target
+        samples: exact N-process parity then needs a deterministic target (temperature 0)."""
+        if first_row == 0:
+            return seed
+        chunk = getattr(self.environment, "batch_size", None)
+        if isinstance(chunk, int) and chunk > 0 and first_row % chunk == 0:
+            return seed + first_row // chunk
+        if isinstance(chunk, int) and not getattr(self, "_warned_env_seed", False):
+            self._warned_env_seed = True
+            _log.warning("the %d episodes per process are not a multiple of the environment's batch_size %s: a "
+                         "sampled target draws other samples than one process would", first_row, chunk)
+        return seed + first_row
+
+    def _sample(self, prompts, columns, *, greedy: bool, seed: int, with_logprobs: bool = False,
+                draw_rows: tuple[int, int] | None = None) -> SampledBatch:
         cfg = self.config
-        requests = self.environment.policy_requests(prompts, columns, seed=derive_seed(seed, 0, stream=7) % (2**31))
+        if draw_rows is not None:  # this process's rows of the global batch
+            policy_seed = self._env_seed(derive_seed(seed, 0, stream=7) % (2**31), draw_rows[0])
+        else:
+            policy_seed = derive_seed(seed, 0, stream=7) % (2**31)
+        requests = self.environment.policy_requests(prompts, columns, seed=policy_seed)
         rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length) for r in requests]
         query_ids, query_mask = left_pad(rows, self.pad_id, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -436,10 +490,12 @@ class PPOEngineTrainer:
             def logprob_fn(logits, tokens, temperature):
                 return token_logprobs(logits, tokens, temperature=temperature)
         value_fn = self.policy._values if with_logprobs and self.shared_value_head is not None else None
-        return sample(self.model, query_ids, query_mask, max_new_tokens=cfg.response_length,
-                      stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=0.0 if greedy else cfg.temperature,
-                      top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn,
-                      value_fn=value_fn)
+        # A sharded policy (FSDP2, ZeRO-3: the Oracle arm's target) is gathered for generation.
+        with gathered_for_generation(self.trainable):
+            return sample(self.model, query_ids, query_mask, max_new_tokens=cfg.response_length,
+                          stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=0.0 if greedy else cfg.temperature,
+                          top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, logprob_fn=logprob_fn,
+                          value_fn=value_fn, draw_rows=draw_rows)
 
     def _decode(self, sampled: SampledBatch) -> list[str]:
         out = []
@@ -485,15 +541,25 @@ class PPOEngineTrainer:
         cfg = self.config
         state = {"global_step": self.global_step, "episode": self.episode, "kl_controller": self.kl_ctl.state_dict(),
                  "history": self.history, "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps,
-                 "reference_fingerprint": self._reference_fingerprint()}
+                 "reference_fingerprint": self._reference_fingerprint(),
+                 "num_processes": self.processes.num_processes}
 
         def save_policy(path):
             self.model.save_pretrained(str(path))
             self.tokenizer.save_pretrained(str(path))
 
-        return ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=self._trainable_state(),
-                                    optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
-                                    save_policy=save_policy, total_limit=cfg.save_total_limit)
+        path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
+        trainable, optimizer = (self._trainable_state(), self.optimizer) if not self.processes.sharded_state else \
+            ({"policy": {}}, _NoState())
+        if self.processes.sharded_state:  # FSDP2 / ZeRO-3: one shard per process, moved in with the main files
+            save_policy = save_sharded_state(self.processes, cfg.output_dir, self.global_step, self.trainable,
+                                             self.model, self.tokenizer)
+        if self.processes.is_main:
+            path = ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=trainable,
+                                        optimizer=optimizer, scheduler=self.lr_scheduler, trainer_state=state,
+                                        save_policy=save_policy, total_limit=cfg.save_total_limit)
+        self.processes.wait()  # no process runs ahead of (or resumes from) a half-written checkpoint
+        return path
 
     def _reference_fingerprint(self) -> str:
         """Identity of the frozen reference policy (the reference model, or LoRA's frozen base weights)."""
@@ -514,19 +580,24 @@ class PPOEngineTrainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
+        sharded = check_resumable(self.processes, path, data["state"])
+        if sharded:  # every process reads its shard of parameters and optimizer state
+            self.processes.accelerator.load_state(str(sharded))
+            data["trainable"] = {"policy": {}}
         trainable = data["trainable"]
-        check_resume_matches(path, trainable, data["state"], self.model, self.config,
-                             value_model=self.value_model, value_head=self.shared_value_head)
         check_same_reference(path, data["state"], self._reference_fingerprint(), self.arm)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in trainable["policy"].items():
-                params[name].copy_(value)
-        if self.value_model is not None:
-            self.value_model.load_state_dict(trainable["value_model"])
-        if self.shared_value_head is not None:
-            self.shared_value_head.load_state_dict(trainable["value_head"])
-        self.optimizer.load_state_dict(data["optimizer"])
+        if not sharded:  # accelerate's load_state has restored (and shape-checked) parameters and optimizer
+            check_resume_matches(path, trainable, data["state"], self.model, self.config,
+                                 value_model=self.value_model, value_head=self.shared_value_head)
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in trainable["policy"].items():
+                    params[name].copy_(value)
+            if self.value_model is not None:
+                self.value_model.load_state_dict(trainable["value_model"])
+            if self.shared_value_head is not None:
+                self.shared_value_head.load_state_dict(trainable["value_head"])
+            self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])
         state = data["state"]
@@ -535,6 +606,24 @@ class PPOEngineTrainer:
         self.global_step = int(state["global_step"])
         self.episode = int(state["episode"])
         self.history = list(state["history"])
+
+
+class _SilentLogger:
+    """The metrics logger of a process other than the main one: metrics are global and written once."""
+
+    def restart(self, history, *, step):
+        pass
+
+    def write(self, metrics, *, step):
+        pass
+
+    track = write
+
+    def samples(self, rows, *, step):
+        pass
+
+    def close(self):
+        pass
 
 
 # Settings a resumed run may change without changing what it computes (where it writes, how often it logs or

@@ -6,8 +6,10 @@ Per PPO step, over a batch of B episodes with response mask m [B, R]:
   2. rewards_t = -lambda * kl_t (+ score at the last action), GAE(gamma, lam) -> A_t, returns_t;
      A whitened over the batch                                                      (compute_advantages)
   3. num_ppo_epochs x num_mini_batches optimizer steps, each accumulating gradient_accumulation_steps
-     micro-batches of   ppo_loss(...) - entropy_coef * mean entropy   (scaled by 1/accumulation),
-     the gradient norm clipped to max_grad_norm.
+     micro-batches k of   l_k = ppo_loss(...) - entropy_coef * mean entropy   (token means over the
+     micro-batch), scaled by n_k / n_m (response tokens of the micro- and mini-batch) so the step follows
+     the token-mean loss of the whole mini-batch; the gradient norm clipped to max_grad_norm. Under N
+     processes each runs G/N of the micro-batches and the scale is N n_k / n_m (trainer.distributed).
 
 The numerics come from an OpSet: alignfast.ops (fused kernels) or alignfast.reference (the spec);
 everything else is identical, which is what makes the fast-vs-reference parity test meaningful.
@@ -16,6 +18,7 @@ everything else is identical, which is what makes the fast-vs-reference parity t
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -140,6 +143,17 @@ class UpdateStats:
         for k in self.KEYS:
             self._values[k].append(values[k].detach().float().reshape(()))
 
+    def gather(self, processes, steps: int) -> None:
+        """Every process's micro-batch statistics, in the order one process records them: process r holds
+        micro-batches [r G/N, (r+1) G/N) of each mini-batch, so the gathered [N, steps, G/N] is transposed
+        to [steps, N, G/N]."""
+        n = processes.num_processes
+        for k in self.KEYS:
+            mine = torch.stack(self._values[k])
+            every = processes.gather_rows(mine[None].to(processes.accelerator.device)).cpu()
+            self._values[k] = list(every.reshape(n, -1, mine.numel() // steps).transpose(0, 1)
+                                   .reshape(-1).unbind()) if mine.numel() else []
+
     def series(self, key: str) -> list[float]:
         v = self._values[key]
         return torch.stack(v).tolist() if v else []
@@ -175,7 +189,9 @@ class PPOUpdater:
     """Runs the clipped PPO updates of one step. value_model is None for a shared value head."""
 
     def __init__(self, policy: CausalLMPolicy, value_model, optimizer: torch.optim.Optimizer,
-                 params: list[torch.nn.Parameter], ops: OpSet, config):
+                 params: list[torch.nn.Parameter], ops: OpSet, config, *, processes=None, forward_module=None):
+        self.processes = processes
+        self.forward_module = forward_module  # the accelerate-wrapped TrainableModules under N processes
         self.policy = policy
         self.value_model = value_model
         self.optimizer = optimizer
@@ -186,6 +202,9 @@ class PPOUpdater:
     def forward(self, batch: Rollout, *, temperature: float, return_entropy: bool):
         """New log-probs and values of a micro-batch (with gradient); the entropy carries a gradient
         only when the loss has an entropy bonus."""
+        if self.forward_module is not None:  # through DDP/FSDP2/ZeRO's forward, so their gradient hooks run
+            return self.forward_module(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
+                                       temperature=temperature, entropy_grad=self.config.entropy_coef > 0)
         out = self.policy.forward(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
                                   temperature=temperature, return_entropy=return_entropy,
                                   entropy_grad=self.config.entropy_coef > 0)
@@ -199,22 +218,53 @@ class PPOUpdater:
         B = rollout.response_ids.size(0)
         mbs, pdbs = cfg.mini_batch_size, cfg.per_device_train_batch_size
         stats = UpdateStats()
+        procs = self.processes
+        n_procs = procs.num_processes if procs is not None else 1
+        micros = procs.micro_batches(cfg.gradient_accumulation_steps) if procs is not None else \
+            range(cfg.gradient_accumulation_steps)
+        tokens = rollout.response_mask.sum(1).tolist()  # response tokens per episode (exact integers)
         for epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(B, generator=generator).to(rollout.response_ids.device)
             for mb in range(cfg.num_mini_batches):
                 mb_idx = order[mb * mbs: (mb + 1) * mbs]
+                n_mb = sum(tokens[i] for i in mb_idx.tolist())
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in range(cfg.gradient_accumulation_steps):
+                bad = None
+                for j, micro in enumerate(micros):
                     idx = mb_idx[micro * pdbs: (micro + 1) * pdbs]
-                    loss = self._micro_step(rollout, adv, idx, stats)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(epoch, mb, micro, float(loss.detach()))
-                    (loss / cfg.gradient_accumulation_steps).backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+                    # n_k N / n_m: exactly 1.0 with one process and one micro-batch per mini-batch.
+                    scale = sum(tokens[i] for i in idx.tolist()) * n_procs / n_mb
+                    with (procs.no_sync(self.forward_module, last=j == len(micros) - 1) if procs is not None
+                          else nullcontext()):
+                        loss = self._micro_step(rollout, adv, idx, stats)
+                        if not torch.isfinite(loss):
+                            bad = bad or NonFiniteLoss(epoch, mb, micro, float(loss.detach()))
+                            if n_procs == 1:
+                                raise bad
+                        self._backward(loss * scale)
+                if n_procs > 1 and procs.sum(float(bad is not None)) > 0:  # every process stops, none waits
+                    raise bad or NonFiniteLoss(epoch, mb, -1, float("nan"))
+                self._clip_grad_norm()
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if n_procs > 1:
+            stats.gather(procs, steps=cfg.num_ppo_epochs * cfg.num_mini_batches)
         return stats
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.forward_module is not None:
+            self.processes.accelerator.backward(loss * self.processes.backward_scale)
+        else:
+            loss.backward()
+
+    def _clip_grad_norm(self) -> None:
+        cfg = self.config
+        if cfg.max_grad_norm is None:
+            return
+        if self.forward_module is not None:  # accelerate's: the global norm of sharded (FSDP2/ZeRO) gradients
+            self.processes.accelerator.clip_grad_norm_(self.forward_module.parameters(), cfg.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
 
     def _micro_step(self, rollout: Rollout, adv: Advantages, idx: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
         cfg = self.config

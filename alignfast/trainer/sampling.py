@@ -86,18 +86,36 @@ def last_logits_kwargs(model) -> dict:
     return {}
 
 
+def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None,
+                draw_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One token per row of probs [B, V]. Without draw_rows: torch.multinomial(probs, 1). With
+    draw_rows=(first, total): the same draw written out (torch's one-sample multinomial is the
+    exponential race argmax_v p_v / q_v, q ~ Exp(1) i.i.d., with q drawn as one [rows, V] tensor), with
+    q drawn for all `total` rows and rows [first, first + B) kept, so a row's token depends on its place
+    in the whole batch and the generator, not on which process samples it."""
+    if draw_rows is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    first, total = draw_rows
+    q = torch.empty((total, probs.size(1)), dtype=probs.dtype, device=probs.device).exponential_(1, generator=generator)
+    return (probs / q[first: first + probs.size(0)]).argmax(dim=-1)
+
+
 @torch.no_grad()
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None,
            logprob_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
-           value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampledBatch:
+           value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           draw_rows: tuple[int, int] | None = None) -> SampledBatch:
     """Sample up to max_new_tokens continuations of left-padded queries (temperature 0: greedy).
 
     logprob_fn(logits [B, V], tokens [B], temperature) -> [B] log-probs; when given, the per-token
     log-probs of the drawn tokens are returned in SampledBatch.logprobs.
     value_fn(last hidden state [B, H]) -> [B]; when given, the value of the state each token is drawn
     from (a value head on the policy's own backbone) is returned in SampledBatch.values.
+    draw_rows=(first, total): these B rows are rows [first, first + B) of a batch of `total` rows
+    sampled with the same generator; each row gets exactly the token that batch would give it (see
+    draw_tokens), so N processes sampling their shares reproduce one process sampling all rows.
     """
     device = query_ids.device
     B = query_ids.size(0)
@@ -122,7 +140,7 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
         else:
             z = filter_logits(logits / temperature, top_k, top_p)
             probs = torch.softmax(z, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            token = draw_tokens(probs, generator, draw_rows)
         if logprob_fn is not None:
             logprobs_out.append(logprob_fn(logits, token, temperature if temperature > 0 else 1.0))
         if value_fn is not None:

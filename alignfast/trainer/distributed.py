@@ -1,0 +1,286 @@
+"""The trainer across processes: accelerate owns the process group, placement, DDP/FSDP2/ZeRO wrapping,
+backward, clipping and collectives; this module says how one PPO step is split over N processes.
+
+Launched by `accelerate launch` or `torchrun` (WORLD_SIZE > 1), every process builds the same trainer;
+one process without a launcher builds no Accelerator at all and runs exactly the single-process code.
+
+One PPO step over a global batch of B episodes, process r of N (B and every batch size are global):
+
+    rows [r·B/N, (r+1)·B/N) of the batch   sample (each row's random draws are those it gets in a
+                                           1-process run: sampling.sample(draw_rows=...)),
+                                           the environment (target + reward), old/ref log-probs, values
+    all-gather (padded)                    every process holds the global rollout [B, ...]: advantages,
+                                           whitening, the KL controller's mean KL and the metrics are
+                                           those of the global batch, computed by the same fused op
+                                           that one process runs (B x R elementwise work, replicated)
+    mini-batch m, micro-batches k          process r runs micro-batches [r·G/N, (r+1)·G/N) of the same
+                                           mini-batch permutation as 1 process, with loss scale
+                                           N · n_k / n_m (n: response tokens), so the data-parallel
+                                           MEAN of the gradients is the gradient of the mini-batch's
+                                           token-mean loss (verl's agg_loss "token-mean"):
+                                               (1/N) Σ_r Σ_{k∈r} N n_k/n_m · ∇ℓ_k = ∇ (Σ_k n_k ℓ_k / n_m)
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from alignfast.ops._checks import fail
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, accelerate launch) started; 1 without one."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def launched_device(device: str) -> str:
+    """`cuda` under a launcher means this process's GPU (cuda:LOCAL_RANK); anything else is kept."""
+    if device == "cuda" and launched_world_size() > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+class Processes:
+    """The process group seen by the trainer. `accelerator` is None for a single process without a launcher."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+        self.num_processes = accelerator.num_processes if accelerator is not None else 1
+        self.index = accelerator.process_index if accelerator is not None else 0
+        self.is_main = self.index == 0
+        self.backward_scale = 1.0  # DeepSpeed divides each micro-batch loss by its accumulation steps
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1
+
+    @property
+    def sharded_state(self) -> bool:
+        """Parameters/optimizer state split over processes (FSDP, DeepSpeed): checkpoints go through
+        accelerate's save_state, one shard per process. ALIGNFAST_SHARDED_CHECKPOINTS=1 takes that path
+        under DDP too (the CPU tests do: accelerate runs FSDP only on GPUs)."""
+        if self.accelerator is None:
+            return False
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) or \
+            os.environ.get("ALIGNFAST_SHARDED_CHECKPOINTS", "0") == "1"
+
+    # -- the split ------------------------------------------------------------------------------------
+    def rows(self, total: int) -> tuple[int, int]:
+        """[lo, hi) of this process's rows of a global batch of `total` rows (even split)."""
+        per = total // self.num_processes
+        return self.index * per, (self.index + 1) * per
+
+    def micro_batches(self, per_mini_batch: int) -> range:
+        """This process's micro-batch indices among a mini-batch's `per_mini_batch`."""
+        per = per_mini_batch // self.num_processes
+        return range(self.index * per, (self.index + 1) * per)
+
+    def check_config(self, config) -> None:
+        """The global batch must split evenly: every process runs the same number of micro-batches."""
+        n, g, p = self.num_processes, config.gradient_accumulation_steps, config.per_device_train_batch_size
+        if n > 1 and g % n:
+            hint = f"; the same batch: per_device_train_batch_size {p // n} with gradient_accumulation_steps {g * n}" \
+                if p % n == 0 else ""
+            fail("gradient_accumulation_steps", f"({g}) must be a multiple of the number of processes ({n}): the "
+                 f"global batch of {config.rollout_batch_size} episodes (per_device_train_batch_size {p} x "
+                 f"gradient_accumulation_steps {g} x num_mini_batches {config.num_mini_batches}) is split by "
+                 f"micro-batches over the processes{hint}")
+
+    # -- collectives (no-ops for one process) ---------------------------------------------------------
+    def gather_rows(self, x: torch.Tensor, *, pad_value=0, left: bool = False) -> torch.Tensor:
+        """Concatenate every process's rows in process order, padding dim 1 to the widest first
+        (left padding for left-padded queries)."""
+        if not self.distributed:
+            return x
+        if x.dim() > 1:
+            x = self.accelerator.pad_across_processes(x.contiguous(), dim=1, pad_index=pad_value, pad_first=left)
+        return self.accelerator.gather(x.contiguous())
+
+    def gather_objects(self, items: list) -> list:
+        """Concatenate every process's list of picklable items in process order."""
+        if not self.distributed:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.gather(t).sum())
+
+    def wait(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def no_sync(self, module, last: bool):
+        """Gradient all-reduce only on the last backward of an accumulation."""
+        if self.accelerator is None or last:
+            return nullcontext()
+        return self.accelerator.no_sync(module)
+
+
+def make_processes(config) -> Processes:
+    """An Accelerator when launched on several processes (its plugins come from the launcher's config or
+    environment: `accelerate launch --config_file configs/accelerate/fsdp2.yaml`); none otherwise."""
+    if launched_world_size() <= 1:
+        return Processes(None)
+    from accelerate import Accelerator
+
+    # On a machine without accelerators accelerate runs the CPU/gloo process group only when asked.
+    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu)
+    processes = Processes(accelerator)
+    processes.check_config(config)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # UNTESTED: DeepSpeed does not run on CPU CI
+        # The engine steps itself every `gradient_accumulation_steps` backward calls, clips by its config and
+        # scales each loss by 1 / those steps: tell it this process's share of a mini-batch and undo the scale.
+        steps = config.gradient_accumulation_steps // processes.num_processes
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds.update(train_micro_batch_size_per_gpu=config.per_device_train_batch_size,
+                  gradient_accumulation_steps=steps, gradient_clipping=config.max_grad_norm or 0.0)
+        processes.backward_scale = float(steps)
+    return processes
+
+
+class TrainableModules(nn.Module):
+    """The policy, its value head or critic, as ONE module: what DDP/FSDP2/ZeRO wrap. Its forward is the
+    update phase's forward (new log-probs, entropy, values), so the wrapper's hooks see every trained
+    parameter (calling the policy's backbone directly would bypass DDP's gradient synchronisation)."""
+
+    def __init__(self, model: nn.Module, policy, value_model: nn.Module | None, value_head: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.value_model = value_model
+        self.value_head = value_head
+        self._policy = [policy]  # not a submodule: it holds references to the modules above
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
+                entropy_grad: bool):
+        out = self._policy[0].forward(query_ids, query_mask, response_ids, response_mask, temperature=temperature,
+                                      return_entropy=True, entropy_grad=entropy_grad)
+        values = out.values
+        if values is None:
+            values = self.value_model(query_ids, query_mask, response_ids, response_mask)
+        return out.logprobs, out.entropy, values
+
+
+@contextmanager
+def gathered_for_generation(module: nn.Module | None):
+    """The full parameters of a sharded model for generation (TRL's unwrap_model_for_generation): FSDP2
+    units are unsharded for the duration (a unit's own hooks may reshard and gather it again per forward), ZeRO-3
+    parameters gathered with deepspeed.zero.GatheredParameters; replicated models (DDP, one process) pass
+    through untouched."""
+    if module is None:
+        yield
+        return
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3 partitioned parameters (UNTESTED)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+
+
+def gather_env_output(processes: Processes, env_out):
+    """The global EnvOutput from every process's share (lists in episode order; tokens summed; this
+    process's timings, which are the step-time split the main process reports)."""
+    from alignfast.trainer.environments import EnvOutput
+
+    per_func = {name: processes.gather_objects(values) for name, values in sorted(env_out.per_func.items())}
+    return EnvOutput(scores=processes.gather_objects(env_out.scores), per_func=per_func,
+                     answers=processes.gather_objects(env_out.answers),
+                     requests=processes.gather_objects(env_out.requests), timings=dict(env_out.timings),
+                     generated_tokens=int(processes.sum(env_out.generated_tokens)))
+
+
+def gather_rollout(processes: Processes, rollout, pad_id: int):
+    """The global Rollout: every process's rows in order, queries left-padded and responses right-padded
+    to the global widths, exactly the tensors one process sampling every row builds."""
+    from alignfast.trainer.ppo_core import Rollout
+
+    g = processes.gather_rows
+    return Rollout(query_ids=g(rollout.query_ids, pad_value=pad_id, left=True),
+                   query_mask=g(rollout.query_mask, pad_value=False, left=True),
+                   response_ids=g(rollout.response_ids, pad_value=pad_id),
+                   response_mask=g(rollout.response_mask, pad_value=False),
+                   ended=g(rollout.ended), logprobs=g(rollout.logprobs), ref_logprobs=g(rollout.ref_logprobs),
+                   values=g(rollout.values), scores=rollout.scores)
+
+
+class NoState:
+    """The optimizer slot of a sharded checkpoint's main files (its state is in the shards)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+SHARDS = "sharded"  # the folder of a checkpoint holding accelerate's per-process state
+
+
+def save_sharded_state(processes: Processes, output_dir, step: int, trainable: nn.Module, model: nn.Module,
+                       tokenizer):
+    """Collective: every process writes its shard (accelerate save_state: parameters, optimizer, RNG) to a
+    temporary folder and the full policy weights are gathered to the main process. Returns the main
+    process's save_policy(path) for checkpoint.save_checkpoint, which writes the user-facing model and moves
+    the shards into the checkpoint before its atomic rename (a half-written checkpoint never looks complete)."""
+    from pathlib import Path
+
+    shards = Path(output_dir) / f".tmp-sharded-{step}"
+    processes.accelerator.save_state(str(shards))
+    policy_state = gathered_policy_state(processes, trainable)
+    processes.wait()
+
+    def save_policy(path):
+        model.save_pretrained(str(path), state_dict=policy_state)
+        tokenizer.save_pretrained(str(path))
+        os.replace(shards, Path(path).parent / SHARDS)
+
+    return save_policy
+
+
+def gathered_policy_state(processes: Processes, trainable: nn.Module) -> dict:
+    """Collective: the policy's full state dict (TrainableModules' `model.` entries) on the main process
+    ({} elsewhere under FSDP2 / ZeRO-3)."""
+    full = processes.accelerator.get_state_dict(trainable) or {}
+    return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+
+
+def check_resumable(processes: Processes, path, state: dict):
+    """The shard folder to load (None: a replicated checkpoint). Replicated state resumes under any number
+    of processes (the run does not depend on it); sharded state only under the same one, with sharding."""
+    from pathlib import Path
+
+    saved_n, n = int(state.get("num_processes", 1)), processes.num_processes
+    shards = Path(path) / SHARDS
+    if not shards.is_dir() and not processes.sharded_state:
+        return None
+    if not shards.is_dir() or not processes.sharded_state or saved_n != n:
+        written = f"its state is sharded over {saved_n} processes" if shards.is_dir() else \
+            f"it holds replicated state from {saved_n} process(es) and this launch shards the state"
+        fail("num_processes", f"{n} process(es) cannot resume {path}: {written}; resume with the launcher config "
+             f"it was written with (accelerate launch --num_processes {saved_n})")
+    return shards

@@ -1,0 +1,123 @@
+"""The trainer under 2 processes (torchrun, gloo on CPU) against 1 process: same parameters (<= 1e-5) and
+metrics for Align-Pro and the Oracle arm, a killed 2-process run resumed (under 2 and under 1 process),
+one shared OpenAI-compatible target server equal to per-process HF targets, and the bad-input error.
+
+Two launches of 2 processes (~20-40 s each on 2 cores) share the work: tests/distributed/toy_run.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("openai")
+
+from tests.distributed import toy_run  # noqa: E402
+from tests.distributed.openai_stub import HFCompletionsStub  # noqa: E402
+from tests.trainer.tiny import small_world  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tests" / "distributed" / "toy_run.py"
+LAUNCH_TIMEOUT_S = 300
+
+
+def launch(world: Path, out: Path, *scenarios: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+           str(world), str(out), *scenarios]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    world = root / "world"
+    small_world(world)
+    one, two = root / "one", root / "two"
+    stub = HFCompletionsStub(str(world / "prompter"))
+    try:
+        first = launch(world, two, "align_pro", "oracle", "hf_target", "openai_target", "bad_accumulation",
+                       "stopped_sharded", "fsdp_generation", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
+    finally:
+        stub.close()
+    assert (two / "killed" / "checkpoint-2").is_dir(), first.stdout[-3000:] + first.stderr[-6000:]
+    assert first.returncode != 0  # the processes died after checkpoint-2
+    assert not (two / "killed" / "checkpoint-3").exists()
+    shutil.copytree(two / "killed", two / "killed_copy")
+    shutil.copytree(two / "stopped_sharded", two / "sharded_copy")
+    second = launch(world, two, "resumed", "resumed_sharded")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
+    toy_run.main([str(world), str(one), "align_pro", "oracle", "hf_target"])
+    toy_run.main([str(world), str(two), "resumed_copy", "resumed_sharded_copy"])  # 2 processes' checkpoints, 1 resumes
+    return {"one": one, "two": two, "stub_max_in_flight": stub.max_in_flight, "stub_requests": stub.requests}
+
+
+def load(folder: Path, scenario: str) -> dict:
+    path = folder / f"{scenario}.pt"
+    assert path.exists(), f"{scenario} wrote no result"
+    return torch.load(path)
+
+
+def assert_same_run(a: dict, b: dict, *, atol: float = 1e-5) -> None:
+    assert a["params"].keys() == b["params"].keys()
+    worst = max((a["params"][k] - b["params"][k]).abs().max().item() for k in a["params"])
+    assert worst <= atol, f"parameters differ by {worst}"
+    assert len(a["history"]) == len(b["history"]) == toy_run.STEPS
+    for step, (ma, mb) in enumerate(zip(a["history"], b["history"]), 1):
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), f"step {step}: metric {k}"
+    assert a["kl_coef"] == pytest.approx(b["kl_coef"], rel=1e-9)
+
+
+@pytest.mark.parametrize("scenario", ["align_pro", "oracle", "hf_target"])
+def test_two_processes_match_one(runs, scenario):
+    two = load(runs["two"], scenario)
+    assert two["num_processes"] == 2
+    assert_same_run(load(runs["one"], scenario), two)
+
+
+def test_shared_openai_target_matches_per_process_hf_targets(runs):
+    assert_same_run(load(runs["two"], "hf_target"), load(runs["two"], "openai_target"))
+    # 2 processes x max_concurrency 2: never more than 4 requests in flight at the server
+    assert runs["stub_requests"] > 0 and 1 <= runs["stub_max_in_flight"] <= 4
+
+
+def test_killed_two_process_run_resumes_to_the_uninterrupted_result(runs):
+    uninterrupted = load(runs["two"], "align_pro")
+    assert_same_run(uninterrupted, load(runs["two"], "resumed"), atol=0.0)
+    # resumed by one process: the state is replicated and the run does not depend on the process count
+    assert_same_run(uninterrupted, load(runs["two"], "resumed_copy"))
+    assert (runs["two"] / "killed" / "checkpoint-3").is_dir()
+    lines = (runs["two"] / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == toy_run.STEPS  # written once per step, by the main process only
+
+
+def test_batch_that_does_not_split_over_the_processes_is_one_line_error(runs):
+    message = (runs["two"] / "bad_accumulation.error").read_text()
+    assert "\n" not in message and "'gradient_accumulation_steps'" in message and "processes (2)" in message
+
+
+def test_sharded_state_checkpoint_resumes_under_the_same_processes_only(runs):
+    """accelerate's save_state/load_state path (FSDP2/ZeRO-3's), taken under DDP on CPU: the shards live in
+    the checkpoint, the gathered policy is saved beside them, the resumed run is the uninterrupted one."""
+    checkpoint = runs["two"] / "stopped_sharded" / "checkpoint-2"
+    assert (checkpoint / "sharded").is_dir() and (checkpoint / "policy" / "config.json").exists()
+    assert not list((runs["two"] / "stopped_sharded").glob(".tmp-*"))
+    resumed = load(runs["two"], "resumed_sharded")
+    assert_same_run(load(runs["two"], "align_pro"), resumed, atol=0.0)
+    assert resumed["saved"] and all(torch.equal(v, resumed["params"][k]) for k, v in resumed["saved"].items())
+    message = (runs["two"] / "resumed_sharded_copy.error").read_text()
+    assert "\n" not in message and "'num_processes'" in message and "sharded over 2 processes" in message
+
+
+def test_oracle_generation_from_an_fsdp2_sharded_policy(runs):
+    res = torch.load(runs["two"] / "fsdp_generation.pt")
+    assert torch.equal(res["expected"], res["got"])
+    assert res["logprob_diff"] <= 1e-5
+    assert res["unsharded_call_failed"]  # without gathered_for_generation the sharded root's weights are missing

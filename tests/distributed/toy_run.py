@@ -1,0 +1,193 @@
+"""Trains the trainer tests' small world under whatever launched it (torchrun with N processes, or plain
+python for one) and writes, from the main process, what the distributed tests compare:
+
+    python tests/distributed/toy_run.py WORLD_DIR OUT_DIR SCENARIO [SCENARIO ...]
+
+WORLD_DIR holds tok/ and prompter/ (tests.trainer.tiny.small_world). Each scenario writes
+OUT_DIR/<scenario>.pt = {"params": {name: tensor}, "history": [metrics without timings], "kl_coef": float}
+or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
+
+    align_pro        AlignProTrainer, echo target, 3 PPO steps
+    oracle           OracleTrainer, 3 PPO steps
+    killed           align_pro saving every step; every process exits (code 17) right after checkpoint-2
+    resumed          continues `killed` from its latest checkpoint to step 3
+    resumed_copy     the same from OUT_DIR/killed_copy (a copy made before `resumed` ran)
+    stopped_sharded  align_pro with accelerate's sharded-state checkpoints (ALIGNFAST_SHARDED_CHECKPOINTS=1),
+                     stopped after checkpoint-2
+    resumed_sharded  continues `stopped_sharded` to step 3; resumed_sharded_copy: from OUT_DIR/sharded_copy
+    hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
+    openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
+    bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
+    fsdp_generation  the prompter sharded with torch FSDP2 (fully_shard, gloo) samples inside
+                     gathered_for_generation exactly what the unsharded model samples
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importable under torchrun
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from alignfast.ops._checks import AlignfastArgumentError  # noqa: E402
+from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, keyword_reward  # noqa: E402
+
+STEPS = 3
+CONFIG = dict(seed=5, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_mini_batches=2,
+              num_ppo_epochs=2, max_steps=STEPS, response_length=4, temperature=1.0, learning_rate=5e-3,
+              logging_steps=1, rewrite_template="{prompt}", adap_kl_ctrl=True, kl_target=0.5, kl_horizon=20,
+              save_steps=STEPS, device="cpu", target_max_new_tokens=4, target_batch_size=2)
+
+
+class StopAfterCheckpoint:
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.at:
+            control.should_training_stop = True
+
+
+class ExitAfterCheckpoint:
+    """Every process dies right after the checkpoint of step `at` is on disk (no clean shutdown)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.at:
+            sys.stdout.flush()
+            os._exit(17)
+
+
+def make_trainer(world: Path, out: Path, scenario: str, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.trainer import AlignProConfig, AlignProTrainer, OracleTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(world / "tok"))
+    cfg = dict(CONFIG, output_dir=str(out / scenario), overwrite_output_dir=True)
+    cfg.update(overrides)
+    model = AutoModelForCausalLM.from_pretrained(str(world / "prompter"))
+    common = dict(reward_funcs=[keyword_reward], train_dataset=TRAIN_PROMPTS)
+    if scenario == "oracle":
+        return OracleTrainer(AlignProConfig(**cfg), model, tok, **common)
+    callbacks = [ExitAfterCheckpoint(2)] if scenario == "killed" else \
+        [StopAfterCheckpoint(2)] if scenario == "stopped_sharded" else None
+    if scenario == "hf_target":
+        target = str(world / "prompter")  # a real causal LM answers (greedy): HFEngine in every process
+    elif scenario == "openai_target":
+        from alignfast.rollout import OpenAIEngine
+
+        target = OpenAIEngine(os.environ["ALIGNFAST_TEST_STUB_URL"], "tiny", max_concurrency=2)
+    else:
+        target = FunctionTarget(lambda s: s, tok)
+    return AlignProTrainer(AlignProConfig(**cfg), model, tok, target, target_tokenizer=tok, callbacks=callbacks,
+                           **common)
+
+
+class Root(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def fsdp_generation(world: Path, out: Path) -> None:
+    """The Oracle arm's generation from a sharded policy, on CPU: accelerate runs FSDP2 on GPUs only, so the
+    policy is sharded with torch's fully_shard directly (one unit per decoder layer and the root, as
+    configs/accelerate/fsdp2.yaml does) and sampled through the trainer's context and sampler."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from alignfast.trainer.distributed import gathered_for_generation
+    from alignfast.trainer.sampling import left_pad, sample
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = AutoModelForCausalLM.from_pretrained(str(world / "prompter")).eval()
+    sharded = AutoModelForCausalLM.from_pretrained(str(world / "prompter")).eval()
+    # As the trainer's TrainableModules: the policy is a child of the sharded root, so the embeddings, final
+    # norm and LM head belong to the root's unit, which calling the policy directly does not unshard.
+    root = Root(sharded)
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())
+    q_ids, q_mask = left_pad([[6, 7, 8], [9, 10], [11, 12, 13, 14]], 0)
+
+    def draw(model):
+        g = torch.Generator().manual_seed(3)
+        return sample(model, q_ids, q_mask, max_new_tokens=6, stop_ids=[2], pad_id=0, temperature=1.0, generator=g,
+                      logprob_fn=lambda logits, tokens, t: torch.log_softmax(logits / t, -1).gather(
+                          -1, tokens[:, None]).squeeze(-1))
+
+    expected = draw(full)
+    try:
+        draw(sharded)
+        unsharded_call_failed = False
+    except Exception:  # noqa: BLE001 - a DTensor mixed with plain tensors, whatever torch calls it
+        unsharded_call_failed = True
+    with gathered_for_generation(root):
+        got = draw(sharded)
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())  # sharded again afterwards
+    if dist.get_rank() == 0:
+        torch.save({"expected": expected.response_ids, "got": got.response_ids,
+                    "logprob_diff": (expected.logprobs - got.logprobs).abs().max().item(),
+                    "unsharded_call_failed": unsharded_call_failed},
+                   out / "fsdp_generation.pt")
+
+
+def run(world: Path, out: Path, scenario: str) -> None:
+    if scenario == "fsdp_generation":
+        return fsdp_generation(world, out)
+    overrides = {}
+    if scenario in ("killed", "resumed", "resumed_copy"):
+        folder = "killed_copy" if scenario == "resumed_copy" else "killed"
+        overrides = dict(save_steps=1, output_dir=str(out / folder), overwrite_output_dir=scenario == "killed")
+    if "sharded" in scenario:
+        folder = "sharded_copy" if scenario == "resumed_sharded_copy" else "stopped_sharded"
+        overrides = dict(save_steps=1, output_dir=str(out / folder), overwrite_output_dir=scenario == "stopped_sharded")
+    if scenario == "bad_accumulation":
+        overrides = dict(gradient_accumulation_steps=3)
+    os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
+    try:
+        trainer = make_trainer(world, out, scenario, **overrides)
+        result = trainer.train(resume_from_checkpoint=True if scenario.startswith("resumed") else None)
+    except AlignfastArgumentError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out / f"{scenario}.error").write_text(str(err))
+        return
+    # the user-facing model of a sharded run: the gathered full weights (a collective call)
+    final = trainer.save_model(out / scenario / "final") if "sharded" in scenario else None
+    if trainer.processes.is_main:
+        params = {f"policy.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+        params.update({f"value.{n}": p.detach().clone() for n, p in trainer.value_model.named_parameters()})
+        history = [{k: v for k, v in m.items() if not k.startswith(("timing_s", "tokens/s"))}
+                   for m in result.history]
+        saved = {} if final is None else \
+            {f"policy.{n}": p.detach() for n, p in AutoModelForCausalLM.from_pretrained(str(final)).named_parameters()}
+        torch.save({"params": params, "history": history, "kl_coef": trainer.kl_ctl.value, "saved": saved,
+                    "num_processes": trainer.processes.num_processes}, out / f"{scenario}.pt")
+
+
+def main(argv: list[str]) -> None:
+    world, out, scenarios = Path(argv[0]), Path(argv[1]), argv[2:]
+    out.mkdir(parents=True, exist_ok=True)
+    for scenario in scenarios:
+        run(world, out, scenario)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
