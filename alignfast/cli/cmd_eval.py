@@ -16,10 +16,17 @@ def add_parser(sub) -> None:
                     "the Oracle (a target trained with `alignfast train --oracle`). Prints mean reward, reward "
                     "variance and win rate vs No fine-tuning; writes eval.json, eval.md and the rollouts.")
     p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file used for training")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a trained prompter: output_dir/final or output_dir/checkpoint-<step>")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="a trained prompter: output_dir/final or output_dir/checkpoint-<step> (the Align-Pro arm)")
     p.add_argument("--oracle-checkpoint", metavar="DIR", help="a target trained with --oracle (optional)")
-    p.add_argument("--output-dir", metavar="DIR", help="where eval.json/eval.md go (default: next to --checkpoint)")
+    p.add_argument("--aligner-checkpoint", metavar="DIR",
+                   help="an Aligner corrector trained by SFT (`alignfast aligner train`): the Aligner (SFT) arm")
+    p.add_argument("--aligner-ppo-checkpoint", metavar="DIR",
+                   help="a corrector trained with PPO in AlignerEnvironment: the Aligner (PPO corrector) arm")
+    p.add_argument("--aligner-ppo-template", metavar="TEXT", default=None,
+                   help="the PPO corrector's correction_template ({prompt}, {draft}; default AlignerEnvironment's)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="where eval.json/eval.md go (default: next to the first checkpoint given)")
     p.add_argument("--seed", type=int, default=0, help="seed of the target's sampling when it samples (default 0)")
     p.set_defaults(run=run, accepts_overrides=True)
 
@@ -28,6 +35,7 @@ def run(args, overrides) -> int:
 
     from alignfast.cli import build
     from alignfast.cli.checkpoints import load_policy, policy_dir
+    from alignfast.cli.errors import CLIError
     from alignfast.cli.config import load_run_config, section
     from alignfast.eval import arms as arm_eval
     from alignfast.eval import compare_arms, to_json, to_markdown
@@ -38,10 +46,14 @@ def run(args, overrides) -> int:
 
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
-    for path in (args.checkpoint, args.oracle_checkpoint):  # a wrong folder fails before any model runs
-        if path:
-            policy_dir(path)
-    cfg = build.trainer_config(config, output_dir=str(Path(args.checkpoint).parent))
+    checkpoints = [c for c in (args.checkpoint, args.aligner_checkpoint, args.aligner_ppo_checkpoint,
+                               args.oracle_checkpoint) if c]
+    if not checkpoints:
+        raise CLIError("give at least one of --checkpoint, --aligner-checkpoint, --aligner-ppo-checkpoint, "
+                       "--oracle-checkpoint")
+    for path in checkpoints:  # a wrong folder fails before any model runs
+        policy_dir(path)
+    cfg = build.trainer_config(config, output_dir=str(Path(checkpoints[0]).parent))
     device = build.default_device()
     _, evals = build.load_data(config, need_train=False, need_eval=True)
     prompts = [r["prompt"] for r in evals]
@@ -53,11 +65,17 @@ def run(args, overrides) -> int:
     env = AlignProEnvironment.from_config(cfg, engine, rewards, target_tokenizer=target_tokenizer)
 
     results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
-    prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
-                                         device=device)
-    results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, policy_engine(prompter, prompter_tok, cfg),
-                                                prompter_tok, prompts, columns, max_new_tokens=cfg.response_length,
-                                                seed=args.seed)
+    if args.checkpoint:
+        prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
+                                             device=device)
+        results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, policy_engine(prompter, prompter_tok, cfg),
+                                                    prompter_tok, prompts, columns, max_new_tokens=cfg.response_length,
+                                                    seed=args.seed)
+    if args.aligner_checkpoint or args.aligner_ppo_checkpoint:
+        from alignfast.cli.eval_aligner import aligner_arms
+
+        results.update(aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prompts, columns,
+                                    baseline=results[BASELINE], device=device))
     if args.oracle_checkpoint:
         oracle, oracle_tok = load_policy(args.oracle_checkpoint, base_spec=section(config, "target"), role="oracle",
                                          device=device)
@@ -67,11 +85,12 @@ def run(args, overrides) -> int:
                                                  rewrites=False)
 
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
-    out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
+    out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(rows, baseline=BASELINE)
     (out / "eval.json").write_text(to_json(rows, baseline=BASELINE, extra={
-        "checkpoint": str(args.checkpoint), "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
+        "checkpoint": args.checkpoint, "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
+        "aligner_checkpoint": args.aligner_checkpoint, "aligner_ppo_checkpoint": args.aligner_ppo_checkpoint,
         "prompts": len(prompts)}))
     (out / "eval.md").write_text(table + "\n")
     arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")
