@@ -32,6 +32,8 @@ from bench.harness import Row, append_results, device_description, format_table,
 PRESETS = {
     "cpu-llama-32k": dict(arch="llama", vocab=32000, hidden=128, layers=2, heads=4, kv_heads=4, inter=256,
                           batch=4, prompt=96, correction=64, dtype=torch.float32),
+    "cpu-llama-32k-long": dict(arch="llama", vocab=32000, hidden=128, layers=2, heads=4, kv_heads=4, inter=256,
+                               batch=8, prompt=256, correction=256, dtype=torch.float32),
     "cpu-qwen2-152k": dict(arch="qwen2", vocab=151936, hidden=128, layers=2, heads=4, kv_heads=2, inter=256,
                            batch=4, prompt=96, correction=64, dtype=torch.float32),
     "cuda-qwen2-0.5b": dict(arch="qwen2", vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, inter=4864,
