@@ -95,3 +95,10 @@ def test_chat_template_is_applied_only_when_asked(tmp_path):
     assert tok.convert_ids_to_tokens(chat.prompt_ids)[0] == "<user>"
     assert tok.convert_ids_to_tokens(chat.prompt_ids)[-1] == "<assistant>"
     assert chat.target_ids == plain.target_ids
+
+
+def test_rows_from_a_datasets_dataset():
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{**r, "extra": 1} for r in ROWS])
+    rows = check_rows(ds)
+    assert [r["correction"] for r in rows] == [r["correction"] for r in ROWS] and rows[0]["extra"] == 1
