@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         "eval", help="compare a trained prompter with no prompter (and an Oracle checkpoint) on held-out prompts",
         description="Scores data.eval of the run file with No fine-tuning (the frozen target answers the prompt), "
                     "Align-Pro (the prompter in --checkpoint rewrites it, greedily) and, with --oracle-checkpoint, "
-                    "the Oracle (a target trained with `alignfast train --oracle`). Prints mean reward, reward "
+                    "the Oracle (a target trained with `alignfast train --oracle`); with --aligner-checkpoint / "
+                    "--aligner-ppo-checkpoint, Aligner correctors after the same target. Prints mean reward, reward "
                     "variance and win rate vs No fine-tuning; writes eval.json, eval.md and the rollouts.")
     p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file used for training")
     p.add_argument("--checkpoint", metavar="DIR",
