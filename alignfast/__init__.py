@@ -7,6 +7,7 @@ transformers, and never fails because the compiled extension is missing. Submodu
     alignfast.reference   the same ops in plain PyTorch: the specification
     alignfast.rollout     prompter sampling, frozen-target engines, rewards
     alignfast.trainer     AlignProConfig, AlignProTrainer, checkpoints
+    alignfast.aligner     AlignerConfig, AlignerTrainer (SFT corrector), AlignerPipeline
     alignfast.eval        mean reward, variance, win rate; tables
     alignfast.toy         the embedded world behind `alignfast demo`
 """
@@ -17,11 +18,14 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"ops", "reference", "rollout", "trainer", "eval", "toy", "info", "cli"}
+_SUBMODULES = {"ops", "reference", "rollout", "trainer", "aligner", "eval", "toy", "info", "cli"}
 _LAZY_ATTRS = {
     "AlignProConfig": "alignfast.trainer",
     "AlignProTrainer": "alignfast.trainer",
     "OracleTrainer": "alignfast.trainer",
+    "AlignerConfig": "alignfast.aligner",
+    "AlignerTrainer": "alignfast.aligner",
+    "AlignerPipeline": "alignfast.aligner",
 }
 
 __all__ = ["__version__", *sorted(_SUBMODULES), *sorted(_LAZY_ATTRS)]

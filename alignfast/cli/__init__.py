@@ -3,6 +3,8 @@
     alignfast demo [--output-dir DIR]          the embedded world, offline, on a laptop CPU
     alignfast train --config run.yaml [--section.key value ...]
     alignfast eval  --config run.yaml --checkpoint DIR [--oracle-checkpoint DIR]
+    alignfast aligner train --config aligner.yaml [--resume]   an Aligner corrector by SFT
+    alignfast correct --aligner DIR --upstream MODEL --data FILE --output FILE
     alignfast bench [NAME ...] [--device cuda] [--record]
     alignfast info                             which kernel implements each op on each device
 
@@ -44,7 +46,7 @@ def _command_modules():
 
 
 # Order of `alignfast --help`.
-COMMAND_NAMES = ("demo", "train", "eval", "bench", "info")
+COMMAND_NAMES = ("demo", "train", "eval", "aligner", "correct", "bench", "info")
 _COMMANDS: list = []
 
 

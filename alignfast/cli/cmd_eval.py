@@ -14,16 +14,24 @@ def add_parser(sub) -> None:
         description="Scores data.eval of the run file with No fine-tuning (the frozen target answers the prompt), "
                     "SFT prompter (before PPO) (prompter.model rewrites it, greedily; --no-sft skips it), "
                     "Align-Pro (the prompter in --checkpoint rewrites it, greedily) and, with --oracle-checkpoint, "
-                    "the Oracle (a target trained with `alignfast train --oracle`). Prints mean reward, reward "
+                    "the Oracle (a target trained with `alignfast train --oracle`); with --aligner-checkpoint / "
+                    "--aligner-ppo-checkpoint, Aligner correctors after the same target. Prints mean reward, reward "
                     "variance and win rate vs No fine-tuning; writes eval.json, eval.md and the rollouts.")
     p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file used for training")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a trained prompter: output_dir/final or output_dir/checkpoint-<step>")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="a trained prompter: output_dir/final or output_dir/checkpoint-<step> (the Align-Pro arm)")
     p.add_argument("--oracle-checkpoint", metavar="DIR", help="a target trained with --oracle (optional)")
-    p.add_argument("--output-dir", metavar="DIR", help="where eval.json/eval.md go (default: next to --checkpoint)")
     p.add_argument("--no-sft", action="store_true",
                    help="skip the 'SFT prompter (before PPO)' arm: prompter.model of the run file rewriting the "
                         "prompts, which shows what PPO changed (it loads that model once more)")
+    p.add_argument("--aligner-checkpoint", metavar="DIR",
+                   help="an Aligner corrector trained by SFT (`alignfast aligner train`): the Aligner (SFT) arm")
+    p.add_argument("--aligner-ppo-checkpoint", metavar="DIR",
+                   help="a corrector trained with PPO in AlignerEnvironment: the Aligner (PPO corrector) arm")
+    p.add_argument("--aligner-ppo-template", metavar="TEXT", default=None,
+                   help="the PPO corrector's correction_template ({prompt}, {draft}; default AlignerEnvironment's)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="where eval.json/eval.md go (default: next to the first checkpoint given)")
     p.add_argument("--seed", type=int, default=0, help="seed of the target's sampling when it samples (default 0)")
     p.set_defaults(run=run, accepts_overrides=True)
 
@@ -38,6 +46,7 @@ def run(args, overrides) -> int:
 def _evaluate(args, overrides) -> int:
     from alignfast.cli import build
     from alignfast.cli.checkpoints import load_policy, policy_dir
+    from alignfast.cli.errors import CLIError
     from alignfast.cli.config import load_run_config, section
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.threads import fit_threads_to_machine
@@ -50,10 +59,14 @@ def _evaluate(args, overrides) -> int:
 
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
-    for path in (args.checkpoint, args.oracle_checkpoint):  # a wrong folder fails before any model runs
-        if path:
-            policy_dir(path)
-    cfg = build.trainer_config(config, output_dir=str(Path(args.checkpoint).parent))
+    checkpoints = [c for c in (args.checkpoint, args.aligner_checkpoint, args.aligner_ppo_checkpoint,
+                               args.oracle_checkpoint) if c]
+    if not checkpoints:
+        raise CLIError("give at least one of --checkpoint, --aligner-checkpoint, --aligner-ppo-checkpoint, "
+                       "--oracle-checkpoint")
+    for path in checkpoints:  # a wrong folder fails before any model runs
+        policy_dir(path)
+    cfg = build.trainer_config(config, output_dir=str(Path(checkpoints[0]).parent))
     build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     fit_threads_to_machine()
     device = build.default_device()
@@ -67,18 +80,24 @@ def _evaluate(args, overrides) -> int:
     env = AlignProEnvironment.from_config(cfg, engine, rewards, target_tokenizer=target_tokenizer)
 
     results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
-    if not args.no_sft:  # the prompter before PPO (prompter.model, without the checkpoint's training)
+    if args.checkpoint and not args.no_sft:  # the prompter before PPO (prompter.model, without the checkpoint's training)
         spec = section(config, "prompter")
         sft, sft_tok = load_causal_lm(spec, "prompter", device=device).eval(), load_tokenizer(spec, "prompter")
         results[arm_eval.SFT] = arm_eval.with_policy(arm_eval.SFT, env, policy_engine(sft, sft_tok, cfg), sft_tok,
                                                      prompts, columns, max_new_tokens=cfg.response_length,
                                                      seed=args.seed)
         del sft  # freed before the trained prompter loads
-    prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
-                                         device=device)
-    results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, policy_engine(prompter, prompter_tok, cfg),
-                                                prompter_tok, prompts, columns, max_new_tokens=cfg.response_length,
-                                                seed=args.seed)
+    if args.checkpoint:
+        prompter, prompter_tok = load_policy(args.checkpoint, base_spec=section(config, "prompter"), role="prompter",
+                                             device=device)
+        results["Align-Pro"] = arm_eval.with_policy("Align-Pro", env, policy_engine(prompter, prompter_tok, cfg),
+                                                    prompter_tok, prompts, columns, max_new_tokens=cfg.response_length,
+                                                    seed=args.seed)
+    if args.aligner_checkpoint or args.aligner_ppo_checkpoint:
+        from alignfast.cli.eval_aligner import aligner_arms
+
+        results.update(aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prompts, columns,
+                                    baseline=results[BASELINE], device=device))
     if args.oracle_checkpoint:
         oracle, oracle_tok = load_policy(args.oracle_checkpoint, base_spec=section(config, "target"), role="oracle",
                                          device=device)
@@ -88,11 +107,12 @@ def _evaluate(args, overrides) -> int:
                                                  rewrites=False)
 
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
-    out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
+    out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(rows, baseline=BASELINE)
     (out / "eval.json").write_text(to_json(rows, baseline=BASELINE, extra={
-        "checkpoint": str(args.checkpoint), "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
+        "checkpoint": args.checkpoint, "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
+        "aligner_checkpoint": args.aligner_checkpoint, "aligner_ppo_checkpoint": args.aligner_ppo_checkpoint,
         "prompts": len(prompts)}))
     (out / "eval.md").write_text(table + "\n")
     arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")

@@ -35,6 +35,7 @@ SECTIONS: dict[str, set[str] | None] = {
                "base_url", "api", "api_key_env", "max_concurrency", "timeout", "max_retries",         # openai
                "retry_budget", "call_timeout",
                "system_prompt", "trust_remote_code", "revision", "lora"},
+    "aligner": {"model", "tokenizer", "dtype", "lora", "trust_remote_code", "revision"},  # `alignfast aligner`
     "reward": {"model", "tokenizer", "dtype", "functions", "weights", "template", "trust_remote_code", "revision"},
     "data": {"train", "eval"},
     "trainer": None,  # checked against AlignProConfig's fields by the trainer itself

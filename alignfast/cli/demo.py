@@ -6,6 +6,7 @@
 2. Score the held-out prompts with No fine-tuning (the target answers x) and with ρsft.
 3. Train the prompter with Align-Pro (PPO, KL penalty λ = kl_coef to ρsft), then score it.
 4. Train the target itself with PPO (the Oracle arm), then score it.
+   Train an Aligner corrector by SFT on the target's answers to the training prompts, then score it.
 5. Print the table (mean reward, variance, win rate vs No fine-tuning), a few prompts before and after,
    and write results.json, results.md, reward_curve.png and each run's metrics.jsonl to the output dir.
 """
@@ -66,7 +67,7 @@ def _print_examples(rows: list[dict], names: list[str]) -> str:
 
 
 def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = None, oracle: bool = True,
-             backend: str = "fast", show_progress: bool | None = None) -> dict:
+             backend: str = "fast", show_progress: bool | None = None, aligner: bool = True) -> dict:
     """Run the whole demo; returns the results dict also written to output_dir/results.json."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,6 +138,13 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = No
             prompts, columns, max_new_tokens=oracle_cfg.response_length, seed=seed, rewrites=False)
         timings["oracle_eval_s"] = time.perf_counter() - t0
         curves["Oracle (training prompts, sampled)"] = out / "oracle" / "metrics.jsonl"
+    if aligner:  # Aligner: a corrector trained by SFT after the frozen target (alignfast.aligner)
+        from alignfast.cli.demo_aligner import NAME as ALIGNER, aligner_arm
+
+        t0 = time.perf_counter()
+        results[ALIGNER] = aligner_arm(world, env, target_engine, tok, results[BASELINE], out / "aligner", seed=seed,
+                                       backend=backend, always=always, episodes=episodes)
+        timings["aligner_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
     rows = compare_arms({name: r.scores for name, r in results.items()}, baseline=BASELINE)

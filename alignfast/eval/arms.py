@@ -4,6 +4,7 @@
     SFT prompter   : x' = ρsft(x) (greedy), y ~ πF(·|x') the prompter before PPO (what PPO starts from)
     Align-Pro      : x' = ρθ(x) (greedy), y ~ πF(·|x')  a trained prompter rewrites, the target answers
     Oracle         : y = πθ(x) (greedy)              the target itself trained with PPO (RLHF)
+    Aligner        : y0 ~ πF(·|x), y = c(x, y0) (greedy) a corrector rewrites the target's answer (SFT or PPO)
 
 Each arm is a policy engine (or none) in front of an environment from alignfast.trainer.environments:
 the environment builds the policy's input (rewrite instruction, chat template), runs the frozen target
@@ -92,6 +93,20 @@ def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts
     out = environment.step(prompts, outputs, cols, seed=seed)
     return ArmResult(name, prompts, list(outputs if rewrites else prompts), [a[0] if a else "" for a in out.answers],
                      _as_floats(out.scores, name), dict(out.per_func))
+
+
+def with_corrector(name: str, environment, corrector, prompts: Sequence[str], columns: dict | None = None, *,
+                   answers: Sequence[str] | None = None, seed: int = 0) -> ArmResult:
+    """Aligner: the frozen target answers x (the No fine-tuning answers, computed here unless given), the
+    corrector rewrites each answer from (x, answer), and the environment's reward scores the correction
+    r(x, y) on x. corrector: anything with correct(questions, answers) -> list[str] (alignfast.aligner)."""
+    prompts = list(prompts)
+    cols = _columns(columns, len(prompts))
+    if answers is None:
+        answers = no_fine_tuning(environment, prompts, cols, seed=seed).answers
+    corrections = corrector.correct(prompts, list(answers))
+    out = environment.rewards(prompts, corrections, **cols)
+    return ArmResult(name, prompts, list(prompts), corrections, _as_floats(out.total, name), dict(out.per_func))
 
 
 def write_rollouts(results: Mapping[str, ArmResult], path: str | Path) -> Path:

@@ -79,7 +79,8 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path), "--episodes", "64"]) == 0
     printed = capsys.readouterr().out
     rows = _table_rows(printed)
-    assert list(rows) == ["No fine-tuning", "SFT prompter (before PPO)", "Align-Pro", "Oracle (PPO on the target)"]
+    assert list(rows)[:4] == ["No fine-tuning", "SFT prompter (before PPO)", "Align-Pro", "Oracle (PPO on the target)"]
+    assert "Aligner (SFT)" in rows  # trained by SFT in the same run (alignfast.cli.demo_aligner)
     assert "Before and after Align-Pro" in printed and "prompt: 'sort" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["episodes"] == 64 and results["held_out_prompts"] == 250

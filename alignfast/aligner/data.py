@@ -1,0 +1,190 @@
+"""Correction data: rows {question, answer, correction} -> token ids with the loss on the correction only.
+
+One training row becomes
+
+    prompt  = template(question, answer)              (plain text, or a chat user turn if asked)
+    target  = correction tokens + EOS                 (the only tokens that carry loss)
+
+and a batch is [prompt (left-padded) | target (right-padded)], the layout the PPO engine's policy uses
+for [query | response], so the same fused log-prob path scores it.
+
+Too long for max_length: the answer loses tokens from its end first (the corrector still sees the
+question, the beginning of the answer and the template's end, e.g. "ASSISTANT:"); if the prompt without
+any answer token still leaves no room, the correction loses tokens from its end (its start is always
+trained). If the question and template alone leave no room for one correction token, the row is an
+error naming max_length.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alignfast.ops._checks import fail
+from alignfast.rollout import templates
+
+FIELDS = ("question", "answer", "correction")
+_SENTINEL = "\x00ALIGNFAST-ANSWER\x00"
+
+
+def check_rows(data, *, name: str = "train_dataset", need_correction: bool = True) -> list[dict]:
+    """The rows as dicts with string fields; a missing field, a non-string or an empty question/correction
+    is an error naming the row and the field. An empty answer is allowed (an upstream may answer nothing)."""
+    if data is None or isinstance(data, (str, bytes, dict)):
+        fail(name, f"must be a list of rows {{question, answer, correction}}, got {type(data).__name__}")
+    if hasattr(data, "to_list"):  # a datasets.Dataset
+        data = data.to_list()
+    rows = list(data)
+    if not rows:
+        fail(name, "is empty")
+    fields = FIELDS if need_correction else FIELDS[:2]
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            fail(name, f"row {i} must be a mapping with {', '.join(fields)}, got {type(row).__name__}")
+        for f in fields:
+            if f not in row or row[f] is None:
+                fail(name, f"row {i} has no '{f}' field (rows need {', '.join(fields)})")
+            if not isinstance(row[f], str):
+                fail(name, f"row {i} field '{f}' must be text, got {type(row[f]).__name__}")
+        if not row["question"].strip():
+            fail(name, f"row {i} field 'question' is empty")
+        if need_correction and not row["correction"].strip():
+            fail(name, f"row {i} field 'correction' is empty (an identity row repeats the answer instead)")
+        out.append(dict(row))
+    return out
+
+
+def with_identity_rows(rows: list[dict], ratio: float, seed: int) -> list[dict]:
+    """rows + K identity rows (correction := answer, "identity": True) with K / (len(rows) + K) = ratio,
+    K = round(ratio * n / (1 - ratio)). Sources are drawn without replacement (with, once all are used)
+    from rows with a non-empty answer, by a generator seeded with `seed`."""
+    if ratio <= 0:
+        return list(rows)
+    sources = [r for r in rows if r["answer"].strip()]
+    if not sources:
+        fail("identity_ratio", "needs rows with a non-empty answer to copy")
+    k = round(ratio * len(rows) / (1.0 - ratio))
+    rng = random.Random(seed)
+    picked: list[dict] = []
+    while len(picked) < k:
+        picked += rng.sample(sources, min(len(sources), k - len(picked)))
+    return list(rows) + [{**r, "correction": r["answer"], "identity": True} for r in picked]
+
+
+@dataclass
+class EncodedRow:
+    """prompt_ids then target_ids (correction + EOS, the loss tokens); what truncation removed."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+    answer_tokens_dropped: int = 0
+    correction_tokens_dropped: int = 0
+
+
+class CorrectionEncoder:
+    """Renders and tokenizes rows for one tokenizer and template (shared by training and inference)."""
+
+    def __init__(self, tokenizer, template: str, *, use_chat_template: bool = False, max_length: int | None = None):
+        for f in ("{question}", "{answer}"):
+            if f not in template:
+                fail("template", f"must contain {f}, got {template!r}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.use_chat_template = use_chat_template
+        self.max_length = max_length
+        if tokenizer.eos_token_id is None:
+            fail("tokenizer", "has no EOS token: the correction must end with one (set tokenizer.eos_token)")
+        self.eos_id = int(tokenizer.eos_token_id)
+
+    def prompt_pieces(self, question: str, answer: str) -> tuple[str, str, bool]:
+        """(text before the answer, text after it, add_special_tokens) of the corrector's input."""
+        content = templates.render(self.template, question=question, answer=_SENTINEL)
+        text, add_special = templates.user_turn(self.tokenizer, content, use_chat_template=self.use_chat_template)
+        before, sep, after = text.partition(_SENTINEL)
+        if not sep:  # a chat template that drops the content cannot happen with a sane template
+            raise ValueError("alignfast: the corrector's chat template lost the answer")
+        return before, after, add_special
+
+    def _ids(self, text: str, add_special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"]) if text else []
+
+    def prompt_ids(self, question: str, answer: str, *, room: int | None = None) -> tuple[list[int], int]:
+        """Token ids of the corrector's input and the number of answer tokens dropped to fit in `room`.
+
+        The three pieces are tokenized apart (special tokens only on the first), so the answer's tokens are
+        known exactly and can be cut from their end."""
+        before, after, add_special = self.prompt_pieces(question, answer)
+        head = self._ids(before, add_special)
+        body = self._ids(answer, False)
+        tail = self._ids(after, False)
+        dropped = 0
+        if room is not None and len(head) + len(body) + len(tail) > room:
+            keep = max(0, room - len(head) - len(tail))
+            dropped = len(body) - keep
+            body = body[:keep]
+        return head + body + tail, dropped
+
+    def correction_ids(self, prompt_text_end: str, correction: str) -> list[int]:
+        # A BPE tokenizer writes a word after "ASSISTANT:" with its leading space; a template that already
+        # ends in whitespace (or a chat turn) gets the correction as it is.
+        text = correction if (not prompt_text_end or prompt_text_end[-1].isspace() or self.use_chat_template) \
+            else " " + correction.lstrip()
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, row: dict, *, index: int = 0) -> EncodedRow:
+        """One training row; see the module docstring for what truncation keeps."""
+        _, after, _ = self.prompt_pieces(row["question"], row["answer"])
+        target = self.correction_ids(after, row["correction"]) + [self.eos_id]
+        L = self.max_length
+        if L is None:
+            ids, _ = self.prompt_ids(row["question"], row["answer"])
+            return EncodedRow(ids, target)
+        bare_len = len(self.prompt_ids(row["question"], row["answer"], room=0)[0])  # every answer token dropped
+        if bare_len + 1 > L:
+            fail("max_length", f"({L}) leaves no room for the correction of row {index}: its question and the "
+                 f"template alone take {bare_len} tokens")
+        cut = max(0, bare_len + len(target) - L)  # correction tokens that cannot fit even without the answer
+        if cut:
+            target = target[: len(target) - cut]
+        ids, dropped = self.prompt_ids(row["question"], row["answer"], room=L - len(target))
+        return EncodedRow(ids, target, answer_tokens_dropped=dropped, correction_tokens_dropped=cut)
+
+    def inference_ids(self, question: str, answer: str) -> list[int]:
+        """The corrector's input at inference: as in training, the answer cut so that at least a quarter of
+        max_length stays for the correction (without max_length: untouched)."""
+        room = None if self.max_length is None else max(1, self.max_length - max(1, self.max_length // 4))
+        return self.prompt_ids(question, answer, room=room)[0]
+
+
+@dataclass
+class Batch:
+    """[prompt | target] as [query | response]: query left-padded, response right-padded."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def collate(rows: Sequence[EncodedRow], pad_id: int, device=None) -> Batch:
+    Q = max(len(r.prompt_ids) for r in rows)
+    R = max(len(r.target_ids) for r in rows)
+    q = torch.full((len(rows), Q), pad_id, dtype=torch.long)
+    qm = torch.zeros((len(rows), Q), dtype=torch.bool)
+    r = torch.full((len(rows), R), pad_id, dtype=torch.long)
+    rm = torch.zeros((len(rows), R), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row.prompt_ids:
+            q[i, Q - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+            qm[i, Q - len(row.prompt_ids):] = True
+        r[i, : len(row.target_ids)] = torch.tensor(row.target_ids)
+        rm[i, : len(row.target_ids)] = True
+    return Batch(q.to(device), qm.to(device), r.to(device), rm.to(device))

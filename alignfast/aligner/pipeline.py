@@ -1,0 +1,120 @@
+"""Stacked inference: any upstream model answers, the trained corrector rewrites each answer.
+
+    x --(upstream TargetEngine: HF, vLLM or an OpenAI-compatible endpoint)--> y0
+      --(corrector, greedy, batched; input template(x, y0) exactly as in training)--> y
+
+The upstream is never touched (open weights or an API); the corrector is a small causal LM saved by
+AlignerTrainer.save_model (its aligner_config.json says how its input was built).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignfast.aligner.data import CorrectionEncoder
+from alignfast.ops._checks import fail
+
+
+class Corrector:
+    """A corrector model behind alignfast's batched HF engine: correct(questions, answers) -> corrections."""
+
+    def __init__(self, model, tokenizer, *, template: str, use_chat_template: bool = False,
+                 max_length: int | None = None, max_new_tokens: int = 256, batch_size: int = 32):
+        from alignfast.rollout import HFEngine
+        from alignfast.trainer.base import _special_ids
+
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            fail("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            fail("batch_size", f"must be an integer >= 1, got {batch_size!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.encoder = CorrectionEncoder(tokenizer, template, use_chat_template=use_chat_template,
+                                         max_length=max_length)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        _, stops = _special_ids(tokenizer, model, None)
+        self.engine = HFEngine(model, tokenizer, eos_token_id=stops)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None, **kwargs) -> Corrector:
+        """A folder written by AlignerTrainer.save_model (full weights or a LoRA adapter)."""
+        p = Path(path)
+        settings_file = p / "aligner_config.json"
+        if not settings_file.is_file():
+            fail("aligner", f"{p} has no aligner_config.json: pass a folder written by AlignerTrainer.save_model "
+                 "(`alignfast aligner train` writes <output_dir>/final)")
+        settings = json.loads(settings_file.read_text())
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if (p / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(str(p), dtype=dtype).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+        if device is not None:
+            model = model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(p))
+        return cls(model.eval().requires_grad_(False), tokenizer, template=settings["template"],
+                   use_chat_template=settings.get("use_chat_template", False),
+                   max_length=settings.get("max_length"), **kwargs)
+
+    def correct(self, questions: Sequence[str], answers: Sequence[str]) -> list[str]:
+        """Greedy corrections, one per (question, answer) pair."""
+        questions, answers = list(questions), list(answers)
+        if len(questions) != len(answers):
+            fail("answers", f"has {len(answers)} entries for {len(questions)} questions")
+        out: list[str] = []
+        for start in range(0, len(questions), self.batch_size):
+            ids = [self.encoder.inference_ids(q, a) for q, a in
+                   zip(questions[start: start + self.batch_size], answers[start: start + self.batch_size])]
+            completions = self.engine.generate(ids, max_new_tokens=self.max_new_tokens, temperature=0.0)
+            out += [c[0].text.strip() for c in completions]
+        return out
+
+
+@dataclass
+class Correction:
+    question: str
+    answer: str
+    correction: str
+
+
+class AlignerPipeline:
+    """upstream (any TargetEngine) -> answers -> corrector -> corrections.
+
+    aligner: a Corrector, or a folder written by AlignerTrainer.save_model. upstream_tokenizer: when
+    given, the question is sent as token ids in the upstream's chat format (as the PPO trainers send the
+    frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text."""
+
+    def __init__(self, upstream, aligner, *, upstream_tokenizer=None, upstream_use_chat_template: bool = True,
+                 upstream_max_new_tokens: int = 256, batch_size: int = 32, device=None):
+        from alignfast.rollout.engine import TargetEngine
+        from alignfast.trainer.environments import AlignProEnvironment
+
+        if not isinstance(upstream, TargetEngine):
+            fail("upstream", f"must be an alignfast TargetEngine (HFEngine, VLLMEngine, OpenAIEngine), got "
+                 f"{type(upstream).__name__}")
+        self.corrector = aligner if isinstance(aligner, Corrector) else \
+            Corrector.from_pretrained(aligner, device=device, batch_size=batch_size)
+        # The upstream's answer to the question as it is: Align-Pro's target call with the identity rewrite.
+        self._upstream = AlignProEnvironment(upstream, None, target_tokenizer=upstream_tokenizer,
+                                             rewrite_template="{prompt}", max_new_tokens=upstream_max_new_tokens,
+                                             batch_size=batch_size, use_chat_template=upstream_use_chat_template)
+
+    def answer(self, questions: Sequence[str], *, seed: int | None = 0) -> list[str]:
+        answers, _ = self._upstream.answer(list(questions), seed=seed)
+        return [a[0] if a else "" for a in answers]
+
+    def __call__(self, questions: Sequence[str], *, answers: Sequence[str] | None = None,
+                 seed: int | None = 0) -> list[Correction]:
+        """Corrections of the upstream's answers (or of `answers`, when already known)."""
+        questions = list(questions)
+        answers = self.answer(questions, seed=seed) if answers is None else list(answers)
+        corrections = self.corrector.correct(questions, answers)
+        return [Correction(q, a, c) for q, a, c in zip(questions, answers, corrections, strict=True)]

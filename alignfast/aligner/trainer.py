@@ -1,0 +1,267 @@
+"""AlignerTrainer: supervised fine-tuning of a corrector on {question, answer, correction} (Aligner,
+Ji et al. 2024, arXiv 2402.02416).
+
+The corrector pi_phi learns the correction residual: given the question x and an upstream answer y0,
+write the better answer y*:
+
+    min_phi  E[(x, y0, y*) ~ D]  - (1/|y*|+1) sum_t log pi_phi(y*_t | template(x, y0), y*_<t)   (+ EOS)
+
+taken as one token mean over each optimizer step's rows (alignfast.aligner.loss). identity_ratio mixes
+in rows with y* = y0 (the paper's identity warm-up: leave a good answer as it is). The loop is the plain
+SFT loop; its machinery is the PPO trainers': AdamW, a transformers LR schedule, the seeded data order
+(trainer.data.batch_indices), callbacks (progress bar), metrics.jsonl (MetricsLogger) and atomic
+checkpoints with exact resume (trainer.checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from alignfast.aligner.config import AlignerConfig, coerce_config
+from alignfast.aligner.data import CorrectionEncoder, check_rows, collate, with_identity_rows
+from alignfast.aligner.loss import CorrectionLoss
+from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.trainer import checkpoint as ckpt
+from alignfast.trainer.base import PPOEngineTrainer, _changed_settings, load_causal_lm, load_tokenizer
+from alignfast.trainer.callbacks import CallbackHandler
+from alignfast.trainer.data import batch_indices
+from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
+from alignfast.trainer.results import TrainingDivergedError, TrainOutput
+
+_log = logging.getLogger("alignfast.aligner")
+
+ALIGNER_FILE = "aligner_config.json"  # beside a saved corrector: how to build its input
+
+
+class AlignerTrainer:
+    """SFT of a causal-LM corrector. `model`: a transformers causal LM or a path; train_dataset /
+    eval_dataset: rows {question, answer, correction} (a list, or a datasets.Dataset)."""
+
+    arm = "aligner"
+
+    def __init__(self, config: AlignerConfig | dict, model, tokenizer=None, *, train_dataset, eval_dataset=None,
+                 peft_config=None, callbacks=None):
+        config = coerce_config(config)
+        check_reporters(config.report_to)
+        self.config = config
+        from transformers import get_scheduler, set_seed
+
+        set_seed(config.seed)
+        self.tokenizer = load_tokenizer(tokenizer, model, "tokenizer")  # from the model's path when not given
+        model = load_causal_lm(model, "model")
+        if config.device is not None:
+            model = model.to(config.device)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.model = model
+        self.device = next(model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        self.encoder = CorrectionEncoder(self.tokenizer, config.template_text,
+                                         use_chat_template=config.use_chat_template, max_length=config.max_length)
+
+        rows = check_rows(train_dataset, name="train_dataset")
+        self.train_rows = with_identity_rows(rows, config.identity_ratio, config.seed)
+        self.train_encoded = [self.encoder.encode(r, index=i) for i, r in enumerate(self.train_rows)]
+        self.eval_rows = check_rows(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
+        self.eval_encoded = ([self.encoder.encode(r, index=i) for i, r in enumerate(self.eval_rows)]
+                             if self.eval_rows is not None else None)
+        truncated = sum(1 for e in self.train_encoded if e.answer_tokens_dropped or e.correction_tokens_dropped)
+        if truncated:
+            _log.warning("%d of %d training rows exceed max_length=%d: their answers (and if needed the ends of "
+                         "their corrections) were cut", truncated, len(self.train_encoded), config.max_length)
+        self.data_stats = {"rows": len(self.train_rows), "identity_rows": len(self.train_rows) - len(rows),
+                           "truncated_rows": truncated}
+
+        self.loss_fn = CorrectionLoss(model, backend=config.backend)
+        self.num_steps = config.num_steps(len(self.train_encoded))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise AlignfastArgumentError("alignfast: the corrector has no trainable parameter")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                           weight_decay=config.weight_decay, foreach=True)
+        warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
+        self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                          num_training_steps=self.num_steps)
+        self.callbacks = CallbackHandler(callbacks, config)
+        self.global_step = 0
+        self.num_tokens = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """SFT to the configured number of steps; resume_from_checkpoint: a checkpoint dir, or True for the
+        latest one in output_dir (the run then continues exactly as if uninterrupted)."""
+        cfg = self.config
+        resumed = None
+        if resume_from_checkpoint:
+            path = ckpt.latest_checkpoint(cfg.output_dir) if resume_from_checkpoint is True else \
+                Path(resume_from_checkpoint)
+            if path is None:
+                raise FileNotFoundError(f"alignfast: no checkpoint to resume from in {cfg.output_dir}")
+            self._load_checkpoint(path)
+            resumed = path
+        else:
+            # The PPO trainers' rule, one implementation: a fresh run never mixes with an earlier one.
+            PPOEngineTrainer._claim_output_dir(self)
+        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict())
+        logger.restart(self.history, step=self.global_step)
+        (Path(cfg.output_dir) / "config.json").write_text(cfg.to_json())
+        state = self.callbacks.state
+        state.max_steps = self.num_steps
+        state.global_step = self.global_step
+        control = self.callbacks.fire("on_train_begin")
+        last_good = ckpt.latest_checkpoint(cfg.output_dir) if resumed is not None else None
+        metrics: dict = self.history[-1] if self.history else {}
+        try:
+            while self.global_step < self.num_steps and not control.should_training_stop:
+                metrics = self._train_step(self.global_step, last_good)
+                self.global_step += 1
+                self.history.append({"step": self.global_step, **metrics})
+                logger.write(metrics, step=self.global_step)
+                state.global_step = self.global_step
+                state.epoch = metrics["epoch"]
+                final = self.global_step == self.num_steps
+                if self.global_step % cfg.logging_steps == 0 or final:
+                    logger.track(metrics, step=self.global_step)
+                    state.log_history.append({"step": self.global_step, **metrics})
+                    _log.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2fs", self.global_step,
+                              self.num_steps, metrics["loss"], metrics["grad_norm"], metrics["learning_rate"],
+                              metrics["timing_s/step"])
+                    control = self.callbacks.fire("on_log", logs=metrics)
+                control = self.callbacks.fire("on_step_end")
+                if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
+                                                     or control.should_training_stop):
+                    last_good = self._save_checkpoint()
+                    control = self.callbacks.fire("on_save")
+            if self.eval_encoded is not None:
+                eval_metrics = self.evaluate()
+                logger.write(eval_metrics, step=self.global_step)
+                logger.track(eval_metrics, step=self.global_step)
+                metrics = {**metrics, **eval_metrics}
+                self.callbacks.fire("on_evaluate", metrics=eval_metrics)
+        finally:
+            logger.close()
+        self.callbacks.fire("on_train_end")
+        return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
+
+    def _train_step(self, step: int, last_good) -> dict:
+        cfg = self.config
+        t0 = time.perf_counter()
+        idx = batch_indices(len(self.train_encoded), cfg.rows_per_step, step, cfg.seed)
+        rows = [self.train_encoded[i] for i in idx]
+        micro = [rows[i: i + cfg.per_device_train_batch_size]
+                 for i in range(0, len(rows), cfg.per_device_train_batch_size)]
+        batches = [collate(m, self.pad_id, self.device) for m in micro]
+        n_tokens = sum(b.num_tokens for b in batches)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for b in batches:
+            loss = self.loss_fn.nll_sum(b) / n_tokens  # every micro-batch over the step's token count
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"alignfast: non-finite loss at step {step + 1}. Training stopped before this step's update; "
+                    f"the last good checkpoint is {last_good or 'none (no checkpoint yet)'}", step=step + 1,
+                    checkpoint=last_good)
+            loss.backward()
+            total += float(loss.detach())
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.detach().float().norm() for p in self.params if p.grad is not None])))
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.model.eval()
+        self.num_tokens += n_tokens
+        dt = time.perf_counter() - t0
+        return {"loss": total, "grad_norm": grad_norm, "learning_rate": lr,
+                "epoch": (step + 1) * cfg.rows_per_step / len(self.train_encoded), "num_tokens": self.num_tokens,
+                "timing_s/step": dt, "tokens/s": n_tokens / dt if dt > 0 else 0.0}
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None) -> dict[str, float]:
+        """eval/loss: the token-mean correction NLL over the eval rows (no truncation beyond max_length)."""
+        if eval_dataset is not None:
+            rows = check_rows(eval_dataset, name="eval_dataset")
+            encoded = [self.encoder.encode(r, index=i) for i, r in enumerate(rows)]
+        elif self.eval_encoded is not None:
+            encoded = self.eval_encoded
+        else:
+            fail("eval_dataset", "is required (none was given to the trainer)")
+        bs = self.config.per_device_eval_batch_size
+        total, count = 0.0, 0
+        for i in range(0, len(encoded), bs):
+            b = collate(encoded[i: i + bs], self.pad_id, self.device)
+            total += float(self.loss_fn.nll_sum(b))
+            count += b.num_tokens
+        return {"eval/loss": total / max(1, count)}
+
+    def corrector(self, *, max_new_tokens: int = 256):
+        """The trained corrector as an alignfast.aligner.Corrector (greedy, batched)."""
+        from alignfast.aligner.pipeline import Corrector
+
+        return Corrector(self.model, self.tokenizer, template=self.config.template_text,
+                         use_chat_template=self.config.use_chat_template, max_length=self.config.max_length,
+                         max_new_tokens=max_new_tokens, batch_size=self.config.per_device_eval_batch_size)
+
+    def save_model(self, output_dir=None) -> Path:
+        """The corrector (or its LoRA adapter), its tokenizer, and aligner_config.json (template, chat
+        template flag, max_length) so AlignerPipeline / `alignfast correct` rebuild its input exactly."""
+        out = Path(output_dir or self.config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._save_policy(out)
+        return out
+
+    def _save_policy(self, path: Path) -> None:
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+        cfg = self.config
+        (Path(path) / ALIGNER_FILE).write_text(json.dumps(
+            {"template": cfg.template_text, "use_chat_template": cfg.use_chat_template, "max_length": cfg.max_length},
+            indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints (the PPO trainers' atomic format)
+    # ------------------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> Path:
+        cfg = self.config
+        trainable = {"policy": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
+        state = {"global_step": self.global_step, "num_tokens": self.num_tokens, "history": self.history,
+                 "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps}
+        return ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=trainable, optimizer=self.optimizer,
+                                    scheduler=self.lr_scheduler, trainer_state=state, save_policy=self._save_policy,
+                                    total_limit=cfg.save_total_limit)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        data = ckpt.load_checkpoint(path, map_location=self.device)
+        state = data["state"]
+        if state.get("arm") != self.arm:
+            fail("resume_from_checkpoint", f"{path} is a checkpoint of a '{state.get('arm')}' run, not an Aligner SFT run")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in data["trainable"]["policy"].items():
+                if name not in params:
+                    raise ValueError(f"alignfast: checkpoint {path} holds parameter {name!r} the corrector does not have")
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.lr_scheduler.load_state_dict(data["scheduler"])
+        ckpt.set_rng_state(data["rng"])
+        changed = _changed_settings(state.get("config") or {}, json.loads(self.config.to_json()))
+        if changed:
+            _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
+                         "match an uninterrupted one", path, ", ".join(changed))
+        self.global_step = int(state["global_step"])
+        self.num_tokens = int(state["num_tokens"])
+        self.history = list(state["history"])

@@ -1,0 +1,121 @@
+"""`alignfast correct`: an upstream model answers, a trained Aligner corrector rewrites each answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "correct", help="answer questions with an upstream model and correct the answers with an Aligner",
+        description="Reads questions (a .jsonl/.json/.csv file with a 'question' column, or 'prompt'), has the "
+                    "upstream model answer them (a local/hub model through the batched HF engine, or an "
+                    "OpenAI-compatible endpoint), has the corrector in --aligner rewrite each answer, and writes one "
+                    "JSON line per question: {question, answer, correction}. Without --upstream/--upstream-url the "
+                    "file's own 'answer' column is corrected.")
+    p.add_argument("--aligner", required=True, metavar="DIR", help="a corrector saved by `alignfast aligner train`")
+    up = p.add_mutually_exclusive_group()
+    up.add_argument("--upstream", metavar="MODEL", help="upstream model: hub name, local folder, or toy:target")
+    up.add_argument("--upstream-url", metavar="URL", help="an OpenAI-compatible endpoint serving the upstream")
+    p.add_argument("--upstream-model", metavar="NAME", help="the served model's name at --upstream-url")
+    p.add_argument("--api", choices=["chat", "completions"], default="chat", help="endpoint API (default chat)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--data", required=True, metavar="FILE", help="questions (.jsonl/.json/.csv)")
+    p.add_argument("--output", required=True, metavar="FILE", help="where the JSON lines go")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="corrector's budget per correction (256)")
+    p.add_argument("--upstream-max-new-tokens", type=int, default=256, help="upstream's budget per answer (256)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per generation batch (32)")
+    p.add_argument("--dtype", default=None, help="dtype of the local models (float32, bfloat16, ...)")
+    p.set_defaults(run=run)
+
+
+def _questions(path: str) -> list[dict]:
+    from alignfast.cli.data import FILE_SUFFIXES, _read_file
+    from alignfast.cli.errors import CLIError
+
+    p = Path(path)
+    if p.suffix not in FILE_SUFFIXES:
+        raise CLIError(f"--data must be a .jsonl, .json or .csv file, got {p}")
+    if not p.is_file():
+        raise CLIError(f"--data: file not found: {p}")
+    rows = _read_file(p, "correct")
+    for r in rows:
+        if "question" not in r and "prompt" in r:
+            r["question"] = r["prompt"]
+    return rows
+
+
+def run(args, extra) -> int:
+    import os
+
+    from alignfast.aligner import AlignerPipeline, Corrector
+    from alignfast.aligner.data import check_rows
+    from alignfast.cli import build
+    from alignfast.cli.errors import CLIError
+    from alignfast.cli.models import load_causal_lm, load_tokenizer, quiet_transformers, torch_dtype
+    from alignfast.ops import AlignfastArgumentError
+
+    quiet_transformers()
+    for name in ("max_new_tokens", "upstream_max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.upstream_url and not args.upstream_model:
+        raise CLIError("--upstream-url needs --upstream-model (the served model's name)")
+    rows = _questions(args.data)
+    have_answers = not (args.upstream or args.upstream_url)
+    try:
+        rows = check_rows(rows, name="--data", need_correction=False) if have_answers else \
+            [{"question": r["question"]} for r in _with_question(rows)]
+    except AlignfastArgumentError as err:
+        raise CLIError(str(err).removeprefix("alignfast: argument ").replace("'--data'", "--data")) from None
+    device = build.default_device()
+    try:
+        corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
+                                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    except AlignfastArgumentError as err:
+        raise CLIError("--aligner " + str(err).removeprefix("alignfast: argument 'aligner' ")) from None
+    except OSError as err:
+        raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
+    questions = [r["question"] for r in rows]
+    if have_answers:
+        answers = [r["answer"] for r in rows]
+        corrections = corrector.correct(questions, answers)
+    else:
+        if args.upstream:
+            from alignfast.rollout import HFEngine
+
+            spec = {"model": args.upstream, "dtype": args.dtype}
+            tok = load_tokenizer(spec, "upstream")
+            engine = HFEngine(load_causal_lm(spec, "upstream", device=device), tok)
+        else:
+            from alignfast.rollout import OpenAIEngine
+
+            tok = None
+            engine = OpenAIEngine(args.upstream_url, args.upstream_model, api=args.api,
+                                  api_key=os.environ.get(args.api_key_env))
+        pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
+                                   upstream_max_new_tokens=args.upstream_max_new_tokens, batch_size=args.batch_size)
+        results = pipeline(questions)
+        answers = [r.answer for r in results]
+        corrections = [r.correction for r in results]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for q, a, c in zip(questions, answers, corrections, strict=True):
+            f.write(json.dumps({"question": q, "answer": a, "correction": c}) + "\n")
+    changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))
+    print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector; wrote {out}",
+          file=sys.stderr)
+    return 0
+
+
+def _with_question(rows: list[dict]) -> list[dict]:
+    from alignfast.cli.errors import CLIError
+
+    for i, r in enumerate(rows):
+        q = r.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise CLIError(f"--data row {i} has no text in column 'question' (or 'prompt')")
+    return rows

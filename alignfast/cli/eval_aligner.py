@@ -1,0 +1,49 @@
+"""The Aligner arms of `alignfast eval`: a corrector after the same frozen target, on the same prompts.
+
+    Aligner (SFT)             --aligner-checkpoint: a corrector from `alignfast aligner train`; it rewrites the
+                              No fine-tuning answers (the target's answers to x), greedily
+    Aligner (PPO corrector)   --aligner-ppo-checkpoint: a policy trained by PPO in AlignerEnvironment (the
+                              target drafts, the policy writes the final answer from its correction_template)
+"""
+
+from __future__ import annotations
+
+SFT_NAME = "Aligner (SFT)"
+PPO_NAME = "Aligner (PPO corrector)"
+
+
+def aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prompts, columns, *, baseline,
+                 device) -> dict:
+    from alignfast.aligner import Corrector
+    from alignfast.cli.checkpoints import load_policy, policy_dir
+    from alignfast.cli.cmd_eval import policy_engine
+    from alignfast.cli.config import section
+    from alignfast.cli.errors import CLIError
+    from alignfast.eval import arms as arm_eval
+    from alignfast.ops import AlignfastArgumentError
+    from alignfast.trainer.environments import DEFAULT_CORRECTION_TEMPLATE, AlignerEnvironment
+
+    out = {}
+    if args.aligner_checkpoint:
+        try:
+            corrector = Corrector.from_pretrained(policy_dir(args.aligner_checkpoint), device=device,
+                                                  max_new_tokens=cfg.target_max_new_tokens,
+                                                  batch_size=cfg.per_device_eval_batch_size)
+        except AlignfastArgumentError as err:
+            raise CLIError("--aligner-checkpoint " + str(err).removeprefix("alignfast: argument 'aligner' ")) from None
+        out[SFT_NAME] = arm_eval.with_corrector(SFT_NAME, env, corrector, prompts, columns, answers=baseline.answers,
+                                                seed=args.seed)
+    if args.aligner_ppo_checkpoint:
+        model, tok = load_policy(args.aligner_ppo_checkpoint, base_spec=section(config, "prompter"),
+                                 role="PPO corrector", device=device)
+        try:
+            ppo_env = AlignerEnvironment(engine, rewards, target_tokenizer=target_tokenizer,
+                                         correction_template=args.aligner_ppo_template or DEFAULT_CORRECTION_TEMPLATE,
+                                         max_new_tokens=cfg.target_max_new_tokens,
+                                         temperature=cfg.target_temperature, batch_size=cfg.target_batch_size,
+                                         use_chat_template=cfg.target_use_chat_template)
+        except AlignfastArgumentError as err:
+            raise CLIError("--aligner-ppo-template must " + str(err).split(" must ", 1)[-1]) from None
+        out[PPO_NAME] = arm_eval.with_policy(PPO_NAME, ppo_env, policy_engine(model, tok, cfg), tok, prompts, columns,
+                                             max_new_tokens=cfg.target_max_new_tokens, seed=args.seed, rewrites=False)
+    return out

@@ -1,0 +1,85 @@
+"""The Aligner from the command line on the toy world: `alignfast aligner train`, `alignfast correct`, the Aligner
+arms of `alignfast eval`, the run files in configs/aligner_*.yaml, and one-line errors for bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignfast.cli import main
+from alignfast.cli.config import load_run_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_train_correct_and_eval_on_the_toy_world(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["aligner", "train", "--config", str(CONFIGS / "aligner_toy.yaml"), "--trainer.output_dir", str(out),
+            "--max_steps", "2", "--save_steps", "1", "--data.train.limit", "40", "--data.eval.limit", "8"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics[:2]] == [1, 2] and "eval/loss" in metrics[-1]
+    assert json.loads((out / "final" / "aligner_config.json").read_text())["template"] == "{question} : {answer}"
+    assert main(args[:-4] + ["--max_steps", "3", "--resume"]) == 0  # continues from checkpoint-2
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-2])["step"] == 3
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "sort 4 8 5 1"}\n{"prompt": "max 1 3 4 2 6"}\n')
+    corrected = tmp_path / "c.jsonl"
+    assert main(["correct", "--aligner", str(out / "final"), "--upstream", "toy:target", "--data", str(questions),
+                 "--output", str(corrected), "--max-new-tokens", "8", "--upstream-max-new-tokens", "8"]) == 0
+    rows = [json.loads(x) for x in corrected.read_text().splitlines()]
+    assert [r["question"] for r in rows] == ["sort 4 8 5 1", "max 1 3 4 2 6"]
+    assert rows[0]["answer"] == "8 5 4 1"  # the frozen toy target's misreading, which the corrector then edits
+    assert all(set(r) == {"question", "answer", "correction"} for r in rows)
+
+    capsys.readouterr()
+    assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", str(out / "final"),
+                 "--aligner-ppo-checkpoint", str(out / "final"), "--data.eval.limit", "10",
+                 "--output-dir", str(tmp_path / "eval")]) == 0
+    table = capsys.readouterr().out
+    names = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")]
+    assert names == ["No fine-tuning", "Aligner (SFT)", "Aligner (PPO corrector)"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("aligner_*.yaml")), ids=lambda p: p.stem)
+def test_aligner_run_files_validate(path):
+    from alignfast.cli.cmd_aligner import aligner_config, trainer_fields
+
+    config = load_run_config(path, trainer_fields=trainer_fields())
+    cfg = aligner_config(config)
+    assert config["aligner"]["model"] and config["data"]["train"]["path"]
+    assert "{question}" in cfg.template_text and "{answer}" in cfg.template_text
+
+
+def test_toy_run_file_trains_as_the_demo_does():
+    from alignfast.cli.cmd_aligner import trainer_fields
+    from alignfast.toy.corrections import ALIGNER_DEMO_CONFIG
+
+    trainer = load_run_config(CONFIGS / "aligner_toy.yaml", trainer_fields=trainer_fields())["trainer"]
+    assert {k: trainer[k] for k in ALIGNER_DEMO_CONFIG} == ALIGNER_DEMO_CONFIG
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    ('{"question": "q", "answer": "a"}\n', [], "data.train row 0 has no 'correction' field"),
+    ('{"question": "q", "answer": "a", "correction": ""}\n', [], "data.train row 0 field 'correction' is empty"),
+    ('{"question": "q", "answer": "a", "correction": "c"}\n', ["--trainer.template", "{question} only"],
+     "trainer.template must contain {answer}"),
+    ('{"question": "q", "answer": "a", "correction": "c"}\n', ["--trainer.learnig_rate", "1"],
+     "unknown key 'trainer.learnig_rate'; did you mean 'learning_rate'"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, rows, extra, message):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(rows)
+    assert main(["aligner", "train", "--config", str(CONFIGS / "aligner_toy.yaml"), "--data.train.path", str(data),
+                 "--data.eval", "null", "--trainer.output_dir", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_correct_without_upstream_corrects_the_files_answers_and_names_bad_rows(tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "sort 4 8 5 1"}\n')
+    assert main(["correct", "--aligner", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+    assert "--data row 0 has no 'answer' field" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""AlignerTrainer: it learns the corrections, resumes exactly, writes metrics.jsonl, trains LoRA adapters, and
+the fast and reference backends train the same model."""
+
+import json
+
+import pytest
+import torch
+
+from alignfast.aligner import AlignerConfig, AlignerPipeline, AlignerTrainer, Corrector
+from alignfast.ops import AlignfastArgumentError
+from tests.aligner.helpers import ROWS, TEMPLATE, tiny_corrector
+from tests.trainer.tiny import FunctionTarget
+
+
+def _config(tmp_path, name="out", **kw):
+    base = dict(output_dir=str(tmp_path / name), template=TEMPLATE, learning_rate=1e-2, per_device_train_batch_size=3,
+                gradient_accumulation_steps=2, max_steps=6, save_strategy="no", logging_steps=1, seed=0,
+                warmup_ratio=0.0)
+    return AlignerConfig(**{**base, **kw})
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_sft_learns_the_corrections_and_the_pipeline_applies_them(tmp_path):
+    model, tok = tiny_corrector(tmp_path, hidden=32)
+    trainer = AlignerTrainer(_config(tmp_path, max_steps=80, per_device_train_batch_size=6,
+                                     gradient_accumulation_steps=1), model, tok, train_dataset=ROWS,
+                             eval_dataset=ROWS)
+    before = trainer.evaluate()["eval/loss"]
+    out = trainer.train()
+    assert out.metrics["eval/loss"] < 0.1 < before
+    trainer.save_model(tmp_path / "final")
+    upstream = FunctionTarget(lambda q: "a dog", tok)
+    pipe = AlignerPipeline(upstream, tmp_path / "final", upstream_tokenizer=tok, upstream_max_new_tokens=4)
+    pipe.corrector.max_new_tokens = 8
+    got = pipe(["what is the cat", "what is the bird", "what is a dog"])
+    assert [g.answer for g in got] == ["a dog"] * 3  # the upstream's answers, corrected by the SFT corrector
+    assert [g.correction for g in got] == ["a cat", "a bird", "a dog"]
+    assert upstream.calls == 1
+
+
+def test_resume_is_exact_and_metrics_cover_every_step(tmp_path):
+    model, tok = tiny_corrector(tmp_path)
+    init = _params(model)
+    full = AlignerTrainer(_config(tmp_path, "full"), model, tok, train_dataset=ROWS)
+    full.train()
+    want = _params(full.model)
+
+    stopped = AlignerTrainer(_config(tmp_path, "part", save_strategy="steps", save_steps=2, max_steps=6), model, tok,
+                             train_dataset=ROWS)
+    with torch.no_grad():
+        for n, p in stopped.model.named_parameters():
+            p.copy_(init[n])
+
+    class StopAt3:
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step == 3
+
+    stopped.callbacks.callbacks.append(StopAt3())
+    stopped.train()  # stops after step 3 and checkpoints there
+    model2, _ = tiny_corrector(tmp_path / "other", seed=9)  # different weights: everything comes from the checkpoint
+    resumed = AlignerTrainer(_config(tmp_path, "part", save_strategy="steps", save_steps=2), model2, tok,
+                             train_dataset=ROWS)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.global_step == 6
+    for n, p in _params(resumed.model).items():
+        assert torch.equal(p, want[n]), n
+    lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    full_lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [x["loss"] for x in lines] == [x["loss"] for x in full_lines]
+    assert {"loss", "grad_norm", "learning_rate", "epoch", "num_tokens", "tokens/s"} <= set(lines[0])
+
+
+def test_cosine_schedule_with_warmup(tmp_path):
+    model, tok = tiny_corrector(tmp_path)
+    trainer = AlignerTrainer(_config(tmp_path, max_steps=10, warmup_ratio=0.2, lr_scheduler_type="cosine"), model, tok,
+                             train_dataset=ROWS)
+    lrs = [h["learning_rate"] for h in trainer.train().history]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-3) and lrs[2] == pytest.approx(1e-2)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 1e-3
+
+
+def test_fast_and_reference_backends_train_the_same_model(tmp_path):
+    model, tok = tiny_corrector(tmp_path)
+    model = model.double()
+    init = _params(model)
+    runs = {}
+    for backend in ("fast", "reference"):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(init[n])
+        t = AlignerTrainer(_config(tmp_path, backend, backend=backend, max_steps=3), model, tok, train_dataset=ROWS)
+        runs[backend] = ([h["loss"] for h in t.train().history], _params(t.model))
+    assert runs["fast"][0] == pytest.approx(runs["reference"][0], rel=1e-5)
+    for n, p in runs["fast"][1].items():
+        assert torch.allclose(p, runs["reference"][1][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_identity_rows_are_added_to_the_training_set(tmp_path):
+    model, tok = tiny_corrector(tmp_path)
+    rows = ROWS * 10
+    trainer = AlignerTrainer(_config(tmp_path, identity_ratio=0.25), model, tok, train_dataset=rows)
+    assert trainer.data_stats == {"rows": 80, "identity_rows": 20, "truncated_rows": 0}
+    assert sum(r.get("identity", False) for r in trainer.train_rows) == 20
+
+
+def test_lora_trains_only_the_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok = tiny_corrector(tmp_path)
+    base = _params(model)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = AlignerTrainer(_config(tmp_path, max_steps=3), model, tok, train_dataset=ROWS, peft_config=cfg)
+    assert trainer.params and all("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    trainer.train()
+    trainer.save_model(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    merged = Corrector.from_pretrained(tmp_path / "adapter", max_new_tokens=3)
+    assert len(merged.correct(["what is the cat"], ["a dog"])) == 1
+    for n, p in trainer.model.get_base_model().named_parameters():
+        if "lora_" not in n and "base_layer" not in n and n in base:
+            assert torch.equal(p, base[n]), n
+
+
+def test_bad_arguments(tmp_path):
+    model, tok = tiny_corrector(tmp_path)
+    with pytest.raises(AlignfastArgumentError, match="argument 'train_dataset' row 1 has no 'correction' field"):
+        AlignerTrainer(_config(tmp_path), model, tok, train_dataset=[ROWS[0], {"question": "q", "answer": "a"}])
+    with pytest.raises(AlignfastArgumentError, match="argument 'tokenizer' is required"):
+        AlignerTrainer(_config(tmp_path), model, None, train_dataset=ROWS)
+    with pytest.raises(AlignfastArgumentError, match="argument 'upstream' must be an alignfast TargetEngine"):
+        AlignerPipeline(object(), Corrector(model, tok, template=TEMPLATE))
+    with pytest.raises(AlignfastArgumentError, match="argument 'aligner' .* has no aligner_config.json"):
+        Corrector.from_pretrained(tmp_path / "corrector")
+    trainer = AlignerTrainer(_config(tmp_path, save_strategy="steps", save_steps=1, max_steps=1), model, tok,
+                             train_dataset=ROWS)
+    trainer.train()
+    with pytest.raises(AlignfastArgumentError, match="argument 'output_dir' .* already holds a run"):
+        AlignerTrainer(_config(tmp_path, max_steps=1), model, tok, train_dataset=ROWS).train()
