@@ -26,3 +26,18 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _idle_machine_for_cli(monkeypatch):
+    """In-process `alignfast train/eval` calls see an idle machine: the busy-machine check would otherwise add a
+    load-dependent warning to their stderr and lower torch's thread count for every later test in this process.
+    The check itself is tested with explicit budgets (tests/cli/test_threads.py)."""
+    try:
+        from alignfast.cli import threads
+    except ImportError:
+        yield
+        return
+    monkeypatch.setattr(threads, "cpu_budget",
+                        lambda: threads.CpuBudget(cpus=torch.get_num_threads(), quota=None, load=None))
+    yield

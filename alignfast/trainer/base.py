@@ -585,10 +585,11 @@ class PPOEngineTrainer:
             self.processes.accelerator.load_state(str(sharded))
             data["trainable"] = {"policy": {}}
         trainable = data["trainable"]
-        check_same_reference(path, data["state"], self._reference_fingerprint(), self.arm)
         if not sharded:  # accelerate's load_state has restored (and shape-checked) parameters and optimizer
             check_resume_matches(path, trainable, data["state"], self.model, self.config,
                                  value_model=self.value_model, value_head=self.shared_value_head)
+        check_same_reference(path, data["state"], self._reference_fingerprint(), self.arm)
+        if not sharded:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
                 for name, value in trainable["policy"].items():

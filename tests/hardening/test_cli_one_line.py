@@ -5,6 +5,7 @@ continue: --resume), resuming with another value head. Each runs `alignfast trai
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,9 +23,21 @@ def raising_reward(prompts, completions, **kwargs):
     raise ZeroDivisionError("division by zero in my reward")
 
 
+# A logged warning (e.g. the busy-machine thread notice, which depends on the load) is not part of the error.
+_LOGGED_WARNING = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING ")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that gives up mid-answer (the engine's deadline) is expected here: socketserver would print its
+    traceback to stderr, which is the very stream these tests read."""
+
+    def handle_error(self, request, client_address):
+        pass
+
+
 def one_line(capsys, code, expected_code=2) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading" not in line
-           and "Writing" not in line]
+           and "Writing" not in line and not _LOGGED_WARNING.match(line)]
     assert code == expected_code and len(err) == 1, (code, err)
     return err[0]
 
@@ -65,14 +78,14 @@ class FailingServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "toy", "object": "model"}]})
+            def do_GET(self):  # lists the run file's target model, so the preflight check passes without a warning
+                self._send(200, {"object": "list", "data": [{"id": "toy:target", "object": "model"}]})
 
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
                 self._send(503, {"error": {"message": "server restarting"}})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
