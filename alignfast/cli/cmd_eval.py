@@ -82,7 +82,8 @@ def _evaluate(args, overrides) -> int:
     results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
     if args.checkpoint and not args.no_sft:  # the prompter before PPO (prompter.model, without the checkpoint's training)
         spec = section(config, "prompter")
-        sft, sft_tok = load_causal_lm(spec, "prompter", device=device).eval(), load_tokenizer(spec, "prompter")
+        sft = load_causal_lm(spec, "prompter", device=device).eval().requires_grad_(False)
+        sft_tok = load_tokenizer(spec, "prompter")
         results[arm_eval.SFT] = arm_eval.with_policy(arm_eval.SFT, env, policy_engine(sft, sft_tok, cfg), sft_tok,
                                                      prompts, columns, max_new_tokens=cfg.response_length,
                                                      seed=args.seed)
