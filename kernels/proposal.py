@@ -40,7 +40,7 @@ def _propose_kernel(logits_ptr, excl_ptr, u_ptr, tok_ptr, lp_ptr, n_ptr, V, stri
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_row
     ex_row = excl_ptr + row * V
-    inv_t = inv_tau.to(tl.float32)
+    inv_t = (tl.full([], 1.0, tl.float64) * inv_tau).to(tl.float32)
     NEG: tl.constexpr = float("-inf")
     POS: tl.constexpr = float("inf")
 
@@ -67,7 +67,7 @@ def _propose_kernel(logits_ptr, excl_ptr, u_ptr, tok_ptr, lp_ptr, n_ptr, V, stri
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(x_row + offs, mask=offs < V, other=NEG).to(tl.float32)
             z_vec += tl.where(x > NEG, tl.exp((x - m) * inv_t), 0.0)
-        limit = top_p.to(tl.float32) * tl.sum(z_vec, 0)
+        limit = (tl.full([], 1.0, tl.float64) * top_p).to(tl.float32) * tl.sum(z_vec, 0)
         lo = thr - 1
         hi = _key(m).to(tl.int64)
         while hi - lo > 1:

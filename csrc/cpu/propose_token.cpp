@@ -5,7 +5,7 @@
 //               sum_{key(l_j) > t} exp((l_j - m) / tau) < top_p * Z; the nucleus is {key(l) >= t}
 //   pass 2      over the allowed set A = nucleus minus excluded: count, max m_A, W = sum exp((l - m_A) / T)
 //   pass 3      inverse CDF in index order: the first k in A whose running sum exceeds min(u W, W^-)
-// Accumulation in float (double for double logits). Rows run in parallel.
+// Exponentials in float (double for double logits), their sums in double. Rows run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -58,19 +58,19 @@ void propose_row(const in_t* x, const bool* ex, int64_t V, acc_t u, acc_t inv_ta
   // threshold key: a token is in the nucleus iff it is finite and key(l) >= thr
   K thr = order_key(lo_val);
   if (top_p < 1.0) {
-    acc_t Z = 0;
+    double Z = 0;  // sums in double: a sequential float sum over 150k terms drifts by ~1e-4
     for (int64_t v = 0; v < V; ++v) {
       const acc_t l = static_cast<acc_t>(x[v]);
       if (l > neg_inf) Z += std::exp((l - m) * inv_tau);
     }
-    const acc_t limit = static_cast<acc_t>(top_p) * Z;
+    const double limit = top_p * Z;
     // invariant: mass_above(hi) < limit (hi = key(m): nothing is above the max); lo: mass_above(lo) >= limit
     // or lo lies below every finite key.
     int64_t lo = static_cast<int64_t>(order_key(lo_val)) - 1, hi = order_key(m);
     // the span of double keys can exceed INT64_MAX: measure it unsigned
     while (static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) > 1) {
       const int64_t mid = lo + static_cast<int64_t>((static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo)) / 2);
-      acc_t above = 0;
+      double above = 0;
       for (int64_t v = 0; v < V; ++v) {
         const acc_t l = static_cast<acc_t>(x[v]);
         if (l > neg_inf && static_cast<int64_t>(order_key(l)) > mid) above += std::exp((l - m) * inv_tau);
@@ -103,13 +103,13 @@ void propose_row(const in_t* x, const bool* ex, int64_t V, acc_t u, acc_t inv_ta
     *lp_out = 0;
     return;
   }
-  acc_t W = 0;
+  double W = 0;
   for (int64_t v = 0; v < V; ++v) {
     const acc_t l = static_cast<acc_t>(x[v]);
     if (allowed(v, l)) W += std::exp((l - m_a) * inv_tau);
   }
-  const acc_t target = std::min(u * W, std::nextafter(W, acc_t(0)));
-  acc_t cum = 0;
+  const double target = std::min(static_cast<double>(u) * W, std::nextafter(W, 0.0));
+  double cum = 0;
   int64_t chosen = -1, last = arg;
   for (int64_t v = 0; v < V; ++v) {
     const acc_t l = static_cast<acc_t>(x[v]);
@@ -124,7 +124,7 @@ void propose_row(const in_t* x, const bool* ex, int64_t V, acc_t u, acc_t inv_ta
   }
   if (chosen < 0) chosen = last;  // the running sum fell short of the target by rounding
   *tok_out = chosen;
-  *lp_out = (static_cast<acc_t>(x[chosen]) - m_a) * inv_tau - std::log(W);
+  *lp_out = static_cast<acc_t>((static_cast<acc_t>(x[chosen]) - m_a) * inv_tau - std::log(W));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propose_token_cpu(const at::Tensor& logits, const at::Tensor& excluded,
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propose_token_cpu(const at::Tenso
                                                                  double top_p) {
   ALIGNFAST_CHECK_ARG(logits.dim() == 2 && logits.size(1) >= 1, "logits", "must be [B, V] with V >= 1, got ",
                       logits.sizes());
-  ALIGNFAST_CHECK_ARG(logits.is_contiguous(), "logits", "must be contiguous");
+  ALIGNFAST_CHECK_ARG(logits.size(1) == 1 || logits.stride(1) == 1, "logits", "must have unit stride over the vocabulary");
   ALIGNFAST_CHECK_ARG(excluded.scalar_type() == at::kBool && excluded.is_contiguous(), "excluded",
                       "must be a contiguous bool tensor");
   check_same_shape(logits, "logits", excluded, "excluded");
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propose_token_cpu(const at::Tenso
   ALIGNFAST_CHECK_ARG(std::isfinite(temperature) && temperature >= 0, "temperature", "must be finite and >= 0, got ",
                       temperature);
   ALIGNFAST_CHECK_ARG(top_p > 0 && top_p <= 1, "top_p", "must be in (0, 1], got ", top_p);
-  const int64_t B = logits.size(0), V = logits.size(1);
+  const int64_t B = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
   const at::ScalarType acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({B}, logits.options().dtype(acc_type));
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propose_token_cpu(const at::Tenso
     int64_t* n = num_allowed.data_ptr<int64_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        propose_row<in_t, acc_t>(x + b * V, ex + b * V, V, static_cast<acc_t>(u[b]), static_cast<acc_t>(inv_tau),
+        propose_row<in_t, acc_t>(x + b * row_stride, ex + b * V, V, static_cast<acc_t>(u[b]), static_cast<acc_t>(inv_tau),
                                  greedy, top_p, tok + b, lp + b, n + b);
       }
     });
