@@ -163,8 +163,12 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
 
     def proxy_decode(self, prompts, *, greedy: bool, seed: int) -> tuple[ProxyDecodeOutput, list[str]]:
         """Decode prompts under the proxy: greedy decisions (P(accept) >= 1/2) or sampled ones."""
-        res = self.decoder.decode(self._prompt_ids(prompts), self.model.judge, seed=seed, greedy_decisions=greedy,
-                                  decision_temperature=self.config.temperature)
+        from alignfast.ops import force_backend
+
+        # backend="reference": the proposal step runs on its spec too (the fast-vs-reference parity test)
+        with force_backend("reference" if self.config.backend == "reference" else "auto"):
+            res = self.decoder.decode(self._prompt_ids(prompts), self.model.judge, seed=seed,
+                                      greedy_decisions=greedy, decision_temperature=self.config.temperature)
         return res, self._decode_text(res)
 
     def rollout(self, prompts, *, greedy: bool = True, seed: int | None = None, columns=None) -> RolloutResult:
