@@ -19,12 +19,21 @@ def add_parser(sub) -> None:
                    help="train the target model itself (the paper's RLHF/Oracle arm) instead of a prompter; it writes "
                         "to <output_dir>/oracle and answers with up to trainer.target_max_new_tokens tokens, as the "
                         "frozen target does in the other arms")
+    p.add_argument("--method", choices=["alignpro", "oracle", "proxy"], default=None,
+                   help="alignpro (default): train the prompter; oracle: as --oracle; proxy: Proxy-RLHF, a small proxy "
+                        "that accepts or rejects the frozen target's tokens (writes to <output_dir>/proxy)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or from the latest checkpoint in output_dir when given alone")
     p.set_defaults(run=run, accepts_overrides=True)
 
 
 def run(args, overrides) -> int:
+    if getattr(args, "method", None) == "proxy":
+        from alignfast.cli.train_proxy import run_proxy
+
+        return run_proxy(args, overrides)
+    if getattr(args, "method", None) == "oracle":
+        args.oracle = True
     from alignfast.cli import build
     from alignfast.cli.config import load_run_config, require, section
     from alignfast.cli.errors import CLIError
