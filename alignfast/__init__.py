@@ -22,6 +22,8 @@ _LAZY_ATTRS = {
     "AlignProConfig": "alignfast.trainer",
     "AlignProTrainer": "alignfast.trainer",
     "OracleTrainer": "alignfast.trainer",
+    "ProxyRLHFConfig": "alignfast.trainer",
+    "ProxyRLHFTrainer": "alignfast.trainer",
 }
 
 __all__ = ["__version__", *sorted(_SUBMODULES), *sorted(_LAZY_ATTRS)]

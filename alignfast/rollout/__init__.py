@@ -18,6 +18,7 @@ from alignfast.rollout.engine import Completion, EngineRequestError, TargetEngin
 _LAZY = {
     "HFEngine": "hf_engine",
     "OpenAIEngine": "openai_engine",
+    "ProxyDecoder": "proxy_decoder",
     "VLLMEngine": "vllm_engine",
 }
 
