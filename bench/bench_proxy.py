@@ -1,6 +1,7 @@
 """Proxy-RLHF: the fused proposal step against the plain PyTorch step, and proxied decoding against plain decoding.
 
-    python -m bench.bench_proxy [--device cpu|cuda] [--record] [--quick] [--rounds 5]
+    python -m bench.bench_proxy [--device cpu|cuda] [--record] [--quick] [--rounds 5] [--parts step,decode]
+                                [--batch 64] [--new-tokens 32]
 
 Part 1, one proposal step on logits [B, V] with a rejected-token mask (5% of tokens) and uniforms:
   torch eager      what one writes in PyTorch: masked_fill(-inf) / T, softmax, (top_p < 1: sort, cumsum,
@@ -140,29 +141,37 @@ def main(argv=None):
     p.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="small shapes only")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--parts", default="step,decode", help="comma-separated: step, decode")
+    p.add_argument("--batch", type=int, default=None, help="decoding: prompts (default 64; --quick 16)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decoding: new tokens (default 32; --quick 16)")
     args = p.parse_args(argv)
     dev = args.device
+    parts = set(args.parts.split(","))
     print(f"device: {device_description(dev)}")
-    shapes = [(64, 32000)] if args.quick else [(64, 32000), (64, 151936)]
-    step_rows = []
-    for B, V in shapes:
-        for top_p in (1.0, 0.9):
-            step_rows += bench_step(dev, B, V, top_p, args.rounds)
-    t1 = format_table(step_rows, baseline="torch eager", extra_columns=("spread ms",))
-    print("\nOne proposal step (mask, temperature 0.8, top-p, sample, log-prob):\n")
-    print(t1)
-    B, new = (16, 16) if args.quick else (64, 32)
-    dec_rows = bench_decode(dev, B, new, args.rounds)
-    t2 = format_table(dec_rows, baseline="HFEngine",
-                      extra_columns=("spread ms", "tokens", "tok/s", "rejections/token"))
-    print("\nDecoding (speed-up vs HFEngine < 1 is the proxy's overhead):\n")
-    print(t2)
-    if args.record:
-        notes = (f"Interleaved rounds: {args.rounds} (after one warm-up call each); medians, spread min-max. "
-                 "Memory column of the decoding table not measured.")
-        append_results(f"bench_proxy ({dev}): fused proposal step vs plain PyTorch", t1, device=dev, notes=notes)
-        append_results(f"bench_proxy ({dev}): proxied decoding vs the target's plain decoding", t2, device=dev,
-                       notes=notes)
+    notes = (f"Interleaved rounds: {args.rounds} (after one warm-up call each); medians, spread min-max. "
+             "Memory column of the decoding table not measured.")
+    if "step" in parts:
+        shapes = [(64, 32000)] if args.quick else [(64, 32000), (64, 151936)]
+        step_rows = []
+        for B, V in shapes:
+            for top_p in (1.0, 0.9):
+                step_rows += bench_step(dev, B, V, top_p, args.rounds)
+        t1 = format_table(step_rows, baseline="torch eager", extra_columns=("spread ms",))
+        print("\nOne proposal step (mask, temperature 0.8, top-p, sample, log-prob):\n")
+        print(t1)
+        if args.record:
+            append_results(f"bench_proxy ({dev}): fused proposal step vs plain PyTorch", t1, device=dev, notes=notes)
+    if "decode" in parts:
+        B = args.batch or (16 if args.quick else 64)
+        new = args.new_tokens or (16 if args.quick else 32)
+        dec_rows = bench_decode(dev, B, new, args.rounds)
+        t2 = format_table(dec_rows, baseline="HFEngine",
+                          extra_columns=("spread ms", "tokens", "tok/s", "rejections/token"))
+        print("\nDecoding (speed-up vs HFEngine < 1 is the proxy's overhead):\n")
+        print(t2)
+        if args.record:
+            append_results(f"bench_proxy ({dev}): proxied decoding vs the target's plain decoding", t2, device=dev,
+                           notes=notes)
 
 
 if __name__ == "__main__":
