@@ -26,6 +26,8 @@ _LAZY_ATTRS = {
     "AlignerConfig": "alignfast.aligner",
     "AlignerTrainer": "alignfast.aligner",
     "AlignerPipeline": "alignfast.aligner",
+    "ProxyRLHFConfig": "alignfast.trainer",
+    "ProxyRLHFTrainer": "alignfast.trainer",
 }
 
 __all__ = ["__version__", *sorted(_SUBMODULES), *sorted(_LAZY_ATTRS)]

@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
                    help="train the target model itself (the paper's RLHF/Oracle arm) instead of a prompter; it writes "
                         "to <output_dir>/oracle and answers with up to trainer.target_max_new_tokens tokens, as the "
                         "frozen target does in the other arms")
+    p.add_argument("--method", choices=["alignpro", "oracle", "proxy"], default=None,
+                   help="alignpro (default): train the prompter; oracle: as --oracle; proxy: Proxy-RLHF, a small proxy "
+                        "that accepts or rejects the frozen target's tokens (writes to <output_dir>/proxy)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or from the latest checkpoint in output_dir when given alone")
     p.set_defaults(run=run, accepts_overrides=True)
@@ -27,7 +30,13 @@ def add_parser(sub) -> None:
 def run(args, overrides) -> int:
     from alignfast.cli.logs import command_logging
 
+    if getattr(args, "method", None) == "oracle":
+        args.oracle = True
     with command_logging():  # one line per logging step when stderr is not a terminal (nohup, CI, > log)
+        if getattr(args, "method", None) == "proxy":
+            from alignfast.cli.train_proxy import run_proxy
+
+            return run_proxy(args, overrides)
         return _train(args, overrides)
 
 

@@ -67,7 +67,8 @@ def _print_examples(rows: list[dict], names: list[str]) -> str:
 
 
 def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = None, oracle: bool = True,
-             backend: str = "fast", show_progress: bool | None = None, aligner: bool = True) -> dict:
+             backend: str = "fast", show_progress: bool | None = None, aligner: bool = True,
+             proxy: bool = True) -> dict:
     """Run the whole demo; returns the results dict also written to output_dir/results.json."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,6 +146,15 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = No
         results[ALIGNER] = aligner_arm(world, env, target_engine, tok, results[BASELINE], out / "aligner", seed=seed,
                                        backend=backend, always=always, episodes=episodes)
         timings["aligner_s"] = time.perf_counter() - t0
+    if proxy:  # Proxy-RLHF: a small proxy accepts or rejects the frozen target's tokens (alignfast.cli.demo_proxy)
+        from alignfast.cli.demo_proxy import PROXY_ARM, run_proxy_arm
+
+        t0 = time.perf_counter()
+        results[PROXY_ARM], _ = run_proxy_arm(world, world.target_path, tok, prompts, columns, out, seed=seed,
+                                              backend=backend, episodes=episodes,
+                                              callbacks=[ProgressCallback("Proxy-RLHF PPO", always=always)])
+        timings["proxy_rlhf_s"] = time.perf_counter() - t0
+        curves["Proxy-RLHF (training prompts, sampled)"] = out / "proxy_rlhf" / "metrics.jsonl"
     timings["total_s"] = time.perf_counter() - t_start
 
     rows = compare_arms({name: r.scores for name, r in results.items()}, baseline=BASELINE)

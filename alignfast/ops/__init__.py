@@ -10,6 +10,7 @@ from alignfast.ops.advantages import compute_advantages
 from alignfast.ops.linear_token_logprobs import linear_token_logprobs
 from alignfast.ops.policy_loss import ppo_policy_loss_from_logits
 from alignfast.ops.ppo_loss import ppo_loss
+from alignfast.ops.propose_token import propose_token
 from alignfast.ops.token_logprobs import token_logprobs
 from alignfast import _ext
 
@@ -23,5 +24,6 @@ __all__ = [
     "linear_token_logprobs",
     "ppo_loss",
     "ppo_policy_loss_from_logits",
+    "propose_token",
     "token_logprobs",
 ]

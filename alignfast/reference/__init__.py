@@ -8,6 +8,7 @@ except as the documented fallback when no kernel exists for a device.
 from alignfast.reference.advantages import compute_advantages, kl_estimate, masked_mean, masked_whiten
 from alignfast.reference.logprobs import linear_token_logprobs, token_logprobs
 from alignfast.reference.ppo_loss import ppo_loss, ppo_policy_loss_from_logits
+from alignfast.reference.proposal import propose_token
 
 __all__ = [
     "compute_advantages",
@@ -17,5 +18,6 @@ __all__ = [
     "masked_whiten",
     "ppo_loss",
     "ppo_policy_loss_from_logits",
+    "propose_token",
     "token_logprobs",
 ]

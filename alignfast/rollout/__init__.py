@@ -19,6 +19,7 @@ _LAZY = {
     "HFEngine": "hf_engine",
     "OpenAIEngine": "openai_engine",
     "RewardFunctionError": "rewards",
+    "ProxyDecoder": "proxy_decoder",
     "VLLMEngine": "vllm_engine",
 }
 

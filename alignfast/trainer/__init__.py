@@ -15,6 +15,8 @@ from alignfast.trainer.environments import (AlignerEnvironment, AlignProEnvironm
                                             EnvOutput)
 from alignfast.trainer.oracle import OracleTrainer
 from alignfast.trainer.ppo_trainer import PPOTrainer
+from alignfast.trainer.proxy_model import ProxyModel
+from alignfast.trainer.proxy_rlhf import ProxyRLHFConfig, ProxyRLHFTrainer
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.stop_signals import TrainingInterrupted
 
@@ -29,6 +31,9 @@ __all__ = [
     "OracleTrainer",
     "PPOEngineTrainer",
     "PPOTrainer",
+    "ProxyModel",
+    "ProxyRLHFConfig",
+    "ProxyRLHFTrainer",
     "RolloutResult",
     "TrainOutput",
     "TrainingDivergedError",

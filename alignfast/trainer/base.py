@@ -161,6 +161,12 @@ class PPOEngineTrainer:
             self.params += list(shared_head.parameters())
         if self.value_model is not None:
             self.params += [p for p in self.value_model.parameters() if p.requires_grad]
+        self._setup_optimization(callbacks)
+
+    def _setup_optimization(self, callbacks=None) -> None:
+        """Optimizer over self.params, LR schedule, KL controller, PPO updater, callbacks and counters: the part
+        of the setup every trainer shares (ProxyRLHFTrainer, whose policy is not a causal LM, calls it directly)."""
+        config = self.config
         if not self.params:
             raise AlignfastArgumentError("alignfast: the policy has no trainable parameter")
         # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters (torch

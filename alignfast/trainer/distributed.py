@@ -168,9 +168,10 @@ class TrainableModules(nn.Module):
         self._policy = [policy]  # not a submodule: it holds references to the modules above
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
-                entropy_grad: bool):
+                entropy_grad: bool, **extra):
+        # extra: a policy's own per-decision inputs (Proxy-RLHF's `features`), passed through unchanged.
         out = self._policy[0].forward(query_ids, query_mask, response_ids, response_mask, temperature=temperature,
-                                      return_entropy=True, entropy_grad=entropy_grad)
+                                      return_entropy=True, entropy_grad=entropy_grad, **extra)
         values = out.values
         if values is None:
             values = self.value_model(query_ids, query_mask, response_ids, response_mask)

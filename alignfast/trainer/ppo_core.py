@@ -56,9 +56,13 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
+    # Per-action inputs of a policy that is not a causal LM over the query, [B, R, F] (Proxy-RLHF: the frozen
+    # target's hidden state and the proposal per decision); passed to policy.forward as `features`.
+    features: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> Rollout:
-        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                          for f in fields(self)})
 
 
 @dataclass
@@ -202,12 +206,13 @@ class PPOUpdater:
     def forward(self, batch: Rollout, *, temperature: float, return_entropy: bool):
         """New log-probs and values of a micro-batch (with gradient); the entropy carries a gradient
         only when the loss has an entropy bonus."""
+        extra = {} if batch.features is None else {"features": batch.features}
         if self.forward_module is not None:  # through DDP/FSDP2/ZeRO's forward, so their gradient hooks run
             return self.forward_module(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
-                                       temperature=temperature, entropy_grad=self.config.entropy_coef > 0)
+                                       temperature=temperature, entropy_grad=self.config.entropy_coef > 0, **extra)
         out = self.policy.forward(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
                                   temperature=temperature, return_entropy=return_entropy,
-                                  entropy_grad=self.config.entropy_coef > 0)
+                                  entropy_grad=self.config.entropy_coef > 0, **extra)
         values = out.values
         if values is None:
             values = self.value_model(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)

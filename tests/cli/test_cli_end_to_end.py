@@ -81,10 +81,11 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     rows = _table_rows(printed)
     assert list(rows)[:4] == ["No fine-tuning", "SFT prompter (before PPO)", "Align-Pro", "Oracle (PPO on the target)"]
     assert "Aligner (SFT)" in rows  # trained by SFT in the same run (alignfast.cli.demo_aligner)
+    assert "Proxy-RLHF (proxy on the target's decoding)" in rows  # alignfast.cli.demo_proxy
     assert "Before and after Align-Pro" in printed and "prompt: 'sort" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["episodes"] == 64 and results["held_out_prompts"] == 250
-    assert {"align_pro_train_s", "oracle_train_s", "total_s"} <= set(results["timings_s"])
+    assert {"align_pro_train_s", "oracle_train_s", "proxy_rlhf_s", "total_s"} <= set(results["timings_s"])
     assert (tmp_path / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "align_pro" / "metrics.jsonl").is_file() and (tmp_path / "oracle" / "metrics.jsonl").is_file()
 

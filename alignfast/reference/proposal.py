@@ -1,0 +1,80 @@
+"""propose_token: one step of Proxy-RLHF's propose-judge-resample loop, the specification.
+
+For one row with logits l [V], excluded tokens X (the proxy's rejections at this position, and the
+tokens outside top-k when top-k is on), a uniform u in [0, 1), temperature T >= 0 and top_p in (0, 1]:
+
+    z = l / tau,  tau = T if T > 0 else 1          q = softmax(z) over every token (X included)
+    S(k) = sum_{j : l_j > l_k} q_j                  the mass strictly more likely than k
+    N = {k : l_k > -inf and S(k) < top_p}          the nucleus of the target's own distribution
+                                                    (every finite token when top_p == 1)
+    A = N minus X                                   the tokens the target may still propose
+
+    T > 0:  w_k = exp(z_k - max_{j in A} z_j) for k in A, W = sum_A w
+            token = the first k (index order) with sum_{j in A, j <= k} w_j > min(u W, nextafter(W, 0))
+            logprob = z_token - max_A z - log W      (log-prob under q restricted to A, renormalised)
+    T == 0: token = the first argmax of l over A, logprob = 0 (a point mass)
+    A empty: token = -1, logprob = -inf
+    num_allowed = |A|
+
+Why these choices. The nucleus is taken on the target's distribution *before* rejections, so a
+rejection never widens the candidate set: re-proposals stay inside what the target itself finds
+plausible (the paper's knowledge-aware restriction). It is defined on values, not on a sort order
+(ties are kept or dropped together), so every implementation agrees without sorting. Sampling by
+inverse CDF in index order with the caller's uniform makes the C++ and Triton kernels reproduce the
+same token from the same number; with nothing excluded and top_p == 1 it is the same rule as the
+HF engine's sampler (alignfast.rollout._sampling.choose_tokens), which is what makes an always-accepting
+proxy reproduce the target's own samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def nucleus(logits: torch.Tensor, *, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] bool: the nucleus N of each row (see the module docstring), on the sorted values."""
+    finite = logits > float("-inf")
+    if top_p >= 1.0:
+        return finite
+    z = logits / (temperature if temperature > 0 else 1.0)
+    any_finite = finite.any(dim=-1, keepdim=True)
+    safe = torch.where(any_finite, z, torch.zeros_like(z))  # an all -inf row has no nucleus
+    q = torch.softmax(safe, dim=-1)
+    # "more likely" compares the logits themselves (z = l / tau is monotone in l; comparing l keeps
+    # rounding in the division from merging or splitting ties)
+    ls = torch.where(any_finite, logits, torch.zeros_like(logits))
+    lsorted, order = ls.sort(dim=-1, descending=True)
+    qs = q.gather(-1, order)
+    cum = torch.cat([torch.zeros_like(qs[:, :1]), qs.cumsum(-1)], dim=-1)
+    # number of tokens strictly more likely than k: a binary search in the ascending -lsorted
+    n_greater = torch.searchsorted((-lsorted).contiguous(), (-ls).contiguous(), side="left")
+    mass_above = cum.gather(-1, n_greater)
+    return finite & (mass_above < top_p) & any_finite
+
+
+def propose_token(logits: torch.Tensor, excluded: torch.Tensor, uniforms: torch.Tensor, *, temperature: float,
+                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [B] int64, logprobs [B], num_allowed [B] int64) for logits [B, V], excluded [B, V] bool,
+    uniforms [B] in [0, 1). Computed in the logits' dtype (float64 for the ground truth)."""
+    allowed = nucleus(logits, temperature=temperature, top_p=top_p) & ~excluded
+    num_allowed = allowed.sum(-1)
+    neg_inf = torch.full_like(logits, float("-inf"))
+    masked = torch.where(allowed, logits, neg_inf)
+    empty = num_allowed == 0
+    if temperature == 0.0:
+        tokens = masked.argmax(dim=-1)  # the first maximal index
+        logprobs = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    else:
+        z = masked / temperature
+        m = z.max(dim=-1, keepdim=True).values
+        m = torch.where(empty[:, None], torch.zeros_like(m), m)
+        w = torch.where(allowed, torch.exp(z - m), torch.zeros_like(z))
+        cum = w.cumsum(dim=-1)
+        total = cum[:, -1:]
+        target = torch.minimum(uniforms.view(-1, 1).to(cum.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cum, target, right=True).squeeze(-1).clamp(max=logits.shape[1] - 1)
+        z_tok = z.gather(-1, tokens[:, None]).squeeze(-1)
+        logprobs = z_tok - m.squeeze(-1) - torch.log(total.squeeze(-1))
+    tokens = torch.where(empty, torch.full_like(tokens, -1), tokens)
+    logprobs = torch.where(empty, torch.full_like(logprobs, float("-inf")), logprobs)
+    return tokens, logprobs, num_allowed

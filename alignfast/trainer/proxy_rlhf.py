@@ -1,0 +1,300 @@
+"""ProxyRLHFTrainer: Proxy-RLHF (arXiv 2403.04283) on the shared PPO engine.
+
+The frozen target generates; a small proxy (alignfast.trainer.proxy_model) accepts or rejects each token
+it proposes (alignfast.rollout.ProxyDecoder). The MDP PPO solves:
+
+    state   s = (prompt x, the tokens accepted so far, the tokens rejected at this position, the proposal y)
+    action  a in {accept, reject}           (forced acceptances at the stabiliser's bounds are no actions)
+    transition: accept appends y and the target moves on; reject excludes y and the target re-proposes
+    reward  r(x, answer) at the last decision of the episode,
+            - kl_coef * (log pi(a|s) - log pi_ref(a))  at every decision (pi_ref = Bernoulli(accept_prior)),
+            - rejection_cost at every rejection (optional)
+
+GAE(gamma, lam) runs over each episode's decisions, in order, through the same fused ops
+(compute_advantages, ppo_loss) and the same PPOUpdater as Align-Pro and the Oracle arm.
+
+KL choice: the paper trains its proxy with PPO on the reward and keeps it in check with the stabiliser
+alone. Here the KL term is kept, against a fixed "let the target speak" Bernoulli(accept_prior)
+reference rather than a copy of the initial proxy: it prices a rejection (log((1-p)/(1-prior)) > 0 when
+the proxy rejects more than the prior), which is the deviation from the target we want to pay for, and
+it is exactly zero-cost to compute. kl_coef = 0 recovers the paper's reward-only objective.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.rollout import templates
+from alignfast.rollout.proxy_decoder import ProxyDecoder, ProxyDecodeOutput
+from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards, load_causal_lm, load_tokenizer
+from alignfast.trainer.config import AlignProConfig, _opt
+from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
+from alignfast.trainer.environments import DirectEnvironment
+from alignfast.trainer.ppo_core import Advantages, NonFiniteLoss, Rollout, compute_advantages, make_opset
+from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
+from alignfast.trainer.results import RolloutResult, TrainingDivergedError
+
+
+@dataclass
+class ProxyRLHFConfig(AlignProConfig):
+    """AlignProConfig plus the proxy's knobs. The target's proposals use target_temperature, target_top_p
+    and target_max_new_tokens; `temperature` scales the proxy's decision logits; response_length,
+    value_head and the rewrite templates are not used."""
+
+    temperature: float = _opt(1.0, "Temperature of the proxy's accept/reject logits (sampling and log-probs).")
+    kl_coef: float = _opt(0.02, "Weight of the per-decision KL to the Bernoulli(accept_prior) reference.")
+    proxy_hidden_size: int = _opt(64, "Width of the proxy's hidden layer (parameters ~ (2H + 1) * width).")
+    max_rejections_per_token: int = _opt(3,
+        "Stabiliser: after this many rejections at one position the most likely remaining token is taken.")
+    target_top_k: int = _opt(0, "Stabiliser: proposals only from the target's top-k tokens at the position (0: off).")
+    accept_prior: float = _opt(0.9, "P(accept) of the KL reference policy.")
+    rejection_cost: float = _opt(0.0, "Optional reward subtracted at every rejection.")
+
+    def _validate(self) -> None:
+        super()._validate()
+        for name in ("proxy_hidden_size", "max_rejections_per_token"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                fail(name, f"must be a positive integer, got {v!r}")
+        if isinstance(self.target_top_k, bool) or not isinstance(self.target_top_k, int) or self.target_top_k < 0:
+            fail("target_top_k", f"must be a non-negative integer (0: off), got {self.target_top_k!r}")
+        v = self.accept_prior
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            fail("accept_prior", f"must be in (0, 1), got {v!r}")
+        v = self.rejection_cost
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            fail("rejection_cost", f"must be a finite number >= 0, got {v!r}")
+
+
+def coerce_proxy_config(config) -> ProxyRLHFConfig:
+    if isinstance(config, dict):
+        return ProxyRLHFConfig.from_dict(config)
+    if isinstance(config, ProxyRLHFConfig):
+        return config
+    if isinstance(config, AlignProConfig):  # an AlignProConfig's fields, proxy knobs at their defaults
+        return ProxyRLHFConfig.from_dict(config.to_dict())
+    fail("config", f"must be a ProxyRLHFConfig or a dict, got {type(config).__name__}")
+
+
+class ProxyRLHFTrainer(PPOEngineTrainer):
+    """PPO on a proxy that oversees the frozen `target`'s decoding.
+
+        trainer = ProxyRLHFTrainer(ProxyRLHFConfig(output_dir="out"), target, tokenizer,
+                                   reward_funcs=[my_reward], train_dataset=[{"prompt": ...}, ...])
+        trainer.train(); trainer.rollout(prompts)      # answers decoded under the trained proxy
+
+    target: a causal LM or a path (frozen here); proxy: a ProxyModel (default: a new one sized by
+    config.proxy_hidden_size). Checkpoints, resume, metrics and evaluation are the engine's.
+    """
+
+    arm = "proxy"
+
+    def __init__(self, config, target, tokenizer=None, *, proxy: ProxyModel | None = None, reward_model=None,
+                 reward_tokenizer=None, reward_funcs=None, reward_weights=None, train_dataset, eval_dataset=None,
+                 callbacks=None):
+        from alignfast.trainer.metrics_logger import check_reporters
+
+        config = coerce_proxy_config(config)
+        check_reporters(config.report_to)
+        tokenizer = load_tokenizer(tokenizer, target, "tokenizer")
+        target = load_causal_lm(target, "target")
+        if config.device is not None:
+            target = target.to(config.device)
+        target.eval().requires_grad_(False)
+        self.config = config
+        self.target = target
+        self.device = next(target.parameters()).device
+        self.ops = make_opset(config.backend)
+        self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
+        self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
+        self.num_steps = config.num_steps(len(self.train_dataset))
+        from transformers import set_seed
+
+        set_seed(config.seed)
+        self.tokenizer = tokenizer
+        self.pad_id, self.stop_ids = _special_ids(tokenizer, target, config.stop_token_id)
+        self.rewards = build_rewards(config, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
+                                     reward_funcs=reward_funcs, reward_weights=reward_weights, device=self.device)
+        self.environment = DirectEnvironment(self.rewards)
+        self.decoder = ProxyDecoder(target, eos_ids=self.stop_ids, pad_id=self.pad_id,
+                                    max_new_tokens=config.target_max_new_tokens,
+                                    max_rejections_per_token=config.max_rejections_per_token,
+                                    temperature=config.target_temperature, top_p=config.target_top_p,
+                                    top_k=config.target_top_k)
+        text_cfg = target.config.get_text_config()
+        if proxy is None:
+            proxy = ProxyModel(text_cfg.hidden_size, target.get_input_embeddings().embedding_dim,
+                               config.proxy_hidden_size)
+        if not isinstance(proxy, ProxyModel):
+            fail("proxy", f"must be an alignfast ProxyModel, got {type(proxy).__name__}")
+        if proxy.feature_size != self.decoder.feature_size:
+            fail("proxy", f"reads {proxy.feature_size} features but this target gives {self.decoder.feature_size}")
+        self.model = proxy.to(self.device).eval()
+        self.policy = ProxyPolicy(self.model, accept_prior=config.accept_prior)
+        self.value_model = None
+        self.shared_value_head = None
+        self.ref_model = None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._setup_optimization(callbacks)
+
+    @property
+    def proxy_fraction(self) -> float:
+        """Trainable proxy parameters / target parameters."""
+        return sum(p.numel() for p in self.params) / sum(p.numel() for p in self.target.parameters())
+
+    # ------------------------------------------------------------------------------------------
+    def _prompt_ids(self, prompts) -> list[list[int]]:
+        max_len = self.config.max_prompt_length
+        if max_len is None:
+            max_pos = getattr(self.target.config, "max_position_embeddings", None)
+            if max_pos is not None:
+                max_len = max_pos - self.config.target_max_new_tokens
+        return [templates.user_turn_ids(self.tokenizer, p, max_length=max_len) or [self.pad_id] for p in prompts]
+
+    def _decode_text(self, res: ProxyDecodeOutput) -> list[str]:
+        stop = set(self.stop_ids)
+        return [self.tokenizer.decode([t for t in row if t not in stop], skip_special_tokens=True).strip()
+                for row in res.tokens]
+
+    def proxy_decode(self, prompts, *, greedy: bool, seed: int) -> tuple[ProxyDecodeOutput, list[str]]:
+        """Decode prompts under the proxy: greedy decisions (P(accept) >= 1/2) or sampled ones."""
+        from alignfast.ops import force_backend
+
+        # backend="reference": the proposal step runs on its spec too (the fast-vs-reference parity test)
+        with force_backend("reference" if self.config.backend == "reference" else "auto"):
+            res = self.decoder.decode(self._prompt_ids(prompts), self.model.judge, seed=seed,
+                                      greedy_decisions=greedy, decision_temperature=self.config.temperature)
+        return res, self._decode_text(res)
+
+    def rollout(self, prompts, *, greedy: bool = True, seed: int | None = None, columns=None) -> RolloutResult:
+        """Prompts answered by the target under the proxy (greedy decisions by default) and scored."""
+        prompts = list(prompts)
+        columns = {k: list(v) for k, v in (columns or {}).items()}
+        for k, v in columns.items():
+            if len(v) != len(prompts):
+                fail("columns", f"entry '{k}' has {len(v)} values for {len(prompts)} prompts")
+        seed = self.config.seed if seed is None else seed
+        result = RolloutResult(prompts=[], rewrites=[], answers=[], scores=[], all_answers=[], reward_components={})
+        bs = self.config.per_device_eval_batch_size
+        for chunk, start in enumerate(range(0, len(prompts), bs)):
+            p = prompts[start: start + bs]
+            cols = {k: v[start: start + bs] for k, v in columns.items()}
+            _, outputs = self.proxy_decode(p, greedy=greedy, seed=derive_seed(seed, chunk, stream=5) % (2**31))
+            env_out = self.environment.step(p, outputs, cols, seed=derive_seed(seed, chunk, stream=6) % (2**31))
+            result.prompts += p
+            result.rewrites += p
+            result.answers += [a[0] if a else "" for a in env_out.answers]
+            result.all_answers += env_out.answers
+            result.scores += env_out.scores
+            for name, values in env_out.per_func.items():
+                result.reward_components.setdefault(name, []).extend(values)
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def build_rollout(self, res: ProxyDecodeOutput, scores: torch.Tensor) -> Rollout:
+        """The PPO batch of one decoding: decisions as actions, old log-probs and values recomputed by the
+        proxy (equal to the decoder's, which the tests check), reference log-probs from the prior."""
+        m = res.mask
+        with torch.no_grad():
+            out = self.policy.forward(res.proposals, m, res.actions, m, temperature=self.config.temperature,
+                                      features=res.features)
+        return Rollout(query_ids=res.proposals, query_mask=m, response_ids=res.actions, response_mask=m,
+                       ended=res.ended, logprobs=out.logprobs, ref_logprobs=self.policy.reference_logprobs(res.actions, m),
+                       values=out.values, scores=scores, features=res.features)
+
+    def advantages(self, rollout: Rollout) -> Advantages:
+        cfg = self.config
+        adv = compute_advantages(rollout, self.ops, kl_coef=self.kl_ctl.value, kl_estimator=cfg.kl_estimator,
+                                 gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
+                                 whiten_advantages=cfg.whiten_advantages)
+        if cfg.rejection_cost > 0:
+            # A cost at each rejection, where it happened: rewards are fed to the GAE op as k1 inputs with
+            # kl_coef = 1 (-(0 - r) = r), as ppo_core.compute_advantages does for whitened rewards.
+            m = rollout.response_mask
+            rewards = adv.rewards - cfg.rejection_cost * ((rollout.response_ids == 0) & m).float()
+            _, a, ret, _ = self.ops.compute_advantages(
+                torch.zeros_like(rewards), rewards, rollout.values, torch.zeros_like(rollout.scores), m, kl_coef=1.0,
+                kl_estimator="k1", gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
+            adv = Advantages(rewards=rewards, advantages=a, returns=ret, kl=adv.kl)
+        return adv
+
+    def _train_step(self, step: int, last_good) -> tuple[dict, list[dict]]:
+        cfg = self.config
+        B = cfg.rollout_batch_size
+        batch = self.train_dataset.select(batch_indices(len(self.train_dataset), B, step, cfg.seed))
+        t_start = time.perf_counter()
+        res, outputs = self.proxy_decode(batch.prompts, greedy=False,
+                                         seed=derive_seed(cfg.seed, step, stream=2) % (2**31))
+        t_gen = time.perf_counter()
+        env_out = self.environment.step(batch.prompts, outputs, batch.columns,
+                                        seed=derive_seed(cfg.seed, step, stream=3) % (2**31))
+        self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)
+        scores = torch.tensor(env_out.scores, dtype=torch.float32, device=self.device)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~res.ended).float()
+        t_env = time.perf_counter()
+        rollout = self.build_rollout(res, scores)
+        with torch.no_grad():
+            adv = self.advantages(rollout)
+        self.last_rollout = rollout
+        self.last_decode = res
+        t_lp = time.perf_counter()
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, step, stream=4))
+        try:
+            stats = self.updater.update(rollout, adv, g)
+        except NonFiniteLoss as err:
+            raise TrainingDivergedError(
+                f"alignfast: non-finite loss at step {step + 1}: {err}. Training stopped; the last good checkpoint "
+                f"is {last_good or 'none (no checkpoint yet)'}", step=step + 1, checkpoint=last_good) from None
+        self.last_update_losses = stats.losses
+        self.lr_scheduler.step()
+        t_end = time.perf_counter()
+
+        m = rollout.response_mask
+        kl_seq = adv.kl.sum(1)
+        non_score = (-self.kl_ctl.value * adv.kl).sum(1)
+        kl_coef_used = self.kl_ctl.value
+        self.kl_ctl.update(float(kl_seq.mean()), B)
+        self.episode += B
+        n_dec = int(m.sum())
+        n_tok = sum(len(t) for t in res.tokens)
+        step_time = t_end - t_start
+        metrics = {
+            "objective/kl": float(kl_seq.mean()),
+            "objective/entropy": float((-rollout.logprobs).sum(1).mean()),
+            "objective/non_score_reward": float(non_score.mean()),
+            "objective/rlhf_reward": float(non_score.mean() + scores.mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/kl_coef": kl_coef_used,
+            **stats.averages(),
+            "val/num_eos_tokens": int(res.ended.sum()),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "episode": self.episode,
+            "completions/mean_length": n_tok / B,
+            "proxy/decisions_per_episode": n_dec / B,
+            "proxy/accept_rate": float(((rollout.response_ids == 1) & m).sum()) / max(n_dec, 1),
+            "proxy/rejections_per_token": float(res.rejections.sum()) / max(n_tok, 1),
+            "proxy/forced_per_token": float(res.forced.sum()) / max(n_tok, 1),
+            "timing_s/prompter_gen": 0.0,
+            "timing_s/target_gen": t_gen - t_start,
+            "timing_s/reward": env_out.timings.get("reward", t_env - t_gen),
+            "timing_s/logprobs": t_lp - t_env,
+            "timing_s/update": t_end - t_lp,
+            "timing_s/step": step_time,
+            "tokens/s": n_tok / step_time if step_time > 0 else 0.0,
+        }
+        for name, values in env_out.per_func.items():
+            vals = [v for v in values if v is not None]
+            if vals:
+                metrics[f"rewards/{name}"] = sum(vals) / len(vals)
+        samples = [{"prompt": p, "output": o, "answer": o, "score": s}
+                   for p, o, s in zip(batch.prompts, outputs, scores.tolist())]
+        return metrics, samples
+
+    def _ref_logprobs(self, *args, **kwargs):
+        raise AlignfastArgumentError("alignfast: the proxy's reference is the Bernoulli prior (ProxyPolicy)")

@@ -1,0 +1,120 @@
+"""ProxyDecoder on the toy world's frozen target: what the decoding loop must guarantee.
+
+  * a proxy that always accepts reproduces the HF engine's own samples under the same seed (and its
+    greedy answers);
+  * a proxy that rejects a known token set never lets one through (while the bound is not reached);
+  * at the rejection bound the most likely remaining token is forced, and no decision is recorded for it;
+  * decisions are recorded left-aligned with the proxy's features, and rows are independent of the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignfast.rollout import HFEngine
+from alignfast.rollout.proxy_decoder import ProxyDecoder
+from alignfast.rollout.templates import user_turn_ids
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.toy import load_world
+
+    world = load_world()
+    tok = AutoTokenizer.from_pretrained(world.target_path)
+    model = AutoModelForCausalLM.from_pretrained(world.target_path).eval().requires_grad_(False)
+    prompts = [user_turn_ids(tok, r["prompt"]) for r in world.eval_prompts[:12]]
+    prompts.append(prompts[0])  # a duplicate prompt: its own random stream, as in the engine
+    return model, tok, prompts
+
+
+def decoder(model, tok, **kw):
+    args = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=8, max_rejections_per_token=3,
+                temperature=1.0)
+    args.update(kw)
+    return ProxyDecoder(model, **args)
+
+
+def accept_all(features, proposals):
+    return torch.full((proposals.numel(),), 50.0), None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_always_accept_is_the_targets_own_sampling(toy, temperature):
+    model, tok, prompts = toy
+    engine = HFEngine(model, tok)
+    want = [c[0].token_ids for c in engine.generate(prompts, max_new_tokens=8, temperature=temperature, seed=123)]
+    res = decoder(model, tok, temperature=temperature).decode(prompts, accept_all, seed=123)
+    assert res.tokens == want
+    assert int(res.rejections.sum()) == 0
+    assert bool(res.actions[res.mask].eq(1).all())
+
+
+def test_rejected_tokens_never_appear(toy):
+    model, tok, prompts = toy
+    banned = torch.tensor([tok.convert_tokens_to_ids(w) for w in ("1", "4", "8")])
+
+    def judge(features, proposals):
+        return torch.where(torch.isin(proposals, banned), -50.0, 50.0), None
+
+    res = decoder(model, tok, max_rejections_per_token=4).decode(prompts, judge, seed=7)
+    produced = {t for row in res.tokens for t in row}
+    assert not produced & set(banned.tolist())
+    assert int(res.rejections.sum()) > 0  # the target did propose them
+    rejected = res.actions[res.mask] == 0
+    assert bool(torch.isin(res.proposals[res.mask][rejected], banned).all())
+
+
+def test_bound_forces_the_best_remaining_token(toy):
+    model, tok, prompts = toy
+
+    def reject_all(features, proposals):
+        return torch.full((proposals.numel(),), -50.0), torch.zeros(proposals.numel())
+
+    K = 2
+    res = decoder(model, tok, max_rejections_per_token=K, temperature=0.0).decode(prompts, reject_all, seed=0)
+    n_tokens = sum(len(r) for r in res.tokens)
+    # greedy proposals: the 1st and 2nd most likely tokens are rejected, the 3rd is forced
+    assert int(res.rejections.sum()) == K * n_tokens
+    assert int(res.forced.sum()) == n_tokens
+    assert int(res.mask.sum()) == K * n_tokens
+    # the first forced token of every row is the third most likely first token of the target
+    out = model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
+    assert res.tokens[0][0] == int(out.topk(3).indices[2])
+
+
+def test_decisions_and_features(toy):
+    model, tok, prompts = toy
+    seen = []
+
+    def judge(features, proposals):
+        seen.append(features.clone())
+        return torch.zeros(proposals.numel()), torch.arange(proposals.numel(), dtype=torch.float32)
+
+    dec = decoder(model, tok)
+    res = dec.decode(prompts[:4], judge, seed=3)
+    R, D, F = res.features.shape
+    assert F == dec.feature_size == model.config.hidden_size * 2 + 1
+    # left-aligned: a row's decisions are a prefix of its columns
+    m = res.mask.long()
+    assert bool((m[:, 1:] <= m[:, :-1]).all())
+    # the recorded action log-probs are those of Bernoulli(sigmoid(0)) = log 1/2
+    assert torch.allclose(res.logprobs[res.mask], torch.full_like(res.logprobs[res.mask], -0.6931471805599453))
+    # the last feature is the target's own log-prob of the proposal
+    assert bool((res.features[res.mask][:, -1] <= 0).all())
+    # a row decodes the same alone as in the batch
+    alone = dec.decode(prompts[2:3], judge, seed=3)
+    assert alone.tokens[0] == res.tokens[2]
+
+
+def test_bad_arguments(toy):
+    model, tok, _ = toy
+    with pytest.raises(ValueError, match="max_rejections_per_token"):
+        decoder(model, tok, max_rejections_per_token=0)
+    with pytest.raises(ValueError, match="top_p"):
+        decoder(model, tok, top_p=0.0)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        decoder(model, tok).decode([[]], accept_all, seed=0)
