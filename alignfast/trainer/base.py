@@ -184,7 +184,7 @@ class PPOEngineTrainer:
         self.kl_ctl = make_kl_controller(config)
         self.trainable = None  # under a launcher: the policy (+ value head / critic) as accelerate wrapped it
         if self.processes.distributed:
-            modules = TrainableModules(model, self.policy, self.value_model, shared_head)
+            modules = TrainableModules(self.model, self.policy, self.value_model, self.shared_value_head)
             self.trainable, self.optimizer = self.processes.accelerator.prepare(modules, self.optimizer)
         self.updater = PPOUpdater(self.policy, self.value_model, self.optimizer, self.params, self.ops, config,
                                   processes=self.processes, forward_module=self.trainable)

@@ -34,6 +34,7 @@ from alignfast.rollout.proxy_decoder import ProxyDecoder, ProxyDecodeOutput
 from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, _opt
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
+from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.environments import DirectEnvironment
 from alignfast.trainer.ppo_core import Advantages, NonFiniteLoss, Rollout, compute_advantages, make_opset
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
@@ -101,6 +102,11 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
 
         config = coerce_proxy_config(config)
         check_reporters(config.report_to)
+        self.processes = make_processes(config)
+        if self.processes.distributed:  # its step samples the whole batch in one process: no split, no gathers yet
+            raise AlignfastArgumentError(
+                f"alignfast: ProxyRLHFTrainer runs in one process; it was launched with "
+                f"{self.processes.num_processes} processes (run it without accelerate launch / torchrun)")
         tokenizer = load_tokenizer(tokenizer, target, "tokenizer")
         target = load_causal_lm(target, "target")
         if config.device is not None:
@@ -252,6 +258,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
                 f"alignfast: non-finite loss at step {step + 1}: {err}. Training stopped; the last good checkpoint "
                 f"is {last_good or 'none (no checkpoint yet)'}", step=step + 1, checkpoint=last_good) from None
         self.last_update_losses = stats.losses
+        lr_used = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used; step() sets the next
         self.lr_scheduler.step()
         t_end = time.perf_counter()
 
@@ -273,7 +280,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
             "objective/kl_coef": kl_coef_used,
             **stats.averages(),
             "val/num_eos_tokens": int(res.ended.sum()),
-            "lr": self.lr_scheduler.get_last_lr()[0],
+            "lr": lr_used,
             "episode": self.episode,
             "completions/mean_length": n_tok / B,
             "proxy/decisions_per_episode": n_dec / B,
