@@ -9,7 +9,9 @@ from alignfast.cli import build
 from alignfast.cli.config import load_run_config
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")
-                 if not p.name.startswith("aligner_"))  # Aligner SFT run files: tests/aligner/test_cli.py
+                 # Align-Pro run files only: Aligner SFT's are tested in tests/aligner/test_cli.py, Proxy-RLHF's
+                 # (`--method proxy`, other trainer fields) in tests/proxy/test_proxy_cli.py
+                 if not p.name.startswith(("aligner_", "proxy_")))
 
 
 def test_there_are_example_configs():
