@@ -13,15 +13,11 @@ and the run lasts max_steps steps when max_steps > 0, else ceil(num_train_epochs
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from alignfast.ops._checks import AlignfastArgumentError, fail
-from alignfast.trainer.config import BACKENDS, LR_SCHEDULERS, REPORTERS, SAVE_STRATEGIES
+from alignfast.ops._checks import fail
+from alignfast.trainer.config import BACKENDS, LR_SCHEDULERS, REPORTERS, SAVE_STRATEGIES, ConfigDict
 
 # The paper's corrector input (PKU-Alignment/aligner), and the shorter form of the repository's data.
 PAPER_TEMPLATE = ("BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful "
@@ -35,7 +31,7 @@ def _opt(default, help: str):
 
 
 @dataclass
-class AlignerConfig:
+class AlignerConfig(ConfigDict):
     """Configuration of AlignerTrainer (see the module docstring for the batch arithmetic)."""
 
     # --- run, output, logging -------------------------------------------------------------------
@@ -108,25 +104,6 @@ class AlignerConfig:
         if steps < 1:
             fail("num_train_epochs", f"gives no optimizer step for {dataset_size} rows")
         return steps
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AlignerConfig:
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        if not isinstance(d, dict):
-            raise AlignfastArgumentError(f"alignfast: a config must be a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise AlignfastArgumentError(f"alignfast: unknown config key '{key}'{hint}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     # --- validation -----------------------------------------------------------------------------------
     def _validate(self) -> None:

@@ -300,8 +300,7 @@ class PPOEngineTrainer:
         for chunk, start in enumerate(range(0, len(prompts), bs)):
             p = prompts[start: start + bs]
             cols = {k: v[start: start + bs] for k, v in columns.items()}
-            sampled = self._sample(p, cols, greedy=greedy, seed=derive_seed(seed, chunk, stream=5))
-            outputs = self._decode(sampled)
+            outputs = self._rollout_outputs(p, cols, greedy=greedy, seed=derive_seed(seed, chunk, stream=5))
             env_out = self.environment.step(p, outputs, cols, seed=derive_seed(seed, chunk, stream=6) % (2**31))
             result.prompts += p
             result.rewrites += self._rewrites_for_result(p, outputs)
@@ -347,6 +346,11 @@ class PPOEngineTrainer:
     # ------------------------------------------------------------------------------------------
     # hooks for subclasses
     # ------------------------------------------------------------------------------------------
+    def _rollout_outputs(self, prompts: list[str], columns: dict, *, greedy: bool, seed: int) -> list[str]:
+        """The policy's outputs for one chunk of `rollout()`'s prompts (a trainer whose policy does not write
+        text itself, such as Proxy-RLHF's, overrides this)."""
+        return self._decode(self._sample(prompts, columns, greedy=greedy, seed=seed))
+
     def _rewrites_for_result(self, prompts: list[str], outputs: list[str]) -> list[str]:
         return outputs
 
@@ -402,38 +406,14 @@ class PPOEngineTrainer:
         self.last_rollout = rollout
         t_logprobs = time.perf_counter()
 
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, step, stream=4))
-        try:
-            stats = self.updater.update(rollout, adv, g)
-        except NonFiniteLoss as err:
-            raise TrainingDivergedError(
-                f"alignfast: non-finite loss at step {step + 1}: {err}. Training stopped; the parameters in memory "
-                f"may be partly updated, the last good checkpoint is {last_good or 'none (no checkpoint yet)'}",
-                step=step + 1, checkpoint=last_good) from None
-        self.last_update_losses = stats.losses
-        lr_used = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used; step() sets the next
-        self.lr_scheduler.step()
+        stats, lr_used = self._ppo_update(step, rollout, adv, last_good)
         t_end = time.perf_counter()
 
-        mask = rollout.response_mask
-        kl_seq = adv.kl.sum(1)
-        non_score = (-self.kl_ctl.value * adv.kl).sum(1)
-        kl_coef_used = self.kl_ctl.value
-        self.kl_ctl.update(float(kl_seq.mean()), B)
-        self.episode += B
-        n_resp = int(mask.sum())
+        n_resp = int(rollout.response_mask.sum())
         step_time = t_end - t_start
         metrics = {
-            "objective/kl": float(kl_seq.mean()),
-            "objective/entropy": float((-rollout.logprobs).sum(1).mean()),
-            "objective/non_score_reward": float(non_score.mean()),
-            "objective/rlhf_reward": float(non_score.mean() + scores.mean()),
-            "objective/scores": float(scores.mean()),
-            "objective/kl_coef": kl_coef_used,
-            **stats.averages(),
-            "val/num_eos_tokens": int(sampled.ended.sum()),
-            "lr": lr_used,
-            "episode": self.episode,
+            **self._ppo_step_metrics(rollout, adv, scores, stats, lr_used=lr_used, num_eos=int(sampled.ended.sum()),
+                                     batch_size=B, per_func=env_out.per_func),
             "completions/mean_length": n_resp / B,
             "timing_s/prompter_gen": t_gen - t_start,
             "timing_s/target_gen": env_out.timings.get("target_gen", 0.0),
@@ -444,13 +424,54 @@ class PPOEngineTrainer:
             "tokens/s": (n_resp + env_out.generated_tokens) / step_time if step_time > 0 else 0.0,
             "tokens/s/prompter_gen": n_resp / (t_gen - t_start) if t_gen > t_start else 0.0,
         }
-        for name, values in env_out.per_func.items():
-            vals = [v for v in values if v is not None]
-            if vals:
-                metrics[f"rewards/{name}"] = sum(vals) / len(vals)
         samples = [{"prompt": p, "output": o, "answer": a[0] if a else "", "score": s}
                    for p, o, a, s in zip(batch.prompts, outputs, env_out.answers, scores.tolist())]
         return metrics, samples
+
+    def _ppo_update(self, step: int, rollout: Rollout, adv, last_good) -> tuple:
+        """The clipped PPO updates of one step, then the LR schedule's step: (UpdateStats, the learning rate
+        those updates used; the scheduler has already moved to the next step's)."""
+        g = torch.Generator().manual_seed(derive_seed(self.config.seed, step, stream=4))
+        try:
+            stats = self.updater.update(rollout, adv, g)
+        except NonFiniteLoss as err:
+            raise TrainingDivergedError(
+                f"alignfast: non-finite loss at step {step + 1}: {err}. Training stopped; the parameters in memory "
+                f"may be partly updated, the last good checkpoint is {last_good or 'none (no checkpoint yet)'}",
+                step=step + 1, checkpoint=last_good) from None
+        self.last_update_losses = stats.losses
+        lr_used = self.optimizer.param_groups[0]["lr"]
+        self.lr_scheduler.step()
+        return stats, lr_used
+
+    def _ppo_step_metrics(self, rollout: Rollout, adv, scores: torch.Tensor, stats, *, lr_used: float, num_eos: int,
+                          batch_size: int, per_func: dict) -> dict:
+        """Close a PPO step for every trainer on this engine: the KL controller sees the batch's mean sequence KL
+        (sum_t kl_t), the episode count advances, and the step's metrics under TRL's names are returned:
+        objective/kl = mean_b sum_t kl_bt, objective/non_score_reward = mean_b sum_t -beta kl_bt,
+        objective/rlhf_reward = non_score_reward + mean score, the update's averages, rewards/<function>."""
+        kl_seq = adv.kl.sum(1)
+        non_score = (-self.kl_ctl.value * adv.kl).sum(1)
+        kl_coef_used = self.kl_ctl.value
+        self.kl_ctl.update(float(kl_seq.mean()), batch_size)
+        self.episode += batch_size
+        metrics = {
+            "objective/kl": float(kl_seq.mean()),
+            "objective/entropy": float((-rollout.logprobs).sum(1).mean()),
+            "objective/non_score_reward": float(non_score.mean()),
+            "objective/rlhf_reward": float(non_score.mean() + scores.mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/kl_coef": kl_coef_used,
+            **stats.averages(),
+            "val/num_eos_tokens": num_eos,
+            "lr": lr_used,
+            "episode": self.episode,
+        }
+        for name, values in per_func.items():
+            vals = [v for v in values if v is not None]
+            if vals:
+                metrics[f"rewards/{name}"] = sum(vals) / len(vals)
+        return metrics
 
     def _reuse_sampler_logprobs(self) -> bool:
         """Old log-probs (and a shared value head's values) from the sampler: fast path only. The sampler's

@@ -46,8 +46,31 @@ DEFAULT_REWRITE_TEMPLATE = (
 )
 
 
+class ConfigDict:
+    """Dict and JSON round trips for the trainers' config dataclasses (run files, checkpoints, metrics)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        if not isinstance(d, dict):
+            raise AlignfastArgumentError(f"alignfast: a config must be a mapping, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise AlignfastArgumentError(f"alignfast: unknown config key '{key}'{hint}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 @dataclass
-class AlignProConfig:
+class AlignProConfig(ConfigDict):
     """Configuration of AlignProTrainer and OracleTrainer. See the module docstring for the batch arithmetic."""
 
     # --- run, output, logging -------------------------------------------------------------------
@@ -155,25 +178,6 @@ class AlignProConfig:
             self.report_to = [self.report_to]
         self.report_to = list(self.report_to)
         self._validate()
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AlignProConfig:
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        if not isinstance(d, dict):
-            raise AlignfastArgumentError(f"alignfast: a config must be a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise AlignfastArgumentError(f"alignfast: unknown config key '{key}'{hint}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     # --- derived sizes ------------------------------------------------------------------------------
     @property

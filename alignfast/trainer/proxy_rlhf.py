@@ -36,9 +36,9 @@ from alignfast.trainer.config import AlignProConfig, _opt
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.environments import DirectEnvironment
-from alignfast.trainer.ppo_core import Advantages, NonFiniteLoss, Rollout, compute_advantages, make_opset
+from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, make_opset
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
-from alignfast.trainer.results import RolloutResult, TrainingDivergedError
+
 
 
 @dataclass
@@ -177,29 +177,12 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
                                       greedy_decisions=greedy, decision_temperature=self.config.temperature)
         return res, self._decode_text(res)
 
-    def rollout(self, prompts, *, greedy: bool = True, seed: int | None = None, columns=None) -> RolloutResult:
-        """Prompts answered by the target under the proxy (greedy decisions by default) and scored."""
-        prompts = list(prompts)
-        columns = {k: list(v) for k, v in (columns or {}).items()}
-        for k, v in columns.items():
-            if len(v) != len(prompts):
-                fail("columns", f"entry '{k}' has {len(v)} values for {len(prompts)} prompts")
-        seed = self.config.seed if seed is None else seed
-        result = RolloutResult(prompts=[], rewrites=[], answers=[], scores=[], all_answers=[], reward_components={})
-        bs = self.config.per_device_eval_batch_size
-        for chunk, start in enumerate(range(0, len(prompts), bs)):
-            p = prompts[start: start + bs]
-            cols = {k: v[start: start + bs] for k, v in columns.items()}
-            _, outputs = self.proxy_decode(p, greedy=greedy, seed=derive_seed(seed, chunk, stream=5) % (2**31))
-            env_out = self.environment.step(p, outputs, cols, seed=derive_seed(seed, chunk, stream=6) % (2**31))
-            result.prompts += p
-            result.rewrites += p
-            result.answers += [a[0] if a else "" for a in env_out.answers]
-            result.all_answers += env_out.answers
-            result.scores += env_out.scores
-            for name, values in env_out.per_func.items():
-                result.reward_components.setdefault(name, []).extend(values)
-        return result
+    def _rollout_outputs(self, prompts, columns, *, greedy: bool, seed: int) -> list[str]:
+        """rollout(): the target's answers under the proxy (greedy decisions by default); the engine scores them."""
+        return self.proxy_decode(prompts, greedy=greedy, seed=seed % (2**31))[1]
+
+    def _rewrites_for_result(self, prompts, outputs):
+        return list(prompts)  # no rewrite: the target answers the prompt itself
 
     # ------------------------------------------------------------------------------------------
     def build_rollout(self, res: ProxyDecodeOutput, scores: torch.Tensor) -> Rollout:
@@ -250,38 +233,16 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         self.last_rollout = rollout
         self.last_decode = res
         t_lp = time.perf_counter()
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, step, stream=4))
-        try:
-            stats = self.updater.update(rollout, adv, g)
-        except NonFiniteLoss as err:
-            raise TrainingDivergedError(
-                f"alignfast: non-finite loss at step {step + 1}: {err}. Training stopped; the last good checkpoint "
-                f"is {last_good or 'none (no checkpoint yet)'}", step=step + 1, checkpoint=last_good) from None
-        self.last_update_losses = stats.losses
-        lr_used = self.optimizer.param_groups[0]["lr"]  # the rate this step's updates used; step() sets the next
-        self.lr_scheduler.step()
+        stats, lr_used = self._ppo_update(step, rollout, adv, last_good)
         t_end = time.perf_counter()
 
         m = rollout.response_mask
-        kl_seq = adv.kl.sum(1)
-        non_score = (-self.kl_ctl.value * adv.kl).sum(1)
-        kl_coef_used = self.kl_ctl.value
-        self.kl_ctl.update(float(kl_seq.mean()), B)
-        self.episode += B
         n_dec = int(m.sum())
         n_tok = sum(len(t) for t in res.tokens)
         step_time = t_end - t_start
         metrics = {
-            "objective/kl": float(kl_seq.mean()),
-            "objective/entropy": float((-rollout.logprobs).sum(1).mean()),
-            "objective/non_score_reward": float(non_score.mean()),
-            "objective/rlhf_reward": float(non_score.mean() + scores.mean()),
-            "objective/scores": float(scores.mean()),
-            "objective/kl_coef": kl_coef_used,
-            **stats.averages(),
-            "val/num_eos_tokens": int(res.ended.sum()),
-            "lr": lr_used,
-            "episode": self.episode,
+            **self._ppo_step_metrics(rollout, adv, scores, stats, lr_used=lr_used, num_eos=int(res.ended.sum()),
+                                     batch_size=B, per_func=env_out.per_func),
             "completions/mean_length": n_tok / B,
             "proxy/decisions_per_episode": n_dec / B,
             "proxy/accept_rate": float(((rollout.response_ids == 1) & m).sum()) / max(n_dec, 1),
@@ -295,10 +256,6 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
             "timing_s/step": step_time,
             "tokens/s": n_tok / step_time if step_time > 0 else 0.0,
         }
-        for name, values in env_out.per_func.items():
-            vals = [v for v in values if v is not None]
-            if vals:
-                metrics[f"rewards/{name}"] = sum(vals) / len(vals)
         samples = [{"prompt": p, "output": o, "answer": o, "score": s}
                    for p, o, s in zip(batch.prompts, outputs, scores.tolist())]
         return metrics, samples
