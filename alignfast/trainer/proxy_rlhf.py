@@ -40,7 +40,6 @@ from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, 
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
 
 
-
 @dataclass
 class ProxyRLHFConfig(AlignProConfig):
     """AlignProConfig plus the proxy's knobs. The target's proposals use target_temperature, target_top_p
