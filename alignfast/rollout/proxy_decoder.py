@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alignfast.rollout._cache_api import cache_keyword
 from alignfast.rollout._kv_cache import new_dynamic_cache, new_packed_cache, packed_cache_layers
 from alignfast.rollout._sampling import row_key, step_uniforms
 
@@ -117,6 +118,8 @@ class ProxyDecoder:
 
         self._head = plain_linear_head(model)
         self._backbone = backbone_of(model) if self._head is not None else None
+        # transformers 5 names the cache keyword `cache` (the old name logs a deprecation warning every call)
+        self._cache_kw = cache_keyword(self._backbone if self._backbone is not None else model)
 
     @property
     def feature_size(self) -> int:
@@ -128,10 +131,10 @@ class ProxyDecoder:
         """(logits [R, V] float32, last hidden state [R, H] float32) of the last position."""
         if self._head is not None:
             hidden = self._backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
-                                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                                    use_cache=True, **{self._cache_kw: cache}).last_hidden_state[:, -1]
             return self._head(hidden).float(), hidden.float()
-        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                         use_cache=True, output_hidden_states=True)
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                         output_hidden_states=True, **{self._cache_kw: cache})
         return out.logits[:, -1].float(), out.hidden_states[-1][:, -1].float()
 
     def _features(self, hidden: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor,

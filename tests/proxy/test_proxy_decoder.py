@@ -118,3 +118,22 @@ def test_bad_arguments(toy):
         decoder(model, tok, top_p=0.0)
     with pytest.raises(ValueError, match="prompt_ids"):
         decoder(model, tok).decode([[]], accept_all, seed=0)
+
+
+def test_decoding_passes_the_cache_under_its_current_name(toy):
+    """transformers 5 renamed `past_key_values` to `cache` and warns on the old keyword at every forward (the demo
+    printed it from this decoder); both the backbone+head and the whole-model paths use the current name."""
+    import warnings
+
+    from alignfast.rollout._cache_api import cache_keyword
+
+    model, tok, prompts = toy
+    if cache_keyword(model) != "cache":
+        pytest.skip("transformers < 5 has only past_key_values")
+    dec = decoder(model, tok)
+    for head in (dec._head, None):  # None: the whole model's forward (output_hidden_states)
+        dec._head = head
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dec.decode(prompts[:2], accept_all, seed=1)
+        assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
