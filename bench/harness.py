@@ -83,17 +83,7 @@ def median_time(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 
     times = []
     start_all = time.perf_counter()
     for i in range(reps):
-        if device.startswith("cuda"):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times.append(_time_once(fn, device))
         if i >= 2 and time.perf_counter() - start_all > max_seconds:
             break
     return statistics.median(times)
@@ -168,21 +158,23 @@ def _error_text(err: Exception) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+def _time_once(fn: Callable[[], object], device: str) -> float:
+    """Seconds of one call: CUDA events around it on a GPU (the host returns before the kernels finish),
+    perf_counter on CPU."""
+    if device.startswith("cuda"):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _timed(fn: Callable[[], object], device: str, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_time_once(fn, device) for _ in range(reps))
 
 
 def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[int], object] | None = None,

@@ -1,16 +1,3 @@
-"""Aligner tests run tiny models: one thread is fastest and keeps 2-core machines responsive."""
+"""Aligner tests run tiny models: the trainer tests' session fixture (one quiet thread) applies here too."""
 
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _quiet_single_thread():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.trainer.conftest import _quiet_single_thread  # noqa: F401  - an autouse fixture, registered by import
