@@ -15,6 +15,11 @@ Overrides on the command line use dotted keys, `--trainer.kl_coef 0.1` or `--tar
 key that names a trainer field (`--kl_coef 0.1`) means `trainer.<key>`. Values are parsed as YAML scalars
 (`true`, `3`, `1e-5`, `null`, `[a, b]`). The file and the overrides are read with YAML 1.2's scalars
 (alignfast.cli.yaml12): `1e-6` is a number and `save_strategy: no` the string 'no', not False.
+
+Relative paths written IN THE FILE (data.*.path, and the model/tokenizer of each model section) are taken
+from the run file's folder when that folder holds them, else from the working directory, the same order
+in which reward.functions' own modules are found; paths given as command-line overrides are the shell's,
+taken from the working directory.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *,
             raise CLIError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
         config = copy.deepcopy(loaded)
     _normalise_data_paths(config)
+    if path is not None:
+        _resolve_from_run_file(config, Path(path).expanduser().resolve().parent)
     apply_overrides(config, overrides, trainer_fields=set(trainer_fields))
     check_keys(config)
     return config
@@ -75,6 +82,38 @@ def _normalise_data_paths(config: dict) -> None:
         for split in ("train", "eval"):
             if isinstance(data.get(split), str):
                 data[split] = {"path": data[split]}
+
+
+MODEL_SECTIONS = ("prompter", "target", "aligner", "reward")
+
+
+def _resolve_from_run_file(config: dict, run_dir: Path) -> None:
+    """A relative path in the file that exists beside the file becomes that absolute path.
+
+    Only paths that exist there are rewritten: anything else (a hub name such as 'org/model', a datasets
+    name, toy:..., a file that lives in the working directory) is left for the loaders to resolve as before,
+    so run files written for the working directory keep working."""
+
+    def beside_run_file(value):
+        if not isinstance(value, str) or not value or ":" in value:
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return value
+        candidate = run_dir / p
+        return str(candidate) if candidate.exists() else value
+
+    for split in ("train", "eval"):
+        spec = (config.get("data") or {}).get(split)
+        if isinstance(spec, dict) and "path" in spec:
+            spec["path"] = beside_run_file(spec["path"])
+    for name in MODEL_SECTIONS:
+        sec = config.get(name)
+        if isinstance(sec, dict) and not (name == "target" and sec.get("engine") == "openai"):
+            # (an openai target's model is the name the server knows it by, never a local path)
+            for key in ("model", "tokenizer"):
+                if key in sec:
+                    sec[key] = beside_run_file(sec[key])
 
 
 def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, object]]:

@@ -37,6 +37,35 @@ def test_file_then_overrides_and_bare_trainer_keys(tmp_path):
     assert cfg["data"]["train"] == {"path": "prompts.jsonl"}  # a bare path becomes {path: ...}
 
 
+
+def test_relative_paths_in_the_file_are_found_beside_it(tmp_path, monkeypatch):
+    """data paths and local model folders written in the run file are taken from its folder when it holds
+    them (a run started from anywhere finds them); otherwise, and for command-line overrides, the working
+    directory's; hub names, toy sets and an openai target's served model name are never rewritten."""
+    runs, cwd = tmp_path / "runs", tmp_path / "cwd"
+    (runs / "data").mkdir(parents=True)
+    (runs / "data" / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    (runs / "sft").mkdir()
+    (runs / "llama").mkdir()
+    cwd.mkdir()
+    (cwd / "held.csv").write_text("prompt\nhello\n")
+    monkeypatch.chdir(cwd)
+    f = runs / "run.yaml"
+    f.write_text("prompter: {model: sft, tokenizer: HuggingFaceTB/SmolLM2-135M-Instruct}\n"
+                 "target: {model: llama, engine: openai, base_url: 'http://h:1/v1'}\n"
+                 "data: {train: data/prompts.jsonl, eval: held.csv}\n")
+    cfg = load_run_config(f, ["--data.eval.path", "data/prompts.jsonl"])
+    assert cfg["data"]["train"]["path"] == str(runs / "data" / "prompts.jsonl")
+    assert cfg["prompter"]["model"] == str(runs / "sft")
+    assert cfg["prompter"]["tokenizer"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub name, untouched
+    assert cfg["target"]["model"] == "llama"  # the server's name for its model
+    assert cfg["data"]["eval"]["path"] == "data/prompts.jsonl"  # an override stays the shell's (cwd) path
+    assert load_prompts(cfg["data"]["train"], what="train")[0]["prompt"] == "hi"
+    f.write_text("data: {train: held.csv, eval: toy:prompts}\n")  # not beside the file: the working directory's
+    cfg = load_run_config(f)
+    assert cfg["data"]["train"]["path"] == "held.csv" and cfg["data"]["eval"]["path"] == "toy:prompts"
+    assert load_prompts(cfg["data"]["train"], what="train")[0]["prompt"] == "hello"
+
 @pytest.mark.parametrize("text, overrides, message", [
     ("prompter: {modle: x}", [], "unknown key 'prompter.modle'"),
     ("promter: {model: x}", [], "unknown config section 'promter'"),
