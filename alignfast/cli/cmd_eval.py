@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
                     "SFT prompter (before PPO) (prompter.model rewrites it, greedily; --no-sft skips it), "
                     "Align-Pro (the prompter in --checkpoint rewrites it, greedily) and, with --oracle-checkpoint, "
                     "the Oracle (a target trained with `alignfast train --oracle`); with --aligner-checkpoint / "
-                    "--aligner-ppo-checkpoint, Aligner correctors after the same target. Prints mean reward, reward "
+                    "--aligner-ppo-checkpoint, Aligner correctors after the same target; with --proxy-checkpoint, the target "
+                    "decoding under a Proxy-RLHF proxy. Prints mean reward, reward "
                     "variance and win rate vs No fine-tuning; writes eval.json, eval.md and the rollouts.")
     p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file used for training")
     p.add_argument("--checkpoint", metavar="DIR",
@@ -30,6 +31,9 @@ def add_parser(sub) -> None:
                    help="a corrector trained with PPO in AlignerEnvironment: the Aligner (PPO corrector) arm")
     p.add_argument("--aligner-ppo-template", metavar="TEXT", default=None,
                    help="the PPO corrector's correction_template ({prompt}, {draft}; default AlignerEnvironment's)")
+    p.add_argument("--proxy-checkpoint", metavar="DIR",
+                   help="a proxy trained with `alignfast train --method proxy` (<output_dir>/proxy/final or a "
+                        "checkpoint-<step> there): the Proxy-RLHF arm, the target decoding under it (target.engine hf)")
     p.add_argument("--output-dir", metavar="DIR",
                    help="where eval.json/eval.md go (default: next to the first checkpoint given)")
     p.add_argument("--seed", type=int, default=0, help="seed of the target's sampling when it samples (default 0)")
@@ -58,15 +62,29 @@ def _evaluate(args, overrides) -> int:
     from alignfast.cli.models import quiet_transformers
 
     quiet_transformers()
-    config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
+    if args.proxy_checkpoint:
+        from alignfast.cli.train_proxy import proxy_fields
+
+        config = load_run_config(args.config, overrides, trainer_fields=proxy_fields())
+    else:
+        config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
     checkpoints = [c for c in (args.checkpoint, args.aligner_checkpoint, args.aligner_ppo_checkpoint,
-                               args.oracle_checkpoint) if c]
+                               args.oracle_checkpoint, args.proxy_checkpoint) if c]
     if not checkpoints:
         raise CLIError("give at least one of --checkpoint, --aligner-checkpoint, --aligner-ppo-checkpoint, "
-                       "--oracle-checkpoint")
-    for path in checkpoints:  # a wrong folder fails before any model runs
+                       "--oracle-checkpoint, --proxy-checkpoint")
+    for path in checkpoints[:-1] if args.proxy_checkpoint else checkpoints:  # a wrong folder fails before any model runs
         policy_dir(path)
-    cfg = build.trainer_config(config, output_dir=str(Path(checkpoints[0]).parent))
+    if args.proxy_checkpoint:
+        from alignfast.cli.eval_proxy import proxy_dir
+
+        proxy_dir(args.proxy_checkpoint)
+    if args.proxy_checkpoint:
+        from alignfast.cli.eval_proxy import without_proxy_fields
+
+        cfg = build.trainer_config(without_proxy_fields(config), output_dir=str(Path(checkpoints[0]).parent))
+    else:
+        cfg = build.trainer_config(config, output_dir=str(Path(checkpoints[0]).parent))
     build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     fit_threads_to_machine()
     device = build.default_device()
@@ -107,6 +125,11 @@ def _evaluate(args, overrides) -> int:
                                                  max_new_tokens=cfg.target_max_new_tokens, seed=args.seed,
                                                  rewrites=False)
 
+    if args.proxy_checkpoint:
+        from alignfast.cli.eval_proxy import PROXY_NAME, proxy_arm
+
+        results[PROXY_NAME] = proxy_arm(args, config, engine, r, prompts, columns, device=device)
+
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
     out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +137,7 @@ def _evaluate(args, overrides) -> int:
     (out / "eval.json").write_text(to_json(rows, baseline=BASELINE, extra={
         "checkpoint": args.checkpoint, "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
         "aligner_checkpoint": args.aligner_checkpoint, "aligner_ppo_checkpoint": args.aligner_ppo_checkpoint,
-        "prompts": len(prompts)}))
+        "proxy_checkpoint": args.proxy_checkpoint, "prompts": len(prompts)}))
     (out / "eval.md").write_text(table + "\n")
     arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")
     print(table)

@@ -1,0 +1,81 @@
+"""The Proxy-RLHF arm of `alignfast eval`: the same frozen target decodes data.eval's prompts while a trained
+proxy (`alignfast train --method proxy`) accepts or rejects each token it proposes, with greedy decisions
+(accept when P(accept) >= 1/2), as the trainer's own `rollout()` does; its answers are scored like every arm's.
+
+The decoding settings (target_max_new_tokens, max_rejections_per_token, target_temperature/top_k/top_p) are
+read from the run file's trainer section, so pass the run file the proxy was trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROXY_NAME = "Proxy-RLHF"
+
+
+def without_proxy_fields(config: dict) -> dict:
+    """The run file with the trainer keys only ProxyRLHFConfig has removed: the other arms read the rest as an
+    AlignProConfig (one run file serves `--method proxy` training and this evaluation)."""
+    import dataclasses
+
+    from alignfast.trainer import AlignProConfig
+    from alignfast.trainer.proxy_rlhf import ProxyRLHFConfig
+
+    only_proxy = {f.name for f in dataclasses.fields(ProxyRLHFConfig)} - {f.name for f in dataclasses.fields(AlignProConfig)}
+    trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k not in only_proxy}
+    return {**config, "trainer": trainer}
+
+
+def proxy_dir(path: str | Path) -> Path:
+    """The folder holding a saved proxy: <output_dir>/proxy/final, or a checkpoint-<step> (its policy/)."""
+    from alignfast.cli.checkpoints import _check_intact
+    from alignfast.cli.errors import CLIError
+    from alignfast.trainer.proxy_model import CONFIG_NAME
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CLIError(f"--proxy-checkpoint not found: {p}")
+    if (p / "policy").is_dir():
+        _check_intact(p)
+        p = p / "policy"
+    if not (p / CONFIG_NAME).is_file():
+        hint = (f"; the proxy of this run is in {p / 'proxy' / 'final'}" if (p / "proxy" / "final").is_dir()
+                else "; pass <output_dir>/proxy/final or <output_dir>/proxy/checkpoint-<step>")
+        raise CLIError(f"--proxy-checkpoint {p} holds no {CONFIG_NAME} (not a proxy saved by "
+                       f"`alignfast train --method proxy`){hint}")
+    return p
+
+
+def proxy_arm(args, config, engine, rewards_spec, prompts: list[str], columns: dict, *, device):
+    """ArmResult of the target decoding under the proxy in args.proxy_checkpoint.
+
+    engine: eval's in-process target engine (its model is reused, not loaded twice); rewards_spec: the
+    reward model/functions eval built (the arm is scored by the same ones)."""
+    from alignfast.cli.config import section
+    from alignfast.cli.errors import CLIError
+    from alignfast.cli.models import load_tokenizer
+    from alignfast.cli.train_proxy import proxy_trainer_config
+    from alignfast.eval.arms import ArmResult
+    from alignfast.ops import AlignfastArgumentError
+    from alignfast.rollout import HFEngine
+    from alignfast.trainer.proxy_model import ProxyModel
+    from alignfast.trainer.proxy_rlhf import ProxyRLHFTrainer
+
+    where = proxy_dir(args.proxy_checkpoint)
+    spec = section(config, "target")
+    if not isinstance(engine, HFEngine):
+        raise CLIError(f"--proxy-checkpoint needs target.engine: hf (the proxy reads the target's hidden states "
+                       f"and KV cache), got {spec.get('engine')!r}")
+    cfg = proxy_trainer_config(config)
+    try:
+        proxy = ProxyModel.from_pretrained(where)
+        trainer = ProxyRLHFTrainer(cfg, engine.model, load_tokenizer(spec, "target"), proxy=proxy,
+                                   reward_model=rewards_spec.reward_model,
+                                   reward_tokenizer=rewards_spec.reward_tokenizer,
+                                   reward_funcs=rewards_spec.reward_funcs, reward_weights=rewards_spec.reward_weights,
+                                   train_dataset=[{"prompt": p} for p in prompts])
+        res = trainer.rollout(prompts, greedy=True, seed=args.seed, columns=columns)
+    except (AlignfastArgumentError, FileNotFoundError) as err:
+        raise CLIError("--proxy-checkpoint: " + str(err).removeprefix("alignfast: ")) from None
+    return ArmResult(PROXY_NAME, list(prompts), list(prompts), list(res.answers), [float(s) for s in res.scores],
+                     dict(res.reward_components))
