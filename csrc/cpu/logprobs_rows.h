@@ -22,9 +22,11 @@
 // = +inf, logprob = -inf for a finite target and NaN for a +inf target, entropy NaN, gradient NaN. A row of
 // -inf only: logprob and entropy NaN, lse -inf.
 //
-// One read of the row from memory: it is processed in blocks small enough for L1 (the block's max first,
-// then its sums), so the running max changes at most once per block and costs one scalar rescale instead of
-// one exp per element.
+// One read of the row from memory: it is processed in blocks small enough for L1, so the running max changes
+// at most once per block and costs one scalar rescale instead of one exp per element. The scalar path takes
+// each block's max first, then its sums; the vector path sums a block against the running max while taking
+// its max, and sums it again only when it holds a new max (logprobs_rows_vec.h), which for logits in no
+// particular order is ~ln(blocks) times per row.
 //
 // The vectorised versions (logprobs_rows_vec.h) use at::vec compiled twice, for AVX2+FMA and for AVX-512
 // (logprobs_rows_avx2.cpp, logprobs_rows_avx512.cpp), chosen at run time; the scalar versions run elsewhere
