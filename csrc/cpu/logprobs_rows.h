@@ -13,6 +13,8 @@
 //             dx_v = (1/tau) [ g_lp (1[v = t] - p_v) + g_ent p_v ((lse - z_v) - entropy) ]
 //             with 1 - p_t = -expm1(logprob) and lse - z_t = -logprob at the target, so a very
 //             confident row keeps its small target gradient (no 1 - 0.99999 cancellation).
+//             The backward also takes a slice of a row (x, V = the slice's, stats of the whole row) with
+//             t < 0 when the target lies outside the slice: every entry is then p_v's term only.
 //
 // Subtracting the raw maximum before scaling (not z = x / tau first, then z - m) is what keeps a tiny
 // temperature finite: at tau = 1e-9, z is ~1e10, and x * inv_tau - m evaluated as one FMA (what the compiler
@@ -134,6 +136,7 @@ inline void backward_row_scalar(const scalar_t* x, int64_t V, int64_t t, acc_t i
     const acc_t p = std::exp(-gap);
     out[v] = static_cast<out_t>(inv_temp * p * (g_ent * (gap - st.entropy) - g_lp));
   }
+  if (t < 0) return;  // a slice of the row without the target (linear_token_logprobs' vocabulary tiles)
   const acc_t lp = st.logprob;
   const acc_t p_t = std::exp(lp);  // 0 for a -inf target, whose gap -lp is inf: its entropy term is 0
   const acc_t target = g_lp * -std::expm1(lp) + (p_t > 0 ? g_ent * p_t * (-lp - st.entropy) : acc_t(0));

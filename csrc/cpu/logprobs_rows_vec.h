@@ -185,6 +185,7 @@ inline void backward_row_vec(const scalar_t* x, int64_t V, int64_t t, float inv_
     const float gap = std::min(std::max(st.lse - static_cast<float>(x[v]) * inv_temp, 0.f), 1e4f);
     out[v] = static_cast<out_t>(inv_temp * std::exp(-gap) * (g_ent * gap - (g_ent * st.entropy + g_lp)));
   }
+  if (t < 0) return;  // a slice of the row without the target (linear_token_logprobs' vocabulary tiles)
   const float lp = st.logprob;
   const float p_t = std::exp(lp);  // 0 for a -inf target, whose gap -lp is inf: its entropy term is 0
   const float target = g_lp * -std::expm1(lp) + (p_t > 0 ? g_ent * p_t * (-lp - st.entropy) : 0.f);
