@@ -2,14 +2,19 @@
 
     linear_token_logprobs(hidden, weight, tokens, bias=b, ...) == token_logprobs(hidden @ weight.T + b, tokens, ...)
 
-The rows are processed in chunks: each chunk's logits [chunk, V] are computed by a GEMM with float32
-accumulation and output, reduced by the fused log-prob kernel to per-row stats (logprob, entropy,
-logsumexp), and dropped. The backward recomputes each chunk's logits, turns them into dlogits with
-the saved stats, and accumulates dhidden, dweight and dbias (dweight/dbias in float32, rounded once). A
-backward with create_graph=True (second derivatives) differentiates the reference instead.
-Masked rows are dropped before any GEMM.
+The logits are computed a piece at a time, at most chunk_size x V of them live at once (float32
+accumulation and output): each piece is reduced by the fused log-prob kernel to per-row stats (logprob,
+entropy, logsumexp) and dropped. The backward recomputes each piece, turns it into dlogits with the saved
+stats, and accumulates dhidden, dweight and dbias. A backward with create_graph=True (second derivatives)
+differentiates the reference instead. Masked rows are dropped before any GEMM.
 
-Chunk size (rows per chunk, overridable with chunk_size=): the chunk's float32 logits are kept to
+How the chunk_size x V budget is shaped: on CUDA, and on CPU for bfloat16/float16 weights, as chunk_size
+rows x V (dweight/dbias accumulated in float32, rounded once). On CPU for float32/float64 weights, as
+vocabulary tiles over all rows, [N, chunk_size * V / N] (rows split only when a tile would be narrower
+than 256 columns): tall GEMMs, and dweight written once per tile instead of accumulated per row chunk
+(csrc/cpu/linear_token_logprobs.cpp); the per-row stats of the tiles are merged exactly.
+
+Chunk size (rows' worth of logits per piece, overridable with chunk_size=): the piece's float32 logits are kept to
 1/16 of the size the materialised logits would have in the input's dtype, so that with the backward's
 dlogits buffer the extra memory stays within 1/8 of them; at least 64 rows per chunk (GEMM efficiency)
 and at most 1 GiB of float32 logits. Kernels: C++ on CPU (csrc/cpu/linear_token_logprobs.cpp); on CUDA
@@ -171,7 +176,7 @@ def linear_token_logprobs(
 
     The same as token_logprobs(hidden @ weight.T + bias, tokens, ...), computed chunk by chunk without
     the [N, V] logits; differentiable w.r.t. hidden, weight and bias (gradients in their dtype).
-    chunk_size: rows per chunk (default: see the module docstring).
+    chunk_size: at most chunk_size x V logits live at once (default and layout: see the module docstring).
     """
     mask, temperature = _check(hidden, weight, tokens, bias, mask, temperature, chunk_size)
     if use_reference(NAME, hidden):

@@ -1,18 +1,30 @@
 // CPU kernels of alignfast::linear_token_logprobs and its backward: token_logprobs(hidden @ W.T + b)
-// without ever holding the [N, V] logits.
+// without ever holding the [N, V] logits. Masked rows are dropped before any matmul. Two layouts of the same
+// budget of live logits, chunk x V floats (float64 for float64 inputs):
 //
-// Rows are processed in chunks of `chunk` valid rows (masked rows are dropped before any matmul):
-//   forward   z = hidden[chunk] @ W.T + b   ([chunk, V], float32 - float64 for float64 inputs)
-//             the row kernels of logprobs_rows.h reduce z to logprob, entropy and lse per row.
-//   backward  z is recomputed, turned into dz in place by the row kernels (from the saved stats), then
+// Vocabulary tiles (float32/float64 weights: the common CPU case). [R, V_t] tiles with R = all valid rows
+// (split into row blocks only when V_t would fall under kMinTileCols) and V_t = chunk * V / R:
+//   forward   z = h @ W[tile].T + b[tile]; the row kernels reduce each row's slice to (lse_k, entropy_k,
+//             and logprob_k for the tile holding the target); the tiles of a row are merged at the end
+//             (merge_tiles: logsumexp; entropy as sum_k w_k (H_k + lse - lse_k), all terms >= 0;
+//             logprob_k - log1p(sum_{j != k} e^{lse_j - lse_k}) so confident rows keep their precision).
+//   backward  z recomputed per tile and turned into dz in place (the whole row's saved stats; the target's
+//             own term only in its tile), then dW[tile] = dz.T @ h written straight into the gradient (added
+//             for later row blocks), dh += dz @ W[tile] (addmm_ into the gradient), db[tile] = sum_rows dz.
+//   Tall GEMMs (all rows at once) at full efficiency, and dW is written once instead of read-modified-
+//   written once per row chunk (bench/NOTES-logprobs.md). Tiles run in order, each GEMM multithreaded:
+//   results do not depend on the schedule.
+//
+// Row chunks (bfloat16/float16 weights): `chunk` rows at a time,
+//   forward   z = hidden[chunk] @ W.T + b   ([chunk, V], float32), reduced by the row kernels.
+//   backward  z is recomputed, turned into dz in place (from the saved stats), then
 //             dhidden[chunk] = dz @ W,  dW += dz.T @ hidden[chunk],  db += sum_rows dz.
-// The matmuls are at::mm (MKL/oneDNN). Low-precision inputs never produce low-precision partials:
-// W is converted to float32 one tile of rows at a time (a tile is small next to the chunk's logits) and
-// the products and dW accumulate in float32, rounded once at the end.
-// Forward: threads take whole sub-chunks (chunk / threads rows each) with single-threaded GEMMs. Backward:
-// chunks in order with multithreaded GEMMs, so that dW and db are summed in a fixed order (reproducible).
-// Peak extra memory: [chunk, V] float32 logits in all (+ a float32 W tile per thread, and for bf16/fp16
-// weights a float32 dW).
+//   W is converted to float32 one tile of rows at a time (a tile is small next to the chunk's logits) and
+//   the products and dW accumulate in float32, rounded once at the end. Forward: threads take whole
+//   sub-chunks (chunk / threads rows each) with single-threaded GEMMs. Backward: chunks in order with
+//   multithreaded GEMMs, so that dW and db are summed in a fixed order (reproducible).
+// Peak extra memory: chunk x V logits (+ per-row, per-tile stats; for low-precision weights a float32 W tile
+// per thread and a float32 dW).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -20,8 +32,13 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <thread>
+#include <vector>
 
 #include "common.h"
 #include "cpu/logprobs_rows.h"
@@ -139,6 +156,227 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const std
   return z;
 }
 
+// ---------------------------------------------------------------- vocabulary tiles
+
+constexpr int64_t kMinTileCols = 256;  // narrower tiles make short, inefficient GEMMs: split the rows instead
+constexpr int64_t kMinTileFlops = 4000000;  // a GEMM under ~1 ms: not worth a second thread
+
+struct Tiling {
+  int64_t rows, cols, threads;  // rows per block, vocabulary columns per tile, threads taking tiles
+};
+
+// The live-logits budget, chunk x V, is split over the threads (each holds one tile at a time).
+Tiling tiling(int64_t n, int64_t V, int64_t H, int64_t chunk) {
+  const int64_t budget = std::max<int64_t>(1, std::min(chunk, std::max<int64_t>(n, 1))) * V;
+  const int64_t min_cols = std::min(V, kMinTileCols);
+  const int64_t work_threads = std::max<int64_t>(1, std::max<int64_t>(n, 1) * V * H / kMinTileFlops);
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), work_threads, V / min_cols}));
+  const int64_t per_thread = std::max<int64_t>(1, budget / threads);
+  int64_t rows = std::max<int64_t>(1, n);
+  if (per_thread / rows < min_cols) rows = std::max<int64_t>(1, per_thread / min_cols);
+  return {rows, std::clamp<int64_t>(per_thread / rows, 1, V), threads};
+}
+
+// fn(tile, slot) for every tile in [0, tiles): `threads` workers take tiles from a shared counter (a running
+// worker takes over the tiles of a descheduled one), each tile done by one worker with single-threaded ATen
+// ops; slot in [0, threads) names the worker's private buffers. Tiles are taken in increasing order.
+template <typename Fn>
+void for_tiles(int64_t tiles, int64_t threads, Fn&& fn) {
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t k = 0; k < tiles; ++k) fn(k, int64_t(0));
+    return;
+  }
+  // The workers call ATen ops: give them this thread's dispatch state (below autograd, as the kernel is),
+  // or they would route tensors that require grad back through autograd.
+  const at::ThreadLocalState caller_state;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t slot = begin; slot < end; ++slot) {
+      for (int64_t k = next.fetch_add(1); k < tiles; k = next.fetch_add(1)) fn(k, slot);
+    }
+  });
+}
+
+// Lets tile k's contribution to a shared sum in only after tiles 0..k-1 have added theirs, so the sum's
+// rounding does not depend on which worker finished first. A worker failing sets `failed` (the others stop
+// waiting and the exception leaves the parallel region).
+class OrderedTurns {
+ public:
+  template <typename Fn>
+  void in_turn(int64_t k, Fn&& fn) {
+    while (turn_.load(std::memory_order_acquire) != k) {
+      if (failed_.load(std::memory_order_relaxed)) TORCH_CHECK(false, "alignfast: another worker failed");
+      std::this_thread::yield();
+    }
+    fn();
+    turn_.store(k + 1, std::memory_order_release);
+  }
+  void fail() { failed_.store(true); }
+  void reset() { turn_.store(0); }
+
+ private:
+  std::atomic<int64_t> turn_{0};
+  std::atomic<bool> failed_{false};
+};
+
+// One row's stats from its tiles' (lse_k, H_k) (stride apart in memory), k_t the tile holding the target and
+// lp_t the target's logprob within that tile. Same conventions as logprobs::finish_row for non-finite rows.
+template <typename acc_t>
+RowStats<acc_t> merge_tiles(const acc_t* lse, const acc_t* ent, int64_t stride, int64_t tiles, int64_t k_t,
+                            acc_t lp_t) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  double L = -inf;
+  for (int64_t k = 0; k < tiles; ++k) L = std::max(L, static_cast<double>(lse[k * stride]));
+  if (L == -inf) return {nan, nan, static_cast<acc_t>(-inf)};
+  const double lse_t = lse[k_t * stride];
+  if (L == inf) return {lse_t == inf ? lp_t : static_cast<acc_t>(-inf), nan, static_cast<acc_t>(inf)};
+  double lse_all, lp;
+  if (lse_t == -inf) {  // every logit of the target's tile is -inf: so is the target's
+    double s = 0;
+    for (int64_t k = 0; k < tiles; ++k) s += std::exp(static_cast<double>(lse[k * stride]) - L);
+    lse_all = L + std::log(s);
+    lp = -inf;
+  } else if (L - lse_t < 30) {
+    // lse = lse_t + log1p(rest): the target's tile holds (most of) the mass, keep log p_t's small value exact
+    double rest = 0;
+    for (int64_t k = 0; k < tiles; ++k) {
+      if (k != k_t) rest += std::exp(static_cast<double>(lse[k * stride]) - lse_t);
+    }
+    const double l1p = std::log1p(rest);
+    lse_all = lse_t + l1p;
+    lp = static_cast<double>(lp_t) - l1p;
+  } else {
+    double s = 0;
+    for (int64_t k = 0; k < tiles; ++k) s += std::exp(static_cast<double>(lse[k * stride]) - L);
+    lse_all = L + std::log(s);
+    lp = static_cast<double>(lp_t) + (lse_t - lse_all);
+  }
+  double h = 0;
+  if (ent != nullptr) {
+    // H = sum_k w_k (H_k + lse - lse_k), w_k = e^{lse_k - lse}: the mixture's entropy, every term >= 0.
+    for (int64_t k = 0; k < tiles; ++k) {
+      const double lk = lse[k * stride];
+      if (lk == -inf) continue;
+      h += std::exp(lk - lse_all) * (static_cast<double>(ent[k * stride]) + (lse_all - lk));
+    }
+  }
+  return {static_cast<acc_t>(lp), static_cast<acc_t>(h), static_cast<acc_t>(lse_all)};
+}
+
+// z = h @ W[v0 : v0 + cols].T + b[v0 : v0 + cols]
+at::Tensor tile_logits(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t v0, int64_t cols) {
+  const at::Tensor w = weight.narrow(0, v0, cols);
+  return bias.has_value() ? at::addmm(bias->narrow(0, v0, cols), h, w.t()) : at::mm(h, w.t());
+}
+
+// Forward over vocabulary tiles; h, tok: the valid rows. Writes logprob, entropy (if with_entropy), lse.
+template <typename acc_t>
+void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const int64_t* tok, double temperature, bool with_entropy, int64_t chunk, acc_t* out_lp,
+                   acc_t* out_ent, acc_t* out_lse) {
+  const int64_t n = h.size(0), V = weight.size(0);
+  const Tiling tl = tiling(n, V, h.size(1), chunk);
+  const int64_t tiles = (V + tl.cols - 1) / tl.cols;
+  const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(tok[i] >= 0 && tok[i] < V, "alignfast: argument 'tokens' holds token id ", tok[i], " outside [0, ",
+                V, ") at a valid position");
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
+    const int64_t R = std::min(tl.rows, n - r0);
+    const at::Tensor h_blk = h.narrow(0, r0, R);
+    // Per tile and row: lse_k and H_k ([tiles, R]); per row: the target's tile logprob. Each tile's entries
+    // are written by the one worker that does the tile.
+    std::vector<acc_t> lse_k(tiles * R), ent_k(with_entropy ? tiles * R : 0), lp_t(R);
+    for_tiles(tiles, tl.threads, [&](int64_t k, int64_t) {
+      const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
+      const at::Tensor z = tile_logits(h_blk, weight, bias, v0, cols);
+      const acc_t* zp = z.const_data_ptr<acc_t>();
+      parallel_rows(R, cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t t = tok[r0 + i] - v0;
+          const bool here = t >= 0 && t < cols;
+          const RowStats<acc_t> st =
+              logprobs::forward_row<acc_t, acc_t>(zp + i * cols, cols, here ? t : 0, inv_temp, with_entropy);
+          lse_k[k * R + i] = st.lse;
+          if (with_entropy) ent_k[k * R + i] = st.entropy;
+          if (here) lp_t[i] = st.logprob;
+        }
+      });
+    });
+    for (int64_t i = 0; i < R; ++i) {
+      const RowStats<acc_t> st = merge_tiles<acc_t>(lse_k.data() + i, with_entropy ? ent_k.data() + i : nullptr, R,
+                                                    tiles, tok[r0 + i] / tl.cols, lp_t[i]);
+      out_lp[r0 + i] = st.logprob;
+      out_lse[r0 + i] = st.lse;
+      if (with_entropy) out_ent[r0 + i] = st.entropy;
+    }
+  }
+}
+
+// Backward over vocabulary tiles; h, tok and the stats: the valid rows. d_hidden_rows: [n, H] to add dh into
+// (zeros); d_weight: [V, H] (any contents: every row is written); d_bias: [V] zeros.
+template <typename acc_t>
+void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const int64_t* tok, const acc_t* g_lp, const acc_t* g_ent, const acc_t* lp, const acc_t* ent,
+                    const acc_t* ls, double temperature, int64_t chunk, at::Tensor* d_hidden_rows,
+                    at::Tensor* d_weight, at::Tensor* d_bias) {
+  const int64_t n = h.size(0), V = weight.size(0), H = h.size(1);
+  const Tiling tl = tiling(n, V, H, chunk);
+  const int64_t tiles = (V + tl.cols - 1) / tl.cols;
+  const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+  // Each worker's dz @ W[tile], added into dh in tile order (OrderedTurns): dh's rounding is the same for
+  // any schedule. dW[tile] and db[tile] belong to one tile and so to one worker.
+  std::vector<at::Tensor> dh_part(d_hidden_rows != nullptr ? tl.threads : 0);
+  for (auto& t : dh_part) t = at::empty({std::min(tl.rows, n), H}, h.options());
+  OrderedTurns turns;
+  for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
+    const int64_t R = std::min(tl.rows, n - r0);
+    const at::Tensor h_blk = h.narrow(0, r0, R);
+    turns.reset();
+    for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
+      try {
+        const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
+        at::Tensor dz = tile_logits(h_blk, weight, bias, v0, cols);  // becomes dL/dz in place
+        acc_t* zp = dz.data_ptr<acc_t>();
+        parallel_rows(R, 2 * cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t r = r0 + i, t = tok[r] - v0;
+            const RowStats<acc_t> st{lp[r], ent ? ent[r] : acc_t(0), ls[r]};
+            // In place: each element is read before it is written, the target last.
+            logprobs::backward_row<acc_t, acc_t, acc_t>(zp + i * cols, cols, (t >= 0 && t < cols) ? t : -1,
+                                                        inv_temp, st, g_lp[r], g_ent ? g_ent[r] : acc_t(0),
+                                                        zp + i * cols);
+          }
+        });
+        if (d_bias != nullptr) d_bias->narrow(0, v0, cols).add_(dz.sum(0));
+        if (d_weight != nullptr) {
+          at::Tensor dw = d_weight->narrow(0, v0, cols);
+          if (r0 == 0) {
+            at::mm_out(dw, dz.t(), h_blk);
+          } else {
+            dw.addmm_(dz.t(), h_blk);
+          }
+        }
+        if (d_hidden_rows != nullptr) {
+          at::Tensor part = dh_part[slot].narrow(0, 0, R);
+          at::mm_out(part, dz, weight.narrow(0, v0, cols));
+          turns.in_turn(k, [&] { d_hidden_rows->narrow(0, r0, R).add_(part); });
+        }
+      } catch (...) {
+        turns.fail();
+        throw;
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- entry points
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& tokens,
     const std::optional<at::Tensor>& mask, double temperature, bool with_entropy, int64_t chunk) {
@@ -155,6 +393,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
   const int64_t* t_ptr = tok.const_data_ptr<int64_t>();
 
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_cpu", [&] {
+    if (weight.scalar_type() == in.acc) {
+      tiled_forward<scalar_t>(h, weight, bias, t_ptr, temperature, with_entropy, chunk, lp_v.data_ptr<scalar_t>(),
+                              with_entropy ? ent_v.data_ptr<scalar_t>() : nullptr, lse_v.data_ptr<scalar_t>());
+      return;
+    }
     const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
     for_row_chunks(n, chunk, [&](int64_t r0, int64_t c) {
       const at::Tensor z = chunk_logits(h.narrow(0, r0, c), weight, bias, in.acc);
@@ -202,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   const auto acc_opts = hidden.options().dtype(in.acc);
   const bool weight_is_acc = weight.scalar_type() == in.acc;
   at::Tensor d_hidden = need_hidden ? at::zeros({in.N, in.H}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor d_weight_acc = need_weight ? at::zeros({in.V, in.H}, acc_opts) : at::Tensor();
+  at::Tensor d_weight_acc = need_weight && !weight_is_acc ? at::zeros({in.V, in.H}, acc_opts) : at::Tensor();
   at::Tensor d_bias_acc = need_bias ? at::zeros({in.V}, acc_opts) : at::Tensor();
 
   const auto rows = valid_rows(mask);
@@ -214,6 +457,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   const at::Tensor ent = with_entropy ? take(entropy.contiguous(), rows) : at::Tensor();
   const at::Tensor ls = take(lse.contiguous(), rows);
   const int64_t n = h.size(0);
+
+  if (weight_is_acc) {
+    // Vocabulary tiles: dW is written tile by tile (rows of W no valid row reaches stay 0 only when n = 0).
+    at::Tensor d_weight = need_weight ? (n > 0 ? at::empty({in.V, in.H}, weight.options())
+                                               : at::zeros({in.V, in.H}, weight.options()))
+                                      : at::empty({0}, weight.options());
+    at::Tensor dh_rows = need_hidden ? (rows.has_value() ? at::zeros({n, in.H}, hidden.options()) : d_hidden)
+                                     : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
+      tiled_backward<scalar_t>(h, weight, bias, tok.const_data_ptr<int64_t>(), g_lp.const_data_ptr<scalar_t>(),
+                               with_entropy ? g_ent.const_data_ptr<scalar_t>() : nullptr,
+                               lp.const_data_ptr<scalar_t>(), with_entropy ? ent.const_data_ptr<scalar_t>() : nullptr,
+                               ls.const_data_ptr<scalar_t>(), temperature, chunk, need_hidden ? &dh_rows : nullptr,
+                               need_weight ? &d_weight : nullptr, need_bias ? &d_bias_acc : nullptr);
+    });
+    if (need_hidden && rows.has_value()) d_hidden.index_copy_(0, *rows, dh_rows);
+    at::Tensor d_bias = need_bias ? d_bias_acc : at::empty({0}, hidden.options());
+    return {d_hidden, d_weight, d_bias};
+  }
 
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
     const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);

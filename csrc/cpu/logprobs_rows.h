@@ -13,6 +13,8 @@
 //             dx_v = (1/tau) [ g_lp (1[v = t] - p_v) + g_ent p_v ((lse - z_v) - entropy) ]
 //             with 1 - p_t = -expm1(logprob) and lse - z_t = -logprob at the target, so a very
 //             confident row keeps its small target gradient (no 1 - 0.99999 cancellation).
+//             The backward also takes a slice of a row (x, V = the slice's, stats of the whole row) with
+//             t < 0 when the target lies outside the slice: every entry is then p_v's term only.
 //
 // Subtracting the raw maximum before scaling (not z = x / tau first, then z - m) is what keeps a tiny
 // temperature finite: at tau = 1e-9, z is ~1e10, and x * inv_tau - m evaluated as one FMA (what the compiler
@@ -22,9 +24,11 @@
 // = +inf, logprob = -inf for a finite target and NaN for a +inf target, entropy NaN, gradient NaN. A row of
 // -inf only: logprob and entropy NaN, lse -inf.
 //
-// One read of the row from memory: it is processed in blocks small enough for L1 (the block's max first,
-// then its sums), so the running max changes at most once per block and costs one scalar rescale instead of
-// one exp per element.
+// One read of the row from memory: it is processed in blocks small enough for L1, so the running max changes
+// at most once per block and costs one scalar rescale instead of one exp per element. The scalar path takes
+// each block's max first, then its sums; the vector path sums a block against the running max while taking
+// its max, and sums it again only when it holds a new max (logprobs_rows_vec.h), which for logits in no
+// particular order is ~ln(blocks) times per row.
 //
 // The vectorised versions (logprobs_rows_vec.h) use at::vec compiled twice, for AVX2+FMA and for AVX-512
 // (logprobs_rows_avx2.cpp, logprobs_rows_avx512.cpp), chosen at run time; the scalar versions run elsewhere
@@ -132,6 +136,7 @@ inline void backward_row_scalar(const scalar_t* x, int64_t V, int64_t t, acc_t i
     const acc_t p = std::exp(-gap);
     out[v] = static_cast<out_t>(inv_temp * p * (g_ent * (gap - st.entropy) - g_lp));
   }
+  if (t < 0) return;  // a slice of the row without the target (linear_token_logprobs' vocabulary tiles)
   const acc_t lp = st.logprob;
   const acc_t p_t = std::exp(lp);  // 0 for a -inf target, whose gap -lp is inf: its entropy term is 0
   const acc_t target = g_lp * -std::expm1(lp) + (p_t > 0 ? g_ent * p_t * (-lp - st.entropy) : acc_t(0));

@@ -28,57 +28,51 @@ inline void store2(float* p, const Vec& a, const Vec& b) {
 inline void store2(c10::BFloat16* p, const Vec& a, const Vec& b) { at::vec::convert_float_bfloat16(a, b).store(p); }
 inline void store2(c10::Half* p, const Vec& a, const Vec& b) { at::vec::convert_float_half(a, b).store(p); }
 
+// e^v for the vocabulary-wide sums: ATen's 20-ulp exp (a degree-5 polynomial after the ln 2 reduction,
+// ~2e-6 relative; 0 below ln FLT_MIN, so the `lowest` that stands for -inf gives 0) rather than Sleef's
+// 1-ulp exp, whose range reduction and special-case blends were most of the forward's per-element cost
+// (bench/NOTES-logprobs.md, change 3). Row scalars (e_t, the rescale factor) keep std::exp.
+inline Vec vexp(const Vec& v) { return v.exp_u20(); }
+
 inline float reduce_add(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, v);
 }
 
-// WITH_ENTROPY = false skips W (one multiply-add per element) when the caller does not want the entropy.
-template <bool WITH_ENTROPY, typename scalar_t>
+// One read per block for most blocks: a block is summed against the running max M while its own max is
+// tracked in the same pass; only a block whose max exceeds M (a new record) is summed again, against the new
+// max, after the blocks before it are rescaled. The number of record-breaking blocks in a row of n blocks is
+// ~ln n for logits in no particular order (5 of the 149 blocks of a 151936-entry row), so the block-max pass
+// that every block used to take first is almost always gone; a row sorted by increasing logit still reads
+// every block twice, as before. Every summed term keeps d = (x - M)/tau <= 0: summing against a reference
+// below the max (and letting d go positive) was tried and loses the entropy's precision, since
+// log S - W/S then cancels the shift (1.6e-4 absolute at V = 151936, the tests' tolerance is 5e-5).
+// WITH_ENTROPY = false skips W (one multiply-add per element) when the caller does not want the entropy;
+// SCALED = false (tau = 1) skips the multiply by 1/tau.
+template <bool WITH_ENTROPY, bool SCALED, typename scalar_t>
 inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t, float inv_temp) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   const Vec vinv(inv_temp), vlowest(std::numeric_limits<float>::lowest());
-  float M = -inf;  // running raw max
+  float M = -inf;  // running raw max of the blocks summed so far
   Vec vs(0.f), vw(0.f);  // per-lane S_off and W, relative to M
   float s_tail = 0.f, w_tail = 0.f;
   const int64_t t_lo = (t / kStep) * kStep;  // the step that holds the target
-  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
-    const int64_t b1 = std::min(V, b0 + kBlock);
-    const int64_t bv = b0 + ((b1 - b0) / kStep) * kStep;  // end of the vectorised part
+  auto scale = [&](const Vec& d) { return SCALED ? d * vinv : d; };
+  // Sum e^d (and e^d d) over the vector part [b0, bv) of a block, relative to M; with TRACK_MAX, also
+  // returns the block's max of x.
+  auto sum_block = [&](auto track_max, int64_t b0, int64_t bv) {
+    constexpr bool TRACK_MAX = decltype(track_max)::value;
+    const Vec vM(M);
     Vec vmax(-inf);
     for (int64_t v = b0; v < bv; v += kStep) {
       Vec a, b;
       load2(x + v, a, b);
-      vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
-    }
-    float bm = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-    for (int64_t v = bv; v < b1; ++v) bm = std::max(bm, static_cast<float>(x[v]));
-    if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
-    if (bm > M) {
-      if (M != -inf) {
-        // Rescale to the new max (rare: at most once per block). Fold the lanes into the scalar
-        // accumulators so that W' = c (W + shift S) applies the shift exactly once; S counts the
-        // target's term once its block has been read (S_off never does).
-        const float shift = (M - bm) * inv_temp, c = std::exp(shift);
-        const float s_off = reduce_add(vs) + s_tail;
-        vs = Vec(0.f);
-        s_tail = c * s_off;
-        if constexpr (WITH_ENTROPY) {
-          const float w_all = reduce_add(vw) + w_tail;
-          const float s_seen = s_off + (t < b0 ? std::exp((static_cast<float>(x[t]) - M) * inv_temp) : 0.f);
-          vw = Vec(0.f);
-          w_tail = c * (w_all + shift * s_seen);
-        }
+      if constexpr (TRACK_MAX) vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+      Vec da = scale(a - vM), db = scale(b - vM);
+      if constexpr (WITH_ENTROPY) {  // -inf -> lowest: e = 0 and e * d = 0 (vexp gives 0 for -inf itself)
+        da = at::vec::maximum(da, vlowest);
+        db = at::vec::maximum(db, vlowest);
       }
-      M = bm;
-    }
-    if (M == -inf) continue;
-    const Vec vM(M);
-    for (int64_t v = b0; v < bv; v += kStep) {
-      Vec a, b;
-      load2(x + v, a, b);
-      const Vec da = at::vec::maximum((a - vM) * vinv, vlowest);  // -inf -> lowest: e = 0 and e * d = 0
-      const Vec db = at::vec::maximum((b - vM) * vinv, vlowest);
-      Vec ea = da.exp(), eb = db.exp();
+      Vec ea = vexp(da), eb = vexp(db);
       if constexpr (WITH_ENTROPY) {
         vw = at::vec::fmadd(ea, da, vw);
         vw = at::vec::fmadd(eb, db, vw);
@@ -92,6 +86,59 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
         eb = Vec::loadu(buf + kW);
       }
       vs = vs + ea + eb;
+    }
+    if constexpr (TRACK_MAX) {
+      return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
+    } else {
+      return -inf;
+    }
+  };
+  auto rescale_to = [&](float new_max, int64_t b0) {
+    // Fold the lanes into the scalar accumulators so that W' = c (W + shift S) applies the shift exactly
+    // once; S counts the target's term once its block has been summed (S_off never does).
+    if (M != -inf) {
+      const float shift = (M - new_max) * inv_temp, c = std::exp(shift);
+      const float s_off = reduce_add(vs) + s_tail;
+      vs = Vec(0.f);
+      s_tail = c * s_off;
+      if constexpr (WITH_ENTROPY) {
+        const float w_all = reduce_add(vw) + w_tail;
+        const float s_seen = s_off + (t < b0 ? std::exp((static_cast<float>(x[t]) - M) * inv_temp) : 0.f);
+        vw = Vec(0.f);
+        w_tail = c * (w_all + shift * s_seen);
+      }
+    }
+    M = new_max;
+  };
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t b1 = std::min(V, b0 + kBlock);
+    const int64_t bv = b0 + ((b1 - b0) / kStep) * kStep;  // end of the vectorised part
+    float tail_max = -inf;
+    for (int64_t v = bv; v < b1; ++v) tail_max = std::max(tail_max, static_cast<float>(x[v]));
+    if (M == -inf) {
+      // No reference yet: the block's max first (two reads of this block).
+      Vec vmax(-inf);
+      for (int64_t v = b0; v < bv; v += kStep) {
+        Vec a, b;
+        load2(x + v, a, b);
+        vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
+      }
+      const float bm = std::max(tail_max, at::vec::vec_reduce_all<float>(
+                                              [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax));
+      if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
+      if (bm == -inf) continue;
+      M = bm;
+      sum_block(std::false_type{}, b0, bv);
+    } else {
+      const Vec vs0 = vs, vw0 = vw;
+      const float s_tail0 = s_tail, w_tail0 = w_tail;
+      const float bm = std::max(tail_max, sum_block(std::true_type{}, b0, bv));
+      if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
+      if (bm > M) {  // a new max: undo this block's sums, rescale the earlier blocks, sum it again
+        vs = vs0, vw = vw0, s_tail = s_tail0, w_tail = w_tail0;
+        rescale_to(bm, b0);
+        sum_block(std::false_type{}, b0, bv);
+      }
     }
     for (int64_t v = bv; v < b1; ++v) {
       const float d = std::max((static_cast<float>(x[v]) - M) * inv_temp, std::numeric_limits<float>::lowest());
@@ -107,7 +154,10 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
 
 template <typename scalar_t>
 inline RowStats<float> forward_row_vec(const scalar_t* x, int64_t V, int64_t t, float inv_temp, bool with_entropy) {
-  return with_entropy ? forward_row_impl<true>(x, V, t, inv_temp) : forward_row_impl<false>(x, V, t, inv_temp);
+  if (inv_temp == 1.f) {
+    return with_entropy ? forward_row_impl<true, false>(x, V, t, inv_temp) : forward_row_impl<false, false>(x, V, t, inv_temp);
+  }
+  return with_entropy ? forward_row_impl<true, true>(x, V, t, inv_temp) : forward_row_impl<false, true>(x, V, t, inv_temp);
 }
 
 template <typename scalar_t, typename out_t>
@@ -126,7 +176,7 @@ inline void backward_row_vec(const scalar_t* x, int64_t V, int64_t t, float inv_
     // gap = -log p in [0, big]: >= 0 even when lse - z is contracted into an FMA (p <= 1), and p = 0 gives 0.
     const Vec ga = at::vec::minimum(at::vec::maximum(vlse - a * vinv, vzero), vbig);
     const Vec gb = at::vec::minimum(at::vec::maximum(vlse - b * vinv, vzero), vbig);
-    const Vec pa = ga.neg().exp(), pb = gb.neg().exp();
+    const Vec pa = vexp(ga.neg()), pb = vexp(gb.neg());
     const Vec oa = vinv * pa * at::vec::fmsub(vgent, ga, vcoef);
     const Vec ob = vinv * pb * at::vec::fmsub(vgent, gb, vcoef);
     store2(out + v, oa, ob);
@@ -135,6 +185,7 @@ inline void backward_row_vec(const scalar_t* x, int64_t V, int64_t t, float inv_
     const float gap = std::min(std::max(st.lse - static_cast<float>(x[v]) * inv_temp, 0.f), 1e4f);
     out[v] = static_cast<out_t>(inv_temp * std::exp(-gap) * (g_ent * gap - (g_ent * st.entropy + g_lp)));
   }
+  if (t < 0) return;  // a slice of the row without the target (linear_token_logprobs' vocabulary tiles)
   const float lp = st.logprob;
   const float p_t = std::exp(lp);  // 0 for a -inf target, whose gap -lp is inf: its entropy term is 0
   const float target = g_lp * -std::expm1(lp) + (p_t > 0 ? g_ent * p_t * (-lp - st.entropy) : 0.f);

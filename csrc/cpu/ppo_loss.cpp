@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "cpu/ppo_loss_avx2.h"
 #include "ppo_loss_math.h"
 
@@ -112,9 +113,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_cpu(
   return {loss, stats, grad_logprobs, grad_values};
 }
 
+// ppo_loss's backward: the saved per-token gradients of n * loss times grad_loss / n. ATen's own multiply would
+// split 65K tokens over two threads (its grain is 32768 elements), and on a busy machine its barrier waits
+// for a descheduled worker for milliseconds (bench/NOTES-threads.md); parallel_rows keeps a call this small
+// on the calling thread. Empty [0] outputs for a gradient not asked for.
+std::tuple<at::Tensor, at::Tensor> ppo_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stats,
+                                                         const at::Tensor& grad_logprobs, const at::Tensor& grad_values,
+                                                         bool need_logprobs, bool need_values) {
+  ALIGNFAST_CHECK_ARG(grad_loss.numel() == 1, "grad_loss", "must hold one element, got shape ", grad_loss.sizes());
+  ALIGNFAST_CHECK_ARG(stats.dim() == 1 && stats.size(0) == kNumPpoStats, "stats", "must be [", kNumPpoStats,
+                      "], got ", stats.sizes());
+  check_same_shape(grad_logprobs, "grad_logprobs", grad_values, "grad_values");
+  const double n = std::max(stats[kNumValid].item<double>(), 1.0);
+  const double scale = grad_loss.item<double>() / n;
+  const int64_t rows = grad_logprobs.dim() == 2 ? grad_logprobs.size(0) : 1;
+  const int64_t numel = grad_logprobs.numel();
+  const int64_t cols = rows > 0 ? numel / rows : 0;
+  auto scaled = [&](const at::Tensor& g, bool need) {
+    if (!need) return at::empty({0}, g.options());
+    const at::Tensor src = g.contiguous();
+    at::Tensor out = at::empty_like(src);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "ppo_loss_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* in = src.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      const acc_t c = static_cast<acc_t>(scale);
+      parallel_rows(rows, cols, [&](int64_t begin, int64_t end) {  // ~1 ns a token
+        for (int64_t i = begin * cols; i < end * cols; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * c);
+      });
+    });
+    return out;
+  };
+  return {scaled(grad_logprobs, need_logprobs), scaled(grad_values, need_values)};
+}
+
 }  // namespace
 }  // namespace alignfast
 
 TORCH_LIBRARY_IMPL(alignfast, CPU, m) {
   m.impl("ppo_loss", &alignfast::ppo_loss_cpu);
+  m.impl("ppo_loss_backward", &alignfast::ppo_loss_backward_cpu);
 }

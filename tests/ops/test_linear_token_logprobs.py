@@ -124,6 +124,29 @@ def test_masked_rows_get_zero_hidden_gradient():
     assert (leaves[0].grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_vocabulary_tiles_on_several_workers(chunk_size):
+    """float32 weights on CPU go by vocabulary tiles, taken by the workers from a shared counter, with dh
+    summed in tile order: results match the reference and are bitwise the same from run to run. ~50 valid
+    rows x 2003 x 128 is enough work for two workers (kMinTileFlops in csrc/cpu/linear_token_logprobs.cpp);
+    chunk_size=3 makes the tiles narrow enough to split the rows into blocks too (dW added over blocks). Rows 0-3 are confident (the target's tile holds nearly all the mass)."""
+    hidden, weight, bias, tokens = make((4, 16), 128, 2003, torch.float32, seed=3)
+    tokens[0, :4] = torch.tensor([5, 700, 1400, 2002])
+    hidden[0, :4] = weight[tokens[0, :4]] * 2  # logprobs -3e-8 to -1.4e-4
+    mask = random_mask(4, 16)
+    mask[0, :4] = True
+    torch.manual_seed(0)  # the same upstream gradients in both runs
+    lp, _, leaves = run_and_compare(hidden, weight, bias, tokens, mask=mask, temperature=0.7, chunk_size=chunk_size)
+    r_lp = reference.linear_token_logprobs(hidden.double(), weight.double(), tokens, bias=bias.double(),
+                                           temperature=0.7)
+    assert (r_lp[0, :4] > -1e-3).all() and (r_lp[0, :4] < 0).all() and r_lp[0, :4].max() > -1e-6
+    torch.testing.assert_close(lp[0, :4].double(), r_lp[0, :4], rtol=1e-4, atol=0)  # relative, not absolute
+    torch.manual_seed(0)
+    again = run_and_compare(hidden, weight, bias, tokens, mask=mask, temperature=0.7, chunk_size=chunk_size)[2]
+    for first, second in zip(leaves, again):
+        assert torch.equal(first.grad, second.grad)
+
+
 def test_default_chunk_size():
     # float32 chunk logits are 1/16 of the materialised logits in the input dtype (bf16: N/32 rows) ...
     assert default_chunk_size(16384, 151936, torch.bfloat16) == 512

@@ -163,6 +163,9 @@ def test_other_instruction_sets(isa):
         "    torch.testing.assert_close(got[1].double(), ref[1], rtol=1e-5, atol=5e-5)\n"
         "    torch.testing.assert_close(got[2].double(), ref[2], rtol=1.6e-2 if dt == torch.bfloat16 else 1e-4, "
         "atol=2e-7)\n"
+        "from tests.ops.test_token_logprobs import max_placement_rows, run_and_compare\n"
+        "for dt in (torch.float32, torch.bfloat16):\n"
+        "    run_and_compare(*max_placement_rows(dt), None, 0.7)\n"
         "print('ok')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

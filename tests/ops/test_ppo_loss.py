@@ -222,6 +222,38 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.alignfast.ppo_loss.default, _op_args(tensors, mask, False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_backward_scale_op(dtype):
+    """The CPU backward (ppo_loss_backward: grad_loss / n times the saved per-token gradients, on the calling
+    thread for small calls) equals the same scale done with torch ops, for any upstream gradient and for each
+    subset of the gradients; its schema passes opcheck."""
+    from alignfast.ops.ppo_loss import _scale_with_torch
+
+    tensors, mask = make_inputs(5, 11, dtype=dtype, seed=21)
+    loss_out, stats, g_lp, g_v = torch.ops.alignfast.ppo_loss(*_op_args(tensors, mask, True))
+    grad_loss = torch.tensor(-2.5, dtype=loss_out.dtype)
+    for need in ((True, True), (True, False), (False, True)):
+        got = torch.ops.alignfast.ppo_loss_backward(grad_loss, stats, g_lp, g_v, *need)
+        want = _scale_with_torch(grad_loss, stats, g_lp, g_v, *need)
+        for g, w, asked in zip(got, want, need):
+            if asked:
+                assert g.dtype == w.dtype and g.shape == w.shape
+                torch.testing.assert_close(g, w, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+            else:
+                assert g.numel() == 0
+        torch.library.opcheck(torch.ops.alignfast.ppo_loss_backward.default, (grad_loss, stats, g_lp, g_v, *need))
+    # Through autograd with an upstream gradient other than 1, against the reference's gradients.
+    x = leaf(tensors)
+    loss, _ = ops.ppo_loss(*x, mask)
+    (loss * -2.5).backward()
+    r = leaf([t.double() for t in tensors])
+    r_loss, _ = reference.ppo_loss(*r, mask)
+    (r_loss * -2.5).backward()
+    tol = dict(rtol=2e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x[0].grad.double(), r[0].grad, **tol)
+    torch.testing.assert_close(x[3].grad.double(), r[3].grad, **tol)
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     tensors, mask = make_inputs(4, 16, seed=13)
 

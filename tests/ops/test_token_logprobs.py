@@ -118,6 +118,35 @@ def test_negative_infinity_logits(dtype):
     assert torch.isfinite(ent).all() and not torch.isnan(grad).any()
 
 
+def max_placement_rows(dtype, V=5000, seed=0):
+    """Rows whose maximum sits in different blocks of the CPU kernel (1024 entries a block): the kernel sums a
+    block against the running max and sums it again only when the block holds a new maximum, so each way a
+    new maximum can arrive gets a row. Returns ([1, 8, V] logits, [1, 8] tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, V, generator=g, dtype=torch.float64) * 3
+    ramp = torch.linspace(-40, 40, V, dtype=torch.float64)
+    x[0] = ramp + torch.randn(V, generator=g, dtype=torch.float64) * 0.1  # a new max in every block
+    x[1] = -ramp                                         # the max in the first block, far below after
+    x[2, -1] = 60.0                                      # the max is the last entry (the scalar tail)
+    x[3, 1500] = 90.0                                    # one spike far above the running max (a big rescale)
+    x[4, :2048] = float("-inf")                          # no finite entry in the first blocks
+    x[5, 3 * 1024 + 7] = 30.0                            # a record in a later block, target in an earlier one
+    x[6] = ramp.flip(0) * 0.01                           # nearly flat, max first
+    x[7, ::1024] = 25.0                                  # ties: equal maxima in every block
+    tokens = torch.randint(0, V, (1, 8), generator=g)
+    tokens[0, 0] = V - 1
+    tokens[0, 4] = 3000
+    tokens[0, 5] = 10
+    return x.to(dtype).unsqueeze(0), tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_maximum_in_any_block(dtype, temperature):
+    logits, tokens = max_placement_rows(dtype)
+    run_and_compare(logits, tokens, None, temperature)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_confident_rows_keep_the_target_gradient(dtype):
     """1 - p_target for p_target ~ 1 - 1e-6: a naive onehot - softmax in bf16 rounds it to 0."""
