@@ -36,7 +36,8 @@ _local = threading.local()
 
 @dataclass(frozen=True)
 class OpInfo:
-    """What an op is implemented with. gpu_impl: 'cuda' (CUDA C++ in alignfast._C) or 'triton'."""
+    """What an op is implemented with. gpu_impl: 'cuda' (CUDA C++ in alignfast._C), 'triton', or 'torch'
+    (plain PyTorch ops registered for CUDA: a helper whose GPU side needs no custom kernel)."""
 
     name: str
     gpu_impl: str
@@ -51,14 +52,16 @@ def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
-def define_op(name: str, schema: str, *, gpu_impl: str, triton: str | None = None, public: bool = True) -> OpInfo:
+def define_op(name: str, schema: str, *, gpu_impl: str, triton: str | None = None, public: bool = True,
+              torch_impl=None) -> OpInfo:
     """Define `alignfast::<name>` with `schema` (the part after the name, e.g. '(Tensor x) -> Tensor').
 
     With gpu_impl='triton', `triton` names 'module:function' in alignfast.kernels; a CUDA kernel that
     imports it on first call is registered now, so importing alignfast never imports Triton.
+    With gpu_impl='torch', `torch_impl` (a function of the op's arguments, in torch ops) is its CUDA kernel.
     """
-    if gpu_impl not in ("cuda", "triton"):
-        raise ValueError(f"gpu_impl must be 'cuda' or 'triton', got {gpu_impl!r}")
+    if gpu_impl not in ("cuda", "triton", "torch"):
+        raise ValueError(f"gpu_impl must be 'cuda', 'triton' or 'torch', got {gpu_impl!r}")
     if name in OPS:
         return OPS[name]
     LIB.define(name + schema)
@@ -68,6 +71,10 @@ def define_op(name: str, schema: str, *, gpu_impl: str, triton: str | None = Non
         if triton is None:
             raise ValueError(f"op {name!r}: gpu_impl='triton' needs triton='module:function'")
         LIB.impl(name, _lazy_triton_kernel(triton), "CUDA")
+    if gpu_impl == "torch":
+        if torch_impl is None:
+            raise ValueError(f"op {name!r}: gpu_impl='torch' needs torch_impl")
+        LIB.impl(name, torch_impl, "CUDA")
     return info
 
 
@@ -178,6 +185,8 @@ def describe(name: str, device_type: str) -> tuple[str, str]:
         if has_kernel(name, "cpu"):
             return "C++", "alignfast._C"
         return "reference", _ext.reason() or "alignfast._C has no CPU kernel for this op"
+    if info.gpu_impl == "torch":
+        return "torch", "plain PyTorch ops (no custom GPU kernel)"
     if info.gpu_impl == "cuda":
         if has_kernel(name, "cuda") and _ext.cuda_compiled():
             return "CUDA C++", "alignfast._C (compiled with nvcc)"

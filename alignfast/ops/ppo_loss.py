@@ -42,18 +42,27 @@ define_op(
 # Outputs: loss 0-d and stats [7] (STATS then n) in output_dtype; grad_logprobs and grad_values [B, T] in the
 # inputs' dtype, the per-token gradients of n * loss, or empty [0] tensors when compute_grad is false.
 BACKWARD = "ppo_loss_backward"
+# The backward's scale, grad_loss / n times the saved per-token gradients, as one op: on CPU a C++ kernel,
+# because a torch multiply of a 64 x 1024 batch runs on two threads (ATen's grain is 32768 elements) and on a
+# busy machine its barrier waits milliseconds for a descheduled worker (bench/NOTES-threads.md), while the
+# kernel keeps small calls on the calling thread; on CUDA the same torch ops (_scale_with_torch). Empty [0]
+# for a gradient not asked for.
+
+
+def _scale_with_torch(grad_loss, stats, grad_logprobs, grad_values, need_logprobs, need_values):
+    scale = grad_loss / stats[NUM_VALID].clamp_min(1)
+    return (grad_logprobs * scale if need_logprobs else grad_logprobs.new_empty(0),
+            grad_values * scale if need_values else grad_values.new_empty(0))
+
+
 define_op(
     BACKWARD,
     "(Tensor grad_loss, Tensor stats, Tensor grad_logprobs, Tensor grad_values, bool need_logprobs, "
     "bool need_values) -> (Tensor, Tensor)",
-    gpu_impl="cuda",
+    gpu_impl="torch",
+    torch_impl=_scale_with_torch,
     public=False,
 )
-# The backward's scale, grad_loss / n times the saved per-token gradients, as one op on CPU: a torch multiply
-# of a 64 x 1024 batch runs on two threads (ATen's grain is 32768 elements), and on a busy machine its barrier
-# waits milliseconds for a descheduled worker (bench/NOTES-threads.md); the CPU kernel keeps small calls on
-# the calling thread. Other devices scale with torch ops (_scale_with_torch). Empty [0] for a gradient not
-# asked for.
 
 
 @torch.library.register_fake(f"alignfast::{NAME}")
@@ -69,11 +78,6 @@ def _fake(logprobs, old_logprobs, advantages, values, old_values, returns, mask,
 def _fake_backward(grad_loss, stats, grad_logprobs, grad_values, need_logprobs, need_values):
     return (grad_logprobs.new_empty(grad_logprobs.shape if need_logprobs else (0,)),
             grad_values.new_empty(grad_values.shape if need_values else (0,)))
-
-
-def _scale_with_torch(grad_loss, stats, grad_logprobs, grad_values, need_logprobs, need_values):
-    scale = grad_loss / stats[NUM_VALID].clamp_min(1)
-    return (grad_logprobs * scale if need_logprobs else None, grad_values * scale if need_values else None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,12 +104,10 @@ def _backward(ctx, grad_loss, _grad_stats, _grad_grad_logprobs, _grad_grad_value
     if (needs[0] or needs[3]) and grad_logprobs.dim() != 2:
         raise RuntimeError("alignfast.ppo_loss was called with compute_grad=False; call it with compute_grad=True "
                            "to differentiate it")
-    if grad_logprobs.device.type == "cpu" and has_kernel(BACKWARD, "cpu"):
-        grad_lp, grad_v = op(BACKWARD)(grad_loss, stats, grad_logprobs, grad_values, needs[0], needs[3])
-        grad_lp, grad_v = (grad_lp if needs[0] else None), (grad_v if needs[3] else None)
-    else:
-        grad_lp, grad_v = _scale_with_torch(grad_loss, stats, grad_logprobs, grad_values, needs[0], needs[3])
-    return grad_lp, None, None, grad_v, None, None, None, None, None, None, None
+    scale = op(BACKWARD) if has_kernel(BACKWARD, grad_logprobs.device.type) else _scale_with_torch
+    grad_lp, grad_v = scale(grad_loss, stats, grad_logprobs, grad_values, needs[0], needs[3])
+    return (grad_lp if needs[0] else None), None, None, (grad_v if needs[3] else None), None, None, None, None, None, \
+        None, None
 
 
 torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_setup_context)

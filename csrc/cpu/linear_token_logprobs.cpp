@@ -266,11 +266,19 @@ RowStats<acc_t> merge_tiles(const acc_t* lse, const acc_t* ent, int64_t stride, 
   return {static_cast<acc_t>(lp), static_cast<acc_t>(h), static_cast<acc_t>(lse_all)};
 }
 
-// z = h @ W[v0 : v0 + cols].T + b[v0 : v0 + cols]
-at::Tensor tile_logits(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       int64_t v0, int64_t cols) {
+// z = h @ W[v0 : v0 + cols].T + b[v0 : v0 + cols], written into the worker's buffer (flat, >= rows x cols
+// elements): one allocation per worker instead of one per tile, whose pages would be faulted in again each
+// time (large allocations are fresh mmaps).
+at::Tensor tile_logits(at::Tensor& buffer, const at::Tensor& h, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, int64_t v0, int64_t cols) {
+  at::Tensor z = buffer.narrow(0, 0, h.size(0) * cols).view({h.size(0), cols});
   const at::Tensor w = weight.narrow(0, v0, cols);
-  return bias.has_value() ? at::addmm(bias->narrow(0, v0, cols), h, w.t()) : at::mm(h, w.t());
+  if (bias.has_value()) {
+    at::addmm_out(z, bias->narrow(0, v0, cols), h, w.t());
+  } else {
+    at::mm_out(z, h, w.t());
+  }
+  return z;
 }
 
 // Forward over vocabulary tiles; h, tok: the valid rows. Writes logprob, entropy (if with_entropy), lse.
@@ -286,15 +294,17 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
     TORCH_CHECK(tok[i] >= 0 && tok[i] < V, "alignfast: argument 'tokens' holds token id ", tok[i], " outside [0, ",
                 V, ") at a valid position");
   }
+  std::vector<at::Tensor> z_buf(tl.threads);
+  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, h.options());
   for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
     const int64_t R = std::min(tl.rows, n - r0);
     const at::Tensor h_blk = h.narrow(0, r0, R);
     // Per tile and row: lse_k and H_k ([tiles, R]); per row: the target's tile logprob. Each tile's entries
     // are written by the one worker that does the tile.
     std::vector<acc_t> lse_k(tiles * R), ent_k(with_entropy ? tiles * R : 0), lp_t(R);
-    for_tiles(tiles, tl.threads, [&](int64_t k, int64_t) {
+    for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
-      const at::Tensor z = tile_logits(h_blk, weight, bias, v0, cols);
+      const at::Tensor z = tile_logits(z_buf[slot], h_blk, weight, bias, v0, cols);
       const acc_t* zp = z.const_data_ptr<acc_t>();
       parallel_rows(R, cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
         for (int64_t i = begin; i < end; ++i) {
@@ -331,6 +341,8 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
   const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
   // Each worker's dz @ W[tile], added into dh in tile order (OrderedTurns): dh's rounding is the same for
   // any schedule. dW[tile] and db[tile] belong to one tile and so to one worker.
+  std::vector<at::Tensor> z_buf(tl.threads);
+  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, h.options());
   std::vector<at::Tensor> dh_part(d_hidden_rows != nullptr ? tl.threads : 0);
   for (auto& t : dh_part) t = at::empty({std::min(tl.rows, n), H}, h.options());
   OrderedTurns turns;
@@ -341,7 +353,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
     for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       try {
         const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
-        at::Tensor dz = tile_logits(h_blk, weight, bias, v0, cols);  // becomes dL/dz in place
+        at::Tensor dz = tile_logits(z_buf[slot], h_blk, weight, bias, v0, cols);  // becomes dL/dz in place
         acc_t* zp = dz.data_ptr<acc_t>();
         parallel_rows(R, 2 * cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
           for (int64_t i = begin; i < end; ++i) {

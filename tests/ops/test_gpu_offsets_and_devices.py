@@ -35,7 +35,7 @@ def test_every_op_runs_its_gpu_kernel():
     for name, info in OPS.items():
         assert has_kernel(name, "cuda"), name
         impl, why = describe(name, "cuda")
-        assert impl == ("CUDA C++" if info.gpu_impl == "cuda" else "Triton"), f"{name}: {impl} ({why})"
+        assert impl == {"cuda": "CUDA C++", "triton": "Triton", "torch": "torch"}[info.gpu_impl], f"{name}: {impl} ({why})"
 
 
 def _free_bytes() -> int:
