@@ -38,8 +38,8 @@ from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
-from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, bounded_param_groups, compute_advantages,
-                                        make_opset, score_rollout)
+from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, adamw_kernel, bounded_param_groups,
+                                        compute_advantages, make_opset, score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
@@ -172,10 +172,12 @@ class PPOEngineTrainer:
         # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters (torch
         # picks it by default on CUDA only; it is faster on CPU too). Its sqrt(v) temporary is as large as
         # a param group, so the params come in groups of bounded size (bitwise the same update).
+        # The fast backend uses torch's fused AdamW instead: one pass per element (ppo_core.adamw_kernel).
         self.optimizer = torch.optim.AdamW(bounded_param_groups(self.params), lr=config.learning_rate,
                                            betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_epsilon,
-                                           weight_decay=config.weight_decay, foreach=True)
+                                           weight_decay=config.weight_decay,
+                                           **adamw_kernel(config.backend, self.params, self.processes))
         from transformers import get_scheduler
 
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
