@@ -28,6 +28,7 @@ from alignfast.rollout import templates
 from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weights
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
+from alignfast.trainer.compiled_layers import attach_compiled_layers
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
@@ -155,6 +156,8 @@ class PPOEngineTrainer:
                 self.value_model.checkpointed = enable_activation_checkpointing(self.value_model.backbone)
         self._ref_policy = CausalLMPolicy(self.ref_model if self.ref_model is not None else model,
                                           backend=config.backend)
+        if config.torch_compile:  # regional compilation of the decoder layers (trainer/compiled_layers.py)
+            attach_compiled_layers(self.device, self.policy, self._ref_policy, self.value_model)
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         if shared_head is not None:
