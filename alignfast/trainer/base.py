@@ -180,7 +180,7 @@ class PPOEngineTrainer:
                                            betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_epsilon,
                                            weight_decay=config.weight_decay,
-                                           **adamw_kernel(config.backend, self.params, self.processes))
+                                           **adamw_kernel(config.backend, self.params))
         from transformers import get_scheduler
 
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
