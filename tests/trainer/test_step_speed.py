@@ -137,3 +137,18 @@ def test_torch_compile_validates(tmp_path):
         AlignProConfig(output_dir=str(tmp_path), torch_compile=True, backend="reference")
     with pytest.raises(AlignfastArgumentError, match="torch_compile.*decoder layers"):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_torch_compile_keeps_parity_with_lora_traced(tmp_path, monkeypatch):
+    """LoRA: the reference policy is the policy with its adapter disabled, so the same layers serve both (one
+    compiled call each) and the adapter switch is a guard, not a wrong graph."""
+    import torch._dynamo
+    from peft import LoraConfig
+
+    from alignfast.trainer import compiled_layers
+
+    monkeypatch.setattr(compiled_layers, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _compiled_vs_eager(tmp_path, value_head="shared", peft_config=lora)
+    assert trainer.ref_model is None and len(trainer.policy.compiled) == 1  # one layer, policy = reference
