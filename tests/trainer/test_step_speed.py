@@ -69,7 +69,7 @@ def _parity_cfg(tmp_path, name, **overrides):
                 rewrite_template="rewrite {prompt}", **overrides)
 
 
-def _compiled_vs_eager(tmp_path, value_head="separate", peft_config=None):
+def _compiled_vs_eager(tmp_path, value_head="separate", peft_config=None, **overrides):
     """Two fast runs, torch_compile on and off: same rollouts, losses and parameters to float32 rounding; the
     compiled calls are on only inside the full-sequence forwards (never in the sampler)."""
     from tests.trainer.tiny import echo_trainer, small_world
@@ -78,7 +78,8 @@ def _compiled_vs_eager(tmp_path, value_head="separate", peft_config=None):
     runs = {}
     for flag in (True, False):
         trainer, rec = echo_trainer(tok, prompter_dir, peft_config=peft_config,
-                                    **_parity_cfg(tmp_path, f"c{flag}", torch_compile=flag, value_head=value_head))
+                                    **_parity_cfg(tmp_path, f"c{flag}", torch_compile=flag, value_head=value_head,
+                                                  **overrides))
         trainer.train()
         runs[flag] = (trainer, rec)
     (tc, rc), (te, re_) = runs[True], runs[False]
@@ -94,8 +95,10 @@ def _compiled_vs_eager(tmp_path, value_head="separate", peft_config=None):
     return tc
 
 
-def test_torch_compile_keeps_parity_traced(tmp_path, monkeypatch):
-    """Default run: dynamo's graphs without inductor's code generation (seconds, not minutes)."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_torch_compile_keeps_parity_traced(tmp_path, monkeypatch, checkpointing):
+    """Default run: dynamo's graphs without inductor's code generation (seconds, not minutes); with
+    gradient_checkpointing too (the checkpointed layer body is traced inside the compiled call)."""
     import torch._dynamo
 
     from alignfast.trainer import compiled_layers
@@ -104,7 +107,7 @@ def test_torch_compile_keeps_parity_traced(tmp_path, monkeypatch):
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    trainer = _compiled_vs_eager(tmp_path)
+    trainer = _compiled_vs_eager(tmp_path, gradient_checkpointing=checkpointing)
     # One layer class: a handful of graphs (grad on/off, trainable/frozen weights, with/without padding mask),
     # not one per layer or per sequence length.
     assert 1 <= counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
