@@ -157,7 +157,8 @@ class AlignProConfig(ConfigDict):
     torch_compile: bool = _opt(False,
         "Fast path: torch.compile each decoder layer of the policy, reference policy and critic (regional "
         "compilation, dynamic shapes) for the training and scoring forwards; the first step pays the compile "
-        "(a minute or more on CPU), later steps run fused elementwise kernels. Results change by rounding only.")
+        "(~15 s for a 135M Llama on a 2-core CPU). Results change by rounding only. Off by default: on that CPU it "
+        "did not speed the step up measurably (bench/NOTES-trainer.md).")
 
     # --- Align-Pro: the rewrite and the frozen target ---------------------------------------------
     rewrite_template: str = _opt(DEFAULT_REWRITE_TEMPLATE, "The prompter's instruction; must contain {prompt}.")
