@@ -25,7 +25,8 @@ loaded as in the tests, and the toy world of `alignfast demo`. Presets:
 
 Fine-tuning: --finetune full (every weight) or lora (PEFT LoRA r=16 on every projection; the reference
 policy is then the base model with the adapter disabled). --gradient-checkpointing turns on the
-config option of that name.
+config option of that name. --torch-compile turns on `torch_compile` (regional compilation of the decoder
+layers) for the fast providers only; the warm-up step column then shows what the compilation costs.
 
 Memory (--memory): each provider runs one PPO step alone in a fresh process; the table gives that
 process's peak RSS (what /usr/bin/time -v reports as "Maximum resident set size"), the bytes of every
@@ -192,11 +193,13 @@ class Setup:
     finetune: str = "full"            # "full" | "lora"
     value_head: str = "separate"      # "separate" | "shared"
     gradient_checkpointing: bool = False
+    torch_compile: bool = False       # the fast providers compile their decoder layers (config.torch_compile)
 
     def label(self) -> str:
         parts = [] if self.finetune == "full" else [f"finetune={self.finetune}"]
         parts += [] if self.value_head == "separate" else [f"value_head={self.value_head}"]
         parts += ["gradient_checkpointing"] if self.gradient_checkpointing else []
+        parts += ["torch_compile (fast)"] if self.torch_compile else []
         return (" " + " ".join(parts)) if parts else ""
 
 
@@ -224,6 +227,8 @@ def make_trainer(variant: str, world: World, root: Path, device: str, setup: Set
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                  task_type="CAUSAL_LM")
     extra = {"gradient_checkpointing": True} if setup.gradient_checkpointing else {}
+    if setup.torch_compile and backend == "fast":
+        extra["torch_compile"] = True
     cfg = AlignProConfig(**{**world.config, "output_dir": str(root / f"out-{variant}"), "backend": backend,
                             "seed": 0, "save_strategy": "no", "max_steps": 1000, "logging_steps": 1000,
                             "reuse_sampler_logprobs": reuse, "value_head": setup.value_head, **extra})
@@ -258,8 +263,11 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup) ->
             steps[name] += 1
             return metrics
 
-        for name in trainers:  # warm-up step each
+        warmup = {}
+        for name in trainers:  # warm-up step each (with torch_compile: the compilation, mostly)
+            t0 = time.perf_counter()
             one_step(name)
+            warmup[name] = time.perf_counter() - t0
         for _ in range(reps):
             for name in trainers:
                 _sync(device)
@@ -279,11 +287,12 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup) ->
             q1, q2, q3 = _quartiles(ratios)
             q1t, _, q3t = _quartiles(totals[name])
             row.extra["IQR ms"] = f"{q1t * 1e3:.0f}-{q3t * 1e3:.0f}"
+            row.extra["warm-up step s"] = f"{warmup[name]:.1f}"
             row.extra["per-round ratio (IQR)"] = f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
             for ph in PHASES:
                 row.extra[f"{ph} ms"] = f"{statistics.median(phases[name][ph]) * 1e3:.1f}"
             rows.append(row)
-        extra_cols = ("IQR ms", "per-round ratio (IQR)", *(f"{ph} ms" for ph in PHASES))
+        extra_cols = ("IQR ms", "per-round ratio (IQR)", "warm-up step s", *(f"{ph} ms" for ph in PHASES))
         table = format_table(rows, baseline="reference", extra_columns=extra_cols)
         cfg = trainers["reference"].config
     print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}")
@@ -406,6 +415,9 @@ def main(argv=None):
                     help="the critic: a separate backbone (TRL's default) or a head on the policy's backbone")
     ap.add_argument("--finetune", default="full", choices=["full", "lora"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="the fast providers compile their decoder layers (config torch_compile); the warm-up "
+                    "step column then shows the compile time")
     ap.add_argument("--memory", action="store_true", help="peak RSS and what holds it, one process per provider")
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
                     help="--memory: the providers to measure (repeatable; default the preset's)")
@@ -421,7 +433,7 @@ def main(argv=None):
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing)
+    setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, args.torch_compile)
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
     if args.memory_child:
         harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # a normal process's allocator

@@ -28,6 +28,7 @@ from alignfast.rollout import templates
 from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weights
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.callbacks import CallbackHandler
+from alignfast.trainer.compiled_layers import attach_compiled_layers
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
@@ -38,8 +39,8 @@ from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
-from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, bounded_param_groups, compute_advantages,
-                                        make_opset, score_rollout)
+from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, adamw_kernel, bounded_param_groups,
+                                        compute_advantages, make_opset, score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
@@ -155,6 +156,8 @@ class PPOEngineTrainer:
                 self.value_model.checkpointed = enable_activation_checkpointing(self.value_model.backbone)
         self._ref_policy = CausalLMPolicy(self.ref_model if self.ref_model is not None else model,
                                           backend=config.backend)
+        if config.torch_compile:  # regional compilation of the decoder layers (trainer/compiled_layers.py)
+            attach_compiled_layers(self.device, self.policy, self._ref_policy, self.value_model)
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         if shared_head is not None:
@@ -172,10 +175,12 @@ class PPOEngineTrainer:
         # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters (torch
         # picks it by default on CUDA only; it is faster on CPU too). Its sqrt(v) temporary is as large as
         # a param group, so the params come in groups of bounded size (bitwise the same update).
+        # The fast backend uses torch's fused AdamW instead: one pass per element (ppo_core.adamw_kernel).
         self.optimizer = torch.optim.AdamW(bounded_param_groups(self.params), lr=config.learning_rate,
                                            betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_epsilon,
-                                           weight_decay=config.weight_decay, foreach=True)
+                                           weight_decay=config.weight_decay,
+                                           **adamw_kernel(config.backend, self.params))
         from transformers import get_scheduler
 
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)

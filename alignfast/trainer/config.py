@@ -154,6 +154,11 @@ class AlignProConfig(ConfigDict):
     reuse_sampler_logprobs: bool | None = _opt(None,
         "Fast path: take old log-probs (and a shared value head's values) from the sampler instead of a second "
         "forward (None: for float32 policies only).")
+    torch_compile: bool = _opt(False,
+        "Fast path: torch.compile each decoder layer of the policy, reference policy and critic (regional "
+        "compilation, dynamic shapes) for the training and scoring forwards; the first step pays the compile "
+        "(~15 s for a 135M Llama on a 2-core CPU). Results change by rounding only. Off by default: on that CPU it "
+        "did not speed the step up measurably (bench/NOTES-trainer.md).")
 
     # --- Align-Pro: the rewrite and the frozen target ---------------------------------------------
     rewrite_template: str = _opt(DEFAULT_REWRITE_TEMPLATE, "The prompter's instruction; must contain {prompt}.")
@@ -318,6 +323,10 @@ class AlignProConfig(ConfigDict):
             fail("total_episodes", f"({self.total_episodes}) is smaller than one PPO batch ({self.rollout_batch_size})")
         if self.reuse_sampler_logprobs is not None and not isinstance(self.reuse_sampler_logprobs, bool):
             fail("reuse_sampler_logprobs", f"must be true, false or null, got {self.reuse_sampler_logprobs!r}")
+        if not isinstance(self.torch_compile, bool):
+            fail("torch_compile", f"must be true or false, got {self.torch_compile!r}")
+        if self.torch_compile and self.backend != "fast":
+            fail("torch_compile", "applies to backend 'fast' only (the reference backend is the plain-PyTorch spec)")
 
 
 def coerce_config(config) -> AlignProConfig:

@@ -99,6 +99,11 @@ def layers_in_training_mode(modules: list[nn.Module]):
             m.training = flag
 
 
+def compiled_layers_on(compiled):
+    """compiled.active() (regional compilation, trainer/compiled_layers.py), or nothing when None."""
+    return compiled.active() if compiled is not None else contextlib.nullcontext()
+
+
 @dataclass
 class PolicyOutput:
     """Per response token, [B, R]: logprobs (float32, 0 off mask), entropy (or None), values (or None)."""
@@ -123,13 +128,14 @@ class CausalLMPolicy:
         self.head = plain_linear_head(model)
         self.fused = backend == "fast" and self.head is not None
         self.checkpointed: list[nn.Module] = []  # set by enable_activation_checkpointing
+        self.compiled = None  # a CompiledLayers (config.torch_compile): switched on around this forward
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
                 return_entropy: bool = False, entropy_grad: bool = False) -> PolicyOutput:
         """Log-probs [B, R] of the response tokens (and entropy, values). entropy_grad=False returns the
         entropy detached (a statistic, as TRL computes it under no_grad); True keeps it in the graph
         for an entropy bonus."""
-        with layers_in_training_mode(self.checkpointed):
+        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled):
             return self._forward(query_ids, query_mask, response_ids, response_mask, temperature=temperature,
                                  return_entropy=return_entropy, entropy_grad=entropy_grad)
 
@@ -207,6 +213,7 @@ class ValueModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.checkpointed: list[nn.Module] = []  # set by enable_activation_checkpointing
+        self.compiled = None  # a CompiledLayers (config.torch_compile): switched on around this forward
 
     @classmethod
     def from_causal_lm(cls, model) -> ValueModel:
@@ -233,7 +240,7 @@ class ValueModel(nn.Module):
         """Values [B, R] (float32) of the states before each response token."""
         ids, attention, positions = join(query_ids, query_mask, response_ids, response_mask)
         Q, R = query_ids.size(1), response_ids.size(1)
-        with layers_in_training_mode(self.checkpointed):
+        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled):
             hidden = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
                                    use_cache=False).last_hidden_state[:, Q - 1: Q - 1 + R]
         return self.head(hidden).squeeze(-1).float()
