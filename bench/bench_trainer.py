@@ -345,10 +345,10 @@ class RssSampler:
     label is set by wrappers around the trainer's methods. statm's third field is the file-backed part
     (mapped model files, shared libraries), the rest is anonymous (tensors, the Python and glibc heaps)."""
 
-    def __init__(self):
+    def __init__(self, trim: bool = False):
         import threading
 
-        self.phase, self.peaks, self._stop = "setup", {}, False
+        self.phase, self.peaks, self._stop, self.trim = "setup", {}, False, trim
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -377,6 +377,8 @@ class RssSampler:
             finally:
                 self.sample()
                 self.phase = before
+                if self.trim and harness._libc is not None:  # give the heap's free pages back to the system
+                    harness._libc.malloc_trim(0)
         setattr(obj, name, wrapped)
 
     def stop(self) -> dict:
@@ -388,14 +390,17 @@ class RssSampler:
 def memory_child(preset_name: str, variant: str, root: Path, device: str, setup: Setup) -> dict:
     """One PPO step of one provider in this process (with num_ppo_epochs >= 2 its second optimizer step
     runs with the AdamW state allocated: the run's steady-state peak); the accounting of what it holds."""
-    sampler = RssSampler()
+    import alignfast.trainer.base as trainer_base
+
+    sampler = RssSampler(trim="malloc-trim" in setup.memory)
     sampler.phase = "imports"
     world = make_world(preset_name, root, build=False)
     sampler.phase = "setup"
     engine = load_target(world, device, same_as_prompter="same-target" in setup.memory,
                          dtype=torch.bfloat16 if "target-bf16" in setup.memory else None)
     trainer = make_trainer(variant, world, root, device, setup, engine)
-    sampler.phase = "scoring"  # what is not sampling, the target or the update
+    sampler.phase = "other"  # between the phases below (after the update: its state and gradients stay)
+    sampler.wrap(trainer_base, "score_rollout", "scoring")
     sampler.wrap(trainer, "_sample", "sampling")
     sampler.wrap(trainer.environment, "step", "target")
     sampler.wrap(trainer.updater, "update", "update")
@@ -494,9 +499,10 @@ def main(argv=None):
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--mem", action="append", default=[],
                     choices=["optim=adamw_torch_8bit", "optim=adamw_torch_4bit", "frozen_dtype=bfloat16",
-                             "same-target", "target-bf16", "no-share"],
+                             "same-target", "target-bf16", "no-share",
+                             "malloc-trim", "mmap-64k"],
                     help="--memory settings (repeatable): an optimizer, a bf16 reference, the target loaded from the "
-                    "prompter's weights (a run with one model for both roles), the target in bfloat16, no sharing of identical frozen weights")
+                    "prompter's weights (a run with one model for both roles), the target in bfloat16, glibc's malloc_trim after each phase, glibc's mmap threshold at 64 KiB instead of 32 MiB, no sharing of identical frozen weights")
     ap.add_argument("--memory", action="store_true", help="peak RSS and what holds it, one process per provider")
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
                     help="--memory: the providers to measure (repeatable; default the preset's)")
@@ -515,7 +521,8 @@ def main(argv=None):
     setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, tuple(args.mem))
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
     if args.memory_child:
-        harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # a normal process's allocator
+        # a normal process's allocator (or, mmap-64k, every tensor over 64 KiB mapped and unmapped on free)
+        harness.set_mmap_threshold(64 * 1024 if "mmap-64k" in setup.memory else harness.TIMING_MMAP_THRESHOLD)
         print(json.dumps(memory_child(presets[0], args.memory_child, Path(args.root), args.device, setup)))
         return
     if args.quick:

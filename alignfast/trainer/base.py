@@ -571,11 +571,13 @@ class PPOEngineTrainer:
     # checkpoints
     # ------------------------------------------------------------------------------------------
     def _trainable_state(self) -> dict:
-        state = {"policy": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
+        """The trained tensors, not copied: the checkpoint is written from them before training goes on (a
+        clone would cost a copy of the policy and the critic, 1 GiB for a 135M pair, at every save)."""
+        state = {"policy": {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}}
         if self.value_model is not None:
-            state["value_model"] = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
+            state["value_model"] = {k: v.detach() for k, v in self.value_model.state_dict().items()}
         if self.shared_value_head is not None:
-            state["value_head"] = {k: v.detach().clone() for k, v in self.shared_value_head.state_dict().items()}
+            state["value_head"] = {k: v.detach() for k, v in self.shared_value_head.state_dict().items()}
         return state
 
     def _save_checkpoint(self) -> Path:
