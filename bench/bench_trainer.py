@@ -349,6 +349,7 @@ class RssSampler:
         import threading
 
         self.phase, self.peaks, self._stop, self.trim = "setup", {}, False, trim
+        self.seconds: dict[str, list[float]] = {}  # each wrapped call's duration
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -372,9 +373,11 @@ class RssSampler:
         def wrapped(*args, **kwargs):
             before, self.phase = self.phase, phase
             self.sample()
+            t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.seconds.setdefault(phase, []).append(time.perf_counter() - t0)
                 self.sample()
                 self.phase = before
                 if self.trim and harness._libc is not None:  # give the heap's free pages back to the system
@@ -441,7 +444,7 @@ def memory_child(preset_name: str, variant: str, root: Path, device: str, setup:
             "ref": sum(v for k, v in ref.items() if k not in policy and k not in target), "critic": sum(critic.values()),
             "target": sum(v for k, v in target.items() if k not in policy), "optimizer": sum(opt.values()), "grads": grads,
             "saved": sum(saved.values()), "largest_saved": largest[0], "phases": phases,
-            "shared_frozen": trainer.shared_frozen}
+            "seconds": sampler.seconds, "shared_frozen": trainer.shared_frozen}
 
 
 def run_memory(preset_name: str, device: str, record: bool, setup: Setup, variants=None) -> str:
@@ -469,6 +472,9 @@ def run_memory(preset_name: str, device: str, record: bool, setup: Setup, varian
         lines.append(f"| {world.label}{setup.label()} | {variant} | " + " | ".join(_mib(m[c]) for c in cols) + " |")
     lines += ["", "Peak RSS per phase, MiB (of which file-backed): " + "; ".join(
         f"{variant}: " + ", ".join(f"{ph} {_mib(v[0])} ({_mib(v[1])})" for ph, v in m["phases"].items())
+        for variant, m in rows)]
+    lines += ["", "Seconds per call (the optimizer's first step includes torchao's compile): " + "; ".join(
+        f"{variant}: " + ", ".join(f"{ph} " + "/".join(f"{t:.2f}" for t in ts) for ph, ts in m["seconds"].items())
         for variant, m in rows)]
     table = "\n".join(lines)
     print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}")
