@@ -50,10 +50,10 @@ def _frozen(module: torch.nn.Module) -> bool:
 
 
 def same_function(policy: torch.nn.Module, candidate: torch.nn.Module, dtype: torch.dtype) -> bool:
-    """Whether the frozen `candidate` computes what `policy` cast to `dtype` computes: same class and config,
-    same parameter and buffer names and shapes, every tensor of the candidate in `dtype` and on the policy's
-    device, equal bit for bit to the policy's tensor cast to `dtype`, and no storage shared with the policy
-    (the policy's tensors change as it trains)."""
+    """Whether the frozen `candidate` computes what `policy` with its parameters cast to `dtype` computes (as
+    from_pretrained(dtype=...) loads a model: buffers such as rotary frequencies keep their own dtype): same
+    class and config, same parameter and buffer names and shapes, on the policy's device, equal bit for bit,
+    and no storage shared with the policy (the policy's tensors change as it trains)."""
     if candidate is policy or type(candidate) is not type(policy) or not _frozen(candidate):
         return False
     if _config(policy) is None or _config(policy) != _config(candidate):
@@ -61,13 +61,14 @@ def same_function(policy: torch.nn.Module, candidate: torch.nn.Module, dtype: to
     mine, theirs = _all_named(policy), _all_named(candidate)
     if mine.keys() != theirs.keys():
         return False
+    param_names = {n for n, _ in policy.named_parameters(remove_duplicate=False)}
     mine_storage = {t.untyped_storage().data_ptr() for t in mine.values()}
     with torch.no_grad():
         for name, t in mine.items():
             u = theirs[name]
             if u.shape != t.shape or u.device != t.device or u.untyped_storage().data_ptr() in mine_storage:
                 return False
-            if u.is_floating_point() and u.dtype != dtype:
+            if u.dtype != (dtype if name in param_names and t.is_floating_point() else t.dtype):
                 return False
             if not torch.equal(t.to(u.dtype), u):
                 return False
@@ -75,10 +76,13 @@ def same_function(policy: torch.nn.Module, candidate: torch.nn.Module, dtype: to
 
 
 def reference_copy(policy: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
-    """A frozen copy of the policy in `dtype` (None: the policy's own)."""
+    """A frozen copy of the policy with its floating parameters in `dtype` (None: the policy's own); buffers
+    keep their dtype, as from_pretrained(dtype=...) gives them (rotary frequencies stay float32)."""
     ref = copy.deepcopy(policy)
     if dtype is not None:
-        ref.to(dtype)
+        for p in ref.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
     return ref
 
 

@@ -43,7 +43,8 @@ def trainer_for(world, out, *, target="echo", peft_config=None, callbacks=(), **
 
     tok, path = world
     engine = FunctionTarget(lambda s: s, tok) if target == "echo" else \
-        HFEngine(AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False), tok)
+        HFEngine(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if target == "same-bf16" else None)
+                 .eval().requires_grad_(False), tok)
     cfg = AlignProConfig(**{**BASE, "output_dir": str(out), "target_max_new_tokens": 3, **overrides})
     return AlignProTrainer(cfg, AutoModelForCausalLM.from_pretrained(path), tok, engine,
                            reward_funcs=[keyword_reward], train_dataset=TRAIN_PROMPTS, peft_config=peft_config,
@@ -169,7 +170,9 @@ def test_a_different_target_is_not_shared(world, tmp_path):
     assert not same_function(policy, AutoModelForCausalLM.from_pretrained(path), torch.float32)  # not frozen
     half = AutoModelForCausalLM.from_pretrained(path).requires_grad_(False).to(torch.bfloat16)
     assert not same_function(policy, half, torch.float32)
-    assert same_function(policy, half, torch.bfloat16)  # frozen_dtype bfloat16: the bf16 target is the reference
+    assert not same_function(policy, half, torch.bfloat16)  # .to() also cast the rotary buffer: another function
+    loaded_half = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).requires_grad_(False)
+    assert same_function(policy, loaded_half, torch.bfloat16)  # as a run file's target.dtype: bfloat16 loads it
 
 
 def test_lora_policy_base_shares_the_target_tensors(world, tmp_path):
@@ -211,3 +214,8 @@ def test_bfloat16_reference_runs_and_is_close(world, tmp_path):
     err = (lp32 - lp16)[mask].abs().max().item()
     assert err < 0.05, f"bf16 reference log-probs off by {err}"
     assert err > 0  # it did run in bf16
+    # The same model as a bfloat16 target (target.dtype: bfloat16): one bf16 copy serves both roles.
+    both = trainer_for(world, tmp_path / "both", max_steps=1, frozen_dtype="bfloat16", target="same-bf16")
+    assert both.ref_model is both.environment.target.model
+    both.train()
+    assert torch.equal(both.last_rollout.ref_logprobs, half.last_rollout.ref_logprobs)
