@@ -350,6 +350,8 @@ class RssSampler:
 
         self.phase, self.peaks, self._stop, self.trim = "setup", {}, False, trim
         self.seconds: dict[str, list[float]] = {}  # each wrapped call's duration
+        self.call_peaks: dict[str, list[int]] = {}  # each wrapped call's peak RSS
+        self._call = 0
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -358,6 +360,7 @@ class RssSampler:
         with open("/proc/self/statm") as f:
             fields = f.read().split()
         rss, shared = int(fields[1]) * self._page, int(fields[2]) * self._page
+        self._call = max(self._call, rss)
         peak = self.peaks.setdefault(self.phase, [0, 0])
         if rss > peak[0]:
             self.peaks[self.phase] = [rss, shared]
@@ -372,6 +375,7 @@ class RssSampler:
 
         def wrapped(*args, **kwargs):
             before, self.phase = self.phase, phase
+            self._call = 0
             self.sample()
             t0 = time.perf_counter()
             try:
@@ -379,6 +383,7 @@ class RssSampler:
             finally:
                 self.seconds.setdefault(phase, []).append(time.perf_counter() - t0)
                 self.sample()
+                self.call_peaks.setdefault(phase, []).append(self._call)
                 self.phase = before
                 if self.trim and harness._libc is not None:  # give the heap's free pages back to the system
                     harness._libc.malloc_trim(0)
@@ -408,6 +413,9 @@ def memory_child(preset_name: str, variant: str, root: Path, device: str, setup:
     sampler.wrap(trainer.environment, "step", "target")
     sampler.wrap(trainer.updater, "update", "update")
     sampler.wrap(trainer.optimizer, "step", "optimizer step")
+    if "per-call" in setup.memory:  # the update's micro-batches: forward + loss, then backward
+        sampler.wrap(trainer.updater, "_micro_step", "micro forward")
+        sampler.wrap(torch.autograd, "backward", "backward")
     policy = _storages(trainer.model.parameters())
     critic_params = trainer.value_model.parameters() if trainer.value_model is not None else \
         trainer.shared_value_head.parameters()
@@ -444,7 +452,7 @@ def memory_child(preset_name: str, variant: str, root: Path, device: str, setup:
             "ref": sum(v for k, v in ref.items() if k not in policy and k not in target), "critic": sum(critic.values()),
             "target": sum(v for k, v in target.items() if k not in policy), "optimizer": sum(opt.values()), "grads": grads,
             "saved": sum(saved.values()), "largest_saved": largest[0], "phases": phases,
-            "seconds": sampler.seconds, "shared_frozen": trainer.shared_frozen}
+            "seconds": sampler.seconds, "call_peaks": sampler.call_peaks, "shared_frozen": trainer.shared_frozen}
 
 
 def run_memory(preset_name: str, device: str, record: bool, setup: Setup, variants=None) -> str:
@@ -473,6 +481,10 @@ def run_memory(preset_name: str, device: str, record: bool, setup: Setup, varian
     lines += ["", "Peak RSS per phase, MiB (of which file-backed): " + "; ".join(
         f"{variant}: " + ", ".join(f"{ph} {_mib(v[0])} ({_mib(v[1])})" for ph, v in m["phases"].items())
         for variant, m in rows)]
+    if "per-call" in setup.memory:
+        lines += ["", "Peak RSS of each call, MiB: " + "; ".join(
+            f"{variant}: " + ", ".join(f"{ph} " + "/".join(_mib(v) for v in vs) for ph, vs in m["call_peaks"].items())
+            for variant, m in rows)]
     lines += ["", "Seconds per call (the optimizer's first step includes torchao's compile): " + "; ".join(
         f"{variant}: " + ", ".join(f"{ph} " + "/".join(f"{t:.2f}" for t in ts) for ph, ts in m["seconds"].items())
         for variant, m in rows)]
@@ -506,7 +518,7 @@ def main(argv=None):
     ap.add_argument("--mem", action="append", default=[],
                     choices=["optim=adamw_torch_8bit", "optim=adamw_torch_4bit", "frozen_dtype=bfloat16",
                              "same-target", "target-bf16", "no-share",
-                             "malloc-trim", "mmap-64k"],
+                             "malloc-trim", "mmap-64k", "per-call"],
                     help="--memory settings (repeatable): an optimizer, a bf16 reference, the target loaded from the "
                     "prompter's weights (a run with one model for both roles), the target in bfloat16, glibc's malloc_trim after each phase, glibc's mmap threshold at 64 KiB instead of 32 MiB, no sharing of identical frozen weights")
     ap.add_argument("--memory", action="store_true", help="peak RSS and what holds it, one process per provider")
