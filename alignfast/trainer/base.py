@@ -26,7 +26,7 @@ from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
 from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weights
 from alignfast.trainer import checkpoint as ckpt
-from alignfast.trainer import frozen
+from alignfast.trainer import allocator, frozen
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
@@ -107,6 +107,8 @@ class PPOEngineTrainer:
         self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
         self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
         self.num_steps = config.num_steps(len(self.train_dataset))
+        if config.malloc_mmap_threshold is not None:  # before the reference and critic copies are made
+            allocator.set_mmap_threshold(config.malloc_mmap_threshold)
         from transformers import set_seed
 
         set_seed(config.seed)
@@ -679,7 +681,7 @@ class _SilentLogger:
 _RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
                    "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
                    "total_episodes", "num_train_epochs", "max_steps", "device", "gradient_checkpointing",
-                   "share_frozen_weights"}
+                   "share_frozen_weights", "malloc_mmap_threshold"}
 
 
 def check_output_dir(config: AlignProConfig) -> list[str]:

@@ -67,7 +67,7 @@ def history(out) -> list[dict]:
 
 # --- validation ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [("optim", "adamw_bnb_8bit"), ("frozen_dtype", "bf16"),
-                                         ("share_frozen_weights", "yes")])
+                                         ("share_frozen_weights", "yes"), ("malloc_mmap_threshold", 0)])
 def test_bad_memory_settings_name_the_setting(field, value):
     from alignfast.trainer import AlignProConfig
 
@@ -219,3 +219,17 @@ def test_bfloat16_reference_runs_and_is_close(world, tmp_path):
     assert both.ref_model is both.environment.target.model
     both.train()
     assert torch.equal(both.last_rollout.ref_logprobs, half.last_rollout.ref_logprobs)
+
+
+# --- glibc's heap ----------------------------------------------------------------------------------------
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_mmap_threshold_is_applied(world, tmp_path, monkeypatch):
+    from alignfast.trainer import allocator
+
+    calls = []
+    real = allocator.set_mmap_threshold
+    monkeypatch.setattr(allocator, "set_mmap_threshold", lambda n: calls.append(n) or real(n))
+    # 32 MiB: glibc's own ceiling for its dynamic threshold, so the rest of the test session runs as usual.
+    trainer_for(world, tmp_path / "m", max_steps=1, malloc_mmap_threshold=32 * 1024 * 1024).train()
+    assert calls == [32 * 1024 * 1024]
+    assert real(32 * 1024 * 1024) is True
