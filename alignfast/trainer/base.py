@@ -149,8 +149,7 @@ class PPOEngineTrainer:
         target = frozen.target_module(environment) if config.share_frozen_weights else None
         if ref_model is not None:
             self.ref_model = load_causal_lm(ref_model, "ref_model").to(self.device)
-            if frozen_dtype is not None:
-                self.ref_model.to(frozen_dtype)
+            frozen.cast_parameters(self.ref_model, frozen_dtype)
         elif not is_peft_model(model):
             if target is not None and frozen.same_function(model, target, frozen_dtype or self._dtype(model)):
                 self.ref_model, self.shared_frozen = target, "reference = target"

@@ -78,12 +78,16 @@ def same_function(policy: torch.nn.Module, candidate: torch.nn.Module, dtype: to
 def reference_copy(policy: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     """A frozen copy of the policy with its floating parameters in `dtype` (None: the policy's own); buffers
     keep their dtype, as from_pretrained(dtype=...) gives them (rotary frequencies stay float32)."""
-    ref = copy.deepcopy(policy)
+    return cast_parameters(copy.deepcopy(policy), dtype)
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The module's floating parameters cast to `dtype` in place (tied ones stay tied); buffers unchanged."""
     if dtype is not None:
-        for p in ref.parameters():
+        for p in module.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
-    return ref
+    return module
 
 
 def _base_name(peft_name: str) -> str:
