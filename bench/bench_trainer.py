@@ -194,22 +194,26 @@ class Setup:
     value_head: str = "separate"      # "separate" | "shared"
     gradient_checkpointing: bool = False
     torch_compile: bool = False       # the fast providers compile their decoder layers (config.torch_compile)
+    memory: tuple = ()                # --memory's settings: ("optim=adamw_torch_8bit", "same-target", ...)
 
     def label(self) -> str:
         parts = [] if self.finetune == "full" else [f"finetune={self.finetune}"]
+        parts += list(self.memory)
         parts += [] if self.value_head == "separate" else [f"value_head={self.value_head}"]
         parts += ["gradient_checkpointing"] if self.gradient_checkpointing else []
         parts += ["torch_compile (fast)"] if self.torch_compile else []
         return (" " + " ".join(parts)) if parts else ""
 
 
-def load_target(world: World, device: str):
-    """The frozen target behind an HFEngine; one engine serves every provider (it never changes)."""
+def load_target(world: World, device: str, same_as_prompter: bool = False, dtype=None):
+    """The frozen target behind an HFEngine; one engine serves every provider (it never changes).
+    same_as_prompter: the prompter's weights, as in a run with one chat model for both roles (issue 14)."""
     from transformers import AutoModelForCausalLM
 
     from alignfast.rollout import HFEngine
 
-    target = AutoModelForCausalLM.from_pretrained(str(world.target), dtype=world.dtype).to(device)
+    path = world.prompter if same_as_prompter else world.target
+    target = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or world.dtype).to(device).requires_grad_(False)
     return HFEngine(target, world.tokenizer)
 
 
@@ -229,6 +233,7 @@ def make_trainer(variant: str, world: World, root: Path, device: str, setup: Set
     extra = {"gradient_checkpointing": True} if setup.gradient_checkpointing else {}
     if setup.torch_compile and backend == "fast":
         extra["torch_compile"] = True
+    extra.update(memory_config(setup))
     cfg = AlignProConfig(**{**world.config, "output_dir": str(root / f"out-{variant}"), "backend": backend,
                             "seed": 0, "save_strategy": "no", "max_steps": 1000, "logging_steps": 1000,
                             "reuse_sampler_logprobs": reuse, "value_head": setup.value_head, **extra})
@@ -311,9 +316,18 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup) ->
 # --------------------------------------------------------------------------------------------------
 # memory: one provider per process
 # --------------------------------------------------------------------------------------------------
+def _plain(t):
+    """A tensor subclass's inner tensors (torchao's quantised optimizer state: codes, scales, code map)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _plain(getattr(t, name))
+    else:
+        yield t
+
+
 def _storages(tensors) -> dict[int, int]:
     out = {}
-    for t in tensors:
+    for t in (u for t in tensors for u in _plain(t)):
         st = t.untyped_storage()
         out[st.data_ptr()] = st.nbytes()
     return out
@@ -323,12 +337,94 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
 
+def memory_config(setup: Setup) -> dict:
+    """The config fields of --memory's settings ("optim=...", "frozen_dtype=...", "no-share")."""
+    out = {}
+    for item in setup.memory:
+        key, _, value = item.partition("=")
+        if key in ("optim", "frozen_dtype"):
+            out[key] = value
+        elif key == "no-share":
+            out["share_frozen_weights"] = False
+    return out
+
+
+class RssSampler:
+    """Peak resident set per phase of the step: a thread reads /proc/self/statm every millisecond; the phase
+    label is set by wrappers around the trainer's methods. statm's third field is the file-backed part
+    (mapped model files, shared libraries), the rest is anonymous (tensors, the Python and glibc heaps)."""
+
+    def __init__(self, trim: bool = False):
+        import threading
+
+        self.phase, self.peaks, self._stop, self.trim = "setup", {}, False, trim
+        self.seconds: dict[str, list[float]] = {}  # each wrapped call's duration
+        self.call_peaks: dict[str, list[int]] = {}  # each wrapped call's peak RSS
+        self._call = 0
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self):
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        rss, shared = int(fields[1]) * self._page, int(fields[2]) * self._page
+        self._call = max(self._call, rss)
+        peak = self.peaks.setdefault(self.phase, [0, 0])
+        if rss > peak[0]:
+            self.peaks[self.phase] = [rss, shared]
+
+    def _run(self):
+        while not self._stop:
+            self.sample()
+            time.sleep(0.001)
+
+    def wrap(self, obj, name: str, phase: str):
+        fn = getattr(obj, name)
+
+        def wrapped(*args, **kwargs):
+            before, self.phase = self.phase, phase
+            self._call = 0
+            self.sample()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds.setdefault(phase, []).append(time.perf_counter() - t0)
+                self.sample()
+                self.call_peaks.setdefault(phase, []).append(self._call)
+                self.phase = before
+                if self.trim and harness._libc is not None:  # give the heap's free pages back to the system
+                    harness._libc.malloc_trim(0)
+        setattr(obj, name, wrapped)
+
+    def stop(self) -> dict:
+        self._stop = True
+        self._thread.join()
+        return {k: v for k, v in self.peaks.items()}
+
+
 def memory_child(preset_name: str, variant: str, root: Path, device: str, setup: Setup) -> dict:
     """One PPO step of one provider in this process (with num_ppo_epochs >= 2 its second optimizer step
     runs with the AdamW state allocated: the run's steady-state peak); the accounting of what it holds."""
+    import alignfast.trainer.base as trainer_base
+
+    sampler = RssSampler(trim="malloc-trim" in setup.memory)
+    sampler.phase = "imports"
     world = make_world(preset_name, root, build=False)
-    engine = load_target(world, device)
+    sampler.phase = "setup"
+    engine = load_target(world, device, same_as_prompter="same-target" in setup.memory,
+                         dtype=torch.bfloat16 if "target-bf16" in setup.memory else None)
     trainer = make_trainer(variant, world, root, device, setup, engine)
+    sampler.phase = "other"  # between the phases below (after the update: its state and gradients stay)
+    sampler.wrap(trainer_base, "score_rollout", "scoring")
+    sampler.wrap(trainer, "_sample", "sampling")
+    sampler.wrap(trainer.environment, "step", "target")
+    sampler.wrap(trainer.updater, "update", "update")
+    sampler.wrap(trainer.optimizer, "step", "optimizer step")
+    if "per-call" in setup.memory:  # the update's micro-batches: forward + loss, then backward
+        sampler.wrap(trainer.updater, "_micro_step", "micro forward")
+        sampler.wrap(torch.autograd, "backward", "backward")
     policy = _storages(trainer.model.parameters())
     critic_params = trainer.value_model.parameters() if trainer.value_model is not None else \
         trainer.shared_value_head.parameters()
@@ -355,15 +451,17 @@ def memory_child(preset_name: str, variant: str, root: Path, device: str, setup:
     trainer.updater._micro_step = first_micro_step_recorded
     trainer._train_step(0, None)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    phases = sampler.stop()
     ref = _storages(trainer.ref_model.parameters()) if trainer.ref_model is not None else {}
     target = _storages(engine.model.parameters())
     opt = _storages(t for st in trainer.optimizer.state.values() for t in st.values()
                     if torch.is_tensor(t) and t.dim() > 0)
     grads = sum(p.numel() * p.element_size() for p in trainer.params)
     return {"peak_rss": peak_rss, "policy": sum(policy.values()),
-            "ref": sum(v for k, v in ref.items() if k not in policy), "critic": sum(critic.values()),
-            "target": sum(target.values()), "optimizer": sum(opt.values()), "grads": grads,
-            "saved": sum(saved.values()), "largest_saved": largest[0]}
+            "ref": sum(v for k, v in ref.items() if k not in policy and k not in target), "critic": sum(critic.values()),
+            "target": sum(v for k, v in target.items() if k not in policy), "optimizer": sum(opt.values()), "grads": grads,
+            "saved": sum(saved.values()), "largest_saved": largest[0], "phases": phases,
+            "seconds": sampler.seconds, "call_peaks": sampler.call_peaks, "shared_frozen": trainer.shared_frozen}
 
 
 def run_memory(preset_name: str, device: str, record: bool, setup: Setup, variants=None) -> str:
@@ -376,18 +474,29 @@ def run_memory(preset_name: str, device: str, record: bool, setup: Setup, varian
             cmd = [sys.executable, "-m", "bench.bench_trainer", "--memory-child", variant, "--root", str(root),
                    "--preset", preset_name, "--device", device, "--finetune", setup.finetune,
                    "--value-head", setup.value_head, "--threads", str(torch.get_num_threads())] + \
-                (["--gradient-checkpointing"] if setup.gradient_checkpointing else [])
+                (["--gradient-checkpointing"] if setup.gradient_checkpointing else []) + \
+                [a for item in setup.memory for a in ("--mem", item)]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
             if out.returncode != 0:
                 raise RuntimeError(f"memory child {variant} failed:\n{out.stderr[-3000:]}")
             rows.append((variant, json.loads(out.stdout.strip().splitlines()[-1])))
     cols = ["peak_rss", "policy", "ref", "critic", "target", "optimizer", "grads", "saved", "largest_saved"]
-    names = ["peak RSS", "policy", "reference (not shared)", "critic / value head", "target", "optimizer state",
+    names = ["peak RSS", "policy", "reference (not shared)", "critic / value head", "target (not in policy)", "optimizer state",
              "gradients", "saved for backward (1 micro-batch)", "largest saved tensor"]
     lines = ["| shape | provider | " + " | ".join(f"{n} MiB" for n in names) + " |",
              "|" + "---|" * (len(names) + 2)]
     for variant, m in rows:
         lines.append(f"| {world.label}{setup.label()} | {variant} | " + " | ".join(_mib(m[c]) for c in cols) + " |")
+    lines += ["", "Peak RSS per phase, MiB (of which file-backed): " + "; ".join(
+        f"{variant}: " + ", ".join(f"{ph} {_mib(v[0])} ({_mib(v[1])})" for ph, v in m["phases"].items())
+        for variant, m in rows)]
+    if "per-call" in setup.memory:
+        lines += ["", "Peak RSS of each call, MiB: " + "; ".join(
+            f"{variant}: " + ", ".join(f"{ph} " + "/".join(_mib(v) for v in vs) for ph, vs in m["call_peaks"].items())
+            for variant, m in rows)]
+    lines += ["", "Seconds per call (the optimizer's first step includes torchao's compile): " + "; ".join(
+        f"{variant}: " + ", ".join(f"{ph} " + "/".join(f"{t:.2f}" for t in ts) for ph, ts in m["seconds"].items())
+        for variant, m in rows)]
     table = "\n".join(lines)
     print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}")
     if record:
@@ -418,6 +527,12 @@ def main(argv=None):
     ap.add_argument("--torch-compile", action="store_true",
                     help="the fast providers compile their decoder layers (config torch_compile); the warm-up "
                     "step column then shows the compile time")
+    ap.add_argument("--mem", action="append", default=[],
+                    choices=["optim=adamw_torch_8bit", "optim=adamw_torch_4bit", "frozen_dtype=bfloat16",
+                             "same-target", "target-bf16", "no-share",
+                             "malloc-trim", "mmap-64k", "per-call"],
+                    help="--memory settings (repeatable): an optimizer, a bf16 reference, the target loaded from the "
+                    "prompter's weights (a run with one model for both roles), the target in bfloat16, glibc's malloc_trim after each phase, glibc's mmap threshold at 64 KiB instead of 32 MiB, no sharing of identical frozen weights")
     ap.add_argument("--memory", action="store_true", help="peak RSS and what holds it, one process per provider")
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
                     help="--memory: the providers to measure (repeatable; default the preset's)")
@@ -433,10 +548,11 @@ def main(argv=None):
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, args.torch_compile)
+    setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, args.torch_compile, tuple(args.mem))
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
     if args.memory_child:
-        harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # a normal process's allocator
+        # a normal process's allocator (or, mmap-64k, every tensor over 64 KiB mapped and unmapped on free)
+        harness.set_mmap_threshold(64 * 1024 if "mmap-64k" in setup.memory else harness.TIMING_MMAP_THRESHOLD)
         print(json.dumps(memory_child(presets[0], args.memory_child, Path(args.root), args.device, setup)))
         return
     if args.quick:

@@ -10,7 +10,6 @@ checkpoints, resume, evaluation rollouts. One PPO step:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
 from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weights
 from alignfast.trainer import checkpoint as ckpt
+from alignfast.trainer import allocator, frozen
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.compiled_layers import attach_compiled_layers
 from alignfast.trainer.config import AlignProConfig, coerce_config
@@ -39,8 +39,9 @@ from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
-from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, adamw_kernel, bounded_param_groups,
-                                        compute_advantages, make_opset, score_rollout)
+from alignfast.trainer.optimizers import make_optimizer
+from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
+                                        score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
 from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
@@ -107,6 +108,8 @@ class PPOEngineTrainer:
         self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
         self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
         self.num_steps = config.num_steps(len(self.train_dataset))
+        if config.malloc_mmap_threshold is not None:  # before the reference and critic copies are made
+            allocator.set_mmap_threshold(config.malloc_mmap_threshold)
         from transformers import set_seed
 
         set_seed(config.seed)
@@ -139,10 +142,24 @@ class PPOEngineTrainer:
 
             model = get_peft_model(model, peft_config)
         self.ref_model = None
+        self.shared_frozen = None  # what is held once for the reference and the target (frozen.py)
+        frozen_dtype = getattr(torch, config.frozen_dtype) if config.frozen_dtype is not None else None
+        if frozen_dtype is not None and ref_model is None and is_peft_model(model):
+            fail("frozen_dtype", "applies to full fine-tuning only: with LoRA the reference is the policy's own "
+                 "frozen base (adapter disabled); set the target's dtype where the target is loaded (target.dtype)")
+        target = frozen.target_module(environment) if config.share_frozen_weights else None
         if ref_model is not None:
             self.ref_model = load_causal_lm(ref_model, "ref_model").to(self.device)
+            frozen.cast_parameters(self.ref_model, frozen_dtype)
         elif not is_peft_model(model):
-            self.ref_model = copy.deepcopy(model)
+            if target is not None and frozen.same_function(model, target, frozen_dtype or self._dtype(model)):
+                self.ref_model, self.shared_frozen = target, "reference = target"
+            else:
+                self.ref_model = frozen.reference_copy(model, frozen_dtype)
+        elif target is not None and frozen.share_frozen_base(model, target):
+            self.shared_frozen = "policy's frozen base = target"
+        if self.shared_frozen:
+            _log.info("holding the frozen weights once: %s (the same weights, bit for bit)", self.shared_frozen)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
         # Dropout off everywhere (as TRL does): the log-probs of the rollout and the update must agree.
@@ -166,21 +183,17 @@ class PPOEngineTrainer:
             self.params += [p for p in self.value_model.parameters() if p.requires_grad]
         self._setup_optimization(callbacks)
 
+    @staticmethod
+    def _dtype(model) -> torch.dtype:
+        return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
     def _setup_optimization(self, callbacks=None) -> None:
         """Optimizer over self.params, LR schedule, KL controller, PPO updater, callbacks and counters: the part
         of the setup every trainer shares (ProxyRLHFTrainer, whose policy is not a causal LM, calls it directly)."""
         config = self.config
         if not self.params:
             raise AlignfastArgumentError("alignfast: the policy has no trainable parameter")
-        # foreach: one multi-tensor kernel per AdamW op instead of a Python loop over parameters (torch
-        # picks it by default on CUDA only; it is faster on CPU too). Its sqrt(v) temporary is as large as
-        # a param group, so the params come in groups of bounded size (bitwise the same update).
-        # The fast backend uses torch's fused AdamW instead: one pass per element (ppo_core.adamw_kernel).
-        self.optimizer = torch.optim.AdamW(bounded_param_groups(self.params), lr=config.learning_rate,
-                                           betas=(config.adam_beta1,
-                                           config.adam_beta2), eps=config.adam_epsilon,
-                                           weight_decay=config.weight_decay,
-                                           **adamw_kernel(config.backend, self.params))
+        self.optimizer = make_optimizer(self.params, config)  # config.optim: exact AdamW or torchao's 8/4-bit
         from transformers import get_scheduler
 
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
@@ -445,7 +458,7 @@ class PPOEngineTrainer:
                 f"may be partly updated, the last good checkpoint is {last_good or 'none (no checkpoint yet)'}",
                 step=step + 1, checkpoint=last_good) from None
         self.last_update_losses = stats.losses
-        lr_used = self.optimizer.param_groups[0]["lr"]
+        lr_used = float(self.optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
         self.lr_scheduler.step()
         return stats, lr_used
 
@@ -562,11 +575,13 @@ class PPOEngineTrainer:
     # checkpoints
     # ------------------------------------------------------------------------------------------
     def _trainable_state(self) -> dict:
-        state = {"policy": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
+        """The trained tensors, not copied: the checkpoint is written from them before training goes on (a
+        clone would cost a copy of the policy and the critic, 1 GiB for a 135M pair, at every save)."""
+        state = {"policy": {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}}
         if self.value_model is not None:
-            state["value_model"] = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
+            state["value_model"] = {k: v.detach() for k, v in self.value_model.state_dict().items()}
         if self.shared_value_head is not None:
-            state["value_head"] = {k: v.detach().clone() for k, v in self.shared_value_head.state_dict().items()}
+            state["value_head"] = {k: v.detach() for k, v in self.shared_value_head.state_dict().items()}
         return state
 
     def _save_checkpoint(self) -> Path:
@@ -630,6 +645,10 @@ class PPOEngineTrainer:
                 self.value_model.load_state_dict(trainable["value_model"])
             if self.shared_value_head is not None:
                 self.shared_value_head.load_state_dict(trainable["value_head"])
+            saved_optim = (data["state"].get("config") or {}).get("optim", "adamw_torch")
+            if saved_optim != self.config.optim:  # another optimizer's state cannot be loaded into this one
+                fail("optim", f"is '{self.config.optim}' but {path} was written with '{saved_optim}': resume with "
+                     f"optim: {saved_optim}")
             self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])
@@ -663,7 +682,8 @@ class _SilentLogger:
 # saves, how long it runs).
 _RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
                    "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
-                   "total_episodes", "num_train_epochs", "max_steps", "device", "gradient_checkpointing"}
+                   "total_episodes", "num_train_epochs", "max_steps", "device", "gradient_checkpointing",
+                   "share_frozen_weights", "malloc_mmap_threshold"}
 
 
 def check_output_dir(config: AlignProConfig) -> list[str]:

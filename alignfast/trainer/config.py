@@ -31,6 +31,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 VALUE_HEADS = ("separate", "shared")
 SAVE_STRATEGIES = ("steps", "no")
 REPORTERS = ("none", "jsonl", "tensorboard", "wandb", "all")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_8bit", "adamw_torch_4bit")  # alignfast/trainer/optimizers.py
+FROZEN_DTYPES = ("bfloat16", "float16", "float32")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 def _opt(default, help: str):
@@ -118,6 +120,23 @@ class AlignProConfig(ConfigDict):
     num_train_epochs: float = 3.0
     max_steps: int = _opt(-1, "If > 0: the number of PPO steps, overriding total_episodes.")
     local_rollout_forward_batch_size: int = _opt(64, "Rows per no-grad forward pass in the rollout phase.")
+    optim: str = _opt("adamw_torch",
+        "Optimizer (TrainingArguments' names): 'adamw_torch' (exact AdamW, 8 bytes of state per float32 parameter), "
+        "'adamw_torch_8bit' or 'adamw_torch_4bit' (torchao's block-quantised AdamW: ~2 or ~1 byte per parameter; "
+        "needs torchao, `pip install alignfast[lowbit]`; the first step compiles its kernel, seconds to tens of "
+        "seconds on CPU).")
+    frozen_dtype: str | None = _opt(None,
+        "dtype of the frozen reference policy with full fine-tuning ('bfloat16', 'float16', 'float32'; None: the "
+        "policy's): bfloat16 halves its memory, its log-probs (the KL term) then carry bf16 rounding. The "
+        "target's dtype is the target's own setting (target.dtype in a run file).")
+    share_frozen_weights: bool = _opt(True,
+        "With full fine-tuning, use the in-process target model as the reference policy when it holds the same "
+        "weights (equal bit for bit, same architecture and dtype): one frozen copy instead of two, no numerics "
+        "change; with LoRA, the policy's frozen base tensors become the target's. Off only to measure.")
+    malloc_mmap_threshold: int | None = _opt(None,
+        "glibc only: allocations of at least this many bytes get their own mapping, returned to the system when "
+        "freed (65536 took 0.6-2.1 GiB off a 135M run's peak RSS: alignfast/trainer/allocator.py); None leaves the "
+        "allocator alone. The same as MALLOC_MMAP_THRESHOLD_=<bytes> in the environment; process-wide.")
     gradient_checkpointing: bool = _opt(False,
         "Activation checkpointing of the policy's and the critic's decoder layers in the update: each layer keeps "
         "only its input and recomputes the rest in the backward (about a third more compute, a fraction of the "
@@ -238,6 +257,9 @@ class AlignProConfig(ConfigDict):
         one_of("value_head", VALUE_HEADS)
         one_of("save_strategy", SAVE_STRATEGIES)
         one_of("lr_scheduler_type", LR_SCHEDULERS)
+        one_of("optim", OPTIMIZERS)
+        if self.frozen_dtype is not None:
+            one_of("frozen_dtype", FROZEN_DTYPES)
         for r in self.report_to:
             if r not in REPORTERS:
                 fail("report_to", f"entries must be in {list(REPORTERS)}, got {r!r}")
@@ -247,7 +269,7 @@ class AlignProConfig(ConfigDict):
                      "per_device_eval_batch_size", "reward_batch_size", "kl_horizon"):
             positive_int(name)
         for name in ("overwrite_output_dir", "adap_kl_ctrl", "whiten_rewards", "whiten_advantages",
-                     "target_use_chat_template", "gradient_checkpointing"):
+                     "target_use_chat_template", "gradient_checkpointing", "share_frozen_weights"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -258,7 +280,7 @@ class AlignProConfig(ConfigDict):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 fail(name, f"must be a non-negative integer, got {v!r}")
-        for name in ("save_total_limit", "eval_steps", "total_episodes", "max_prompt_length"):
+        for name in ("save_total_limit", "eval_steps", "total_episodes", "max_prompt_length", "malloc_mmap_threshold"):
             if getattr(self, name) is not None:
                 positive_int(name)
         if self.stop_token_id is not None and (not isinstance(self.stop_token_id, int) or self.stop_token_id < 0):

@@ -1,0 +1,45 @@
+"""The optimizer of the trained parameters, chosen by config.optim (Hugging Face TrainingArguments' names).
+
+    adamw_torch       torch.optim.AdamW, exact; m and v in the parameters' dtype: 8 bytes per float32 parameter
+    adamw_torch_8bit  torchao.optim.AdamW8bit: m and v block-quantised to 8 bits (dynamic-tree codes, one float32
+                      scale per 256 values): ~2 bytes per parameter
+    adamw_torch_4bit  torchao.optim.AdamW4bit: 4 bits, blocks of 128: ~1 byte per parameter
+
+The low-bit variants do the AdamW update in float32 from the dequantised state and re-quantise it each step
+(Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"; Li et al. 2023 for 4 bits); tensors with
+fewer than 4096 elements (or not a multiple of the block) keep float32 state. They step one parameter at a time
+through a torch.compile'd kernel (compiled once per parameter shape: the first step of a run takes seconds to
+tens of seconds on CPU), so the foreach temporary that bounded_param_groups caps does not exist there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignfast.ops._checks import fail
+from alignfast.trainer.config import OPTIMIZERS  # noqa: F401 - the names, validated by the config
+from alignfast.trainer.ppo_core import adamw_kernel, bounded_param_groups
+
+_TORCHAO = {"adamw_torch_8bit": "AdamW8bit", "adamw_torch_4bit": "AdamW4bit"}
+
+
+def torchao_optim(name: str):
+    """The torchao optimizer class behind `name`, or an error naming `optim` when torchao is missing."""
+    try:
+        import torchao.optim as ao
+    except ImportError:
+        fail("optim", f"'{name}' needs torchao: pip install 'alignfast[lowbit]' (or pip install torchao)")
+    return getattr(ao, _TORCHAO[name])
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    if config.optim == "adamw_torch":
+        # The fast backend: torch's fused AdamW, one pass per element. Otherwise foreach, one multi-tensor kernel
+        # per AdamW op instead of a Python loop over parameters (torch picks it by default on CUDA only; it is
+        # faster on CPU too); its sqrt(v) temporary is as large as a param group, so the params come in groups of
+        # bounded size (bitwise the same update). See ppo_core.adamw_kernel.
+        return torch.optim.AdamW(bounded_param_groups(params), **adamw_kernel(config.backend, params), **kwargs)
+    # One group: these step parameter by parameter, so a group's size makes no temporary.
+    return torchao_optim(config.optim)(params, amsgrad=False, **kwargs)
