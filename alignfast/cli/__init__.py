@@ -16,6 +16,7 @@ transformers only when they run.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from alignfast.cli.errors import CLIError
@@ -51,6 +52,9 @@ _COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers imports torchao whenever it is installed (alignfast[lowbit]); torch then logs a deprecation
+    # line per Enum constant torchao registers, which nothing in a user's command can act on.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     if not _COMMANDS:
         _COMMANDS.extend(_command_modules())
     parser = build_parser()
