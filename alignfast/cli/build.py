@@ -91,7 +91,9 @@ def build_target_engine(config: dict, *, device):
 
         kwargs = {k: spec[k] for k in ("max_batch_tokens", "attn_implementation") if spec.get(k) is not None}
         tokenizer = load_tokenizer(spec, "target")
-        lm = load_causal_lm(spec, "target", device=device)
+        # Frozen as the method says, in eval mode and without gradients: what lets the trainer hold one copy for
+        # the target and the reference when they are the same weights (share_frozen_weights).
+        lm = load_causal_lm(spec, "target", device=device).eval().requires_grad_(False)
         return HFEngine(lm, tokenizer, **kwargs), tokenizer
     if kind == "vllm":
         from alignfast.rollout import VLLMEngine

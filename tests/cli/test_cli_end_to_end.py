@@ -75,6 +75,17 @@ def test_resume_from_the_command_line(tmp_path):
     assert steps == [1, 2]
 
 
+def test_one_model_in_both_roles_is_held_once(tmp_path, caplog):
+    """The issue's first real run used one chat model as prompter and target: the CLI's target is frozen, so
+    the trainer serves the reference policy from it instead of a third copy (share_frozen_weights)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="alignfast.trainer")
+    out = tmp_path / "run"
+    assert main(["train", "--config", TOY, "--prompter.model", "toy:target", "--trainer.output_dir", str(out),
+                 "--total_episodes", "64", "--save_strategy", "no"]) == 0
+    assert "holding the frozen weights once: reference = target" in caplog.text
+
 def test_demo_writes_the_comparison(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path), "--episodes", "64"]) == 0
     printed = capsys.readouterr().out
