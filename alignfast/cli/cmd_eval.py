@@ -62,29 +62,25 @@ def _evaluate(args, overrides) -> int:
     from alignfast.cli.models import quiet_transformers
 
     quiet_transformers()
-    if args.proxy_checkpoint:
-        from alignfast.cli.train_proxy import proxy_fields
+    from alignfast.cli import eval_proxy
+    from alignfast.cli.train_proxy import proxy_fields
 
-        config = load_run_config(args.config, overrides, trainer_fields=proxy_fields())
-    else:
-        config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
+    # A proxy is evaluated with the run file it was trained with, whose trainer section has the proxy's fields.
+    fields = proxy_fields() if args.proxy_checkpoint else build.trainer_fields()
+    config = load_run_config(args.config, overrides, trainer_fields=fields)
     checkpoints = [c for c in (args.checkpoint, args.aligner_checkpoint, args.aligner_ppo_checkpoint,
                                args.oracle_checkpoint, args.proxy_checkpoint) if c]
     if not checkpoints:
         raise CLIError("give at least one of --checkpoint, --aligner-checkpoint, --aligner-ppo-checkpoint, "
                        "--oracle-checkpoint, --proxy-checkpoint")
-    for path in checkpoints[:-1] if args.proxy_checkpoint else checkpoints:  # a wrong folder fails before any model runs
-        policy_dir(path)
+    # A wrong folder fails before any model runs.
+    for path in (args.checkpoint, args.aligner_checkpoint, args.aligner_ppo_checkpoint, args.oracle_checkpoint):
+        if path:
+            policy_dir(path)
     if args.proxy_checkpoint:
-        from alignfast.cli.eval_proxy import proxy_dir
-
-        proxy_dir(args.proxy_checkpoint)
-    if args.proxy_checkpoint:
-        from alignfast.cli.eval_proxy import without_proxy_fields
-
-        cfg = build.trainer_config(without_proxy_fields(config), output_dir=str(Path(checkpoints[0]).parent))
-    else:
-        cfg = build.trainer_config(config, output_dir=str(Path(checkpoints[0]).parent))
+        eval_proxy.proxy_dir(args.proxy_checkpoint)
+    arms_config = eval_proxy.without_proxy_fields(config) if args.proxy_checkpoint else config
+    cfg = build.trainer_config(arms_config, output_dir=str(Path(checkpoints[0]).parent))
     build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     fit_threads_to_machine()
     device = build.default_device()
@@ -126,9 +122,8 @@ def _evaluate(args, overrides) -> int:
                                                  rewrites=False)
 
     if args.proxy_checkpoint:
-        from alignfast.cli.eval_proxy import PROXY_NAME, proxy_arm
-
-        results[PROXY_NAME] = proxy_arm(args, config, engine, r, prompts, columns, device=device)
+        results[eval_proxy.PROXY_NAME] = eval_proxy.proxy_arm(args, config, engine, r, prompts, columns,
+                                                              device=device)
 
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
     out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
