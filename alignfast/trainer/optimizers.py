@@ -18,9 +18,27 @@ import torch
 
 from alignfast.ops._checks import fail
 from alignfast.trainer.config import OPTIMIZERS  # noqa: F401 - the names, validated by the config
-from alignfast.trainer.ppo_core import adamw_kernel, bounded_param_groups
+from alignfast.trainer.ppo_core import bounded_param_groups
 
 _TORCHAO = {"adamw_torch_8bit": "AdamW8bit", "adamw_torch_4bit": "AdamW4bit"}
+
+
+def adamw_kernel(backend: str, params: list[torch.nn.Parameter]) -> dict:
+    """How torch's AdamW runs the (identical) update: {"fused": True} on the fast backend, {"foreach": True}
+    otherwise.
+
+    foreach AdamW makes ~10 passes over every parameter-sized list (lerp, mul, addcmul, sqrt into a
+    temporary, div, add, addcdiv, ...), each memory-bound: a third of a PPO step of a 135M policy with its
+    critic on CPU (bench/NOTES-trainer.md). The fused kernel reads p, g, m, v and writes p, m, v once per
+    element: the same AdamW, rounding apart. It needs floating-point parameters on a device torch fuses for
+    (CPU, CUDA, ...; FSDP2's DTensor shards have the fused op too). The choice depends on the backend alone,
+    so one process and N processes, sharded or not, run the same kernel (bitwise-equal resumes).
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    fusable = backend == "fast" and all(
+        p.is_floating_point() and p.device.type in _get_fused_kernels_supported_devices() for p in params)
+    return {"fused": True} if fusable else {"foreach": True}
 
 
 def torchao_optim(name: str):
@@ -39,7 +57,7 @@ def make_optimizer(params: list[torch.nn.Parameter], config) -> torch.optim.Opti
         # The fast backend: torch's fused AdamW, one pass per element. Otherwise foreach, one multi-tensor kernel
         # per AdamW op instead of a Python loop over parameters (torch picks it by default on CUDA only; it is
         # faster on CPU too); its sqrt(v) temporary is as large as a param group, so the params come in groups of
-        # bounded size (bitwise the same update). See ppo_core.adamw_kernel.
+        # bounded size (bitwise the same update). See adamw_kernel.
         return torch.optim.AdamW(bounded_param_groups(params), **adamw_kernel(config.backend, params), **kwargs)
     # One group: these step parameter by parameter, so a group's size makes no temporary.
     return torchao_optim(config.optim)(params, amsgrad=False, **kwargs)

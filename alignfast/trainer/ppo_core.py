@@ -132,24 +132,6 @@ def bounded_param_groups(params: list[torch.nn.Parameter], max_numel: int = 1 <<
     return groups
 
 
-def adamw_kernel(backend: str, params: list[torch.nn.Parameter]) -> dict:
-    """How torch's AdamW runs the (identical) update: {"fused": True} on the fast backend, {"foreach": True}
-    otherwise.
-
-    foreach AdamW makes ~10 passes over every parameter-sized list (lerp, mul, addcmul, sqrt into a
-    temporary, div, add, addcdiv, ...), each memory-bound: a third of a PPO step of a 135M policy with its
-    critic on CPU (bench/NOTES-trainer.md). The fused kernel reads p, g, m, v and writes p, m, v once per
-    element: the same AdamW, rounding apart. It needs floating-point parameters on a device torch fuses for
-    (CPU, CUDA, ...; FSDP2's DTensor shards have the fused op too). The choice depends on the backend alone,
-    so one process and N processes, sharded or not, run the same kernel (bitwise-equal resumes).
-    """
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    fusable = backend == "fast" and all(
-        p.is_floating_point() and p.device.type in _get_fused_kernels_supported_devices() for p in params)
-    return {"fused": True} if fusable else {"foreach": True}
-
-
 class UpdateStats:
     """Per micro-batch statistics of one PPO step (TRL averages them for its metrics).
 

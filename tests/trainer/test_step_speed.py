@@ -11,7 +11,8 @@ import pytest
 
 import torch
 
-from alignfast.trainer.ppo_core import adamw_kernel, bounded_param_groups
+from alignfast.trainer.optimizers import adamw_kernel
+from alignfast.trainer.ppo_core import bounded_param_groups
 from tests.utils import relative_error
 
 
