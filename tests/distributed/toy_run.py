@@ -8,6 +8,8 @@ OUT_DIR/<scenario>.pt = {"params": {name: tensor}, "history": [metrics without t
 or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
 
     align_pro        AlignProTrainer, echo target, 3 PPO steps
+    align_pro_8bit   the same with optim adamw_torch_8bit (torchao's AdamW8bit: block-quantised m and v) and
+                     WORLD_DIR/prompter_wide (hidden 64: its projections are large enough to be quantised)
     oracle           OracleTrainer, 3 PPO steps
     killed           align_pro saving every step; every process exits (code 17) right after checkpoint-2
     resumed          continues `killed` from its latest checkpoint to step 3
@@ -73,7 +75,7 @@ def make_trainer(world: Path, out: Path, scenario: str, **overrides):
     tok = AutoTokenizer.from_pretrained(str(world / "tok"))
     cfg = dict(CONFIG, output_dir=str(out / scenario), overwrite_output_dir=True)
     cfg.update(overrides)
-    model = AutoModelForCausalLM.from_pretrained(str(world / "prompter"))
+    model = AutoModelForCausalLM.from_pretrained(str(world / ("prompter_wide" if "8bit" in scenario else "prompter")))
     common = dict(reward_funcs=[keyword_reward], train_dataset=TRAIN_PROMPTS)
     if scenario == "oracle":
         return OracleTrainer(AlignProConfig(**cfg), model, tok, **common)
@@ -161,6 +163,8 @@ def run(world: Path, out: Path, scenario: str) -> None:
         overrides = dict(save_steps=1, output_dir=str(out / folder), overwrite_output_dir=scenario == "stopped_sharded")
     if scenario == "bad_accumulation":
         overrides = dict(gradient_accumulation_steps=3)
+    if scenario == "align_pro_8bit":
+        overrides = dict(optim="adamw_torch_8bit")
     os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
     try:
         trainer = make_trainer(world, out, scenario, **overrides)
@@ -171,6 +175,7 @@ def run(world: Path, out: Path, scenario: str) -> None:
         return
     # the user-facing model of a sharded run: the gathered full weights (a collective call)
     final = trainer.save_model(out / scenario / "final") if "sharded" in scenario else None
+    replicas_differ_by = max_difference_between_processes(trainer)
     if trainer.processes.is_main:
         params = {f"policy.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
         params.update({f"value.{n}": p.detach().clone() for n, p in trainer.value_model.named_parameters()})
@@ -179,7 +184,27 @@ def run(world: Path, out: Path, scenario: str) -> None:
         saved = {} if final is None else \
             {f"policy.{n}": p.detach() for n, p in AutoModelForCausalLM.from_pretrained(str(final)).named_parameters()}
         torch.save({"params": params, "history": history, "kl_coef": trainer.kl_ctl.value, "saved": saved,
-                    "num_processes": trainer.processes.num_processes}, out / f"{scenario}.pt")
+                    "num_processes": trainer.processes.num_processes, "replicas_differ_by": replicas_differ_by,
+                    "quantised_states": quantised_optimizer_states(trainer)}, out / f"{scenario}.pt")
+
+
+def max_difference_between_processes(trainer) -> float:
+    """The largest |difference| between any process's policy + critic parameters and the main process's: 0.0
+    when DDP keeps the replicas identical (a collective call; 0.0 for one process)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1) for m in (trainer.model, trainer.value_model) for p in m.parameters()])
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0.0
+    every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, flat)
+    return max((other - every[0]).abs().max().item() for other in every)
+
+
+def quantised_optimizer_states(trainer) -> int:
+    """How many optimizer state tensors are not plain tensors (torchao's quantised subclasses)."""
+    return sum(type(v) is not torch.Tensor and isinstance(v, torch.Tensor)
+               for state in trainer.optimizer.state.values() for v in state.values())
 
 
 def main(argv: list[str]) -> None:
