@@ -27,6 +27,13 @@ Choices the paper leaves open (Proxy-RLHF, arXiv 2403.04283), made here:
 
 Finished rows (EOS) keep their cache slot and stop asking the proxy; the batch is not compacted
 (the proxy's decisions, not the retired rows, dominate the cost at these batch sizes).
+
+Batches: the rows are cut into batches as the HF engine cuts them (alignfast.rollout._batching.plan_batches:
+longest prompts first, rows * (longest prompt + max_new_tokens) KV-cache positions within max_batch_tokens,
+at most max_batch_size rows), so a long eval set neither holds one cache for every row nor pads short prompts
+to the longest one. Rows keep the order of the call within a batch; when everything fits in one batch the
+decoding is the unbatched one, bit for bit. Since every draw is keyed by its row, a row decodes the same
+tokens in whichever batch it lands (up to the rounding of a differently padded forward).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alignfast.rollout._batching import Unit, plan_batches
 from alignfast.rollout._cache_api import cache_keyword
 from alignfast.rollout._kv_cache import new_dynamic_cache, new_packed_cache, packed_cache_layers
 from alignfast.rollout._sampling import row_key, step_uniforms
@@ -87,11 +95,15 @@ class ProxyDecoder:
 
     model: a transformers causal LM (kept frozen); max_rejections_per_token >= 1; temperature >= 0 (0:
     greedy proposals), top_p in (0, 1], top_k >= 0 (0: off): the target's proposal distribution.
+    max_batch_tokens / max_batch_size: the batch limits (None: the HF engine's defaults for this model and
+    device, alignfast.rollout.hf_engine.default_batch_limits).
     """
 
     def __init__(self, model, *, eos_ids: list[int], pad_id: int, max_new_tokens: int,
-                 max_rejections_per_token: int = 3, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+                 max_rejections_per_token: int = 3, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 max_batch_tokens: int | None = None, max_batch_size: int | None = None):
         from alignfast.ops._checks import fail
+        from alignfast.rollout.hf_engine import default_batch_limits
 
         if max_rejections_per_token < 1:
             fail("max_rejections_per_token", f"must be >= 1 (0 would leave the proxy no decision), got "
@@ -104,6 +116,12 @@ class ProxyDecoder:
             fail("top_p", f"must be in (0, 1], got {top_p!r}")
         if top_k < 0:
             fail("top_k", f"must be >= 0 (0: off), got {top_k!r}")
+        for name, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_size", max_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                fail(name, f"must be None or an integer >= 1, got {value!r}")
+        default_tokens, default_rows = default_batch_limits(model, next(model.parameters()).device)
+        self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else default_tokens
+        self.max_batch_size = max_batch_size if max_batch_size is not None else default_rows
         self.model = model
         self.eos_ids = sorted(set(int(e) for e in eos_ids))
         self.pad_id = int(pad_id)
@@ -147,18 +165,44 @@ class ProxyDecoder:
                decision_temperature: float = 1.0) -> ProxyDecodeOutput:
         """Decode every prompt (token ids) under `judge`. greedy_decisions: accept iff P(accept) >= 1/2;
         otherwise accept with probability sigmoid(logit / decision_temperature)."""
-        from alignfast.ops import propose_token
-
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             from alignfast.ops._checks import fail
 
             fail("prompt_ids", "must be a non-empty list of non-empty token id lists")
         device = self.embed.weight.device
         R = len(prompt_ids)
+        keys = row_keys(prompt_ids, seed)  # over the whole call: duplicates get distinct streams in any batch
+        out = torch.full((R, self.max_new_tokens), -1, dtype=torch.long, device=device)
+        alive = torch.ones(R, dtype=torch.bool, device=device)
+        n_dec, rejections, forced = (torch.zeros(R, dtype=torch.long, device=device) for _ in range(3))
+        records = []
+        for rows in self.batches(prompt_ids):
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            b_out, b_alive, b_records, b_n_dec, b_rej, b_forced = self._decode_batch(
+                [prompt_ids[i] for i in rows], keys[rows], judge, greedy_decisions, decision_temperature)
+            out[index], alive[index], n_dec[index] = b_out, b_alive, b_n_dec
+            rejections[index], forced[index] = b_rej, b_forced
+            records += [(index[r], *rest) for r, *rest in b_records]
+        return self._assemble(out, alive, records, n_dec, rejections, forced)
+
+    def batches(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """The row indices of each decoding batch (ascending within a batch): plan_batches' cut."""
+        units = [Unit(ids, [[(i, 0)]], [0]) for i, ids in enumerate(prompt_ids)]
+        plan = plan_batches(units, max_new_tokens=self.max_new_tokens, max_batch_tokens=self.max_batch_tokens,
+                            max_batch_size=self.max_batch_size)
+        return [sorted(u.row_slots[0][0][0] for u in batch) for batch in plan]
+
+    def _decode_batch(self, prompt_ids: list[list[int]], keys: np.ndarray, judge: Judge, greedy_decisions: bool,
+                      decision_temperature: float):
+        """decode() on one batch: (tokens [R, max_new_tokens] (-1 after the end), alive [R], decision records
+        with batch row indices, decisions [R], rejections [R], forced [R])."""
+        from alignfast.ops import propose_token
+
+        device = self.embed.weight.device
+        R = len(prompt_ids)
         lengths = [len(p) for p in prompt_ids]
         width = max(lengths)
         capacity = width + self.max_new_tokens
-        keys = row_keys(prompt_ids, seed)
         sampling = self.temperature > 0.0
         K = self.max_rejections
 
@@ -188,7 +232,6 @@ class ProxyDecoder:
         rejections = torch.zeros(R, dtype=torch.long, device=device)
         forced_count = torch.zeros(R, dtype=torch.long, device=device)
         records = []  # (rows, slots, features, proposals, actions, logprobs, values) per attempt
-        all_rows = np.arange(R)
         for t in range(self.max_new_tokens):
             lse = torch.logsumexp(logits, dim=-1)
             excluded = torch.zeros_like(logits, dtype=torch.bool)
@@ -251,8 +294,7 @@ class ProxyDecoder:
                 break
             logits, hidden = self._forward(tokens[:, None], attn[:, :width + t + 1], next_pos[:, None], cache)
             next_pos = next_pos + 1
-        del all_rows
-        return self._assemble(out, alive, records, n_dec, rejections, forced_count)
+        return out, alive, records, n_dec, rejections, forced_count
 
     def _assemble(self, out, alive, records, n_dec, rejections, forced_count) -> ProxyDecodeOutput:
         R = out.size(0)

@@ -4,7 +4,8 @@
     greedy answers);
   * a proxy that rejects a known token set never lets one through (while the bound is not reached);
   * at the rejection bound the most likely remaining token is forced, and no decision is recorded for it;
-  * decisions are recorded left-aligned with the proxy's features, and rows are independent of the batch.
+  * decisions are recorded left-aligned with the proxy's features, and rows are independent of the batch,
+    including the batches cut by the token budget.
 """
 
 from __future__ import annotations
@@ -137,3 +138,36 @@ def test_decoding_passes_the_cache_under_its_current_name(toy):
             warnings.simplefilter("always")
             dec.decode(prompts[:2], accept_all, seed=1)
         assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_batches_cut_by_the_token_budget_decode_what_one_batch_decodes(toy):
+    """Rows split over batches (longest prompts first, within a KV-cache token budget and a row cap) decode
+    the tokens and decisions the single batch decodes, each in its own row: every draw is keyed by the row."""
+    model, tok, prompts = toy
+
+    def judge(features, proposals):  # rejects some proposals, from the features, so decisions vary by row
+        return 40.0 * torch.tanh(features[:, 0] * 50.0), features[:, 1]
+
+    whole = decoder(model, tok, max_rejections_per_token=2).decode(prompts, judge, seed=11)
+    budget = (max(len(p) for p in prompts) + 8) * 3  # three rows of the longest prompt
+    split_dec = decoder(model, tok, max_rejections_per_token=2, max_batch_tokens=budget, max_batch_size=4)
+    cut = split_dec.batches(prompts)
+    assert len(cut) >= 4 and sorted(i for b in cut for i in b) == list(range(len(prompts)))
+    assert all(len(b) <= 4 and len(b) * (max(len(prompts[i]) for i in b) + 8) <= budget for b in cut)
+    split = split_dec.decode(prompts, judge, seed=11)
+    assert split.tokens == whole.tokens
+    assert int(whole.rejections.sum()) > 0 and torch.equal(split.rejections, whole.rejections)
+    for name in ("mask", "actions", "proposals", "forced", "ended"):
+        assert torch.equal(getattr(split, name), getattr(whole, name)), name
+    for name in ("features", "logprobs", "values"):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
+
+
+def test_by_default_a_cpu_call_is_one_batch_in_call_order_and_limits_are_checked(toy):
+    model, tok, prompts = toy
+    dec = decoder(model, tok)
+    assert dec.batches(prompts) == [list(range(len(prompts)))]  # CPU default: 32768 positions, no row cap
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        decoder(model, tok, max_batch_tokens=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        decoder(model, tok, max_batch_size=1.5)
