@@ -28,18 +28,20 @@ from alignfast.aligner.data import CorrectionEncoder, check_rows, collate, with_
 from alignfast.aligner.loss import CorrectionLoss
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.trainer import checkpoint as ckpt
-from alignfast.trainer.base import PPOEngineTrainer, _changed_settings, load_causal_lm, load_tokenizer
+from alignfast.trainer.base import _changed_settings, load_causal_lm, load_tokenizer
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.data import batch_indices
-from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
-from alignfast.trainer.results import TrainingDivergedError, TrainOutput
+from alignfast.trainer.distributed import Processes
+from alignfast.trainer.metrics_logger import check_reporters
+from alignfast.trainer.results import TrainingDivergedError
+from alignfast.trainer.run_loop import RunLoop
 
 _log = logging.getLogger("alignfast.aligner")
 
 ALIGNER_FILE = "aligner_config.json"  # beside a saved corrector: how to build its input
 
 
-class AlignerTrainer:
+class AlignerTrainer(RunLoop):
     """SFT of a causal-LM corrector. `model`: a transformers causal LM or a path; train_dataset /
     eval_dataset: rows {question, answer, correction} (a list, or a datasets.Dataset)."""
 
@@ -50,6 +52,7 @@ class AlignerTrainer:
         config = coerce_config(config)
         check_reporters(config.report_to)
         self.config = config
+        self.processes = Processes(None)
         from transformers import get_scheduler, set_seed
 
         set_seed(config.seed)
@@ -98,63 +101,17 @@ class AlignerTrainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
-        """SFT to the configured number of steps; resume_from_checkpoint: a checkpoint dir, or True for the
-        latest one in output_dir (the run then continues exactly as if uninterrupted)."""
-        cfg = self.config
-        resumed = None
-        if resume_from_checkpoint:
-            path = ckpt.latest_checkpoint(cfg.output_dir) if resume_from_checkpoint is True else \
-                Path(resume_from_checkpoint)
-            if path is None:
-                raise FileNotFoundError(f"alignfast: no checkpoint to resume from in {cfg.output_dir}")
-            self._load_checkpoint(path)
-            resumed = path
-        else:
-            # The PPO trainers' rule, one implementation: a fresh run never mixes with an earlier one.
-            PPOEngineTrainer._claim_output_dir(self)
-        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict())
-        logger.restart(self.history, step=self.global_step)
-        (Path(cfg.output_dir) / "config.json").write_text(cfg.to_json())
-        state = self.callbacks.state
-        state.max_steps = self.num_steps
-        state.global_step = self.global_step
-        control = self.callbacks.fire("on_train_begin")
-        last_good = ckpt.latest_checkpoint(cfg.output_dir) if resumed is not None else None
-        metrics: dict = self.history[-1] if self.history else {}
-        try:
-            while self.global_step < self.num_steps and not control.should_training_stop:
-                metrics = self._train_step(self.global_step, last_good)
-                self.global_step += 1
-                self.history.append({"step": self.global_step, **metrics})
-                logger.write(metrics, step=self.global_step)
-                state.global_step = self.global_step
-                state.epoch = metrics["epoch"]
-                final = self.global_step == self.num_steps
-                if self.global_step % cfg.logging_steps == 0 or final:
-                    logger.track(metrics, step=self.global_step)
-                    state.log_history.append({"step": self.global_step, **metrics})
-                    _log.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2fs", self.global_step,
-                              self.num_steps, metrics["loss"], metrics["grad_norm"], metrics["learning_rate"],
-                              metrics["timing_s/step"])
-                    control = self.callbacks.fire("on_log", logs=metrics)
-                control = self.callbacks.fire("on_step_end")
-                if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
-                                                     or control.should_training_stop):
-                    last_good = self._save_checkpoint()
-                    control = self.callbacks.fire("on_save")
-            if self.eval_encoded is not None:
-                eval_metrics = self.evaluate()
-                logger.write(eval_metrics, step=self.global_step)
-                logger.track(eval_metrics, step=self.global_step)
-                metrics = {**metrics, **eval_metrics}
-                self.callbacks.fire("on_evaluate", metrics=eval_metrics)
-        finally:
-            logger.close()
-        self.callbacks.fire("on_train_end")
-        return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
+    # hooks of the shared run loop (alignfast.trainer.run_loop: train(), resume, checkpoints, stop signals)
+    def _eval_due(self, final: bool) -> bool:
+        return final and self.eval_encoded is not None  # eval/loss once, at the end of the run
 
-    def _train_step(self, step: int, last_good) -> dict:
+    def _epoch(self, metrics: dict) -> float:
+        return metrics["epoch"]
+
+    def _log_line(self, metrics: dict) -> str:
+        return f"loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}  lr {metrics['learning_rate']:.2e}"
+
+    def _train_step(self, step: int, last_good) -> tuple[dict, list]:
         cfg = self.config
         t0 = time.perf_counter()
         idx = batch_indices(len(self.train_encoded), cfg.rows_per_step, step, cfg.seed)
@@ -188,7 +145,7 @@ class AlignerTrainer:
         dt = time.perf_counter() - t0
         return {"loss": total, "grad_norm": grad_norm, "learning_rate": lr,
                 "epoch": (step + 1) * cfg.rows_per_step / len(self.train_encoded), "num_tokens": self.num_tokens,
-                "timing_s/step": dt, "tokens/s": n_tokens / dt if dt > 0 else 0.0}
+                "timing_s/step": dt, "tokens/s": n_tokens / dt if dt > 0 else 0.0}, []
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict[str, float]:

@@ -63,7 +63,7 @@ def _train(args, overrides) -> int:
     if not args.oracle:
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     if not args.resume:  # an output_dir that holds a run fails now, not after the models have loaded
-        from alignfast.trainer.base import check_output_dir
+        from alignfast.trainer.run_loop import check_output_dir
 
         try:
             check_output_dir(cfg)

@@ -1,4 +1,5 @@
-"""PPOEngineTrainer: the training loop shared by Align-Pro, Oracle (and later Aligner / Proxy-RLHF).
+"""PPOEngineTrainer: the PPO engine shared by Align-Pro, the Oracle arm and Proxy-RLHF (its run loop,
+trainer/run_loop.py, serves the Aligner's SFT too).
 
 A subclass supplies the trained causal LM (the policy), its tokenizer and an Environment; this class
 owns the rest: reference model, critic, optimizer, schedule, sampling, PPO steps, metrics,
@@ -14,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,16 +36,16 @@ from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules
                                            gathered_policy_state, make_processes, save_sharded_state)
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
-from alignfast.trainer.metrics_logger import MetricsLogger, check_reporters
+from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
 from alignfast.trainer.optimizers import make_optimizer
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
-from alignfast.trainer.results import RolloutResult, TrainingDivergedError, TrainOutput
+from alignfast.trainer.results import RolloutResult, TrainingDivergedError
 from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
-from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
+from alignfast.trainer.run_loop import RunLoop
 
 _log = logging.getLogger("alignfast.trainer")
 
@@ -92,7 +92,7 @@ def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, rew
     return WeightedRewards(funcs, weights)
 
 
-class PPOEngineTrainer:
+class PPOEngineTrainer(RunLoop):
     """The shared PPO engine. Subclasses call `_setup(...)` from their constructor."""
 
     arm = "ppo"
@@ -216,92 +216,18 @@ class PPOEngineTrainer:
     # ------------------------------------------------------------------------------------------
     # public API
     # ------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
-        """Run PPO to the configured number of steps; resume_from_checkpoint: a checkpoint dir, or True
-        for the latest one in output_dir."""
+    # hooks of the shared run loop (trainer/run_loop.py: train(), the output-directory rule)
+    def _eval_due(self, final: bool) -> bool:
         cfg = self.config
-        resumed = None
-        for name in ckpt.clean_stale(cfg.output_dir):  # what a killed checkpoint writer left (gigabytes with real models)
-            _log.warning("removed %s, a checkpoint a killed run did not finish writing", Path(cfg.output_dir) / name)
-        if resume_from_checkpoint:
-            path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; falls back past damaged ones
-            self._load_checkpoint(path)
-            resumed = path
-        elif self.processes.is_main:
-            self._claim_output_dir()
-        self.processes.wait()  # the other processes start once the main one has claimed output_dir
-        # Metrics, samples and the run's config are global and written once, by the main process.
-        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict()) \
-            if self.processes.is_main else _SilentLogger()
-        logger.restart(self.history, step=self.global_step)
-        if self.processes.is_main:
-            if resumed is None and logger.samples_path.exists():
-                logger.samples_path.unlink()
-            with open(Path(cfg.output_dir) / "config.json", "w") as f:
-                f.write(cfg.to_json())
-        state = self.callbacks.state
-        state.max_steps = self.num_steps
-        state.global_step = self.global_step
-        control = self.callbacks.fire("on_train_begin")
-        last_good = resumed
-        metrics: dict = self.history[-1] if self.history else {}
-        stop = StopSignals().__enter__()  # SIGTERM/SIGINT: finish the step, checkpoint, stop (trainer/stop_signals.py)
-        try:
-            while self.global_step < self.num_steps and not control.should_training_stop:
-                step = self.global_step
-                metrics, samples = self._train_step(step, last_good)
-                self.global_step = step + 1
-                self.history.append({"step": self.global_step, **metrics})
-                logger.write(metrics, step=self.global_step)
-                state.global_step = self.global_step
-                state.epoch = self.episode / len(self.train_dataset)
-                final = self.global_step == self.num_steps
-                if self.global_step % cfg.logging_steps == 0 or final:
-                    logger.track(metrics, step=self.global_step)
-                    logger.samples(samples[: cfg.num_logged_samples], step=self.global_step)
-                    state.log_history.append({"step": self.global_step, **metrics})
-                    if self.processes.is_main:
-                        _log.info("step %d/%d  scores %.4f  kl %.4f  policy loss %.4f  value loss %.4f  %.2fs",
-                                  self.global_step, self.num_steps, metrics["objective/scores"],
-                                  metrics["objective/kl"], metrics["loss/policy_avg"], metrics["loss/value_avg"],
-                                  metrics["timing_s/step"])
-                    control = self.callbacks.fire("on_log", logs=metrics)
-                if self.eval_dataset is not None and cfg.eval_steps and (self.global_step % cfg.eval_steps == 0
-                                                                          or final):
-                    eval_metrics = self.evaluate()
-                    logger.write(eval_metrics, step=self.global_step)
-                    logger.track(eval_metrics, step=self.global_step)
-                    self.history[-1].update(eval_metrics)
-                    control = self.callbacks.fire("on_evaluate", metrics=eval_metrics)
-                control = self.callbacks.fire("on_step_end")
-                if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
-                                                     or control.should_training_stop or stop.requested):
-                    last_good = self._save_checkpoint()
-                    control = self.callbacks.fire("on_save")
-                if stop.requested and not final:
-                    raise stopped_by_signal(stop, self.global_step, self.num_steps, last_good)
-        finally:
-            stop.restore()
-            logger.close()
-        self.callbacks.fire("on_train_end")
-        return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
+        return self.eval_dataset is not None and bool(cfg.eval_steps) and (self.global_step % cfg.eval_steps == 0
+                                                                            or final)
 
-    def _claim_output_dir(self) -> None:
-        """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be
-        overwritten, `resume` would pick the earlier run's later checkpoints, and save_total_limit would
-        delete this run's checkpoints as the oldest. So: an error, or with overwrite_output_dir, a clean slate."""
-        cfg = self.config
-        out = Path(cfg.output_dir)
-        if self.global_step > 0:  # this trainer's own run, continued by a second train() call
-            return
-        found = check_output_dir(cfg)
-        if not found:
-            return
-        _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s", ", ".join(found), out)
-        for p in ckpt.list_checkpoints(out) + sorted(out.glob(".tmp-checkpoint-*")):  # with what a crash left
-            shutil.rmtree(p, ignore_errors=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (out / name).unlink(missing_ok=True)
+    def _epoch(self, metrics: dict) -> float:
+        return self.episode / len(self.train_dataset)
+
+    def _log_line(self, metrics: dict) -> str:
+        return (f"scores {metrics['objective/scores']:.4f}  kl {metrics['objective/kl']:.4f}  policy loss "
+                f"{metrics['loss/policy_avg']:.4f}  value loss {metrics['loss/value_avg']:.4f}")
 
     def rollout(self, prompts: Sequence[str], *, greedy: bool = True, seed: int | None = None,
                 columns: dict[str, list] | None = None) -> RolloutResult:
@@ -660,46 +586,12 @@ class PPOEngineTrainer:
         self.history = list(state["history"])
 
 
-class _SilentLogger:
-    """The metrics logger of a process other than the main one: metrics are global and written once."""
-
-    def restart(self, history, *, step):
-        pass
-
-    def write(self, metrics, *, step):
-        pass
-
-    track = write
-
-    def samples(self, rows, *, step):
-        pass
-
-    def close(self):
-        pass
-
-
 # Settings a resumed run may change without changing what it computes (where it writes, how often it logs or
 # saves, how long it runs).
 _RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
                    "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
                    "total_episodes", "num_train_epochs", "max_steps", "device", "gradient_checkpointing",
                    "share_frozen_weights", "malloc_mmap_threshold"}
-
-
-def check_output_dir(config: AlignProConfig) -> list[str]:
-    """What of an earlier run config.output_dir holds (its checkpoints, a non-empty metrics.jsonl); an error
-    naming the ways out when there is any and overwrite_output_dir is off. Cheap, so a command can call it
-    before loading any model."""
-    out = Path(config.output_dir)
-    metrics = out / "metrics.jsonl"
-    found = [p.name for p in ckpt.list_checkpoints(out)] + \
-        ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
-    if found and not config.overwrite_output_dir:
-        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (resume_from_checkpoint=True, "
-             "`alignfast train --resume`), choose another output_dir, or set overwrite_output_dir=True to "
-             "replace it")
-    return found
 
 
 def _changed_settings(saved: dict, now: dict) -> list[str]:

@@ -87,3 +87,38 @@ def test_a_live_writers_temporary_folder_is_kept(tmp_path):
     dead.mkdir()
     assert ckpt.clean_stale(tmp_path) == [dead.name]
     assert live.is_dir() and not dead.exists()
+
+
+def test_aligner_sft_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path):
+    """The Aligner's SFT runs on the same run loop (trainer/run_loop.py): the same signal handling and line."""
+    out = tmp_path / "aligner"
+    run = ["--max_steps", "1000", "--save_steps", "100000", "--logging_steps", "1000",
+           "--per_device_train_batch_size", "4", "--data.train.limit", "64", "--data.eval", "null"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "alignfast.cli", "aligner", "train", "--config",
+                             str(ROOT / "configs" / "aligner_toy.yaml"), "--trainer.output_dir", str(out), *run],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _steps_done(out) < 1:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no step within 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = _steps_done(out)
+    assert last == (f"alignfast aligner: stopped by SIGTERM after step {step} of 1000; checkpoint "
+                    f"{out / f'checkpoint-{step}'} written; the same command with --resume continues the run"), last
+    ckpt.verify(out / f"checkpoint-{step}")
+
+    from alignfast.cli import main
+
+    assert main(["aligner", "train", "--config", str(ROOT / "configs" / "aligner_toy.yaml"), "--trainer.output_dir",
+                 str(out), *run[2:], "--max_steps", str(step + 1), "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, step + 2))

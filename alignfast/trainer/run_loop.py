@@ -1,0 +1,154 @@
+"""The run loop every trainer on this engine shares, whatever one step is (a PPO step of Align-Pro, the Oracle
+arm or Proxy-RLHF; an SFT step of the Aligner):
+
+    claim output_dir (or resume: verified checkpoint, stale temporaries removed)
+    for step in [global_step, num_steps):
+        metrics, samples = _train_step(step)           metrics.jsonl (every step), samples.jsonl, callbacks
+        log every logging_steps; evaluate when _eval_due; checkpoint every save_steps, at the end, and when a
+        callback or SIGTERM/SIGINT asks to stop; after a signal: raise TrainingInterrupted with the
+        checkpoint that resumes the run
+
+Under N processes (accelerate) every process runs the loop; metrics, samples, config.json and checkpoints
+are global and written once, by the main process, and no process passes a checkpoint another is writing.
+
+A trainer provides: config (output_dir, overwrite_output_dir, report_to, run_name, logging_steps,
+save_strategy, save_steps), processes, callbacks, history, global_step, num_steps and the methods
+_train_step, _save_checkpoint, _load_checkpoint, evaluate, _eval_due, _epoch and _log_line.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from alignfast.ops._checks import fail
+from alignfast.trainer import checkpoint as ckpt
+from alignfast.trainer.metrics_logger import MetricsLogger
+from alignfast.trainer.results import TrainOutput
+from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
+
+_log = logging.getLogger("alignfast.trainer")
+
+
+class RunLoop:
+    """Mixin: train() and the output-directory rule of every trainer (see the module docstring)."""
+
+    def train(self, resume_from_checkpoint=None) -> TrainOutput:
+        """Run to the configured number of steps; resume_from_checkpoint: a checkpoint dir, or True for the
+        latest one in output_dir (the run then continues exactly as if uninterrupted)."""
+        cfg = self.config
+        resumed = None
+        for name in ckpt.clean_stale(cfg.output_dir):  # what a killed checkpoint writer left (gigabytes with real models)
+            _log.warning("removed %s, a checkpoint a killed run did not finish writing", Path(cfg.output_dir) / name)
+        if resume_from_checkpoint:
+            path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; falls back past damaged ones
+            self._load_checkpoint(path)
+            resumed = path
+        elif self.processes.is_main:
+            self._claim_output_dir()
+        self.processes.wait()  # the other processes start once the main one has claimed output_dir
+        # Metrics, samples and the run's config are global and written once, by the main process.
+        logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict()) \
+            if self.processes.is_main else _SilentLogger()
+        logger.restart(self.history, step=self.global_step)
+        if self.processes.is_main:
+            if resumed is None and logger.samples_path.exists():
+                logger.samples_path.unlink()
+            with open(Path(cfg.output_dir) / "config.json", "w") as f:
+                f.write(cfg.to_json())
+        state = self.callbacks.state
+        state.max_steps = self.num_steps
+        state.global_step = self.global_step
+        control = self.callbacks.fire("on_train_begin")
+        last_good = resumed
+        metrics: dict = self.history[-1] if self.history else {}
+        stop = StopSignals().__enter__()  # SIGTERM/SIGINT: finish the step, checkpoint, stop (trainer/stop_signals.py)
+        try:
+            while self.global_step < self.num_steps and not control.should_training_stop:
+                step = self.global_step
+                metrics, samples = self._train_step(step, last_good)
+                self.global_step = step + 1
+                self.history.append({"step": self.global_step, **metrics})
+                logger.write(metrics, step=self.global_step)
+                state.global_step = self.global_step
+                state.epoch = self._epoch(metrics)
+                final = self.global_step == self.num_steps
+                if self.global_step % cfg.logging_steps == 0 or final:
+                    logger.track(metrics, step=self.global_step)
+                    logger.samples(samples[: getattr(cfg, "num_logged_samples", 0)], step=self.global_step)
+                    state.log_history.append({"step": self.global_step, **metrics})
+                    if self.processes.is_main:
+                        _log.info("step %d/%d  %s  %.2fs", self.global_step, self.num_steps, self._log_line(metrics),
+                                  metrics["timing_s/step"])
+                    control = self.callbacks.fire("on_log", logs=metrics)
+                if self._eval_due(final):
+                    eval_metrics = self.evaluate()
+                    logger.write(eval_metrics, step=self.global_step)
+                    logger.track(eval_metrics, step=self.global_step)
+                    self.history[-1].update(eval_metrics)
+                    metrics = {**metrics, **eval_metrics}
+                    control = self.callbacks.fire("on_evaluate", metrics=eval_metrics)
+                control = self.callbacks.fire("on_step_end")
+                if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
+                                                     or control.should_training_stop or stop.requested):
+                    last_good = self._save_checkpoint()
+                    control = self.callbacks.fire("on_save")
+                if stop.requested and not final:
+                    raise stopped_by_signal(stop, self.global_step, self.num_steps, last_good)
+        finally:
+            stop.restore()
+            logger.close()
+        self.callbacks.fire("on_train_end")
+        return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be
+        overwritten, `resume` would pick the earlier run's later checkpoints, and save_total_limit would
+        delete this run's checkpoints as the oldest. So: an error, or with overwrite_output_dir, a clean slate."""
+        cfg = self.config
+        out = Path(cfg.output_dir)
+        if self.global_step > 0:  # this trainer's own run, continued by a second train() call
+            return
+        found = check_output_dir(cfg)
+        if not found:
+            return
+        _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s", ", ".join(found), out)
+        for p in ckpt.list_checkpoints(out) + sorted(out.glob(".tmp-checkpoint-*")):  # with what a crash left
+            shutil.rmtree(p, ignore_errors=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+
+class _SilentLogger:
+    """The metrics logger of a process other than the main one: metrics are global and written once."""
+
+    def restart(self, history, *, step):
+        pass
+
+    def write(self, metrics, *, step):
+        pass
+
+    track = write
+
+    def samples(self, rows, *, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def check_output_dir(config) -> list[str]:
+    """What of an earlier run config.output_dir holds (its checkpoints, a non-empty metrics.jsonl); an error
+    naming the ways out when there is any and overwrite_output_dir is off. Cheap, so a command can call it
+    before loading any model."""
+    out = Path(config.output_dir)
+    metrics = out / "metrics.jsonl"
+    found = [p.name for p in ckpt.list_checkpoints(out)] + \
+        ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
+    if found and not config.overwrite_output_dir:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (resume_from_checkpoint=True, "
+             "`alignfast train --resume`), choose another output_dir, or set overwrite_output_dir=True to "
+             "replace it")
+    return found
