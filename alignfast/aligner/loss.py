@@ -59,6 +59,19 @@ class CorrectionLoss:
         return self.nll_sum(batch) / max(1, batch.num_tokens)
 
 
+class CorrectionNLL(torch.nn.Module):
+    """The corrector and its loss as one module whose forward is the summed NLL of a batch: what DDP wraps
+    under N processes (its gradient hooks are armed by the wrapper's forward, which must produce the loss)."""
+
+    def __init__(self, model: torch.nn.Module, loss: CorrectionLoss):
+        super().__init__()
+        self.model = model
+        self._loss = [loss]  # not a submodule: it holds references to the model above
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self._loss[0].nll_sum(batch)
+
+
 def reference_nll_sum(model, batch: Batch) -> torch.Tensor:
     """Full logits + cross-entropy on the target positions (the logits at position t predict token t+1)."""
     ids, attention, positions = join(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)

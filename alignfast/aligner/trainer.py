@@ -25,13 +25,13 @@ import torch
 
 from alignfast.aligner.config import AlignerConfig, coerce_config
 from alignfast.aligner.data import CorrectionEncoder, check_rows, collate, with_identity_rows
-from alignfast.aligner.loss import CorrectionLoss
+from alignfast.aligner.loss import CorrectionLoss, CorrectionNLL
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.base import _changed_settings, load_causal_lm, load_tokenizer
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.data import batch_indices
-from alignfast.trainer.distributed import Processes
+from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.results import TrainingDivergedError
 from alignfast.trainer.run_loop import RunLoop
@@ -52,7 +52,11 @@ class AlignerTrainer(RunLoop):
         config = coerce_config(config)
         check_reporters(config.report_to)
         self.config = config
-        self.processes = Processes(None)
+        self.processes = make_processes(config)  # an Accelerator under accelerate launch / torchrun; none otherwise
+        if self.processes.sharded_state:
+            raise AlignfastArgumentError(
+                "alignfast: the Aligner trains a replicated corrector (DDP); FSDP / DeepSpeed sharding is not "
+                "supported for it: launch with configs/accelerate/ddp.yaml (or torchrun) instead")
         from transformers import get_scheduler, set_seed
 
         set_seed(config.seed)
@@ -60,6 +64,8 @@ class AlignerTrainer(RunLoop):
         model = load_causal_lm(model, "model")
         if config.device is not None:
             model = model.to(config.device)
+        if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)
+            model = model.to(self.processes.accelerator.device)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -95,6 +101,12 @@ class AlignerTrainer(RunLoop):
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                           num_training_steps=self.num_steps)
+        # Under a launcher: the corrector with its loss as one module, as accelerate wrapped it (DDP's hooks must
+        # see the forward that produces the loss).
+        self.wrapped = None
+        if self.processes.distributed:
+            self.wrapped, self.optimizer = self.processes.accelerator.prepare(
+                CorrectionNLL(self.model, self.loss_fn), self.optimizer)
         self.callbacks = CallbackHandler(callbacks, config)
         self.global_step = 0
         self.num_tokens = 0
@@ -112,28 +124,39 @@ class AlignerTrainer(RunLoop):
         return f"loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}  lr {metrics['learning_rate']:.2e}"
 
     def _train_step(self, step: int, last_good) -> tuple[dict, list]:
+        """One optimizer step over rows_per_step rows: G micro-batches, each loss the micro-batch's NLL sum over
+        the step's token count (an exact token mean over the step). Under N processes process r runs micro-batches
+        [r·G/N, (r+1)·G/N) with its losses scaled by N, so DDP's mean of the gradients is the one-process gradient:
+        (1/N) Σ_r Σ_{k∈r} N·nll_k/n = ∇ Σ_k nll_k/n."""
         cfg = self.config
+        procs = self.processes
         t0 = time.perf_counter()
         idx = batch_indices(len(self.train_encoded), cfg.rows_per_step, step, cfg.seed)
         rows = [self.train_encoded[i] for i in idx]
         micro = [rows[i: i + cfg.per_device_train_batch_size]
                  for i in range(0, len(rows), cfg.per_device_train_batch_size)]
-        batches = [collate(m, self.pad_id, self.device) for m in micro]
-        n_tokens = sum(b.num_tokens for b in batches)
+        n_tokens = sum(len(r.target_ids) for r in rows)  # collate's response mask: the targets and their EOS
+        mine = procs.micro_batches(len(micro)) if procs.distributed else range(len(micro))
+        batches = [collate(micro[k], self.pad_id, self.device) for k in mine]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for b in batches:
-            loss = self.loss_fn.nll_sum(b) / n_tokens  # every micro-batch over the step's token count
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"alignfast: non-finite loss at step {step + 1}. Training stopped before this step's update; "
-                    f"the last good checkpoint is {last_good or 'none (no checkpoint yet)'}", step=step + 1,
-                    checkpoint=last_good)
-            loss.backward()
+        for j, b in enumerate(batches):
+            with procs.no_sync(self.wrapped, last=j == len(batches) - 1):
+                loss = (self.wrapped(b) if self.wrapped is not None else self.loss_fn.nll_sum(b)) / n_tokens
+                if not procs.distributed and not torch.isfinite(loss):
+                    raise self._diverged(step, last_good)
+                if procs.distributed:
+                    procs.accelerator.backward(loss * procs.num_processes * procs.backward_scale)
+                else:
+                    loss.backward()
             total += float(loss.detach())
+        total = procs.sum(total)  # every process's share: the step's token-mean loss
+        if not math.isfinite(total):  # under N processes every process sees it here, before the update
+            raise self._diverged(step, last_good)
         if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            grad_norm = float(procs.accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.max_grad_norm)
+                              if procs.distributed else torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack(
                 [p.grad.detach().float().norm() for p in self.params if p.grad is not None])))
@@ -147,6 +170,12 @@ class AlignerTrainer(RunLoop):
                 "epoch": (step + 1) * cfg.rows_per_step / len(self.train_encoded), "num_tokens": self.num_tokens,
                 "timing_s/step": dt, "tokens/s": n_tokens / dt if dt > 0 else 0.0}, []
 
+    @staticmethod
+    def _diverged(step: int, last_good) -> TrainingDivergedError:
+        return TrainingDivergedError(
+            f"alignfast: non-finite loss at step {step + 1}. Training stopped before this step's update; the last "
+            f"good checkpoint is {last_good or 'none (no checkpoint yet)'}", step=step + 1, checkpoint=last_good)
+
     @torch.no_grad()
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """eval/loss: the token-mean correction NLL over the eval rows (no truncation beyond max_length)."""
@@ -157,13 +186,15 @@ class AlignerTrainer(RunLoop):
             encoded = self.eval_encoded
         else:
             fail("eval_dataset", "is required (none was given to the trainer)")
+        procs = self.processes
+        encoded = encoded[procs.index::procs.num_processes]  # every N-th row: each process its share, summed below
         bs = self.config.per_device_eval_batch_size
         total, count = 0.0, 0
         for i in range(0, len(encoded), bs):
             b = collate(encoded[i: i + bs], self.pad_id, self.device)
             total += float(self.loss_fn.nll_sum(b))
             count += b.num_tokens
-        return {"eval/loss": total / max(1, count)}
+        return {"eval/loss": procs.sum(total) / max(1, procs.sum(count))}
 
     def corrector(self, *, max_new_tokens: int = 256):
         """The trained corrector as an alignfast.aligner.Corrector (greedy, batched)."""
@@ -177,8 +208,10 @@ class AlignerTrainer(RunLoop):
         """The corrector (or its LoRA adapter), its tokenizer, and aligner_config.json (template, chat
         template flag, max_length) so AlignerPipeline / `alignfast correct` rebuild its input exactly."""
         out = Path(output_dir or self.config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self._save_policy(out)
+        if self.processes.is_main:  # the replicas are identical: one process writes
+            out.mkdir(parents=True, exist_ok=True)
+            self._save_policy(out)
+        self.processes.wait()
         return out
 
     def _save_policy(self, path: Path) -> None:
@@ -196,10 +229,15 @@ class AlignerTrainer(RunLoop):
         cfg = self.config
         trainable = {"policy": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
         state = {"global_step": self.global_step, "num_tokens": self.num_tokens, "history": self.history,
-                 "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps}
-        return ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=trainable, optimizer=self.optimizer,
-                                    scheduler=self.lr_scheduler, trainer_state=state, save_policy=self._save_policy,
-                                    total_limit=cfg.save_total_limit)
+                 "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps,
+                 "num_processes": self.processes.num_processes}
+        path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
+        if self.processes.is_main:  # the replicas are identical: one process writes
+            path = ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=trainable,
+                                        optimizer=self.optimizer, scheduler=self.lr_scheduler, trainer_state=state,
+                                        save_policy=self._save_policy, total_limit=cfg.save_total_limit)
+        self.processes.wait()  # no process runs ahead of (or resumes from) a half-written checkpoint
+        return path
 
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)

@@ -85,6 +85,8 @@ def run(args, overrides) -> int:
                               how="the same command with --resume"),)
         raise
     final = trainer.save_model(Path(cfg.output_dir) / "final")
+    if not trainer.processes.is_main:  # under N processes the main one reports
+        return 0
     last = result.metrics
     extra = f"; eval/loss {last['eval/loss']:.4f}" if "eval/loss" in last else ""
     print(f"alignfast aligner train: {result.global_step} steps on {trainer.data_stats['rows']} rows "

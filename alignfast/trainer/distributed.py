@@ -90,10 +90,11 @@ class Processes:
         if n > 1 and g % n:
             hint = f"; the same batch: per_device_train_batch_size {p // n} with gradient_accumulation_steps {g * n}" \
                 if p % n == 0 else ""
+            batch = (f"{config.rollout_batch_size} episodes (per_device_train_batch_size {p} x gradient_accumulation_"
+                     f"steps {g} x num_mini_batches {config.num_mini_batches})") if hasattr(config, "num_mini_batches") \
+                else f"{p * g} rows (per_device_train_batch_size {p} x gradient_accumulation_steps {g})"
             fail("gradient_accumulation_steps", f"({g}) must be a multiple of the number of processes ({n}): the "
-                 f"global batch of {config.rollout_batch_size} episodes (per_device_train_batch_size {p} x "
-                 f"gradient_accumulation_steps {g} x num_mini_batches {config.num_mini_batches}) is split by "
-                 f"micro-batches over the processes{hint}")
+                 f"global batch of {batch} is split by micro-batches over the processes{hint}")
 
     # -- collectives (no-ops for one process) ---------------------------------------------------------
     def gather_rows(self, x: torch.Tensor, *, pad_value=0, left: bool = False) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The trainer under 2 processes (torchrun, gloo on CPU) against 1 process: same parameters (<= 1e-5) and
-metrics for Align-Pro and the Oracle arm, torchao's 8-bit AdamW under 2 processes, a killed 2-process run resumed (under 2 and under 1 process),
+metrics for Align-Pro and the Oracle arm, torchao's 8-bit AdamW under 2 processes, the Aligner's SFT (and its
+exact resume under 2 processes), a killed 2-process run resumed (under 2 and under 1 process),
 one shared OpenAI-compatible target server equal to per-process HF targets, and the bad-input error.
 
 Two launches of 2 processes (~20-40 s each on 2 cores) share the work: tests/distributed/toy_run.py."""
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM
 pytest.importorskip("openai")
 
 from tests.distributed import toy_run  # noqa: E402
+from tests.aligner.helpers import tiny_corrector  # noqa: E402
 from tests.distributed.openai_stub import HFCompletionsStub  # noqa: E402
 from tests.trainer.tiny import make_causal_lm, small_world  # noqa: E402
 
@@ -40,11 +42,13 @@ def runs(tmp_path_factory):
     world = root / "world"
     tok, _ = small_world(world)
     make_causal_lm(world / "prompter_wide", len(tok), hidden=64)  # projections of 4096+ elements: quantised
+    tiny_corrector(world / "aligner")
     one, two = root / "one", root / "two"
     stub = HFCompletionsStub(str(world / "prompter"))
     try:
         first = launch(world, two, "align_pro", "align_pro_8bit", "oracle", "hf_target", "openai_target", "bad_accumulation",
-                       "stopped_sharded", "fsdp_generation", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
+                       "stopped_sharded", "fsdp_generation", "aligner", "aligner_stopped",
+                       "aligner_bad_accumulation", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
     finally:
         stub.close()
     assert (two / "killed" / "checkpoint-2").is_dir(), first.stdout[-3000:] + first.stderr[-6000:]
@@ -52,9 +56,9 @@ def runs(tmp_path_factory):
     assert not (two / "killed" / "checkpoint-3").exists()
     shutil.copytree(two / "killed", two / "killed_copy")
     shutil.copytree(two / "stopped_sharded", two / "sharded_copy")
-    second = launch(world, two, "resumed", "resumed_sharded")
+    second = launch(world, two, "resumed", "resumed_sharded", "aligner_resumed")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
-    toy_run.main([str(world), str(one), "align_pro", "align_pro_8bit", "oracle", "hf_target"])
+    toy_run.main([str(world), str(one), "align_pro", "align_pro_8bit", "oracle", "hf_target", "aligner"])
     toy_run.main([str(world), str(two), "resumed_copy", "resumed_sharded_copy"])  # 2 processes' checkpoints, 1 resumes
     return {"world": world, "one": one, "two": two, "stub_max_in_flight": stub.max_in_flight, "stub_requests": stub.requests}
 
@@ -98,6 +102,30 @@ def test_eight_bit_adamw_under_two_processes(runs):
                AutoModelForCausalLM.from_pretrained(str(runs["world"] / "prompter_wide")).named_parameters()}
     assert min((one["params"][k] - p).abs().max().item() for k, p in initial.items()) >= 0.02
     assert_same_run(one, two, atol=5e-4, rel=1e-3)
+
+
+def test_aligner_sft_under_two_processes_matches_one_and_resumes_exactly(runs):
+    """Each process runs half of every step's micro-batches (losses scaled by N, DDP averages): the corrector's
+    parameters and every metric (loss, grad_norm, eval/loss) are one process's; the main process alone writes
+    checkpoints and the final corrector; a run stopped after checkpoint-2 resumes to the uninterrupted result."""
+    one, two = load(runs["one"], "aligner"), load(runs["two"], "aligner")
+    assert two["num_processes"] == 2 and two["replicas_differ_by"] == 0.0
+    initial = {n: p for n, p in
+               AutoModelForCausalLM.from_pretrained(str(runs["world"] / "aligner" / "corrector")).named_parameters()}
+    assert min((one["params"][k] - p).abs().max().item() for k, p in initial.items()) >= 1e-3  # it trained
+    assert max((one["params"][k] - two["params"][k]).abs().max().item() for k in one["params"]) <= 1e-5
+    assert len(one["history"]) == len(two["history"]) == toy_run.STEPS and "eval/loss" in two["history"][-1]
+    for ma, mb in zip(one["history"], two["history"]):
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
+    assert all(torch.equal(v, two["params"][k]) for k, v in two["saved"].items())
+    resumed = load(runs["two"], "aligner_resumed")
+    assert all(torch.equal(resumed["params"][k], two["params"][k]) for k in two["params"])
+    assert resumed["history"] == two["history"]
+    assert resumed["checkpoints"] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    message = (runs["two"] / "aligner_bad_accumulation.error").read_text()
+    assert "\n" not in message and "'gradient_accumulation_steps'" in message and "6 rows" in message
 
 
 def test_shared_openai_target_matches_per_process_hf_targets(runs):

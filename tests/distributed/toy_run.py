@@ -20,6 +20,9 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
     openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
     bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
+    aligner          AlignerTrainer (SFT) of WORLD_DIR/aligner/corrector, 3 steps of 2 x 2 rows, eval/loss at the end
+    aligner_stopped  the same saving every step, stopped after checkpoint-2; aligner_resumed continues it to step 3
+    aligner_bad_accumulation  gradient_accumulation_steps 3 (not a multiple of 2 processes)
     fsdp_generation  the prompter sharded with torch FSDP2 (fully_shard, gloo) samples inside
                      gathered_for_generation exactly what the unsharded model samples
 """
@@ -151,9 +154,43 @@ def fsdp_generation(world: Path, out: Path) -> None:
                    out / "fsdp_generation.pt")
 
 
+def aligner(world: Path, out: Path, scenario: str) -> None:
+    from alignfast.aligner import AlignerTrainer
+    from tests.aligner.helpers import ROWS, TEMPLATE
+
+    folder = out / ("aligner_stopped" if scenario in ("aligner_stopped", "aligner_resumed") else scenario)
+    cfg = dict(output_dir=str(folder), overwrite_output_dir=scenario != "aligner_resumed", seed=5, device="cpu",
+               template=TEMPLATE, max_steps=STEPS, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+               learning_rate=5e-3, lr_scheduler_type="linear", warmup_ratio=0.0, logging_steps=1,
+               save_steps=1 if folder.name == "aligner_stopped" else STEPS, max_length=32)
+    if scenario == "aligner_bad_accumulation":
+        cfg["gradient_accumulation_steps"] = 3
+    try:
+        trainer = AlignerTrainer(cfg, str(world / "aligner" / "corrector"), train_dataset=ROWS, eval_dataset=ROWS[:5],
+                                 callbacks=[StopAfterCheckpoint(2)] if scenario == "aligner_stopped" else None)
+        result = trainer.train(resume_from_checkpoint=True if scenario == "aligner_resumed" else None)
+    except AlignfastArgumentError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out / f"{scenario}.error").write_text(str(err))
+        return
+    final = trainer.save_model(folder / "final")
+    if trainer.processes.is_main:
+        history = [{k: v for k, v in m.items() if not k.startswith(("timing_s", "tokens/s"))} for m in result.history]
+        torch.save({"params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                    "history": history, "num_processes": trainer.processes.num_processes,
+                    "replicas_differ_by": max_difference_between_processes(trainer),
+                    "saved": {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(str(final)).named_parameters()},
+                    "checkpoints": sorted(p.name for p in folder.glob("checkpoint-*"))}, out / f"{scenario}.pt")
+    else:
+        max_difference_between_processes(trainer)  # the collective's other half
+
+
 def run(world: Path, out: Path, scenario: str) -> None:
     if scenario == "fsdp_generation":
         return fsdp_generation(world, out)
+    os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
+    if scenario.startswith("aligner"):
+        return aligner(world, out, scenario)
     overrides = {}
     if scenario in ("killed", "resumed", "resumed_copy"):
         folder = "killed_copy" if scenario == "resumed_copy" else "killed"
@@ -193,7 +230,8 @@ def max_difference_between_processes(trainer) -> float:
     when DDP keeps the replicas identical (a collective call; 0.0 for one process)."""
     import torch.distributed as dist
 
-    flat = torch.cat([p.detach().reshape(-1) for m in (trainer.model, trainer.value_model) for p in m.parameters()])
+    models = (trainer.model, getattr(trainer, "value_model", None))
+    flat = torch.cat([p.detach().reshape(-1) for m in models if m is not None for p in m.parameters()])
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return 0.0
     every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
