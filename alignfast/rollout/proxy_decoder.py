@@ -162,16 +162,24 @@ class ProxyDecoder:
 
     @torch.no_grad()
     def decode(self, prompt_ids: list[list[int]], judge: Judge, *, seed: int, greedy_decisions: bool = False,
-               decision_temperature: float = 1.0) -> ProxyDecodeOutput:
+               decision_temperature: float = 1.0, rows: tuple[int, int] | None = None) -> ProxyDecodeOutput:
         """Decode every prompt (token ids) under `judge`. greedy_decisions: accept iff P(accept) >= 1/2;
-        otherwise accept with probability sigmoid(logit / decision_temperature)."""
+        otherwise accept with probability sigmoid(logit / decision_temperature). rows=(lo, hi): decode only
+        prompts lo..hi-1, with the draws they get in the whole call (one process's share of a batch)."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             from alignfast.ops._checks import fail
 
             fail("prompt_ids", "must be a non-empty list of non-empty token id lists")
         device = self.embed.weight.device
-        R = len(prompt_ids)
         keys = row_keys(prompt_ids, seed)  # over the whole call: duplicates get distinct streams in any batch
+        if rows is not None:
+            lo, hi = rows
+            if not 0 <= lo < hi <= len(prompt_ids):
+                from alignfast.ops._checks import fail
+
+                fail("rows", f"must be (lo, hi) with 0 <= lo < hi <= {len(prompt_ids)}, got {rows!r}")
+            prompt_ids, keys = prompt_ids[lo:hi], keys[lo:hi]
+        R = len(prompt_ids)
         out = torch.full((R, self.max_new_tokens), -1, dtype=torch.long, device=device)
         alive = torch.ones(R, dtype=torch.bool, device=device)
         n_dec, rejections, forced = (torch.zeros(R, dtype=torch.long, device=device) for _ in range(3))

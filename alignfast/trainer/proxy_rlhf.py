@@ -34,7 +34,7 @@ from alignfast.rollout.proxy_decoder import ProxyDecoder, ProxyDecodeOutput
 from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, _opt
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
-from alignfast.trainer.distributed import make_processes
+from alignfast.trainer.distributed import gather_env_output, make_processes
 from alignfast.trainer.environments import DirectEnvironment
 from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, make_opset
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
@@ -102,14 +102,16 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         config = coerce_proxy_config(config)
         check_reporters(config.report_to)
         self.processes = make_processes(config)
-        if self.processes.distributed:  # its step samples the whole batch in one process: no split, no gathers yet
+        if self.processes.sharded_state:  # the proxy is a few thousand parameters: nothing to shard
             raise AlignfastArgumentError(
-                f"alignfast: ProxyRLHFTrainer runs in one process; it was launched with "
-                f"{self.processes.num_processes} processes (run it without accelerate launch / torchrun)")
+                "alignfast: ProxyRLHFTrainer trains a replicated proxy (DDP); FSDP / DeepSpeed sharding is not "
+                "supported for it: launch with configs/accelerate/ddp.yaml (or torchrun) instead")
         tokenizer = load_tokenizer(tokenizer, target, "tokenizer")
         target = load_causal_lm(target, "target")
         if config.device is not None:
             target = target.to(config.device)
+        if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)
+            target = target.to(self.processes.accelerator.device)
         target.eval().requires_grad_(False)
         self.config = config
         self.target = target
@@ -166,13 +168,15 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         return [self.tokenizer.decode([t for t in row if t not in stop], skip_special_tokens=True).strip()
                 for row in res.tokens]
 
-    def proxy_decode(self, prompts, *, greedy: bool, seed: int) -> tuple[ProxyDecodeOutput, list[str]]:
-        """Decode prompts under the proxy: greedy decisions (P(accept) >= 1/2) or sampled ones."""
+    def proxy_decode(self, prompts, *, greedy: bool, seed: int,
+                     rows: tuple[int, int] | None = None) -> tuple[ProxyDecodeOutput, list[str]]:
+        """Decode prompts under the proxy: greedy decisions (P(accept) >= 1/2) or sampled ones; rows=(lo, hi):
+        only those prompts, with the draws they get in the whole call (a process's share of a batch)."""
         from alignfast.ops import force_backend
 
         # backend="reference": the proposal step runs on its spec too (the fast-vs-reference parity test)
         with force_backend("reference" if self.config.backend == "reference" else "auto"):
-            res = self.decoder.decode(self._prompt_ids(prompts), self.model.judge, seed=seed,
+            res = self.decoder.decode(self._prompt_ids(prompts), self.model.judge, seed=seed, rows=rows,
                                       greedy_decisions=greedy, decision_temperature=self.config.temperature)
         return res, self._decode_text(res)
 
@@ -215,38 +219,50 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         cfg = self.config
         B = cfg.rollout_batch_size
         batch = self.train_dataset.select(batch_indices(len(self.train_dataset), B, step, cfg.seed))
+        # Under N processes this one decodes, answers and scores rows [lo, hi) of the global batch, with the
+        # draws those rows get in one process (the decoder keys every draw by its row); after the gathers every
+        # process holds the global rollout, and the update splits its micro-batches (trainer/distributed.py).
+        procs = self.processes
+        lo, hi = procs.rows(B)
+        rows = (lo, hi) if procs.distributed else None
         t_start = time.perf_counter()
-        res, outputs = self.proxy_decode(batch.prompts, greedy=False,
+        res, outputs = self.proxy_decode(batch.prompts, greedy=False, rows=rows,
                                          seed=derive_seed(cfg.seed, step, stream=2) % (2**31))
         t_gen = time.perf_counter()
-        env_out = self.environment.step(batch.prompts, outputs, batch.columns,
-                                        seed=derive_seed(cfg.seed, step, stream=3) % (2**31))
+        env_out = self.environment.step(batch.prompts[lo:hi], outputs, {k: v[lo:hi] for k, v in batch.columns.items()},
+                                        seed=self._env_seed(derive_seed(cfg.seed, step, stream=3) % (2**31), lo))
+        if procs.distributed:
+            outputs, env_out = procs.gather_objects(outputs), gather_env_output(procs, env_out)
         self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)
         scores = torch.tensor(env_out.scores, dtype=torch.float32, device=self.device)
+        ended = procs.gather_rows(res.ended)
         if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~res.ended).float()
+            scores = scores - cfg.missing_eos_penalty * (~ended).float()
         t_env = time.perf_counter()
-        rollout = self.build_rollout(res, scores)
+        rollout = self.build_rollout(res, scores[lo:hi])
+        if procs.distributed:
+            rollout = gather_decisions(procs, rollout)
+            rollout.scores = scores
         with torch.no_grad():
             adv = self.advantages(rollout)
         self.last_rollout = rollout
-        self.last_decode = res
+        self.last_decode = res  # this process's share
         t_lp = time.perf_counter()
         stats, lr_used = self._ppo_update(step, rollout, adv, last_good)
         t_end = time.perf_counter()
 
         m = rollout.response_mask
         n_dec = int(m.sum())
-        n_tok = sum(len(t) for t in res.tokens)
+        n_tok = int(procs.sum(sum(len(t) for t in res.tokens)))
         step_time = t_end - t_start
         metrics = {
-            **self._ppo_step_metrics(rollout, adv, scores, stats, lr_used=lr_used, num_eos=int(res.ended.sum()),
+            **self._ppo_step_metrics(rollout, adv, scores, stats, lr_used=lr_used, num_eos=int(ended.sum()),
                                      batch_size=B, per_func=env_out.per_func),
             "completions/mean_length": n_tok / B,
             "proxy/decisions_per_episode": n_dec / B,
             "proxy/accept_rate": float(((rollout.response_ids == 1) & m).sum()) / max(n_dec, 1),
-            "proxy/rejections_per_token": float(res.rejections.sum()) / max(n_tok, 1),
-            "proxy/forced_per_token": float(res.forced.sum()) / max(n_tok, 1),
+            "proxy/rejections_per_token": procs.sum(float(res.rejections.sum())) / max(n_tok, 1),
+            "proxy/forced_per_token": procs.sum(float(res.forced.sum())) / max(n_tok, 1),
             "timing_s/prompter_gen": 0.0,
             "timing_s/target_gen": t_gen - t_start,
             "timing_s/reward": env_out.timings.get("reward", t_env - t_gen),
@@ -261,3 +277,16 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
 
     def _ref_logprobs(self, *args, **kwargs):
         raise AlignfastArgumentError("alignfast: the proxy's reference is the Bernoulli prior (ProxyPolicy)")
+
+
+def gather_decisions(processes, rollout: Rollout) -> Rollout:
+    """The global decision batch: every process's rows in order, each [R, D(, F)] tensor right-padded to the
+    widest D (decisions are left-aligned, so padding never moves one): the tensors one process decoding every
+    row builds. Scores are the caller's (already global)."""
+    def g(x, pad=0):
+        return processes.gather_rows(x, pad_value=pad)
+
+    return Rollout(query_ids=g(rollout.query_ids), query_mask=g(rollout.query_mask, False),
+                   response_ids=g(rollout.response_ids), response_mask=g(rollout.response_mask, False),
+                   ended=g(rollout.ended), logprobs=g(rollout.logprobs), ref_logprobs=g(rollout.ref_logprobs),
+                   values=g(rollout.values), scores=rollout.scores, features=g(rollout.features))

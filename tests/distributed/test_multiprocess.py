@@ -1,5 +1,5 @@
 """The trainer under 2 processes (torchrun, gloo on CPU) against 1 process: same parameters (<= 1e-5) and
-metrics for Align-Pro and the Oracle arm, torchao's 8-bit AdamW under 2 processes, the Aligner's SFT (and its
+metrics for Align-Pro, the Oracle arm and Proxy-RLHF, torchao's 8-bit AdamW under 2 processes, the Aligner's SFT (and its
 exact resume under 2 processes), a killed 2-process run resumed (under 2 and under 1 process),
 one shared OpenAI-compatible target server equal to per-process HF targets, and the bad-input error.
 
@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
     stub = HFCompletionsStub(str(world / "prompter"))
     try:
         first = launch(world, two, "align_pro", "align_pro_8bit", "oracle", "hf_target", "openai_target", "bad_accumulation",
-                       "stopped_sharded", "fsdp_generation", "aligner", "aligner_stopped",
+                       "stopped_sharded", "fsdp_generation", "proxy", "aligner", "aligner_stopped",
                        "aligner_bad_accumulation", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
     finally:
         stub.close()
@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
     shutil.copytree(two / "stopped_sharded", two / "sharded_copy")
     second = launch(world, two, "resumed", "resumed_sharded", "aligner_resumed")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
-    toy_run.main([str(world), str(one), "align_pro", "align_pro_8bit", "oracle", "hf_target", "aligner"])
+    toy_run.main([str(world), str(one), "align_pro", "align_pro_8bit", "oracle", "hf_target", "aligner", "proxy"])
     toy_run.main([str(world), str(two), "resumed_copy", "resumed_sharded_copy"])  # 2 processes' checkpoints, 1 resumes
     return {"world": world, "one": one, "two": two, "stub_max_in_flight": stub.max_in_flight, "stub_requests": stub.requests}
 
@@ -102,6 +102,15 @@ def test_eight_bit_adamw_under_two_processes(runs):
                AutoModelForCausalLM.from_pretrained(str(runs["world"] / "prompter_wide")).named_parameters()}
     assert min((one["params"][k] - p).abs().max().item() for k, p in initial.items()) >= 0.02
     assert_same_run(one, two, atol=5e-4, rel=1e-3)
+
+
+def test_proxy_rlhf_under_two_processes_matches_one(runs):
+    """Each process decodes its half of the batch with the draws those rows get in one process (keyed by row),
+    the decisions are gathered right-padded, and the PPO update splits the micro-batches as for Align-Pro."""
+    one, two = load(runs["one"], "proxy"), load(runs["two"], "proxy")
+    assert two["num_processes"] == 2 and two["replicas_differ_by"] == 0.0
+    assert all(m["proxy/rejections_per_token"] > 0 for m in one["history"])  # the proxy did reject
+    assert_same_run(one, two)
 
 
 def test_aligner_sft_under_two_processes_matches_one_and_resumes_exactly(runs):

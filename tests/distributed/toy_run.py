@@ -23,6 +23,7 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     aligner          AlignerTrainer (SFT) of WORLD_DIR/aligner/corrector, 3 steps of 2 x 2 rows, eval/loss at the end
     aligner_stopped  the same saving every step, stopped after checkpoint-2; aligner_resumed continues it to step 3
     aligner_bad_accumulation  gradient_accumulation_steps 3 (not a multiple of 2 processes)
+    proxy            ProxyRLHFTrainer on the embedded toy world's target (alignfast.toy), 3 PPO steps of 8 episodes
     fsdp_generation  the prompter sharded with torch FSDP2 (fully_shard, gloo) samples inside
                      gathered_for_generation exactly what the unsharded model samples
 """
@@ -185,12 +186,41 @@ def aligner(world: Path, out: Path, scenario: str) -> None:
         max_difference_between_processes(trainer)  # the collective's other half
 
 
+def proxy(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.toy import load_world
+    from alignfast.trainer.proxy_rlhf import ProxyRLHFConfig, ProxyRLHFTrainer
+
+    toy = load_world()
+    cfg = ProxyRLHFConfig(output_dir=str(out / "proxy"), overwrite_output_dir=True, seed=3, device="cpu",
+                          save_strategy="no", logging_steps=1, learning_rate=1e-2, num_ppo_epochs=2, num_mini_batches=2,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS,
+                          target_max_new_tokens=6, target_temperature=1.0, proxy_hidden_size=16,
+                          max_rejections_per_token=2, accept_prior=0.8, rejection_cost=0.05)
+    torch.manual_seed(0)  # the proxy's initial weights
+    trainer = ProxyRLHFTrainer(cfg, AutoModelForCausalLM.from_pretrained(toy.target_path),
+                               AutoTokenizer.from_pretrained(toy.target_path), reward_funcs=toy.reward_funcs,
+                               train_dataset=toy.train_prompts[:64])
+    result = trainer.train()
+    if trainer.processes.is_main:
+        history = [{k: v for k, v in m.items() if not k.startswith(("timing_s", "tokens/s"))} for m in result.history]
+        torch.save({"params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                    "history": history, "kl_coef": trainer.kl_ctl.value,
+                    "num_processes": trainer.processes.num_processes,
+                    "replicas_differ_by": max_difference_between_processes(trainer)}, out / "proxy.pt")
+    else:
+        max_difference_between_processes(trainer)  # the collective's other half
+
+
 def run(world: Path, out: Path, scenario: str) -> None:
     if scenario == "fsdp_generation":
         return fsdp_generation(world, out)
     os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
     if scenario.startswith("aligner"):
         return aligner(world, out, scenario)
+    if scenario == "proxy":
+        return proxy(out)
     overrides = {}
     if scenario in ("killed", "resumed", "resumed_copy"):
         folder = "killed_copy" if scenario == "resumed_copy" else "killed"

@@ -171,3 +171,20 @@ def test_by_default_a_cpu_call_is_one_batch_in_call_order_and_limits_are_checked
         decoder(model, tok, max_batch_tokens=0)
     with pytest.raises(ValueError, match="max_batch_size"):
         decoder(model, tok, max_batch_size=1.5)
+
+
+def test_a_share_of_the_rows_decodes_what_the_whole_call_gives_those_rows(toy):
+    """rows=(lo, hi): one process's share under N processes; duplicates keep their whole-call streams."""
+    model, tok, prompts = toy
+    dec = decoder(model, tok, max_rejections_per_token=2)
+
+    def judge(features, proposals):
+        return 40.0 * torch.tanh(features[:, 0] * 50.0), features[:, 1]
+
+    whole = dec.decode(prompts, judge, seed=5)
+    lo, hi = 6, len(prompts)  # the last row duplicates row 0: its stream is the second occurrence's
+    share = dec.decode(prompts, judge, seed=5, rows=(lo, hi))
+    assert share.tokens == whole.tokens[lo:hi]
+    assert torch.equal(share.rejections, whole.rejections[lo:hi]) and int(whole.rejections[lo:hi].sum()) > 0
+    with pytest.raises(ValueError, match="rows"):
+        dec.decode(prompts, judge, seed=5, rows=(3, 3))
