@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         if getattr(err, "exit_code", None):  # TrainingInterrupted: SIGTERM/SIGINT, checkpoint written; says how to resume
-            print(f"alignfast {args.command}: {str(err).removeprefix('alignfast: ')}", file=sys.stderr)
+            from alignfast.trainer.stop_signals import stop_line
+
+            line = stop_line(err.signal_name, err.step, err.num_steps, err.checkpoint,
+                             how="the same command with --resume")
+            print(f"alignfast {args.command}: {line}", file=sys.stderr)
             return err.exit_code
         print(f"alignfast {args.command}: interrupted", file=sys.stderr)
         return 130

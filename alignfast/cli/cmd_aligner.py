@@ -61,7 +61,6 @@ def run(args, overrides) -> int:
     from alignfast.cli.models import load_causal_lm, load_tokenizer, quiet_transformers
     from alignfast.ops import AlignfastArgumentError
     from alignfast.trainer.results import TrainingDivergedError
-    from alignfast.trainer.stop_signals import TrainingInterrupted, stop_line
 
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=trainer_fields())
@@ -80,10 +79,6 @@ def run(args, overrides) -> int:
         result = trainer.train(resume_from_checkpoint=args.resume)
     except (AlignfastArgumentError, FileNotFoundError, TrainingDivergedError) as err:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
-    except TrainingInterrupted as err:  # SIGTERM/SIGINT: the step finished and a checkpoint was written
-        err.args = (stop_line(err.signal_name, err.step, err.num_steps, err.checkpoint,
-                              how="the same command with --resume"),)
-        raise
     final = trainer.save_model(Path(cfg.output_dir) / "final")
     if not trainer.processes.is_main:  # under N processes the main one reports
         return 0

@@ -50,7 +50,6 @@ def _train(args, overrides) -> int:
     from alignfast.ops import AlignfastArgumentError
     from alignfast.rollout import EngineRequestError
     from alignfast.trainer.results import TrainingDivergedError
-    from alignfast.trainer.stop_signals import TrainingInterrupted, stop_line
 
     from alignfast.cli.models import quiet_transformers
 
@@ -99,10 +98,6 @@ def _train(args, overrides) -> int:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     except TrainingDivergedError as err:  # NaN/inf reward or loss: the message names the step and the checkpoint
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
-    except TrainingInterrupted as err:  # SIGTERM/SIGINT: the step finished and a checkpoint was written
-        err.args = (stop_line(err.signal_name, err.step, err.num_steps, err.checkpoint,
-                              how="the same command with --resume"),)
-        raise
     except EngineRequestError as err:  # the target endpoint failed for good (after its retry budget)
         from alignfast.trainer.checkpoint import latest_checkpoint
 

@@ -64,6 +64,8 @@ def run_proxy(args, overrides) -> int:
     except (AlignfastArgumentError, FileNotFoundError, TrainingDivergedError) as err:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     final = trainer.save_model(Path(cfg.output_dir) / "final")
+    if not trainer.processes.is_main:  # under N processes the main one reports
+        return 0
     last = result.metrics
     print(f"alignfast train: {result.global_step} PPO steps of Proxy-RLHF; last objective/scores "
           f"{last.get('objective/scores', float('nan')):.4f}; proxy ({trainer.proxy_fraction:.2%} of the target) in "
