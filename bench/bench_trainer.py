@@ -37,6 +37,11 @@ backward of one micro-batch (activations, and the [N, V] logits on the reference
     python -m bench.bench_trainer --quick              # the demo preset, two timed steps: seconds
     flock /work/wt/bigmem.lock python -m bench.bench_trainer --preset smollm2-135m [--finetune lora]
     flock /work/wt/bigmem.lock python -m bench.bench_trainer --preset smollm2-135m --memory
+    python -m bench.bench_trainer --preset smollm2-135m --thread-counts 1,2   # the fast step at 1 vs 2 threads
+
+Threads (--thread-counts 1,2): the fast provider once per thread count, interleaved in one process (each
+step runs under torch.set_num_threads(count)), ratios against the first count: what a second OpenMP thread
+buys a whole step, on an idle machine or beside a competing process (issue 13 item 3).
     python -m bench.bench_trainer --device cuda --record
 """
 
@@ -248,22 +253,31 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup) -> str:
+def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
+        thread_counts: tuple[int, ...] = ()) -> str:
     """Time the providers' PPO steps interleaved (A, B, A, B, ...: one round = one step of each) so that load
     drifting on a shared machine hits every provider alike; report medians per provider and per phase, and
-    the per-round ratio to the reference (its median and inter-quartile range)."""
+    the per-round ratio to the reference (its median and inter-quartile range). thread_counts: the providers
+    are the fast trainer once per count instead, and the ratios are against the first count."""
     harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # time the step as a normal process runs it
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         world = make_world(preset_name, root)
         shape = world.label + setup.label()
         engine = load_target(world, device)
-        trainers = {name: make_trainer(name, world, root, device, setup, engine) for name in world.variants}
+        threads = {f"fast, {t} thread{'s' if t > 1 else ''}": t for t in thread_counts}
+        if threads:  # identical trainers (same seed, same rollouts): only the thread count differs
+            trainers = {name: make_trainer("fast", world, root, device, setup, engine) for name in threads}
+        else:
+            trainers = {name: make_trainer(name, world, root, device, setup, engine) for name in world.variants}
+        baseline = next(iter(trainers)) if threads else "reference"
         steps = {name: 0 for name in trainers}
         totals = {name: [] for name in trainers}
         phases = {name: {ph: [] for ph in PHASES} for name in trainers}
 
         def one_step(name):
+            if name in threads:
+                torch.set_num_threads(threads[name])
             metrics, _ = trainers[name]._train_step(steps[name], None)
             steps[name] += 1
             return metrics
@@ -288,7 +302,7 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup) ->
             # The peak-memory step is not timed; on the 135M preset the process-wide RSS says more (--memory).
             peak = None if big else peak_extra_memory(lambda name=name: one_step(name), device=device)
             row = Row(shape, name, statistics.median(totals[name]), peak)
-            ratios = [r / t for r, t in zip(totals["reference"], totals[name])]
+            ratios = [r / t for r, t in zip(totals[baseline], totals[name])]
             q1, q2, q3 = _quartiles(ratios)
             q1t, _, q3t = _quartiles(totals[name])
             row.extra["IQR ms"] = f"{q1t * 1e3:.0f}-{q3t * 1e3:.0f}"
@@ -298,11 +312,12 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup) ->
                 row.extra[f"{ph} ms"] = f"{statistics.median(phases[name][ph]) * 1e3:.1f}"
             rows.append(row)
         extra_cols = ("IQR ms", "per-round ratio (IQR)", "warm-up step s", *(f"{ph} ms" for ph in PHASES))
-        table = format_table(rows, baseline="reference", extra_columns=extra_cols)
-        cfg = trainers["reference"].config
+        table = format_table(rows, baseline=baseline, extra_columns=extra_cols)
+        cfg = trainers[baseline].config
     print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}")
+    what = f"the fast step at {' vs '.join(map(str, thread_counts))} threads" if threads else "fast vs reference"
     if record:
-        append_results(f"bench_trainer ({preset_name}{setup.label()}): one Align-Pro PPO step, fast vs reference",
+        append_results(f"bench_trainer ({preset_name}{setup.label()}): one Align-Pro PPO step, {what}",
                        table, device=device,
                        notes=f"{reps} rounds, providers interleaved, after one warm-up step each; load average "
                        f"{os.getloadavg()[0]:.1f} at the end. Phase columns: medians of each phase (num_ppo_epochs="
@@ -537,6 +552,8 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
                     help="--memory: the providers to measure (repeatable; default the preset's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--thread-counts", default=None, metavar="N,M,...",
+                    help="time the fast provider at each of these torch thread counts instead, interleaved")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="one preset (demo on CPU), two timed rounds")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -561,7 +578,8 @@ def main(argv=None):
         if args.memory:
             run_memory(name, args.device, args.record, setup, args.variant)
         else:
-            run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, setup)
+            run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, setup,
+                thread_counts=tuple(int(t) for t in args.thread_counts.split(",")) if args.thread_counts else ())
 
 
 if __name__ == "__main__":
