@@ -318,7 +318,7 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
     what = f"the fast step at {' vs '.join(map(str, thread_counts))} threads" if threads else "fast vs reference"
     if record:
         append_results(f"bench_trainer ({preset_name}{setup.label()}): one Align-Pro PPO step, {what}",
-                       table, device=device,
+                       table, device=device, rounds=reps,
                        notes=f"{reps} rounds, providers interleaved, after one warm-up step each; load average "
                        f"{os.getloadavg()[0]:.1f} at the end. Phase columns: medians of each phase (num_ppo_epochs="
                        f"{cfg.num_ppo_epochs}, num_mini_batches={cfg.num_mini_batches}, "

@@ -343,12 +343,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def append_results(title: str, table: str, *, device: str = "cpu", notes: str = "") -> None:
-    """Append a dated section (title, device, commit, table, notes) to bench/RESULTS.md."""
+def append_results(title: str, table: str, *, device: str = "cpu", notes: str = "", rounds: int | None = None) -> None:
+    """Append a dated section (title, device, commit, table, notes) to bench/RESULTS.md; rounds: how many
+    interleaved rounds the medians are of (default: the harness's ROUNDS or more)."""
     stamp = datetime.date.today().isoformat()
+    how_many = f"{rounds}" if rounds is not None else f"{ROUNDS}+"
     section = [f"\n## {title}\n",
                f"{stamp}, commit {git_commit()}, {device_description(device)}; {load_average()} when recorded; "
-               f"median of {ROUNDS}+ interleaved rounds\n", "", table, ""]
+               f"median of {how_many} interleaved rounds\n", "", table, ""]
     if notes:
         section += [notes, ""]
     with open(RESULTS, "a") as f:
