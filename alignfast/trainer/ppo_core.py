@@ -189,6 +189,26 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(f"loss is {value} (PPO epoch {epoch}, mini-batch {mini_batch}, micro-batch {micro_batch})")
 
 
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, *, skip_unit_scale: bool) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True): with n = ||(g_1, ..., g_k)||_2 over every
+    gradient, each g <- g * min(1, max_norm / (n + 1e-6)); returns n.
+
+    skip_unit_scale (the fast backend): when every gradient is on the CPU and the clamped coefficient is 1.0,
+    the multiply is skipped. g * 1.0 == g bit for bit, so the result is torch's; torch multiplies anyway
+    only to avoid reading the coefficient on the host, a device sync that the CPU does not have. It saves a
+    read and a write of every gradient (a critic's 134.5M: ~50 ms per optimizer step on this machine).
+    """
+    if not skip_unit_scale:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    # torch's coefficient, the same float32 expression; NaN compares False and goes on to torch's multiply.
+    if grads and all(g.device.type == "cpu" for g in grads) and bool(max_norm / (total + 1e-6) >= 1.0):
+        return total
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
 class PPOUpdater:
     """Runs the clipped PPO updates of one step. value_model is None for a shared value head."""
 
@@ -269,7 +289,7 @@ class PPOUpdater:
         if self.forward_module is not None:  # accelerate's: the global norm of sharded (FSDP2/ZeRO) gradients
             self.processes.accelerator.clip_grad_norm_(self.forward_module.parameters(), cfg.max_grad_norm)
         else:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+            clip_grad_norm(self.params, cfg.max_grad_norm, skip_unit_scale=cfg.backend == "fast")
 
     def _micro_step(self, rollout: Rollout, adv: Advantages, idx: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
         cfg = self.config
