@@ -1,12 +1,13 @@
-"""The fast backend's gradient clipping is torch.nn.utils.clip_grad_norm_ bit for bit, and skips the
-multiply by 1.0 (no pass over the gradients) when the global norm is within max_norm."""
+"""The fast backend's gradient clipping is torch.nn.utils.clip_grad_norm_: bit for bit when it skips the
+multiply by 1.0 (no pass over the gradients) because the global norm is within max_norm, and to one float32
+rounding when a fused AdamW divides by 1 / c instead (its grad_scale)."""
 
 import math
 
 import pytest
 import torch
 
-from alignfast.trainer.ppo_core import clip_grad_norm
+from alignfast.trainer.ppo_core import clip_grad_norm, optimizer_step
 
 
 def params_with_grads(scale, seed=0):
@@ -45,3 +46,29 @@ def test_without_skip_it_is_torchs_call():
                        clip_grad_norm(got, 1.0, skip_unit_scale=False))
     for pe, pg in zip(expected[:3], got[:3]):
         assert torch.equal(pe.grad, pg.grad)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0, float("inf")])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_clip_below_one_goes_to_the_fused_adamw_as_its_grad_scale(scale, fused):
+    expected, got = params_with_grads(scale, seed=1), params_with_grads(scale, seed=1)
+    opt_e = torch.optim.AdamW(expected, lr=0.1, weight_decay=0.01, fused=True)
+    opt_g = torch.optim.AdamW(got, lr=0.1, weight_decay=0.01, **({"fused": True} if fused else {"foreach": True}))
+    for step in range(2):
+        if step:  # a second step: the state (m, v) carries the first one
+            for pe, pg in zip(expected[:3], got[:3]):
+                pe.grad = pg.grad = None
+                pe.grad = torch.full_like(pe, scale * 0.5)
+                pg.grad = torch.full_like(pg, scale * 0.5)
+        torch.nn.utils.clip_grad_norm_(expected, 1.0, foreach=True)
+        opt_e.step()
+        clip_grad_norm(got, 1.0, skip_unit_scale=True, optimizer=opt_g)
+        handed = "grad_scale" in opt_g.__dict__
+        assert handed == (fused and scale == 10.0)  # only a finite coefficient below 1, only to a fused AdamW
+        optimizer_step(opt_g)
+        assert "grad_scale" not in opt_g.__dict__  # valid for one step
+        for pe, pg in zip(expected[:3], got[:3]):
+            if scale == 1e-3 and fused:  # the multiply by 1.0 skipped: torch's result bit for bit
+                assert torch.equal(pe, pg)
+            else:  # fused vs foreach AdamW, or g / (1 / c) vs g * c: float32 rounding
+                torch.testing.assert_close(pg, pe, rtol=2e-6, atol=1e-7, equal_nan=True)
