@@ -27,7 +27,6 @@ run them). Layers it never covers keep PEFT's forward: LoRA variants (DoRA, ...)
 
 from __future__ import annotations
 
-import types
 from typing import NamedTuple
 
 import torch.nn.functional as F
@@ -75,6 +74,25 @@ def _lean_forward(self, x, *args, **kwargs):
     return result.to(dtype)
 
 
+class _LeanForward:
+    """The layer's `forward` attribute: a picklable callable (a bound method of a function by another name
+    would not unpickle: pickle looks a method up on its object by the function's name)."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __getstate__(self):
+        return self.layer
+
+    def __setstate__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x, *args, **kwargs):
+        return _lean_forward(self.layer, x, *args, **kwargs)
+
+
 def _plan(layer) -> _Plan | None:
     """The layer's plan, or None where the lean forward would not be PEFT's forward op for op."""
     from peft.tuners.lora import Linear as LoraLinear
@@ -104,7 +122,7 @@ def install_lean_lora(model: nn.Module) -> int:
         if plan is None:
             continue
         layer._alignfast_lean = plan
-        layer.forward = types.MethodType(_lean_forward, layer)
+        layer.forward = _LeanForward(layer)
         n += 1
     return n
 

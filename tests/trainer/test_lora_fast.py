@@ -3,6 +3,7 @@ outputs, gradients, the disabled adapter, dropout in training mode, an input cas
 and a whole fast-path training run; what it does not cover goes through PEFT's own forward."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -73,8 +74,15 @@ def test_lean_forward_is_pefts_bit_for_bit(dtype, dropout, train, monkeypatch):
     assert torch.equal(expected_off, off)
     assert not torch.equal(off, got[0])  # the adapter was off there
     monkeypatch.undo()
-    # Nothing the adapter saves changed.
+    # Nothing the adapter saves changed; a pickled model keeps the lean forward.
     assert peft_model.state_dict().keys() == lean.state_dict().keys()
+    buffer = io.BytesIO()
+    torch.save(lean, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    monkeypatch.setattr(peft.tuners.lora.Linear, "forward", not_called)
+    assert torch.equal(logits_and_grads(loaded, ids)[0], got[0])
+    monkeypatch.undo()
     assert remove_lean_lora(lean) == n and "forward" not in lean.base_model.model.model.layers[0].self_attn.q_proj.__dict__
 
 
