@@ -35,14 +35,11 @@ from torch.nn.modules import module as _module
 
 
 class _Plan(NamedTuple):
-    """What the lean forward reads: a tuple, so nn.Module.__setattr__ registers no submodule."""
+    """When the lean forward applies: the layer's active adapter as it was at installation (its submodules
+    are looked up at each call, so a replaced base or adapter module is seen)."""
 
     active: object          # the layer's _active_adapter when installed (str or list)
     name: str               # the adapter
-    base: nn.Linear
-    lora_A: nn.Linear
-    lora_B: nn.Linear
-    dropout: nn.Module | None  # None for nn.Identity (PEFT's lora_dropout=0): identity, no op to repeat
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -56,20 +53,23 @@ def _global_hooks() -> bool:
 
 def _lean_forward(self, x, *args, **kwargs):
     plan: _Plan = self._alignfast_lean
-    if (args or kwargs or self.merged_adapters or self._active_adapter != plan.active or _global_hooks()
-            or _has_hooks(plan.base) or _has_hooks(plan.lora_A) or _has_hooks(plan.lora_B)
-            or (plan.dropout is not None and _has_hooks(plan.dropout))):
+    base = self._modules["base_layer"]
+    a = self.lora_A._modules.get(plan.name)
+    b = self.lora_B._modules.get(plan.name)
+    dropout = self.lora_dropout._modules.get(plan.name)
+    if (args or kwargs or self.merged_adapters or self._active_adapter != plan.active
+            or type(base) is not nn.Linear or type(a) is not nn.Linear or type(b) is not nn.Linear
+            or a.bias is not None or type(dropout) not in (nn.Identity, nn.Dropout) or self.lora_variant
+            or _global_hooks() or _has_hooks(base) or _has_hooks(a) or _has_hooks(b) or _has_hooks(dropout)):
         return type(self).forward(self, x, *args, **kwargs)
-    base = plan.base
     if self._disable_adapters:  # PEFT: result = self.base_layer(x)
         return F.linear(x, base.weight, base.bias)
     result = F.linear(x, base.weight, base.bias)
     dtype = result.dtype
-    a, b = plan.lora_A, plan.lora_B
     if x.dtype != a.weight.dtype and getattr(self, "cast_input_dtype_enabled", True):  # PEFT's _cast_input_dtype
         x = x.to(dtype=a.weight.dtype)
-    if plan.dropout is not None:
-        x = plan.dropout(x)
+    if type(dropout) is nn.Dropout:  # nn.Identity (lora_dropout=0) returns x itself: no op to repeat
+        x = dropout(x)
     result = result + F.linear(F.linear(x, a.weight, a.bias), b.weight, b.bias) * self.scaling[plan.name]
     return result.to(dtype)
 
@@ -99,19 +99,10 @@ def _plan(layer) -> _Plan | None:
 
     if type(layer) is not LoraLinear or getattr(layer, "lora_variant", None):
         return None
-    base = layer.base_layer
-    if type(base) is not nn.Linear or len(layer.lora_A) != 1 or set(layer.lora_A) != set(layer.lora_B):
+    if type(layer.base_layer) is not nn.Linear or len(layer.lora_A) != 1 or set(layer.lora_A) != set(layer.lora_B):
         return None
     (name,) = tuple(layer.lora_A)
-    a, b = layer.lora_A[name], layer.lora_B[name]
-    dropout = layer.lora_dropout[name]
-    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None:
-        return None
-    if type(dropout) is nn.Identity:
-        dropout = None
-    elif type(dropout) is not nn.Dropout:
-        return None
-    return _Plan(layer._active_adapter, name, base, a, b, dropout)
+    return _Plan(layer._active_adapter, name)
 
 
 def install_lean_lora(model: nn.Module) -> int:
