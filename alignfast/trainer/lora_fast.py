@@ -9,10 +9,10 @@ computes
 
 and, with the adapter disabled (the reference log-probs: `disable_adapter()`), y = base_layer(x). Around
 those few ops each call runs argument checks, a loop over the active adapters, dict look-ups and three
-submodule calls: ~200 us of Python per projection per call on this CPU (bench/NOTES-trainer.md: a
-[4, 1, 576] input, PEFT 307 us, the same aten ops called directly 103 us, the base projection alone 44 us).
-The sampler pays it for every projection at every decoded token: 210 projections per token for a 30-layer
-model with LoRA on its 7 projections.
+submodule calls: ~15-25 us of Python per projection per call on this CPU (bench/NOTES-trainer.md: a
+[4, 1, 576] input, PEFT 82-85 us, the same aten ops called directly 56-70 us, the base projection alone
+31-35 us). The sampler pays it for every projection at every decoded token: 210 projections per token for a
+30-layer model with LoRA on its 7 projections (~40 ms of a 16-token rollout of the SmolLM2-135M shape).
 
 `install_lean_lora(model)` gives every covered `lora.Linear` an instance-level `forward` that issues the
 same aten ops, in the same order, on the same tensors (`F.linear` as `nn.Linear.forward` calls it, the
@@ -20,8 +20,8 @@ multiply by the Python float `scaling`, the add, the cast), so its outputs and g
 bit (tests/trainer/test_lora_fast.py). The adapter's parameters, its saved state and `disable_adapter()`
 are PEFT's own, untouched. Whatever the lean forward does not cover is handed to PEFT's forward on that
 call: a merged adapter, another active adapter than at installation, extra arguments (adapter_names for
-mixed batches, ...), hooks on the layer's submodules or global module hooks (PEFT's submodule calls would
-run them). Layers it never covers keep PEFT's forward: LoRA variants (DoRA, ...), subclasses of
+mixed batches, ...), a base or adapter module replaced by another type, hooks on the layer's submodules or
+global module hooks (PEFT's submodule calls would run them). Layers it never covers keep PEFT's forward: LoRA variants (DoRA, ...), subclasses of
 `lora.Linear` (quantised bases), bases other than a plain `nn.Linear`, several adapters on one layer.
 """
 
