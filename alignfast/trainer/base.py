@@ -36,6 +36,7 @@ from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules
                                            gathered_policy_state, make_processes, save_sharded_state)
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
+from alignfast.trainer.lora_fast import install_lean_lora
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
@@ -165,6 +166,8 @@ class PPOEngineTrainer(RunLoop):
         # Dropout off everywhere (as TRL does): the log-probs of the rollout and the update must agree.
         model.eval()
         self.model = model
+        # Fast backend: PEFT's LoRA math without its per-call Python (bit for bit; trainer/lora_fast.py).
+        self.lean_lora_layers = install_lean_lora(model) if config.backend == "fast" and is_peft_model(model) else 0
         self.policy = CausalLMPolicy(model, backend=config.backend, value_head=shared_head)
         self.shared_value_head = shared_head
         if config.gradient_checkpointing:

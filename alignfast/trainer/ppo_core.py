@@ -189,6 +189,49 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(f"loss is {value} (PPO epoch {epoch}, mini-batch {mini_batch}, micro-batch {micro_batch})")
 
 
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, *, skip_unit_scale: bool,
+                   optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True): with n = ||(g_1, ..., g_k)||_2 over every
+    gradient, each g <- g * c, c = min(1, max_norm / (n + 1e-6)); returns n.
+
+    skip_unit_scale (the fast backend), when every gradient is on the CPU:
+    - c == 1: the multiply is skipped. g * 1.0 == g bit for bit, so this is torch's result; torch multiplies
+      anyway only to avoid reading c on the host, a device sync the CPU does not have.
+    - c < 1 and `optimizer` given (a fused AdamW, see fused_grad_scale): c is not multiplied into the gradients
+      but set as the optimizer's grad_scale = 1 / c, which torch's fused kernel divides each gradient by as it
+      reads it (the path torch's GradScaler unscales through): g / (1 / c) instead of g * c, equal to within
+      one float32 rounding (<= 1.2e-7 relative; the fast path's parity tolerance is 1e-4). The caller steps
+      next and then clears it (optimizer_step).
+    Each saves a read and a write of every gradient per optimizer step (~50 ms for 134.5M on this machine).
+    """
+    if not skip_unit_scale:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    on_cpu = bool(grads) and all(g.device.type == "cpu" for g in grads)
+    coef = max_norm / (total + 1e-6)  # torch's, the same float32 expression
+    if on_cpu and bool(coef >= 1.0):  # NaN compares False and goes on to torch's multiply
+        return total
+    if on_cpu and fused_grad_scale(optimizer) and bool(coef > 0):  # 0 < c < 1 (an infinite norm: torch's way)
+        optimizer.grad_scale = torch.reciprocal(coef)
+        return total
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def fused_grad_scale(optimizer) -> bool:
+    """The optimizer is torch's fused AdamW, whose kernel divides the gradients by `optimizer.grad_scale`."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.step(), then drop the grad_scale clip_grad_norm may have handed it (valid for this step only)."""
+    try:
+        optimizer.step()
+    finally:
+        optimizer.__dict__.pop("grad_scale", None)
+
+
 class PPOUpdater:
     """Runs the clipped PPO updates of one step. value_model is None for a shared value head."""
 
@@ -250,7 +293,7 @@ class PPOUpdater:
                 if n_procs > 1 and procs.sum(float(bad is not None)) > 0:  # every process stops, none waits
                     raise bad or NonFiniteLoss(epoch, mb, -1, float("nan"))
                 self._clip_grad_norm()
-                self.optimizer.step()
+                optimizer_step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         if n_procs > 1:
             stats.gather(procs, steps=cfg.num_ppo_epochs * cfg.num_mini_batches)
@@ -269,7 +312,8 @@ class PPOUpdater:
         if self.forward_module is not None:  # accelerate's: the global norm of sharded (FSDP2/ZeRO) gradients
             self.processes.accelerator.clip_grad_norm_(self.forward_module.parameters(), cfg.max_grad_norm)
         else:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+            fast = cfg.backend == "fast"
+            clip_grad_norm(self.params, cfg.max_grad_norm, skip_unit_scale=fast, optimizer=self.optimizer if fast else None)
 
     def _micro_step(self, rollout: Rollout, adv: Advantages, idx: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
         cfg = self.config
