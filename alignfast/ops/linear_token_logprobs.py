@@ -18,7 +18,7 @@ Chunk size (rows' worth of logits per piece, overridable with chunk_size=): the 
 1/16 of the size the materialised logits would have in the input's dtype, so that with the backward's
 dlogits buffer the extra memory stays within 1/8 of them (on CPU 1/32 for bfloat16/float16, whose float32
 copies of hidden, dhidden and a W tile take the rest); at least 64 rows per chunk on CUDA (GEMM efficiency
-of row chunks) and at most 1 GiB of float32 logits. Kernels: C++ on CPU (csrc/cpu/linear_token_logprobs.cpp); on CUDA
+of row chunks; on CPU a batch of at most 64 rows is one piece) and at most 1 GiB of float32 logits. Kernels: C++ on CPU (csrc/cpu/linear_token_logprobs.cpp); on CUDA
 cuBLAS + the Triton token_logprobs kernels (kernels/linear_logprobs.py).
 """
 
@@ -186,12 +186,14 @@ def linear_token_logprobs(
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).contiguous()
     N = h.shape[0]
-    # The 64-row floor is for row chunks' GEMM efficiency (CUDA); CPU tiles span all rows whatever the budget.
+    # The 64-row floor is for row chunks' GEMM efficiency (CUDA). CPU tiles span all rows whatever the budget:
+    # there a batch of at most 64 rows is still one piece (small, and its per-row results then do not depend
+    # on how a batch is split into micro-batches: the trainer's parity tests), larger ones get the budget.
     # On CPU, low-precision inputs also hold float32 copies of hidden and of dhidden (4H/V of the bf16 logits)
     # and a float32 W tile per worker: their logits get 1/32 of the logits instead of 1/16.
     cpu_low = not hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
     chunk = chunk_size or default_chunk_size(N, weight.shape[0], hidden.dtype,
-                                             min_rows=MIN_CHUNK_ROWS if hidden.is_cuda else 1,
+                                             min_rows=MIN_CHUNK_ROWS if hidden.is_cuda or N <= MIN_CHUNK_ROWS else 1,
                                              share=32 if cpu_low else 16)
     tok = tokens.reshape(N).to(torch.int64).contiguous()
     m = None if mask is None else mask.reshape(N).contiguous()
