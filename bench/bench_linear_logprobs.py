@@ -1,6 +1,8 @@
 """linear_token_logprobs (log-probs from hidden states, no [N, V] logits) against the alternatives.
 
     python -m bench.bench_linear_logprobs [--device cpu|cuda] [--record] [--quick] [--backward] [--dtype bf16]
+    python -m bench.bench_linear_logprobs --threads 1 --clock cpu [...]   (CPU seconds of one thread: the kernels'
+        own cost, which a loaded machine does not inflate; bench/harness.py)
 
 Providers (same hidden/weight/tokens, same run):
   torch eager               logits = hidden @ W.T, log_softmax(logits.float()).gather      (the baseline)
@@ -111,7 +113,7 @@ def main(argv=None):
         baseline=BASELINE,
         title=f"linear_token_logprobs, {'forward + backward' if args.backward else 'forward'}",
         device=device, rounds=args.rounds, reps=1 if device == "cpu" or args.quick else 3, warmup=1,
-        record=args.record,
+        record=args.record, clock=args.clock,
         notes=f"measured {str(dtype).replace('torch.', '')} GEMM rate {rate / 1e12:.0f} TFLOP/s" if rate else "")
 
 

@@ -1,6 +1,8 @@
 """token_logprobs against the ways RLHF code computes per-token log-probs today.
 
     python -m bench.bench_logprobs [--device cpu|cuda] [--record] [--quick] [--backward] [--dtype bf16]
+    python -m bench.bench_logprobs --threads 1 --clock cpu [...]   (CPU seconds of one thread: the kernels'
+        own cost, which a loaded machine does not inflate; bench/harness.py)
     python -m bench.bench_logprobs --policy-loss [...]     (ppo_policy_loss_from_logits, forward + backward)
 
 Providers (each on the same logits, in the same run):
@@ -198,7 +200,7 @@ def main(argv=None):
                else f"token_logprobs, {'forward + backward' if args.backward else 'forward'}, "
                     f"temperature {args.temperature}"),
         device=device, rounds=args.rounds, reps=1 if args.quick or device == "cpu" else 2, warmup=1,
-        record=args.record,
+        record=args.record, clock=args.clock,
         notes=f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else "")
 
 

@@ -12,6 +12,18 @@ run_rounds:
     so load that hits both cancels) and summarised as the median ratio and its IQR;
   * a row whose time or ratio spread (IQR / median) exceeds SPREAD_WARNING is flagged in the table.
 
+Clock (CPU only): "wall" (perf_counter, the default) or "cpu" (time.process_time: CPU seconds of every thread
+of the process). On a shared machine, wall time also counts the time a thread waits for a core, and with
+several OpenMP threads one descheduled worker stalls a whole barrier; CPU time with --threads 1 counts only
+the work each provider does, which is the kernel comparison that load cannot distort (it still moves with
+cache and memory-bandwidth contention from other jobs). The "cpu" clock also times the calls with glibc
+set as a long-running process ends up (normal_allocator: blocks up to 32 MiB from the heap and kept), not
+under the 64 KiB mmap threshold below, where a provider that allocates a large temporary per call (TRL's
+bf16 path: a [T, V] log_softmax per batch row) pays a page fault per 4 KiB of it on every call. (A plain
+process in glibc's default dynamic mode is in between: TRL's bf16 path at [8, 256, 32000] still faults
+~47 MB a call there, 28 of its 85 ms CPU time in the kernel.) Peak memory, which needs the 64 KiB threshold,
+is not measured with this clock ("n/a": take it from a wall-clock run).
+
 Peak extra memory:
   CUDA: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
   CPU:  the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident
@@ -50,12 +62,26 @@ MEMORY_MMAP_THRESHOLD = 64 * 1024          # while measuring peak memory (see th
 TIMING_MMAP_THRESHOLD = 32 * 1024 * 1024   # glibc's own ceiling for its dynamic threshold: a normal process
 
 
-def set_mmap_threshold(nbytes: int) -> None:
+def set_mmap_threshold(nbytes: int, trim_bytes: int | None = None) -> None:
     """Serving every allocation over 64 KiB with mmap makes peak memory show in the resident set, but it
     also makes each fresh tensor page-fault in, which is not how a normal process runs: benchmarks that
-    time whole programs (the engine, the demo) switch to TIMING_MMAP_THRESHOLD for their timed runs."""
+    time whole programs (the engine, the demo) switch to TIMING_MMAP_THRESHOLD for their timed runs.
+    trim_bytes: M_TRIM_THRESHOLD too (glibc's dynamic mode keeps it at twice the mmap threshold, so a freed
+    block at the top of the heap is kept for the next allocation rather than returned and faulted in again)."""
     if _libc is not None:
         _libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+        if trim_bytes is not None:
+            _libc.mallopt(-1, trim_bytes)  # M_TRIM_THRESHOLD
+
+
+def normal_allocator() -> None:
+    """glibc as a long-running process ends up configured: blocks up to 32 MiB from the heap, reused."""
+    set_mmap_threshold(TIMING_MMAP_THRESHOLD, 2 * TIMING_MMAP_THRESHOLD)
+
+
+def measuring_allocator() -> None:
+    """The module's default: every block over 64 KiB mmapped, freed ones returned (peak_extra_memory)."""
+    set_mmap_threshold(MEMORY_MMAP_THRESHOLD, 128 * 1024)
 
 
 def _read_status_kib(key: str) -> int | None:
@@ -158,9 +184,12 @@ def _error_text(err: Exception) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def _time_once(fn: Callable[[], object], device: str) -> float:
+CLOCKS = {"wall": "perf_counter", "cpu": "process_time"}  # functions of the time module, looked up per call
+
+
+def _time_once(fn: Callable[[], object], device: str, clock: str = "wall") -> float:
     """Seconds of one call: CUDA events around it on a GPU (the host returns before the kernels finish),
-    perf_counter on CPU."""
+    on CPU the clock named by `clock` (CLOCKS)."""
     if device.startswith("cuda"):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -168,18 +197,19 @@ def _time_once(fn: Callable[[], object], device: str) -> float:
         end.record()
         end.synchronize()
         return begin.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    now = getattr(time, CLOCKS[clock])
+    t0 = now()
     fn()
-    return time.perf_counter() - t0
+    return now() - t0
 
 
-def _timed(fn: Callable[[], object], device: str, reps: int) -> float:
-    return statistics.median(_time_once(fn, device) for _ in range(reps))
+def _timed(fn: Callable[[], object], device: str, reps: int, clock: str = "wall") -> float:
+    return statistics.median(_time_once(fn, device, clock) for _ in range(reps))
 
 
 def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[int], object] | None = None,
                baselines: tuple[str, ...] = (), device: str = "cpu", rounds: int = ROUNDS, reps: int = 1,
-               warmup: int = 1, measure_memory: bool = True) -> list[Row]:
+               warmup: int = 1, measure_memory: bool = True, clock: str = "wall") -> list[Row]:
     """Time providers round-robin over `rounds` rounds; see the module docstring.
 
     With `inputs` (round index -> inputs, drawn afresh each round), providers map name -> factory(inputs)
@@ -188,8 +218,14 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     first round only (compilation, caches). Peak extra memory is measured once, in the last round, outside
     the timed calls. A provider that raises (not installed, out of memory, unsupported) gets a row with its
     error and is not run again, so the table says what could not run rather than silently dropping it.
-    `baselines`: providers to which every row's per-round speed-up is computed.
+    `baselines`: providers to which every row's per-round speed-up is computed. `clock`: "wall" or "cpu"
+    (CPU devices only; see the module docstring).
     """
+    if clock not in CLOCKS or (clock != "wall" and device.startswith("cuda")):
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('cpu' on CPU devices only), got {clock!r}")
+    if clock == "cpu":
+        normal_allocator()
+        measure_memory = False  # the resident-set measure needs the 64 KiB threshold: run the wall clock for it
     names = list(providers)
     samples: dict[str, list[float]] = {n: [] for n in names}
     errors: dict[str, str] = {}
@@ -210,7 +246,7 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                     for _ in range(warmup):
                         fn()
                 _sync(device)
-                samples[name].append(_timed(fn, device, reps))
+                samples[name].append(_timed(fn, device, reps, clock))
                 if measure_memory and r == rounds - 1:
                     peaks[name] = peak_extra_memory(fn, device=device)
                 del fn
@@ -222,6 +258,8 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                     torch.cuda.empty_cache()
         del inp
         gc.collect()
+    if clock == "cpu":
+        measuring_allocator()
     rows = []
     for name in names:
         if name in errors:

@@ -8,16 +8,17 @@ entropy, logsumexp) and dropped. The backward recomputes each piece, turns it in
 stats, and accumulates dhidden, dweight and dbias. A backward with create_graph=True (second derivatives)
 differentiates the reference instead. Masked rows are dropped before any GEMM.
 
-How the chunk_size x V budget is shaped: on CUDA, and on CPU for bfloat16/float16 weights, as chunk_size
-rows x V (dweight/dbias accumulated in float32, rounded once). On CPU for float32/float64 weights, as
-vocabulary tiles over all rows, [N, chunk_size * V / N] (rows split only when a tile would be narrower
-than 256 columns): tall GEMMs, and dweight written once per tile instead of accumulated per row chunk
-(csrc/cpu/linear_token_logprobs.cpp); the per-row stats of the tiles are merged exactly.
+How the chunk_size x V budget is shaped: on CUDA as chunk_size rows x V (dweight/dbias accumulated in
+float32, rounded once). On CPU as vocabulary tiles over all rows, [N, chunk_size * V / N] (rows split only
+when a tile would be narrower than 128 columns): tall GEMMs, and dweight written once per tile instead of
+accumulated per row chunk; the per-row stats of the tiles are merged exactly. bfloat16/float16 inputs run
+their GEMMs in float32 there (hidden converted once, W a tile at a time; csrc/cpu/linear_token_logprobs.cpp).
 
 Chunk size (rows' worth of logits per piece, overridable with chunk_size=): the piece's float32 logits are kept to
 1/16 of the size the materialised logits would have in the input's dtype, so that with the backward's
-dlogits buffer the extra memory stays within 1/8 of them; at least 64 rows per chunk (GEMM efficiency)
-and at most 1 GiB of float32 logits. Kernels: C++ on CPU (csrc/cpu/linear_token_logprobs.cpp); on CUDA
+dlogits buffer the extra memory stays within 1/8 of them (on CPU 1/32 for bfloat16/float16, whose float32
+copies of hidden, dhidden and a W tile take the rest); at least 64 rows per chunk on CUDA (GEMM efficiency
+of row chunks; on CPU a batch of at most 64 rows is one piece) and at most 1 GiB of float32 logits. Kernels: C++ on CPU (csrc/cpu/linear_token_logprobs.cpp); on CUDA
 cuBLAS + the Triton token_logprobs kernels (kernels/linear_logprobs.py).
 """
 
@@ -56,13 +57,13 @@ define_op(
 )
 
 
-def default_chunk_size(N: int, V: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: float32 chunk logits <= 1/16 of the materialised logits, within [64, 1 GiB]."""
+def default_chunk_size(N: int, V: int, dtype: torch.dtype, min_rows: int = MIN_CHUNK_ROWS, share: int = 16) -> int:
+    """Rows per chunk: float32 chunk logits <= 1/share of the materialised logits, within [min_rows, 1 GiB]."""
     elt = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
-    rows = math.ceil(N * elt / (16 * acc))
+    rows = math.ceil(N * elt / (share * acc))
     rows = min(rows, max(1, MAX_CHUNK_BYTES // (V * acc)))
-    return max(1, min(N, max(MIN_CHUNK_ROWS, rows)))
+    return max(1, min(N, max(min_rows, rows)))
 
 
 @torch.library.register_fake(f"alignfast::{NAME}")
@@ -185,7 +186,15 @@ def linear_token_logprobs(
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H).contiguous()
     N = h.shape[0]
-    chunk = chunk_size or default_chunk_size(N, weight.shape[0], hidden.dtype)
+    # The 64-row floor is for row chunks' GEMM efficiency (CUDA). CPU tiles span all rows whatever the budget:
+    # there a batch of at most 64 rows is still one piece (small, and its per-row results then do not depend
+    # on how a batch is split into micro-batches: the trainer's parity tests), larger ones get the budget.
+    # On CPU, low-precision inputs also hold float32 copies of hidden and of dhidden (4H/V of the bf16 logits)
+    # and a float32 W tile per worker: their logits get 1/32 of the logits instead of 1/16.
+    cpu_low = not hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+    chunk = chunk_size or default_chunk_size(N, weight.shape[0], hidden.dtype,
+                                             min_rows=MIN_CHUNK_ROWS if hidden.is_cuda or N <= MIN_CHUNK_ROWS else 1,
+                                             share=32 if cpu_low else 16)
     tok = tokens.reshape(N).to(torch.int64).contiguous()
     m = None if mask is None else mask.reshape(N).contiguous()
     logprobs, entropy, _lse = op(NAME)(h, weight, bias, tok, m, temperature, return_entropy, chunk)

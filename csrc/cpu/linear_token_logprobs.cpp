@@ -1,9 +1,7 @@
 // CPU kernels of alignfast::linear_token_logprobs and its backward: token_logprobs(hidden @ W.T + b)
-// without ever holding the [N, V] logits. Masked rows are dropped before any matmul. Two layouts of the same
-// budget of live logits, chunk x V floats (float64 for float64 inputs):
-//
-// Vocabulary tiles (float32/float64 weights: the common CPU case). [R, V_t] tiles with R = all valid rows
-// (split into row blocks only when V_t would fall under kMinTileCols) and V_t = chunk * V / R:
+// without ever holding the [N, V] logits. Masked rows are dropped before any matmul. The budget of live
+// logits, chunk x V floats (float64 for float64 inputs), is spent as vocabulary tiles: [R, V_t] with R = all
+// valid rows (split into row blocks only when V_t would fall under kMinTileCols) and V_t = chunk * V / R:
 //   forward   z = h @ W[tile].T + b[tile]; the row kernels reduce each row's slice to (lse_k, entropy_k,
 //             and logprob_k for the tile holding the target); the tiles of a row are merged at the end
 //             (merge_tiles: logsumexp; entropy as sum_k w_k (H_k + lse - lse_k), all terms >= 0;
@@ -12,19 +10,16 @@
 //             own term only in its tile), then dW[tile] = dz.T @ h written straight into the gradient (added
 //             for later row blocks), dh += dz @ W[tile] (addmm_ into the gradient), db[tile] = sum_rows dz.
 //   Tall GEMMs (all rows at once) at full efficiency, and dW is written once instead of read-modified-
-//   written once per row chunk (bench/NOTES-logprobs.md). Tiles run in order, each GEMM multithreaded:
-//   results do not depend on the schedule.
-//
-// Row chunks (bfloat16/float16 weights): `chunk` rows at a time,
-//   forward   z = hidden[chunk] @ W.T + b   ([chunk, V], float32), reduced by the row kernels.
-//   backward  z is recomputed, turned into dz in place (from the saved stats), then
-//             dhidden[chunk] = dz @ W,  dW += dz.T @ hidden[chunk],  db += sum_rows dz.
-//   W is converted to float32 one tile of rows at a time (a tile is small next to the chunk's logits) and
-//   the products and dW accumulate in float32, rounded once at the end. Forward: threads take whole
-//   sub-chunks (chunk / threads rows each) with single-threaded GEMMs. Backward: chunks in order with
-//   multithreaded GEMMs, so that dW and db are summed in a fixed order (reproducible).
-// Peak extra memory: chunk x V logits (+ per-row, per-tile stats; for low-precision weights a float32 W tile
-// per thread and a float32 dW).
+//   written once per row chunk (bench/NOTES-logprobs.md). The workers take whole tiles with single-threaded
+//   GEMMs; dh is summed in tile order, so results do not depend on the schedule.
+// bfloat16/float16 weights (bench/NOTES-logprobs.md, change 5): the GEMMs run in float32, ATen's reduced-
+// precision GEMM being several times slower on CPUs without bf16 instructions. hidden and bias are converted
+// once ([N, H] and [V] floats), W one tile at a time into a worker's buffer ([V_t, H] floats), and in the
+// backward dW[tile] is computed into that buffer once the tile's dh product has used it, then rounded into
+// the gradient: no float32 [V, H] copy of W or of dW (except with several row blocks, where dW[tile] sums
+// over blocks in float32 before its one rounding); dh sums in float32 and is rounded once.
+// Peak extra memory: chunk x V logits + per-row, per-tile stats, and for low-precision weights the float32
+// hidden, dh and W tiles.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -47,8 +42,6 @@ namespace alignfast {
 namespace {
 
 using logprobs::RowStats;
-
-constexpr int64_t kWeightTileBytes = int64_t(8) << 20;  // float32 copy of a tile of W rows
 
 struct Inputs {
   int64_t N, H, V;
@@ -100,65 +93,9 @@ at::Tensor take(const at::Tensor& t, const std::optional<at::Tensor>& rows) {
   return rows.has_value() ? t.index_select(0, *rows) : t;
 }
 
-int64_t weight_tile_rows(int64_t V, int64_t H) {
-  return std::min<int64_t>(V, std::max<int64_t>(64, kWeightTileBytes / (4 * std::max<int64_t>(H, 1))));
-}
-
-// Apply fn(v0, rows, W tile in the accumulation type) over tiles of W's rows; one tile for float32/64 weights.
-template <typename Fn>
-void for_weight_tiles(const at::Tensor& weight, at::ScalarType acc, Fn&& fn) {
-  const int64_t V = weight.size(0);
-  if (weight.scalar_type() == acc) {
-    fn(0, V, weight);
-    return;
-  }
-  const int64_t tile = weight_tile_rows(V, weight.size(1));
-  for (int64_t v0 = 0; v0 < V; v0 += tile) {
-    const int64_t rows = std::min(tile, V - v0);
-    fn(v0, rows, weight.narrow(0, v0, rows).to(acc));
-  }
-}
-
-// fn(r0, rows) over chunks of rows. Threads take whole chunks (each runs its GEMM single-threaded, inside
-// the parallel region) rather than sharing each small GEMM: a multithreaded GEMM of few rows ends in a
-// barrier per call, which costs more than it parallelises (bench/NOTES-logprobs.md). A chunk of `chunk`
-// rows is split over the threads, so at most `chunk` rows of logits are live at once, as documented.
-template <typename Fn>
-void for_row_chunks(int64_t n, int64_t chunk, Fn&& fn) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t sub = std::max<int64_t>(1, (chunk + threads - 1) / threads);
-  const int64_t tasks = (n + sub - 1) / sub;
-  // The tasks call ATen ops: give the worker threads this thread's dispatch state (below autograd, as the
-  // kernel is), or they would route the tensors that require grad back through autograd.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r0 = task * sub;
-      fn(r0, std::min(sub, n - r0));
-    }
-  });
-}
-
-// z = h @ W.T + b for one chunk of rows, [rows, V] in the accumulation type.
-at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        at::ScalarType acc) {
-  if (weight.scalar_type() == acc) {
-    return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
-  }
-  at::Tensor z = at::empty({h.size(0), weight.size(0)}, h.options().dtype(acc));
-  const at::Tensor h_acc = h.to(acc);
-  for_weight_tiles(weight, acc, [&](int64_t v0, int64_t rows, const at::Tensor& w) {
-    at::Tensor out = z.narrow(1, v0, rows);
-    at::mm_out(out, h_acc, w.t());
-  });
-  if (bias.has_value()) z.add_(bias->to(acc));
-  return z;
-}
-
 // ---------------------------------------------------------------- vocabulary tiles
 
-constexpr int64_t kMinTileCols = 256;  // narrower tiles make short, inefficient GEMMs: split the rows instead
+constexpr int64_t kMinTileCols = 128;  // narrower tiles make short, inefficient GEMMs: split the rows instead
 constexpr int64_t kMinTileFlops = 4000000;  // a GEMM under ~1 ms: not worth a second thread
 
 struct Tiling {
@@ -266,13 +203,21 @@ RowStats<acc_t> merge_tiles(const acc_t* lse, const acc_t* ent, int64_t stride, 
   return {static_cast<acc_t>(lp), static_cast<acc_t>(h), static_cast<acc_t>(lse_all)};
 }
 
-// z = h @ W[v0 : v0 + cols].T + b[v0 : v0 + cols], written into the worker's buffer (flat, >= rows x cols
-// elements): one allocation per worker instead of one per tile, whose pages would be faulted in again each
-// time (large allocations are fresh mmaps).
-at::Tensor tile_logits(at::Tensor& buffer, const at::Tensor& h, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, int64_t v0, int64_t cols) {
-  at::Tensor z = buffer.narrow(0, 0, h.size(0) * cols).view({h.size(0), cols});
+// W[v0 : v0 + cols] in the accumulation type: a view of W itself, or (low-precision weights) converted into the
+// worker's buffer (flat, >= cols x H elements).
+at::Tensor weight_tile(at::Tensor& buffer, const at::Tensor& weight, int64_t v0, int64_t cols) {
   const at::Tensor w = weight.narrow(0, v0, cols);
+  if (weight.scalar_type() == buffer.scalar_type()) return w;
+  return buffer.narrow(0, 0, cols * weight.size(1)).view({cols, weight.size(1)}).copy_(w);
+}
+
+// z = h @ w.T + b[v0 : v0 + cols] (w: the tile's rows of W, in h's type), written into the worker's buffer
+// (flat, >= rows x cols elements): one allocation per worker instead of one per tile, whose pages would be
+// faulted in again each time (large allocations are fresh mmaps).
+at::Tensor tile_logits(at::Tensor& buffer, const at::Tensor& h, const at::Tensor& w,
+                       const std::optional<at::Tensor>& bias, int64_t v0) {
+  const int64_t cols = w.size(0);
+  at::Tensor z = buffer.narrow(0, 0, h.size(0) * cols).view({h.size(0), cols});
   if (bias.has_value()) {
     at::addmm_out(z, bias->narrow(0, v0, cols), h, w.t());
   } else {
@@ -281,7 +226,16 @@ at::Tensor tile_logits(at::Tensor& buffer, const at::Tensor& h, const at::Tensor
   return z;
 }
 
-// Forward over vocabulary tiles; h, tok: the valid rows. Writes logprob, entropy (if with_entropy), lse.
+// One weight-tile buffer per worker for low-precision weights (none needed otherwise).
+std::vector<at::Tensor> weight_buffers(const at::Tensor& weight, const Tiling& tl, const at::TensorOptions& acc) {
+  const bool convert = weight.scalar_type() != acc.dtype().toScalarType();
+  std::vector<at::Tensor> bufs(tl.threads);
+  for (auto& b : bufs) b = at::empty({convert ? tl.cols * weight.size(1) : 0}, acc);
+  return bufs;
+}
+
+// Forward over vocabulary tiles; h, tok: the valid rows, h and bias in the accumulation type (weight in any
+// floating type). Writes logprob, entropy (if with_entropy), lse.
 template <typename acc_t>
 void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    const int64_t* tok, double temperature, bool with_entropy, int64_t chunk, acc_t* out_lp,
@@ -296,6 +250,7 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
   }
   std::vector<at::Tensor> z_buf(tl.threads);
   for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, h.options());
+  std::vector<at::Tensor> w_buf = weight_buffers(weight, tl, h.options());
   for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
     const int64_t R = std::min(tl.rows, n - r0);
     const at::Tensor h_blk = h.narrow(0, r0, R);
@@ -304,7 +259,7 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
     std::vector<acc_t> lse_k(tiles * R), ent_k(with_entropy ? tiles * R : 0), lp_t(R);
     for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
-      const at::Tensor z = tile_logits(z_buf[slot], h_blk, weight, bias, v0, cols);
+      const at::Tensor z = tile_logits(z_buf[slot], h_blk, weight_tile(w_buf[slot], weight, v0, cols), bias, v0);
       const acc_t* zp = z.const_data_ptr<acc_t>();
       parallel_rows(R, cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
         for (int64_t i = begin; i < end; ++i) {
@@ -328,8 +283,9 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
   }
 }
 
-// Backward over vocabulary tiles; h, tok and the stats: the valid rows. d_hidden_rows: [n, H] to add dh into
-// (zeros); d_weight: [V, H] (any contents: every row is written); d_bias: [V] zeros.
+// Backward over vocabulary tiles; h, tok and the stats: the valid rows, h and bias in the accumulation type.
+// d_hidden_rows: [n, H] in the accumulation type to add dh into (zeros); d_weight: [V, H] in W's type (any
+// contents: every row is written); d_bias: [V] zeros in the accumulation type.
 template <typename acc_t>
 void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const int64_t* tok, const acc_t* g_lp, const acc_t* g_ent, const acc_t* lp, const acc_t* ent,
@@ -339,12 +295,14 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
   const Tiling tl = tiling(n, V, H, chunk);
   const int64_t tiles = (V + tl.cols - 1) / tl.cols;
   const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
-  // Each worker's dz @ W[tile], added into dh in tile order (OrderedTurns): dh's rounding is the same for
+  // Each tile's dz @ W[tile] is added into dh in tile order (OrderedTurns): dh's rounding is the same for
   // any schedule. dW[tile] and db[tile] belong to one tile and so to one worker.
   std::vector<at::Tensor> z_buf(tl.threads);
   for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, h.options());
-  std::vector<at::Tensor> dh_part(d_hidden_rows != nullptr ? tl.threads : 0);
-  for (auto& t : dh_part) t = at::empty({std::min(tl.rows, n), H}, h.options());
+  std::vector<at::Tensor> w_buf = weight_buffers(weight, tl, h.options());
+  const bool convert = weight.scalar_type() != h.scalar_type();
+  // Low-precision dW over several row blocks: summed over the blocks in float32, rounded once at the end.
+  at::Tensor dw_acc = d_weight != nullptr && convert && tl.rows < n ? at::empty({V, H}, h.options()) : at::Tensor();
   OrderedTurns turns;
   for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
     const int64_t R = std::min(tl.rows, n - r0);
@@ -353,7 +311,8 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
     for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       try {
         const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
-        at::Tensor dz = tile_logits(z_buf[slot], h_blk, weight, bias, v0, cols);  // becomes dL/dz in place
+        const at::Tensor w = weight_tile(w_buf[slot], weight, v0, cols);
+        at::Tensor dz = tile_logits(z_buf[slot], h_blk, w, bias, v0);  // becomes dL/dz in place
         acc_t* zp = dz.data_ptr<acc_t>();
         parallel_rows(R, 2 * cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
           for (int64_t i = begin; i < end; ++i) {
@@ -366,18 +325,23 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
           }
         });
         if (d_bias != nullptr) d_bias->narrow(0, v0, cols).add_(dz.sum(0));
+        if (d_hidden_rows != nullptr) {
+          // dh += dz @ w in tile order, straight into the sum: no [R, H] partial per worker; while one worker
+          // adds its product, the other is recomputing or differentiating its next tile.
+          turns.in_turn(k, [&] { d_hidden_rows->narrow(0, r0, R).addmm_(dz, w); });
+        }
         if (d_weight != nullptr) {
-          at::Tensor dw = d_weight->narrow(0, v0, cols);
+          // Where dW[tile] is formed: the gradient itself; for low-precision weights the float32 sum over row
+          // blocks, or with one block the worker's W tile buffer (w is not read after the dh product above).
+          at::Tensor dw = !convert ? d_weight->narrow(0, v0, cols)
+                          : dw_acc.defined() ? dw_acc.narrow(0, v0, cols)
+                                             : w_buf[slot].narrow(0, 0, cols * H).view({cols, H});
           if (r0 == 0) {
             at::mm_out(dw, dz.t(), h_blk);
           } else {
             dw.addmm_(dz.t(), h_blk);
           }
-        }
-        if (d_hidden_rows != nullptr) {
-          at::Tensor part = dh_part[slot].narrow(0, 0, R);
-          at::mm_out(part, dz, weight.narrow(0, v0, cols));
-          turns.in_turn(k, [&] { d_hidden_rows->narrow(0, r0, R).add_(part); });
+          if (convert && !dw_acc.defined()) d_weight->narrow(0, v0, cols).copy_(dw);
         }
       } catch (...) {
         turns.fail();
@@ -385,6 +349,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
       }
     });
   }
+  if (dw_acc.defined()) d_weight->copy_(dw_acc);
 }
 
 // ---------------------------------------------------------------- entry points
@@ -403,28 +368,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
   const int64_t n = h.size(0);
   at::Tensor lp_v = at::empty({n}, opts), ent_v = at::empty({with_entropy ? n : 0}, opts), lse_v = at::empty({n}, opts);
   const int64_t* t_ptr = tok.const_data_ptr<int64_t>();
+  // Low-precision inputs: the GEMMs run in float32 (hidden and bias converted once, W a tile at a time).
+  const at::Tensor h_acc = h.to(in.acc);
+  const std::optional<at::Tensor> b_acc = bias.has_value() ? std::optional<at::Tensor>(bias->to(in.acc)) : std::nullopt;
 
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_cpu", [&] {
-    if (weight.scalar_type() == in.acc) {
-      tiled_forward<scalar_t>(h, weight, bias, t_ptr, temperature, with_entropy, chunk, lp_v.data_ptr<scalar_t>(),
-                              with_entropy ? ent_v.data_ptr<scalar_t>() : nullptr, lse_v.data_ptr<scalar_t>());
-      return;
-    }
-    const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
-    for_row_chunks(n, chunk, [&](int64_t r0, int64_t c) {
-      const at::Tensor z = chunk_logits(h.narrow(0, r0, c), weight, bias, in.acc);
-      const scalar_t* zp = z.const_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < c; ++i) {
-        const int64_t t = t_ptr[r0 + i];
-        TORCH_CHECK(t >= 0 && t < in.V, "alignfast: argument 'tokens' holds token id ", t, " outside [0, ", in.V,
-                    ") at a valid position");
-        const RowStats<scalar_t> st = logprobs::forward_row<scalar_t, scalar_t>(zp + i * in.V, in.V, t, inv_temp,
-                                                                                  with_entropy);
-        lp_v.data_ptr<scalar_t>()[r0 + i] = st.logprob;
-        lse_v.data_ptr<scalar_t>()[r0 + i] = st.lse;
-        if (with_entropy) ent_v.data_ptr<scalar_t>()[r0 + i] = st.entropy;
-      }
-    });
+    tiled_forward<scalar_t>(h_acc, weight, b_acc, t_ptr, temperature, with_entropy, chunk, lp_v.data_ptr<scalar_t>(),
+                            with_entropy ? ent_v.data_ptr<scalar_t>() : nullptr, lse_v.data_ptr<scalar_t>());
   });
   if (rows.has_value()) {
     logprobs.index_copy_(0, *rows, lp_v);
@@ -455,13 +405,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
     check_stat(entropy, "entropy");
   }
   const auto acc_opts = hidden.options().dtype(in.acc);
-  const bool weight_is_acc = weight.scalar_type() == in.acc;
-  at::Tensor d_hidden = need_hidden ? at::zeros({in.N, in.H}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor d_weight_acc = need_weight && !weight_is_acc ? at::zeros({in.V, in.H}, acc_opts) : at::Tensor();
-  at::Tensor d_bias_acc = need_bias ? at::zeros({in.V}, acc_opts) : at::Tensor();
-
   const auto rows = valid_rows(mask);
-  const at::Tensor h = take(hidden, rows);
+  const at::Tensor h = take(hidden, rows).to(in.acc);  // float32 for low-precision inputs (GEMMs in float32)
+  const std::optional<at::Tensor> b_acc = bias.has_value() ? std::optional<at::Tensor>(bias->to(in.acc)) : std::nullopt;
   const at::Tensor tok = take(tokens, rows);
   const at::Tensor g_lp = take(grad_logprobs.contiguous(), rows);
   const at::Tensor g_ent = with_entropy ? take(grad_entropy->contiguous(), rows) : at::Tensor();
@@ -470,74 +416,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   const at::Tensor ls = take(lse.contiguous(), rows);
   const int64_t n = h.size(0);
 
-  if (weight_is_acc) {
-    // Vocabulary tiles: dW is written tile by tile (rows of W no valid row reaches stay 0 only when n = 0).
-    at::Tensor d_weight = need_weight ? (n > 0 ? at::empty({in.V, in.H}, weight.options())
-                                               : at::zeros({in.V, in.H}, weight.options()))
-                                      : at::empty({0}, weight.options());
-    at::Tensor dh_rows = need_hidden ? (rows.has_value() ? at::zeros({n, in.H}, hidden.options()) : d_hidden)
-                                     : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
-      tiled_backward<scalar_t>(h, weight, bias, tok.const_data_ptr<int64_t>(), g_lp.const_data_ptr<scalar_t>(),
-                               with_entropy ? g_ent.const_data_ptr<scalar_t>() : nullptr,
-                               lp.const_data_ptr<scalar_t>(), with_entropy ? ent.const_data_ptr<scalar_t>() : nullptr,
-                               ls.const_data_ptr<scalar_t>(), temperature, chunk, need_hidden ? &dh_rows : nullptr,
-                               need_weight ? &d_weight : nullptr, need_bias ? &d_bias_acc : nullptr);
-    });
-    if (need_hidden && rows.has_value()) d_hidden.index_copy_(0, *rows, dh_rows);
-    at::Tensor d_bias = need_bias ? d_bias_acc : at::empty({0}, hidden.options());
-    return {d_hidden, d_weight, d_bias};
-  }
-
+  // dW is written tile by tile (rows of W no valid row reaches stay 0 only when n = 0). dh and db are summed
+  // in the accumulation type: into the gradient itself when it has that type and every row is valid.
+  at::Tensor d_weight = need_weight ? (n > 0 ? at::empty({in.V, in.H}, weight.options())
+                                             : at::zeros({in.V, in.H}, weight.options()))
+                                    : at::empty({0}, weight.options());
+  const bool dh_direct = !rows.has_value() && hidden.scalar_type() == in.acc;
+  at::Tensor d_hidden = need_hidden && dh_direct ? at::zeros({in.N, in.H}, hidden.options()) : at::Tensor();
+  at::Tensor dh_rows = need_hidden ? (dh_direct ? d_hidden : at::zeros({n, in.H}, acc_opts)) : at::Tensor();
+  at::Tensor d_bias_acc = need_bias ? at::zeros({in.V}, acc_opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
-    const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
-    const int64_t* t_ptr = tok.const_data_ptr<int64_t>();
-    // Chunks one after the other, each GEMM multithreaded: dW and db are sums over chunks, and a fixed
-    // order keeps the gradients bitwise reproducible (threads racing for a lock would not).
-    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-      const int64_t c = std::min(chunk, n - r0);
-      const at::Tensor h_c = h.narrow(0, r0, c);
-      at::Tensor dz = chunk_logits(h_c, weight, bias, in.acc);  // becomes dL/dz in place
-      scalar_t* zp = dz.data_ptr<scalar_t>();
-      parallel_rows(c, 2 * in.V, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t r = r0 + i;
-          const RowStats<scalar_t> st{lp.const_data_ptr<scalar_t>()[r],
-                                      with_entropy ? ent.const_data_ptr<scalar_t>()[r] : scalar_t(0),
-                                      ls.const_data_ptr<scalar_t>()[r]};
-          const scalar_t ge = with_entropy ? g_ent.const_data_ptr<scalar_t>()[r] : scalar_t(0);
-          // In place: each element is read before it is written, the target last.
-          logprobs::backward_row<scalar_t, scalar_t, scalar_t>(zp + i * in.V, in.V, t_ptr[r], inv_temp, st,
-                                                               g_lp.const_data_ptr<scalar_t>()[r], ge,
-                                                               zp + i * in.V);
-        }
-      });
-      if (need_bias) d_bias_acc.add_(dz.sum(0));
-      if (!need_hidden && !need_weight) continue;
-      const at::Tensor h_acc = h_c.to(in.acc);
-      at::Tensor dh_c = need_hidden ? (weight_is_acc ? at::Tensor() : at::zeros({c, in.H}, acc_opts)) : at::Tensor();
-      for_weight_tiles(weight, in.acc, [&](int64_t v0, int64_t vrows, const at::Tensor& w) {
-        const at::Tensor dz_tile = weight_is_acc ? dz : dz.narrow(1, v0, vrows);
-        if (need_hidden) {
-          if (weight_is_acc) {
-            dh_c = at::mm(dz_tile, w);
-          } else {
-            dh_c.addmm_(dz_tile, w);
-          }
-        }
-        if (need_weight) d_weight_acc.narrow(0, v0, vrows).addmm_(dz_tile.t(), h_acc);
-      });
-      if (need_hidden) {
-        const at::Tensor dh_out = dh_c.to(hidden.scalar_type());
-        if (rows.has_value()) {
-          d_hidden.index_copy_(0, rows->narrow(0, r0, c), dh_out);
-        } else {
-          d_hidden.narrow(0, r0, c).copy_(dh_out);
-        }
-      }
-    }
+    tiled_backward<scalar_t>(h, weight, b_acc, tok.const_data_ptr<int64_t>(), g_lp.const_data_ptr<scalar_t>(),
+                             with_entropy ? g_ent.const_data_ptr<scalar_t>() : nullptr, lp.const_data_ptr<scalar_t>(),
+                             with_entropy ? ent.const_data_ptr<scalar_t>() : nullptr, ls.const_data_ptr<scalar_t>(),
+                             temperature, chunk, need_hidden ? &dh_rows : nullptr, need_weight ? &d_weight : nullptr,
+                             need_bias ? &d_bias_acc : nullptr);
   });
-  at::Tensor d_weight = need_weight ? d_weight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  if (need_hidden && !dh_direct) {
+    const at::Tensor dh = dh_rows.to(hidden.scalar_type());
+    if (rows.has_value()) {
+      d_hidden = at::zeros({in.N, in.H}, hidden.options());
+      d_hidden.index_copy_(0, *rows, dh);
+    } else {
+      d_hidden = dh;
+    }
+  }
+  if (!need_hidden) d_hidden = at::empty({0}, hidden.options());
   at::Tensor d_bias = need_bias ? d_bias_acc.to(bias->scalar_type()) : at::empty({0}, hidden.options());
   return {d_hidden, d_weight, d_bias};
 }

@@ -28,11 +28,70 @@ inline void store2(float* p, const Vec& a, const Vec& b) {
 inline void store2(c10::BFloat16* p, const Vec& a, const Vec& b) { at::vec::convert_float_bfloat16(a, b).store(p); }
 inline void store2(c10::Half* p, const Vec& a, const Vec& b) { at::vec::convert_float_half(a, b).store(p); }
 
-// e^v for the vocabulary-wide sums: ATen's 20-ulp exp (a degree-5 polynomial after the ln 2 reduction,
-// ~2e-6 relative; 0 below ln FLT_MIN, so the `lowest` that stands for -inf gives 0) rather than Sleef's
-// 1-ulp exp, whose range reduction and special-case blends were most of the forward's per-element cost
-// (bench/NOTES-logprobs.md, change 3). Row scalars (e_t, the rescale factor) keep std::exp.
-inline Vec vexp(const Vec& v) { return v.exp_u20(); }
+// e^d for d <= 0 (or -inf, or NaN), the only arguments the vocabulary-wide sums have: d = (x - M)/tau in the
+// forward, -gap in the backward. The polynomial is ATen's exp_u20 (degree 5 on r = d - n ln 2, |r| <= ln2/2,
+// ~2e-6 relative; bench/NOTES-logprobs.md, change 3), and like exp_u20 the result is 0 below ln FLT_MIN, so
+// -inf and the `lowest` that stands for it give 0 and no denormal is ever produced (the cut is at -87.33,
+// a hair above ln FLT_MIN = -87.3365, so that n = -126 comes with r > 0 and 2^n p stays normal). What exp_u20 spends on
+// arguments of any sign (clamps at both ends, floor through two conversions, 2^(n-1) built in integers, a
+// blend and two multiplies: ~19 instructions) is ~10 here (change 4): n = round(d log2 e) stays a float and
+// AVX-512's scalef multiplies by 2^n with the zero-mask for free; AVX2 adds n into the exponent field (the
+// result is normal for every kept lane: d >= ln FLT_MIN) and clears the rest with an and-not.
+// Row scalars (e_t, the rescale factor) keep std::exp.
+#if defined(CPU_CAPABILITY_AVX512)
+using Kept = __mmask16;  // the lanes vexp computed (d >= -87.33); the others are 0
+#else
+using Kept = int;  // unused: AVX2 has no mask registers
+#endif
+inline Vec vexp(const Vec& d, Kept& kept) {
+  const Vec log2e(1.44269504088896341f), ln2(0.693147180559945309f);
+  const Vec c1(0.999999701f), c2(0.499991506f), c3(0.166676521f), c4(0.0418978221f), c5(0.00828929059f);
+  const Vec one(1.f);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = d;
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33f), _CMP_GE_OQ);  // d >= ~ln FLT_MIN, so 2^n p is normal
+  kept = keep;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec r(_mm512_fnmadd_ps(n, ln2, x));
+  const Vec p = at::vec::fmadd(r, at::vec::fmadd(r, at::vec::fmadd(r, at::vec::fmadd(r, at::vec::fmadd(r, c5, c4),
+                                                                                     c3), c2), c1), one);
+  return Vec(_mm512_maskz_scalef_ps(keep, p, n));
+#else
+  kept = 0;
+  const __m256 x = d;
+  const __m256 drop = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_NGE_UQ);  // d < ~ln FLT_MIN, or NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec r(_mm256_fnmadd_ps(n, ln2, x));
+  const Vec p = at::vec::fmadd(r, at::vec::fmadd(r, at::vec::fmadd(r, at::vec::fmadd(r, at::vec::fmadd(r, c5, c4),
+                                                                                     c3), c2), c1), one);
+  const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+  return Vec(_mm256_andnot_ps(drop, _mm256_castsi256_ps(scaled)));
+#endif
+}
+
+inline Vec vexp(const Vec& d) {
+  Kept kept;
+  return vexp(d, kept);
+}
+
+// The entropy's W += e d with d = -inf where the logit is -inf (e = 0 there, but 0 * -inf is NaN). AVX-512
+// adds only the lanes vexp kept (a masked FMA: d needs no clamp); AVX2 clamps d to `lowest` first.
+inline Vec entropy_arg(const Vec& d, const Vec& lowest) {
+#if defined(CPU_CAPABILITY_AVX512)
+  (void)lowest;
+  return d;
+#else
+  return at::vec::maximum(d, lowest);
+#endif
+}
+inline Vec add_entropy_term(const Vec& w, const Vec& e, const Vec& d, Kept kept) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_mask3_fmadd_ps(e, d, w, kept));
+#else
+  (void)kept;
+  return at::vec::fmadd(e, d, w);
+#endif
+}
 
 inline float reduce_add(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, v);
@@ -68,14 +127,15 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
       load2(x + v, a, b);
       if constexpr (TRACK_MAX) vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
       Vec da = scale(a - vM), db = scale(b - vM);
-      if constexpr (WITH_ENTROPY) {  // -inf -> lowest: e = 0 and e * d = 0 (vexp gives 0 for -inf itself)
-        da = at::vec::maximum(da, vlowest);
-        db = at::vec::maximum(db, vlowest);
+      if constexpr (WITH_ENTROPY) {  // AVX2: -inf -> lowest, so that e * d = 0 (vexp gives 0 for either)
+        da = entropy_arg(da, vlowest);
+        db = entropy_arg(db, vlowest);
       }
-      Vec ea = vexp(da), eb = vexp(db);
+      Kept ka, kb;
+      Vec ea = vexp(da, ka), eb = vexp(db, kb);
       if constexpr (WITH_ENTROPY) {
-        vw = at::vec::fmadd(ea, da, vw);
-        vw = at::vec::fmadd(eb, db, vw);
+        vw = add_entropy_term(vw, ea, da, ka);
+        vw = add_entropy_term(vw, eb, db, kb);
       }
       if (v == t_lo) {  // keep the target out of S_off
         alignas(64) float buf[kStep];

@@ -59,6 +59,29 @@ def test_rounds_interleave_draw_fresh_inputs_and_ratio_per_round(clock):
     assert "WARNING" in harness.spread_note(rows)
 
 
+def test_cpu_clock_times_process_time_and_skips_memory(monkeypatch):
+    """clock="cpu" (bench --clock cpu) reads time.process_time, not perf_counter, and measures no memory (the
+    resident-set measure needs the 64 KiB mmap threshold that this clock leaves while timing)."""
+    cpu = ScriptedClock()
+    monkeypatch.setattr(harness.time, "process_time", cpu)
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: 0.0)
+
+    def provider(ms):
+        def factory(inp):
+            def call():
+                cpu.now += ms / 1e3
+            return call
+        return factory
+
+    rows = harness.run_rounds("s", {"base": provider(6), "fast": provider(2)}, inputs=lambda r: r,
+                              baselines=("base",), rounds=5, clock="cpu")
+    by = {r.provider: r for r in rows}
+    assert by["fast"].seconds == pytest.approx(2e-3) and by["fast"].ratios["base"] == pytest.approx((3.0,) * 3)
+    assert by["fast"].peak_bytes is None
+    with pytest.raises(ValueError, match="clock"):
+        harness.run_rounds("s", {"a": provider(1)}, inputs=lambda r: r, device="cuda", clock="cpu")
+
+
 def test_a_failing_provider_gets_a_row_with_its_error_and_is_not_retried(clock):
     tries = []
 

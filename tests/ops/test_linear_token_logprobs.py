@@ -124,13 +124,16 @@ def test_masked_rows_get_zero_hidden_gradient():
     assert (leaves[0].grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_vocabulary_tiles_on_several_workers(chunk_size):
-    """float32 weights on CPU go by vocabulary tiles, taken by the workers from a shared counter, with dh
-    summed in tile order: results match the reference and are bitwise the same from run to run. ~50 valid
-    rows x 2003 x 128 is enough work for two workers (kMinTileFlops in csrc/cpu/linear_token_logprobs.cpp);
-    chunk_size=3 makes the tiles narrow enough to split the rows into blocks too (dW added over blocks). Rows 0-3 are confident (the target's tile holds nearly all the mass)."""
-    hidden, weight, bias, tokens = make((4, 16), 128, 2003, torch.float32, seed=3)
+def test_vocabulary_tiles_on_several_workers(chunk_size, dtype):
+    """Weights on CPU go by vocabulary tiles, taken by the workers from a shared counter, with dh summed in
+    tile order: results match the reference and are bitwise the same from run to run. ~50 valid rows x 2003
+    x 128 is enough work for two workers (kMinTileFlops in csrc/cpu/linear_token_logprobs.cpp); chunk_size=3
+    makes the tiles narrow enough to split the rows into blocks too (dW added over blocks: for bfloat16 in a
+    float32 sum, rounded once; with one block bfloat16's dW tile is formed in the worker's W-tile buffer).
+    Rows 0-3 are confident (the target's tile holds nearly all the mass)."""
+    hidden, weight, bias, tokens = make((4, 16), 128, 2003, dtype, seed=3)
     tokens[0, :4] = torch.tensor([5, 700, 1400, 2002])
     hidden[0, :4] = weight[tokens[0, :4]] * 2  # logprobs -3e-8 to -1.4e-4
     mask = random_mask(4, 16)
@@ -155,6 +158,10 @@ def test_default_chunk_size():
     assert default_chunk_size(100, 32000, torch.float32) == 64
     assert default_chunk_size(10, 32000, torch.float32) == 10
     assert default_chunk_size(10 ** 7, 151936, torch.float32) == (1 << 30) // (151936 * 4)
+    # CPU (vocabulary tiles over all rows): no 64-row floor, and 1/32 for bf16/fp16 (float32 copies of hidden,
+    # dhidden and the W tiles take the rest of the 1/8)
+    assert default_chunk_size(100, 32000, torch.float32, min_rows=1) == 7
+    assert default_chunk_size(1024, 32000, torch.bfloat16, min_rows=1, share=32) == 16
 
 
 def test_opcheck():

@@ -131,6 +131,41 @@ def test_positive_infinity_logit_gives_log_softmax_results(op, dtype):
     check_positive_infinity(op, dtype)
 
 
+def check_exp_of_gaps(op, dtype, temperature):
+    """The vector exp, one argument at a time: each row has its target at the max (logit 0), one other logit
+    at a gap d/T in [-87.2, 0] below it (or beyond the exp's cut at ~ln FLT_MIN, down to -1e30) and -inf
+    elsewhere, so logprob = -log1p(e^{d/T}) reads e^{d/T} itself to float32's relative precision, and that
+    entry's gradient (g_lp = 1) is -softmax = -e^{d/T} / (1 + e^{d/T}). The entry visits every lane of the
+    first two 32-wide steps; V = 67 leaves a scalar tail. Beyond the cut (where e^d < 1.2e-38) the vector
+exp gives 0, as exp_u20 did, and the scalar code's double exp a value below float32's normal range."""
+    V = 67
+    gaps = torch.cat([-torch.linspace(0, 87.2, 301), torch.tensor([-87.34, -87.5, -90.0, -104.0, -200.0, -1e30])])
+    rows = torch.arange(gaps.numel())
+    pos = 1 + rows % 63
+    logits = torch.full((gaps.numel(), 1, V), float("-inf"))
+    logits[rows, 0, 0] = 0.0
+    logits[rows, 0, pos] = gaps * temperature
+    logits = logits.to(dtype)
+    d = logits[rows, 0, pos].double() / temperature  # the gap as the kernel sees it (after rounding to dtype)
+    tokens = torch.zeros(gaps.numel(), 1, dtype=torch.long)
+    ones = torch.ones(gaps.numel(), 1)
+    lp, _ent, grad = op(logits, tokens, temperature, ones, torch.zeros_like(ones))
+    kept = d >= -87.33
+    e = torch.where(kept, d.exp(), torch.zeros_like(d))
+    torch.testing.assert_close(lp[:, 0].double(), -torch.log1p(e), rtol=1e-5, atol=1e-37)
+    grad_rtol = 1e-5 if dtype == torch.float32 else 8e-3  # the gradient is rounded to the logits' dtype
+    torch.testing.assert_close(grad[rows, 0, pos].double(), -e / (1 + e) / temperature, rtol=grad_rtol, atol=1e-37)
+    far = d <= -200  # 0 in float32 on every path (the scalar code's double exp included)
+    assert (lp[far] == 0).all() and (grad[rows, 0, pos][far] == 0).all()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_exp_of_every_gap(dtype, temperature):
+    check_exp_of_gaps(_cpu_op, dtype, temperature)
+
+
 @needs_cpu_kernel
 def test_linear_op_tiny_temperature_is_finite():
     g = torch.Generator().manual_seed(0)
@@ -153,10 +188,12 @@ def test_other_instruction_sets(isa):
         "import torch\n"
         "torch.manual_seed(0)\n"
         "from tests.ops.test_logprobs_extremes import _cpu_op, _reference, check_tiny_temperature, "
-        "check_positive_infinity\n"
+        "check_positive_infinity, check_exp_of_gaps\n"
         "for dt in (torch.float32, torch.bfloat16):\n"
         "    check_tiny_temperature(_cpu_op, dt, 3000, 1e-9)\n"
         "    check_positive_infinity(_cpu_op, dt)\n"
+        "    check_exp_of_gaps(_cpu_op, dt, 1.0)\n"
+        "    check_exp_of_gaps(_cpu_op, dt, 0.5)\n"
         "    x = (torch.randn(3, 5, 2051) * 3).to(dt); t = torch.randint(0, 2051, (3, 5))\n"
         "    g1, g2 = torch.randn(3, 5), torch.randn(3, 5)\n"
         "    got, ref = _cpu_op(x, t, 0.7, g1, g2), _reference(x, t, 0.7, g1, g2)\n"
