@@ -68,12 +68,14 @@ def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, s
 def test_second_signal_abandons_and_the_lines_without_a_checkpoint():
     from alignfast.trainer.stop_signals import StopSignals, stop_line
 
+    before = signal.getsignal(signal.SIGINT)  # Python's default_int_handler; SIG_IGN in a job started with `&`
     with StopSignals() as stop:
+        assert signal.getsignal(signal.SIGINT) is not before
         stop._handle(signal.SIGTERM, None)
         assert stop.requested and stop.name == "SIGTERM"
         with pytest.raises(KeyboardInterrupt, match="SIGINT received twice"):
             stop._handle(signal.SIGINT, None)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+        assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
     assert stop_line("SIGTERM", 3, 9, None, how="x") == \
         "stopped by SIGTERM after step 3 of 9; no checkpoint written (save_strategy is 'no'): the run cannot be resumed"
     assert stop_line("SIGINT", 3, 9, "out/checkpoint-2", how="--resume").endswith(
