@@ -48,9 +48,13 @@ def run_file_dirs(config_path) -> list[str]:
 
 
 def default_device() -> str:
+    """cuda when there is a GPU, else cpu; under a launcher (torchrun, accelerate launch) this process's GPU,
+    cuda:LOCAL_RANK, so N processes do not all load their models onto GPU 0 first."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from alignfast.trainer.distributed import launched_device
+
+    return launched_device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass

@@ -55,9 +55,8 @@ def _train(args, overrides) -> int:
 
     quiet_transformers()
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
-    from alignfast.trainer.distributed import launched_device
 
-    device = launched_device(build.default_device())  # under a launcher: this process's GPU
+    device = build.default_device()  # under a launcher: this process's GPU
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
     if not args.oracle:
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads

@@ -41,3 +41,23 @@ def test_command_under_torchrun_with_two_processes(tmp_path, name):
     assert state["num_processes"] == 2 and state["global_step"] == 2
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
     assert (run / "final").is_dir()
+
+
+def test_every_command_loads_onto_its_own_gpu_under_a_launcher(monkeypatch):
+    """`train`, `train --method proxy`, `aligner train`, `eval` and `correct` take their device from
+    build.default_device(): under a launcher, cuda:LOCAL_RANK (N processes loading an 8B target onto GPU 0
+    first would not fit)."""
+    import torch
+
+    from alignfast.cli import build
+    from alignfast.trainer import distributed  # noqa: F401 - imported before torch claims a GPU below
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert build.default_device() == "cuda:1"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert build.default_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert build.default_device() == "cpu"
