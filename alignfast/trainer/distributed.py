@@ -219,18 +219,22 @@ def gather_env_output(processes: Processes, env_out):
                      generated_tokens=int(processes.sum(env_out.generated_tokens)))
 
 
-def gather_rollout(processes: Processes, rollout, pad_id: int):
-    """The global Rollout: every process's rows in order, queries left-padded and responses right-padded
-    to the global widths, exactly the tensors one process sampling every row builds."""
+def gather_rollout(processes: Processes, rollout, pad_id: int, *, left_padded_queries: bool = True):
+    """The global Rollout: every process's rows in order, queries left-padded (right-padded when
+    left_padded_queries is False: Proxy-RLHF's left-aligned decisions) and responses right-padded to the global
+    widths, per-decision features too: exactly the tensors one process building every row builds. Scores are
+    the caller's."""
     from alignfast.trainer.ppo_core import Rollout
 
     g = processes.gather_rows
-    return Rollout(query_ids=g(rollout.query_ids, pad_value=pad_id, left=True),
-                   query_mask=g(rollout.query_mask, pad_value=False, left=True),
+    left = left_padded_queries
+    return Rollout(query_ids=g(rollout.query_ids, pad_value=pad_id, left=left),
+                   query_mask=g(rollout.query_mask, pad_value=False, left=left),
                    response_ids=g(rollout.response_ids, pad_value=pad_id),
                    response_mask=g(rollout.response_mask, pad_value=False),
                    ended=g(rollout.ended), logprobs=g(rollout.logprobs), ref_logprobs=g(rollout.ref_logprobs),
-                   values=g(rollout.values), scores=rollout.scores)
+                   values=g(rollout.values), scores=rollout.scores,
+                   features=None if rollout.features is None else g(rollout.features))
 
 
 class NoState:

@@ -34,7 +34,7 @@ from alignfast.rollout.proxy_decoder import ProxyDecoder, ProxyDecodeOutput
 from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, _opt
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
-from alignfast.trainer.distributed import gather_env_output, make_processes
+from alignfast.trainer.distributed import gather_env_output, gather_rollout, make_processes
 from alignfast.trainer.environments import DirectEnvironment
 from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, make_opset
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
@@ -241,7 +241,8 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         t_env = time.perf_counter()
         rollout = self.build_rollout(res, scores[lo:hi])
         if procs.distributed:
-            rollout = gather_decisions(procs, rollout)
+            # decisions are left-aligned in [R, D]: every tensor right-padded to the widest D (pad id 0)
+            rollout = gather_rollout(procs, rollout, 0, left_padded_queries=False)
             rollout.scores = scores
         with torch.no_grad():
             adv = self.advantages(rollout)
@@ -277,16 +278,3 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
 
     def _ref_logprobs(self, *args, **kwargs):
         raise AlignfastArgumentError("alignfast: the proxy's reference is the Bernoulli prior (ProxyPolicy)")
-
-
-def gather_decisions(processes, rollout: Rollout) -> Rollout:
-    """The global decision batch: every process's rows in order, each [R, D(, F)] tensor right-padded to the
-    widest D (decisions are left-aligned, so padding never moves one): the tensors one process decoding every
-    row builds. Scores are the caller's (already global)."""
-    def g(x, pad=0):
-        return processes.gather_rows(x, pad_value=pad)
-
-    return Rollout(query_ids=g(rollout.query_ids), query_mask=g(rollout.query_mask, False),
-                   response_ids=g(rollout.response_ids), response_mask=g(rollout.response_mask, False),
-                   ended=g(rollout.ended), logprobs=g(rollout.logprobs), ref_logprobs=g(rollout.ref_logprobs),
-                   values=g(rollout.values), scores=rollout.scores, features=g(rollout.features))
