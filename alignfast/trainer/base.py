@@ -34,6 +34,7 @@ from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, de
 from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
                                            gather_env_output, gather_rollout, gathered_for_generation,
                                            gathered_policy_state, make_processes, save_sharded_state)
+from alignfast.trainer.embedding_grad import install_for_critic
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.lora_fast import install_lean_lora
@@ -178,6 +179,11 @@ class PPOEngineTrainer(RunLoop):
                                           backend=config.backend)
         if config.torch_compile:  # regional compilation of the decoder layers (trainer/compiled_layers.py)
             attach_compiled_layers(self.device, self.policy, self._ref_policy, self.value_model)
+        # Fast backend, one process, CPU: the critic's token-embedding gradient lives in a persistent buffer
+        # (exact; no 113 MB zero-fill and page faults per micro-batch at SmolLM2's shape: embedding_grad.py).
+        self.embedding_grad_buffers = 0
+        if config.backend == "fast" and self.value_model is not None and not self.processes.distributed:
+            self.embedding_grad_buffers = install_for_critic(self.value_model, list(model.parameters()))
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         if shared_head is not None:
@@ -330,13 +336,22 @@ class PPOEngineTrainer(RunLoop):
         self._check_scores(scores.tolist(), {}, step, last_good, batch.prompts, note=" (overflows float32)")
         t_env = time.perf_counter()
 
+        update_generator = torch.Generator().manual_seed(derive_seed(cfg.seed, step, stream=4))
+        # The fast backend's critic runs once on the update's first micro-batch, here, with its graph.
+        carried = self.updater.carry_values(sampled.query_ids, sampled.query_mask, sampled.response_ids,
+                                            sampled.response_mask, update_generator)
         # A sharded policy (FSDP2 / ZeRO-3) is scored with its full weights, as it generates.
         with torch.no_grad(), gathered_for_generation(self.trainable):
+            values = sampled.values if reuse else None
+            if carried is not None:
+                values = self.updater.scoring_values(carried, sampled.query_ids, sampled.query_mask,
+                                                     sampled.response_ids, sampled.response_mask,
+                                                     chunk=cfg.local_rollout_forward_batch_size)
             logprobs, ref_logprobs, values = score_rollout(
                 self.policy, self._ref_logprobs, self.value_model, sampled.query_ids, sampled.query_mask,
                 sampled.response_ids, sampled.response_mask, temperature=cfg.temperature,
                 chunk=cfg.local_rollout_forward_batch_size, logprobs=sampled.logprobs if reuse else None,
-                values=sampled.values if reuse else None)
+                values=values)
             rollout = Rollout(query_ids=sampled.query_ids, query_mask=sampled.query_mask,
                               response_ids=sampled.response_ids, response_mask=sampled.response_mask,
                               ended=sampled.ended, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
@@ -353,7 +368,7 @@ class PPOEngineTrainer(RunLoop):
         self.last_rollout = rollout
         t_logprobs = time.perf_counter()
 
-        stats, lr_used = self._ppo_update(step, rollout, adv, last_good)
+        stats, lr_used = self._ppo_update(step, rollout, adv, last_good, update_generator, carried)
         t_end = time.perf_counter()
 
         n_resp = int(rollout.response_mask.sum())
@@ -375,12 +390,15 @@ class PPOEngineTrainer(RunLoop):
                    for p, o, a, s in zip(batch.prompts, outputs, env_out.answers, scores.tolist())]
         return metrics, samples
 
-    def _ppo_update(self, step: int, rollout: Rollout, adv, last_good) -> tuple:
+    def _ppo_update(self, step: int, rollout: Rollout, adv, last_good, generator: torch.Generator | None = None,
+                    carried=None) -> tuple:
         """The clipped PPO updates of one step, then the LR schedule's step: (UpdateStats, the learning rate
-        those updates used; the scheduler has already moved to the next step's)."""
-        g = torch.Generator().manual_seed(derive_seed(self.config.seed, step, stream=4))
+        those updates used; the scheduler has already moved to the next step's). generator: the step's
+        update generator (seed stream 4), from which carried (PPOUpdater.carry_values) drew epoch 0's order."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, step, stream=4))
         try:
-            stats = self.updater.update(rollout, adv, g)
+            stats = self.updater.update(rollout, adv, generator, carried)
         except NonFiniteLoss as err:
             raise TrainingDivergedError(
                 f"alignfast: non-finite loss at step {step + 1}: {err}. Training stopped; the parameters in memory "

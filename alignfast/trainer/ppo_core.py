@@ -11,6 +11,10 @@ Per PPO step, over a batch of B episodes with response mask m [B, R]:
      the token-mean loss of the whole mini-batch; the gradient norm clipped to max_grad_norm. Under N
      processes each runs G/N of the micro-batches and the scale is N n_k / n_m (trainer.distributed).
 
+On the fast backend with a separate critic and one process, step 1 computes the critic's values of epoch 0's
+first micro-batch with their graph, and step 3 takes them from there (CarriedValues): before the first
+optimizer step the critic is unchanged, so that forward is the one the update would run again.
+
 The numerics come from an OpSet: alignfast.ops (fused kernels) or alignfast.reference (the spec);
 everything else is identical, which is what makes the fast-vs-reference parity test meaningful.
 """
@@ -71,6 +75,31 @@ class Advantages:
     advantages: torch.Tensor
     returns: torch.Tensor
     kl: torch.Tensor
+
+
+@dataclass
+class CarriedValues:
+    """The critic's values of epoch 0's first micro-batch, computed with their graph while the rollout is
+    scored (PPOUpdater.carry_values) and used by that micro-batch's loss instead of a second critic forward.
+
+    Exact by construction: until the first optimizer step the critic's weights are those of the scoring
+    pass, so V_new(s_t) of that micro-batch is V_old(s_t) and the first micro-batch's clipped value loss
+    starts at its unclipped value; the forward it saves is one critic forward over pdbs episodes per step.
+    order: epoch 0's permutation of the B episodes (drawn from the update's generator, which the update
+    then continues); rows: its first micro-batch; values: [len(rows), r1] with grad, r1 the micro-batch's
+    trimmed response width."""
+
+    order: torch.Tensor
+    rows: torch.Tensor
+    values: torch.Tensor
+
+
+def micro_batch_inputs(query_ids, query_mask, response_ids, response_mask, rows: torch.Tensor):
+    """(query_ids, query_mask, response_ids, response_mask) of episodes `rows`, their all-padding margins
+    trimmed (trim_columns): the tensors every micro-batch forward of the update runs on."""
+    q_mask, r_mask = query_mask[rows], response_mask[rows]
+    q0, r1 = trim_columns(q_mask, r_mask)
+    return query_ids[rows][:, q0:], q_mask[:, q0:], response_ids[rows][:, :r1], r_mask[:, :r1]
 
 
 def trim_columns(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
@@ -246,9 +275,60 @@ class PPOUpdater:
         self.ops = ops
         self.config = config
 
-    def forward(self, batch: Rollout, *, temperature: float, return_entropy: bool):
+    def carries_values(self) -> bool:
+        """Whether carry_values applies: the fast backend, a separate critic that trains, one process (under
+        a launcher the forward must run through the DDP/FSDP wrapper's hooks, in the update)."""
+        return (self.config.backend == "fast" and self.value_model is not None and self.forward_module is None
+                and (self.processes is None or self.processes.num_processes == 1)
+                and any(p.requires_grad for p in self.value_model.parameters()))
+
+    def carry_values(self, query_ids, query_mask, response_ids, response_mask,
+                     generator: torch.Generator) -> CarriedValues | None:
+        """Draws epoch 0's order from `generator` (as update() would) and runs the critic, with grad, on that
+        epoch's first micro-batch; None where carries_values() is False (nothing drawn then)."""
+        if not self.carries_values():
+            return None
+        order = torch.randperm(response_ids.size(0), generator=generator).to(response_ids.device)
+        rows = self._micro_rows(order, 0, self._micros()[0])
+        with torch.enable_grad():
+            values = self.value_model(*micro_batch_inputs(query_ids, query_mask, response_ids, response_mask, rows))
+        return CarriedValues(order=order, rows=rows, values=values)
+
+    @torch.no_grad()
+    def scoring_values(self, carried: CarriedValues, query_ids, query_mask, response_ids, response_mask, *,
+                       chunk: int) -> torch.Tensor:
+        """Values [B, R] (float32, 0 past each response) of every episode for the advantages: the carried
+        rows from their forward, the others from no-grad forwards in chunks of `chunk` episodes."""
+        B, R = response_ids.size()
+        out = torch.zeros(B, R, dtype=torch.float32, device=response_ids.device)
+        mask = torch.ones(B, dtype=torch.bool, device=response_ids.device)
+        mask[carried.rows] = False
+        others = mask.nonzero().squeeze(1)
+        parts = [(carried.rows, carried.values.detach())]
+        for start in range(0, others.numel(), chunk):
+            rows = others[start: start + chunk]
+            parts.append((rows, self.value_model(*micro_batch_inputs(query_ids, query_mask, response_ids,
+                                                                      response_mask, rows))))
+        for rows, v in parts:
+            r_mask = response_mask[rows, :v.size(1)]
+            out[rows, :v.size(1)] = torch.where(r_mask, v.float(), torch.zeros_like(v, dtype=torch.float32))
+        return out
+
+    def _micros(self) -> list[int]:
+        cfg = self.config
+        procs = self.processes
+        return list(procs.micro_batches(cfg.gradient_accumulation_steps) if procs is not None else
+                    range(cfg.gradient_accumulation_steps))
+
+    def _micro_rows(self, order: torch.Tensor, mb: int, micro: int) -> torch.Tensor:
+        mbs, pdbs = self.config.mini_batch_size, self.config.per_device_train_batch_size
+        mb_idx = order[mb * mbs: (mb + 1) * mbs]
+        return mb_idx[micro * pdbs: (micro + 1) * pdbs]
+
+    def forward(self, batch: Rollout, *, temperature: float, return_entropy: bool,
+                values: torch.Tensor | None = None):
         """New log-probs and values of a micro-batch (with gradient); the entropy carries a gradient
-        only when the loss has an entropy bonus."""
+        only when the loss has an entropy bonus. `values` given (CarriedValues): the critic does not run."""
         extra = {} if batch.features is None else {"features": batch.features}
         if self.forward_module is not None:  # through DDP/FSDP2/ZeRO's forward, so their gradient hooks run
             return self.forward_module(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
@@ -256,35 +336,46 @@ class PPOUpdater:
         out = self.policy.forward(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask,
                                   temperature=temperature, return_entropy=return_entropy,
                                   entropy_grad=self.config.entropy_coef > 0, **extra)
-        values = out.values
+        if values is None:
+            values = out.values
         if values is None:
             values = self.value_model(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
         return out.logprobs, out.entropy, values
 
-    def update(self, rollout: Rollout, adv: Advantages, generator: torch.Generator) -> UpdateStats:
+    def update(self, rollout: Rollout, adv: Advantages, generator: torch.Generator,
+               carried: CarriedValues | None = None) -> UpdateStats:
+        """carried (from carry_values with this generator): epoch 0's order was drawn there, and its first
+        micro-batch's values come from there."""
         cfg = self.config
         B = rollout.response_ids.size(0)
-        mbs, pdbs = cfg.mini_batch_size, cfg.per_device_train_batch_size
+        mbs = cfg.mini_batch_size
         stats = UpdateStats()
         procs = self.processes
         n_procs = procs.num_processes if procs is not None else 1
-        micros = procs.micro_batches(cfg.gradient_accumulation_steps) if procs is not None else \
-            range(cfg.gradient_accumulation_steps)
+        micros = self._micros()
         tokens = rollout.response_mask.sum(1).tolist()  # response tokens per episode (exact integers)
         for epoch in range(cfg.num_ppo_epochs):
-            order = torch.randperm(B, generator=generator).to(rollout.response_ids.device)
+            if epoch == 0 and carried is not None:
+                order = carried.order
+            else:
+                order = torch.randperm(B, generator=generator).to(rollout.response_ids.device)
             for mb in range(cfg.num_mini_batches):
                 mb_idx = order[mb * mbs: (mb + 1) * mbs]
                 n_mb = sum(tokens[i] for i in mb_idx.tolist())
                 self.optimizer.zero_grad(set_to_none=True)
                 bad = None
                 for j, micro in enumerate(micros):
-                    idx = mb_idx[micro * pdbs: (micro + 1) * pdbs]
+                    idx = self._micro_rows(order, mb, micro)
+                    values = None
+                    if carried is not None and epoch == 0 and mb == 0 and j == 0:
+                        if not torch.equal(idx, carried.rows):  # an internal error, not a user's
+                            raise RuntimeError("alignfast: the carried values belong to other episodes")
+                        values, carried = carried.values, None  # its graph is freed with this backward
                     # n_k N / n_m: exactly 1.0 with one process and one micro-batch per mini-batch.
                     scale = sum(tokens[i] for i in idx.tolist()) * n_procs / n_mb
                     with (procs.no_sync(self.forward_module, last=j == len(micros) - 1) if procs is not None
                           else nullcontext()):
-                        loss = self._micro_step(rollout, adv, idx, stats)
+                        loss = self._micro_step(rollout, adv, idx, stats, values=values)
                         if not torch.isfinite(loss):
                             bad = bad or NonFiniteLoss(epoch, mb, micro, float(loss.detach()))
                             if n_procs == 1:
@@ -315,14 +406,16 @@ class PPOUpdater:
             fast = cfg.backend == "fast"
             clip_grad_norm(self.params, cfg.max_grad_norm, skip_unit_scale=fast, optimizer=self.optimizer if fast else None)
 
-    def _micro_step(self, rollout: Rollout, adv: Advantages, idx: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
+    def _micro_step(self, rollout: Rollout, adv: Advantages, idx: torch.Tensor, stats: UpdateStats,
+                    values: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         batch = rollout.select(idx)
         q0, r1 = trim_columns(batch.query_mask, batch.response_mask)
         batch.query_ids, batch.query_mask = batch.query_ids[:, q0:], batch.query_mask[:, q0:]
         mask = batch.response_mask[:, :r1]
         batch.response_ids, batch.response_mask = batch.response_ids[:, :r1], mask
-        logprobs, entropy, values = self.forward(batch, temperature=cfg.temperature, return_entropy=True)
+        logprobs, entropy, values = self.forward(batch, temperature=cfg.temperature, return_entropy=True,
+                                                 values=values)
         loss, s = self.ops.ppo_loss(
             logprobs, batch.logprobs[:, :r1], adv.advantages[idx, :r1], values, batch.values[:, :r1],
             adv.returns[idx, :r1], mask, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,

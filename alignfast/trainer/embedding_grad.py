@@ -1,0 +1,167 @@
+"""A persistent gradient buffer for a trained embedding matrix on the CPU (the critic's token embeddings).
+
+An embedding's backward on the CPU (ATen's `embedding_dense_backward_cpu`) allocates the whole [V, H] gradient
+and zero-fills it on every call, then adds each looked-up position's gradient into its row:
+
+    G = 0 (V x H);   for i = 0 .. n-1 in order:   G[idx_i] += g_i          (idx_i != padding_idx)
+
+For the SmolLM2-135M shape that is a 113 MB block per micro-batch. It is above glibc's largest mmap threshold
+(32 MiB), so each one is a fresh mapping: zero-filling it page-faults every 4 KiB page in (~107 ms per call
+measured on the 2-core CPU, 215 ms of a 2.9 s LoRA update), and freeing it (the optimizer's
+zero_grad(set_to_none=True)) unmaps it again (~25 ms) — while the batch touched ~90 of its 49,152 rows.
+
+`install_embedding_grad_buffer(embedding)` keeps one [V, H] buffer for the weight's gradient across steps and
+gives the module a forward whose backward writes into it:
+
+- the rows the last gradient touched are set back to exact zeros (the rest already are: only touched rows
+  are ever written), then `buffer.index_add_(0, idx, g)` adds the positions in order, which is the loop above
+  term for term (the same adds in the same order from the same zeros: bit for bit, tested);
+- when the weight already holds that buffer as its gradient (a second micro-batch of the same optimizer step),
+  the micro-batch's own contribution C is built the same way in a second buffer and added to the touched
+  rows of the gradient: G + C is what AccumulateGrad's in-place add computes (untouched rows add +0 to values
+  that are never -0: a sum that starts at +0 cannot become -0 in round-to-nearest);
+- a gradient of another tensor (set by someone else) gets the contribution added densely, as AccumulateGrad.
+
+The backward returns None for the weight: autograd's AccumulateGrad does not run for it, so gradient hooks on
+that weight (DDP's reducer, post-accumulate hooks) would not see it. The trainer installs it only where none
+exist: the fast backend, one process, the CPU, an embedding whose weight nothing else in the trained modules
+uses (a critic's own token embeddings; not a policy's embeddings tied to its LM head, whose two gradients
+autograd sums before accumulating), no max_norm, no scale_grad_by_freq, no sparse gradient.
+Memory: the buffer (and, after a step with several micro-batches, the second one) stays allocated between
+steps, where the per-call blocks were freed; the update's peak, which holds the gradient anyway, is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EmbeddingGradBuffer:
+    """The gradient buffer of one embedding weight and the rows of it that may be nonzero."""
+
+    def __init__(self, weight: nn.Parameter, padding_idx: int | None):
+        self.weight = weight
+        self.padding_idx = padding_idx
+        self.buffer = torch.zeros_like(weight)
+        self.dirty: torch.Tensor | None = None      # rows of `buffer` written since it was last all zeros
+        self.scratch: torch.Tensor | None = None    # a micro-batch's contribution, when it is accumulated
+        self.scratch_dirty: torch.Tensor | None = None
+
+    def _rows(self, indices: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = indices.reshape(-1)
+        g = grad.reshape(idx.numel(), grad.size(-1))
+        if self.padding_idx is not None:  # embedding_dense_backward skips them
+            keep = idx != self.padding_idx
+            idx, g = idx[keep], g[keep]
+        return idx, g.to(self.buffer.dtype)
+
+    @staticmethod
+    def _clear(buffer: torch.Tensor, dirty: torch.Tensor | None) -> None:
+        if dirty is not None and dirty.numel():
+            buffer.index_fill_(0, dirty, 0.0)
+
+    def accumulate(self, indices: torch.Tensor, grad: torch.Tensor) -> None:
+        """Adds d loss / d weight of one lookup into weight.grad (see the module docstring)."""
+        idx, g = self._rows(indices, grad)
+        w = self.weight
+        if w.grad is None:
+            self._clear(self.buffer, self.dirty)
+            self.buffer.index_add_(0, idx, g)
+            self.dirty = torch.unique(idx)
+            w.grad = self.buffer
+            return
+        if self.scratch is None:
+            self.scratch = torch.zeros_like(self.buffer)
+        self._clear(self.scratch, self.scratch_dirty)
+        self.scratch.index_add_(0, idx, g)
+        rows = torch.unique(idx)
+        self.scratch_dirty = rows
+        if w.grad is self.buffer:
+            self.buffer.index_add_(0, rows, self.scratch.index_select(0, rows))  # one add per element
+            self.dirty = torch.unique(torch.cat([self.dirty, rows])) if self.dirty is not None else rows
+        else:  # a gradient tensor this buffer does not own: AccumulateGrad's dense in-place add
+            with torch.no_grad():
+                w.grad += self.scratch
+
+
+class _BufferedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, indices, weight, owner):
+        ctx.save_for_backward(indices)
+        ctx.owner = owner
+        return F.embedding(indices, weight, owner.padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (indices,) = ctx.saved_tensors
+        ctx.owner.accumulate(indices, grad_output)
+        return None, None, None
+
+
+class _BufferedForward:
+    """The embedding's `forward` attribute (a picklable callable, as in trainer/lora_fast.py)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getstate__(self):
+        return self.module
+
+    def __setstate__(self, module):
+        self.module = module
+
+    def __call__(self, input_ids):
+        m = self.module
+        if not (m.weight.requires_grad and torch.is_grad_enabled()):
+            return F.embedding(input_ids, m.weight, m.padding_idx)
+        owner = m._alignfast_grad_buffer
+        if owner.weight is not m.weight:  # the weight was replaced since installation: nn.Embedding's own path
+            return type(m).forward(m, input_ids)
+        return _BufferedLookup.apply(input_ids, m.weight, owner)
+
+
+def buffer_applies(embedding: nn.Module) -> bool:
+    """A plain nn.Embedding on the CPU whose backward is the dense loop above (no max_norm, no
+    scale_grad_by_freq, no sparse gradient)."""
+    return (type(embedding) is nn.Embedding and embedding.weight.device.type == "cpu"
+            and embedding.max_norm is None and not embedding.scale_grad_by_freq and not embedding.sparse
+            and embedding.weight.dtype in (torch.float32, torch.float64))
+
+
+def install_embedding_grad_buffer(embedding: nn.Embedding) -> EmbeddingGradBuffer:
+    """Give `embedding` the buffered backward; the caller has checked buffer_applies() and that nothing else
+    uses its weight."""
+    owner = EmbeddingGradBuffer(embedding.weight, embedding.padding_idx)
+    embedding._alignfast_grad_buffer = owner
+    embedding.forward = _BufferedForward(embedding)
+    return owner
+
+
+def remove_embedding_grad_buffer(embedding: nn.Module) -> bool:
+    """nn.Embedding's own forward and backward again; True if the module had the buffered one."""
+    if "_alignfast_grad_buffer" not in embedding.__dict__:
+        return False
+    del embedding.__dict__["_alignfast_grad_buffer"]
+    embedding.__dict__.pop("forward", None)
+    return True
+
+
+def install_for_critic(value_model: nn.Module, other_params: list[nn.Parameter]) -> int:
+    """Buffers for the critic's embeddings whose weight no other module of the critic and none of
+    `other_params` (the policy's) uses; returns how many were installed."""
+    other = {id(p) for p in other_params}
+    users: dict[int, int] = {}
+    for m in value_model.modules():
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    n = 0
+    for m in value_model.modules():
+        if (buffer_applies(m) and m.weight.requires_grad and users.get(id(m.weight), 0) == 1
+                and id(m.weight) not in other):
+            install_embedding_grad_buffer(m)
+            n += 1
+    return n
