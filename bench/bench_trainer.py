@@ -259,7 +259,12 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
     drifting on a shared machine hits every provider alike; report medians per provider and per phase, and
     the per-round ratio to the reference (its median and inter-quartile range). thread_counts: the providers
     are the fast trainer once per count instead, and the ratios are against the first count."""
-    harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # time the step as a normal process runs it
+    # Time the step as a long-running process's glibc serves it: blocks up to 32 MiB from the heap, and the heap
+    # not trimmed below 64 MiB. A 32 MiB threshold alone (this bench until 2026-11-30) left glibc's trim
+    # threshold at 128 KiB, so every freed top of the heap went back to the system and faulted in again; that
+    # cost the reference path's larger allocations more (LoRA: reference 7444 vs 7765 ms, fast 5345 vs
+    # 5401; glibc's untouched dynamic mode gave 7707 / 5512: bench/NOTES-trainer.md).
+    harness.normal_allocator()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         world = make_world(preset_name, root)
@@ -568,7 +573,9 @@ def main(argv=None):
     setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, args.torch_compile, tuple(args.mem))
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
     if args.memory_child:
-        # a normal process's allocator (or, mmap-64k, every tensor over 64 KiB mapped and unmapped on free)
+        # glibc with a 32 MiB mmap threshold and its default 128 KiB trim threshold, as the recorded peaks were
+        # taken (a long-running process's 64 MiB trim threshold keeps more of the heap resident; the timing runs
+        # use that one), or, mmap-64k, every tensor over 64 KiB mapped and unmapped on free
         harness.set_mmap_threshold(64 * 1024 if "mmap-64k" in setup.memory else harness.TIMING_MMAP_THRESHOLD)
         print(json.dumps(memory_child(presets[0], args.memory_child, Path(args.root), args.device, setup)))
         return

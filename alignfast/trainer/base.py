@@ -34,7 +34,7 @@ from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, de
 from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
                                            gather_env_output, gather_rollout, gathered_for_generation,
                                            gathered_policy_state, make_processes, save_sharded_state)
-from alignfast.trainer.embedding_grad import install_for_critic
+from alignfast.trainer.embedding_grad import install_for_critic, install_for_policy
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.lora_fast import install_lean_lora
@@ -181,9 +181,12 @@ class PPOEngineTrainer(RunLoop):
             attach_compiled_layers(self.device, self.policy, self._ref_policy, self.value_model)
         # Fast backend, one process, CPU: the critic's token-embedding gradient lives in a persistent buffer
         # (exact; no 113 MB zero-fill and page faults per micro-batch at SmolLM2's shape: embedding_grad.py).
-        self.embedding_grad_buffers = 0
-        if config.backend == "fast" and self.value_model is not None and not self.processes.distributed:
-            self.embedding_grad_buffers = install_for_critic(self.value_model, list(model.parameters()))
+        # A trained policy's own embeddings likewise; tied to its LM head they return a sparse gradient instead.
+        self.embedding_grad_buffers, self.policy_embedding_grad = 0, None
+        if config.backend == "fast" and not self.processes.distributed:
+            if self.value_model is not None:
+                self.embedding_grad_buffers = install_for_critic(self.value_model, list(model.parameters()))
+            self.policy_embedding_grad = install_for_policy(model)
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         if shared_head is not None:

@@ -25,10 +25,17 @@ gives the module a forward whose backward writes into it:
 The backward returns None for the weight: autograd's AccumulateGrad does not run for it, so gradient hooks on
 that weight (DDP's reducer, post-accumulate hooks) would not see it. The trainer installs it only where none
 exist: the fast backend, one process, the CPU, an embedding whose weight nothing else in the trained modules
-uses (a critic's own token embeddings; not a policy's embeddings tied to its LM head, whose two gradients
-autograd sums before accumulating), no max_norm, no scale_grad_by_freq, no sparse gradient.
+uses (a critic's own token embeddings), no max_norm, no scale_grad_by_freq, no sparse gradient.
 Memory: the buffer (and, after a step with several micro-batches, the second one) stays allocated between
 steps, where the per-call blocks were freed; the update's peak, which holds the gradient anyway, is unchanged.
+
+A policy's token embeddings tied to its LM head (SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B) get a second gradient, the
+LM head's dense dW_head, which autograd adds to the lookup's before accumulating: G += dW_head + G_lookup.
+`install_sparse_lookup_grad(embedding)` makes the lookup's backward return G_lookup as a coalesced sparse
+tensor instead: its rows are built as above (zeros, then the positions' adds in order) and autograd's sum
+adds each of them to dW_head's row in place, once per element, which is dW_head + G_lookup with G_lookup's
+untouched rows skipped (x + 0 = x). No [V, H] block of zeros is made. Should the head not contribute on some
+backward (the lookup's gradient alone would then be sparse), a post-accumulate hook makes it dense again.
 """
 
 from __future__ import annotations
@@ -100,6 +107,56 @@ class _BufferedLookup(torch.autograd.Function):
         return None, None, None
 
 
+class _SparseLookup(torch.autograd.Function):
+    """F.embedding whose weight gradient is the coalesced sparse G_lookup (rows summed in position order)."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, padding_idx):
+        ctx.save_for_backward(indices)
+        ctx.padding_idx = padding_idx
+        ctx.shape = weight.shape
+        return F.embedding(indices, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (indices,) = ctx.saved_tensors
+        idx = indices.reshape(-1)
+        g = grad_output.reshape(idx.numel(), grad_output.size(-1))
+        if ctx.padding_idx is not None:
+            keep = idx != ctx.padding_idx
+            idx, g = idx[keep], g[keep]
+        rows, slot = torch.unique(idx, return_inverse=True)
+        values = torch.zeros(rows.numel(), g.size(1), dtype=g.dtype, device=g.device)
+        values.index_add_(0, slot, g)  # each row: 0 + g_i + g_j + ... in position order, as the dense loop
+        grad_weight = torch.sparse_coo_tensor(rows[None], values, ctx.shape, is_coalesced=True,
+                                              check_invariants=False)  # unique sorted rows by construction
+        return None, grad_weight, None
+
+
+def _densify_sparse_grad(weight: torch.Tensor) -> None:
+    if weight.grad is not None and weight.grad.is_sparse:
+        weight.grad = weight.grad.to_dense()
+
+
+class _SparseForward:
+    __slots__ = ("module",)
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getstate__(self):
+        return self.module
+
+    def __setstate__(self, module):
+        self.module = module
+
+    def __call__(self, input_ids):
+        m = self.module
+        if not (m.weight.requires_grad and torch.is_grad_enabled()):
+            return F.embedding(input_ids, m.weight, m.padding_idx)
+        return _SparseLookup.apply(input_ids, m.weight, m.padding_idx)
+
+
 class _BufferedForward:
     """The embedding's `forward` attribute (a picklable callable, as in trainer/lora_fast.py)."""
 
@@ -141,13 +198,39 @@ def install_embedding_grad_buffer(embedding: nn.Embedding) -> EmbeddingGradBuffe
     return owner
 
 
+def install_sparse_lookup_grad(embedding: nn.Embedding) -> None:
+    """Give `embedding` the sparse-gradient backward (for a weight tied to a dense use; buffer_applies())."""
+    embedding._alignfast_sparse_grad = embedding.weight.register_post_accumulate_grad_hook(_densify_sparse_grad)
+    embedding.forward = _SparseForward(embedding)
+
+
 def remove_embedding_grad_buffer(embedding: nn.Module) -> bool:
-    """nn.Embedding's own forward and backward again; True if the module had the buffered one."""
-    if "_alignfast_grad_buffer" not in embedding.__dict__:
+    """nn.Embedding's own forward and backward again; True if the module had the buffered or sparse one."""
+    if "_alignfast_grad_buffer" in embedding.__dict__:
+        del embedding.__dict__["_alignfast_grad_buffer"]
+    elif "_alignfast_sparse_grad" in embedding.__dict__:
+        embedding.__dict__.pop("_alignfast_sparse_grad").remove()
+    else:
         return False
-    del embedding.__dict__["_alignfast_grad_buffer"]
     embedding.__dict__.pop("forward", None)
     return True
+
+
+def install_for_policy(model: nn.Module) -> str | None:
+    """The policy's input embeddings, when they train on the CPU: "sparse" where the weight is tied to the LM
+    head (and used nowhere else), "buffer" where nothing else uses it; None where neither applies."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or not buffer_applies(emb) or not emb.weight.requires_grad:
+        return None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    users = sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is emb.weight)
+    if users == 1:
+        install_embedding_grad_buffer(emb)
+        return "buffer"
+    if users == 2 and out is not None and out.weight is emb.weight:
+        install_sparse_lookup_grad(emb)
+        return "sparse"
+    return None
 
 
 def install_for_critic(value_model: nn.Module, other_params: list[nn.Parameter]) -> int:

@@ -118,3 +118,102 @@ def test_installed_only_where_nothing_else_uses_the_weight():
     assert not buffer_applies(nn.Embedding(10, 4, max_norm=1.0))
     assert not buffer_applies(nn.Embedding(10, 4, scale_grad_by_freq=True))
     assert not buffer_applies(nn.Embedding(10, 4, sparse=True))
+
+
+class TiedLM(nn.Module):
+    """Token embeddings tied to the LM head, as SmolLM2's: the weight gets the lookup's and the head's gradient."""
+
+    def __init__(self, V, H, dtype, seed=0, tie=True):
+        super().__init__()
+        torch.manual_seed(seed)  # every module's initial weights
+        g = torch.Generator().manual_seed(seed)
+        self.embed = nn.Embedding(V, H, padding_idx=0).to(dtype)
+        self.head = nn.Linear(H, V, bias=False).to(dtype)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(V, H, generator=g, dtype=dtype))
+            self.head.weight.copy_(torch.randn(V, H, generator=g, dtype=dtype))
+        if tie:
+            self.head.weight = self.embed.weight
+        self.mix = nn.Linear(H, H).to(dtype)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, idx, head=True):
+        h = torch.tanh(self.mix(self.embed(idx)))
+        return torch.log_softmax(self.head(h), -1).sum() if head else h.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tied_weight_sparse_lookup_gradient_is_bitwise(dtype):
+    from alignfast.trainer.embedding_grad import install_for_policy
+
+    V, H = 40, 12
+    plain, fast = TiedLM(V, H, dtype), TiedLM(V, H, dtype)
+    assert install_for_policy(fast) == "sparse"
+    for step, micro in enumerate([1, 2, 3]):
+        for m in (plain, fast):
+            m.zero_grad(set_to_none=True)
+        for idx, _ in draws(V, H, dtype, micro, seed=step):
+            plain(idx).backward()
+            fast(idx).backward()
+        for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters()):
+            assert not b.grad.is_sparse and torch.equal(a.grad, b.grad), (step, name)
+    # a backward where only the lookup contributes still leaves a dense gradient
+    for m in (plain, fast):
+        m.zero_grad(set_to_none=True)
+        m(draws(V, H, dtype, 1)[0][0], head=False).backward()
+    assert not fast.embed.weight.grad.is_sparse and torch.equal(fast.embed.weight.grad, plain.embed.weight.grad)
+    assert remove_embedding_grad_buffer(fast.embed) and not remove_embedding_grad_buffer(fast.embed)
+
+
+def test_policy_install_rules():
+    from alignfast.trainer.embedding_grad import install_for_policy
+
+    assert install_for_policy(TiedLM(10, 4, torch.float32, tie=False)) == "buffer"
+    frozen = TiedLM(10, 4, torch.float32)
+    frozen.embed.weight.requires_grad_(False)
+    assert install_for_policy(frozen) is None
+    shared_thrice = TiedLM(10, 4, torch.float32)
+    shared_thrice.extra = nn.Linear(4, 10, bias=False)
+    shared_thrice.extra.weight = shared_thrice.embed.weight
+    assert install_for_policy(shared_thrice) is None
+
+
+@pytest.mark.parametrize("value_head", ["separate", "shared"])
+def test_trainer_runs_bit_for_bit_with_and_without_the_embedding_paths(tmp_path, monkeypatch, value_head):
+    """A tied-embedding prompter (full fine-tuning; the critic's copy of the backbone is then untied): the
+    fast trainer gives the same losses and weights, bit for bit, with the buffered / sparse embedding
+    gradients as with nn.Embedding's own backward."""
+    import alignfast.trainer.base as base
+    from tests.trainer.tiny import WORDS, echo_trainer, make_causal_lm, make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "tok", WORDS)
+    make_causal_lm(tmp_path / "prompter", len(tok), seed=0, hidden=16, layers=1, tie=True)
+    tok.save_pretrained(str(tmp_path / "prompter"))
+    cfg = dict(backend="fast", seed=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+               num_mini_batches=2, num_ppo_epochs=2, max_steps=2, response_length=5, temperature=0.9, kl_coef=0.1,
+               learning_rate=3e-3, save_strategy="no", logging_steps=1, rewrite_template="rewrite {prompt}",
+               value_head=value_head)
+
+    def run(name):
+        trainer, rec = echo_trainer(tok, tmp_path / "prompter", output_dir=str(tmp_path / name), **cfg)
+        trainer.train()
+        return trainer, rec
+
+    fast, rf = run("with")
+    assert fast.policy_embedding_grad == "sparse"
+    assert fast.embedding_grad_buffers == (1 if value_head == "separate" else 0)
+    monkeypatch.setattr(base, "install_for_policy", lambda model: None)
+    monkeypatch.setattr(base, "install_for_critic", lambda critic, other: 0)
+    plain, rp = run("without")
+    assert plain.policy_embedding_grad is None
+    assert rf.losses == rp.losses
+    for (name, a), (_, b) in zip(fast.model.named_parameters(), plain.model.named_parameters()):
+        assert torch.equal(a, b), name
+    if value_head == "separate":
+        for (name, a), (_, b) in zip(fast.value_model.named_parameters(), plain.value_model.named_parameters()):
+            assert torch.equal(a, b), name
