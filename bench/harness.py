@@ -374,11 +374,18 @@ def measured_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> floa
 
 
 def git_commit() -> str:
+    """HEAD's short hash, with "+uncommitted" when tracked files other than RESULTS.md differ from it: such a
+    run measured code that commit does not hold."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=here, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    dirty = [line for line in changed if not line.rstrip().endswith("bench/RESULTS.md")]
+    return head + ("+uncommitted" if dirty else "")
 
 
 def append_results(title: str, table: str, *, device: str = "cpu", notes: str = "", rounds: int | None = None) -> None:

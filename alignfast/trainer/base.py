@@ -181,12 +181,13 @@ class PPOEngineTrainer(RunLoop):
             attach_compiled_layers(self.device, self.policy, self._ref_policy, self.value_model)
         # Fast backend, one process, CPU: the critic's token-embedding gradient lives in a persistent buffer
         # (exact; no 113 MB zero-fill and page faults per micro-batch at SmolLM2's shape: embedding_grad.py).
-        # A trained policy's own embeddings likewise; tied to its LM head they return a sparse gradient instead.
+        # A trained policy's own embeddings likewise; tied to its LM head, their rows go into its gradient in place.
         self.embedding_grad_buffers, self.policy_embedding_grad = 0, None
         if config.backend == "fast" and not self.processes.distributed:
             if self.value_model is not None:
                 self.embedding_grad_buffers = install_for_critic(self.value_model, list(model.parameters()))
-            self.policy_embedding_grad = install_for_policy(model)
+            self.policy_embedding_grad = install_for_policy(
+                model, micro_batches_per_step=config.gradient_accumulation_steps)
 
         self.params = [p for p in model.parameters() if p.requires_grad]
         if shared_head is not None:

@@ -29,13 +29,16 @@ uses (a critic's own token embeddings), no max_norm, no scale_grad_by_freq, no s
 Memory: the buffer (and, after a step with several micro-batches, the second one) stays allocated between
 steps, where the per-call blocks were freed; the update's peak, which holds the gradient anyway, is unchanged.
 
-A policy's token embeddings tied to its LM head (SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B) get a second gradient, the
-LM head's dense dW_head, which autograd adds to the lookup's before accumulating: G += dW_head + G_lookup.
-`install_sparse_lookup_grad(embedding)` makes the lookup's backward return G_lookup as a coalesced sparse
-tensor instead: its rows are built as above (zeros, then the positions' adds in order) and autograd's sum
-adds each of them to dW_head's row in place, once per element, which is dW_head + G_lookup with G_lookup's
-untouched rows skipped (x + 0 = x). No [V, H] block of zeros is made. Should the head not contribute on some
-backward (the lookup's gradient alone would then be sparse), a post-accumulate hook makes it dense again.
+A policy's token embeddings tied to its LM head (SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B) also get the LM head's
+dense dW_head. Autograd adds the two into a fresh [V, H] tensor, so the lookup's zero-filled block costs the same
+there. `install_tied_lookup(embedding)`, for runs with one micro-batch per optimizer step (each backward starts
+from weight.grad = None), adds the lookup's rows into weight.grad in place instead: autograd's engine runs the
+weight's AccumulateGrad as soon as dW_head arrives (it has the highest priority in the ready queue), which
+sets weight.grad = dW_head, and the lookup's backward, the last node of the graph, adds its rows with
+`index_add_` over unique rows, one add per element: dW_head + G_lookup, bit for bit (x + 0 = x for the rest).
+Should the lookup's backward come first, it makes weight.grad = G_lookup (dense) and AccumulateGrad adds dW_head
+into it in place: the same sum. With several micro-batches per step the engine's order would add dW_head to
+the accumulated gradient before G_lookup, so the trainer does not install it then.
 """
 
 from __future__ import annotations
@@ -107,38 +110,35 @@ class _BufferedLookup(torch.autograd.Function):
         return None, None, None
 
 
-class _SparseLookup(torch.autograd.Function):
-    """F.embedding whose weight gradient is the coalesced sparse G_lookup (rows summed in position order)."""
+class _TiedLookup(torch.autograd.Function):
+    """F.embedding whose backward adds G_lookup's rows into weight.grad (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, indices, weight, padding_idx):
         ctx.save_for_backward(indices)
         ctx.padding_idx = padding_idx
-        ctx.shape = weight.shape
+        ctx.weight = weight
         return F.embedding(indices, weight, padding_idx)
 
     @staticmethod
     def backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
+        w = ctx.weight
         idx = indices.reshape(-1)
         g = grad_output.reshape(idx.numel(), grad_output.size(-1))
         if ctx.padding_idx is not None:
             keep = idx != ctx.padding_idx
             idx, g = idx[keep], g[keep]
         rows, slot = torch.unique(idx, return_inverse=True)
-        values = torch.zeros(rows.numel(), g.size(1), dtype=g.dtype, device=g.device)
-        values.index_add_(0, slot, g)  # each row: 0 + g_i + g_j + ... in position order, as the dense loop
-        grad_weight = torch.sparse_coo_tensor(rows[None], values, ctx.shape, is_coalesced=True,
-                                              check_invariants=False)  # unique sorted rows by construction
-        return None, grad_weight, None
+        values = torch.zeros(rows.numel(), g.size(1), dtype=w.dtype, device=g.device)
+        values.index_add_(0, slot, g.to(w.dtype))  # each row: 0 + g_i + g_j + ... in position order
+        if w.grad is None:  # the head's gradient has not arrived (yet): G_lookup densely, as nn.Embedding's
+            w.grad = torch.zeros_like(w)
+        w.grad.index_add_(0, rows, values)
+        return None, None, None
 
 
-def _densify_sparse_grad(weight: torch.Tensor) -> None:
-    if weight.grad is not None and weight.grad.is_sparse:
-        weight.grad = weight.grad.to_dense()
-
-
-class _SparseForward:
+class _TiedForward:
     __slots__ = ("module",)
 
     def __init__(self, module):
@@ -154,7 +154,7 @@ class _SparseForward:
         m = self.module
         if not (m.weight.requires_grad and torch.is_grad_enabled()):
             return F.embedding(input_ids, m.weight, m.padding_idx)
-        return _SparseLookup.apply(input_ids, m.weight, m.padding_idx)
+        return _TiedLookup.apply(input_ids, m.weight, m.padding_idx)
 
 
 class _BufferedForward:
@@ -198,27 +198,27 @@ def install_embedding_grad_buffer(embedding: nn.Embedding) -> EmbeddingGradBuffe
     return owner
 
 
-def install_sparse_lookup_grad(embedding: nn.Embedding) -> None:
-    """Give `embedding` the sparse-gradient backward (for a weight tied to a dense use; buffer_applies())."""
-    embedding._alignfast_sparse_grad = embedding.weight.register_post_accumulate_grad_hook(_densify_sparse_grad)
-    embedding.forward = _SparseForward(embedding)
+def install_tied_lookup(embedding: nn.Embedding) -> None:
+    """Give `embedding` (tied to a dense use, one micro-batch per step; buffer_applies()) the in-place backward."""
+    embedding._alignfast_tied = True
+    embedding.forward = _TiedForward(embedding)
 
 
 def remove_embedding_grad_buffer(embedding: nn.Module) -> bool:
-    """nn.Embedding's own forward and backward again; True if the module had the buffered or sparse one."""
+    """nn.Embedding's own forward and backward again; True if the module had the buffered or tied one."""
     if "_alignfast_grad_buffer" in embedding.__dict__:
         del embedding.__dict__["_alignfast_grad_buffer"]
-    elif "_alignfast_sparse_grad" in embedding.__dict__:
-        embedding.__dict__.pop("_alignfast_sparse_grad").remove()
+    elif "_alignfast_tied" in embedding.__dict__:
+        del embedding.__dict__["_alignfast_tied"]
     else:
         return False
     embedding.__dict__.pop("forward", None)
     return True
 
 
-def install_for_policy(model: nn.Module) -> str | None:
-    """The policy's input embeddings, when they train on the CPU: "sparse" where the weight is tied to the LM
-    head (and used nowhere else), "buffer" where nothing else uses it; None where neither applies."""
+def install_for_policy(model: nn.Module, *, micro_batches_per_step: int) -> str | None:
+    """The policy's input embeddings, when they train on the CPU: "buffer" where nothing else uses the weight,
+    "tied" where the LM head is its only other use and every optimizer step has one micro-batch; else None."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is None or not buffer_applies(emb) or not emb.weight.requires_grad:
         return None
@@ -227,9 +227,9 @@ def install_for_policy(model: nn.Module) -> str | None:
     if users == 1:
         install_embedding_grad_buffer(emb)
         return "buffer"
-    if users == 2 and out is not None and out.weight is emb.weight:
-        install_sparse_lookup_grad(emb)
-        return "sparse"
+    if users == 2 and out is not None and out.weight is emb.weight and micro_batches_per_step == 1:
+        install_tied_lookup(emb)
+        return "tied"
     return None
 
 
