@@ -111,28 +111,34 @@ class _BufferedLookup(torch.autograd.Function):
 
 
 class _TiedLookup(torch.autograd.Function):
-    """F.embedding whose backward adds G_lookup's rows into weight.grad (see the module docstring)."""
+    """F.embedding whose backward adds G_lookup's rows into weight.grad (see the module docstring).
+
+    The weight is not an input of this node (the module is): an input edge would make the weight's
+    AccumulateGrad wait for this node, the last of the graph, so dW_head could not land first. The node's
+    output requires grad through `anchor`, a scalar leaf that never receives a gradient."""
+
+    dense_fallbacks = 0  # backwards that found no gradient yet (tests check the engine's order holds)
 
     @staticmethod
-    def forward(ctx, indices, weight, padding_idx):
+    def forward(ctx, indices, anchor, module):
         ctx.save_for_backward(indices)
-        ctx.padding_idx = padding_idx
-        ctx.weight = weight
-        return F.embedding(indices, weight, padding_idx)
+        ctx.module = module
+        return F.embedding(indices, module.weight, module.padding_idx)
 
     @staticmethod
     def backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
-        w = ctx.weight
+        w, padding_idx = ctx.module.weight, ctx.module.padding_idx
         idx = indices.reshape(-1)
         g = grad_output.reshape(idx.numel(), grad_output.size(-1))
-        if ctx.padding_idx is not None:
-            keep = idx != ctx.padding_idx
+        if padding_idx is not None:
+            keep = idx != padding_idx
             idx, g = idx[keep], g[keep]
         rows, slot = torch.unique(idx, return_inverse=True)
         values = torch.zeros(rows.numel(), g.size(1), dtype=w.dtype, device=g.device)
         values.index_add_(0, slot, g.to(w.dtype))  # each row: 0 + g_i + g_j + ... in position order
-        if w.grad is None:  # the head's gradient has not arrived (yet): G_lookup densely, as nn.Embedding's
+        if w.grad is None:  # the head's gradient did not come first: G_lookup densely, as nn.Embedding's
+            _TiedLookup.dense_fallbacks += 1
             w.grad = torch.zeros_like(w)
         w.grad.index_add_(0, rows, values)
         return None, None, None
@@ -154,7 +160,7 @@ class _TiedForward:
         m = self.module
         if not (m.weight.requires_grad and torch.is_grad_enabled()):
             return F.embedding(input_ids, m.weight, m.padding_idx)
-        return _TiedLookup.apply(input_ids, m.weight, m.padding_idx)
+        return _TiedLookup.apply(input_ids, m._alignfast_tied, m)
 
 
 class _BufferedForward:
@@ -200,7 +206,7 @@ def install_embedding_grad_buffer(embedding: nn.Embedding) -> EmbeddingGradBuffe
 
 def install_tied_lookup(embedding: nn.Embedding) -> None:
     """Give `embedding` (tied to a dense use, one micro-batch per step; buffer_applies()) the in-place backward."""
-    embedding._alignfast_tied = True
+    embedding._alignfast_tied = torch.zeros((), requires_grad=True)  # the anchor (see _TiedLookup)
     embedding.forward = _TiedForward(embedding)
 
 

@@ -156,6 +156,9 @@ def test_tied_weight_in_place_lookup_gradient_is_bitwise(dtype):
     V, H = 40, 12
     plain, fast = TiedLM(V, H, dtype), TiedLM(V, H, dtype)
     assert install_for_policy(fast, micro_batches_per_step=1) == "tied"
+    from alignfast.trainer.embedding_grad import _TiedLookup
+
+    fallbacks = _TiedLookup.dense_fallbacks
     for step in range(4):  # one micro-batch per optimizer step, with an update in between
         for m in (plain, fast):
             m.zero_grad(set_to_none=True)
@@ -168,6 +171,8 @@ def test_tied_weight_in_place_lookup_gradient_is_bitwise(dtype):
             for m in (plain, fast):
                 for p in m.parameters():
                     p.sub_(0.01 * p.grad)
+    # the head's dW landed first every time: no [V, H] block of zeros was made
+    assert _TiedLookup.dense_fallbacks == fallbacks
     # a backward where only the lookup contributes: nn.Embedding's dense gradient
     for m in (plain, fast):
         m.zero_grad(set_to_none=True)
@@ -215,8 +220,12 @@ def test_trainer_runs_bit_for_bit_with_and_without_the_embedding_paths(tmp_path,
         trainer.train()
         return trainer, rec
 
+    from alignfast.trainer.embedding_grad import _TiedLookup
+
+    fallbacks = _TiedLookup.dense_fallbacks
     fast, rf = run("with")
     assert fast.policy_embedding_grad == ("tied" if accumulation == 1 else None)
+    assert _TiedLookup.dense_fallbacks == fallbacks  # the LM head's dW always landed first
     assert fast.embedding_grad_buffers == (1 if value_head == "separate" else 0)
     monkeypatch.setattr(base, "install_for_policy", lambda model, **kw: None)
     monkeypatch.setattr(base, "install_for_critic", lambda critic, other: 0)
