@@ -374,8 +374,8 @@ def measured_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> floa
 
 
 def git_commit() -> str:
-    """HEAD's short hash, with "+uncommitted" when tracked files other than RESULTS.md differ from it: such a
-    run measured code that commit does not hold."""
+    """HEAD's short hash, with "+uncommitted" when tracked files other than Markdown (RESULTS.md, the notes)
+    differ from it: such a run measured code that commit does not hold."""
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -384,7 +384,7 @@ def git_commit() -> str:
                                  text=True, cwd=here, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    dirty = [line for line in changed if not line.rstrip().endswith("bench/RESULTS.md")]
+    dirty = [line for line in changed if not line.rstrip().endswith(".md")]
     return head + ("+uncommitted" if dirty else "")
 
 
