@@ -48,6 +48,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _positions(indices: torch.Tensor, grad: torch.Tensor, padding_idx: int | None):
+    """(token ids [n], their output gradients [n, H]) in position order, padding_idx's dropped as
+    embedding_dense_backward drops them."""
+    idx = indices.reshape(-1)
+    g = grad.reshape(idx.numel(), grad.size(-1))
+    if padding_idx is not None:
+        keep = idx != padding_idx
+        idx, g = idx[keep], g[keep]
+    return idx, g
+
+
 class EmbeddingGradBuffer:
     """The gradient buffer of one embedding weight and the rows of it that may be nonzero."""
 
@@ -60,11 +71,7 @@ class EmbeddingGradBuffer:
         self.scratch_dirty: torch.Tensor | None = None
 
     def _rows(self, indices: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = indices.reshape(-1)
-        g = grad.reshape(idx.numel(), grad.size(-1))
-        if self.padding_idx is not None:  # embedding_dense_backward skips them
-            keep = idx != self.padding_idx
-            idx, g = idx[keep], g[keep]
+        idx, g = _positions(indices, grad, self.padding_idx)
         return idx, g.to(self.buffer.dtype)
 
     @staticmethod
@@ -128,12 +135,8 @@ class _TiedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
-        w, padding_idx = ctx.module.weight, ctx.module.padding_idx
-        idx = indices.reshape(-1)
-        g = grad_output.reshape(idx.numel(), grad_output.size(-1))
-        if padding_idx is not None:
-            keep = idx != padding_idx
-            idx, g = idx[keep], g[keep]
+        w = ctx.module.weight
+        idx, g = _positions(indices, grad_output, ctx.module.padding_idx)
         rows, slot = torch.unique(idx, return_inverse=True)
         values = torch.zeros(rows.numel(), g.size(1), dtype=w.dtype, device=g.device)
         values.index_add_(0, slot, g.to(w.dtype))  # each row: 0 + g_i + g_j + ... in position order
@@ -144,7 +147,10 @@ class _TiedLookup(torch.autograd.Function):
         return None, None, None
 
 
-class _TiedForward:
+class _ModuleForward:
+    """An embedding's instance-level `forward`: nn.Embedding's lookup without grad, `_lookup` with it. A picklable
+    callable (as in trainer/lora_fast.py: pickle looks a bound method up by its function's name)."""
+
     __slots__ = ("module",)
 
     def __init__(self, module):
@@ -160,27 +166,22 @@ class _TiedForward:
         m = self.module
         if not (m.weight.requires_grad and torch.is_grad_enabled()):
             return F.embedding(input_ids, m.weight, m.padding_idx)
+        return self._lookup(m, input_ids)
+
+
+class _TiedForward(_ModuleForward):
+    __slots__ = ()
+
+    @staticmethod
+    def _lookup(m, input_ids):
         return _TiedLookup.apply(input_ids, m._alignfast_tied, m)
 
 
-class _BufferedForward:
-    """The embedding's `forward` attribute (a picklable callable, as in trainer/lora_fast.py)."""
+class _BufferedForward(_ModuleForward):
+    __slots__ = ()
 
-    __slots__ = ("module",)
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getstate__(self):
-        return self.module
-
-    def __setstate__(self, module):
-        self.module = module
-
-    def __call__(self, input_ids):
-        m = self.module
-        if not (m.weight.requires_grad and torch.is_grad_enabled()):
-            return F.embedding(input_ids, m.weight, m.padding_idx)
+    @staticmethod
+    def _lookup(m, input_ids):
         owner = m._alignfast_grad_buffer
         if owner.weight is not m.weight:  # the weight was replaced since installation: nn.Embedding's own path
             return type(m).forward(m, input_ids)
