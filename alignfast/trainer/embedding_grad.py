@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignfast.trainer.instance_forward import InstanceForward
+
 
 def _positions(indices: torch.Tensor, grad: torch.Tensor, padding_idx: int | None):
     """(token ids [n], their output gradients [n, H]) in position order, padding_idx's dropped as
@@ -147,20 +149,10 @@ class _TiedLookup(torch.autograd.Function):
         return None, None, None
 
 
-class _ModuleForward:
-    """An embedding's instance-level `forward`: nn.Embedding's lookup without grad, `_lookup` with it. A picklable
-    callable (as in trainer/lora_fast.py: pickle looks a bound method up by its function's name)."""
+class _ModuleForward(InstanceForward):
+    """An embedding's instance-level `forward`: nn.Embedding's lookup without grad, `_lookup` with it."""
 
-    __slots__ = ("module",)
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getstate__(self):
-        return self.module
-
-    def __setstate__(self, module):
-        self.module = module
+    __slots__ = ()
 
     def __call__(self, input_ids):
         m = self.module

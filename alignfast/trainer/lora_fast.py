@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from alignfast.trainer.instance_forward import InstanceForward
+
 
 class _Plan(NamedTuple):
     """When the lean forward applies: the layer's active adapter as it was at installation (its submodules
@@ -74,23 +76,13 @@ def _lean_forward(self, x, *args, **kwargs):
     return result.to(dtype)
 
 
-class _LeanForward:
-    """The layer's `forward` attribute: a picklable callable (a bound method of a function by another name
-    would not unpickle: pickle looks a method up on its object by the function's name)."""
+class _LeanForward(InstanceForward):
+    """The layer's `forward` attribute."""
 
-    __slots__ = ("layer",)
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __getstate__(self):
-        return self.layer
-
-    def __setstate__(self, layer):
-        self.layer = layer
+    __slots__ = ()
 
     def __call__(self, x, *args, **kwargs):
-        return _lean_forward(self.layer, x, *args, **kwargs)
+        return _lean_forward(self.module, x, *args, **kwargs)
 
 
 def _plan(layer) -> _Plan | None:

@@ -237,3 +237,21 @@ def test_trainer_runs_bit_for_bit_with_and_without_the_embedding_paths(tmp_path,
     if value_head == "separate":
         for (name, a), (_, b) in zip(fast.value_model.named_parameters(), plain.value_model.named_parameters()):
             assert torch.equal(a, b), name
+
+
+def test_modules_with_the_lookups_pickle_and_deep_copy():
+    import copy
+    import pickle
+
+    from alignfast.trainer.embedding_grad import install_for_policy
+
+    _, buffered = pair(12, 4, torch.float32)
+    tied = TiedLM(12, 4, torch.float32)
+    install_for_policy(tied, micro_batches_per_step=1)
+    idx = torch.tensor([[1, 2, 2, 5]])
+    for m, embedding_of in ((buffered, lambda m: m), (tied, lambda m: m.embed)):
+        for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+            out = clone(idx)
+            assert torch.equal(out, m(idx))
+            out.sum().backward()  # the copy's lookup writes its own weight's gradient, not the original's
+            assert embedding_of(clone).weight.grad is not None and embedding_of(m).weight.grad is None
