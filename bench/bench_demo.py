@@ -36,7 +36,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from alignfast.cli.demo import run_demo
 
-    harness.set_mmap_threshold(harness.TIMING_MMAP_THRESHOLD)  # time the demo as a normal process runs
+    harness.normal_allocator()  # glibc as a long-running process ends up (bench_trainer's note on trimming)
     episodes = 640 if args.quick else None
     rows = []
     for backend in ("reference", "fast"):
