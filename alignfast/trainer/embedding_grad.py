@@ -180,12 +180,19 @@ class _BufferedForward(_ModuleForward):
         return _BufferedLookup.apply(input_ids, m.weight, owner)
 
 
+# glibc's largest mmap threshold on 64-bit Linux (DEFAULT_MMAP_THRESHOLD_MAX): a block above it is always a fresh
+# mapping that faults in page by page; below it a long-running process reuses heap blocks, and the per-row Python
+# of the lookups below would cost more than the zero-fill it saves (the demo's 51 x 64 embeddings).
+MIN_GRADIENT_BYTES = 32 * 1024 * 1024
+
+
 def buffer_applies(embedding: nn.Module) -> bool:
     """A plain nn.Embedding on the CPU whose backward is the dense loop above (no max_norm, no
-    scale_grad_by_freq, no sparse gradient)."""
+    scale_grad_by_freq, no sparse gradient), with a weight larger than MIN_GRADIENT_BYTES."""
     return (type(embedding) is nn.Embedding and embedding.weight.device.type == "cpu"
             and embedding.max_norm is None and not embedding.scale_grad_by_freq and not embedding.sparse
-            and embedding.weight.dtype in (torch.float32, torch.float64))
+            and embedding.weight.dtype in (torch.float32, torch.float64)
+            and embedding.weight.numel() * embedding.weight.element_size() > MIN_GRADIENT_BYTES)
 
 
 def install_embedding_grad_buffer(embedding: nn.Embedding) -> EmbeddingGradBuffer:

@@ -7,8 +7,21 @@ import pytest
 import torch
 from torch import nn
 
+from alignfast.trainer import embedding_grad
 from alignfast.trainer.embedding_grad import (buffer_applies, install_embedding_grad_buffer, install_for_critic,
                                               remove_embedding_grad_buffer)
+
+
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    """The tests' embeddings are small; the size rule has its own test."""
+    monkeypatch.setattr(embedding_grad, "MIN_GRADIENT_BYTES", 0)
+
+
+def test_small_embeddings_keep_nn_embedding(monkeypatch):
+    monkeypatch.setattr(embedding_grad, "MIN_GRADIENT_BYTES", 32 * 1024 * 1024)
+    assert not buffer_applies(nn.Embedding(51, 64))
+    assert buffer_applies(nn.Embedding(49152, 576))  # SmolLM2's: 113 MB
 
 
 def pair(V, H, dtype, padding_idx=None, seed=0):
