@@ -340,7 +340,7 @@ class PPOEngineTrainer(RunLoop):
         self._check_scores(scores.tolist(), {}, step, last_good, batch.prompts, note=" (overflows float32)")
         t_env = time.perf_counter()
 
-        update_generator = torch.Generator().manual_seed(derive_seed(cfg.seed, step, stream=4))
+        update_generator = self._update_generator(step)
         # The fast backend's critic runs once on the update's first micro-batch, here, with its graph.
         carried = self.updater.carry_values(sampled.query_ids, sampled.query_mask, sampled.response_ids,
                                             sampled.response_mask, update_generator)
@@ -394,13 +394,17 @@ class PPOEngineTrainer(RunLoop):
                    for p, o, a, s in zip(batch.prompts, outputs, env_out.answers, scores.tolist())]
         return metrics, samples
 
+    def _update_generator(self, step: int) -> torch.Generator:
+        """The generator of step `step`'s PPO update (its mini-batch permutations): seed stream 4."""
+        return torch.Generator().manual_seed(derive_seed(self.config.seed, step, stream=4))
+
     def _ppo_update(self, step: int, rollout: Rollout, adv, last_good, generator: torch.Generator | None = None,
                     carried=None) -> tuple:
         """The clipped PPO updates of one step, then the LR schedule's step: (UpdateStats, the learning rate
         those updates used; the scheduler has already moved to the next step's). generator: the step's
         update generator (seed stream 4), from which carried (PPOUpdater.carry_values) drew epoch 0's order."""
         if generator is None:
-            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, step, stream=4))
+            generator = self._update_generator(step)
         try:
             stats = self.updater.update(rollout, adv, generator, carried)
         except NonFiniteLoss as err:

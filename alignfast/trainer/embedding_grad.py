@@ -229,7 +229,7 @@ def install_for_policy(model: nn.Module, *, micro_batches_per_step: int) -> str 
     if emb is None or not buffer_applies(emb) or not emb.weight.requires_grad:
         return None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    users = sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is emb.weight)
+    users = _holders(model, emb.weight)
     if users == 1:
         install_embedding_grad_buffer(emb)
         return "buffer"
@@ -239,17 +239,18 @@ def install_for_policy(model: nn.Module, *, micro_batches_per_step: int) -> str 
     return None
 
 
+def _holders(root: nn.Module, weight: torch.Tensor) -> int:
+    """How many modules under `root` hold `weight` as their own parameter (2 for tied embeddings)."""
+    return sum(1 for m in root.modules() for p in m.parameters(recurse=False) if p is weight)
+
+
 def install_for_critic(value_model: nn.Module, other_params: list[nn.Parameter]) -> int:
     """Buffers for the critic's embeddings whose weight no other module of the critic and none of
     `other_params` (the policy's) uses; returns how many were installed."""
     other = {id(p) for p in other_params}
-    users: dict[int, int] = {}
-    for m in value_model.modules():
-        for p in m.parameters(recurse=False):
-            users[id(p)] = users.get(id(p), 0) + 1
     n = 0
     for m in value_model.modules():
-        if (buffer_applies(m) and m.weight.requires_grad and users.get(id(m.weight), 0) == 1
+        if (buffer_applies(m) and m.weight.requires_grad and _holders(value_model, m.weight) == 1
                 and id(m.weight) not in other):
             install_embedding_grad_buffer(m)
             n += 1
