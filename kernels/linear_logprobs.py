@@ -93,7 +93,7 @@ def linear_token_logprobs_cuda(hidden, weight, bias, tokens, mask, temperature: 
 
 def linear_token_logprobs_backward_cuda(grad_logprobs, grad_entropy, hidden, weight, bias, tokens, mask, logprobs,
                                         entropy, lse, temperature: float, chunk_size: int, need_hidden: bool,
-                                        need_weight: bool, need_bias: bool):
+                                        need_weight: bool, need_bias: bool, weight_grad_out=None):
     acc = _acc_dtype(hidden.dtype)
     need_bias = need_bias and bias is not None
     with_entropy = grad_entropy is not None
@@ -130,4 +130,9 @@ def linear_token_logprobs_backward_cuda(grad_logprobs, grad_entropy, hidden, wei
             _addmm_(d_weight, dz.t(), h_c)
     d_weight = d_weight.to(weight.dtype) if need_weight else weight.new_empty(0)
     d_bias = d_bias.to(bias.dtype) if need_bias else hidden.new_empty(0)
+    if need_weight and weight_grad_out is not None:
+        # The schema's out buffer (a CPU allocation-saving path, see alignfast/ops/weight_grad_buffer.py): honoured
+        # here with a copy, as the caching allocator already reuses CUDA blocks.
+        weight_grad_out.copy_(d_weight)
+        d_weight = weight.new_empty(0)
     return d_hidden, d_weight, d_bias

@@ -26,6 +26,7 @@ import torch
 from alignfast.aligner.config import AlignerConfig, coerce_config
 from alignfast.aligner.data import CorrectionEncoder, check_rows, collate, with_identity_rows
 from alignfast.aligner.loss import CorrectionLoss, CorrectionNLL
+from alignfast.ops import weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.base import _changed_settings, load_causal_lm, load_tokenizer
@@ -91,6 +92,9 @@ class AlignerTrainer(RunLoop):
                            "truncated_rows": truncated}
 
         self.loss_fn = CorrectionLoss(model, backend=config.backend)
+        # One process on the CPU: the fused op writes the LM head's dW into one kept block (ops/weight_grad_buffer.py).
+        self.head_grad_buffer = (weight_grad_buffer.register_if_worth(self.loss_fn.head.weight)
+                                 if self.loss_fn.head is not None and not self.processes.distributed else None)
         self.num_steps = config.num_steps(len(self.train_encoded))
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:

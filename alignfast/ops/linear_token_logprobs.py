@@ -29,7 +29,7 @@ import math
 import torch
 
 from alignfast import reference
-from alignfast.ops import _checks
+from alignfast.ops import _checks, weight_grad_buffer
 from alignfast.ops._library import define_op, op, use_reference
 from alignfast.ops.token_logprobs import check_token_ids, stats_dtype
 
@@ -50,7 +50,7 @@ define_op(
     BACKWARD,
     "(Tensor grad_logprobs, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, "
     "Tensor? mask, Tensor logprobs, Tensor entropy, Tensor lse, float temperature, int chunk_size, bool need_hidden, "
-    "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
+    "bool need_weight, bool need_bias, Tensor(a!)? weight_grad_out=None) -> (Tensor, Tensor, Tensor)",
     gpu_impl="triton",
     triton="linear_logprobs:linear_token_logprobs_backward_cuda",
     public=False,
@@ -76,9 +76,9 @@ def _fake(hidden, weight, bias, tokens, mask, temperature, with_entropy, chunk_s
 
 @torch.library.register_fake(f"alignfast::{BACKWARD}")
 def _fake_backward(grad_logprobs, grad_entropy, hidden, weight, bias, tokens, mask, logprobs, entropy, lse,
-                   temperature, chunk_size, need_hidden, need_weight, need_bias):
+                   temperature, chunk_size, need_hidden, need_weight, need_bias, weight_grad_out=None):
     d_hidden = hidden.new_empty(hidden.shape if need_hidden else (0,))
-    d_weight = weight.new_empty(weight.shape if need_weight else (0,))
+    d_weight = weight.new_empty(weight.shape if need_weight and weight_grad_out is None else (0,))
     d_bias = hidden.new_empty(bias.shape if (need_bias and bias is not None) else (0,))
     return d_hidden, d_weight, d_bias
 
@@ -105,10 +105,15 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         return (*_grads_through_reference(hidden, weight, bias, tokens, mask, ctx.temperature, grad_logprobs,
                                           grad_entropy, (need_hidden, need_weight, need_bias and bias is not None)),
                 None, None, None, None, None)
+    # A weight registered with a WeightGradBuffer (the trainers' CPU LM heads) gets dW written into that buffer
+    # when no earlier gradient still uses it, instead of a fresh [V, H] block per call (weight_grad_buffer.py).
+    lent = weight_grad_buffer.lend(weight) if need_weight else None
     d_hidden, d_weight, d_bias = op(BACKWARD)(
         grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(), hidden, weight, bias,
         tokens, mask, logprobs, entropy, lse, ctx.temperature, ctx.chunk_size, need_hidden, need_weight,
-        bool(need_bias and bias is not None))
+        bool(need_bias and bias is not None), None if lent is None else lent.storage)
+    if lent is not None:
+        d_weight = lent.hand_out()
     return (d_hidden if need_hidden else None, d_weight if need_weight else None,
             d_bias if (need_bias and bias is not None) else None, None, None, None, None, None)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignfast.ops import _checks
+from alignfast.ops import _checks, weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
 from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weights
@@ -182,8 +182,11 @@ class PPOEngineTrainer(RunLoop):
         # Fast backend, one process, CPU: the critic's token-embedding gradient lives in a persistent buffer
         # (exact; no 113 MB zero-fill and page faults per micro-batch at SmolLM2's shape: embedding_grad.py).
         # A trained policy's own embeddings likewise; tied to its LM head, their rows go into its gradient in place.
-        self.embedding_grad_buffers, self.policy_embedding_grad = 0, None
+        # The fused log-prob op writes the LM head's dW into one kept block (exact; ops/weight_grad_buffer.py).
+        self.embedding_grad_buffers, self.policy_embedding_grad, self.head_grad_buffer = 0, None, None
         if config.backend == "fast" and not self.processes.distributed:
+            if self.policy.fused:
+                self.head_grad_buffer = weight_grad_buffer.register_if_worth(self.policy.head.weight)
             if self.value_model is not None:
                 self.embedding_grad_buffers = install_for_critic(self.value_model, list(model.parameters()))
             self.policy_embedding_grad = install_for_policy(

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignfast.ops import weight_grad_buffer
 from alignfast.trainer.instance_forward import InstanceForward
 
 
@@ -180,10 +181,9 @@ class _BufferedForward(_ModuleForward):
         return _BufferedLookup.apply(input_ids, m.weight, owner)
 
 
-# glibc's largest mmap threshold on 64-bit Linux (DEFAULT_MMAP_THRESHOLD_MAX): a block above it is always a fresh
-# mapping that faults in page by page; below it a long-running process reuses heap blocks, and the per-row Python
-# of the lookups below would cost more than the zero-fill it saves (the demo's 51 x 64 embeddings).
-MIN_GRADIENT_BYTES = 32 * 1024 * 1024
+# glibc's largest mmap threshold (weight_grad_buffer.py): below it a long-running process reuses heap blocks, and the
+# per-row Python of the lookups below would cost more than the zero-fill it saves (the demo's 51 x 64 embeddings).
+MIN_GRADIENT_BYTES = weight_grad_buffer.MIN_GRADIENT_BYTES
 
 
 def buffer_applies(embedding: nn.Module) -> bool:

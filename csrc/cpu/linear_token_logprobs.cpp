@@ -389,8 +389,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy, const at::Tensor& hidden,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& tokens,
     const std::optional<at::Tensor>& mask, const at::Tensor& logprobs, const at::Tensor& entropy,
-    const at::Tensor& lse, double temperature, int64_t chunk, bool need_hidden, bool need_weight, bool need_bias) {
+    const at::Tensor& lse, double temperature, int64_t chunk, bool need_hidden, bool need_weight, bool need_bias,
+    const std::optional<at::Tensor>& weight_grad_out) {
   const Inputs in = check_inputs(hidden, weight, bias, tokens, mask, temperature, chunk);
+  const bool into_out = need_weight && weight_grad_out.has_value();
+  if (into_out) {
+    ALIGNFAST_CHECK_ARG(weight_grad_out->sizes() == weight.sizes() && weight_grad_out->scalar_type() ==
+                            weight.scalar_type() && weight_grad_out->is_contiguous() &&
+                            weight_grad_out->device() == weight.device(),
+                        "weight_grad_out", "must be a contiguous ", weight.scalar_type(), " ", weight.sizes(),
+                        " tensor on the weight's device, got ", weight_grad_out->scalar_type(), " ",
+                        weight_grad_out->sizes());
+  }
   need_bias = need_bias && bias.has_value();
   const bool with_entropy = grad_entropy.has_value();
   auto check_stat = [&](const at::Tensor& t, const char* name) {
@@ -418,9 +428,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
 
   // dW is written tile by tile (rows of W no valid row reaches stay 0 only when n = 0). dh and db are summed
   // in the accumulation type: into the gradient itself when it has that type and every row is valid.
-  at::Tensor d_weight = need_weight ? (n > 0 ? at::empty({in.V, in.H}, weight.options())
-                                             : at::zeros({in.V, in.H}, weight.options()))
-                                    : at::empty({0}, weight.options());
+  // weight_grad_out: dW is written into the caller's buffer (any contents, like at::empty's) and the op
+  // returns an empty dW; a buffer reused across calls is not page-faulted in again (ops/weight_grad_buffer.py).
+  at::Tensor d_weight = !need_weight ? at::empty({0}, weight.options())
+                        : into_out   ? *weight_grad_out
+                                     : at::empty({in.V, in.H}, weight.options());
+  if (need_weight && n == 0) d_weight.zero_();
   const bool dh_direct = !rows.has_value() && hidden.scalar_type() == in.acc;
   at::Tensor d_hidden = need_hidden && dh_direct ? at::zeros({in.N, in.H}, hidden.options()) : at::Tensor();
   at::Tensor dh_rows = need_hidden ? (dh_direct ? d_hidden : at::zeros({n, in.H}, acc_opts)) : at::Tensor();
@@ -443,6 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   }
   if (!need_hidden) d_hidden = at::empty({0}, hidden.options());
   at::Tensor d_bias = need_bias ? d_bias_acc.to(bias->scalar_type()) : at::empty({0}, hidden.options());
+  if (into_out) d_weight = at::empty({0}, weight.options());
   return {d_hidden, d_weight, d_bias};
 }
 

@@ -99,6 +99,31 @@ def test_fast_and_reference_backends_train_the_same_model(tmp_path):
         assert torch.allclose(p, runs["reference"][1][n], rtol=1e-5, atol=1e-7), n
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_fast_backend_with_the_kept_head_gradient_is_bit_for_bit(tmp_path, monkeypatch, accumulation):
+    """The LM head's dW written into one kept block (ops/weight_grad_buffer.py) trains the same corrector, bit for
+    bit, as a fresh dW per micro-batch."""
+    from alignfast.ops import weight_grad_buffer
+
+    model, tok = tiny_corrector(tmp_path)
+    init = _params(model)
+    runs = {}
+    for name, min_bytes in (("kept", 0), ("fresh", 1 << 62)):
+        monkeypatch.setattr(weight_grad_buffer, "MIN_GRADIENT_BYTES", min_bytes)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(init[n])
+        t = AlignerTrainer(_config(tmp_path, name, max_steps=3, gradient_accumulation_steps=accumulation), model, tok,
+                           train_dataset=ROWS)
+        runs[name] = ([h["loss"] for h in t.train().history], _params(t.model), t.head_grad_buffer)
+        weight_grad_buffer.unregister(t.loss_fn.head.weight)
+    block = runs["kept"][2]
+    assert runs["fresh"][2] is None and block.lent >= 3 and block.lent + block.busy == 3 * accumulation
+    assert runs["kept"][0] == runs["fresh"][0]
+    for n, p in runs["kept"][1].items():
+        assert torch.equal(p, runs["fresh"][1][n]), n
+
+
 def test_identity_rows_are_added_to_the_training_set(tmp_path):
     model, tok = tiny_corrector(tmp_path)
     rows = ROWS * 10

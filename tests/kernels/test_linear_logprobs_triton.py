@@ -60,3 +60,25 @@ def test_linear_matches_reference(dtype, with_mask, need):
             continue
         assert got.dtype == dtype
         assert_close(got, ref.grad, name=name, rtol=1.0, atol=float("inf"), rel=rel)
+
+
+def test_backward_writes_the_weight_gradient_into_the_out_buffer():
+    """The schema's weight_grad_out (ops/weight_grad_buffer.py): dW lands in the buffer, bit for bit the returned
+    one's, and the op returns an empty dW."""
+    pytest.importorskip("triton")
+    from alignfast.kernels import linear_logprobs as K
+
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    N, H, V = 9, 8, 30
+    hidden, weight, tokens = torch.randn(N, H, device=dev), torch.randn(V, H, device=dev), torch.randint(0, V, (N,))
+    tokens = tokens.to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lp, ent, lse = K.linear_token_logprobs_cuda(hidden, weight, None, tokens, None, 1.0, False, 4)
+        g = torch.randn(N, device=dev)
+        _, fresh, _ = K.linear_token_logprobs_backward_cuda(g, None, hidden, weight, None, tokens, None, lp, ent, lse,
+                                                            1.0, 4, True, True, False)
+        out = torch.full((V, H), 7.0, device=dev)
+        _, dw, _ = K.linear_token_logprobs_backward_cuda(g, None, hidden, weight, None, tokens, None, lp, ent, lse,
+                                                         1.0, 4, True, True, False, out)
+    assert dw.numel() == 0 and torch.equal(out, fresh)

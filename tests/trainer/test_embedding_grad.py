@@ -215,9 +215,13 @@ def test_policy_install_rules():
 def test_trainer_runs_bit_for_bit_with_and_without_the_embedding_paths(tmp_path, monkeypatch, value_head,
                                                                        accumulation):
     """A tied-embedding prompter (full fine-tuning; the critic's copy of the backbone is then untied): the
-    fast trainer gives the same losses and weights, bit for bit, with the buffered / sparse embedding
-    gradients as with nn.Embedding's own backward."""
+    fast trainer gives the same losses and weights, bit for bit, with the buffered / in-place embedding
+    gradients and the LM head's kept dW block (ops/weight_grad_buffer.py) as with nn.Embedding's own backward
+    and a fresh dW per micro-batch."""
     import alignfast.trainer.base as base
+    from alignfast.ops import weight_grad_buffer
+
+    monkeypatch.setattr(weight_grad_buffer, "MIN_GRADIENT_BYTES", 0)
     from tests.trainer.tiny import WORDS, echo_trainer, make_causal_lm, make_tokenizer
 
     tok = make_tokenizer(tmp_path / "tok", WORDS)
@@ -240,10 +244,17 @@ def test_trainer_runs_bit_for_bit_with_and_without_the_embedding_paths(tmp_path,
     assert fast.policy_embedding_grad == ("tied" if accumulation == 1 else None)
     assert _TiedLookup.dense_fallbacks == fallbacks  # the LM head's dW always landed first
     assert fast.embedding_grad_buffers == (1 if value_head == "separate" else 0)
+    block = fast.head_grad_buffer
+    # every optimizer step's first micro-batch writes into the block (max_steps x num_ppo_epochs x num_mini_batches
+    # of them); a later one finds it free too unless the weight's gradient is still the block (with accumulation the
+    # engine sums the untied lookup's gradient and dW into a new tensor first)
+    steps = 2 * 2 * 2
+    assert block.lent >= steps and block.lent + block.busy == steps * accumulation
     monkeypatch.setattr(base, "install_for_policy", lambda model, **kw: None)
     monkeypatch.setattr(base, "install_for_critic", lambda critic, other: 0)
+    monkeypatch.setattr(weight_grad_buffer, "register_if_worth", lambda weight: None)
     plain, rp = run("without")
-    assert plain.policy_embedding_grad is None
+    assert plain.policy_embedding_grad is None and plain.head_grad_buffer is None
     assert rf.losses == rp.losses
     for (name, a), (_, b) in zip(fast.model.named_parameters(), plain.model.named_parameters()):
         assert torch.equal(a, b), name
