@@ -18,8 +18,9 @@ nothing else holds), or adds it into the existing gradient. Either way the engin
 
 Whether B is free is read from the reference count of its storage: every tensor on that memory holds one.
 weight.grad, a user's `g = weight.grad`, and a tensor a hook kept all count. So a gradient that anyone can
-still read is never overwritten. With several micro-batches per optimizer step, the first micro-batch's
-gradient is B, and the later ones get fresh blocks.
+still read is never overwritten. With several micro-batches per optimizer step, once B has become weight.grad
+the later micro-batches get fresh blocks. B is free again for them when autograd summed dW with another gradient
+of the same weight (an untied embedding use) into a new tensor first.
 
 Memory: B stays allocated between optimizer steps, where the fresh dW was freed by zero_grad. While weight.grad
 is B, the peak is the same as before.
