@@ -135,7 +135,7 @@ def run(name: str, device: str, reps: int, record: bool) -> str:
     print(f"\n{device_description(device)}\n{table}\n{notes}")
     if record:
         append_results(f"bench_aligner_sft ({name}): one Aligner SFT step, fused vs plain logits -> cross_entropy",
-                       table, device=device, notes=notes)
+                       table, device=device, notes=notes, rounds=reps)
     return table
 
 

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     print(table.replace("median ms", "wall ms"))
     if args.record:
         harness.append_results("alignfast demo end to end (fast vs reference backend)",
-                               table.replace("median ms", "wall ms"), device="cpu",
+                               table.replace("median ms", "wall ms"), device="cpu", timing="one run per backend",
                                notes=f"One run per backend, seed 0; phase columns in seconds; load average "
                                      f"{load:.1f}. Budget: 5 minutes on 2 cores.")
 

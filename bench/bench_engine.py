@@ -202,7 +202,9 @@ def main(argv=None) -> int:
                          extra_columns=("tokens", "tok/s", "tok/s vs naive", "tok/s vs padded", "cpu s"))
     print(f"\n{title}\n{device_description(args.device)}\n\n{table}")
     if args.record:
-        append_results(title, table, device=args.device)
+        append_results(title, table, device=args.device,
+                       timing=f"median of {args.reps} consecutive runs per provider after a warm-up run (naive: one "
+                       "run), providers not interleaved")
     return 0
 
 

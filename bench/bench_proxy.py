@@ -160,7 +160,8 @@ def main(argv=None):
         print("\nOne proposal step (mask, temperature 0.8, top-p, sample, log-prob):\n")
         print(t1)
         if args.record:
-            append_results(f"bench_proxy ({dev}): fused proposal step vs plain PyTorch", t1, device=dev, notes=notes)
+            append_results(f"bench_proxy ({dev}): fused proposal step vs plain PyTorch", t1, device=dev, notes=notes,
+                           rounds=args.rounds)
     if "decode" in parts:
         B = args.batch or (16 if args.quick else 64)
         new = args.new_tokens or (16 if args.quick else 32)
@@ -171,7 +172,7 @@ def main(argv=None):
         print(t2)
         if args.record:
             append_results(f"bench_proxy ({dev}): proxied decoding vs the target's plain decoding", t2, device=dev,
-                           notes=notes)
+                           notes=notes, rounds=args.rounds)
 
 
 if __name__ == "__main__":

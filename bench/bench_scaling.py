@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     print(f"\n{table}\n\n{notes}")
     if args.record:
         append_results("bench_scaling: Align-Pro PPO steps on 1 vs N processes", table, device=args.device,
-                       notes=notes)
+                       notes=notes, rounds=args.rounds)
 
 
 if __name__ == "__main__":

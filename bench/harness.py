@@ -388,14 +388,16 @@ def git_commit() -> str:
     return head + ("+uncommitted" if dirty else "")
 
 
-def append_results(title: str, table: str, *, device: str = "cpu", notes: str = "", rounds: int | None = None) -> None:
+def append_results(title: str, table: str, *, device: str = "cpu", notes: str = "", rounds: int | None = None,
+                   timing: str | None = None) -> None:
     """Append a dated section (title, device, commit, table, notes) to bench/RESULTS.md; rounds: how many
-    interleaved rounds the medians are of (default: the harness's ROUNDS or more)."""
+    interleaved rounds the medians are of (default: the harness's ROUNDS or more); timing: what the numbers are
+    instead, for a bench that does not time interleaved rounds (e.g. "one run per backend")."""
     stamp = datetime.date.today().isoformat()
     how_many = f"{rounds}" if rounds is not None else f"{ROUNDS}+"
     section = [f"\n## {title}\n",
                f"{stamp}, commit {git_commit()}, {device_description(device)}; {load_average()} when recorded; "
-               f"median of {how_many} interleaved rounds\n", "", table, ""]
+               f"{timing or f'median of {how_many} interleaved rounds'}\n", "", table, ""]
     if notes:
         section += [notes, ""]
     with open(RESULTS, "a") as f:
