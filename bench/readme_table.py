@@ -184,7 +184,7 @@ def render(results_text: str) -> str:
             if r is None:
                 continue
             med, q1, q3 = r
-            ratios.append(f"{med:.2f}× {label}" + (f" ({q1:.2f}–{q3:.2f})" if q1 is not None else " (one run)"))
+            ratios.append(f"{med:.2f}× {label}" + (f" ({q1:.2f}–{q3:.2f})" if q1 is not None else " (no rounds)"))
         memory = _memory(row)
         if spec.memory_vs:
             other = next((r for r in same_shape if r.get("provider") == spec.memory_vs), None)
