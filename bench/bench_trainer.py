@@ -522,6 +522,7 @@ def run_memory(preset_name: str, device: str, record: bool, setup: Setup, varian
     if record:
         append_results(f"bench_trainer --memory ({preset_name}{setup.label()}): what one Align-Pro run holds",
                        table, device=device,
+                       timing="one PPO step per provider, each in a fresh process (a peak, not a median)",
                        notes="Each provider alone in a fresh process, one PPO step of two epochs; peak RSS = getrusage ru_maxrss "
                        "(/usr/bin/time -v's maximum resident set size) at glibc's normal mmap threshold. Bytes of "
                        "unique tensor storages; 'saved for backward' = the tensors autograd keeps for one "

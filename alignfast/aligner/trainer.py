@@ -93,7 +93,7 @@ class AlignerTrainer(RunLoop):
 
         self.loss_fn = CorrectionLoss(model, backend=config.backend)
         # One process on the CPU: the fused op writes the LM head's dW into one kept block (ops/weight_grad_buffer.py).
-        self.head_grad_buffer = (weight_grad_buffer.register_if_worth(self.loss_fn.head.weight)
+        self.head_grad_buffer = (weight_grad_buffer.register_if_worth(self.loss_fn.head.weight, owner=self)
                                  if self.loss_fn.head is not None and not self.processes.distributed else None)
         self.num_steps = config.num_steps(len(self.train_encoded))
         self.params = [p for p in model.parameters() if p.requires_grad]

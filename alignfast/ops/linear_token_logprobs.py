@@ -111,9 +111,9 @@ def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     d_hidden, d_weight, d_bias = op(BACKWARD)(
         grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(), hidden, weight, bias,
         tokens, mask, logprobs, entropy, lse, ctx.temperature, ctx.chunk_size, need_hidden, need_weight,
-        bool(need_bias and bias is not None), None if lent is None else lent.storage)
+        bool(need_bias and bias is not None), lent)
     if lent is not None:
-        d_weight = lent.hand_out()
+        d_weight = lent
     return (d_hidden if need_hidden else None, d_weight if need_weight else None,
             d_bias if (need_bias and bias is not None) else None, None, None, None, None, None)
 

@@ -7,27 +7,34 @@ it is 113 MB, above glibc's largest mmap threshold (32 MiB), so the GEMM that wr
 per call on the 2-core CPU (a [49152, 90] x [90, 576] product: 88 ms fresh vs 53 ms into a kept block).
 
 `register(weight)` keeps one block B of the weight's shape. The op's backward calls `lend(weight)`:
-- it gets B when no tensor but B itself uses B's memory, i.e. the gradient it handed out last time has been
-  dropped (zero_grad(set_to_none=True), `weight.grad = None`);
+- it gets a new tensor on B when nothing but B itself uses B's memory, i.e. the gradient handed out last time
+  has been dropped (zero_grad(set_to_none=True), `weight.grad = None`);
 - otherwise it gets None and allocates a fresh dW, as without a buffer.
 
 The op writes every element of dW into B, the same writes that it would make into a fresh tensor, so the values
-are bit for bit the same. It then returns `hand_out()`, a new tensor on B's memory, as the weight's gradient.
+are bit for bit the same. It returns that tensor as the weight's gradient.
 Autograd's AccumulateGrad takes that tensor as weight.grad when the weight has none (it keeps a gradient that
 nothing else holds), or adds it into the existing gradient. Either way the engine then drops its own reference.
 
-Whether B is free is read from the reference count of its storage: every tensor on that memory holds one.
-weight.grad, a user's `g = weight.grad`, and a tensor a hook kept all count. So a gradient that anyone can
-still read is never overwritten. With several micro-batches per optimizer step, once B has become weight.grad
-the later micro-batches get fresh blocks. B is free again for them when autograd summed dW with another gradient
-of the same weight (an untied embedding use) into a new tensor first.
+Whether B is free is read from the reference counts of its storage: every tensor on that memory holds one
+(weight.grad, a user's `g = weight.grad`, a tensor a hook kept, a numpy view), and a Python storage object someone
+kept (`w.grad.untyped_storage()`, one object per storage) holds one on the object B keeps itself. So a gradient
+that anyone can still read is never overwritten. The check and the hand-out happen under one lock: two threads
+running backward through the same weight (autograd runs a CPU backward on the calling thread) cannot both get B.
+
+With several micro-batches per optimizer step, once B has become weight.grad the later micro-batches get fresh
+blocks. B is free again for them when autograd summed dW with another gradient of the same weight (an untied
+embedding use) into a new tensor first.
 
 Memory: B stays allocated between optimizer steps, where the fresh dW was freed by zero_grad. While weight.grad
-is B, the peak is the same as before.
+is B, the update's peak is the same as before. `register(weight, owner=trainer)` drops B with the trainer, so a
+model that outlives its trainer does not keep it.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import weakref
 
 import torch
@@ -55,7 +62,11 @@ class WeightGradBuffer:
     def __init__(self, weight: torch.Tensor):
         with torch.inference_mode(False), torch.no_grad():
             self.storage = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        self._alone = _uses(self.storage)  # B's own reference (and the count's temporary one)
+        # B's Python storage object, kept: a storage has one Python object, so one kept elsewhere is this one and
+        # shows in its Python reference count (its C++ count sees only the object's single reference).
+        self._py_storage = self.storage.untyped_storage()
+        self._alone = (_storage_use_count(self._py_storage._cdata), sys.getrefcount(self._py_storage))
+        self._lock = threading.Lock()
         self.lent = 0
         self.busy = 0
 
@@ -64,30 +75,47 @@ class WeightGradBuffer:
                 and self.storage.device == weight.device)
 
     def free(self) -> bool:
-        return _uses(self.storage) == self._alone
+        """No tensor and no Python storage object but B's own use B's memory now."""
+        return (_storage_use_count(self._py_storage._cdata), sys.getrefcount(self._py_storage)) == self._alone
 
-    def hand_out(self) -> torch.Tensor:
-        """The gradient to return to autograd: a new tensor on B's memory."""
-        return self.storage.detach()
+    def take(self) -> torch.Tensor | None:
+        """A new tensor on B's memory (the gradient to write dW into and hand to autograd) when B is free, else
+        None. Atomic: the returned tensor itself makes B busy for any later call."""
+        with self._lock:
+            if not self.free():
+                self.busy += 1
+                return None
+            self.lent += 1
+            return self.storage.detach()
 
 
 _registry: dict[int, tuple[weakref.ref, WeightGradBuffer]] = {}
 
 
-def register(weight: torch.Tensor) -> WeightGradBuffer:
-    """Keep a gradient block for `weight` (idempotent); it is dropped with the weight."""
+def _drop(key: int, buffer_id: int) -> None:
+    """Forget the registry's entry `key` if it still holds the block `buffer_id` (ids: no reference kept alive)."""
+    entry = _registry.get(key)
+    if entry is not None and id(entry[1]) == buffer_id:
+        del _registry[key]
+
+
+def register(weight: torch.Tensor, owner: object | None = None) -> WeightGradBuffer:
+    """Keep a gradient block for `weight` (idempotent); it is dropped with the weight, or earlier with `owner`
+    (the trainer that asked for it) when one is given."""
     entry = _registry.get(id(weight))
     if entry is not None and entry[0]() is weight:
         return entry[1]
     buffer = WeightGradBuffer(weight)
     key = id(weight)
-    _registry[key] = (weakref.ref(weight, lambda _ref, key=key: _registry.pop(key, None)), buffer)
+    _registry[key] = (weakref.ref(weight, lambda _ref, key=key, bid=id(buffer): _drop(key, bid)), buffer)
+    if owner is not None:
+        weakref.finalize(owner, _drop, key, id(buffer))
     return buffer
 
 
-def register_if_worth(weight: torch.Tensor) -> WeightGradBuffer | None:
-    """register(weight) where worth_a_buffer(weight), else None."""
-    return register(weight) if worth_a_buffer(weight) else None
+def register_if_worth(weight: torch.Tensor, owner: object | None = None) -> WeightGradBuffer | None:
+    """register(weight, owner) where worth_a_buffer(weight), else None."""
+    return register(weight, owner) if worth_a_buffer(weight) else None
 
 
 def unregister(weight: torch.Tensor) -> bool:
@@ -104,13 +132,10 @@ def buffer_of(weight: torch.Tensor) -> WeightGradBuffer | None:
     return entry[1] if entry is not None and entry[0]() is weight else None
 
 
-def lend(weight: torch.Tensor) -> WeightGradBuffer | None:
-    """`weight`'s block if it has one of its current shape that nothing else uses now, else None."""
+def lend(weight: torch.Tensor) -> torch.Tensor | None:
+    """A tensor on `weight`'s block to write dW into and return as its gradient, if the weight has a block of its
+    current shape that nothing else uses now; else None."""
     buffer = buffer_of(weight)
     if buffer is None or not buffer.fits(weight):
         return None
-    if not buffer.free():
-        buffer.busy += 1
-        return None
-    buffer.lent += 1
-    return buffer
+    return buffer.take()

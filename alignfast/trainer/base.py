@@ -186,7 +186,7 @@ class PPOEngineTrainer(RunLoop):
         self.embedding_grad_buffers, self.policy_embedding_grad, self.head_grad_buffer = 0, None, None
         if config.backend == "fast" and not self.processes.distributed:
             if self.policy.fused:
-                self.head_grad_buffer = weight_grad_buffer.register_if_worth(self.policy.head.weight)
+                self.head_grad_buffer = weight_grad_buffer.register_if_worth(self.policy.head.weight, owner=self)
             if self.value_model is not None:
                 self.embedding_grad_buffers = install_for_critic(self.value_model, list(model.parameters()))
             self.policy_embedding_grad = install_for_policy(

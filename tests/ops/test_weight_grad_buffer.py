@@ -160,3 +160,64 @@ def test_schema_out_argument():
     with pytest.raises(RuntimeError, match="argument .weight_grad_out.: must be a contiguous Float \\[21, 8\\]"):
         op("linear_token_logprobs_backward")(*g, h, w.detach(), b.detach(), tokens, mask, lp, ent, lse, 0.7, 4,
                                              True, True, True, torch.empty(V, H + 1))
+
+
+def test_a_kept_python_storage_object_keeps_the_block_busy():
+    V, H = 23, 5
+    w, _ = head(V, H, torch.float32)
+    block = weight_grad_buffer.register(w)
+    backward(w, None, *batch(V, H, torch.float32, seed=0))
+    kept = w.grad.untyped_storage()  # the only thing left on the old gradient's memory
+    snapshot = torch.empty(0).set_(kept).clone()
+    w.grad = None
+    backward(w, None, *batch(V, H, torch.float32, seed=1))
+    assert torch.equal(torch.empty(0).set_(kept), snapshot) and (block.lent, block.busy) == (1, 1)
+
+
+def test_two_threads_never_share_the_block():
+    import threading
+
+    V, H = 400, 16
+    w, _ = head(V, H, torch.float32)
+    plain = torch.nn.Parameter(w.detach().clone())
+    block = weight_grad_buffer.register(w)
+    data = [batch(V, H, torch.float32, seed=s, rows=(32,)) for s in range(2)]
+    expected = []
+    for hidden, tokens, mask, upstream in data:
+        lp = linear_token_logprobs(hidden.detach(), plain, tokens, mask=mask)
+        expected.append(torch.autograd.grad((lp * upstream).sum(), [plain])[0])
+    results, start = [None, None], threading.Barrier(2)
+
+    def run(i):
+        hidden, tokens, mask, upstream = data[i]
+        start.wait()
+        for _ in range(30):
+            lp = linear_token_logprobs(hidden.detach(), w, tokens, mask=mask)
+            (got,) = torch.autograd.grad((lp * upstream).sum(), [w])
+            if not torch.equal(got, expected[i]):
+                results[i] = "different"
+                return
+            del got
+        results[i] = "same"
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["same", "same"] and block.lent + block.busy == 60
+
+
+def test_the_block_goes_with_its_owner():
+    class Trainer:
+        pass
+
+    w, _ = head(11, 4, torch.float32)
+    owner = Trainer()
+    block = weight_grad_buffer.register(w, owner=owner)
+    assert weight_grad_buffer.buffer_of(w) is block
+    del owner
+    gc.collect()
+    assert weight_grad_buffer.buffer_of(w) is None
+    backward(w, None, *batch(11, 4, torch.float32, seed=0))  # a fresh dW again
+    assert block.lent == 0 and w.grad is not None

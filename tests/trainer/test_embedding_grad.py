@@ -252,7 +252,7 @@ def test_trainer_runs_bit_for_bit_with_and_without_the_embedding_paths(tmp_path,
     assert block.lent >= steps and block.lent + block.busy == steps * accumulation
     monkeypatch.setattr(base, "install_for_policy", lambda model, **kw: None)
     monkeypatch.setattr(base, "install_for_critic", lambda critic, other: 0)
-    monkeypatch.setattr(weight_grad_buffer, "register_if_worth", lambda weight: None)
+    monkeypatch.setattr(weight_grad_buffer, "register_if_worth", lambda weight, owner=None: None)
     plain, rp = run("without")
     assert plain.policy_embedding_grad is None and plain.head_grad_buffer is None
     assert rf.losses == rp.losses
