@@ -26,8 +26,9 @@ With several micro-batches per optimizer step, once B has become weight.grad the
 blocks. B is free again for them when autograd summed dW with another gradient of the same weight (an untied
 embedding use) into a new tensor first.
 
-Memory: B stays allocated between optimizer steps, where the fresh dW was freed by zero_grad. While weight.grad
-is B, the update's peak is the same as before. `register(weight, owner=trainer)` drops B with the trainer, so a
+Memory: B stays allocated between optimizer steps, where the fresh dW was freed by zero_grad. The measured cost
+at SmolLM2-135M's shape (B = 108 MiB): full fine-tuning's peak RSS went from 6115-6130 MiB to 6179-6220 MiB
+(bench/NOTES-trainer.md). `register(weight, owner=trainer)` drops B with the trainer, so a
 model that outlives its trainer does not keep it.
 """
 
