@@ -28,8 +28,8 @@ embedding use) into a new tensor first.
 
 Memory: B stays allocated between optimizer steps, where the fresh dW was freed by zero_grad. The measured cost
 at SmolLM2-135M's shape (B = 108 MiB): full fine-tuning's peak RSS went from 6115-6130 MiB to 6179-6220 MiB
-(bench/NOTES-trainer.md). `register(weight, owner=trainer)` drops B with the trainer, so a
-model that outlives its trainer does not keep it.
+(bench/NOTES-trainer.md). `register(weight, owner=trainer)` drops B with the last trainer that asked for it, so
+a model that outlives its trainers does not keep it.
 """
 
 from __future__ import annotations
@@ -45,10 +45,6 @@ import torch
 MIN_GRADIENT_BYTES = 32 * 1024 * 1024
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without it nothing is lent
-
-
-def _uses(t: torch.Tensor) -> int:
-    return _storage_use_count(t.untyped_storage()._cdata)
 
 
 def worth_a_buffer(weight: torch.Tensor) -> bool:
@@ -68,6 +64,8 @@ class WeightGradBuffer:
         self._py_storage = self.storage.untyped_storage()
         self._alone = (_storage_use_count(self._py_storage._cdata), sys.getrefcount(self._py_storage))
         self._lock = threading.Lock()
+        self.owners = 0  # trainers holding it (register(owner=...)); it is dropped when the last one goes
+        self.pinned = False  # registered without an owner: kept as long as the weight lives
         self.lent = 0
         self.busy = 0
 
@@ -100,17 +98,31 @@ def _drop(key: int, buffer_id: int) -> None:
         del _registry[key]
 
 
+def _owner_gone(key: int, buffer_id: int) -> None:
+    entry = _registry.get(key)
+    if entry is None or id(entry[1]) != buffer_id:
+        return
+    buffer = entry[1]
+    buffer.owners -= 1
+    if buffer.owners == 0 and not buffer.pinned:
+        del _registry[key]
+
+
 def register(weight: torch.Tensor, owner: object | None = None) -> WeightGradBuffer:
-    """Keep a gradient block for `weight` (idempotent); it is dropped with the weight, or earlier with `owner`
-    (the trainer that asked for it) when one is given."""
-    entry = _registry.get(id(weight))
-    if entry is not None and entry[0]() is weight:
-        return entry[1]
-    buffer = WeightGradBuffer(weight)
+    """Keep a gradient block for `weight` (idempotent: one block per weight). Without `owner` it lives as long as
+    the weight; with owners (the trainers that asked for it) it is dropped when the last of them is."""
     key = id(weight)
-    _registry[key] = (weakref.ref(weight, lambda _ref, key=key, bid=id(buffer): _drop(key, bid)), buffer)
-    if owner is not None:
-        weakref.finalize(owner, _drop, key, id(buffer))
+    entry = _registry.get(key)
+    if entry is not None and entry[0]() is weight:
+        buffer = entry[1]
+    else:
+        buffer = WeightGradBuffer(weight)
+        _registry[key] = (weakref.ref(weight, lambda _ref, key=key, bid=id(buffer): _drop(key, bid)), buffer)
+    if owner is None:
+        buffer.pinned = True
+    else:
+        buffer.owners += 1
+        weakref.finalize(owner, _owner_gone, key, id(buffer))
     return buffer
 
 

@@ -208,16 +208,32 @@ def test_two_threads_never_share_the_block():
     assert results == ["same", "same"] and block.lent + block.busy == 60
 
 
-def test_the_block_goes_with_its_owner():
+def test_the_block_goes_with_its_last_owner():
+    class Trainer:
+        pass
+
+    w, _ = head(11, 4, torch.float32)
+    first, second = Trainer(), Trainer()
+    block = weight_grad_buffer.register(w, owner=first)
+    assert weight_grad_buffer.register(w, owner=second) is block
+    del first
+    gc.collect()
+    assert weight_grad_buffer.buffer_of(w) is block  # the second trainer still uses it
+    del second
+    gc.collect()
+    assert weight_grad_buffer.buffer_of(w) is None
+    backward(w, None, *batch(11, 4, torch.float32, seed=0))  # a fresh dW again
+    assert block.lent == 0 and w.grad is not None
+
+
+def test_a_block_registered_without_an_owner_stays():
     class Trainer:
         pass
 
     w, _ = head(11, 4, torch.float32)
     owner = Trainer()
     block = weight_grad_buffer.register(w, owner=owner)
-    assert weight_grad_buffer.buffer_of(w) is block
+    assert weight_grad_buffer.register(w) is block
     del owner
     gc.collect()
-    assert weight_grad_buffer.buffer_of(w) is None
-    backward(w, None, *batch(11, 4, torch.float32, seed=0))  # a fresh dW again
-    assert block.lent == 0 and w.grad is not None
+    assert weight_grad_buffer.buffer_of(w) is block
