@@ -81,11 +81,11 @@ def specs() -> list[Spec]:
              "256 prompts, len 8-256, new<=128", "engine",
              (("tok/s vs naive", "per-prompt `generate`"), ("tok/s vs padded", "padded batching")), prefix=True),
         Spec("one PPO step, demo models", "V=51, H=64", "bench_trainer (demo)",
-             "demo (alignfast.toy): V=51 H=64 L=2 B=64 R=16", "fast", (_speedup("reference"),),
+             "demo (alignfast.toy): V=51 H=64 L=2 B=64 R=16", "fast", (("per-round ratio (IQR)", "reference"),),
              memory_vs="reference", prefix=True),
         Spec("one PPO step, larger vocabulary", "V=16384, H=128, 4 layers", "bench_trainer (cpu-small)",
-             "cpu-small: V=16384 H=128 L=4 B=16 R=32", "fast", (_speedup("reference"),), memory_vs="reference",
-             prefix=True),
+             "cpu-small: V=16384 H=128 L=4 B=16 R=32", "fast", (("per-round ratio (IQR)", "reference"),),
+             memory_vs="reference", prefix=True),
     ]
     smollm2 = "smollm2-135m: V=49152 H=576 L=30 B=4 R=16"
     for label, suffix in (("full fine-tuning, separate critic", ""), ("LoRA r=16, separate critic", " finetune=lora"),
