@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for phase in ("step", "update"):
         saved = [(a - b) * 1e3 for a, b in zip(times["without"][phase], times["with"][phase])]
-        q1, q2, q3 = statistics.quantiles(saved, n=4, method="inclusive")
+        q1, q2, q3 = harness.quartiles(saved)
         print(f"| {phase} | {statistics.median(times['with'][phase]) * 1e3:.0f} | "
               f"{statistics.median(times['without'][phase]) * 1e3:.0f} | {q2:.0f} ({q1:.0f}-{q3:.0f}) | "
               f"{'yes' if min(saved) > 0 else 'no'} |")

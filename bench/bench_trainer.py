@@ -246,13 +246,6 @@ def make_trainer(variant: str, world: World, root: Path, device: str, setup: Set
                            train_dataset=world.prompts, peft_config=peft_config)
 
 
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
         thread_counts: tuple[int, ...] = ()) -> str:
     """Time the providers' PPO steps interleaved (A, B, A, B, ...: one round = one step of each) so that load
@@ -308,8 +301,8 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
             peak = None if big else peak_extra_memory(lambda name=name: one_step(name), device=device)
             row = Row(shape, name, statistics.median(totals[name]), peak)
             ratios = [r / t for r, t in zip(totals[baseline], totals[name])]
-            q1, q2, q3 = _quartiles(ratios)
-            q1t, _, q3t = _quartiles(totals[name])
+            q1, q2, q3 = harness.quartiles(ratios)
+            q1t, _, q3t = harness.quartiles(totals[name])
             row.extra["IQR ms"] = f"{q1t * 1e3:.0f}-{q3t * 1e3:.0f}"
             row.extra["warm-up step s"] = f"{warmup[name]:.1f}"
             row.extra["per-round ratio (IQR)"] = f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
