@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.run(args, extra) or 0)
+        code = int(args.run(args, extra) or 0)
+        from alignfast.trainer.distributed import end_processes
+
+        end_processes()  # a run under torchrun / accelerate launch: its process group, before teardown
+        return code
     except CLIError as err:
         print(f"alignfast {args.command}: error: {err}", file=sys.stderr)
         return 2

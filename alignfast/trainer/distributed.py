@@ -47,6 +47,17 @@ def launched_device(device: str) -> str:
     return device
 
 
+def end_processes() -> None:
+    """Destroy the process group, if a launcher's run made one, at the end of a process that succeeded.
+
+    A process that exits with a gloo group alive can abort in the interpreter's teardown ("terminate called
+    without an active exception", pytorch/pytorch#190489), and the launcher then reports a finished run as
+    failed. Entry points call this once, after their last collective; the trainers do not, since one process
+    may run several of them."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class Processes:
     """The process group seen by the trainer. `accelerator` is None for a single process without a launcher."""
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importab
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from alignfast.ops._checks import AlignfastArgumentError  # noqa: E402
+from alignfast.trainer.distributed import end_processes  # noqa: E402
 from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, keyword_reward  # noqa: E402
 
 STEPS = 3
@@ -280,6 +281,7 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for scenario in scenarios:
         run(world, out, scenario)
+    end_processes()  # as the CLI does: no gloo group left for the interpreter's teardown
 
 
 if __name__ == "__main__":
