@@ -5,6 +5,7 @@ Never initialises CUDA unless a device is present and asked about; safe on a mac
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -32,6 +33,11 @@ def report() -> str:
     has_gpu = torch.cuda.is_available()
     lines.append(f"CUDA device: {torch.cuda.get_device_name(0) if has_gpu else 'none'}")
     lines.append(f"backend: {_library.current_backend()}")
+    from alignfast.ops import cpu_gemm
+
+    lines.append(f"float32 CPU GEMMs (linear_token_logprobs, the fast trainer's linears): {cpu_gemm.current()} "
+                 f"(ALIGNFAST_CPU_GEMM={os.environ.get('ALIGNFAST_CPU_GEMM', 'auto')}; CPU vendor "
+                 f"{cpu_gemm.cpu_vendor() or 'unknown'}, capability {torch.backends.cpu.get_cpu_capability()})")
     lines.append("")
     rows = [("op", "cpu", "cuda")]
     for name, info in sorted(_library.OPS.items()):

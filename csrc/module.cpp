@@ -1,16 +1,36 @@
 // The Python module alignfast._C. Importing it runs the static initialisers of every
 // TORCH_LIBRARY_IMPL block in csrc/cpu and csrc/cuda, which register the kernels for the
-// schemas that alignfast/ops defines in Python. The module itself exposes only build facts.
+// schemas that alignfast/ops defines in Python. The module itself exposes build facts and the process-wide
+// choice of CPU GEMM library (csrc/cpu/gemm.h), which alignfast/ops/gemm.py sets.
 #include <Python.h>
 
+extern "C" int alignfast_cpu_gemm_backend(int backend);
+extern "C" int alignfast_onednn_available();
+
 namespace {
+
+PyObject* cpu_gemm_backend(PyObject*, PyObject* args) {
+  int backend = -1;
+  if (!PyArg_ParseTuple(args, "|i", &backend)) return nullptr;
+  return PyLong_FromLong(alignfast_cpu_gemm_backend(backend));
+}
+
+PyObject* onednn_available(PyObject*, PyObject*) { return PyBool_FromLong(alignfast_onednn_available()); }
+
+PyMethodDef methods[] = {
+    {"cpu_gemm_backend", cpu_gemm_backend, METH_VARARGS,
+     "cpu_gemm_backend([backend]) -> previous: 0 = ATen (MKL), 1 = oneDNN for float32 CPU GEMMs; no argument reads it"},
+    {"onednn_available", onednn_available, METH_NOARGS,
+     "whether this libtorch exports oneDNN's matmul entry point (at::native::mkldnn_matmul)"},
+    {nullptr, nullptr, 0, nullptr},
+};
 
 PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "alignfast's compiled kernels (registered with torch.library under the 'alignfast' namespace)",
     -1,
-    nullptr,
+    methods,
 };
 
 }  // namespace

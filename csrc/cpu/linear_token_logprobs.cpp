@@ -9,6 +9,7 @@
 //   backward  z recomputed per tile and turned into dz in place (the whole row's saved stats; the target's
 //             own term only in its tile), then dW[tile] = dz.T @ h written straight into the gradient (added
 //             for later row blocks), dh += dz @ W[tile] (addmm_ into the gradient), db[tile] = sum_rows dz.
+//   The GEMMs go through cpu::gemm_into (cpu/gemm.h): ATen's or oneDNN's float32 kernel, as the process chose.
 //   Tall GEMMs (all rows at once) at full efficiency, and dW is written once instead of read-modified-
 //   written once per row chunk (bench/NOTES-logprobs.md). The workers take whole tiles with single-threaded
 //   GEMMs; dh is summed in tile order, so results do not depend on the schedule.
@@ -24,9 +25,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -36,6 +35,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/gemm.h"
 #include "cpu/logprobs_rows.h"
 
 namespace alignfast {
@@ -218,11 +218,8 @@ at::Tensor tile_logits(at::Tensor& buffer, const at::Tensor& h, const at::Tensor
                        const std::optional<at::Tensor>& bias, int64_t v0) {
   const int64_t cols = w.size(0);
   at::Tensor z = buffer.narrow(0, 0, h.size(0) * cols).view({h.size(0), cols});
-  if (bias.has_value()) {
-    at::addmm_out(z, bias->narrow(0, v0, cols), h, w.t());
-  } else {
-    at::mm_out(z, h, w.t());
-  }
+  if (bias.has_value()) z.copy_(bias->narrow(0, v0, cols).unsqueeze(0).expand_as(z));
+  cpu::gemm_into(z, h, w.t(), /*accumulate=*/bias.has_value());
   return z;
 }
 
@@ -328,7 +325,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
         if (d_hidden_rows != nullptr) {
           // dh += dz @ w in tile order, straight into the sum: no [R, H] partial per worker; while one worker
           // adds its product, the other is recomputing or differentiating its next tile.
-          turns.in_turn(k, [&] { d_hidden_rows->narrow(0, r0, R).addmm_(dz, w); });
+          turns.in_turn(k, [&] { cpu::gemm_into(d_hidden_rows->narrow(0, r0, R), dz, w, /*accumulate=*/true); });
         }
         if (d_weight != nullptr) {
           // Where dW[tile] is formed: the gradient itself; for low-precision weights the float32 sum over row
@@ -336,11 +333,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
           at::Tensor dw = !convert ? d_weight->narrow(0, v0, cols)
                           : dw_acc.defined() ? dw_acc.narrow(0, v0, cols)
                                              : w_buf[slot].narrow(0, 0, cols * H).view({cols, H});
-          if (r0 == 0) {
-            at::mm_out(dw, dz.t(), h_blk);
-          } else {
-            dw.addmm_(dz.t(), h_blk);
-          }
+          cpu::gemm_into(dw, dz.t(), h_blk, /*accumulate=*/r0 > 0);
           if (convert && !dw_acc.defined()) d_weight->narrow(0, v0, cols).copy_(dw);
         }
       } catch (...) {

@@ -217,3 +217,17 @@ def test_cuda_large_vocabulary(dtype):
         # on CUDA dz is rounded to the weight's dtype before the gradient GEMMs (tensor cores): 2 roundings
         rel = 1e-2 if dtype == torch.bfloat16 else 1e-4
         assert_close(leaf.grad, ref.grad, name=name, rtol=1.0, atol=float("inf"), rel=rel)
+
+
+@pytest.mark.parametrize("library", ["aten", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_cpu_gemm_libraries(library, dtype):
+    """The op's GEMMs on ATen's and on oneDNN's kernels (ops/cpu_gemm.py): a bias, a mask, entropy, and a budget
+    that splits the rows into blocks (dW accumulated over blocks: the accumulating GEMM)."""
+    from alignfast.ops import cpu_gemm
+
+    if library == "onednn" and not cpu_gemm.onednn_available():
+        pytest.skip("this libtorch does not export oneDNN's matmul")
+    hidden, weight, bias, tokens = make((4, 9), 32, 1000, dtype, seed=3)
+    with cpu_gemm.use(library):
+        run_and_compare(hidden, weight, bias, tokens, mask=random_mask(4, 9), chunk_size=2)

@@ -1,0 +1,127 @@
+"""linear: y = x W^T + b with its float32 CPU GEMMs on the library `alignfast.ops.cpu_gemm` chose.
+
+    forward   y = x W^T + b                     x: [..., in], W: [out, in], b: [out]
+    backward  dx = dy W,  dW = dy^T x,  db = sum_rows dy   (x and dy flattened to [M, in] and [M, out])
+
+Each product is one `alignfast::mm(a, b, bias)` call (a @ b + bias, csrc/cpu/gemm.cpp), with transposed operands
+passed as views: no copy, and dW comes out as [out, in], W's own layout. This is what F.linear computes, the
+GEMMs excepted: where the choice is oneDNN (AMD CPUs with AVX-512) they run 1.4-2.4x faster and round
+differently, by float32 rounding (the K products summed in another order). Everything that would gain nothing
+(float64, bfloat16, CUDA, the reference backend, no extension) calls F.linear itself.
+
+`route_linear()` is a TorchFunctionMode that sends every F.linear inside it here: the fast trainer enters it
+around the full-sequence forwards of the policy, the reference policy and the critic (trainer/policy.py), so
+a Hugging Face model's nn.Linear layers and PEFT's LoRA layers use it with no change to the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from alignfast.ops import _checks, cpu_gemm
+from alignfast.ops._library import define_op, op, use_reference
+
+NAME = "mm"
+
+
+def _torch_mm(a, b, bias=None):
+    out = a @ b
+    return out + bias if bias is not None else out
+
+
+define_op(NAME, "(Tensor a, Tensor b, Tensor? bias=None) -> Tensor", gpu_impl="torch", torch_impl=_torch_mm,
+          public=False)
+
+
+@torch.library.register_fake(f"alignfast::{NAME}")
+def _fake(a, b, bias=None):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, bias = inputs
+    ctx.save_for_backward(a, b)
+    ctx.with_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[:2]
+    need_bias = len(ctx.needs_input_grad) > 2 and ctx.needs_input_grad[2]
+    mm = op(NAME)
+    da = mm(grad, b.t()) if need_a else None
+    db = mm(a.t(), grad) if need_b else None
+    dbias = grad.sum(0) if need_bias and ctx.with_bias else None
+    return da, db, dbias
+
+
+torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_setup_context)
+
+
+def routes_here(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` runs alignfast's GEMMs for these operands (float32 on the CPU, extension loaded)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.dim() == 2 and x.dim() >= 1 and not use_reference(NAME, x))
+
+
+class _Linear(torch.autograd.Function):
+    """y = x W^T + b on 2-D x; the backward's products as in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.with_bias = bias is not None
+        return op(NAME)(x, weight.t(), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        mm = op(NAME)
+        grad = grad.contiguous()
+        dx = mm(grad, weight) if need_x else None
+        dw = mm(grad.t(), x) if need_w else None
+        db = grad.sum(0) if need_b and ctx.with_bias else None
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), its float32 CPU GEMMs (forward and backward) on cpu_gemm's library."""
+    _checks.tensor("x", x, min_ndim=1)
+    _checks.tensor("weight", weight, ndim=2)
+    if x.shape[-1] != weight.shape[1]:
+        _checks.fail("weight", f"must be [out, {x.shape[-1]}] for x of shape {tuple(x.shape)}, got "
+                     f"{tuple(weight.shape)}")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            _checks.fail("bias", f"must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if not routes_here(x, weight) or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    return _Linear.apply(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class RouteLinear(TorchFunctionMode):
+    """Inside: F.linear calls go to `linear` (only F.linear; every other function passes through)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if routes_here(x, weight):
+                return linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def route_linear():
+    """RouteLinear() where the process's CPU GEMMs are oneDNN's, else a no-op context (ATen's GEMMs are what
+    F.linear runs already)."""
+    return RouteLinear() if cpu_gemm.current() == "onednn" else contextlib.nullcontext()

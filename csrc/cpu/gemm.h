@@ -1,0 +1,24 @@
+// CPU float32 GEMMs through the faster of two libraries that ship inside libtorch (bench/NOTES-gemm.md).
+// ATen's fp32 mm calls MKL's sgemm, which on non-Intel x86 CPUs runs its AVX2 kernel: on the AMD Zen 5 (AVX-512)
+// of our CI machine it reaches 92 GFLOP/s on one core where oneDNN's AVX-512 JIT kernel, also linked into
+// libtorch (at::native::mkldnn_matmul), reaches 164-244. Which library runs is a process-wide setting that the
+// Python layer chooses (alignfast/ops/gemm.py: ALIGNFAST_CPU_GEMM=auto|aten|onednn); the two round differently
+// (sums in another order), never by more than float32 rounding.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace alignfast {
+namespace cpu {
+
+// out = a @ b, or out += a @ b with accumulate. out: contiguous [M, N]; a: [M, K]; b: [K, N]; a and b each
+// contiguous or the transpose of a contiguous matrix (views such as w.t() are not copied).
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+}  // namespace cpu
+}  // namespace alignfast
+
+// The process-wide choice, set from Python (alignfast._C.cpu_gemm_backend): 0 = ATen, 1 = oneDNN. Returns the
+// previous value; a negative argument only reads it. Setting 1 where oneDNN's entry point is missing leaves 0.
+extern "C" int alignfast_cpu_gemm_backend(int backend);
+// Whether this libtorch exports oneDNN's matmul entry point (at::native::mkldnn_matmul).
+extern "C" int alignfast_onednn_available();
