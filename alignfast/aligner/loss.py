@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from alignfast.aligner.data import Batch
+from alignfast.ops.linear import route_linear
 from alignfast.trainer.policy import backbone_of, join, plain_linear_head
 
 IGNORE_INDEX = -100
@@ -39,6 +40,10 @@ class CorrectionLoss:
         """Summed NLL (float32 scalar, or float64 for a float64 model) of the batch's target tokens."""
         if self.backend != "fast":
             return reference_nll_sum(self.model, batch)
+        with route_linear():  # the backbone's F.linear on oneDNN's GEMMs where the process chose them (ops/linear.py)
+            return self._fast_nll_sum(batch)
+
+    def _fast_nll_sum(self, batch: Batch) -> torch.Tensor:
         from alignfast.ops import linear_token_logprobs, token_logprobs
 
         ids, attention, positions = join(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)

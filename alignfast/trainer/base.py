@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignfast.ops import _checks, weight_grad_buffer
+from alignfast.ops import _checks, cpu_gemm, weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
 from alignfast.rollout.rewards import RewardModel, WeightedRewards, check_weights
@@ -177,6 +177,10 @@ class PPOEngineTrainer(RunLoop):
                 self.value_model.checkpointed = enable_activation_checkpointing(self.value_model.backbone)
         self._ref_policy = CausalLMPolicy(self.ref_model if self.ref_model is not None else model,
                                           backend=config.backend)
+        if config.backend == "fast":
+            cpu_gemm.current()  # a bad ALIGNFAST_CPU_GEMM is reported now, in one line, not mid-run
+        if self.value_model is not None:  # the critic's GEMMs as the policy's (policy.fast_gemms_on)
+            self.value_model.route_gemms = config.backend == "fast"
         if config.torch_compile:  # regional compilation of the decoder layers (trainer/compiled_layers.py)
             attach_compiled_layers(self.device, self.policy, self._ref_policy, self.value_model)
         # Fast backend, one process, CPU: the critic's token-embedding gradient lives in a persistent buffer

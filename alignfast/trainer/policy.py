@@ -104,6 +104,19 @@ def compiled_layers_on(compiled):
     return compiled.active() if compiled is not None else contextlib.nullcontext()
 
 
+def fast_gemms_on(owner):
+    """Around a full-sequence forward of the fast backend: every F.linear inside runs alignfast.ops.linear, whose
+    float32 CPU GEMMs use oneDNN where it is the faster library (AMD CPUs with AVX-512; ops/cpu_gemm.py), else
+    nothing. Not with regional compilation (inductor owns those layers) nor with activation checkpointing (the
+    backward's recompute runs outside this block, and would round differently from the forward it replays).
+    The sampler's decode never enters it, so rollouts are the reference path's, bit for bit."""
+    if not owner.route_gemms or owner.compiled is not None or owner.checkpointed:
+        return contextlib.nullcontext()
+    from alignfast.ops.linear import route_linear
+
+    return route_linear()
+
+
 @dataclass
 class PolicyOutput:
     """Per response token, [B, R]: logprobs (float32, 0 off mask), entropy (or None), values (or None)."""
@@ -129,13 +142,14 @@ class CausalLMPolicy:
         self.fused = backend == "fast" and self.head is not None
         self.checkpointed: list[nn.Module] = []  # set by enable_activation_checkpointing
         self.compiled = None  # a CompiledLayers (config.torch_compile): switched on around this forward
+        self.route_gemms = backend == "fast"  # fast_gemms_on: F.linear through alignfast.ops.linear
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
                 return_entropy: bool = False, entropy_grad: bool = False) -> PolicyOutput:
         """Log-probs [B, R] of the response tokens (and entropy, values). entropy_grad=False returns the
         entropy detached (a statistic, as TRL computes it under no_grad); True keeps it in the graph
         for an entropy bonus."""
-        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled):
+        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled), fast_gemms_on(self):
             return self._forward(query_ids, query_mask, response_ids, response_mask, temperature=temperature,
                                  return_entropy=return_entropy, entropy_grad=entropy_grad)
 
@@ -214,6 +228,7 @@ class ValueModel(nn.Module):
         self.head = head
         self.checkpointed: list[nn.Module] = []  # set by enable_activation_checkpointing
         self.compiled = None  # a CompiledLayers (config.torch_compile): switched on around this forward
+        self.route_gemms = False  # set by the fast backend's trainers: see fast_gemms_on
 
     @classmethod
     def from_causal_lm(cls, model) -> ValueModel:
@@ -240,10 +255,10 @@ class ValueModel(nn.Module):
         """Values [B, R] (float32) of the states before each response token."""
         ids, attention, positions = join(query_ids, query_mask, response_ids, response_mask)
         Q, R = query_ids.size(1), response_ids.size(1)
-        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled):
+        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled), fast_gemms_on(self):
             hidden = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
                                    use_cache=False).last_hidden_state[:, Q - 1: Q - 1 + R]
-        return self.head(hidden).squeeze(-1).float()
+            return self.head(hidden).squeeze(-1).float()
 
 
 def value_head_for(model) -> nn.Linear:

@@ -99,6 +99,34 @@ def test_fast_and_reference_backends_train_the_same_model(tmp_path):
         assert torch.allclose(p, runs["reference"][1][n], rtol=1e-5, atol=1e-7), n
 
 
+def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
+    """The fast loss runs the corrector's F.linear calls through alignfast.ops.linear (ops/cpu_gemm.py's library):
+    with oneDNN's GEMMs and with ATen's, the same losses and weights to float32 rounding."""
+    from alignfast.ops import cpu_gemm
+    from alignfast.ops.linear import _Linear
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("oneDNN's matmul is not reachable here")
+    calls = []
+    original = _Linear.apply
+    monkeypatch.setattr(_Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    model, tok = tiny_corrector(tmp_path)
+    init = _params(model)
+    runs = {}
+    for library in ("onednn", "aten"):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(init[n])
+        calls.clear()
+        with cpu_gemm.use(library):
+            t = AlignerTrainer(_config(tmp_path, library, max_steps=3), model, tok, train_dataset=ROWS)
+            runs[library] = ([h["loss"] for h in t.train().history], _params(t.model), len(calls))
+    assert runs["onednn"][2] > 0 and runs["aten"][2] == 0
+    assert runs["onednn"][0] == pytest.approx(runs["aten"][0], rel=1e-5)
+    for n, p in runs["onednn"][1].items():
+        assert torch.allclose(p, runs["aten"][1][n], rtol=1e-4, atol=1e-6), n
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_fast_backend_with_the_kept_head_gradient_is_bit_for_bit(tmp_path, monkeypatch, accumulation):
     """The LM head's dW written into one kept block (ops/weight_grad_buffer.py) trains the same corrector, bit for
