@@ -177,7 +177,8 @@ class AlignProConfig(ConfigDict):
         "Fast path: torch.compile each decoder layer of the policy, reference policy and critic (regional "
         "compilation, dynamic shapes) for the training and scoring forwards; the first step pays the compile "
         "(~15 s for a 135M Llama on a 2-core CPU). Results change by rounding only. Off by default: on that CPU it "
-        "did not speed the step up measurably (bench/NOTES-trainer.md).")
+        "did not speed the step up measurably (bench/NOTES-trainer.md), and compiled layers keep ATen's GEMMs, "
+        "giving up the oneDNN ones the fast path otherwise uses where they are faster (ALIGNFAST_CPU_GEMM).")
 
     # --- Align-Pro: the rewrite and the frozen target ---------------------------------------------
     rewrite_template: str = _opt(DEFAULT_REWRITE_TEMPLATE, "The prompter's instruction; must contain {prompt}.")
