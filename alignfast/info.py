@@ -16,7 +16,7 @@ def report() -> str:
     import alignfast
     import alignfast.ops  # noqa: F401  - defines every op's schema, so OPS lists them all
     from alignfast import _ext
-    from alignfast.ops import _library
+    from alignfast.ops import _checks, _library
 
     lines = [
         f"alignfast {alignfast.__version__}  python {platform.python_version()}  torch {torch.__version__}"
@@ -35,7 +35,11 @@ def report() -> str:
     lines.append(f"backend: {_library.current_backend()}")
     from alignfast.ops import cpu_gemm
 
-    lines.append(f"float32 CPU GEMMs (linear_token_logprobs, the fast trainer's linears): {cpu_gemm.current()} "
+    try:
+        gemm = cpu_gemm.current()
+    except _checks.AlignfastArgumentError as err:
+        gemm = f"aten, because {str(err).removeprefix('alignfast: ')}"
+    lines.append(f"float32 CPU GEMMs (linear_token_logprobs, the fast trainer's linears): {gemm} "
                  f"(ALIGNFAST_CPU_GEMM={os.environ.get('ALIGNFAST_CPU_GEMM', 'auto')}; CPU vendor "
                  f"{cpu_gemm.cpu_vendor() or 'unknown'}, capability {torch.backends.cpu.get_cpu_capability()})")
     lines.append("")

@@ -40,7 +40,9 @@ class CorrectionLoss:
         """Summed NLL (float32 scalar, or float64 for a float64 model) of the batch's target tokens."""
         if self.backend != "fast":
             return reference_nll_sum(self.model, batch)
-        with route_linear():  # the backbone's F.linear on oneDNN's GEMMs where the process chose them (ops/linear.py)
+        # The backbone's F.linear on oneDNN's GEMMs where the process chose them, unless the model checkpoints its
+        # layers (ops/linear.py: route_linear).
+        with route_linear(self.model):
             return self._fast_nll_sum(batch)
 
     def _fast_nll_sum(self, batch: Batch) -> torch.Tensor:

@@ -91,6 +91,10 @@ class AlignerTrainer(RunLoop):
         self.data_stats = {"rows": len(self.train_rows), "identity_rows": len(self.train_rows) - len(rows),
                            "truncated_rows": truncated}
 
+        if config.backend == "fast":
+            from alignfast.ops import cpu_gemm
+
+            cpu_gemm.current()  # a bad ALIGNFAST_CPU_GEMM is reported now, in one line, not at the first step
         self.loss_fn = CorrectionLoss(model, backend=config.backend)
         # One process on the CPU: the fused op writes the LM head's dW into one kept block (ops/weight_grad_buffer.py).
         self.head_grad_buffer = (weight_grad_buffer.register_if_worth(self.loss_fn.head.weight, owner=self)

@@ -113,9 +113,12 @@ def current() -> str:
 
 def set_backend(setting: str) -> str:
     """Switch the process to `setting` ('auto', 'aten' or 'onednn'); returns the library used before."""
-    _ensure_applied()
+    if "error" not in _state:
+        _ensure_applied()
     choice = resolve(setting, name="backend")
     with _lock:
+        _state.pop("error", None)  # an explicit choice replaces a bad ALIGNFAST_CPU_GEMM
+        _state["applied"] = True
         return _apply(choice)
 
 

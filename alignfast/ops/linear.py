@@ -44,7 +44,9 @@ def _fake(a, b, bias=None):
 
 def _setup_context(ctx, inputs, output):
     a, b, bias = inputs
-    ctx.save_for_backward(a, b)
+    need_a, need_b = ctx.needs_input_grad[:2]
+    # As ATen's mm: each operand is kept only for the other's gradient (a frozen b keeps no activation alive).
+    ctx.save_for_backward(a if need_b else None, b if need_a else None)
     ctx.with_bias = bias is not None
 
 
@@ -62,10 +64,12 @@ def _backward(ctx, grad):
 torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_setup_context)
 
 
-def routes_here(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` runs alignfast's GEMMs for these operands (float32 on the CPU, extension loaded)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.dim() == 2 and x.dim() >= 1 and not use_reference(NAME, x))
+def routes_here(x, weight) -> bool:
+    """Whether `linear` runs alignfast's GEMMs for these operands: float32 tensors on the CPU, the extension
+    loaded, and no CPU autocast (under autocast F.linear runs in the autocast dtype, which this path would skip)."""
+    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 1
+            and not torch.is_autocast_enabled("cpu") and not use_reference(NAME, x))
 
 
 class _Linear(torch.autograd.Function):
@@ -73,7 +77,9 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        # What F.linear keeps: x only for dW, W only for dx (LoRA's frozen base keeps no activation for dW).
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         ctx.with_bias = bias is not None
         return op(NAME)(x, weight.t(), bias)
 
@@ -114,14 +120,25 @@ class RouteLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if routes_here(x, weight):
+            if routes_here(x, weight) and (bias is None or isinstance(bias, torch.Tensor)):
                 return linear(x, weight, bias)
         return func(*args, **kwargs)
 
 
-def route_linear():
+def hf_checkpointing(model: torch.nn.Module | None) -> bool:
+    """Whether some module of `model` has Hugging Face's gradient checkpointing on and is in training mode: its
+    backward recomputes the layer outside any block entered around the forward, with plain F.linear, whose saved
+    tensors differ from ours (torch's non-reentrant checkpoint then raises CheckpointError)."""
+    return model is not None and any(getattr(m, "gradient_checkpointing", False) is True and m.training
+                                     for m in model.modules())
+
+
+def route_linear(model: torch.nn.Module | None = None):
     """RouteLinear() where the process's CPU GEMMs are oneDNN's, else a no-op context (ATen's GEMMs are what
-    F.linear runs already)."""
-    return RouteLinear() if cpu_gemm.current() == "onednn" else contextlib.nullcontext()
+    F.linear runs already). With `model`: also a no-op while `model` checkpoints its layers (hf_checkpointing)."""
+    if cpu_gemm.current() != "onednn" or hf_checkpointing(model):
+        return contextlib.nullcontext()
+    return RouteLinear()

@@ -177,6 +177,9 @@ class PPOEngineTrainer(RunLoop):
                 self.value_model.checkpointed = enable_activation_checkpointing(self.value_model.backbone)
         self._ref_policy = CausalLMPolicy(self.ref_model if self.ref_model is not None else model,
                                           backend=config.backend)
+        # The reference policy's GEMMs as the policy's: while the two are equal (step 1) their log-probs, and so the
+        # KL, agree bit for bit. A checkpointed policy keeps ATen's GEMMs (policy.fast_gemms_on); so does it.
+        self._ref_policy.route_gemms = self.policy.route_gemms and not self.policy.checkpointed
         if config.backend == "fast":
             cpu_gemm.current()  # a bad ALIGNFAST_CPU_GEMM is reported now, in one line, not mid-run
         if self.value_model is not None:  # the critic's GEMMs as the policy's (policy.fast_gemms_on)

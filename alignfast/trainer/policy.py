@@ -114,7 +114,7 @@ def fast_gemms_on(owner):
         return contextlib.nullcontext()
     from alignfast.ops.linear import route_linear
 
-    return route_linear()
+    return route_linear(owner.model if isinstance(owner, CausalLMPolicy) else owner)
 
 
 @dataclass

@@ -5,6 +5,7 @@
 // then loses the faster GEMM (ATen is used) instead of failing to load the whole extension.
 #include "cpu/gemm.h"
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -48,7 +49,9 @@ bool plain_or_transposed(const at::Tensor& t) {
 }
 
 bool use_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  return g_backend.load(std::memory_order_relaxed) == 1 && a.scalar_type() == at::kFloat &&
+  // torch.backends.mkldnn.flags(enabled=False) turns oneDNN off for ATen; it does here too.
+  return g_backend.load(std::memory_order_relaxed) == 1 && at::globalContext().userEnabledMkldnn() &&
+         a.scalar_type() == at::kFloat &&
          b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
          out.is_contiguous() && plain_or_transposed(a) && plain_or_transposed(b) && !a.is_conj() && !b.is_conj();
 }

@@ -127,6 +127,26 @@ def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
         assert torch.allclose(p, runs["aten"][1][n], rtol=1e-4, atol=1e-6), n
 
 
+def test_a_corrector_with_hugging_face_checkpointing_trains_on_the_fast_backend(tmp_path, monkeypatch):
+    """HF's checkpoint recomputes layers in the backward, outside the loss's routing block: the loss then keeps
+    ATen's GEMMs (ops/linear.route_linear) instead of failing with torch's CheckpointError."""
+    from alignfast.ops import cpu_gemm
+    from alignfast.ops.linear import _Linear
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("oneDNN's matmul is not reachable here")
+    calls = []
+    original = _Linear.apply
+    monkeypatch.setattr(_Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    model, tok = tiny_corrector(tmp_path)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with cpu_gemm.use("onednn"):
+        t = AlignerTrainer(_config(tmp_path, "ckpt", max_steps=2), model, tok, train_dataset=ROWS)
+        history = t.train().history
+    assert len(history) == 2 and all(h["loss"] > 0 for h in history)
+    assert not calls
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_fast_backend_with_the_kept_head_gradient_is_bit_for_bit(tmp_path, monkeypatch, accumulation):
     """The LM head's dW written into one kept block (ops/weight_grad_buffer.py) trains the same corrector, bit for

@@ -222,3 +222,83 @@ def test_bad_environment_value_is_reported_by_current_not_at_import(monkeypatch)
     cpu_gemm.apply_environment()
     with pytest.raises(AlignfastArgumentError, match="'ALIGNFAST_CPU_GEMM' must be one of"):
         cpu_gemm.current()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward of fn() (parameters included)."""
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_a_frozen_weight_keeps_no_activation_alive(library):
+    """As F.linear: x is saved only for dW, W only for dx (LoRA's frozen base layers)."""
+    x = torch.randn(64, 32, requires_grad=True)
+    w_frozen, w_trained = torch.randn(16, 32), torch.randn(16, 32, requires_grad=True)
+    assert saved_bytes(lambda: linear(x, w_frozen)) == w_frozen.numel() * 4
+    assert saved_bytes(lambda: linear(x.detach(), w_trained)) == x.numel() * 4
+    a, b = torch.randn(8, 4, requires_grad=True), torch.randn(4, 3)
+    assert saved_bytes(lambda: op("mm")(a, b)) == b.numel() * 4
+
+
+def test_route_leaves_autocast_to_f_linear(library):
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w)
+        with RouteLinear():
+            got = F.linear(x, w)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_route_takes_keyword_arguments(library, monkeypatch):
+    calls = []
+    original = _Linear.apply
+    monkeypatch.setattr(_Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    x, w, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
+    with RouteLinear():
+        got = [F.linear(input=x, weight=w), F.linear(x, weight=w, bias=b), F.linear(x, w, bias=b)]
+    assert len(calls) == 3
+    for y, want in zip(got, [F.linear(x, w), F.linear(x, w, b), F.linear(x, w, b)]):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mkldnn_switched_off_in_torch_means_aten():
+    if not cpu_gemm.onednn_available():
+        pytest.skip("oneDNN not reachable")
+    a, b = torch.randn(67, 129), torch.randn(129, 257)
+    with cpu_gemm.use("onednn"), torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(op("mm")(a, b), torch.mm(a, b))
+
+
+def test_an_explicit_choice_replaces_a_bad_environment_value(monkeypatch):
+    monkeypatch.setenv("ALIGNFAST_CPU_GEMM", "mkl")
+    monkeypatch.setattr(cpu_gemm, "_state", {"applied": False})
+    before = cpu_gemm._ext.load().cpu_gemm_backend()
+    cpu_gemm.apply_environment()
+    try:
+        cpu_gemm.set_backend("aten")
+        assert cpu_gemm.current() == "aten"
+    finally:
+        cpu_gemm._ext.load().cpu_gemm_backend(before)
+
+
+def test_hugging_face_checkpointing_is_not_routed(library, monkeypatch):
+    """HF's non-reentrant checkpoint recomputes a layer in the backward, outside any block: route_linear(model)
+    stays off while the model checkpoints in training mode (else torch raises CheckpointError)."""
+    from alignfast.ops.linear import hf_checkpointing
+
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert hf_checkpointing(model)
+    with route_linear(model):
+        model(input_ids=torch.randint(0, 97, (2, 7))).logits.square().mean().backward()
+    model.eval()
+    assert not hf_checkpointing(model)

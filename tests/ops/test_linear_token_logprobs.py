@@ -222,12 +222,18 @@ def test_cuda_large_vocabulary(dtype):
 @pytest.mark.parametrize("library", ["aten", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_cpu_gemm_libraries(library, dtype):
-    """The op's GEMMs on ATen's and on oneDNN's kernels (ops/cpu_gemm.py): a bias, a mask, entropy, and a budget
-    that splits the rows into blocks (dW accumulated over blocks: the accumulating GEMM)."""
+    """The op's GEMMs on ATen's and on oneDNN's kernels (ops/cpu_gemm.py): a bias, a mask, entropy, a budget that
+    splits the rows into blocks (dW accumulated over blocks: the accumulating GEMM), two tile workers."""
     from alignfast.ops import cpu_gemm
 
     if library == "onednn" and not cpu_gemm.onednn_available():
         pytest.skip("this libtorch does not export oneDNN's matmul")
-    hidden, weight, bias, tokens = make((4, 9), 32, 1000, dtype, seed=3)
-    with cpu_gemm.use(library):
-        run_and_compare(hidden, weight, bias, tokens, mask=random_mask(4, 9), chunk_size=2)
+    # ~38 valid rows x V=4000 x H=64 is two workers' worth (kMinTileFlops) and, at chunk 2, two row blocks.
+    hidden, weight, bias, tokens = make((6, 9), 64, 4000, dtype, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # enough work for two tile workers (each runs its GEMMs single-threaded)
+    try:
+        with cpu_gemm.use(library):
+            run_and_compare(hidden, weight, bias, tokens, mask=random_mask(6, 9), chunk_size=2)
+    finally:
+        torch.set_num_threads(threads)

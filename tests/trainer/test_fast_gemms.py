@@ -58,9 +58,29 @@ def test_onednn_run_matches_the_aten_run(tmp_path, monkeypatch):
         assert relative_error(a, b) <= 1e-5, name
 
 
-def test_policy_reference_and_critic_take_the_route(tmp_path, monkeypatch):
-    trainer, _, _ = run(tmp_path, "x", "onednn", monkeypatch, max_steps=1)
-    assert trainer.policy.route_gemms and trainer._ref_policy.route_gemms and trainer.value_model.route_gemms
+def test_policy_reference_and_critic_each_take_the_route(tmp_path, monkeypatch):
+    """Counted per model: the routed F.linear calls made inside each one's forwards."""
+    original = _Linear.apply
+    tok, prompter_dir = small_world(tmp_path)
+    with cpu_gemm.use("onednn"):
+        trainer, _ = echo_trainer(tok, prompter_dir, output_dir=str(tmp_path / "x"), **{**CFG, "max_steps": 1})
+        counts, current = {}, []
+        monkeypatch.setattr(_Linear, "apply", lambda *a: counts.__setitem__(current[-1], counts.get(current[-1], 0)
+                                                                             + 1) or original(*a))
+        for name, owner in (("policy", trainer.policy), ("reference", trainer._ref_policy),
+                            ("critic", trainer.value_model)):
+            forward = owner.forward
+
+            def tagged(*args, _forward=forward, _name=name, **kwargs):
+                current.append(_name)
+                try:
+                    return _forward(*args, **kwargs)
+                finally:
+                    current.pop()
+
+            owner.forward = tagged
+        trainer.train()
+    assert set(counts) == {"policy", "reference", "critic"} and min(counts.values()) > 0, counts
 
 
 def test_no_route_on_the_reference_backend(tmp_path, monkeypatch):
@@ -70,10 +90,11 @@ def test_no_route_on_the_reference_backend(tmp_path, monkeypatch):
 
 def test_checkpointed_models_are_not_routed(tmp_path, monkeypatch):
     """The backward's recompute of a checkpointed layer runs outside the forward's block: the policy and the
-    critic keep ATen's GEMMs; the reference policy (no graph, nothing recomputed) is still routed."""
+    critic keep ATen's GEMMs, and the reference policy with them."""
     trainer, _, routed = run(tmp_path, "x", "onednn", monkeypatch, max_steps=1, gradient_checkpointing=True)
     with cpu_gemm.use("onednn"):
         assert not isinstance(fast_gemms_on(trainer.policy), RouteLinear)
         assert not isinstance(fast_gemms_on(trainer.value_model), RouteLinear)
-        assert isinstance(fast_gemms_on(trainer._ref_policy), RouteLinear)
-    assert routed > 0
+        # The reference policy follows the policy, so that at step 1 their log-probs (and the KL) agree exactly.
+        assert not isinstance(fast_gemms_on(trainer._ref_policy), RouteLinear)
+    assert routed == 0
