@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignfast.aligner import AlignerConfig, AlignerPipeline, AlignerTrainer, Corrector
-from alignfast.ops import AlignfastArgumentError
+from alignfast.ops import AlignfastArgumentError, cpu_gemm
 from tests.aligner.helpers import ROWS, TEMPLATE, tiny_corrector
 from tests.trainer.tiny import FunctionTarget
 
@@ -21,6 +21,13 @@ def _config(tmp_path, name="out", **kw):
 
 def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _reset(model, params):
+    """Every parameter back to `params` (a _params snapshot), for the next run from the same start."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(params[n])
 
 
 def test_sft_learns_the_corrections_and_the_pipeline_applies_them(tmp_path):
@@ -89,9 +96,7 @@ def test_fast_and_reference_backends_train_the_same_model(tmp_path):
     init = _params(model)
     runs = {}
     for backend in ("fast", "reference"):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(init[n])
+        _reset(model, init)
         t = AlignerTrainer(_config(tmp_path, backend, backend=backend, max_steps=3), model, tok, train_dataset=ROWS)
         runs[backend] = ([h["loss"] for h in t.train().history], _params(t.model))
     assert runs["fast"][0] == pytest.approx(runs["reference"][0], rel=1e-5)
@@ -99,9 +104,8 @@ def test_fast_and_reference_backends_train_the_same_model(tmp_path):
         assert torch.allclose(p, runs["reference"][1][n], rtol=1e-5, atol=1e-7), n
 
 
-def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
-    """The fast loss runs the corrector's F.linear calls through alignfast.ops.linear (ops/cpu_gemm.py's library):
-    with oneDNN's GEMMs and with ATen's, the same losses and weights to float32 rounding."""
+def routed_calls(monkeypatch) -> list:
+    """A list that grows by one per F.linear call routed to alignfast.ops.linear; skips where oneDNN is missing."""
     from alignfast.ops import cpu_gemm
     from alignfast.ops.linear import _Linear
 
@@ -110,13 +114,18 @@ def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
     calls = []
     original = _Linear.apply
     monkeypatch.setattr(_Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
+    """The fast loss runs the corrector's F.linear calls through alignfast.ops.linear (ops/cpu_gemm.py's library):
+    with oneDNN's GEMMs and with ATen's, the same losses and weights to float32 rounding."""
+    calls = routed_calls(monkeypatch)
     model, tok = tiny_corrector(tmp_path)
     init = _params(model)
     runs = {}
     for library in ("onednn", "aten"):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(init[n])
+        _reset(model, init)
         calls.clear()
         with cpu_gemm.use(library):
             t = AlignerTrainer(_config(tmp_path, library, max_steps=3), model, tok, train_dataset=ROWS)
@@ -130,14 +139,7 @@ def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
 def test_a_corrector_with_hugging_face_checkpointing_trains_on_the_fast_backend(tmp_path, monkeypatch):
     """HF's checkpoint recomputes layers in the backward, outside the loss's routing block: the loss then keeps
     ATen's GEMMs (ops/linear.route_linear) instead of failing with torch's CheckpointError."""
-    from alignfast.ops import cpu_gemm
-    from alignfast.ops.linear import _Linear
-
-    if not cpu_gemm.onednn_available():
-        pytest.skip("oneDNN's matmul is not reachable here")
-    calls = []
-    original = _Linear.apply
-    monkeypatch.setattr(_Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    calls = routed_calls(monkeypatch)
     model, tok = tiny_corrector(tmp_path)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with cpu_gemm.use("onednn"):
@@ -158,9 +160,7 @@ def test_fast_backend_with_the_kept_head_gradient_is_bit_for_bit(tmp_path, monke
     runs = {}
     for name, min_bytes in (("kept", 0), ("fresh", 1 << 62)):
         monkeypatch.setattr(weight_grad_buffer, "MIN_GRADIENT_BYTES", min_bytes)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(init[n])
+        _reset(model, init)
         t = AlignerTrainer(_config(tmp_path, name, max_steps=3, gradient_accumulation_steps=accumulation), model, tok,
                            train_dataset=ROWS)
         runs[name] = ([h["loss"] for h in t.train().history], _params(t.model), t.head_grad_buffer)

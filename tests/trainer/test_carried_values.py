@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignfast.trainer.ppo_core import PPOUpdater
-from tests.trainer.tiny import echo_trainer, small_world
+from tests.trainer.tiny import assert_runs_agree, echo_trainer, small_world
 from tests.utils import relative_error
 
 STEPS = 3
@@ -50,15 +50,7 @@ def test_carry_saves_one_micro_batch_forward_and_changes_nothing(tmp_path, monke
     assert rows_plain["grad"] == STEPS * micro_steps * pdbs
     assert rows_plain["no_grad"] == STEPS * B  # the carry's saving: pdbs episodes per step
 
-    for step in range(STEPS):
-        assert torch.equal(rf.responses[step], rp.responses[step])
-        err = relative_error(torch.tensor(rf.losses[step], dtype=torch.float64),
-                             torch.tensor(rp.losses[step], dtype=torch.float64))
-        assert err <= 1e-5, f"step {step + 1}: {err:.2e}"
-    for key in ("loss/value_avg", "val/clipfrac_avg", "objective/kl", "policy/approxkl_avg"):
-        a = torch.tensor([m[key] for m in rf.logs], dtype=torch.float64)
-        b = torch.tensor([m[key] for m in rp.logs], dtype=torch.float64)
-        assert relative_error(a, b) <= 1e-5, key
+    assert_runs_agree(rf, rp, STEPS, ("loss/value_avg", "val/clipfrac_avg", "objective/kl", "policy/approxkl_avg"))
     for (name, a), (_, b) in zip(fast.value_model.named_parameters(), plain.value_model.named_parameters()):
         assert relative_error(a, b) <= 1e-5, name
     assert fast.value_model.head.weight.abs().sum() > 0  # the zero-initialised value head trained

@@ -12,7 +12,7 @@ import torch
 from alignfast.ops import cpu_gemm
 from alignfast.ops.linear import RouteLinear, _Linear
 from alignfast.trainer.policy import fast_gemms_on
-from tests.trainer.tiny import echo_trainer, small_world
+from tests.trainer.tiny import assert_runs_agree, echo_trainer, small_world
 from tests.utils import relative_error
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="oneDNN's matmul is not reachable here")
@@ -43,15 +43,8 @@ def test_onednn_run_matches_the_aten_run(tmp_path, monkeypatch):
     fast, rf, routed = run(tmp_path, "onednn", "onednn", monkeypatch)
     plain, rp, not_routed = run(tmp_path, "aten", "aten", monkeypatch)
     assert routed > 0 and not_routed == 0
-    for step in range(STEPS):
-        assert torch.equal(rf.responses[step], rp.responses[step])
-        err = relative_error(torch.tensor(rf.losses[step], dtype=torch.float64),
-                             torch.tensor(rp.losses[step], dtype=torch.float64))
-        assert err <= 1e-5, f"step {step + 1}: {err:.2e}"
-    for key in ("loss/value_avg", "objective/kl", "policy/approxkl_avg", "loss/policy_avg"):
-        a = torch.tensor([m[key] for m in rf.logs], dtype=torch.float64)
-        b = torch.tensor([m[key] for m in rp.logs], dtype=torch.float64)
-        assert relative_error(a, b) <= 1e-4, key
+    assert_runs_agree(rf, rp, STEPS, ("loss/value_avg", "objective/kl", "policy/approxkl_avg", "loss/policy_avg"),
+                      metric_tol=1e-4)
     for (name, a), (_, b) in zip(fast.model.named_parameters(), plain.model.named_parameters()):
         assert relative_error(a, b) <= 1e-5, name
     for (name, a), (_, b) in zip(fast.value_model.named_parameters(), plain.value_model.named_parameters()):

@@ -138,3 +138,19 @@ def echo_trainer(tok, prompter_dir, *, reward=keyword_reward, peft_config=None, 
                               callbacks=[rec], peft_config=peft_config)
     rec.trainer = trainer
     return trainer, rec
+
+
+def assert_runs_agree(rec_a, rec_b, steps: int, metric_keys, *, loss_tol: float = 1e-5, metric_tol: float = 1e-5):
+    """Two recorded runs (echo_trainer's recorders) drew the same rollouts at every step, and their losses and the
+    logged metrics in `metric_keys` agree to the relative tolerances (float32 rounding between two fast paths)."""
+    from tests.utils import relative_error
+
+    for step in range(steps):
+        assert torch.equal(rec_a.responses[step], rec_b.responses[step]), f"step {step + 1}: rollouts differ"
+        err = relative_error(torch.tensor(rec_a.losses[step], dtype=torch.float64),
+                             torch.tensor(rec_b.losses[step], dtype=torch.float64))
+        assert err <= loss_tol, f"step {step + 1}: {err:.2e}"
+    for key in metric_keys:
+        a = torch.tensor([m[key] for m in rec_a.logs], dtype=torch.float64)
+        b = torch.tensor([m[key] for m in rec_b.logs], dtype=torch.float64)
+        assert relative_error(a, b) <= metric_tol, key
