@@ -4,8 +4,11 @@
 // choice of CPU GEMM library (csrc/cpu/gemm.h), which alignfast/ops/gemm.py sets.
 #include <Python.h>
 
+#include <cstdint>
+
 extern "C" int alignfast_cpu_gemm_backend(int backend);
 extern "C" int alignfast_onednn_available();
+extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread);
 
 namespace {
 
@@ -17,11 +20,19 @@ PyObject* cpu_gemm_backend(PyObject*, PyObject* args) {
 
 PyObject* onednn_available(PyObject*, PyObject*) { return PyBool_FromLong(alignfast_onednn_available()); }
 
+PyObject* onednn_min_macs(PyObject*, PyObject* args) {
+  long long per_thread = -1;
+  if (!PyArg_ParseTuple(args, "|L", &per_thread)) return nullptr;
+  return PyLong_FromLongLong(alignfast_onednn_min_macs(per_thread));
+}
+
 PyMethodDef methods[] = {
     {"cpu_gemm_backend", cpu_gemm_backend, METH_VARARGS,
      "cpu_gemm_backend([backend]) -> previous: 0 = ATen (MKL), 1 = oneDNN for float32 CPU GEMMs; no argument reads it"},
     {"onednn_available", onednn_available, METH_NOARGS,
      "whether this libtorch exports oneDNN's matmul entry point (at::native::mkldnn_matmul)"},
+    {"onednn_min_macs", onednn_min_macs, METH_VARARGS,
+     "onednn_min_macs([per_thread]) -> previous: the smallest float32 GEMM (multiply-adds per thread) sent to oneDNN"},
     {nullptr, nullptr, 0, nullptr},
 };
 

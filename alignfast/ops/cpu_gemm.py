@@ -122,6 +122,29 @@ def set_backend(setting: str) -> str:
         return _apply(choice)
 
 
+def min_macs_per_thread() -> int:
+    """The smallest float32 GEMM, in multiply-adds per thread, that goes to oneDNN: smaller ones stay on ATen,
+    because oneDNN's ~15 us of fixed cost per call outweighs its faster kernel there (csrc/cpu/gemm.cpp)."""
+    mod = _ext.load()
+    return mod.onednn_min_macs() if mod is not None and hasattr(mod, "onednn_min_macs") else 0
+
+
+def worth_onednn(macs: int) -> bool:
+    """Whether a GEMM of `macs` multiply-adds, run at torch's thread count, is large enough for oneDNN."""
+    return macs >= min_macs_per_thread() * max(1, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def smallest_gemm(per_thread: int):
+    """Inside the block, GEMMs of at least `per_thread` multiply-adds per thread go to oneDNN (0: all; for tests)."""
+    mod = _ext.load()
+    previous = mod.onednn_min_macs(int(per_thread))
+    try:
+        yield
+    finally:
+        mod.onednn_min_macs(previous)
+
+
 @contextlib.contextmanager
 def use(setting: str):
     """Inside the block, CPU GEMMs use `setting` (process-wide: for tests and benchmarks, not threads)."""

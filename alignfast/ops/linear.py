@@ -66,10 +66,13 @@ torch.library.register_autograd(f"alignfast::{NAME}", _backward, setup_context=_
 
 def routes_here(x, weight) -> bool:
     """Whether `linear` runs alignfast's GEMMs for these operands: float32 tensors on the CPU, the extension
-    loaded, and no CPU autocast (under autocast F.linear runs in the autocast dtype, which this path would skip)."""
+    loaded, no CPU autocast (under autocast F.linear runs in the autocast dtype, which this path would skip), and
+    a forward GEMM large enough for oneDNN (cpu_gemm.worth_onednn): a smaller one would run ATen's GEMM either
+    way, and F.linear's C++ path costs less than this one's Python."""
     return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 1
-            and not torch.is_autocast_enabled("cpu") and not use_reference(NAME, x))
+            and not torch.is_autocast_enabled("cpu") and cpu_gemm.worth_onednn(x.numel() * weight.shape[0])
+            and not use_reference(NAME, x))
 
 
 class _Linear(torch.autograd.Function):

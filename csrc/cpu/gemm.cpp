@@ -6,6 +6,7 @@
 #include "cpu/gemm.h"
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "common.h"
@@ -42,16 +44,27 @@ MkldnnMatmul mkldnn_matmul() {
 
 std::atomic<int> g_backend{0};
 
+// Below this many multiply-adds per thread a GEMM stays on ATen: oneDNN's call costs ~15 us of fixed overhead
+// (primitive-cache lookup, memory descriptors), which a small GEMM does not earn back. Measured on the Zen 5
+// (bench/NOTES-gemm.md, "small GEMMs"): 240x64x64 ran 0.85x ATen at one thread and 0.59x at two; 240x64x128
+// 1.18x and 0.87x; 960x64x128 1.81x and 1.50x. Settable for tests (alignfast_onednn_min_macs).
+std::atomic<int64_t> g_min_macs_per_thread{int64_t(1) << 21};
+
 // oneDNN reads a matrix in place when it is contiguous or the transpose of a contiguous matrix.
 bool plain_or_transposed(const at::Tensor& t) {
   if (t.is_contiguous()) return true;
   return t.stride(0) == 1 && t.stride(1) == t.size(0);
 }
 
+bool large_enough(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  return a.size(0) * a.size(1) * b.size(1) >= g_min_macs_per_thread.load(std::memory_order_relaxed) * threads;
+}
+
 bool use_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   // torch.backends.mkldnn.flags(enabled=False) turns oneDNN off for ATen; it does here too.
   return g_backend.load(std::memory_order_relaxed) == 1 && at::globalContext().userEnabledMkldnn() &&
-         a.scalar_type() == at::kFloat &&
+         large_enough(a, b) && a.scalar_type() == at::kFloat &&
          b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
          out.is_contiguous() && plain_or_transposed(a) && plain_or_transposed(b) && !a.is_conj() && !b.is_conj();
 }
@@ -100,6 +113,11 @@ at::Tensor mm_cpu(const at::Tensor& a, const at::Tensor& b, const std::optional<
 TORCH_LIBRARY_IMPL(alignfast, CPU, m) { m.impl("mm", &mm_cpu); }
 
 }  // namespace alignfast
+
+extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread) {
+  if (per_thread < 0) return alignfast::cpu::g_min_macs_per_thread.load();
+  return alignfast::cpu::g_min_macs_per_thread.exchange(per_thread);
+}
 
 extern "C" int alignfast_onednn_available() { return alignfast::cpu::mkldnn_matmul() != nullptr ? 1 : 0; }
 

@@ -11,7 +11,8 @@ namespace alignfast {
 namespace cpu {
 
 // out = a @ b, or out += a @ b with accumulate. out: contiguous [M, N]; a: [M, K]; b: [K, N]; a and b each
-// contiguous or the transpose of a contiguous matrix (views such as w.t() are not copied).
+// contiguous or the transpose of a contiguous matrix (views such as w.t() are not copied). oneDNN only for float32
+// GEMMs of at least alignfast_onednn_min_macs() multiply-adds per thread.
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 }  // namespace cpu
@@ -22,3 +23,6 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 extern "C" int alignfast_cpu_gemm_backend(int backend);
 // Whether this libtorch exports oneDNN's matmul entry point (at::native::mkldnn_matmul).
 extern "C" int alignfast_onednn_available();
+// The smallest GEMM, in multiply-adds per thread, that goes to oneDNN (smaller ones stay on ATen). Returns the
+// previous value; a negative argument only reads it.
+extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread);

@@ -104,9 +104,10 @@ def test_fast_and_reference_backends_train_the_same_model(tmp_path):
         assert torch.allclose(p, runs["reference"][1][n], rtol=1e-5, atol=1e-7), n
 
 
-def routed_calls(monkeypatch) -> list:
-    """A list that grows by one per F.linear call routed to alignfast.ops.linear; skips where oneDNN is missing."""
-    from alignfast.ops import cpu_gemm
+@pytest.fixture
+def routed_calls(monkeypatch):
+    """A list that grows by one per F.linear call routed to alignfast.ops.linear, every GEMM size routed (the tiny
+    corrector's are below oneDNN's size rule, cpu_gemm.min_macs_per_thread); skips where oneDNN is missing."""
     from alignfast.ops.linear import _Linear
 
     if not cpu_gemm.onednn_available():
@@ -114,13 +115,14 @@ def routed_calls(monkeypatch) -> list:
     calls = []
     original = _Linear.apply
     monkeypatch.setattr(_Linear, "apply", lambda *a: calls.append(1) or original(*a))
-    return calls
+    with cpu_gemm.smallest_gemm(0):
+        yield calls
 
 
-def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
+def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, routed_calls):
     """The fast loss runs the corrector's F.linear calls through alignfast.ops.linear (ops/cpu_gemm.py's library):
     with oneDNN's GEMMs and with ATen's, the same losses and weights to float32 rounding."""
-    calls = routed_calls(monkeypatch)
+    calls = routed_calls
     model, tok = tiny_corrector(tmp_path)
     init = _params(model)
     runs = {}
@@ -136,10 +138,10 @@ def test_fast_backend_on_onednn_gemms_matches_aten(tmp_path, monkeypatch):
         assert torch.allclose(p, runs["aten"][1][n], rtol=1e-4, atol=1e-6), n
 
 
-def test_a_corrector_with_hugging_face_checkpointing_trains_on_the_fast_backend(tmp_path, monkeypatch):
+def test_a_corrector_with_hugging_face_checkpointing_trains_on_the_fast_backend(tmp_path, routed_calls):
     """HF's checkpoint recomputes layers in the backward, outside the loss's routing block: the loss then keeps
     ATen's GEMMs (ops/linear.route_linear) instead of failing with torch's CheckpointError."""
-    calls = routed_calls(monkeypatch)
+    calls = routed_calls
     model, tok = tiny_corrector(tmp_path)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with cpu_gemm.use("onednn"):

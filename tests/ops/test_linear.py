@@ -24,7 +24,8 @@ LIBRARIES = ["aten", pytest.param("onednn", marks=pytest.mark.skipif(
 
 @pytest.fixture(params=LIBRARIES)
 def library(request):
-    with cpu_gemm.use(request.param):
+    """Each library in turn, for GEMMs of any size (the size rule has its own test below)."""
+    with cpu_gemm.use(request.param), cpu_gemm.smallest_gemm(0):
         assert cpu_gemm.current() == request.param
         yield request.param
 
@@ -302,3 +303,26 @@ def test_hugging_face_checkpointing_is_not_routed(library, monkeypatch):
         model(input_ids=torch.randint(0, 97, (2, 7))).logits.square().mean().backward()
     model.eval()
     assert not hf_checkpointing(model)
+
+
+def test_small_gemms_stay_on_aten(monkeypatch):
+    """oneDNN's fixed cost per call loses below min_macs_per_thread x threads: such GEMMs run ATen's kernel (bit
+    for bit torch.mm), and RouteLinear leaves such linears to F.linear."""
+    if not cpu_gemm.onednn_available():
+        pytest.skip("oneDNN not reachable")
+    calls = []
+    original = _Linear.apply
+    monkeypatch.setattr(_Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    threads = max(1, torch.get_num_threads())
+    limit = cpu_gemm.min_macs_per_thread() * threads
+    assert limit >= 1 << 20
+    small_x, small_w = torch.randn(64, 64), torch.randn(64, 64)  # 262144 multiply-adds
+    big_x, big_w = torch.randn(256, 512), torch.randn(512, 512)  # 67M
+    assert 64 ** 3 < limit <= 256 * 512 * 512
+    with cpu_gemm.use("onednn"):
+        assert torch.equal(op("mm")(small_x, small_w.t()), torch.mm(small_x, small_w.t()))
+        with RouteLinear():
+            F.linear(small_x, small_w)
+            assert not calls
+            F.linear(big_x, big_w)
+            assert len(calls) == 1

@@ -17,6 +17,13 @@ from tests.utils import relative_error
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="oneDNN's matmul is not reachable here")
 
+
+@pytest.fixture(autouse=True)
+def _every_gemm_size():
+    """The tiny models' GEMMs are below oneDNN's size rule (cpu_gemm.min_macs_per_thread): route them anyway."""
+    with cpu_gemm.smallest_gemm(0):
+        yield
+
 STEPS = 2
 CFG = dict(backend="fast", seed=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_mini_batches=2,
            num_ppo_epochs=2, max_steps=STEPS, response_length=5, temperature=0.9, kl_coef=0.1, learning_rate=3e-3,
