@@ -64,7 +64,9 @@ def main(argv=None) -> int:
     harness.normal_allocator()
     mm = op("mm")
     rows = []
-    with cpu_gemm.use("onednn"):
+    # Every shape on oneDNN, including those under the size rule that keeps small GEMMs on ATen in use
+    # (cpu_gemm.min_macs_per_thread): this table measures the libraries themselves.
+    with cpu_gemm.use("onednn"), cpu_gemm.smallest_gemm(0):
         for label, M, K, N, orient in cases(args.quick):
             flops = 2 * M * K * N
             reps = max(3, min(50, int(5e9 / flops)))

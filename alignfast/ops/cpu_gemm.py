@@ -130,14 +130,21 @@ def min_macs_per_thread() -> int:
 
 
 def worth_onednn(macs: int) -> bool:
-    """Whether a GEMM of `macs` multiply-adds, run at torch's thread count, is large enough for oneDNN."""
-    return macs >= min_macs_per_thread() * max(1, torch.get_num_threads())
+    """Whether a GEMM of `macs` multiply-adds, run at torch's thread count, is large enough for oneDNN (the C++
+    rule's arithmetic: multiply-adds per thread, by integer division)."""
+    return macs // max(1, torch.get_num_threads()) >= min_macs_per_thread()
 
 
 @contextlib.contextmanager
 def smallest_gemm(per_thread: int):
-    """Inside the block, GEMMs of at least `per_thread` multiply-adds per thread go to oneDNN (0: all; for tests)."""
+    """Inside the block, GEMMs of at least `per_thread` multiply-adds per thread go to oneDNN (0: all; for tests
+    and benchmarks of the library itself)."""
+    if int(per_thread) < 0:
+        fail("per_thread", f"must be >= 0, got {per_thread}")
     mod = _ext.load()
+    if mod is None or not hasattr(mod, "onednn_min_macs"):
+        fail("per_thread", "needs the compiled extension alignfast._C with oneDNN support (" +
+             (_ext.reason() or "this build has no size rule") + ")")
     previous = mod.onednn_min_macs(int(per_thread))
     try:
         yield

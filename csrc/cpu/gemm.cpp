@@ -58,7 +58,8 @@ bool plain_or_transposed(const at::Tensor& t) {
 
 bool large_enough(const at::Tensor& a, const at::Tensor& b) {
   const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  return a.size(0) * a.size(1) * b.size(1) >= g_min_macs_per_thread.load(std::memory_order_relaxed) * threads;
+  // Per thread, by division: a huge threshold (a test's "never") must not overflow into "always".
+  return a.size(0) * a.size(1) * b.size(1) / threads >= g_min_macs_per_thread.load(std::memory_order_relaxed);
 }
 
 bool use_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
