@@ -1,9 +1,10 @@
 """Which library runs alignfast's float32 CPU GEMMs: ATen's (MKL's sgemm) or oneDNN's (both ship in libtorch).
 
 Why there is a choice: MKL dispatches its AVX-512 kernels on Intel CPUs only. On the AMD Zen 5 (AVX-512) of our
-CI machine one core runs ATen's float32 mm at 86-92 GFLOP/s (MKL's AVX2 rate; MKL_ENABLE_INSTRUCTIONS and
-MKL_DEBUG_CPU_TYPE change nothing) and oneDNN's JIT kernel, which picks AVX-512 by the CPU's flags, at 157-244:
-1.4-2.4x on every shape of a 135M-parameter model's training step (bench/NOTES-gemm.md, `python -m bench.bench_gemm`).
+CI machine one core runs ATen's float32 mm at 85-111 GFLOP/s (MKL's AVX2 rate; MKL_ENABLE_INSTRUCTIONS and
+MKL_DEBUG_CPU_TYPE change nothing) and oneDNN's JIT kernel, which picks AVX-512 by the CPU's flags, at 195-248:
+1.8-2.3x on the shapes of a 135M-parameter model's training step (bench/NOTES-gemm.md, `python -m bench.bench_gemm`).
+Small GEMMs stay on ATen whatever the setting (`min_macs_per_thread`): oneDNN's ~15 us per call loses there.
 
 The setting, ALIGNFAST_CPU_GEMM (or `use(...)` / `set_backend(...)` in code):
   auto    oneDNN on x86-64 CPUs that are not Intel's and have AVX-512 (where it was measured faster), else ATen;

@@ -5,11 +5,12 @@
 
 Each product is one `alignfast::mm(a, b, bias)` call (a @ b + bias, csrc/cpu/gemm.cpp), with transposed operands
 passed as views: no copy, and dW comes out as [out, in], W's own layout. This is what F.linear computes, the
-GEMMs excepted: where the choice is oneDNN (AMD CPUs with AVX-512) they run 1.4-2.4x faster and round
-differently, by float32 rounding (the K products summed in another order). Everything that would gain nothing
-(float64, bfloat16, CUDA, the reference backend, no extension) calls F.linear itself.
+GEMMs excepted: where the choice is oneDNN (AMD CPUs with AVX-512) they run 1.8-2.3x faster at a 135M model's
+shapes and round differently, by float32 rounding (the K products summed in another order). Everything that would
+gain nothing (float64, bfloat16, CUDA, autocast, the reference backend, no extension, and GEMMs under
+cpu_gemm.min_macs_per_thread per thread) calls F.linear itself.
 
-`route_linear()` is a TorchFunctionMode that sends every F.linear inside it here: the fast trainer enters it
+`route_linear()` gives a TorchFunctionMode (RouteLinear) that sends each F.linear inside it here: the fast trainer enters it
 around the full-sequence forwards of the policy, the reference policy and the critic (trainer/policy.py), so
 a Hugging Face model's nn.Linear layers and PEFT's LoRA layers use it with no change to the model.
 """
