@@ -10,9 +10,10 @@ shapes and round differently, by float32 rounding (the K products summed in anot
 gain nothing (float64, bfloat16, CUDA, autocast, the reference backend, no extension, and GEMMs under
 cpu_gemm.min_macs_per_thread per thread) calls F.linear itself.
 
-`route_linear()` gives a TorchFunctionMode (RouteLinear) that sends each F.linear inside it here: the fast trainer enters it
-around the full-sequence forwards of the policy, the reference policy and the critic (trainer/policy.py), so
-a Hugging Face model's nn.Linear layers and PEFT's LoRA layers use it with no change to the model.
+`route_linear()` gives a TorchFunctionMode (RouteLinear) that sends each F.linear inside it here: the fast
+trainer enters it around the full-sequence forwards of the policy, the reference policy and the critic
+(trainer/policy.py), so a Hugging Face model's nn.Linear layers and PEFT's LoRA layers use it with no change to
+the model.
 """
 
 from __future__ import annotations
