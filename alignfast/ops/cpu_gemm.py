@@ -85,6 +85,8 @@ def _apply(choice: str) -> str:
 
 
 def _ensure_applied() -> None:
+    if _state["applied"]:  # every routed forward asks: no lock once the setting is in place
+        return
     with _lock:
         if not _state["applied"]:
             _state["applied"] = True

@@ -113,6 +113,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             _checks.fail("bias", f"must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if not routes_here(x, weight) or (bias is not None and bias.dtype != torch.float32):
         return F.linear(x, weight, bias)
+    return _routed_linear(x, weight, bias)
+
+
+def _routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear` once its checks and routes_here have passed (RouteLinear calls it directly: F.linear's own call
+    has the shapes checked already, and the routing test would run twice per layer)."""
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
@@ -128,8 +134,9 @@ class RouteLinear(TorchFunctionMode):
             x = args[0] if args else kwargs.get("input")
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if routes_here(x, weight) and (bias is None or isinstance(bias, torch.Tensor)):
-                return linear(x, weight, bias)
+            if (routes_here(x, weight) and x.shape[-1] == weight.shape[1]
+                    and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == torch.float32))):
+                return _routed_linear(x, weight, bias)
         return func(*args, **kwargs)
 
 
