@@ -42,6 +42,9 @@ def report() -> str:
     lines.append(f"float32 CPU GEMMs (linear_token_logprobs, the fast trainer's linears): {gemm} "
                  f"(ALIGNFAST_CPU_GEMM={os.environ.get('ALIGNFAST_CPU_GEMM', 'auto')}; CPU vendor "
                  f"{cpu_gemm.cpu_vendor() or 'unknown'}, capability {torch.backends.cpu.get_cpu_capability()})")
+    lines.append("bfloat16 linear_token_logprobs on CPU: " +
+                 ("bf16 x bf16 -> float32 products (oneDNN brgemm, AVX512_BF16)" if cpu_gemm.bf16_products()
+                  else "float32 GEMMs of the converted operands"))
     lines.append("")
     rows = [("op", "cpu", "cuda")]
     for name, info in sorted(_library.OPS.items()):

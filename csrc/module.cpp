@@ -9,6 +9,7 @@
 extern "C" int alignfast_cpu_gemm_backend(int backend);
 extern "C" int alignfast_onednn_available();
 extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread);
+extern "C" int alignfast_bf16_gemm_available();
 
 namespace {
 
@@ -26,6 +27,8 @@ PyObject* onednn_min_macs(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(alignfast_onednn_min_macs(per_thread));
 }
 
+PyObject* bf16_gemm_available(PyObject*, PyObject*) { return PyBool_FromLong(alignfast_bf16_gemm_available()); }
+
 PyMethodDef methods[] = {
     {"cpu_gemm_backend", cpu_gemm_backend, METH_VARARGS,
      "cpu_gemm_backend([backend]) -> previous: 0 = ATen (MKL), 1 = oneDNN for float32 CPU GEMMs; no argument reads it"},
@@ -33,6 +36,8 @@ PyMethodDef methods[] = {
      "whether this libtorch exports oneDNN's matmul entry point (at::native::mkldnn_matmul)"},
     {"onednn_min_macs", onednn_min_macs, METH_VARARGS,
      "onednn_min_macs([per_thread]) -> previous: the smallest float32 GEMM (multiply-adds per thread) sent to oneDNN"},
+    {"bf16_gemm_available", bf16_gemm_available, METH_NOARGS,
+     "whether bf16 x bf16 -> float32 CPU GEMMs run on oneDNN's brgemm now (oneDNN chosen, AVX512_BF16, probe passed)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -12,8 +12,13 @@ The setting, ALIGNFAST_CPU_GEMM (or `use(...)` / `set_backend(...)` in code):
   onednn  oneDNN wherever the extension finds it (an error if it cannot).
 It covers the GEMMs of alignfast's own CPU kernels (linear_token_logprobs) and `alignfast.ops.linear`, which
 the fast trainer routes its full-sequence forwards through (trainer/policy.py). Results change by float32
-rounding only: the two libraries sum the K products in different orders. float64 and low-precision GEMMs stay
-on ATen (oneDNN has no float64 matmul; ATen already sends bfloat16 to oneDNN).
+rounding only: the two libraries sum the K products in different orders. float64 GEMMs stay on ATen (oneDNN
+has no float64 matmul), and so do `ops.linear`'s low-precision ones (ATen already sends bfloat16 to oneDNN).
+
+bfloat16 weights in linear_token_logprobs: where oneDNN is chosen and the CPU has AVX512_BF16, its vocabulary
+tiles multiply bf16 x bf16 into float32 on oneDNN's brgemm micro-kernel (csrc/cpu/bf16_gemm.h; ~3x the float32
+GEMM of the converted operands on the Zen 5), else in float32 as above. `bf16_products()` says which. Measured on
+the Zen 5 only; on Intel CPUs with AVX512_BF16, 'auto' keeps ATen, and ALIGNFAST_CPU_GEMM=onednn turns it on.
 """
 
 from __future__ import annotations
@@ -123,6 +128,14 @@ def set_backend(setting: str) -> str:
         _state.pop("error", None)  # an explicit choice replaces a bad ALIGNFAST_CPU_GEMM
         _state["applied"] = True
         return _apply(choice)
+
+
+def bf16_products() -> bool:
+    """Whether linear_token_logprobs multiplies bfloat16 weights as bf16 x bf16 -> float32 on oneDNN's brgemm now
+    (oneDNN chosen, oneDNN enabled in torch, AVX512_BF16, and the extension's probe product came out exact)."""
+    _ensure_applied()
+    mod = _ext.load()
+    return bool(mod is not None and hasattr(mod, "bf16_gemm_available") and mod.bf16_gemm_available())
 
 
 def min_macs_per_thread() -> int:

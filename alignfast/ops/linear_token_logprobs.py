@@ -11,13 +11,16 @@ differentiates the reference instead. Masked rows are dropped before any GEMM.
 How the chunk_size x V budget is shaped: on CUDA as chunk_size rows x V (dweight/dbias accumulated in
 float32, rounded once). On CPU as vocabulary tiles over all rows, [N, chunk_size * V / N] (rows split only
 when a tile would be narrower than 128 columns): tall GEMMs, and dweight written once per tile instead of
-accumulated per row chunk; the per-row stats of the tiles are merged exactly. bfloat16/float16 inputs run
-their GEMMs in float32 there (hidden converted once, W a tile at a time; csrc/cpu/linear_token_logprobs.cpp).
+accumulated per row chunk; the per-row stats of the tiles are merged exactly. bfloat16 inputs multiply as
+bf16 x bf16 -> float32 on oneDNN's brgemm where the CPU has AVX512_BF16 and oneDNN is the chosen CPU GEMM
+library (ops/cpu_gemm.py: the float32 logits of the float32 path, with dlogits rounded to bf16 for the dhidden
+and dweight products as eager's bf16 autograd does); elsewhere bfloat16/float16 inputs run their GEMMs in
+float32 (hidden converted once, W a tile at a time; csrc/cpu/linear_token_logprobs.cpp).
 
 Chunk size (rows' worth of logits per piece, overridable with chunk_size=): the piece's float32 logits are kept to
 1/16 of the size the materialised logits would have in the input's dtype, so that with the backward's
 dlogits buffer the extra memory stays within 1/8 of them (on CPU 1/32 for bfloat16/float16, whose float32
-copies of hidden, dhidden and a W tile take the rest); at least 64 rows per chunk on CUDA (GEMM efficiency
+dhidden and W tile (or packed bf16 operands) take the rest); at least 64 rows per chunk on CUDA (GEMM efficiency
 of row chunks; on CPU a batch of at most 64 rows is one piece) and at most 1 GiB of float32 logits. Kernels: C++ on CPU (csrc/cpu/linear_token_logprobs.cpp); on CUDA
 cuBLAS + the Triton token_logprobs kernels (kernels/linear_logprobs.py).
 """

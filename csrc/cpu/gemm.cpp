@@ -64,13 +64,16 @@ bool large_enough(const at::Tensor& a, const at::Tensor& b) {
 
 bool use_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   // torch.backends.mkldnn.flags(enabled=False) turns oneDNN off for ATen; it does here too.
-  return g_backend.load(std::memory_order_relaxed) == 1 && at::globalContext().userEnabledMkldnn() &&
-         large_enough(a, b) && a.scalar_type() == at::kFloat &&
+  return onednn_chosen() && large_enough(a, b) && a.scalar_type() == at::kFloat &&
          b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
          out.is_contiguous() && plain_or_transposed(a) && plain_or_transposed(b) && !a.is_conj() && !b.is_conj();
 }
 
 }  // namespace
+
+bool onednn_chosen() {
+  return g_backend.load(std::memory_order_relaxed) == 1 && at::globalContext().userEnabledMkldnn();
+}
 
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (use_onednn(out, a, b)) {

@@ -15,6 +15,10 @@ namespace cpu {
 // GEMMs of at least alignfast_onednn_min_macs() multiply-adds per thread.
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
+// Whether the process chose oneDNN (ALIGNFAST_CPU_GEMM) and torch has oneDNN enabled: the condition, besides
+// the size rule, for gemm_into above and for the bf16 GEMMs of cpu/bf16_gemm.h.
+bool onednn_chosen();
+
 }  // namespace cpu
 }  // namespace alignfast
 

@@ -13,8 +13,10 @@
 //   Tall GEMMs (all rows at once) at full efficiency, and dW is written once instead of read-modified-
 //   written once per row chunk (bench/NOTES-logprobs.md). The workers take whole tiles with single-threaded
 //   GEMMs; dh is summed in tile order, so results do not depend on the schedule.
-// bfloat16/float16 weights (bench/NOTES-logprobs.md, change 5): the GEMMs run in float32, ATen's reduced-
-// precision GEMM being several times slower on CPUs without bf16 instructions. hidden and bias are converted
+// bfloat16 weights on CPUs with AVX512_BF16, where oneDNN is the chosen library: bf16 x bf16 -> float32 products
+// on oneDNN's brgemm (Bf16Tiles below, bench/NOTES-gemm.md "bf16 tiles"). Elsewhere, bfloat16/float16 weights
+// (bench/NOTES-logprobs.md, change 5): the GEMMs run in float32, ATen's reduced-precision GEMM being several
+// times slower on CPUs without bf16 instructions. hidden and bias are converted
 // once ([N, H] and [V] floats), W one tile at a time into a worker's buffer ([V_t, H] floats), and in the
 // backward dW[tile] is computed into that buffer once the tile's dh product has used it, then rounded into
 // the gradient: no float32 [V, H] copy of W or of dW (except with several row blocks, where dW[tile] sums
@@ -35,6 +37,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/bf16_gemm.h"
 #include "cpu/gemm.h"
 #include "cpu/logprobs_rows.h"
 
@@ -224,21 +227,118 @@ at::Tensor tile_logits(at::Tensor& buffer, const at::Tensor& h, const at::Tensor
 }
 
 // One weight-tile buffer per worker for low-precision weights (none needed otherwise).
-std::vector<at::Tensor> weight_buffers(const at::Tensor& weight, const Tiling& tl, const at::TensorOptions& acc) {
-  const bool convert = weight.scalar_type() != acc.dtype().toScalarType();
+std::vector<at::Tensor> weight_buffers(const at::Tensor& weight, const Tiling& tl, const at::TensorOptions& acc,
+                                       bool convert = true) {
+  convert = convert && weight.scalar_type() != acc.dtype().toScalarType();
   std::vector<at::Tensor> bufs(tl.threads);
   for (auto& b : bufs) b = at::empty({convert ? tl.cols * weight.size(1) : 0}, acc);
   return bufs;
 }
 
+// ---------------------------------------------------------------- bf16 weights on bf16 dot products
+
+// The tile GEMMs of bfloat16 inputs as bf16 x bf16 -> float32 products (cpu/bf16_gemm.h), where the CPU has them:
+// no float32 copy of W's tiles or of hidden, and ~3x the float32 GEMM rate on the Zen 5 (bench/NOTES-gemm.md).
+//   z      = h @ W[tile].T + b     float32, from the bf16 operands as given: the float32 path's logits up to the
+//                                  order of the float32 sums;
+//   dh    += bf16(dz) @ W[tile]    dz rounded to bf16 for the products, as eager autograd's bf16 logits gradient
+//   dW[tile] = bf16(dz).T @ h      is; products and sums in float32, dh and dW rounded once at the end.
+// Per worker one buffer for W's tile, packed transposed for z and then row-wise for dh, and one for bf16(dz),
+// row-major for dh and then transposed for dW; per row block h's rows packed for dW, shared by the workers.
+class Bf16Tiles {
+ public:
+  // rows: the valid rows of hidden (bf16, [n, H]); weight: bf16 [V, H]; cols: the tiling's widest tile.
+  Bf16Tiles(const at::Tensor& rows, const at::Tensor& weight, int64_t tile_rows, int64_t cols, int64_t threads,
+            bool need_dh, bool need_dw)
+      : H_(rows.size(1)), lda_(cpu::bf16::even(H_)), w_(weight.contiguous()) {
+    if (lda_ == H_ && rows.is_contiguous()) {
+      h_ = rows;
+    } else {  // odd H: a zero pad column (the products' K is even)
+      h_ = at::zeros({rows.size(0), lda_}, rows.options());
+      h_.narrow(1, 0, H_).copy_(rows);
+    }
+    using cpu::bf16::even;
+    using cpu::bf16::packed_numel;
+    const int64_t R = std::min(tile_rows, rows.size(0));
+    const int64_t w_size = std::max(packed_numel(H_, cols), need_dh ? packed_numel(cols, H_) : int64_t(0));
+    const int64_t dz_size = std::max(need_dh ? R * even(cols) : int64_t(0), need_dw ? cols * even(R) : int64_t(0));
+    for (int64_t i = 0; i < threads; ++i) workers_.push_back({std::vector<c10::BFloat16>(w_size),
+                                                               std::vector<c10::BFloat16>(dz_size)});
+    if (need_dw) h_packed_.resize(packed_numel(R, H_));
+  }
+
+  // Packs h[r0 : r0 + R] for the dW products of the row block (before its tiles are handed out).
+  void start_block(int64_t r0, int64_t R) {
+    if (!h_packed_.empty()) cpu::bf16::pack_rows(h_ptr(r0), lda_, R, H_, h_packed_.data());
+  }
+
+  // z[R, cols] = h[r0 : r0 + R] @ W[v0 : v0 + cols].T + b, into the worker's float32 buffer (flat).
+  at::Tensor logits(int64_t slot, at::Tensor& buffer, const std::optional<at::Tensor>& bias, int64_t r0, int64_t R,
+                    int64_t v0, int64_t cols) {
+    Worker& w = workers_[slot];
+    cpu::bf16::pack_transposed(w_ptr(v0), H_, H_, cols, w.w.data());
+    at::Tensor z = buffer.narrow(0, 0, R * cols).view({R, cols});
+    if (bias.has_value()) z.copy_(bias->narrow(0, v0, cols).unsqueeze(0).expand_as(z));
+    cpu::bf16::gemm(z.data_ptr<float>(), cols, h_ptr(r0), lda_, R, w.w.data(), H_, cols, bias.has_value());
+    return z;
+  }
+
+  // Once dz (float32, [R, cols]) is formed: rounds it for dh's product and packs W's tile row-wise (outside the
+  // ordered turn in which add_dh runs).
+  void prepare_dh(int64_t slot, const at::Tensor& dz, int64_t v0) {
+    Worker& w = workers_[slot];
+    const int64_t R = dz.size(0), cols = dz.size(1);
+    cpu::bf16::round_for_products(dz.const_data_ptr<float>(), cols, R, cols, w.dz.data(), nullptr);
+    cpu::bf16::pack_rows(w_ptr(v0), H_, cols, H_, w.w.data());
+  }
+
+  // dh_blk[R, H] += bf16(dz) @ W[tile]   (dh_blk: float32, contiguous rows of H)
+  void add_dh(int64_t slot, const at::Tensor& dh_blk, int64_t R, int64_t cols) {
+    Worker& w = workers_[slot];
+    cpu::bf16::gemm(dh_blk.data_ptr<float>(), H_, w.dz.data(), cpu::bf16::even(cols), R, w.w.data(), cols, H_,
+                    /*accumulate=*/true);
+  }
+
+  // dw[cols, H] (+)= bf16(dz).T @ h[r0 : r0 + R]   (dw: float32, contiguous rows of H; after add_dh)
+  void dw(int64_t slot, const at::Tensor& dz, const at::Tensor& dw, bool accumulate) {
+    Worker& w = workers_[slot];
+    const int64_t R = dz.size(0), cols = dz.size(1);
+    cpu::bf16::round_for_products(dz.const_data_ptr<float>(), cols, R, cols, nullptr, w.dz.data());
+    cpu::bf16::gemm(dw.data_ptr<float>(), H_, w.dz.data(), cpu::bf16::even(R), cols, h_packed_.data(), R, H_,
+                    accumulate);
+  }
+
+ private:
+  struct Worker {
+    std::vector<c10::BFloat16> w, dz;
+  };
+  const c10::BFloat16* h_ptr(int64_t r0) const { return h_.const_data_ptr<c10::BFloat16>() + r0 * lda_; }
+  const c10::BFloat16* w_ptr(int64_t v0) const { return w_.const_data_ptr<c10::BFloat16>() + v0 * H_; }
+
+  int64_t H_, lda_;
+  at::Tensor h_, w_;
+  std::vector<Worker> workers_;
+  std::vector<c10::BFloat16> h_packed_;
+};
+
+// Whether bfloat16 inputs take the bf16-product path here (Bf16Tiles).
+bool bf16_products(const at::Tensor& hidden, const at::Tensor& weight) {
+  return hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && hidden.device().is_cpu() &&
+         cpu::bf16::available();
+}
+
 // Forward over vocabulary tiles; h, tok: the valid rows, h and bias in the accumulation type (weight in any
 // floating type). Writes logprob, entropy (if with_entropy), lse.
+// bf16: h holds the valid rows in bf16 and the products are Bf16Tiles' (bf16_products); else h is in acc_t.
 template <typename acc_t>
 void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    const int64_t* tok, double temperature, bool with_entropy, int64_t chunk, acc_t* out_lp,
-                   acc_t* out_ent, acc_t* out_lse) {
+                   acc_t* out_ent, acc_t* out_lse, bool bf16) {
   const int64_t n = h.size(0), V = weight.size(0);
   const Tiling tl = tiling(n, V, h.size(1), chunk);
+  const auto acc_opts = h.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  std::optional<Bf16Tiles> bf;
+  if (bf16) bf.emplace(h, weight, tl.rows, tl.cols, tl.threads, /*need_dh=*/false, /*need_dw=*/false);
   const int64_t tiles = (V + tl.cols - 1) / tl.cols;
   const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
   for (int64_t i = 0; i < n; ++i) {
@@ -246,8 +346,8 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
                 V, ") at a valid position");
   }
   std::vector<at::Tensor> z_buf(tl.threads);
-  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, h.options());
-  std::vector<at::Tensor> w_buf = weight_buffers(weight, tl, h.options());
+  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, acc_opts);
+  std::vector<at::Tensor> w_buf = weight_buffers(weight, tl, acc_opts, /*convert=*/!bf16);
   for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
     const int64_t R = std::min(tl.rows, n - r0);
     const at::Tensor h_blk = h.narrow(0, r0, R);
@@ -256,7 +356,8 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
     std::vector<acc_t> lse_k(tiles * R), ent_k(with_entropy ? tiles * R : 0), lp_t(R);
     for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
-      const at::Tensor z = tile_logits(z_buf[slot], h_blk, weight_tile(w_buf[slot], weight, v0, cols), bias, v0);
+      const at::Tensor z = bf ? bf->logits(slot, z_buf[slot], bias, r0, R, v0, cols)
+                              : tile_logits(z_buf[slot], h_blk, weight_tile(w_buf[slot], weight, v0, cols), bias, v0);
       const acc_t* zp = z.const_data_ptr<acc_t>();
       parallel_rows(R, cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
         for (int64_t i = begin; i < end; ++i) {
@@ -287,30 +388,38 @@ template <typename acc_t>
 void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const int64_t* tok, const acc_t* g_lp, const acc_t* g_ent, const acc_t* lp, const acc_t* ent,
                     const acc_t* ls, double temperature, int64_t chunk, at::Tensor* d_hidden_rows,
-                    at::Tensor* d_weight, at::Tensor* d_bias) {
+                    at::Tensor* d_weight, at::Tensor* d_bias, bool bf16) {
   const int64_t n = h.size(0), V = weight.size(0), H = h.size(1);
   const Tiling tl = tiling(n, V, H, chunk);
   const int64_t tiles = (V + tl.cols - 1) / tl.cols;
   const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+  const auto acc_opts = h.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  std::optional<Bf16Tiles> bf;
+  if (bf16) bf.emplace(h, weight, tl.rows, tl.cols, tl.threads, d_hidden_rows != nullptr, d_weight != nullptr);
   // Each tile's dz @ W[tile] is added into dh in tile order (OrderedTurns): dh's rounding is the same for
   // any schedule. dW[tile] and db[tile] belong to one tile and so to one worker.
   std::vector<at::Tensor> z_buf(tl.threads);
-  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, h.options());
-  std::vector<at::Tensor> w_buf = weight_buffers(weight, tl, h.options());
-  const bool convert = weight.scalar_type() != h.scalar_type();
+  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, acc_opts);
+  const bool convert = weight.scalar_type() != acc_opts.dtype().toScalarType();
   // Low-precision dW over several row blocks: summed over the blocks in float32, rounded once at the end.
-  at::Tensor dw_acc = d_weight != nullptr && convert && tl.rows < n ? at::empty({V, H}, h.options()) : at::Tensor();
+  at::Tensor dw_acc = d_weight != nullptr && convert && tl.rows < n ? at::empty({V, H}, acc_opts) : at::Tensor();
+  // The float32 W tile per worker (converted weights), which with one row block also receives dW[tile]; the
+  // bf16 products need it only for that.
+  std::vector<at::Tensor> w_buf =
+      weight_buffers(weight, tl, acc_opts, /*convert=*/!bf16 || (d_weight != nullptr && !dw_acc.defined()));
   OrderedTurns turns;
   for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
     const int64_t R = std::min(tl.rows, n - r0);
     const at::Tensor h_blk = h.narrow(0, r0, R);
     turns.reset();
+    if (bf) bf->start_block(r0, R);
     for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       try {
         const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
-        const at::Tensor w = weight_tile(w_buf[slot], weight, v0, cols);
-        at::Tensor dz = tile_logits(z_buf[slot], h_blk, w, bias, v0);  // becomes dL/dz in place
-        acc_t* zp = dz.data_ptr<acc_t>();
+        at::Tensor w;  // the float32 path's W tile, read by the logits and the dh product
+        at::Tensor dz = bf ? bf->logits(slot, z_buf[slot], bias, r0, R, v0, cols)
+                           : tile_logits(z_buf[slot], h_blk, w = weight_tile(w_buf[slot], weight, v0, cols), bias, v0);
+        acc_t* zp = dz.data_ptr<acc_t>();  // dz becomes dL/dz in place
         parallel_rows(R, 2 * cols, [&](int64_t begin, int64_t end) {  // inline inside for_tiles' workers
           for (int64_t i = begin; i < end; ++i) {
             const int64_t r = r0 + i, t = tok[r] - v0;
@@ -323,9 +432,17 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
         });
         if (d_bias != nullptr) d_bias->narrow(0, v0, cols).add_(dz.sum(0));
         if (d_hidden_rows != nullptr) {
+          if (bf) bf->prepare_dh(slot, dz, v0);
           // dh += dz @ w in tile order, straight into the sum: no [R, H] partial per worker; while one worker
           // adds its product, the other is recomputing or differentiating its next tile.
-          turns.in_turn(k, [&] { cpu::gemm_into(d_hidden_rows->narrow(0, r0, R), dz, w, /*accumulate=*/true); });
+          const at::Tensor dh_blk = d_hidden_rows->narrow(0, r0, R);
+          turns.in_turn(k, [&] {
+            if (bf) {
+              bf->add_dh(slot, dh_blk, R, cols);
+            } else {
+              cpu::gemm_into(dh_blk, dz, w, /*accumulate=*/true);
+            }
+          });
         }
         if (d_weight != nullptr) {
           // Where dW[tile] is formed: the gradient itself; for low-precision weights the float32 sum over row
@@ -333,7 +450,11 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
           at::Tensor dw = !convert ? d_weight->narrow(0, v0, cols)
                           : dw_acc.defined() ? dw_acc.narrow(0, v0, cols)
                                              : w_buf[slot].narrow(0, 0, cols * H).view({cols, H});
-          cpu::gemm_into(dw, dz.t(), h_blk, /*accumulate=*/r0 > 0);
+          if (bf) {
+            bf->dw(slot, dz, dw, /*accumulate=*/r0 > 0);
+          } else {
+            cpu::gemm_into(dw, dz.t(), h_blk, /*accumulate=*/r0 > 0);
+          }
           if (convert && !dw_acc.defined()) d_weight->narrow(0, v0, cols).copy_(dw);
         }
       } catch (...) {
@@ -361,13 +482,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_cpu(
   const int64_t n = h.size(0);
   at::Tensor lp_v = at::empty({n}, opts), ent_v = at::empty({with_entropy ? n : 0}, opts), lse_v = at::empty({n}, opts);
   const int64_t* t_ptr = tok.const_data_ptr<int64_t>();
-  // Low-precision inputs: the GEMMs run in float32 (hidden and bias converted once, W a tile at a time).
-  const at::Tensor h_acc = h.to(in.acc);
+  // Low-precision inputs: bf16 products where the CPU has them (Bf16Tiles), else the GEMMs run in float32
+  // (hidden and bias converted once, W a tile at a time).
+  const bool bf16 = bf16_products(hidden, weight);
+  const at::Tensor h_acc = bf16 ? h : h.to(in.acc);
   const std::optional<at::Tensor> b_acc = bias.has_value() ? std::optional<at::Tensor>(bias->to(in.acc)) : std::nullopt;
 
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_cpu", [&] {
     tiled_forward<scalar_t>(h_acc, weight, b_acc, t_ptr, temperature, with_entropy, chunk, lp_v.data_ptr<scalar_t>(),
-                            with_entropy ? ent_v.data_ptr<scalar_t>() : nullptr, lse_v.data_ptr<scalar_t>());
+                            with_entropy ? ent_v.data_ptr<scalar_t>() : nullptr, lse_v.data_ptr<scalar_t>(), bf16);
   });
   if (rows.has_value()) {
     logprobs.index_copy_(0, *rows, lp_v);
@@ -409,7 +532,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   }
   const auto acc_opts = hidden.options().dtype(in.acc);
   const auto rows = valid_rows(mask);
-  const at::Tensor h = take(hidden, rows).to(in.acc);  // float32 for low-precision inputs (GEMMs in float32)
+  // float32 for low-precision inputs (GEMMs in float32), except on the bf16 products (Bf16Tiles)
+  const bool bf16 = bf16_products(hidden, weight);
+  const at::Tensor h = bf16 ? take(hidden, rows) : take(hidden, rows).to(in.acc);
   const std::optional<at::Tensor> b_acc = bias.has_value() ? std::optional<at::Tensor>(bias->to(in.acc)) : std::nullopt;
   const at::Tensor tok = take(tokens, rows);
   const at::Tensor g_lp = take(grad_logprobs.contiguous(), rows);
@@ -436,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
                              with_entropy ? g_ent.const_data_ptr<scalar_t>() : nullptr, lp.const_data_ptr<scalar_t>(),
                              with_entropy ? ent.const_data_ptr<scalar_t>() : nullptr, ls.const_data_ptr<scalar_t>(),
                              temperature, chunk, need_hidden ? &dh_rows : nullptr, need_weight ? &d_weight : nullptr,
-                             need_bias ? &d_bias_acc : nullptr);
+                             need_bias ? &d_bias_acc : nullptr, bf16);
   });
   if (need_hidden && !dh_direct) {
     const at::Tensor dh = dh_rows.to(hidden.scalar_type());

@@ -237,3 +237,69 @@ def test_both_cpu_gemm_libraries(library, dtype):
             run_and_compare(hidden, weight, bias, tokens, mask=random_mask(6, 9), chunk_size=2)
     finally:
         torch.set_num_threads(threads)
+
+
+def skip_without_bf16_products():
+    from alignfast.ops import cpu_gemm
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("no oneDNN matmul here")
+    with cpu_gemm.use("onednn"):
+        if not cpu_gemm.bf16_products():
+            pytest.skip("no bf16 x bf16 -> float32 products on this CPU (needs AVX512_BF16)")
+
+
+BF16_PRODUCT_CASES = {
+    # rows, H, V, chunk, masked, bias, grads (hidden, weight, bias), temperature
+    "odd H and V, row blocks": ((5, 7), 33, 1001, 3, True, True, (True, True, True), 0.7),
+    "two workers, one block": ((6, 9), 64, 4000, None, False, False, (True, True, False), 1.0),
+    "frozen weight (LoRA)": ((4, 9), 32, 700, None, True, True, (True, False, False), 1.0),
+    "frozen hidden": ((35,), 48, 515, 2, False, True, (False, True, True), 1.5),
+    "one row": ((1,), 16, 130, None, False, True, (True, True, True), 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(BF16_PRODUCT_CASES), ids=list(BF16_PRODUCT_CASES))
+def test_bf16_products(case):
+    """bfloat16 weights as bf16 x bf16 -> float32 products on oneDNN's brgemm (csrc/cpu/bf16_gemm.h), where the CPU
+    has AVX512_BF16. Their edges: an odd H (the products' K padded with a zero column), odd tile widths and row
+    counts (padded K of the dh and dW products), several row blocks (dW summed in float32 over blocks), no bias,
+    frozen operands (only some products run). The reference tolerances are the float32 path's: dz is rounded to
+    bf16 before the dh and dW products, as eager's bf16 logits gradient is, and that stays within them."""
+    from alignfast.ops import cpu_gemm
+
+    skip_without_bf16_products()
+    rows, H, V, chunk, masked, with_bias, grads, temperature = BF16_PRODUCT_CASES[case]
+    hidden, weight, bias, tokens = make(rows, H, V, torch.bfloat16, bias=with_bias, seed=5)
+    mask = random_mask(*rows) if masked and len(rows) == 2 else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_gemm.use("onednn"):
+            assert cpu_gemm.bf16_products()
+            torch.manual_seed(0)
+            lp, ent, leaves = run_and_compare(hidden, weight, bias, tokens, mask=mask, temperature=temperature,
+                                              chunk_size=chunk, grads=grads)
+        with cpu_gemm.use("aten"):
+            assert not cpu_gemm.bf16_products()
+            torch.manual_seed(0)
+            f_lp, f_ent, f_leaves = run_and_compare(hidden, weight, bias, tokens, mask=mask, temperature=temperature,
+                                                    chunk_size=chunk, grads=grads)
+    finally:
+        torch.set_num_threads(threads)
+    # The same float32 logits up to the order of their sums: the float32 path's outputs to float32 rounding.
+    torch.testing.assert_close(lp, f_lp, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent, f_ent, rtol=1e-5, atol=5e-5)
+
+
+def test_bf16_products_follow_the_settings():
+    """The bf16 products run only where oneDNN is the chosen library and torch has oneDNN enabled."""
+    from alignfast.ops import cpu_gemm
+
+    skip_without_bf16_products()
+    with cpu_gemm.use("onednn"):
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not cpu_gemm.bf16_products()
+        assert cpu_gemm.bf16_products()
+    with cpu_gemm.use("aten"):
+        assert not cpu_gemm.bf16_products()
