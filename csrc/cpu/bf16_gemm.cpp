@@ -2,6 +2,7 @@
 #include "cpu/bf16_gemm.h"
 
 #include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
@@ -58,15 +59,125 @@ bool hardware_ready() {
   return ready;
 }
 
-// Packs one block of up to kBlockN columns: dst[p][j][r] = B[2p + r][n0 + j], zeros past K and past N.
+// ---------------------------------------------------------------- AVX-512 packing and rounding
+// These run only where the CPU has AVX512_BF16 (available(); such CPUs have AVX512F/BW/VL too), so the functions
+// are compiled for it one by one instead of the whole file. Each does a 16 x 16 block in registers and leaves the
+// edges to the scalar loops below.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ALIGNFAST_BF16_SIMD 1
+#define ALIGNFAST_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// Transposes 16 rows of 16 32-bit lanes in place: r[i][j] -> r[j][i].
+ALIGNFAST_AVX512_BF16 inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of single lanes
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 2 x 2 blocks of lane pairs
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Now r[4g + m] holds in its 128-bit chunk c column 4c + m of rows 4g..4g + 3, and output row 4c + m needs
+  // chunk c of r[m], r[4 + m], r[8 + m], r[12 + m]: a 4 x 4 transpose of chunks, in two shuffle steps.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// dst[p * kBlockN + j] = src[j * ld + p] for 32-bit lanes, j < cols, p < pairs, whole 16 x 16 blocks only;
+// returns how many leading j (a multiple of 16) were done, for every p < pairs - pairs % 16.
+ALIGNFAST_AVX512_BF16 void pack_transposed_simd(const uint32_t* src, int64_t ld, int64_t pairs, int64_t cols,
+                                                uint32_t* dst) {
+  __m512i r[16];
+  for (int64_t j0 = 0; j0 + 16 <= cols; j0 += 16) {
+    for (int64_t p0 = 0; p0 + 16 <= pairs; p0 += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (j0 + i) * ld + p0);
+      transpose16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (p0 + i) * kBlockN + j0, r[i]);
+    }
+  }
+}
+
+// dst[p][j][0..1] = (src[2p][j], src[2p + 1][j]) for whole 32-column runs of j; returns the columns done.
+ALIGNFAST_AVX512_BF16 int64_t pack_rows_simd(const BFloat16* src, int64_t ld, int64_t K, int64_t cols,
+                                             BFloat16* dst) {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx_lo = _mm512_load_si512(kInterleave);
+  const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+  const int64_t done = cols / 32 * 32;
+  for (int64_t k = 0; k + 1 < K; k += 2) {
+    const BFloat16* a = src + k * ld;
+    BFloat16* out = dst + (k / 2) * kBlockN * 2;
+    for (int64_t j = 0; j < done; j += 32) {
+      const __m512i x = _mm512_loadu_si512(a + j), y = _mm512_loadu_si512(a + ld + j);
+      _mm512_storeu_si512(out + 2 * j, _mm512_permutex2var_epi16(x, idx_lo, y));
+      _mm512_storeu_si512(out + 2 * j + 32, _mm512_permutex2var_epi16(x, idx_hi, y));
+    }
+  }
+  return done;
+}
+
+// out[i * ld_out + j] = bf16(src[i * ld + j]) for whole 16-column runs; returns the columns done.
+ALIGNFAST_AVX512_BF16 int64_t round_rows_simd(const float* src, int64_t ld, int64_t rows, int64_t cols,
+                                              BFloat16* out, int64_t ld_out) {
+  const int64_t done = cols / 16 * 16;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < done; j += 16) {
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i * ld + j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ld_out + j), reinterpret_cast<const __m256i&>(v));
+    }
+  }
+  return done;
+}
+
+// out_t[j * ld_t + i] = bf16(src[i * ld + j]) for whole 16 x 16 blocks; the rows and columns done are
+// rows / 16 * 16 and cols / 16 * 16.
+ALIGNFAST_AVX512_BF16 void round_transposed_simd(const float* src, int64_t ld, int64_t rows, int64_t cols,
+                                                 BFloat16* out_t, int64_t ld_t) {
+  __m512i r[16];
+  for (int64_t i0 = 0; i0 + 16 <= rows; i0 += 16) {
+    for (int64_t j0 = 0; j0 + 16 <= cols; j0 += 16) {
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(src + (i0 + i) * ld + j0));
+      transpose16x16(r);
+      for (int j = 0; j < 16; ++j) {
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_castsi512_ps(r[j]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_t + (j0 + j) * ld_t + i0),
+                            reinterpret_cast<const __m256i&>(v));
+      }
+    }
+  }
+}
+#endif
+
+bool simd() {
+#ifdef ALIGNFAST_BF16_SIMD
+  static const bool on = cpu_has_avx512_bf16();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// dst[p][j][r] = B[2p + r][j] for p in [p0, p1), j in [j0, j1) (one packed block; zeros past K stay as set).
 template <typename Get>
-void pack_block(int64_t K, int64_t cols, BFloat16* dst, Get&& get) {
-  const int64_t pairs = even(K) / 2;
-  std::memset(static_cast<void*>(dst), 0, sizeof(BFloat16) * pairs * kBlockN * 2);
-  for (int64_t p = 0; p < pairs; ++p) {
+void pack_scalar(int64_t K, int64_t p0, int64_t p1, int64_t j0, int64_t j1, BFloat16* dst, Get&& get) {
+  for (int64_t p = p0; p < p1; ++p) {
     BFloat16* row = dst + p * kBlockN * 2;
     const int64_t k = 2 * p;
-    for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       row[2 * j] = get(k, j);
       if (k + 1 < K) row[2 * j + 1] = get(k + 1, j);
     }
@@ -78,18 +189,41 @@ void pack_block(int64_t K, int64_t cols, BFloat16* dst, Get&& get) {
 bool available() { return onednn_chosen() && hardware_ready(); }
 
 void pack_transposed(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* dst) {
-  const int64_t block = even(K) / 2 * kBlockN * 2;
+  const int64_t pairs = even(K) / 2, block = pairs * kBlockN * 2;
   for (int64_t n0 = 0, b = 0; n0 < N; n0 += kBlockN, ++b) {
     const BFloat16* s = src + n0 * ld;
-    pack_block(K, std::min(kBlockN, N - n0), dst + b * block, [&](int64_t k, int64_t j) { return s[j * ld + k]; });
+    BFloat16* d = dst + b * block;
+    const int64_t cols = std::min(kBlockN, N - n0);
+    std::memset(static_cast<void*>(d), 0, sizeof(BFloat16) * block);
+    auto get = [&](int64_t k, int64_t j) { return s[j * ld + k]; };
+    int64_t p_done = 0, j_done = 0;
+#ifdef ALIGNFAST_BF16_SIMD
+    // A pair (B[2p][j], B[2p + 1][j]) is one 32-bit word of W's row j when K and ld are even: a word transpose.
+    if (simd() && K % 2 == 0 && ld % 2 == 0) {
+      pack_transposed_simd(reinterpret_cast<const uint32_t*>(s), ld / 2, pairs, cols, reinterpret_cast<uint32_t*>(d));
+      p_done = pairs / 16 * 16;
+      j_done = cols / 16 * 16;
+    }
+#endif
+    pack_scalar(K, 0, p_done, j_done, cols, d, get);
+    pack_scalar(K, p_done, pairs, 0, cols, d, get);
   }
 }
 
 void pack_rows(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* dst) {
-  const int64_t block = even(K) / 2 * kBlockN * 2;
+  const int64_t pairs = even(K) / 2, block = pairs * kBlockN * 2;
   for (int64_t n0 = 0, b = 0; n0 < N; n0 += kBlockN, ++b) {
     const BFloat16* s = src + n0;
-    pack_block(K, std::min(kBlockN, N - n0), dst + b * block, [&](int64_t k, int64_t j) { return s[k * ld + j]; });
+    BFloat16* d = dst + b * block;
+    const int64_t cols = std::min(kBlockN, N - n0);
+    std::memset(static_cast<void*>(d), 0, sizeof(BFloat16) * block);
+    auto get = [&](int64_t k, int64_t j) { return s[k * ld + j]; };
+    int64_t j_done = 0;
+#ifdef ALIGNFAST_BF16_SIMD
+    if (simd()) j_done = pack_rows_simd(s, ld, K, cols, d);  // every whole pair of rows; the odd last row below
+#endif
+    pack_scalar(K, 0, K / 2, j_done, cols, d, get);
+    pack_scalar(K, K / 2, pairs, 0, cols, d, get);
   }
 }
 
@@ -110,28 +244,33 @@ void gemm(float* c, int64_t ldc, const BFloat16* a, int64_t lda, int64_t M, cons
 
 void round_for_products(const float* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* out, BFloat16* out_t) {
   const int64_t ld_out = even(cols), ld_t = even(rows);
+  const bool vec = simd();
   if (out != nullptr) {
+    int64_t j_done = 0;
+#ifdef ALIGNFAST_BF16_SIMD
+    if (vec) j_done = round_rows_simd(src, ld, rows, cols, out, ld_out);
+#endif
     for (int64_t i = 0; i < rows; ++i) {
       const float* s = src + i * ld;
       BFloat16* o = out + i * ld_out;
-      for (int64_t j = 0; j < cols; ++j) o[j] = s[j];
+      for (int64_t j = j_done; j < cols; ++j) o[j] = s[j];
       if (ld_out != cols) o[cols] = 0.0f;
     }
   }
   if (out_t != nullptr) {
-    constexpr int64_t kTile = 32;  // a 32 x 32 float block (4 KiB) read, written transposed
-    for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-      const int64_t i1 = std::min(rows, i0 + kTile);
-      for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-        const int64_t j1 = std::min(cols, j0 + kTile);
-        for (int64_t j = j0; j < j1; ++j) {
-          BFloat16* o = out_t + j * ld_t;
-          for (int64_t i = i0; i < i1; ++i) o[i] = src[i * ld + j];
-        }
-      }
+    int64_t i_done = 0, j_done = 0;
+#ifdef ALIGNFAST_BF16_SIMD
+    if (vec) {
+      round_transposed_simd(src, ld, rows, cols, out_t, ld_t);
+      i_done = rows / 16 * 16;
+      j_done = cols / 16 * 16;
     }
-    if (ld_t != rows) {
-      for (int64_t j = 0; j < cols; ++j) out_t[j * ld_t + rows] = 0.0f;
+#endif
+    // The edges: columns past j_done for every row, rows past i_done for the columns before it.
+    for (int64_t j = 0; j < cols; ++j) {
+      BFloat16* o = out_t + j * ld_t;
+      for (int64_t i = j < j_done ? i_done : 0; i < rows; ++i) o[i] = src[i * ld + j];
+      if (ld_t != rows) o[rows] = 0.0f;
     }
   }
 }

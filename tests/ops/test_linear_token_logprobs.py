@@ -256,6 +256,9 @@ BF16_PRODUCT_CASES = {
     "frozen weight (LoRA)": ((4, 9), 32, 700, None, True, True, (True, False, False), 1.0),
     "frozen hidden": ((35,), 48, 515, 2, False, True, (False, True, True), 1.5),
     "one row": ((1,), 16, 130, None, False, True, (True, True, True), 1.0),
+    # 16 x 16 register blocks with edges everywhere: 100 word pairs of H (96 + 4), 37 rows (32 + 5), one tile of
+    # 3001 columns (46 whole 64-column blocks + 57), odd K for both backward products
+    "AVX-512 blocks and their edges": ((37,), 200, 3001, None, False, True, (True, True, True), 1.0),
 }
 
 
@@ -264,7 +267,7 @@ def test_bf16_products(case):
     """bfloat16 weights as bf16 x bf16 -> float32 products on oneDNN's brgemm (csrc/cpu/bf16_gemm.h), where the CPU
     has AVX512_BF16. Their edges: an odd H (the products' K padded with a zero column), odd tile widths and row
     counts (padded K of the dh and dW products), several row blocks (dW summed in float32 over blocks), no bias,
-    frozen operands (only some products run). The reference tolerances are the float32 path's: dz is rounded to
+    frozen operands (only some products run), and the edges of the AVX-512 packing and rounding blocks. The reference tolerances are the float32 path's: dz is rounded to
     bf16 before the dh and dW products, as eager's bf16 logits gradient is, and that stays within them."""
     from alignfast.ops import cpu_gemm
 
@@ -290,6 +293,14 @@ def test_bf16_products(case):
     # The same float32 logits up to the order of their sums: the float32 path's outputs to float32 rounding.
     torch.testing.assert_close(lp, f_lp, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ent, f_ent, rtol=1e-5, atol=5e-5)
+    # W as a strided view (rows H + 1 apart): the products read it through a contiguous copy, same results.
+    strided = torch.cat([weight, weight[:, :1]], dim=1)[:, :H]
+    with cpu_gemm.use("onednn"):
+        got = linear_token_logprobs(hidden, strided, tokens, bias=bias, mask=mask, temperature=temperature,
+                                    chunk_size=chunk)
+        want = linear_token_logprobs(hidden, weight, tokens, bias=bias, mask=mask, temperature=temperature,
+                                     chunk_size=chunk)
+    assert torch.equal(got, want)
 
 
 def test_bf16_products_follow_the_settings():
