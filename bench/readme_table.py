@@ -70,13 +70,16 @@ def specs() -> list[Spec]:
         Spec("`ppo_policy_loss_from_logits` fwd+bwd", "8×256×32000 float32",
              "ppo_policy_loss_from_logits, forward + backward, temperature 1.0", "8x256x32000 float32", "alignfast",
              (_speedup("reference (eager)"), _vs(COMPILED)), memory_vs="reference (eager)"),
-        Spec("`linear_token_logprobs` forward", "N=1024, H=512, V=32000 float32", "linear_token_logprobs, forward",
-             "N=1024 H=512 V=32000 float32", "alignfast", (_speedup("torch eager"), _speedup("trl chunked_logprob")),
-             memory_vs="torch eager"),
-        Spec("`linear_token_logprobs` fwd+bwd", "N=1024, H=512, V=32000 float32",
-             "linear_token_logprobs, forward + backward", "N=1024 H=512 V=32000 float32", "alignfast",
-             (_speedup("torch eager"), _speedup("trl chunked_logprob")), goals=(("speed-up vs torch eager", 1.0),),
-             memory_vs="torch eager"),
+        *[spec
+          for dtype in ("float32", "bfloat16")
+          for spec in (
+              Spec("`linear_token_logprobs` forward", f"N=1024, H=512, V=32000 {dtype}",
+                   "linear_token_logprobs, forward", f"N=1024 H=512 V=32000 {dtype}", "alignfast",
+                   (_speedup("torch eager"), _speedup("trl chunked_logprob")), memory_vs="torch eager"),
+              Spec("`linear_token_logprobs` fwd+bwd", f"N=1024, H=512, V=32000 {dtype}",
+                   "linear_token_logprobs, forward + backward", f"N=1024 H=512 V=32000 {dtype}", "alignfast",
+                   (_speedup("torch eager"), _speedup("trl chunked_logprob")),
+                   goals=(("speed-up vs torch eager", 1.0),), memory_vs="torch eager"))],
         Spec("HF engine, 256 prompts (8–256 tokens)", "tiny Llama", "bench_engine: tiny model",
              "256 prompts, len 8-256, new<=128", "engine",
              (("tok/s vs naive", "per-prompt `generate`"), ("tok/s vs padded", "padded batching")), prefix=True),
