@@ -10,6 +10,8 @@ extern "C" int alignfast_cpu_gemm_backend(int backend);
 extern "C" int alignfast_onednn_available();
 extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread);
 extern "C" int alignfast_bf16_gemm_available();
+extern "C" int64_t alignfast_onednn_shapes();
+extern "C" int64_t alignfast_bf16_gemm_shapes();
 
 namespace {
 
@@ -29,6 +31,10 @@ PyObject* onednn_min_macs(PyObject*, PyObject* args) {
 
 PyObject* bf16_gemm_available(PyObject*, PyObject*) { return PyBool_FromLong(alignfast_bf16_gemm_available()); }
 
+PyObject* onednn_shapes(PyObject*, PyObject*) { return PyLong_FromLongLong(alignfast_onednn_shapes()); }
+
+PyObject* bf16_gemm_shapes(PyObject*, PyObject*) { return PyLong_FromLongLong(alignfast_bf16_gemm_shapes()); }
+
 PyMethodDef methods[] = {
     {"cpu_gemm_backend", cpu_gemm_backend, METH_VARARGS,
      "cpu_gemm_backend([backend]) -> previous: 0 = ATen (MKL), 1 = oneDNN for float32 CPU GEMMs; no argument reads it"},
@@ -38,6 +44,10 @@ PyMethodDef methods[] = {
      "onednn_min_macs([per_thread]) -> previous: the smallest float32 GEMM (multiply-adds per thread) sent to oneDNN"},
     {"bf16_gemm_available", bf16_gemm_available, METH_NOARGS,
      "whether bf16 x bf16 -> float32 CPU GEMMs run on oneDNN's brgemm now (oneDNN chosen, AVX512_BF16, probe passed)"},
+    {"onednn_shapes", onednn_shapes, METH_NOARGS,
+     "distinct GEMM shapes sent to oneDNN's matmul so far (each a primitive oneDNN compiles and keeps)"},
+    {"bf16_gemm_shapes", bf16_gemm_shapes, METH_NOARGS,
+     "distinct shapes handed to oneDNN's brgemm by the bf16 products so far (each a kernel per thread)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -5,7 +5,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <set>
 #include <exception>
 #include <mutex>
 #include <vector>
@@ -28,11 +30,11 @@ bool probe() {
     for (int64_t k = 0; k < K; ++k) a[i * 6 + k] = static_cast<float>(i + k - 2);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) w[n * K + k] = static_cast<float>(n * k % 3 - 1);
-  std::vector<BFloat16> packed(packed_numel(K, N));
-  pack_transposed(w, K, K, N, packed.data());
+  std::vector<BFloat16> packed(packed_numel(even(K), N));
+  pack_transposed(w, K, K, N, packed.data(), even(K));
   float c[M * N];
   try {
-    gemm(c, N, a, 6, M, packed.data(), K, N, /*accumulate=*/false);
+    gemm(c, N, a, 6, M, packed.data(), even(K), N, /*accumulate=*/false);
   } catch (const std::exception&) {
     return false;
   }
@@ -188,8 +190,8 @@ void pack_scalar(int64_t K, int64_t p0, int64_t p1, int64_t j0, int64_t j1, BFlo
 
 bool available() { return onednn_chosen() && hardware_ready(); }
 
-void pack_transposed(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* dst) {
-  const int64_t pairs = even(K) / 2, block = pairs * kBlockN * 2;
+void pack_transposed(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* dst, int64_t Kp) {
+  const int64_t pairs = even(K) / 2, block = Kp / 2 * kBlockN * 2;
   for (int64_t n0 = 0, b = 0; n0 < N; n0 += kBlockN, ++b) {
     const BFloat16* s = src + n0 * ld;
     BFloat16* d = dst + b * block;
@@ -210,8 +212,8 @@ void pack_transposed(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFlo
   }
 }
 
-void pack_rows(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* dst) {
-  const int64_t pairs = even(K) / 2, block = pairs * kBlockN * 2;
+void pack_rows(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* dst, int64_t Kp) {
+  const int64_t pairs = even(K) / 2, block = Kp / 2 * kBlockN * 2;
   for (int64_t n0 = 0, b = 0; n0 < N; n0 += kBlockN, ++b) {
     const BFloat16* s = src + n0;
     BFloat16* d = dst + b * block;
@@ -227,23 +229,42 @@ void pack_rows(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* 
   }
 }
 
-void gemm(float* c, int64_t ldc, const BFloat16* a, int64_t lda, int64_t M, const BFloat16* b_packed, int64_t K,
+// The distinct brgemm shapes this process has used (alignfast_bf16_gemm_shapes): each is a kernel per thread.
+std::mutex g_shapes_mutex;
+std::set<std::array<int64_t, 6>> g_shapes;
+
+// The rows of the next brgemm call from `left` rows: 256, else whole 64-row blocks, else the rest, so that M takes
+// one of 7 values for callers whose row counts are multiples of 16 (bf16_gemm.h). 256-row blocks ran within 1% of
+// one call of all 1024 rows in the probe (bench/NOTES-gemm.md).
+static int64_t next_rows(int64_t left) {
+  if (left >= 256) return 256;
+  if (left >= 64) return left / 64 * 64;
+  return left;
+}
+
+void gemm(float* c, int64_t ldc, const BFloat16* a, int64_t lda, int64_t M, const BFloat16* b_packed, int64_t Kp,
           int64_t N, bool accumulate) {
   if (M <= 0 || N <= 0) return;
-  const int64_t Kp = even(K), block = Kp / 2 * kBlockN * 2;
+  const int64_t block = Kp / 2 * kBlockN * 2;
   for (int64_t n0 = 0, b = 0; n0 < N; n0 += kBlockN, ++b) {
-    // The whole of M in one call: the micro-kernel blocks M itself, and one call per column block measured
-    // fastest ([1024, 512] x [512, 32000]: 67.6 ms against 70.1 with 64-row blocks).
-    at::native::cpublas::brgemm(M, std::min(kBlockN, N - n0), Kp, lda, kBlockN, ldc, accumulate, a,
-                                b_packed + b * block, c + n0, /*is_vnni=*/true);
+    const int64_t cols = std::min(kBlockN, N - n0);
+    for (int64_t m0 = 0, rows = next_rows(M); m0 < M; m0 += rows, rows = next_rows(M - m0)) {
+      {
+        std::lock_guard<std::mutex> lock(g_shapes_mutex);
+        g_shapes.insert({rows, cols, Kp, lda, ldc, accumulate ? 1 : 0});
+      }
+      at::native::cpublas::brgemm(rows, cols, Kp, lda, kBlockN, ldc, accumulate, a + m0 * lda, b_packed + b * block,
+                                  c + m0 * ldc + n0, /*is_vnni=*/true);
+    }
   }
   // Hands back the thread's AMX tile state where brgemm took it (nothing to do on AVX-512 CPUs). Once per call
   // so no caller can forget it; re-taking it costs one tile-config load per call.
   at::native::cpublas::brgemm_release(/*is_vnni=*/true);
 }
 
-void round_for_products(const float* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* out, BFloat16* out_t) {
-  const int64_t ld_out = even(cols), ld_t = even(rows);
+void round_for_products(const float* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* out, BFloat16* out_t,
+                        int64_t ld_t) {
+  const int64_t ld_out = even(cols);
   const bool vec = simd();
   if (out != nullptr) {
     int64_t j_done = 0;
@@ -270,7 +291,7 @@ void round_for_products(const float* src, int64_t ld, int64_t rows, int64_t cols
     for (int64_t j = 0; j < cols; ++j) {
       BFloat16* o = out_t + j * ld_t;
       for (int64_t i = j < j_done ? i_done : 0; i < rows; ++i) o[i] = src[i * ld + j];
-      if (ld_t != rows) o[rows] = 0.0f;
+      std::fill(o + rows, o + ld_t, BFloat16(0.0f));
     }
   }
 }
@@ -278,5 +299,10 @@ void round_for_products(const float* src, int64_t ld, int64_t rows, int64_t cols
 }  // namespace bf16
 }  // namespace cpu
 }  // namespace alignfast
+
+extern "C" int64_t alignfast_bf16_gemm_shapes() {
+  std::lock_guard<std::mutex> lock(alignfast::cpu::bf16::g_shapes_mutex);
+  return static_cast<int64_t>(alignfast::cpu::bf16::g_shapes.size());
+}
 
 extern "C" int alignfast_bf16_gemm_available() { return alignfast::cpu::bf16::available() ? 1 : 0; }

@@ -9,8 +9,15 @@
 // the converted operands, but without converting them and at ~3x the float32 rate.
 //
 // The micro-kernel wants B in oneDNN's "VNNI" layout for bf16: pairs of consecutive k interleaved, so that one
-// 32-bit lane holds (B[2p][n], B[2p + 1][n]). Packed B here: [ceil(N / kBlockN)][Kp / 2][kBlockN][2], Kp = K
-// rounded up to even, zeros in the padding; A stays row-major (its Kp-th element, when K is odd, must be 0).
+// 32-bit lane holds (B[2p][n], B[2p + 1][n]). Packed B here: [ceil(N / kBlockN)][Kp / 2][kBlockN][2], Kp >= K
+// even (the callers' padded K), zeros in the padding; A stays row-major (zeros in its columns K..Kp).
+//
+// Every distinct (M, N, K, lda, ldb, ldc) costs a JIT-compiled kernel (~50-160 us, ~20 KiB) that libtorch keeps for
+// the life of each thread, so the shapes given to brgemm must come from a small set however the row counts of
+// the calls vary (a training run sees thousands): gemm() cuts M into blocks of 256 (then 192, 128 or 64, and one
+// block under 64 rows), and the callers pad their row counts to multiples of 16 and keep K, lda and ldc
+// independent of them. Each new kernel also pins glibc's heap: one per row count, over 43 row counts, left
+// ~700 MiB of free heap resident (bench/NOTES-gemm.md, "memory").
 #pragma once
 #include <c10/util/BFloat16.h>
 
@@ -28,31 +35,32 @@ constexpr int64_t kBlockN = 64;  // columns of B per packed block (oneDNN's brge
 bool available();
 
 inline int64_t even(int64_t k) { return k + (k & 1); }
-// Elements of a packed B of K x N.
-inline int64_t packed_numel(int64_t K, int64_t N) {
-  return (N + kBlockN - 1) / kBlockN * (even(K) / 2) * kBlockN * 2;
-}
+inline int64_t round_up(int64_t k, int64_t granule) { return (k + granule - 1) / granule * granule; }
+// Elements of a packed B with Kp (even) rows and N columns.
+inline int64_t packed_numel(int64_t Kp, int64_t N) { return (N + kBlockN - 1) / kBlockN * (Kp / 2) * kBlockN * 2; }
 
-// Pack B[k][n] = src[n * ld + k] (B given as its transpose: the rows of W for z = h @ W.T).
-void pack_transposed(const c10::BFloat16* src, int64_t ld, int64_t K, int64_t N, c10::BFloat16* dst);
-// Pack B[k][n] = src[k * ld + n] (B row-major: W's rows for dh = dz @ W, h's rows for dW = dz.T @ h).
-void pack_rows(const c10::BFloat16* src, int64_t ld, int64_t K, int64_t N, c10::BFloat16* dst);
+// Pack B[k][n] = src[n * ld + k], k < K, into Kp packed rows (B given as its transpose: W's rows for z = h @ W.T).
+void pack_transposed(const c10::BFloat16* src, int64_t ld, int64_t K, int64_t N, c10::BFloat16* dst, int64_t Kp);
+// Pack B[k][n] = src[k * ld + n], k < K, into Kp packed rows (B row-major: W's rows for dh = dz @ W, h's rows for
+// dW = dz.T @ h).
+void pack_rows(const c10::BFloat16* src, int64_t ld, int64_t K, int64_t N, c10::BFloat16* dst, int64_t Kp);
 
-// C[M, N] = A[M, K] @ B, or C += with accumulate. A: row-major bf16 with leading dimension lda >= even(K) (zero
-// at column K when K is odd); B: packed by pack_*; C: row-major float32, leading dimension ldc. Single-threaded
-// (the callers parallelise over tiles). Each thread keeps its JIT-compiled kernels, one per distinct shape.
+// C[M, N] = A[M, Kp] @ B, or C += with accumulate. A: row-major bf16, leading dimension lda >= Kp; B: packed with
+// Kp rows; C: row-major float32, leading dimension ldc. Single-threaded (the callers parallelise over tiles).
 void gemm(float* c, int64_t ldc, const c10::BFloat16* a, int64_t lda, int64_t M, const c10::BFloat16* b_packed,
-          int64_t K, int64_t N, bool accumulate);
+          int64_t Kp, int64_t N, bool accumulate);
 
 // Rounds src [rows, cols] (float32, leading dimension ld) to bf16 (to nearest even) for the A operands of
 // dh = dz @ W and dW = dz.T @ h: row-major into `out` ([rows, even(cols)], zero padding column) and transposed
-// into `out_t` ([cols, even(rows)], zero padding column); either may be null.
+// into `out_t` ([cols, ld_t], columns rows..ld_t zero); either may be null.
 void round_for_products(const float* src, int64_t ld, int64_t rows, int64_t cols, c10::BFloat16* out,
-                        c10::BFloat16* out_t);
+                        c10::BFloat16* out_t, int64_t ld_t);
 
 }  // namespace bf16
 }  // namespace cpu
 }  // namespace alignfast
 
+// How many distinct shapes gemm() has handed to brgemm in this process (a kernel each, per thread).
+extern "C" int64_t alignfast_bf16_gemm_shapes();
 // 1 when available() holds (for alignfast info and the tests); the probe runs on the first call.
 extern "C" int alignfast_bf16_gemm_available();

@@ -15,7 +15,10 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <mutex>
+#include <set>
 
 #include "common.h"
 
@@ -75,16 +78,69 @@ bool onednn_chosen() {
   return g_backend.load(std::memory_order_relaxed) == 1 && at::globalContext().userEnabledMkldnn();
 }
 
-void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (use_onednn(out, a, b)) {
-    mkldnn_matmul()(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
-    return;
-  }
+namespace {
+
+void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   at::Tensor o = out;  // at::mm_out / addmm_ take a non-const reference
   if (accumulate) {
     o.addmm_(a, b);
   } else {
     at::mm_out(o, a, b);
+  }
+}
+
+// The sizes oneDNN sees along the dimension that varies from call to call (below). oneDNN compiles and caches a
+// primitive per shape, ~1-3 MiB each with the heap it pins, for up to 1024 shapes: before this, routing the
+// linear layers of 200 micro-batches of distinct token counts through oneDNN grew the process by 2.2 GiB
+// (bench/NOTES-gemm.md, "memory"). Cut into blocks of these sizes, largest first, every call uses at most seven
+// shapes per (N, K); the remainder, under 64, goes to ATen.
+constexpr int64_t kBlocks[] = {4096, 2048, 1024, 512, 256, 128, 64};
+
+// The distinct shapes (sizes, strides, accumulation) sent to oneDNN so far: what its primitive cache holds, for
+// the tests of the rule above (alignfast_onednn_shapes). A set lookup per call, next to a >= 15 us call.
+std::mutex g_shapes_mutex;
+std::set<std::array<int64_t, 8>> g_shapes;
+
+void onednn_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate) {
+  {
+    std::lock_guard<std::mutex> lock(g_shapes_mutex);
+    g_shapes.insert({a.size(0), a.size(1), b.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                     accumulate ? 1 : 0});
+  }
+  mkldnn_matmul()(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+}
+
+}  // namespace
+
+// Which dimension varies: for a row-major `a` (activations x W^T, dz @ W) its rows, the tokens, split into row
+// blocks of `a` and `out`; for a transposed `a` (dW = dy^T x, dz^T h) the summed dimension K, split into K blocks
+// summed into `out` (a K-slice of a transposed view is still one oneDNN reads in place; a row block of it is not).
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const bool split_k = !a.is_contiguous();
+  if (!use_onednn(out, a, b) || (split_k && !b.is_contiguous())) {
+    aten_gemm(out, a, b, accumulate);
+    return;
+  }
+  const int64_t total = split_k ? a.size(1) : a.size(0);
+  const int64_t per_block = split_k ? a.size(0) * b.size(1) : a.size(1) * b.size(1);  // multiply-adds per unit
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t min_macs = g_min_macs_per_thread.load(std::memory_order_relaxed);
+  int64_t done = 0;
+  for (const int64_t blk : kBlocks) {
+    if (blk * per_block / threads < min_macs) break;  // smaller blocks are smaller still: the rest to ATen
+    for (; total - done >= blk; done += blk) {
+      if (split_k) {
+        onednn_matmul(a.narrow(1, done, blk), b.narrow(0, done, blk), out, accumulate || done > 0);
+      } else {
+        onednn_matmul(a.narrow(0, done, blk), b, out.narrow(0, done, blk), accumulate);
+      }
+    }
+  }
+  if (done == total) return;
+  if (split_k) {
+    aten_gemm(out, a.narrow(1, done, total - done), b.narrow(0, done, total - done), accumulate || done > 0);
+  } else {
+    aten_gemm(out.narrow(0, done, total - done), a.narrow(0, done, total - done), b, accumulate);
   }
 }
 
@@ -121,6 +177,11 @@ TORCH_LIBRARY_IMPL(alignfast, CPU, m) { m.impl("mm", &mm_cpu); }
 extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread) {
   if (per_thread < 0) return alignfast::cpu::g_min_macs_per_thread.load();
   return alignfast::cpu::g_min_macs_per_thread.exchange(per_thread);
+}
+
+extern "C" int64_t alignfast_onednn_shapes() {
+  std::lock_guard<std::mutex> lock(alignfast::cpu::g_shapes_mutex);
+  return static_cast<int64_t>(alignfast::cpu::g_shapes.size());
 }
 
 extern "C" int alignfast_onednn_available() { return alignfast::cpu::mkldnn_matmul() != nullptr ? 1 : 0; }

@@ -12,7 +12,9 @@ namespace cpu {
 
 // out = a @ b, or out += a @ b with accumulate. out: contiguous [M, N]; a: [M, K]; b: [K, N]; a and b each
 // contiguous or the transpose of a contiguous matrix (views such as w.t() are not copied). oneDNN only for float32
-// GEMMs of at least alignfast_onednn_min_macs() multiply-adds per thread.
+// GEMMs of at least alignfast_onednn_min_macs() multiply-adds per thread, in blocks of fixed sizes along the
+// dimension that varies between calls (rows of a row-major a, K of a transposed one), the rest on ATen: oneDNN
+// keeps a compiled primitive per shape (gemm.cpp, bench/NOTES-gemm.md "memory").
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 // Whether the process chose oneDNN (ALIGNFAST_CPU_GEMM) and torch has oneDNN enabled: the condition, besides
@@ -25,6 +27,9 @@ bool onednn_chosen();
 // The process-wide choice, set from Python (alignfast._C.cpu_gemm_backend): 0 = ATen, 1 = oneDNN. Returns the
 // previous value; a negative argument only reads it. Setting 1 where oneDNN's entry point is missing leaves 0.
 extern "C" int alignfast_cpu_gemm_backend(int backend);
+// How many distinct GEMM shapes (sizes, strides, accumulation) this process has sent to oneDNN's matmul: each is a
+// primitive oneDNN compiles and keeps, so a run's varying row counts must not add to it (gemm_into's blocks).
+extern "C" int64_t alignfast_onednn_shapes();
 // Whether this libtorch exports oneDNN's matmul entry point (at::native::mkldnn_matmul).
 extern "C" int alignfast_onednn_available();
 // The smallest GEMM, in multiply-adds per thread, that goes to oneDNN (smaller ones stay on ATen). Returns the

@@ -106,7 +106,13 @@ struct Tiling {
 };
 
 // The live-logits budget, chunk x V, is split over the threads (each holds one tile at a time).
-Tiling tiling(int64_t n, int64_t V, int64_t H, int64_t chunk) {
+// Tiles are a multiple of kColGranule wide (rounded down, within the budget) where they are at least that wide:
+// oneDNN compiles a kernel per GEMM shape and keeps it (cpu/gemm.cpp, cpu/bf16_gemm.h), and the width would
+// otherwise follow the row count through the rounding of the budget (default chunk = ceil(rows / 16) for float32).
+// row_granule: row blocks, when the rows are split, a multiple of it (the bf16 products pad rows to 16).
+constexpr int64_t kColGranule = 64;
+
+Tiling tiling(int64_t n, int64_t V, int64_t H, int64_t chunk, int64_t row_granule = 1) {
   const int64_t budget = std::max<int64_t>(1, std::min(chunk, std::max<int64_t>(n, 1))) * V;
   const int64_t min_cols = std::min(V, kMinTileCols);
   const int64_t work_threads = std::max<int64_t>(1, std::max<int64_t>(n, 1) * V * H / kMinTileFlops);
@@ -115,7 +121,12 @@ Tiling tiling(int64_t n, int64_t V, int64_t H, int64_t chunk) {
   const int64_t per_thread = std::max<int64_t>(1, budget / threads);
   int64_t rows = std::max<int64_t>(1, n);
   if (per_thread / rows < min_cols) rows = std::max<int64_t>(1, per_thread / min_cols);
-  return {rows, std::clamp<int64_t>(per_thread / rows, 1, V), threads};
+  if (rows < n) {  // only the last block partial (at least one granule: a few KiB more where the budget is tiny)
+    rows = std::min(n, std::max(row_granule, rows / row_granule * row_granule));
+  }
+  int64_t cols = std::clamp<int64_t>(per_thread / rows, 1, V);
+  if (cols > kColGranule) cols = cols / kColGranule * kColGranule;
+  return {rows, cols, threads};
 }
 
 // fn(tile, slot) for every tile in [0, tiles): `threads` workers take tiles from a shared counter (a running
@@ -245,42 +256,62 @@ std::vector<at::Tensor> weight_buffers(const at::Tensor& weight, const Tiling& t
 //   dW[tile] = bf16(dz).T @ h      is; products and sums in float32, dh and dW rounded once at the end.
 // Per worker one buffer for W's tile, packed transposed for z and then row-wise for dh, and one for bf16(dz),
 // row-major for dh and then transposed for dW; per row block h's rows packed for dW, shared by the workers.
+// The shapes handed to brgemm depend on H, the tile width and the block of rows only through bf16::gemm's row
+// blocks (cpu/bf16_gemm.h: each distinct shape is a kernel kept for the thread's life): the tile width comes from
+// the budget per row, which does not vary with the row count (default chunk sizes), and dW's sum over rows runs
+// in chunks of kRowChunk rows (the last padded to a multiple of 64 with zeros), each its own [cols, kRowChunk]
+// block of the transposed dz.
 class Bf16Tiles {
  public:
+  static constexpr int64_t kRowChunk = 256;
+  static constexpr int64_t kRowGranule = 16;  // the products' rows: row blocks and their padding
+  static int64_t padded(int64_t rows) { return cpu::bf16::round_up(rows, kRowGranule); }
+
   // rows: the valid rows of hidden (bf16, [n, H]); weight: bf16 [V, H]; cols: the tiling's widest tile.
   Bf16Tiles(const at::Tensor& rows, const at::Tensor& weight, int64_t tile_rows, int64_t cols, int64_t threads,
             bool need_dh, bool need_dw)
-      : H_(rows.size(1)), lda_(cpu::bf16::even(H_)), w_(weight.contiguous()) {
-    if (lda_ == H_ && rows.is_contiguous()) {
+      : H_(rows.size(1)), Hp_(cpu::bf16::even(H_)), w_(weight.contiguous()) {
+    const int64_t n = rows.size(0);
+    if (Hp_ == H_ && padded(n) == n && rows.is_contiguous()) {
       h_ = rows;
-    } else {  // odd H: a zero pad column (the products' K is even)
-      h_ = at::zeros({rows.size(0), lda_}, rows.options());
-      h_.narrow(1, 0, H_).copy_(rows);
+    } else {  // zero rows up to a multiple of 16, and a zero column for an odd H (the products' K is even)
+      h_ = at::zeros({padded(n), Hp_}, rows.options());
+      h_.narrow(0, 0, n).narrow(1, 0, H_).copy_(rows);
     }
     using cpu::bf16::even;
     using cpu::bf16::packed_numel;
     const int64_t R = std::min(tile_rows, rows.size(0));
-    const int64_t w_size = std::max(packed_numel(H_, cols), need_dh ? packed_numel(cols, H_) : int64_t(0));
-    const int64_t dz_size = std::max(need_dh ? R * even(cols) : int64_t(0), need_dw ? cols * even(R) : int64_t(0));
-    for (int64_t i = 0; i < threads; ++i) workers_.push_back({std::vector<c10::BFloat16>(w_size),
-                                                               std::vector<c10::BFloat16>(dz_size)});
-    if (need_dw) h_packed_.resize(packed_numel(R, H_));
+    const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
+    const int64_t w_size = std::max(packed_numel(Hp_, cols), need_dh ? packed_numel(even(cols), H_) : int64_t(0));
+    const int64_t dz_size =
+        std::max(need_dh ? padded(R) * even(cols) : int64_t(0), need_dw ? chunks * cols * kRowChunk : int64_t(0));
+    for (int64_t i = 0; i < threads; ++i) {
+      workers_.push_back({at::empty({w_size}, rows.options()), at::empty({dz_size}, rows.options())});
+    }
+    if (need_dw) h_packed_ = at::empty({chunks * packed_numel(kRowChunk, H_)}, rows.options());
   }
 
-  // Packs h[r0 : r0 + R] for the dW products of the row block (before its tiles are handed out).
+  // Packs h[r0 : r0 + R] for the dW products of the row block, chunk by chunk (before its tiles are handed out).
   void start_block(int64_t r0, int64_t R) {
-    if (!h_packed_.empty()) cpu::bf16::pack_rows(h_ptr(r0), lda_, R, H_, h_packed_.data());
+    if (!h_packed_.defined()) return;
+    for (int64_t c0 = 0, k = 0; c0 < R; c0 += kRowChunk, ++k) {
+      const int64_t rows = std::min(kRowChunk, R - c0);
+      cpu::bf16::pack_rows(h_ptr(r0 + c0), Hp_, rows, H_, h_packed() + k * cpu::bf16::packed_numel(kRowChunk, H_),
+                           chunk_k(rows));
+    }
   }
 
-  // z[R, cols] = h[r0 : r0 + R] @ W[v0 : v0 + cols].T + b, into the worker's float32 buffer (flat).
+  // z[R, cols] = h[r0 : r0 + R] @ W[v0 : v0 + cols].T + b, into the worker's float32 buffer (flat, padded(R) x
+  // cols: the product runs over the padded rows, whose logits nobody reads).
   at::Tensor logits(int64_t slot, at::Tensor& buffer, const std::optional<at::Tensor>& bias, int64_t r0, int64_t R,
                     int64_t v0, int64_t cols) {
     Worker& w = workers_[slot];
-    cpu::bf16::pack_transposed(w_ptr(v0), H_, H_, cols, w.w.data());
-    at::Tensor z = buffer.narrow(0, 0, R * cols).view({R, cols});
+    cpu::bf16::pack_transposed(w_ptr(v0), H_, H_, cols, w.w.data_ptr<c10::BFloat16>(), Hp_);
+    const int64_t Rp = padded(R);
+    at::Tensor z = buffer.narrow(0, 0, Rp * cols).view({Rp, cols});
     if (bias.has_value()) z.copy_(bias->narrow(0, v0, cols).unsqueeze(0).expand_as(z));
-    cpu::bf16::gemm(z.data_ptr<float>(), cols, h_ptr(r0), lda_, R, w.w.data(), H_, cols, bias.has_value());
-    return z;
+    cpu::bf16::gemm(z.data_ptr<float>(), cols, h_ptr(r0), Hp_, Rp, w.w.data_ptr<c10::BFloat16>(), Hp_, cols, bias.has_value());
+    return z.narrow(0, 0, R);
   }
 
   // Once dz (float32, [R, cols]) is formed: rounds it for dh's product and packs W's tile row-wise (outside the
@@ -288,14 +319,19 @@ class Bf16Tiles {
   void prepare_dh(int64_t slot, const at::Tensor& dz, int64_t v0) {
     Worker& w = workers_[slot];
     const int64_t R = dz.size(0), cols = dz.size(1);
-    cpu::bf16::round_for_products(dz.const_data_ptr<float>(), cols, R, cols, w.dz.data(), nullptr);
-    cpu::bf16::pack_rows(w_ptr(v0), H_, cols, H_, w.w.data());
+    const int64_t Kp = cpu::bf16::even(cols);
+    cpu::bf16::round_for_products(dz.const_data_ptr<float>(), cols, R, cols, w.dz.data_ptr<c10::BFloat16>(), nullptr, 0);
+    std::fill(w.dz.data_ptr<c10::BFloat16>() + R * Kp, w.dz.data_ptr<c10::BFloat16>() + padded(R) * Kp, c10::BFloat16(0.0f));  // the padded rows
+    cpu::bf16::pack_rows(w_ptr(v0), H_, cols, H_, w.w.data_ptr<c10::BFloat16>(), Kp);
   }
 
-  // dh_blk[R, H] += bf16(dz) @ W[tile]   (dh_blk: float32, contiguous rows of H)
+  // dh_blk[R, H] += bf16(dz) @ W[tile]   (dh_blk: float32 [padded(R), H] rows: the padded rows get += 0)
   void add_dh(int64_t slot, const at::Tensor& dh_blk, int64_t R, int64_t cols) {
     Worker& w = workers_[slot];
-    cpu::bf16::gemm(dh_blk.data_ptr<float>(), H_, w.dz.data(), cpu::bf16::even(cols), R, w.w.data(), cols, H_,
+    const int64_t Kp = cpu::bf16::even(cols);
+    TORCH_CHECK(dh_blk.size(0) == padded(R) && dh_blk.size(1) == H_ && dh_blk.is_contiguous(),
+                "alignfast: internal: dh block of ", dh_blk.sizes(), " for ", R, " rows");
+    cpu::bf16::gemm(dh_blk.data_ptr<float>(), H_, w.dz.data_ptr<c10::BFloat16>(), Kp, padded(R), w.w.data_ptr<c10::BFloat16>(), Kp, H_,
                     /*accumulate=*/true);
   }
 
@@ -303,22 +339,33 @@ class Bf16Tiles {
   void dw(int64_t slot, const at::Tensor& dz, const at::Tensor& dw, bool accumulate) {
     Worker& w = workers_[slot];
     const int64_t R = dz.size(0), cols = dz.size(1);
-    cpu::bf16::round_for_products(dz.const_data_ptr<float>(), cols, R, cols, nullptr, w.dz.data());
-    cpu::bf16::gemm(dw.data_ptr<float>(), H_, w.dz.data(), cpu::bf16::even(R), cols, h_packed_.data(), R, H_,
-                    accumulate);
+    for (int64_t c0 = 0, k = 0; c0 < R; c0 += kRowChunk, ++k) {
+      const int64_t rows = std::min(kRowChunk, R - c0);
+      c10::BFloat16* dz_t = w.dz.data_ptr<c10::BFloat16>() + k * cols * kRowChunk;
+      cpu::bf16::round_for_products(dz.const_data_ptr<float>() + c0 * cols, cols, rows, cols, nullptr, dz_t,
+                                    kRowChunk);
+      cpu::bf16::gemm(dw.data_ptr<float>(), H_, dz_t, kRowChunk, cols,
+                      h_packed() + k * cpu::bf16::packed_numel(kRowChunk, H_), chunk_k(rows), H_,
+                      accumulate || k > 0);
+    }
   }
 
  private:
+  // Uninitialised (at::empty): every element a product reads is written first, the packers and the roundings
+  // filling their padding with zeros.
   struct Worker {
-    std::vector<c10::BFloat16> w, dz;
+    at::Tensor w, dz;  // bf16, flat
   };
-  const c10::BFloat16* h_ptr(int64_t r0) const { return h_.const_data_ptr<c10::BFloat16>() + r0 * lda_; }
+  // A chunk's K in dW's product: its rows padded to a multiple of 64 (four values in all).
+  static int64_t chunk_k(int64_t rows) { return cpu::bf16::round_up(rows, 64); }
+  c10::BFloat16* h_packed() { return h_packed_.data_ptr<c10::BFloat16>(); }
+  const c10::BFloat16* h_ptr(int64_t r0) const { return h_.const_data_ptr<c10::BFloat16>() + r0 * Hp_; }
   const c10::BFloat16* w_ptr(int64_t v0) const { return w_.const_data_ptr<c10::BFloat16>() + v0 * H_; }
 
-  int64_t H_, lda_;
+  int64_t H_, Hp_;
   at::Tensor h_, w_;
   std::vector<Worker> workers_;
-  std::vector<c10::BFloat16> h_packed_;
+  at::Tensor h_packed_;  // bf16, flat; undefined without dW
 };
 
 // Whether bfloat16 inputs take the bf16-product path here (Bf16Tiles).
@@ -335,7 +382,7 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
                    const int64_t* tok, double temperature, bool with_entropy, int64_t chunk, acc_t* out_lp,
                    acc_t* out_ent, acc_t* out_lse, bool bf16) {
   const int64_t n = h.size(0), V = weight.size(0);
-  const Tiling tl = tiling(n, V, h.size(1), chunk);
+  const Tiling tl = tiling(n, V, h.size(1), chunk, bf16 ? Bf16Tiles::kRowGranule : 1);
   const auto acc_opts = h.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   std::optional<Bf16Tiles> bf;
   if (bf16) bf.emplace(h, weight, tl.rows, tl.cols, tl.threads, /*need_dh=*/false, /*need_dw=*/false);
@@ -346,7 +393,8 @@ void tiled_forward(const at::Tensor& h, const at::Tensor& weight, const std::opt
                 V, ") at a valid position");
   }
   std::vector<at::Tensor> z_buf(tl.threads);
-  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, acc_opts);
+  const int64_t z_rows = bf16 ? Bf16Tiles::padded(std::min(tl.rows, n)) : std::min(tl.rows, n);
+  for (auto& b : z_buf) b = at::empty({z_rows * tl.cols}, acc_opts);
   std::vector<at::Tensor> w_buf = weight_buffers(weight, tl, acc_opts, /*convert=*/!bf16);
   for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
     const int64_t R = std::min(tl.rows, n - r0);
@@ -390,7 +438,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
                     const acc_t* ls, double temperature, int64_t chunk, at::Tensor* d_hidden_rows,
                     at::Tensor* d_weight, at::Tensor* d_bias, bool bf16) {
   const int64_t n = h.size(0), V = weight.size(0), H = h.size(1);
-  const Tiling tl = tiling(n, V, H, chunk);
+  const Tiling tl = tiling(n, V, H, chunk, bf16 ? Bf16Tiles::kRowGranule : 1);
   const int64_t tiles = (V + tl.cols - 1) / tl.cols;
   const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
   const auto acc_opts = h.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -399,7 +447,8 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
   // Each tile's dz @ W[tile] is added into dh in tile order (OrderedTurns): dh's rounding is the same for
   // any schedule. dW[tile] and db[tile] belong to one tile and so to one worker.
   std::vector<at::Tensor> z_buf(tl.threads);
-  for (auto& b : z_buf) b = at::empty({std::min(tl.rows, n) * tl.cols}, acc_opts);
+  const int64_t z_rows = bf16 ? Bf16Tiles::padded(std::min(tl.rows, n)) : std::min(tl.rows, n);
+  for (auto& b : z_buf) b = at::empty({z_rows * tl.cols}, acc_opts);
   const bool convert = weight.scalar_type() != acc_opts.dtype().toScalarType();
   // Low-precision dW over several row blocks: summed over the blocks in float32, rounded once at the end.
   at::Tensor dw_acc = d_weight != nullptr && convert && tl.rows < n ? at::empty({V, H}, acc_opts) : at::Tensor();
@@ -435,7 +484,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
           if (bf) bf->prepare_dh(slot, dz, v0);
           // dh += dz @ w in tile order, straight into the sum: no [R, H] partial per worker; while one worker
           // adds its product, the other is recomputing or differentiating its next tile.
-          const at::Tensor dh_blk = d_hidden_rows->narrow(0, r0, R);
+          const at::Tensor dh_blk = d_hidden_rows->narrow(0, r0, bf ? Bf16Tiles::padded(R) : R);
           turns.in_turn(k, [&] {
             if (bf) {
               bf->add_dh(slot, dh_blk, R, cols);
@@ -554,7 +603,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   if (need_weight && n == 0) d_weight.zero_();
   const bool dh_direct = !rows.has_value() && hidden.scalar_type() == in.acc;
   at::Tensor d_hidden = need_hidden && dh_direct ? at::zeros({in.N, in.H}, hidden.options()) : at::Tensor();
-  at::Tensor dh_rows = need_hidden ? (dh_direct ? d_hidden : at::zeros({n, in.H}, acc_opts)) : at::Tensor();
+  // The bf16 products write dh in rows padded to a multiple of 16 (Bf16Tiles: only the last row block is partial).
+  at::Tensor dh_rows = need_hidden ? (dh_direct ? d_hidden : at::zeros({bf16 ? Bf16Tiles::padded(n) : n, in.H}, acc_opts))
+                                   : at::Tensor();
   at::Tensor d_bias_acc = need_bias ? at::zeros({in.V}, acc_opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
     tiled_backward<scalar_t>(h, weight, b_acc, tok.const_data_ptr<int64_t>(), g_lp.const_data_ptr<scalar_t>(),
@@ -564,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
                              need_bias ? &d_bias_acc : nullptr, bf16);
   });
   if (need_hidden && !dh_direct) {
-    const at::Tensor dh = dh_rows.to(hidden.scalar_type());
+    const at::Tensor dh = dh_rows.narrow(0, 0, n).to(hidden.scalar_type());
     if (rows.has_value()) {
       d_hidden = at::zeros({in.N, in.H}, hidden.options());
       d_hidden.index_copy_(0, *rows, dh);

@@ -42,7 +42,7 @@ def close_to_float64(got: torch.Tensor, want64: torch.Tensor, k: int):
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 5, 7), (67, 129, 257), (92, 576, 192), (4, 64, 1), (0, 4, 4),
-                                   (4, 0, 4)])
+                                   (4, 0, 4), (1000, 300, 70)])
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -352,3 +352,23 @@ def test_a_huge_threshold_means_never():
     with pytest.raises(AlignfastArgumentError, match="'per_thread'"):
         with cpu_gemm.smallest_gemm(-1):
             pass
+
+
+def test_row_counts_reuse_a_fixed_set_of_onednn_shapes():
+    """oneDNN compiles and keeps a primitive per GEMM shape (~1-3 MiB each with the heap it pins): routed linears
+    over 50 token counts once grew a process by 2.2 GiB (bench/NOTES-gemm.md, "memory"). gemm_into cuts the
+    varying dimension (the rows of x W^T and dy W, the summed tokens of dy^T x) into blocks of 4096 ... 64 rows and
+    hands the rest to ATen, so any number of counts adds at most 7 shapes per product and accumulation mode."""
+    import alignfast._C as C
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("oneDNN not reachable")
+    weight = torch.randn(96, 80, requires_grad=True)
+    with cpu_gemm.use("onednn"), cpu_gemm.smallest_gemm(0):
+        before = C.onednn_shapes()
+        for rows in range(64, 1100, 21):  # 50 counts, each a new shape for an unblocked GEMM
+            x = torch.randn(rows, 80, requires_grad=True)
+            linear(x, weight).square().sum().backward()
+        added = C.onednn_shapes() - before
+    # forward and dx: row blocks (7 sizes each); dW: K blocks, the first written, the rest summed (7 + 6)
+    assert 0 < added <= 7 + 7 + 13, added

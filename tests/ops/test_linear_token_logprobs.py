@@ -314,3 +314,33 @@ def test_bf16_products_follow_the_settings():
         assert cpu_gemm.bf16_products()
     with cpu_gemm.use("aten"):
         assert not cpu_gemm.bf16_products()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_counts_reuse_a_fixed_set_of_kernels(dtype):
+    """The tile GEMMs' shapes must not follow the row count (a training run's micro-batches each bring a new one):
+    every shape is a kernel oneDNN compiles and keeps (bench/NOTES-gemm.md, "memory"). float32 goes to oneDNN's
+    matmul in row and K blocks (cpu/gemm.cpp); the bf16 products pad rows to 16 and block them (Bf16Tiles). Either
+    way, once the first counts have compiled their kernels, 30 more counts add almost none."""
+    import alignfast._C as C
+    from alignfast.ops import cpu_gemm
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("no oneDNN matmul here")
+    weight = (torch.randn(3000, 64) / 8).to(dtype).requires_grad_()
+    with cpu_gemm.use("onednn"), cpu_gemm.smallest_gemm(0):
+        if dtype == torch.bfloat16 and not cpu_gemm.bf16_products():
+            pytest.skip("no bf16 x bf16 -> float32 products on this CPU (needs AVX512_BF16)")
+        count = C.bf16_gemm_shapes if dtype == torch.bfloat16 else C.onednn_shapes
+
+        def run(rows):
+            hidden = torch.randn(rows, 64).to(dtype).requires_grad_()
+            tokens = torch.randint(0, 3000, (rows,))
+            linear_token_logprobs(hidden, weight, tokens).sum().backward()
+
+        for rows in range(200, 520, 11):  # the first 30 counts: their kernels
+            run(rows)
+        warm = count()
+        for rows in range(205, 525, 11):  # 30 new counts
+            run(rows)
+        assert count() - warm <= 4, (warm, count())
