@@ -89,12 +89,31 @@ void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   }
 }
 
-// The sizes oneDNN sees along the dimension that varies from call to call (below). oneDNN compiles and caches a
-// primitive per shape, ~1-3 MiB each with the heap it pins, for up to 1024 shapes: before this, routing the
-// linear layers of 200 micro-batches of distinct token counts through oneDNN grew the process by 2.2 GiB
-// (bench/NOTES-gemm.md, "memory"). Cut into blocks of these sizes, largest first, every call uses at most seven
-// shapes per (N, K); the remainder, under 64, goes to ATen.
-constexpr int64_t kBlocks[] = {4096, 2048, 1024, 512, 256, 128, 64};
+// oneDNN compiles and caches a primitive per GEMM shape, ~1-3 MiB each with the heap it pins, for up to 1024
+// shapes: before the rules below, routing the linear layers of 200 micro-batches of distinct token counts through
+// oneDNN grew the process by 2.2 GiB (bench/NOTES-gemm.md, "memory"). So the dimension that varies from call to
+// call only takes sizes from fixed sets:
+//   rows (row-major a): at most two calls whose row counts are on a grid of 2^k and 3 * 2^(k-1), >= 16 (two per
+//     octave): the largest grid size <= M from row 0, then the smallest grid size covering the rest, ending at
+//     row M (it overlaps the first; rows computed twice are written by the second call). Splitting M into
+//     power-of-two blocks instead cost the LoRA step 1.71x -> 1.53x (each block re-reads W).
+//   K (transposed a): blocks of these sizes, largest first, summed into out; a remainder under 64 on ATen.
+constexpr int64_t kKBlocks[] = {4096, 2048, 1024, 512, 256, 128, 64};
+constexpr int64_t kMinGridRows = 16;
+
+// The largest grid size <= m (m >= kMinGridRows), and the smallest >= m.
+int64_t grid_floor(int64_t m) {
+  int64_t p = kMinGridRows;
+  while (p * 2 <= m) p *= 2;
+  return p * 3 / 2 <= m ? p * 3 / 2 : p;
+}
+int64_t grid_ceil(int64_t m) {
+  if (m <= kMinGridRows) return kMinGridRows;
+  const int64_t f = grid_floor(m);
+  if (f == m) return m;
+  // the next grid size after f: 2^k -> 3 * 2^(k-1), 3 * 2^(k-1) -> 2^(k+1)
+  return (f & (f - 1)) == 0 ? f * 3 / 2 : f / 3 * 4;
+}
 
 // The distinct shapes (sizes, strides, accumulation) sent to oneDNN so far: what its primitive cache holds, for
 // the tests of the rule above (alignfast_onednn_shapes). A set lookup per call, next to a >= 15 us call.
@@ -112,35 +131,47 @@ void onednn_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& o
 
 }  // namespace
 
-// Which dimension varies: for a row-major `a` (activations x W^T, dz @ W) its rows, the tokens, split into row
-// blocks of `a` and `out`; for a transposed `a` (dW = dy^T x, dz^T h) the summed dimension K, split into K blocks
-// summed into `out` (a K-slice of a transposed view is still one oneDNN reads in place; a row block of it is not).
+// Which dimension varies: for a row-major `a` (activations x W^T, dz @ W) its rows, the tokens; for a transposed
+// `a` (dW = dy^T x, dz^T h) the summed dimension K, split into K blocks summed into `out` (a K-slice of a
+// transposed view is still one oneDNN reads in place; a row block of it is not).
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const bool split_k = !a.is_contiguous();
   if (!use_onednn(out, a, b) || (split_k && !b.is_contiguous())) {
     aten_gemm(out, a, b, accumulate);
     return;
   }
-  const int64_t total = split_k ? a.size(1) : a.size(0);
-  const int64_t per_block = split_k ? a.size(0) * b.size(1) : a.size(1) * b.size(1);  // multiply-adds per unit
+  if (!split_k) {
+    const int64_t M = a.size(0);
+    if (M < kMinGridRows) {
+      aten_gemm(out, a, b, accumulate);
+      return;
+    }
+    const int64_t first = grid_floor(M);
+    if (first == M) {
+      onednn_matmul(a, b, out, accumulate);
+      return;
+    }
+    const int64_t second = grid_ceil(M - first), start = M - second;  // second < first: start > 0
+    // With accumulate the overlap rows must get out's old rows plus one product: keep their old contents, and
+    // put them back between the calls.
+    const at::Tensor overlap = accumulate ? out.narrow(0, start, first - start).clone() : at::Tensor();
+    onednn_matmul(a.narrow(0, 0, first), b, out.narrow(0, 0, first), accumulate);
+    if (accumulate) out.narrow(0, start, first - start).copy_(overlap);
+    onednn_matmul(a.narrow(0, start, second), b, out.narrow(0, start, second), accumulate);
+    return;
+  }
+  const int64_t total = a.size(1), per_unit = a.size(0) * b.size(1);  // multiply-adds per unit of K
   const int64_t threads = at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
   const int64_t min_macs = g_min_macs_per_thread.load(std::memory_order_relaxed);
   int64_t done = 0;
-  for (const int64_t blk : kBlocks) {
-    if (blk * per_block / threads < min_macs) break;  // smaller blocks are smaller still: the rest to ATen
+  for (const int64_t blk : kKBlocks) {
+    if (blk * per_unit / threads < min_macs) break;  // smaller blocks are smaller still: the rest to ATen
     for (; total - done >= blk; done += blk) {
-      if (split_k) {
-        onednn_matmul(a.narrow(1, done, blk), b.narrow(0, done, blk), out, accumulate || done > 0);
-      } else {
-        onednn_matmul(a.narrow(0, done, blk), b, out.narrow(0, done, blk), accumulate);
-      }
+      onednn_matmul(a.narrow(1, done, blk), b.narrow(0, done, blk), out, accumulate || done > 0);
     }
   }
-  if (done == total) return;
-  if (split_k) {
+  if (done < total) {
     aten_gemm(out, a.narrow(1, done, total - done), b.narrow(0, done, total - done), accumulate || done > 0);
-  } else {
-    aten_gemm(out.narrow(0, done, total - done), a.narrow(0, done, total - done), b, accumulate);
   }
 }
 
