@@ -8,9 +8,10 @@ passed as views: no copy, and dW comes out as [out, in], W's own layout. This is
 GEMMs excepted: where the choice is oneDNN (AMD CPUs with AVX-512) they run 1.8-2.3x faster at a 135M model's
 shapes and round differently, by float32 rounding (the K products summed in another order). Everything that would
 gain nothing (float64, bfloat16, CUDA, autocast, the reference backend, no extension, and GEMMs under
-cpu_gemm.min_macs_per_thread per thread) calls F.linear itself. oneDNN gets the token dimension in blocks of
-4096 ... 64 rows (the rest on ATen): it compiles and keeps a primitive per shape, and a run's micro-batches each
-bring a new token count (csrc/cpu/gemm.cpp).
+cpu_gemm.min_macs_per_thread per thread) calls F.linear itself. oneDNN gets the token dimension as row counts
+from a fixed grid (one or two calls per product; dW's summed tokens in blocks of 4096 ... 64, the rest on ATen):
+it compiles and keeps a primitive per shape, and a run's micro-batches each bring a new token count
+(csrc/cpu/gemm.cpp).
 
 `route_linear()` gives a TorchFunctionMode (RouteLinear) that sends each F.linear inside it here: the fast
 trainer enters it around the full-sequence forwards of the policy, the reference policy and the critic

@@ -320,7 +320,7 @@ def test_bf16_products_follow_the_settings():
 def test_row_counts_reuse_a_fixed_set_of_kernels(dtype):
     """The tile GEMMs' shapes must not follow the row count (a training run's micro-batches each bring a new one):
     every shape is a kernel oneDNN compiles and keeps (bench/NOTES-gemm.md, "memory"). float32 goes to oneDNN's
-    matmul in row and K blocks (cpu/gemm.cpp); the bf16 products pad rows to 16 and block them (Bf16Tiles). Either
+    matmul as row counts from a fixed grid and K blocks (cpu/gemm.cpp); the bf16 products pad rows to 16 and block them (Bf16Tiles). Either
     way, once the first counts have compiled their kernels, 30 more counts add almost none."""
     import alignfast._C as C
     from alignfast.ops import cpu_gemm
