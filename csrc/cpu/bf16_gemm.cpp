@@ -2,7 +2,9 @@
 #include "cpu/bf16_gemm.h"
 
 #include <ATen/native/CPUBlas.h>
+#if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -98,8 +100,8 @@ ALIGNFAST_AVX512_BF16 inline void transpose16x16(__m512i r[16]) {
   }
 }
 
-// dst[p * kBlockN + j] = src[j * ld + p] for 32-bit lanes, j < cols, p < pairs, whole 16 x 16 blocks only;
-// returns how many leading j (a multiple of 16) were done, for every p < pairs - pairs % 16.
+// dst[p * kBlockN + j] = src[j * ld + p] for 32-bit lanes, in whole 16 x 16 blocks only: j < cols / 16 * 16 and
+// p < pairs / 16 * 16 (the caller does the edges).
 ALIGNFAST_AVX512_BF16 void pack_transposed_simd(const uint32_t* src, int64_t ld, int64_t pairs, int64_t cols,
                                                 uint32_t* dst) {
   __m512i r[16];
@@ -229,9 +231,17 @@ void pack_rows(const BFloat16* src, int64_t ld, int64_t K, int64_t N, BFloat16* 
   }
 }
 
-// The distinct brgemm shapes this process has used (alignfast_bf16_gemm_shapes): each is a kernel per thread.
+// The distinct brgemm shapes this process has used (alignfast_bf16_gemm_shapes): each is a kernel per thread. Each
+// thread checks its own set first, so the shared one (and its lock) is touched once per shape and thread.
 std::mutex g_shapes_mutex;
 std::set<std::array<int64_t, 6>> g_shapes;
+
+void note_shape(const std::array<int64_t, 6>& shape) {
+  static thread_local std::set<std::array<int64_t, 6>> seen;
+  if (!seen.insert(shape).second) return;
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  g_shapes.insert(shape);
+}
 
 // The rows of the next brgemm call from `left` rows: 256, else whole 64-row blocks, else the rest, so that M takes
 // one of 7 values for callers whose row counts are multiples of 16 (bf16_gemm.h). 256-row blocks ran within 1% of
@@ -249,17 +259,20 @@ void gemm(float* c, int64_t ldc, const BFloat16* a, int64_t lda, int64_t M, cons
   for (int64_t n0 = 0, b = 0; n0 < N; n0 += kBlockN, ++b) {
     const int64_t cols = std::min(kBlockN, N - n0);
     for (int64_t m0 = 0, rows = next_rows(M); m0 < M; m0 += rows, rows = next_rows(M - m0)) {
-      {
-        std::lock_guard<std::mutex> lock(g_shapes_mutex);
-        g_shapes.insert({rows, cols, Kp, lda, ldc, accumulate ? 1 : 0});
-      }
+      note_shape({rows, cols, Kp, lda, ldc, accumulate ? 1 : 0});
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
       at::native::cpublas::brgemm(rows, cols, Kp, lda, kBlockN, ldc, accumulate, a + m0 * lda, b_packed + b * block,
                                   c + m0 * ldc + n0, /*is_vnni=*/true);
+#else  // a libtorch without the bf16 brgemm: the probe fails here and the float32 tiles run instead
+      TORCH_CHECK(false, "alignfast: this libtorch has no bf16 x bf16 -> float32 brgemm");
+#endif
     }
   }
   // Hands back the thread's AMX tile state where brgemm took it (nothing to do on AVX-512 CPUs). Once per call
   // so no caller can forget it; re-taking it costs one tile-config load per call.
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
   at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+#endif
 }
 
 void round_for_products(const float* src, int64_t ld, int64_t rows, int64_t cols, BFloat16* out, BFloat16* out_t,

@@ -121,10 +121,12 @@ std::mutex g_shapes_mutex;
 std::set<std::array<int64_t, 8>> g_shapes;
 
 void onednn_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate) {
-  {
+  const std::array<int64_t, 8> shape{a.size(0), a.size(1), b.size(1), a.stride(0), a.stride(1), b.stride(0),
+                                     b.stride(1), accumulate ? 1 : 0};
+  static thread_local std::set<std::array<int64_t, 8>> seen;  // the shared set's lock once per shape and thread
+  if (seen.insert(shape).second) {
     std::lock_guard<std::mutex> lock(g_shapes_mutex);
-    g_shapes.insert({a.size(0), a.size(1), b.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                     accumulate ? 1 : 0});
+    g_shapes.insert(shape);
   }
   mkldnn_matmul()(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
 }
@@ -151,7 +153,8 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
       onednn_matmul(a, b, out, accumulate);
       return;
     }
-    const int64_t second = grid_ceil(M - first), start = M - second;  // second < first: start > 0
+    // second <= first (equal only for M in 17..23, both 16), and start > 0
+    const int64_t second = grid_ceil(M - first), start = M - second;
     // With accumulate the overlap rows must get out's old rows plus one product: keep their old contents, and
     // put them back between the calls.
     const at::Tensor overlap = accumulate ? out.narrow(0, start, first - start).clone() : at::Tensor();

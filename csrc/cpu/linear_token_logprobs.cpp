@@ -125,7 +125,7 @@ Tiling tiling(int64_t n, int64_t V, int64_t H, int64_t chunk, int64_t row_granul
     rows = std::min(n, std::max(row_granule, rows / row_granule * row_granule));
   }
   int64_t cols = std::clamp<int64_t>(per_thread / rows, 1, V);
-  if (cols > kColGranule) cols = cols / kColGranule * kColGranule;
+  if (cols > kColGranule && cols < V) cols = cols / kColGranule * kColGranule;  // one tile over V stays one
   return {rows, cols, threads};
 }
 
@@ -259,7 +259,7 @@ std::vector<at::Tensor> weight_buffers(const at::Tensor& weight, const Tiling& t
 // The shapes handed to brgemm depend on H, the tile width and the block of rows only through bf16::gemm's row
 // blocks (cpu/bf16_gemm.h: each distinct shape is a kernel kept for the thread's life): the tile width comes from
 // the budget per row, which does not vary with the row count (default chunk sizes), and dW's sum over rows runs
-// in chunks of kRowChunk rows (the last padded to a multiple of 64 with zeros), each its own [cols, kRowChunk]
+// in chunks of kRowChunk rows (the last padded to a multiple of 16 with zeros), each its own [cols, kRowChunk]
 // block of the transposed dz.
 class Bf16Tiles {
  public:
@@ -356,8 +356,8 @@ class Bf16Tiles {
   struct Worker {
     at::Tensor w, dz;  // bf16, flat
   };
-  // A chunk's K in dW's product: its rows padded to a multiple of 64 (four values in all).
-  static int64_t chunk_k(int64_t rows) { return cpu::bf16::round_up(rows, 64); }
+  // A chunk's K in dW's product: its rows padded to a multiple of 16 (16 values in all).
+  static int64_t chunk_k(int64_t rows) { return cpu::bf16::round_up(rows, kRowGranule); }
   c10::BFloat16* h_packed() { return h_packed_.data_ptr<c10::BFloat16>(); }
   const c10::BFloat16* h_ptr(int64_t r0) const { return h_.const_data_ptr<c10::BFloat16>() + r0 * Hp_; }
   const c10::BFloat16* w_ptr(int64_t v0) const { return w_.const_data_ptr<c10::BFloat16>() + v0 * H_; }
