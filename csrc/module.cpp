@@ -11,6 +11,7 @@ extern "C" int alignfast_onednn_available();
 extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread);
 extern "C" int alignfast_bf16_gemm_available();
 extern "C" int64_t alignfast_onednn_shapes();
+extern "C" int64_t alignfast_onednn_exact_rows(int64_t limit);
 extern "C" int64_t alignfast_bf16_gemm_shapes();
 
 namespace {
@@ -31,6 +32,12 @@ PyObject* onednn_min_macs(PyObject*, PyObject* args) {
 
 PyObject* bf16_gemm_available(PyObject*, PyObject*) { return PyBool_FromLong(alignfast_bf16_gemm_available()); }
 
+PyObject* onednn_exact_rows(PyObject*, PyObject* args) {
+  long long limit = -1;
+  if (!PyArg_ParseTuple(args, "|L", &limit)) return nullptr;
+  return PyLong_FromLongLong(alignfast_onednn_exact_rows(limit));
+}
+
 PyObject* onednn_shapes(PyObject*, PyObject*) { return PyLong_FromLongLong(alignfast_onednn_shapes()); }
 
 PyObject* bf16_gemm_shapes(PyObject*, PyObject*) { return PyLong_FromLongLong(alignfast_bf16_gemm_shapes()); }
@@ -44,6 +51,8 @@ PyMethodDef methods[] = {
      "onednn_min_macs([per_thread]) -> previous: the smallest float32 GEMM (multiply-adds per thread) sent to oneDNN"},
     {"bf16_gemm_available", bf16_gemm_available, METH_NOARGS,
      "whether bf16 x bf16 -> float32 CPU GEMMs run on oneDNN's brgemm now (oneDNN chosen, AVX512_BF16, probe passed)"},
+    {"onednn_exact_rows", onednn_exact_rows, METH_VARARGS,
+     "onednn_exact_rows([limit]) -> previous: distinct row counts per GEMM shape family sent to oneDNN as they are"},
     {"onednn_shapes", onednn_shapes, METH_NOARGS,
      "distinct GEMM shapes sent to oneDNN's matmul so far (each a primitive oneDNN compiles and keeps)"},
     {"bf16_gemm_shapes", bf16_gemm_shapes, METH_NOARGS,

@@ -169,6 +169,23 @@ def smallest_gemm(per_thread: int):
 
 
 @contextlib.contextmanager
+def exact_row_counts(limit: int):
+    """Inside the block, oneDNN gets at most `limit` distinct row counts per GEMM shape family as they are (others
+    as one or two calls on a fixed grid of counts, csrc/cpu/gemm.cpp; default 8). 0 sends every new count to the
+    grid: for tests of the grid's calls."""
+    if int(limit) < 0:
+        fail("limit", f"must be >= 0, got {limit}")
+    mod = _ext.load()
+    if mod is None or not hasattr(mod, "onednn_exact_rows"):
+        fail("limit", "needs the compiled extension alignfast._C (" + (_ext.reason() or "this build has no grid") + ")")
+    previous = mod.onednn_exact_rows(int(limit))
+    try:
+        yield
+    finally:
+        mod.onednn_exact_rows(previous)
+
+
+@contextlib.contextmanager
 def use(setting: str):
     """Inside the block, CPU GEMMs use `setting` (process-wide: for tests and benchmarks, not threads)."""
     previous = set_backend(setting)

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <set>
 
@@ -93,13 +94,33 @@ void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 // shapes: before the rules below, routing the linear layers of 200 micro-batches of distinct token counts through
 // oneDNN grew the process by 2.2 GiB (bench/NOTES-gemm.md, "memory"). So the dimension that varies from call to
 // call only takes sizes from fixed sets:
-//   rows (row-major a): at most two calls whose row counts are on a grid of 2^k and 3 * 2^(k-1), >= 16 (two per
-//     octave): the largest grid size <= M from row 0, then the smallest grid size covering the rest, ending at
-//     row M (it overlaps the first; rows computed twice are written by the second call). Splitting M into
-//     power-of-two blocks instead cost the LoRA step 1.71x -> 1.53x (each block re-reads W).
+//   rows (row-major a): the first 8 (g_exact_limit) distinct row counts of each shape family (everything but M) go as
+//     they are, one call each: a run whose micro-batches come in a few sizes keeps one call per GEMM. Any
+//     other count goes as at most two calls whose row counts are on a grid of 2^k and 3 * 2^(k-1), >= 16 (two
+//     per octave): the largest grid size <= M from row 0, then the smallest grid size covering the rest,
+//     ending at row M (it overlaps the first; rows computed twice are written by the second call). The second
+//     call re-reads W: grid-only cost the LoRA step 1.71x -> 1.60-1.67x, and power-of-two blocks 1.53x.
 //   K (transposed a): blocks of these sizes, largest first, summed into out; a remainder under 64 on ATen.
 constexpr int64_t kKBlocks[] = {4096, 2048, 1024, 512, 256, 128, 64};
 constexpr int64_t kMinGridRows = 16;
+// How many distinct row counts per shape family go to oneDNN as they are (settable for tests:
+// alignfast_onednn_exact_rows).
+std::atomic<int64_t> g_exact_limit{8};
+
+// The row counts admitted as they are, per shape family: (K, N, a's and b's strides, accumulate).
+std::mutex g_exact_mutex;
+std::map<std::array<int64_t, 7>, std::set<int64_t>> g_exact_rows;
+
+bool exact_rows(const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const std::array<int64_t, 7> family{a.size(1), b.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                      accumulate ? 1 : 0};
+  std::lock_guard<std::mutex> lock(g_exact_mutex);
+  std::set<int64_t>& rows = g_exact_rows[family];
+  if (rows.count(a.size(0)) > 0) return true;
+  if (static_cast<int64_t>(rows.size()) >= g_exact_limit.load(std::memory_order_relaxed)) return false;
+  rows.insert(a.size(0));
+  return true;
+}
 
 // The largest grid size <= m (m >= kMinGridRows), and the smallest >= m.
 int64_t grid_floor(int64_t m) {
@@ -149,7 +170,7 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
       return;
     }
     const int64_t first = grid_floor(M);
-    if (first == M) {
+    if (first == M || exact_rows(a, b, accumulate)) {
       onednn_matmul(a, b, out, accumulate);
       return;
     }
@@ -211,6 +232,11 @@ TORCH_LIBRARY_IMPL(alignfast, CPU, m) { m.impl("mm", &mm_cpu); }
 extern "C" int64_t alignfast_onednn_min_macs(int64_t per_thread) {
   if (per_thread < 0) return alignfast::cpu::g_min_macs_per_thread.load();
   return alignfast::cpu::g_min_macs_per_thread.exchange(per_thread);
+}
+
+extern "C" int64_t alignfast_onednn_exact_rows(int64_t limit) {
+  if (limit < 0) return alignfast::cpu::g_exact_limit.load();
+  return alignfast::cpu::g_exact_limit.exchange(limit);
 }
 
 extern "C" int64_t alignfast_onednn_shapes() {

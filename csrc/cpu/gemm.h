@@ -27,6 +27,9 @@ bool onednn_chosen();
 // The process-wide choice, set from Python (alignfast._C.cpu_gemm_backend): 0 = ATen, 1 = oneDNN. Returns the
 // previous value; a negative argument only reads it. Setting 1 where oneDNN's entry point is missing leaves 0.
 extern "C" int alignfast_cpu_gemm_backend(int backend);
+// How many distinct row counts per shape family gemm_into hands to oneDNN as they are before it uses its grid
+// (default 8). Returns the previous value; a negative argument only reads it. Counts already admitted stay.
+extern "C" int64_t alignfast_onednn_exact_rows(int64_t limit);
 // How many distinct GEMM shapes (sizes, strides, accumulation) this process has sent to oneDNN's matmul: each is a
 // primitive oneDNN compiles and keeps, so a run's varying row counts must not add to it (gemm_into's blocks).
 extern "C" int64_t alignfast_onednn_shapes();

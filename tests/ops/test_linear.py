@@ -24,8 +24,9 @@ LIBRARIES = ["aten", pytest.param("onednn", marks=pytest.mark.skipif(
 
 @pytest.fixture(params=LIBRARIES)
 def library(request):
-    """Each library in turn, for GEMMs of any size (the size rule has its own test below)."""
-    with cpu_gemm.use(request.param), cpu_gemm.smallest_gemm(0):
+    """Each library in turn, for GEMMs of any size (the size rule has its own test below), oneDNN's row counts
+    always on its grid (one or two calls, the second overlapping the first: csrc/cpu/gemm.cpp)."""
+    with cpu_gemm.use(request.param), cpu_gemm.smallest_gemm(0), cpu_gemm.exact_row_counts(0):
         assert cpu_gemm.current() == request.param
         yield request.param
 
@@ -371,4 +372,27 @@ def test_row_counts_reuse_a_fixed_set_of_onednn_shapes():
             x = torch.randn(rows, 80, requires_grad=True)
             linear(x, weight).square().sum().backward()
         added = C.onednn_shapes() - before
-    assert 0 < added <= 13 + 13 + 13, added
+    # x W^T and dy W: the first 8 counts as they are, then the grid's 13 sizes; dy^T x: K blocks
+    assert 0 < added <= (8 + 13) + (8 + 13) + 13, added
+
+
+def test_a_few_row_counts_go_as_they_are():
+    """A run whose micro-batches come in a few sizes keeps one oneDNN call per GEMM: the first 8 distinct row
+    counts of a shape family are admitted as they are (the grid's second call re-reads W: csrc/cpu/gemm.cpp)."""
+    import alignfast._C as C
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("oneDNN not reachable")
+    weight = torch.randn(72, 56)
+    with cpu_gemm.use("onednn"), cpu_gemm.smallest_gemm(0):
+        before = C.onednn_shapes()
+        for rows in (100, 200, 100, 200, 100):  # off the grid, two counts: two shapes
+            linear(torch.randn(rows, 56), weight)
+        assert C.onednn_shapes() - before == 2
+        with cpu_gemm.exact_row_counts(0):  # a new count on the grid: 40 = 32 + an overlapping 16
+            got = linear(x := torch.randn(40, 56), weight)
+        assert C.onednn_shapes() - before == 4
+        torch.testing.assert_close(got, x @ weight.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AlignfastArgumentError, match="'limit'"):
+        with cpu_gemm.exact_row_counts(-1):
+            pass

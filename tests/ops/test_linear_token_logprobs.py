@@ -233,7 +233,9 @@ def test_both_cpu_gemm_libraries(library, dtype):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # enough work for two tile workers (each runs its GEMMs single-threaded)
     try:
-        with cpu_gemm.use(library), cpu_gemm.smallest_gemm(0):  # every tile's GEMM on the library, whatever its size
+        # every tile's GEMM on the library whatever its size, oneDNN's row counts on its grid (the overlapping
+        # second call, and for dh's accumulation the restored overlap rows: csrc/cpu/gemm.cpp)
+        with cpu_gemm.use(library), cpu_gemm.smallest_gemm(0), cpu_gemm.exact_row_counts(0):
             run_and_compare(hidden, weight, bias, tokens, mask=random_mask(6, 9), chunk_size=2)
     finally:
         torch.set_num_threads(threads)
