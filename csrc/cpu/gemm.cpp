@@ -100,25 +100,28 @@ void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 //     per octave): the largest grid size <= M from row 0, then the smallest grid size covering the rest,
 //     ending at row M (it overlaps the first; rows computed twice are written by the second call). The second
 //     call re-reads W: grid-only cost the LoRA step 1.71x -> 1.60-1.67x, and power-of-two blocks 1.53x.
-//   K (transposed a): blocks of these sizes, largest first, summed into out; a remainder under 64 on ATen.
+//   K (transposed a): the first 8 distinct K of each family as they are; later ones in blocks of these sizes,
+//     largest first, summed into out, and a remainder under 64 on ATen.
 constexpr int64_t kKBlocks[] = {4096, 2048, 1024, 512, 256, 128, 64};
 constexpr int64_t kMinGridRows = 16;
 // How many distinct row counts per shape family go to oneDNN as they are (settable for tests:
 // alignfast_onednn_exact_rows).
 std::atomic<int64_t> g_exact_limit{8};
 
-// The row counts admitted as they are, per shape family: (K, N, a's and b's strides, accumulate).
+// The sizes of the varying dimension admitted as they are, per shape family: the other two sizes, which of M or
+// K varies, a's and b's strides, accumulate.
 std::mutex g_exact_mutex;
-std::map<std::array<int64_t, 7>, std::set<int64_t>> g_exact_rows;
+std::map<std::array<int64_t, 8>, std::set<int64_t>> g_exact_sizes;
 
-bool exact_rows(const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  const std::array<int64_t, 7> family{a.size(1), b.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                      accumulate ? 1 : 0};
+bool exact_size(const at::Tensor& a, const at::Tensor& b, bool accumulate, bool split_k) {
+  const int64_t fixed = split_k ? a.size(0) : a.size(1), varying = split_k ? a.size(1) : a.size(0);
+  const std::array<int64_t, 8> family{fixed, b.size(1), split_k ? 1 : 0, a.stride(0), a.stride(1), b.stride(0),
+                                      b.stride(1), accumulate ? 1 : 0};
   std::lock_guard<std::mutex> lock(g_exact_mutex);
-  std::set<int64_t>& rows = g_exact_rows[family];
-  if (rows.count(a.size(0)) > 0) return true;
-  if (static_cast<int64_t>(rows.size()) >= g_exact_limit.load(std::memory_order_relaxed)) return false;
-  rows.insert(a.size(0));
+  std::set<int64_t>& sizes = g_exact_sizes[family];
+  if (sizes.count(varying) > 0) return true;
+  if (static_cast<int64_t>(sizes.size()) >= g_exact_limit.load(std::memory_order_relaxed)) return false;
+  sizes.insert(varying);
   return true;
 }
 
@@ -170,7 +173,7 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
       return;
     }
     const int64_t first = grid_floor(M);
-    if (first == M || exact_rows(a, b, accumulate)) {
+    if (first == M || exact_size(a, b, accumulate, /*split_k=*/false)) {
       onednn_matmul(a, b, out, accumulate);
       return;
     }
@@ -182,6 +185,10 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
     onednn_matmul(a.narrow(0, 0, first), b, out.narrow(0, 0, first), accumulate);
     if (accumulate) out.narrow(0, start, first - start).copy_(overlap);
     onednn_matmul(a.narrow(0, start, second), b, out.narrow(0, start, second), accumulate);
+    return;
+  }
+  if (exact_size(a, b, accumulate, /*split_k=*/true)) {
+    onednn_matmul(a, b, out, accumulate);
     return;
   }
   const int64_t total = a.size(1), per_unit = a.size(0) * b.size(1);  // multiply-adds per unit of K

@@ -358,9 +358,10 @@ def test_a_huge_threshold_means_never():
 def test_row_counts_reuse_a_fixed_set_of_onednn_shapes():
     """oneDNN compiles and keeps a primitive per GEMM shape (~1-3 MiB each with the heap it pins): routed linears
     over 200 token counts once grew a process by 2.2 GiB (bench/NOTES-gemm.md, "memory"). gemm_into gives oneDNN
-    the rows of x W^T and dy W as one or two calls whose row counts lie on a grid of two sizes per octave (13 sizes
-    from 16 to 1100), and the summed tokens of dy^T x in blocks of 4096 ... 64 (7 sizes, the first written and the
-    rest summed: 13 shapes), so 50 token counts add at most 13 + 13 + 13 shapes where unblocked calls add 150."""
+    each product's first 8 token counts as they are, later ones for the rows of x W^T and dy W as one or two calls
+    whose row counts lie on a grid of two sizes per octave (13 sizes from 16 to 1100), and for the summed tokens of
+    dy^T x in blocks of 4096 ... 64 (7 sizes, the first written and the rest summed: 13 shapes). So 50 token counts
+    add at most 3 x (8 + 13) shapes, where unblocked calls add 150."""
     import alignfast._C as C
 
     if not cpu_gemm.onednn_available():
@@ -372,8 +373,8 @@ def test_row_counts_reuse_a_fixed_set_of_onednn_shapes():
             x = torch.randn(rows, 80, requires_grad=True)
             linear(x, weight).square().sum().backward()
         added = C.onednn_shapes() - before
-    # x W^T and dy W: the first 8 counts as they are, then the grid's 13 sizes; dy^T x: K blocks
-    assert 0 < added <= (8 + 13) + (8 + 13) + 13, added
+    # each product: the first 8 counts as they are; then x W^T and dy W the grid's 13 row counts, dy^T x K blocks
+    assert 0 < added <= (8 + 13) + (8 + 13) + (8 + 13), added
 
 
 def test_a_few_row_counts_go_as_they_are():
