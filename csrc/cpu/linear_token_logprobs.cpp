@@ -306,11 +306,11 @@ class Bf16Tiles {
   at::Tensor logits(int64_t slot, at::Tensor& buffer, const std::optional<at::Tensor>& bias, int64_t r0, int64_t R,
                     int64_t v0, int64_t cols) {
     Worker& w = workers_[slot];
-    cpu::bf16::pack_transposed(w_ptr(v0), H_, H_, cols, w.w.data_ptr<c10::BFloat16>(), Hp_);
+    cpu::bf16::pack_transposed(w_ptr(v0), H_, H_, cols, bf(w.w), Hp_);
     const int64_t Rp = padded(R);
     at::Tensor z = buffer.narrow(0, 0, Rp * cols).view({Rp, cols});
     if (bias.has_value()) z.copy_(bias->narrow(0, v0, cols).unsqueeze(0).expand_as(z));
-    cpu::bf16::gemm(z.data_ptr<float>(), cols, h_ptr(r0), Hp_, Rp, w.w.data_ptr<c10::BFloat16>(), Hp_, cols, bias.has_value());
+    cpu::bf16::gemm(z.data_ptr<float>(), cols, h_ptr(r0), Hp_, Rp, bf(w.w), Hp_, cols, bias.has_value());
     return z.narrow(0, 0, R);
   }
 
@@ -320,9 +320,9 @@ class Bf16Tiles {
     Worker& w = workers_[slot];
     const int64_t R = dz.size(0), cols = dz.size(1);
     const int64_t Kp = cpu::bf16::even(cols);
-    cpu::bf16::round_for_products(dz.const_data_ptr<float>(), cols, R, cols, w.dz.data_ptr<c10::BFloat16>(), nullptr, 0);
-    std::fill(w.dz.data_ptr<c10::BFloat16>() + R * Kp, w.dz.data_ptr<c10::BFloat16>() + padded(R) * Kp, c10::BFloat16(0.0f));  // the padded rows
-    cpu::bf16::pack_rows(w_ptr(v0), H_, cols, H_, w.w.data_ptr<c10::BFloat16>(), Kp);
+    cpu::bf16::round_for_products(dz.const_data_ptr<float>(), cols, R, cols, bf(w.dz), nullptr, 0);
+    std::fill(bf(w.dz) + R * Kp, bf(w.dz) + padded(R) * Kp, c10::BFloat16(0.0f));  // padded rows
+    cpu::bf16::pack_rows(w_ptr(v0), H_, cols, H_, bf(w.w), Kp);
   }
 
   // dh_blk[R, H] += bf16(dz) @ W[tile]   (dh_blk: float32 [padded(R), H] rows: the padded rows get += 0)
@@ -331,7 +331,7 @@ class Bf16Tiles {
     const int64_t Kp = cpu::bf16::even(cols);
     TORCH_CHECK(dh_blk.size(0) == padded(R) && dh_blk.size(1) == H_ && dh_blk.is_contiguous(),
                 "alignfast: internal: dh block of ", dh_blk.sizes(), " for ", R, " rows");
-    cpu::bf16::gemm(dh_blk.data_ptr<float>(), H_, w.dz.data_ptr<c10::BFloat16>(), Kp, padded(R), w.w.data_ptr<c10::BFloat16>(), Kp, H_,
+    cpu::bf16::gemm(dh_blk.data_ptr<float>(), H_, bf(w.dz), Kp, padded(R), bf(w.w), Kp, H_,
                     /*accumulate=*/true);
   }
 
@@ -341,7 +341,7 @@ class Bf16Tiles {
     const int64_t R = dz.size(0), cols = dz.size(1);
     for (int64_t c0 = 0, k = 0; c0 < R; c0 += kRowChunk, ++k) {
       const int64_t rows = std::min(kRowChunk, R - c0);
-      c10::BFloat16* dz_t = w.dz.data_ptr<c10::BFloat16>() + k * cols * kRowChunk;
+      c10::BFloat16* dz_t = bf(w.dz) + k * cols * kRowChunk;
       cpu::bf16::round_for_products(dz.const_data_ptr<float>() + c0 * cols, cols, rows, cols, nullptr, dz_t,
                                     kRowChunk);
       cpu::bf16::gemm(dw.data_ptr<float>(), H_, dz_t, kRowChunk, cols,
@@ -358,7 +358,8 @@ class Bf16Tiles {
   };
   // A chunk's K in dW's product: its rows padded to a multiple of 16 (16 values in all).
   static int64_t chunk_k(int64_t rows) { return cpu::bf16::round_up(rows, kRowGranule); }
-  c10::BFloat16* h_packed() { return h_packed_.data_ptr<c10::BFloat16>(); }
+  static c10::BFloat16* bf(const at::Tensor& t) { return t.data_ptr<c10::BFloat16>(); }
+  c10::BFloat16* h_packed() { return bf(h_packed_); }
   const c10::BFloat16* h_ptr(int64_t r0) const { return h_.const_data_ptr<c10::BFloat16>() + r0 * Hp_; }
   const c10::BFloat16* w_ptr(int64_t v0) const { return w_.const_data_ptr<c10::BFloat16>() + v0 * H_; }
 
@@ -604,8 +605,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward_cp
   const bool dh_direct = !rows.has_value() && hidden.scalar_type() == in.acc;
   at::Tensor d_hidden = need_hidden && dh_direct ? at::zeros({in.N, in.H}, hidden.options()) : at::Tensor();
   // The bf16 products write dh in rows padded to a multiple of 16 (Bf16Tiles: only the last row block is partial).
-  at::Tensor dh_rows = need_hidden ? (dh_direct ? d_hidden : at::zeros({bf16 ? Bf16Tiles::padded(n) : n, in.H}, acc_opts))
-                                   : at::Tensor();
+  const int64_t dh_store_rows = bf16 ? Bf16Tiles::padded(n) : n;
+  at::Tensor dh_rows =
+      need_hidden ? (dh_direct ? d_hidden : at::zeros({dh_store_rows, in.H}, acc_opts)) : at::Tensor();
   at::Tensor d_bias_acc = need_bias ? at::zeros({in.V}, acc_opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.acc, "linear_token_logprobs_backward_cpu", [&] {
     tiled_backward<scalar_t>(h, weight, b_acc, tok.const_data_ptr<int64_t>(), g_lp.const_data_ptr<scalar_t>(),

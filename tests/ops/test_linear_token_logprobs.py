@@ -271,8 +271,9 @@ def test_bf16_products(case):
     """bfloat16 weights as bf16 x bf16 -> float32 products on oneDNN's brgemm (csrc/cpu/bf16_gemm.h), where the CPU
     has AVX512_BF16. Their edges: an odd H (the products' K padded with a zero column), odd tile widths and row
     counts (padded K of the dh and dW products), several row blocks (dW summed in float32 over blocks), no bias,
-    frozen operands (only some products run), and the edges of the AVX-512 packing and rounding blocks. The reference tolerances are the float32 path's: dz is rounded to
-    bf16 before the dh and dW products, as eager's bf16 logits gradient is, and that stays within them."""
+    frozen operands (only some products run), and the edges of the AVX-512 packing and rounding blocks. The
+    reference tolerances are the float32 path's: dz is rounded to bf16 before the dh and dW products, as eager's
+    bf16 logits gradient is, and that stays within them."""
     from alignfast.ops import cpu_gemm
 
     skip_without_bf16_products()
