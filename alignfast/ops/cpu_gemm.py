@@ -152,37 +152,34 @@ def worth_onednn(macs: int) -> bool:
 
 
 @contextlib.contextmanager
-def smallest_gemm(per_thread: int):
-    """Inside the block, GEMMs of at least `per_thread` multiply-adds per thread go to oneDNN (0: all; for tests
-    and benchmarks of the library itself)."""
-    if int(per_thread) < 0:
-        fail("per_thread", f"must be >= 0, got {per_thread}")
+def _extension_knob(name: str, value: int, knob: str, missing: str):
+    """Sets the extension's process-wide `knob` (a C++ setter returning the previous value) inside the block; a
+    negative value or a build without the knob is a one-line error naming argument `name`."""
+    if int(value) < 0:
+        fail(name, f"must be >= 0, got {value}")
     mod = _ext.load()
-    if mod is None or not hasattr(mod, "onednn_min_macs"):
-        fail("per_thread", "needs the compiled extension alignfast._C with oneDNN support (" +
-             (_ext.reason() or "this build has no size rule") + ")")
-    previous = mod.onednn_min_macs(int(per_thread))
+    if mod is None or not hasattr(mod, knob):
+        fail(name, f"needs the compiled extension alignfast._C{missing} (" + (_ext.reason() or "this build lacks it") +
+             ")")
+    setter = getattr(mod, knob)
+    previous = setter(int(value))
     try:
         yield
     finally:
-        mod.onednn_min_macs(previous)
+        setter(previous)
 
 
-@contextlib.contextmanager
+def smallest_gemm(per_thread: int):
+    """Inside the block, GEMMs of at least `per_thread` multiply-adds per thread go to oneDNN (0: all; for tests
+    and benchmarks of the library itself)."""
+    return _extension_knob("per_thread", per_thread, "onednn_min_macs", " with oneDNN support")
+
+
 def exact_row_counts(limit: int):
     """Inside the block, oneDNN gets at most `limit` distinct row counts per GEMM shape family as they are (others
     as one or two calls on a fixed grid of counts, csrc/cpu/gemm.cpp; default 8). 0 sends every new count to the
     grid: for tests of the grid's calls."""
-    if int(limit) < 0:
-        fail("limit", f"must be >= 0, got {limit}")
-    mod = _ext.load()
-    if mod is None or not hasattr(mod, "onednn_exact_rows"):
-        fail("limit", "needs the compiled extension alignfast._C (" + (_ext.reason() or "this build has no grid") + ")")
-    previous = mod.onednn_exact_rows(int(limit))
-    try:
-        yield
-    finally:
-        mod.onednn_exact_rows(previous)
+    return _extension_knob("limit", limit, "onednn_exact_rows", "")
 
 
 @contextlib.contextmanager
