@@ -558,6 +558,8 @@ def main(argv=None):
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging

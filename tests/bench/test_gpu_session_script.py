@@ -1,0 +1,71 @@
+"""scripts/gpu_session.sh must fit one device call: a session has 15 minutes of device time, start-up included, and
+one call may run 10. The script stops starting work when its budget is spent and kills a stage that overruns, so
+the logs and RESULTS.md still come back. Checked here with a stand-in python3 that hangs on one benchmark."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu_session.sh"
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "fake python $*"
+case "$*" in
+  *bench.bench_logprobs*--backward*) sleep 60 ;;   # hangs: must be killed at the budget
+esac
+exit 0
+"""
+
+
+def _run(tmp_path: Path, *args: str, budget: int, min_stage: int,
+         fake_python: str = FAKE_PYTHON) -> tuple[subprocess.CompletedProcess, float]:
+    fake = tmp_path / "python3"
+    fake.write_text(fake_python)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "ALIGNFAST_GPU_BUDGET_S": str(budget),
+           "ALIGNFAST_GPU_MIN_STAGE_S": str(min_stage)}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+def test_a_hanging_stage_is_killed_at_the_budget_and_the_rest_is_skipped_with_the_logs_kept(tmp_path):
+    proc, took = _run(tmp_path, "bench", "quick", budget=6, min_stage=2)
+    log = (tmp_path / "out" / "bench.log").read_text()
+    assert took < 30, f"the script ran {took:.0f}s past a 6s budget"
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    # the first benchmark ran with --quick and --record on CUDA; the hanging one was killed; the rest skipped
+    assert "fake python -m bench.bench_logprobs --device cuda --record --quick" in log
+    assert "TIMED OUT" in log and "bench.bench_logprobs --device cuda --record --backward --quick" in log
+    assert log.count("SKIPPED") == 7, log
+    assert (tmp_path / "out" / "RESULTS.md").read_text() == (ROOT / "bench" / "RESULTS.md").read_text()
+    assert "status 1" in proc.stdout
+
+
+def test_every_benchmark_runs_in_priority_order_when_time_allows(tmp_path):
+    proc, _ = _run(tmp_path, "bench", "full", budget=60, min_stage=2,
+                   fake_python=FAKE_PYTHON.replace("sleep 60", "true"))
+    log = (tmp_path / "out" / "bench.log").read_text()
+    ran = [line.split(" -m ")[1].split(" (limit")[0] for line in log.splitlines() if line.startswith("== ")]
+    assert ran == [
+        "bench.bench_logprobs --device cuda --record",
+        "bench.bench_logprobs --device cuda --record --backward",
+        "bench.bench_linear_logprobs --device cuda --record --backward",
+        "bench.bench_advantages --device cuda --record",
+        "bench.bench_ppo_loss --device cuda --record",
+        "bench.bench_logprobs --device cuda --record --policy-loss",
+        "bench.bench_linear_logprobs --device cuda --record",
+        "bench.bench_trainer --device cuda --record",
+        "bench.bench_engine --device cuda --record",
+    ], log
+    assert proc.returncode == 0 and "SKIPPED" not in log and "TIMED OUT" not in log
+
+
+def test_a_bad_mode_is_refused_with_the_usage(tmp_path):
+    proc, _ = _run(tmp_path, "all", "fast", budget=60, min_stage=2)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
