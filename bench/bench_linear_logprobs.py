@@ -76,7 +76,9 @@ def providers(N, H, V, dtype, device, backward):
         return _step(lambda: LigerFusedLinearCrossEntropyFunction.apply(h, w, t, None, None, -100, 0.0, 0.0, "none")[0],
                      (h, w), backward)
 
-    compiled = torch.compile(reference.linear_token_logprobs)  # compiled in the first round's warm-up
+    # Static shapes: a second shape in the same process would otherwise recompile it with dynamic shapes,
+    # slower code than a fresh compile gets (dynamo's automatic dynamic). Compiled in the first warm-up.
+    compiled = torch.compile(reference.linear_token_logprobs, dynamic=False)
 
     def compiled_reference(inp):
         h, w, t = inp
@@ -111,6 +113,7 @@ def main(argv=None):
         floor=(lambda s, sec: flops * s[0] * s[1] * s[2] / sec / rate) if rate else None,
         floor_column="% GEMM rate",
         baseline=BASELINE,
+        also_vs=("trl chunked_logprob", "torch.compile reference"),
         title=f"linear_token_logprobs, {'forward + backward' if args.backward else 'forward'}",
         device=device, rounds=args.rounds, reps=1 if device == "cpu" or args.quick else 3, warmup=1,
         record=args.record, clock=args.clock,

@@ -91,7 +91,9 @@ def providers(B, T, V, dtype, device, temperature, backward):
         logits, tokens = make_inputs(B, T + 1, V, dtype, device, grad=False, seed=int(inp[1][0, 0]))
         return _step(lambda x: fused_selective_log_softmax(x, tokens[:, 1:].contiguous(), temperature), logits, False)
 
-    compiled = torch.compile(reference.token_logprobs)  # compiled in the first round's warm-up
+    # Static shapes: the second shape in the same process would otherwise recompile it with dynamic shapes,
+    # slower code than a fresh compile gets (dynamo's automatic dynamic). Compiled in the first warm-up.
+    compiled = torch.compile(reference.token_logprobs, dynamic=False)
 
     def compiled_reference(entropy: bool):
         def factory(inp):
@@ -155,7 +157,7 @@ def policy_loss_providers(B, T, V, dtype, device, temperature):
 
     table = {
         "reference (eager)": ours(reference.ppo_policy_loss_from_logits),
-        COMPILED: ours(torch.compile(reference.ppo_policy_loss_from_logits)),
+        COMPILED: ours(torch.compile(reference.ppo_policy_loss_from_logits, dynamic=False)),
         "alignfast": ours(ppo_policy_loss_from_logits),
     }
     if device == "cuda":

@@ -248,9 +248,9 @@ def make_trainer(variant: str, world: World, root: Path, device: str, setup: Set
 
 def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
         thread_counts: tuple[int, ...] = ()) -> str:
-    """Time the providers' PPO steps interleaved (A, B, A, B, ...: one round = one step of each) so that load
-    drifting on a shared machine hits every provider alike; report medians per provider and per phase, and
-    the per-round ratio to the reference (its median and inter-quartile range). thread_counts: the providers
+    """Time the providers' PPO steps interleaved (one round = one step of each, the order rotated from round to
+    round: A B, B A, ...) so that load drifting on a shared machine hits every provider alike; report medians per
+    provider and per phase, and the per-round ratio to the reference (its median and inter-quartile range). thread_counts: the providers
     are the fast trainer once per count instead, and the ratios are against the first count."""
     # Time the step as a long-running process's glibc serves it: blocks up to 32 MiB from the heap, and the heap
     # not trimmed below 64 MiB. A 32 MiB threshold alone (this bench until 2026-11-30) left glibc's trim
@@ -285,8 +285,10 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
             t0 = time.perf_counter()
             one_step(name)
             warmup[name] = time.perf_counter() - t0
-        for _ in range(reps):
-            for name in trainers:
+        names = list(trainers)
+        for rnd in range(reps):
+            shift = rnd % len(names)  # the order rotates from round to round, as in harness.run_rounds
+            for name in names[shift:] + names[:shift]:
                 _sync(device)
                 t0 = time.perf_counter()
                 metrics = one_step(name)
@@ -299,20 +301,21 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
         for name in trainers:
             # The peak-memory step is not timed; on the 135M preset the process-wide RSS says more (--memory).
             peak = None if big else peak_extra_memory(lambda name=name: one_step(name), device=device)
-            row = Row(shape, name, statistics.median(totals[name]), peak)
+            row = Row(shape, name, statistics.median(totals[name]), peak, samples=totals[name])
             ratios = [r / t for r, t in zip(totals[baseline], totals[name])]
             q1, q2, q3 = harness.quartiles(ratios)
-            q1t, _, q3t = harness.quartiles(totals[name])
-            row.extra["IQR ms"] = f"{q1t * 1e3:.0f}-{q3t * 1e3:.0f}"
+            row.ratios[baseline] = (q1, q2, q3)  # also what the spread column judges
             row.extra["warm-up step s"] = f"{warmup[name]:.1f}"
             row.extra["per-round ratio (IQR)"] = f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
             for ph in PHASES:
                 row.extra[f"{ph} ms"] = f"{statistics.median(phases[name][ph]) * 1e3:.1f}"
             rows.append(row)
-        extra_cols = ("IQR ms", "per-round ratio (IQR)", "warm-up step s", *(f"{ph} ms" for ph in PHASES))
+        extra_cols = ("per-round ratio (IQR)", "warm-up step s", *(f"{ph} ms" for ph in PHASES))
         table = format_table(rows, baseline=baseline, extra_columns=extra_cols)
+        spread = harness.spread_note(rows)
         cfg = trainers[baseline].config
-    print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}")
+    print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}" +
+          (f"\n{spread}" if spread else ""))
     what = f"the fast step at {' vs '.join(map(str, thread_counts))} threads" if threads else "fast vs reference"
     if record:
         append_results(f"bench_trainer ({preset_name}{setup.label()}): one Align-Pro PPO step, {what}",
@@ -322,7 +325,7 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
                        f"{cfg.num_ppo_epochs}, num_mini_batches={cfg.num_mini_batches}, "
                        f"per_device_train_batch_size={cfg.per_device_train_batch_size}, one HFEngine target of the "
                        "same shape shared by the providers); logprobs = the scoring phase (old and reference "
-                       "log-probs, values).")
+                       "log-probs, values)." + (f" {spread}" if spread else ""))
     return table
 
 
@@ -575,8 +578,10 @@ def main(argv=None):
         harness.set_mmap_threshold(64 * 1024 if "mmap-64k" in setup.memory else harness.TIMING_MMAP_THRESHOLD)
         print(json.dumps(memory_child(presets[0], args.memory_child, Path(args.root), args.device, setup)))
         return
-    if args.quick:
-        presets, args.reps = presets[:1], args.reps or 2
+    if args.quick:  # a recorded table keeps harness.ROUNDS rounds at least, quick or not
+        presets, args.reps = presets[:1], args.reps or (harness.ROUNDS if args.record else 2)
+    if args.record and args.reps is not None and args.reps < harness.ROUNDS:
+        ap.error(f"--reps must be >= {harness.ROUNDS} with --record (got {args.reps})")
     for name in presets:
         if args.memory:
             run_memory(name, args.device, args.record, setup, args.variant)

@@ -16,19 +16,21 @@ Clock (CPU only): "wall" (perf_counter, the default) or "cpu" (time.process_time
 of the process). On a shared machine, wall time also counts the time a thread waits for a core, and with
 several OpenMP threads one descheduled worker stalls a whole barrier; CPU time with --threads 1 counts only
 the work each provider does, which is the kernel comparison that load cannot distort (it still moves with
-cache and memory-bandwidth contention from other jobs). The "cpu" clock also times the calls with glibc
-set as a long-running process ends up (normal_allocator: blocks up to 32 MiB from the heap and kept), not
-under the 64 KiB mmap threshold below, where a provider that allocates a large temporary per call (TRL's
-bf16 path: a [T, V] log_softmax per batch row) pays a page fault per 4 KiB of it on every call. (A plain
-process in glibc's default dynamic mode is in between: TRL's bf16 path at [8, 256, 32000] still faults
-~47 MB a call there, 28 of its 85 ms CPU time in the kernel.) Peak memory, which needs the 64 KiB threshold,
-is not measured with this clock ("n/a": take it from a wall-clock run).
+cache and memory-bandwidth contention from other jobs).
 
-Peak extra memory:
+Allocator (CPU): every timed call, on either clock, runs with glibc set as a long-running process ends up
+(normal_allocator: blocks up to 32 MiB from the heap, freed ones kept for reuse). Under the 64 KiB mmap
+threshold of the memory measure, a provider that allocates a large temporary per call (TRL's
+selective_log_softmax: a [T, V] log_softmax per batch row) pays a page fault per 4 KiB of it on every call.
+(A plain process in glibc's default dynamic mode is in between: TRL's bf16 path at [8, 256, 32000] still
+faults ~47 MB a call there, 28 of its 85 ms CPU time in the kernel.)
+
+Peak extra memory (measured once per provider, outside the timed calls):
   CUDA: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
   CPU:  the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident
-        set before the call. glibc is told to serve every allocation over 64 KiB with mmap, so freed
-        blocks go back to the OS and each call's allocations show in the resident set.
+        set before the call. For that one call glibc serves every allocation over 64 KiB with mmap
+        (measuring_allocator), so freed blocks go back to the OS and the call's allocations show in the
+        resident set.
 """
 
 from __future__ import annotations
@@ -51,9 +53,8 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ROUNDS = 5              # the fewest rounds a recorded table may have
 SPREAD_WARNING = 0.25   # IQR / median above which a row is flagged
 
-try:  # M_MMAP_THRESHOLD = -3: fixed threshold, no dynamic growth, so RSS tracks live allocations.
+try:  # glibc's mallopt: the timing and the memory measure each set the thresholds they need (see below)
     _libc = ctypes.CDLL("libc.so.6")
-    _libc.mallopt(-3, 64 * 1024)
 except OSError:
     _libc = None
 
@@ -80,8 +81,15 @@ def normal_allocator() -> None:
 
 
 def measuring_allocator() -> None:
-    """The module's default: every block over 64 KiB mmapped, freed ones returned (peak_extra_memory)."""
+    """Every block over 64 KiB mmapped, freed ones returned: what peak_extra_memory sets for its one call."""
     set_mmap_threshold(MEMORY_MMAP_THRESHOLD, 128 * 1024)
+
+
+# Timed calls run under the normal allocator. Until 2026-12-01 the module set the 64 KiB threshold on import and
+# left it for the timed calls too: a provider that allocates a large temporary per call (TRL's
+# selective_log_softmax) then page-faulted it in afresh every call, 148 ms against 64 ms under this setting at
+# [8, 256, 32000] float32 on one thread, which inflated the speed-ups over it (bench/NOTES-logprobs.md).
+normal_allocator()
 
 
 def _read_status_kib(key: str) -> int | None:
@@ -127,17 +135,21 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> int |
         peak = torch.cuda.max_memory_allocated()
         del out
         return max(0, peak - before)
-    if _libc is not None:
-        _libc.malloc_trim(0)
-    rss = _read_status_kib("VmRSS")
+    measuring_allocator()  # for this call only: its blocks over 64 KiB mapped, so they show in the resident set
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    out = fn()
-    hwm = _read_status_kib("VmHWM")
-    del out
+        if _libc is not None:
+            _libc.malloc_trim(0)
+        rss = _read_status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            return None
+        out = fn()
+        hwm = _read_status_kib("VmHWM")
+        del out
+    finally:
+        normal_allocator()
     if rss is None or hwm is None:
         return None
     return max(0, (hwm - rss) * 1024)
@@ -223,9 +235,6 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     """
     if clock not in CLOCKS or (clock != "wall" and device.startswith("cuda")):
         raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('cpu' on CPU devices only), got {clock!r}")
-    if clock == "cpu":
-        normal_allocator()
-        measure_memory = False  # the resident-set measure needs the 64 KiB threshold: run the wall clock for it
     names = list(providers)
     samples: dict[str, list[float]] = {n: [] for n in names}
     errors: dict[str, str] = {}
@@ -258,8 +267,6 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                     torch.cuda.empty_cache()
         del inp
         gc.collect()
-    if clock == "cpu":
-        measuring_allocator()
     rows = []
     for name in names:
         if name in errors:
@@ -374,13 +381,13 @@ def measured_copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> floa
 
 
 def git_commit() -> str:
-    """HEAD's short hash, with "+uncommitted" when tracked files other than Markdown (RESULTS.md, the notes)
-    differ from it: such a run measured code that commit does not hold."""
+    """HEAD's short hash, with "+uncommitted" when files other than Markdown (RESULTS.md, the notes) differ from
+    it or are new and not ignored (a new bench script): such a run measured code that commit does not hold."""
     here = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=here, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], capture_output=True,
                                  text=True, cwd=here, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

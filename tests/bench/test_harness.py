@@ -59,9 +59,9 @@ def test_rounds_interleave_draw_fresh_inputs_and_ratio_per_round(clock):
     assert "WARNING" in harness.spread_note(rows)
 
 
-def test_cpu_clock_times_process_time_and_skips_memory(monkeypatch):
-    """clock="cpu" (bench --clock cpu) reads time.process_time, not perf_counter, and measures no memory (the
-    resident-set measure needs the 64 KiB mmap threshold that this clock leaves while timing)."""
+def test_cpu_clock_times_process_time(monkeypatch):
+    """clock="cpu" (bench --clock cpu) reads time.process_time, not perf_counter; memory is measured as on the wall
+    clock (peak_extra_memory sets its own allocator for its one call)."""
     cpu = ScriptedClock()
     monkeypatch.setattr(harness.time, "process_time", cpu)
     monkeypatch.setattr(harness.time, "perf_counter", lambda: 0.0)
@@ -77,9 +77,44 @@ def test_cpu_clock_times_process_time_and_skips_memory(monkeypatch):
                               baselines=("base",), rounds=5, clock="cpu")
     by = {r.provider: r for r in rows}
     assert by["fast"].seconds == pytest.approx(2e-3) and by["fast"].ratios["base"] == pytest.approx((3.0,) * 3)
-    assert by["fast"].peak_bytes is None
+    assert by["fast"].peak_bytes is not None
     with pytest.raises(ValueError, match="clock"):
         harness.run_rounds("s", {"a": provider(1)}, inputs=lambda r: r, device="cuda", clock="cpu")
+
+
+def test_speedups_are_per_round_not_a_ratio_of_medians(clock):
+    """Round 2 slows the fast provider alone (2.5x): the per-round ratios are 5, 5, 2, 5, 5 (median 5), while the
+    ratio of the medians would be 10 / 4 = 2.5. Only the per-round ratio cancels load that hits both providers."""
+    base_ms, fast_ms = [10, 40, 10, 20, 10], [2, 8, 5, 4, 2]
+
+    def provider(times):
+        def factory(r):
+            def call():
+                clock.now += times[r] / 1e3
+            return call
+        return factory
+
+    rows = harness.run_rounds("s", {"base": provider(base_ms), "fast": provider(fast_ms)}, inputs=lambda r: r,
+                              baselines=("base",), rounds=5, warmup=0, measure_memory=False)
+    fast = next(r for r in rows if r.provider == "fast")
+    assert fast.ratios["base"] == pytest.approx((5.0, 5.0, 5.0))
+    assert fast.seconds == pytest.approx(4e-3)  # the median time is still the plain median over rounds
+
+
+def test_timed_calls_run_under_the_normal_allocator_and_the_memory_measure_under_its_own(monkeypatch, clock):
+    """A provider that allocates a large temporary per call must not page-fault it in afresh on every timed call:
+    the 64 KiB mmap threshold is set only around peak_extra_memory's one call."""
+    state, seen = {"threshold": None}, []
+    monkeypatch.setattr(harness, "set_mmap_threshold", lambda n, trim=None: state.update(threshold=n))
+    harness.normal_allocator()
+
+    def factory(r):
+        return lambda: seen.append(state["threshold"])
+
+    harness.run_rounds("s", {"a": factory}, inputs=lambda r: r, rounds=5, warmup=1, measure_memory=True)
+    assert seen[:-1] == [harness.TIMING_MMAP_THRESHOLD] * 6  # warm-up + 5 timed calls
+    assert seen[-1] == harness.MEMORY_MMAP_THRESHOLD          # the memory measure, after the last timed call
+    assert state["threshold"] == harness.TIMING_MMAP_THRESHOLD
 
 
 def test_a_failing_provider_gets_a_row_with_its_error_and_is_not_retried(clock):
@@ -140,3 +175,4 @@ def test_readme_performance_table_is_the_generated_one():
     readme = readme_table.README.read_text()
     assert readme_table.BEGIN in readme and readme_table.END in readme
     assert readme_table.readme_table(readme) == readme_table.render(readme_table.RESULTS.read_text())
+
