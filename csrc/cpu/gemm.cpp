@@ -76,7 +76,9 @@ bool use_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b)
 }  // namespace
 
 bool onednn_chosen() {
-  return g_backend.load(std::memory_order_relaxed) == 1 && at::globalContext().userEnabledMkldnn();
+  // hasMKLDNN: a torch built without it still exports mkldnn_matmul, as a stub that throws.
+  return g_backend.load(std::memory_order_relaxed) == 1 && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn();
 }
 
 namespace {
@@ -251,7 +253,9 @@ extern "C" int64_t alignfast_onednn_shapes() {
   return static_cast<int64_t>(alignfast::cpu::g_shapes.size());
 }
 
-extern "C" int alignfast_onednn_available() { return alignfast::cpu::mkldnn_matmul() != nullptr ? 1 : 0; }
+extern "C" int alignfast_onednn_available() {
+  return at::hasMKLDNN() && alignfast::cpu::mkldnn_matmul() != nullptr ? 1 : 0;
+}
 
 extern "C" int alignfast_cpu_gemm_backend(int backend) {
   if (backend < 0) return alignfast::cpu::g_backend.load();
