@@ -25,12 +25,9 @@ selective_log_softmax: a [T, V] log_softmax per batch row) pays a page fault per
 (A plain process in glibc's default dynamic mode is in between: TRL's bf16 path at [8, 256, 32000] still
 faults ~47 MB a call there, 28 of its 85 ms CPU time in the kernel.)
 
-Peak extra memory (measured once per provider, outside the timed calls):
-  CUDA: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
-  CPU:  the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident
-        set before the call. For that one call glibc serves every allocation over 64 KiB with mmap
-        (measuring_allocator), so freed blocks go back to the OS and the call's allocations show in the
-        resident set.
+Peak extra memory (measured once per provider, outside the timed calls): the most bytes torch's allocator held
+during one call beyond what it held when the call began; on CUDA from torch.cuda.max_memory_allocated(), on CPU
+from the profiler's allocation events (peak_extra_memory says why not the resident set).
 """
 
 from __future__ import annotations
@@ -81,12 +78,13 @@ def normal_allocator() -> None:
 
 
 def measuring_allocator() -> None:
-    """Every block over 64 KiB mmapped, freed ones returned: what peak_extra_memory sets for its one call."""
+    """Every block over 64 KiB mmapped, freed ones returned, so the resident set follows live allocations (for
+    whole-process peaks such as bench_trainer --memory; peak_extra_memory does not need it)."""
     set_mmap_threshold(MEMORY_MMAP_THRESHOLD, 128 * 1024)
 
 
-# Timed calls run under the normal allocator. Until 2026-12-01 the module set the 64 KiB threshold on import and
-# left it for the timed calls too: a provider that allocates a large temporary per call (TRL's
+# Timed calls run under the normal allocator. Until 2026-12-01 the module set the 64 KiB threshold on import (for
+# the resident-set memory measure of the time) and left it for the timed calls too: a provider that allocates a large temporary per call (TRL's
 # selective_log_softmax) then page-faulted it in afresh every call, 148 ms against 64 ms under this setting at
 # [8, 256, 32000] float32 on one thread, which inflated the speed-ups over it (bench/NOTES-logprobs.md).
 normal_allocator()
@@ -124,7 +122,17 @@ def median_time(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 
 
 
 def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> int | None:
-    """Bytes of memory the call needed beyond what was allocated before it (None if unmeasurable)."""
+    """Bytes of memory the call needed beyond what was allocated before it (None if unmeasurable).
+
+    CUDA: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
+    CPU: the same quantity for torch's CPU allocator, from the profiler's allocation events: the running sum of
+    the bytes allocated and freed inside the call, at its highest. One unmeasured call runs first inside the same
+    profile, so that what the call replaces (a gradient from the previous call) was allocated while recording
+    and its release is counted. Until 2026-12-01 the CPU measure was the process's resident set (VmHWM - VmRSS),
+    which depended on glibc's heap: freed heap blocks stay resident, and with the timed calls under the normal
+    allocator the same call read 32 KiB in one run and 250 MiB (its replaced dlogits, counted twice) in another.
+    Allocations outside torch's allocator (a library's own scratch buffers) are not counted on either device.
+    """
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -135,31 +143,30 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> int |
         peak = torch.cuda.max_memory_allocated()
         del out
         return max(0, peak - before)
-    measuring_allocator()  # for this call only: its blocks over 64 KiB mapped, so they show in the resident set
-    try:
-        # One unmeasured call first, under the same threshold: what lives from call to call (a gradient the next
-        # call replaces) was allocated by the timed calls, maybe from the heap, where freeing it leaves its pages
-        # resident while the measured call maps a new one: that double-counted 250 MiB of dlogits once. Now it
-        # is mapped, and freeing it gives its pages back.
-        del_later = fn()
-        del del_later
-        gc.collect()
-        if _libc is not None:
-            _libc.malloc_trim(0)
-        rss = _read_status_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-        except OSError:
-            return None
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
-        hwm = _read_status_kib("VmHWM")
         del out
-    finally:
-        normal_allocator()
-    if rss is None or hwm is None:
+        gc.collect()
+        with record_function(_MEASURED):
+            out = fn()
+            del out
+    events = list(prof.profiler.kineto_results.events())
+    window = next((e for e in events if e.name() == _MEASURED), None)
+    if window is None:
         return None
-    return max(0, (hwm - rss) * 1024)
+    inside = sorted((e for e in events
+                     if e.name() == "[memory]" and window.start_ns() <= e.start_ns() <= window.end_ns()),
+                    key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in inside:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+_MEASURED = "bench.harness.measured_call"
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:

@@ -75,10 +75,10 @@ def specs() -> list[Spec]:
           for spec in (
               Spec("`linear_token_logprobs` forward", f"N=1024, H=512, V=32000 {dtype}",
                    "linear_token_logprobs, forward", f"N=1024 H=512 V=32000 {dtype}", "alignfast",
-                   (_speedup("torch eager"), _speedup("trl chunked_logprob")), memory_vs="torch eager"),
+                   (_speedup("torch eager"), _vs("trl chunked_logprob"), _vs(COMPILED)), memory_vs="torch eager"),
               Spec("`linear_token_logprobs` fwd+bwd", f"N=1024, H=512, V=32000 {dtype}",
                    "linear_token_logprobs, forward + backward", f"N=1024 H=512 V=32000 {dtype}", "alignfast",
-                   (_speedup("torch eager"), _speedup("trl chunked_logprob")),
+                   (_speedup("torch eager"), _vs("trl chunked_logprob"), _vs(COMPILED)),
                    goals=(("speed-up vs torch eager", 1.0),), memory_vs="torch eager"))],
         Spec("HF engine, 256 prompts (8–256 tokens)", "tiny Llama", "bench_engine: tiny model",
              "256 prompts, len 8-256, new<=128", "engine",
@@ -183,11 +183,18 @@ def render(results_text: str) -> str:
         section, row, same_shape = found
         ratios = []
         for col, label in spec.vs:
-            r = parse_ratio(row.get(col, ""))
+            if col not in row:  # a spec naming a column the bench does not write would drop it silently
+                raise SystemExit(f"bench/readme_table.py: README row {spec.what!r} quotes column {col!r}, which the "
+                                 f"RESULTS.md section {section.title!r} ({section.stamp[:40]}) lacks")
+            r = parse_ratio(row[col])
             if r is None:
+                ratios.append(f"{label}: {row[col] or 'n/a'}")
                 continue
             med, q1, q3 = r
             ratios.append(f"{med:.2f}× {label}" + (f" ({q1:.2f}–{q3:.2f})" if q1 is not None else " (no rounds)"))
+        flagged = row.get("spread", "").startswith("WARNING")
+        if flagged:  # the harness flagged this row: its IQR exceeds SPREAD_WARNING of the median
+            ratios.append(f"**spread {row['spread'].removeprefix('WARNING ')}: indicative only**")
         memory = _memory(row)
         if spec.memory_vs:
             other = next((r for r in same_shape if r.get("provider") == spec.memory_vs), None)
@@ -200,7 +207,8 @@ def render(results_text: str) -> str:
             if col == "per-round ratio (IQR)":  # the trainer tables' per-round ratio is fast / reference
                 label = "reference"
             met = r is not None and r[0] >= minimum
-            verdicts.append(f"≥{minimum:g}× {label}: {'met' if met else '**not met**'}")
+            verdict = ("met" if met else "**not met**") + (" (spread flagged)" if flagged else "")
+            verdicts.append(f"≥{minimum:g}× {label}: {verdict}")
         lines.append(f"| {spec.what} | {spec.shape} | {', '.join(ratios)} | {memory} | {'; '.join(verdicts)} "
                      f"| {_stamp(section)} |")
     return "\n".join(lines)
