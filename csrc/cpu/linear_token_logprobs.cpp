@@ -33,6 +33,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -151,25 +153,44 @@ void for_tiles(int64_t tiles, int64_t threads, Fn&& fn) {
 }
 
 // Lets tile k's contribution to a shared sum in only after tiles 0..k-1 have added theirs, so the sum's
-// rounding does not depend on which worker finished first. A worker failing sets `failed` (the others stop
-// waiting and the exception leaves the parallel region).
+// rounding does not depend on which worker finished first. A worker failing records its exception (fail);
+// the others stop waiting with Abandoned, and run() rethrows the first real error whichever exception
+// at::parallel_for happened to pass on.
 class OrderedTurns {
  public:
+  struct Abandoned {};
+
   template <typename Fn>
   void in_turn(int64_t k, Fn&& fn) {
     while (turn_.load(std::memory_order_acquire) != k) {
-      if (failed_.load(std::memory_order_relaxed)) TORCH_CHECK(false, "alignfast: another worker failed");
+      if (failed_.load(std::memory_order_acquire)) throw Abandoned{};
       std::this_thread::yield();
     }
     fn();
     turn_.store(k + 1, std::memory_order_release);
   }
-  void fail() { failed_.store(true); }
+  void fail(std::exception_ptr error) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!first_error_) first_error_ = std::move(error);
+    failed_.store(true, std::memory_order_release);
+  }
   void reset() { turn_.store(0); }
+  template <typename Fn>
+  void run(Fn&& fn) {
+    try {
+      fn();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (first_error_) std::rethrow_exception(first_error_);
+      throw;
+    }
+  }
 
  private:
   std::atomic<int64_t> turn_{0};
   std::atomic<bool> failed_{false};
+  std::mutex mutex_;
+  std::exception_ptr first_error_;
 };
 
 // One row's stats from its tiles' (lse_k, H_k) (stride apart in memory), k_t the tile holding the target and
@@ -463,7 +484,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
     const at::Tensor h_blk = h.narrow(0, r0, R);
     turns.reset();
     if (bf) bf->start_block(r0, R);
-    for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
+    turns.run([&] { for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       try {
         const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
         at::Tensor w;  // the float32 path's W tile, read by the logits and the dh product
@@ -507,11 +528,13 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
           }
           if (convert && !dw_acc.defined()) d_weight->narrow(0, v0, cols).copy_(dw);
         }
+      } catch (const OrderedTurns::Abandoned&) {
+        throw;  // another worker failed first: its error is the one run() rethrows
       } catch (...) {
-        turns.fail();
+        turns.fail(std::current_exception());
         throw;
       }
-    });
+    }); });
   }
   if (dw_acc.defined()) d_weight->copy_(dw_acc);
 }
