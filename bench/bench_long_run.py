@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from bench.bench_trainer import PRESETS, Setup, load_target, make_trainer, make_world
+from bench.bench_trainer import PRESETS, Setup, apply_run_flags, load_target, make_trainer, make_world
 from bench.harness import append_results, device_description
 
 
@@ -159,14 +159,7 @@ def main(argv=None):
     steps = args.steps if args.steps is not None else (20 if args.quick else 200)
     if steps < 1:
         ap.error(f"--steps must be at least 1 (got {steps})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda, but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    apply_run_flags(ap, args)
     run(args.preset, args.device, steps, Setup(finetune=args.finetune), args.record, args.exact_row_counts)
 
 

@@ -531,6 +531,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def apply_run_flags(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """After parsing, what every trainer bench does: refuse --device cuda without a GPU (one line), apply --threads,
+    and turn off Hugging Face's progress bars and warnings."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -561,14 +574,7 @@ def main(argv=None):
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda, but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    apply_run_flags(ap, args)
     setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, args.torch_compile, tuple(args.mem))
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
     if args.memory_child:
