@@ -125,8 +125,11 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> int |
     """Bytes of memory the call needed beyond what was allocated before it (None if unmeasurable).
 
     CUDA: torch.cuda.max_memory_allocated() during the call minus memory allocated before it.
-    CPU: the same quantity for torch's CPU allocator, from the profiler's allocation events: the running sum of
-    the bytes allocated and freed inside the call, at its highest. One unmeasured call runs first inside the same
+    CPU: the same idea for torch's CPU allocator, from the profiler's allocation events: the running sum of
+    the bytes allocated and freed inside the call, at its highest. The profiler sees the calling thread and
+    threads that carry its state (alignfast's tile workers do; ATen's OpenMP workers and other Python threads
+    do not, though ATen allocates an op's outputs on the calling thread). None when a profiler is already
+    running: a nested one would cancel its trace. One unmeasured call runs first inside the same
     profile, so that what the call replaces (a gradient from the previous call) was allocated while recording
     and its release is counted. Until 2026-12-01 the CPU measure was the process's resident set (VmHWM - VmRSS),
     which depended on glibc's heap: freed heap blocks stay resident, and with the timed calls under the normal
@@ -143,8 +146,11 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> int |
         peak = torch.cuda.max_memory_allocated()
         del out
         return max(0, peak - before)
+    from torch.autograd import profiler as autograd_profiler
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    if autograd_profiler._is_profiler_enabled:  # read at call time: the module sets it while one runs
+        return None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out

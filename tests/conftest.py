@@ -40,8 +40,8 @@ def _triton_interpreter_problem() -> str | None:
     except Exception as err:  # noqa: BLE001 - any failure of the interpreter itself
         import numpy
 
-        return (f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
-                f"({type(err).__name__}: {str(err)[:80]}); upgrade triton or use numpy < 2.4")
+        return (f"Triton {triton.__version__}'s interpreter cannot run a kernel here ({type(err).__name__}: "
+                f"{str(err)[:80]}); with numpy {numpy.__version__}: Triton 3.6 needs numpy < 2.4, Triton 3.8 works")
     return None if int(out) == 3 else "Triton's interpreter miscounts a loop with a runtime bound"
 
 

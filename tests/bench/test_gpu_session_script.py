@@ -5,6 +5,7 @@ the logs and RESULTS.md still come back. Checked here with a stand-in python3 th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -21,14 +22,16 @@ exit 0
 """
 
 
-def _run(tmp_path: Path, *args: str, budget: int, min_stage: int,
-         fake_python: str = FAKE_PYTHON) -> tuple[subprocess.CompletedProcess, float]:
+def _run(tmp_path: Path, *args: str, budget: int, min_stage: int, fake_python: str = FAKE_PYTHON,
+         path: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
     fake = tmp_path / "python3"
     fake.write_text(fake_python)
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "ALIGNFAST_GPU_BUDGET_S": str(budget),
            "ALIGNFAST_GPU_MIN_STAGE_S": str(min_stage)}
+    if path is not None:
+        env["PATH"] = path
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - t0
@@ -69,3 +72,20 @@ def test_every_benchmark_runs_in_priority_order_when_time_allows(tmp_path):
 def test_a_bad_mode_is_refused_with_the_usage(tmp_path):
     proc, _ = _run(tmp_path, "all", "fast", budget=60, min_stage=2)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_a_good_build_goes_on_to_the_tests_and_benchmarks_even_if_the_info_commands_fail(tmp_path):
+    """`all`: after the build, alignfast.info and nvidia-smi only inform; a failing one (here: no nvidia-smi on the
+    PATH, and an info that exits 1) must not skip the GPU tests and the benchmarks."""
+    fake = FAKE_PYTHON.replace("sleep 60", "true").replace("exit 0", 'case "$*" in *alignfast.info*) exit 1 ;; esac\nexit 0')
+    env_path = tmp_path / "bin"
+    env_path.mkdir()
+    for tool in ("bash", "timeout", "tee", "tail", "mkdir", "cp", "cat", "sleep", "true", "dirname"):
+        real = shutil.which(tool)
+        if real:
+            (env_path / tool).symlink_to(real)
+    proc, _ = _run(tmp_path, "all", "quick", budget=120, min_stage=2, fake_python=fake, path=str(env_path))
+    out = tmp_path / "out"
+    assert "pytest -m gpu or interpret" in (out / "gpu_tests.log").read_text(), proc.stdout + proc.stderr
+    assert "bench.bench_engine --device cuda --record --quick" in (out / "bench.log").read_text()
+    assert (out / "RESULTS.md").exists()

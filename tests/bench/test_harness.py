@@ -61,7 +61,7 @@ def test_rounds_interleave_draw_fresh_inputs_and_ratio_per_round(clock):
 
 def test_cpu_clock_times_process_time(monkeypatch):
     """clock="cpu" (bench --clock cpu) reads time.process_time, not perf_counter; memory is measured as on the wall
-    clock (peak_extra_memory sets its own allocator for its one call)."""
+    clock (peak_extra_memory reads torch's allocation events, whatever the allocator's setting)."""
     cpu = ScriptedClock()
     monkeypatch.setattr(harness.time, "process_time", cpu)
     monkeypatch.setattr(harness.time, "perf_counter", lambda: 0.0)
@@ -101,12 +101,31 @@ def test_speedups_are_per_round_not_a_ratio_of_medians(clock):
     assert fast.seconds == pytest.approx(4e-3)  # the median time is still the plain median over rounds
 
 
-def test_timed_calls_run_under_the_normal_allocator(monkeypatch, clock):
+def test_importing_the_harness_sets_the_normal_allocator_and_the_rounds_keep_it(monkeypatch, clock):
     """A provider that allocates a large temporary per call must not page-fault it in afresh on every timed call
-    (the 64 KiB mmap threshold the harness once kept on for its memory measure did that to TRL's loop)."""
-    state, seen = {"threshold": None}, []
+    (the 64 KiB mmap threshold the harness once set on import did that to TRL's loop). In a fresh interpreter,
+    with glibc's mallopt recorded: the import leaves the 32 MiB threshold; then the rounds change nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import ctypes\n"
+        "import torch  # loads its own libraries through ctypes: before the fake below\n"
+        "calls = []\n"
+        "class FakeLibc:\n"
+        "    def mallopt(self, param, value): calls.append((param, value)); return 1\n"
+        "    def malloc_trim(self, pad): return 1\n"
+        "ctypes.CDLL = lambda name, *a, **k: FakeLibc()\n"
+        "from bench import harness\n"
+        "print([v for p, v in calls if p == -3][-1])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == harness.TIMING_MMAP_THRESHOLD, out.stdout + out.stderr
+
+    state, seen = {"threshold": harness.TIMING_MMAP_THRESHOLD}, []
     monkeypatch.setattr(harness, "set_mmap_threshold", lambda n, trim=None: state.update(threshold=n))
-    harness.normal_allocator()
 
     def factory(r):
         return lambda: seen.append(state["threshold"])
@@ -232,3 +251,13 @@ def test_a_quoted_column_the_section_lacks_is_an_error_not_a_silent_gap():
     results = results.replace("| vs torch.compile reference |", "| vs something else |", 1)
     with pytest.raises(SystemExit, match="vs torch.compile reference"):
         readme_table.render(results)
+
+
+def test_peak_extra_memory_stays_out_of_a_running_profile():
+    """Inside a user's profile a nested profiler would cancel their trace: the measure says it cannot measure."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]):
+        assert harness.peak_extra_memory(lambda: torch.empty(1 << 20)) is None
+    assert harness.peak_extra_memory(lambda: torch.empty(1 << 20)) >= 4 << 20
