@@ -84,8 +84,10 @@ def test_a_good_build_goes_on_to_the_tests_and_benchmarks_even_if_the_info_comma
         real = shutil.which(tool)
         if real:
             (env_path / tool).symlink_to(real)
-    proc, _ = _run(tmp_path, "all", "quick", budget=120, min_stage=2, fake_python=fake, path=str(env_path))
+    proc, _ = _run(tmp_path, "all", "quick", budget=1000, min_stage=2, fake_python=fake, path=str(env_path))
     out = tmp_path / "out"
     assert "pytest -m gpu or interpret" in (out / "gpu_tests.log").read_text(), proc.stdout + proc.stderr
-    assert "bench.bench_engine --device cuda --record --quick" in (out / "bench.log").read_text()
+    bench_log = (out / "bench.log").read_text()
+    assert "bench.bench_engine --device cuda --record --quick (limit 90s" in bench_log
+    assert "bench.bench_trainer --device cuda --record --quick (limit 180s" in bench_log  # builds two 0.5B models
     assert (out / "RESULTS.md").exists()
