@@ -7,8 +7,9 @@ shape (bench/NOTES-gemm.md, "Memory"). bench_trainer's steps come in one or two 
 the prompts' lengths are drawn from a wide range, so the counts keep changing, as in a real run.
 
 What is reported: RSS (VmRSS) after each step, per window of steps (last and highest value), the growth from the
-end of the first window (step 10 in runs of 40 steps or more, else a quarter of the run) to the last step, the same after glibc's malloc_trim (what is free heap rather than
-held), the distinct shapes sent to oneDNN and to the bf16 micro-kernels, and the median step time. On CUDA the
+end of the first window (step 10 in runs of 40 steps or more, else a quarter of the run) to the last step, the same
+after glibc's malloc_trim (what is free heap rather than held), the distinct shapes sent to oneDNN and to the bf16
+micro-kernels, and the median step time. On CUDA the
 allocator's reserved bytes are reported too. Nothing here is timed against anything: it is a memory trace.
 
     python -m bench.bench_long_run                                   # cpu-small, 200 steps (~2 min)

@@ -250,8 +250,9 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
         thread_counts: tuple[int, ...] = ()) -> str:
     """Time the providers' PPO steps interleaved (one round = one step of each, the order rotated from round to
     round: A B, B A, ...) so that load drifting on a shared machine hits every provider alike; report medians per
-    provider and per phase, and the per-round ratio to the reference (its median and inter-quartile range). thread_counts: the providers
-    are the fast trainer once per count instead, and the ratios are against the first count."""
+    provider and per phase, and the per-round ratio to the reference (its median and inter-quartile range).
+    thread_counts: the providers are the fast trainer once per count instead, and the ratios are against the first
+    count."""
     # Time the step as a long-running process's glibc serves it: blocks up to 32 MiB from the heap, and the heap
     # not trimmed below 64 MiB. A 32 MiB threshold alone (this bench until 2026-11-30) left glibc's trim
     # threshold at 128 KiB, so every freed top of the heap went back to the system and faulted in again; that

@@ -83,10 +83,11 @@ def measuring_allocator() -> None:
     set_mmap_threshold(MEMORY_MMAP_THRESHOLD, 128 * 1024)
 
 
-# Timed calls run under the normal allocator. Until 2026-12-01 the module set the 64 KiB threshold on import (for
-# the resident-set memory measure of the time) and left it for the timed calls too: a provider that allocates a large temporary per call (TRL's
-# selective_log_softmax) then page-faulted it in afresh every call, 148 ms against 64 ms under this setting at
-# [8, 256, 32000] float32 on one thread, which inflated the speed-ups over it (bench/NOTES-logprobs.md).
+# Timed calls run under the normal allocator. Until 2026-12-01 the module set the 64 KiB threshold on import (for the
+# resident-set memory measure of the time) and left it for the timed calls too: a provider that allocates a large
+# temporary per call (TRL's selective_log_softmax) then page-faulted it in afresh every call, 148 ms against 64 ms
+# under this setting at [8, 256, 32000] float32 on one thread, which inflated the speed-ups over it
+# (bench/NOTES-logprobs.md).
 normal_allocator()
 
 

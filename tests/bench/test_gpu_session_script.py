@@ -77,7 +77,8 @@ def test_a_bad_mode_is_refused_with_the_usage(tmp_path):
 def test_a_good_build_goes_on_to_the_tests_and_benchmarks_even_if_the_info_commands_fail(tmp_path):
     """`all`: after the build, alignfast.info and nvidia-smi only inform; a failing one (here: no nvidia-smi on the
     PATH, and an info that exits 1) must not skip the GPU tests and the benchmarks."""
-    fake = FAKE_PYTHON.replace("sleep 60", "true").replace("exit 0", 'case "$*" in *alignfast.info*) exit 1 ;; esac\nexit 0')
+    info_fails = 'case "$*" in *alignfast.info*) exit 1 ;; esac\nexit 0'
+    fake = FAKE_PYTHON.replace("sleep 60", "true").replace("exit 0", info_fails)
     env_path = tmp_path / "bin"
     env_path.mkdir()
     for tool in ("bash", "timeout", "tee", "tail", "mkdir", "cp", "cat", "sleep", "true", "dirname"):

@@ -61,7 +61,8 @@ def _triton_op(logits, tokens, temperature, g_lp, g_ent):
     return lp.cpu(), ent.cpu(), grad.cpu()
 
 
-PATHS = [pytest.param(_cpu_op, id="cpu", marks=needs_cpu_kernel), pytest.param(_triton_op, id="triton", marks=pytest.mark.interpret)]
+PATHS = [pytest.param(_cpu_op, id="cpu", marks=needs_cpu_kernel),
+         pytest.param(_triton_op, id="triton", marks=pytest.mark.interpret)]
 
 
 def _reference(logits, tokens, temperature, g_lp, g_ent, dtype=torch.float64):
