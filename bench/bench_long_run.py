@@ -9,8 +9,8 @@ the prompts' lengths are drawn from a wide range, so the counts keep changing, a
 What is reported: RSS (VmRSS) after each step, per window of steps (last and highest value), the growth from the
 end of the first window (step 10 in runs of 40 steps or more, else a quarter of the run) to the last step, the same
 after glibc's malloc_trim (what is free heap rather than held), the distinct shapes sent to oneDNN and to the bf16
-micro-kernels, and the median step time. On CUDA the
-allocator's reserved bytes are reported too. Nothing here is timed against anything: it is a memory trace.
+micro-kernels, and the median step time. On CUDA the allocator's reserved bytes are reported too. Nothing here is
+timed against anything: it is a memory trace.
 
     python -m bench.bench_long_run                                   # cpu-small, 200 steps (~2 min)
     python -m bench.bench_long_run --preset smollm2-135m --steps 100 --threads 1 --record   # the real size (~8 min)
@@ -47,14 +47,6 @@ def varied_prompts(preset_name: str, n: int, seed: int = 0) -> list[str]:
 
 def rss_mib() -> float:
     return (harness._read_status_kib("VmRSS") or 0) / 1024
-
-
-def malloc_trim() -> bool:
-    """Return the free top and free pages of glibc's heaps to the system (False where there is no glibc)."""
-    if harness._libc is None:
-        return False
-    harness._libc.malloc_trim(0)
-    return True
 
 
 def shape_counts() -> tuple[int | None, int | None]:
@@ -108,7 +100,7 @@ def run(preset_name: str, device: str, steps: int, setup: Setup, record: bool, e
             if (step + 1) % 10 == 0:
                 print(f"step {step + 1}/{steps}: RSS {rss[-1]:.0f} MiB, {seconds[-1]:.2f} s", file=sys.stderr)
         before_trim = rss[-1]
-        trimmed = rss_mib() if malloc_trim() else None
+        trimmed = rss_mib() if harness.malloc_trim() else None
         onednn, bf16 = shape_counts()
         del trainer, engine
 

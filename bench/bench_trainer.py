@@ -411,8 +411,8 @@ class RssSampler:
                 self.sample()
                 self.call_peaks.setdefault(phase, []).append(self._call)
                 self.phase = before
-                if self.trim and harness._libc is not None:  # give the heap's free pages back to the system
-                    harness._libc.malloc_trim(0)
+                if self.trim:  # give the heap's free pages back to the system
+                    harness.malloc_trim()
         setattr(obj, name, wrapped)
 
     def stop(self) -> dict:

@@ -19,9 +19,10 @@ the work each provider does, which is the kernel comparison that load cannot dis
 cache and memory-bandwidth contention from other jobs).
 
 Allocator (CPU): every timed call, on either clock, runs with glibc set as a long-running process ends up
-(normal_allocator: blocks up to 32 MiB from the heap, freed ones kept for reuse). Under the 64 KiB mmap
-threshold of the memory measure, a provider that allocates a large temporary per call (TRL's
-selective_log_softmax: a [T, V] log_softmax per batch row) pays a page fault per 4 KiB of it on every call.
+(normal_allocator: blocks up to 32 MiB from the heap, freed ones kept for reuse). Under a 64 KiB mmap threshold
+(measuring_allocator, which this module once kept on for its memory measure), a provider that allocates a large
+temporary per call (TRL's selective_log_softmax: a [T, V] log_softmax per batch row) pays a page fault per 4 KiB
+of it on every call.
 (A plain process in glibc's default dynamic mode is in between: TRL's bf16 path at [8, 256, 32000] still
 faults ~47 MB a call there, 28 of its 85 ms CPU time in the kernel.)
 
@@ -50,7 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ROUNDS = 5              # the fewest rounds a recorded table may have
 SPREAD_WARNING = 0.25   # IQR / median above which a row is flagged
 
-try:  # glibc's mallopt: the timing and the memory measure each set the thresholds they need (see below)
+try:  # glibc: mallopt for the allocator settings below, malloc_trim
     _libc = ctypes.CDLL("libc.so.6")
 except OSError:
     _libc = None
@@ -89,6 +90,14 @@ def measuring_allocator() -> None:
 # under this setting at [8, 256, 32000] float32 on one thread, which inflated the speed-ups over it
 # (bench/NOTES-logprobs.md).
 normal_allocator()
+
+
+def malloc_trim() -> bool:
+    """Give the free top and free pages of glibc's heaps back to the system (False where there is no glibc)."""
+    if _libc is None:
+        return False
+    _libc.malloc_trim(0)
+    return True
 
 
 def _read_status_kib(key: str) -> int | None:
