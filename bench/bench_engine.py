@@ -1,23 +1,27 @@
 """Frozen-target generation throughput: HFEngine vs per-prompt `generate` vs padded batched `generate`.
 
-    python -m bench.bench_engine [--device cpu|cuda] [--prompts 64 256 512] [--record] [--quick]
+    python -m bench.bench_engine [--device cpu|cuda] [--prompts 64 256 512] [--rounds 5] [--record] [--quick]
 
 Workload: prompts of random token ids with lengths uniform in [8, 256], sampled at temperature 1
 (top_k off in generate, so every provider samples the same distribution). Completion lengths vary as
 in real rollouts: a set of EOS ids holding 1/--mean-length of the vocabulary is chosen, and a random
 model's next-token distribution is close to uniform, so a row stops with probability about
 1/--mean-length per step, capped at --max-new-tokens. Providers draw different random numbers, so
-their token counts differ a little: compare tokens/s (the "tok/s vs" columns), not seconds.
+their token counts differ a little: each call returns the tokens it made, and the speed-up columns compare
+tokens/s, not seconds.
 --temperature 0 decodes greedily instead: every provider then makes the same tokens, but a random
 model's greedy walk falls into cycles that rarely meet an EOS id, so most rows run to the cap.
 
 Providers, all on the same random-weight model:
-  naive     model.generate per prompt (batch 1, no padding); one timed run, and skipped above
-            --naive-max-prompts (256) prompts: it takes minutes
+  naive     model.generate per prompt (batch 1, no padding); skipped above --naive-max-prompts (256)
+            prompts: a round takes minutes
   padded    model.generate on left-padded batches of --padded-batch prompts in arrival order: the
             plain batched baseline; every row runs until the batch's slowest row ends
   engine    HFEngine (length buckets, token budget, row retirement, dedupe)
-Table: median seconds, generated tokens, tokens/s, and tokens/s relative to naive and to padded.
+Timing (bench/harness.run_rounds): --rounds interleaved rounds (order rotated), each on a fresh prompt set
+shared by the providers, after one warm-up call each; the speed-up vs naive and vs padded is the median over
+rounds of the per-round tokens/s ratio, with its IQR. Table: median seconds per call, median tokens per call,
+tokens/s (median tokens / median seconds), the speed-ups, peak extra memory.
 
 Models: "tiny" (CPU default: Llama, hidden 256, 4 layers, vocab 8192) and "0.5b" (a Qwen2.5-0.5B-sized
 Llama config: hidden 896, 24 layers, 14 heads / 2 KV heads, vocab 151936; bf16; GPU default).
@@ -27,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import resource
 import sys
 
 import torch
 
-from bench import harness
-from bench.harness import Row, append_results, device_description, format_table, median_time, peak_extra_memory
+from bench.harness import ROUNDS, Row, append_results, device_description, format_table, run_rounds, spread_note
 
 CONFIGS = {
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -41,11 +43,6 @@ CONFIGS = {
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2),
 }
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
@@ -140,10 +137,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-tokens", type=int, default=None, help="HFEngine budget (default: the engine's)")
     p.add_argument("--providers", nargs="+", default=["naive", "padded", "engine"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs after the warm-up (naive: 1, it is long)")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help=f"interleaved rounds, each on a fresh prompt set (>= {ROUNDS} with --record)")
     p.add_argument("--naive-max-prompts", type=int, default=256,
                    help="skip the per-prompt baseline above this many prompts (it takes minutes)")
-    p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 1 rep")
+    p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 2 rounds unless --record")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
 
@@ -155,7 +153,13 @@ def main(argv=None) -> int:
     model_name = args.model or ("0.5b" if args.device.startswith("cuda") else "tiny")
     counts = args.prompts or ([64] if args.quick else [64, 256, 512])
     if args.quick:
-        args.max_new_tokens, args.reps = min(args.max_new_tokens, 32), 1
+        args.max_new_tokens = min(args.max_new_tokens, 32)
+        if not args.record and args.rounds == ROUNDS:
+            args.rounds = 2
+    if args.record and args.rounds < ROUNDS:
+        p.error(f"--rounds must be >= {ROUNDS} with --record (got {args.rounds})")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1 (got {args.rounds})")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_model(model_name, args.device, dtype)
     vocab = model.config.vocab_size
@@ -166,45 +170,36 @@ def main(argv=None) -> int:
                  "engine": engine_provider(model, args, eos)}
     rows: list[Row] = []
     for count in counts:
-        prompts = make_prompts(count, vocab, args.min_len, args.max_len, seed=count)
+        names = [n for n in args.providers if not (n == "naive" and count > args.naive_max_prompts)]
         shape = f"{count} prompts, len {args.min_len}-{args.max_len}, new<={args.max_new_tokens}"
-        rates = {}
-        for name in args.providers:
-            if name == "naive" and count > args.naive_max_prompts:
-                continue
-            fn = providers[name]
-            reps = 1 if name == "naive" else args.reps
-            counted: list[int] = []  # the warm-up run gives the token count and the peak memory
-            harness.set_mmap_threshold(harness.MEMORY_MMAP_THRESHOLD)
-            peak = peak_extra_memory(lambda: counted.append(fn(prompts)), device=args.device)
-            tokens = counted[0]
-            harness.normal_allocator()  # glibc as a long-running process ends up (bench_trainer's note)
-            cpu0 = cpu_seconds()
-            seconds = median_time(lambda: fn(prompts), device=args.device, warmup=0, reps=reps,
-                                  max_seconds=float("inf"))
-            # CPU seconds per run (all threads): steadier than wall time on a shared machine
-            cpu_per_run = (cpu_seconds() - cpu0) / reps
-            rates[name] = tokens / seconds
-            rows.append(Row(shape, name, seconds, peak, extra={"tokens": tokens, "tok/s": f"{tokens / seconds:.0f}",
-                                                               "cpu s": f"{cpu_per_run:.2f}"}))
-            print(f"  {shape} {name}: {seconds:.3f} s ({cpu_per_run:.2f} cpu s), {tokens} tokens, "
-                  f"{tokens / seconds:.0f} tok/s", flush=True)
-        for r in rows:
-            for base in ("naive", "padded"):
-                if r.shape == shape and base in rates:
-                    r.extra[f"tok/s vs {base}"] = f"{rates[r.provider] / rates[base]:.2f}x"
+        # a fresh prompt set each round, the same for every provider in that round; each call returns its tokens
+        measured = run_rounds(
+            shape, {name: (lambda fn: lambda prompts: lambda: fn(prompts))(providers[name]) for name in names},
+            inputs=lambda r, count=count: make_prompts(count, vocab, args.min_len, args.max_len, seed=count * 1000 + r),
+            baselines=tuple(b for b in ("naive", "padded") if b in names), device=args.device, rounds=args.rounds,
+            reps=1, warmup=1, work=True)
+        for r in measured:
+            if r.seconds:
+                r.extra["tokens"] = r.extra.pop("work")
+                r.extra["tok/s"] = f"{float(r.extra['tokens']) / r.seconds:.0f}"
+            print(f"  {shape} {r.provider}: " + (f"{r.seconds:.3f} s median, {r.extra['tokens']} tokens" if r.seconds
+                                                else f"failed: {r.error}"), flush=True)
+        rows += measured
 
-    title = (f"bench_engine: {model_name} model ({dtype}), {'sampling T=' + str(args.temperature) if args.temperature else 'greedy'}, "
+    title = (f"bench_engine: {model_name} model ({dtype}), "
+             f"{'sampling T=' + str(args.temperature) if args.temperature else 'greedy'}, "
              f"EOS ~1/{args.mean_length:g} per step, padded batch {args.padded_batch}, "
              f"engine budget {args.max_batch_tokens} tokens"
              + (f" / {args.max_batch_rows} rows" if args.max_batch_rows else ""))
-    table = format_table(rows, baseline="naive" if "naive" in args.providers else args.providers[0],
-                         extra_columns=("tokens", "tok/s", "tok/s vs naive", "tok/s vs padded", "cpu s"))
-    print(f"\n{title}\n{device_description(args.device)}\n\n{table}")
+    baseline = "naive" if "naive" in args.providers else args.providers[0]
+    table = format_table(rows, baseline=baseline, also_vs=("padded",) if baseline != "padded" else (),
+                         extra_columns=("tokens", "tok/s"))
+    spread = spread_note(rows)
+    print(f"\n{title}\n{device_description(args.device)}\n\n{table}\n{spread}")
     if args.record:
-        append_results(title, table, device=args.device,
-                       timing=f"median of {args.reps} consecutive runs per provider after a warm-up run (naive: one "
-                       "run), providers not interleaved")
+        append_results(title, table, device=args.device, rounds=args.rounds,
+                       notes="Speed-ups compare tokens/s, per round: providers sample different completion lengths "
+                             "(the tokens column is the median per call). " + spread)
     return 0
 
 

@@ -249,9 +249,24 @@ def _timed(fn: Callable[[], object], device: str, reps: int, clock: str = "wall"
     return statistics.median(_time_once(fn, device, clock) for _ in range(reps))
 
 
+def _timed_work(fn: Callable[[], object], device: str, reps: int, clock: str = "wall") -> tuple[float, float]:
+    """(seconds, units of work) of the call with the median seconds per unit; fn returns its units of work."""
+    calls = []
+    for _ in range(reps):
+        done: list[object] = []
+        seconds = _time_once(lambda: done.append(fn()), device, clock)
+        work = done[0]
+        if not isinstance(work, (int, float)) or isinstance(work, bool) or work <= 0:
+            raise ValueError(f"with work=True a provider's call must return its units of work (> 0), got {work!r}")
+        calls.append((seconds / work, seconds, float(work)))
+    calls.sort()
+    _, seconds, work = calls[(len(calls) - 1) // 2]
+    return seconds, work
+
+
 def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[int], object] | None = None,
                baselines: tuple[str, ...] = (), device: str = "cpu", rounds: int = ROUNDS, reps: int = 1,
-               warmup: int = 1, measure_memory: bool = True, clock: str = "wall") -> list[Row]:
+               warmup: int = 1, measure_memory: bool = True, clock: str = "wall", work: bool = False) -> list[Row]:
     """Time providers round-robin over `rounds` rounds; see the module docstring.
 
     With `inputs` (round index -> inputs, drawn afresh each round), providers map name -> factory(inputs)
@@ -262,11 +277,17 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     error and is not run again, so the table says what could not run rather than silently dropping it.
     `baselines`: providers to which every row's per-round speed-up is computed. `clock`: "wall" or "cpu"
     (CPU devices only; see the module docstring).
+
+    `work`: each call returns the units of work it did (tokens generated), for providers whose work differs from
+    call to call (sampled completions end at random lengths). The per-round speed-up then compares throughput,
+    (w_p / t_p) / (w_b / t_b) for provider p and baseline b in the same round, not seconds; each row's
+    extra["work"] is the median work per call over rounds.
     """
     if clock not in CLOCKS or (clock != "wall" and device.startswith("cuda")):
         raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('cpu' on CPU devices only), got {clock!r}")
     names = list(providers)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    done: dict[str, list[float]] = {n: [] for n in names}  # units of work per round (all 1.0 unless `work`)
     errors: dict[str, str] = {}
     peaks: dict[str, int | None] = {}
     cached: dict[str, Callable[[], object]] = {}
@@ -285,7 +306,12 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                     for _ in range(warmup):
                         fn()
                 _sync(device)
-                samples[name].append(_timed(fn, device, reps, clock))
+                if work:
+                    seconds, units = _timed_work(fn, device, reps, clock)
+                else:
+                    seconds, units = _timed(fn, device, reps, clock), 1.0
+                samples[name].append(seconds)
+                done[name].append(units)
                 if measure_memory and r == rounds - 1:
                     peaks[name] = peak_extra_memory(fn, device=device)
                 del fn
@@ -303,9 +329,13 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
             rows.append(Row(shape, name, None, None, error=errors[name]))
             continue
         row = Row(shape, name, statistics.median(samples[name]), peaks.get(name), samples=samples[name])
+        if work:
+            row.extra["work"] = f"{statistics.median(done[name]):.0f}"
         for base in baselines:
             if base in samples and base not in errors and samples[base]:
-                per_round = [b / s for b, s in zip(samples[base], samples[name])]
+                # seconds per unit of work, per round: the plain time ratio when every unit count is 1
+                per_round = [(b / wb) / (s / ws) for b, wb, s, ws in
+                             zip(samples[base], done[base], samples[name], done[name])]
                 row.ratios[base] = quartiles(per_round)
         rows.append(row)
     return rows

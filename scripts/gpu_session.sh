@@ -75,10 +75,11 @@ bench() {
   [ "$mode" = quick ] && q=(--quick) && cap=90
   # Issue 13's rows first: token_logprobs (fwd, fwd+bwd), linear_token_logprobs fwd+bwd; then the rest.
   for run in "logprobs" "logprobs --backward" "linear_logprobs --backward" "advantages" "ppo_loss" \
-             "logprobs --policy-loss" "linear_logprobs" "trainer" "engine"; do
+             "logprobs --policy-loss" "linear_logprobs" "trainer" "engine --providers padded engine"; do
     read -r name flags <<< "$run"
     # The trainer builds and saves two 0.5B models, then times 5 rounds of two providers (a recorded table keeps
-    # 5 rounds even with --quick): more than the op benchmarks need.
+    # 5 rounds even with --quick): more than the op benchmarks need. The engine bench leaves out per-prompt
+    # `generate` (64 prompts one at a time, 7 calls: minutes on a 0.5B model) and compares with padded batching.
     this_cap=$cap
     [ "$name" = trainer ] && this_cap=$((cap * 2))
     # shellcheck disable=SC2086  # $flags: zero or more words

@@ -64,7 +64,7 @@ def test_every_benchmark_runs_in_priority_order_when_time_allows(tmp_path):
         "bench.bench_logprobs --device cuda --record --policy-loss",
         "bench.bench_linear_logprobs --device cuda --record",
         "bench.bench_trainer --device cuda --record",
-        "bench.bench_engine --device cuda --record",
+        "bench.bench_engine --device cuda --record --providers padded engine",
     ], log
     assert proc.returncode == 0 and "SKIPPED" not in log and "TIMED OUT" not in log
 
@@ -89,6 +89,6 @@ def test_a_good_build_goes_on_to_the_tests_and_benchmarks_even_if_the_info_comma
     out = tmp_path / "out"
     assert "pytest -m gpu or interpret" in (out / "gpu_tests.log").read_text(), proc.stdout + proc.stderr
     bench_log = (out / "bench.log").read_text()
-    assert "bench.bench_engine --device cuda --record --quick (limit 90s" in bench_log
+    assert "bench.bench_engine --device cuda --record --providers padded engine --quick (limit 90s" in bench_log
     assert "bench.bench_trainer --device cuda --record --quick (limit 180s" in bench_log  # builds two 0.5B models
     assert (out / "RESULTS.md").exists()

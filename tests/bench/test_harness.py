@@ -101,6 +101,35 @@ def test_speedups_are_per_round_not_a_ratio_of_medians(clock):
     assert fast.seconds == pytest.approx(4e-3)  # the median time is still the plain median over rounds
 
 
+def test_with_work_the_speedup_compares_throughput_per_round(clock):
+    """Sampled generation ends at random lengths, so providers do different work per call. Round r: the baseline
+    makes base_tokens[r] tokens at 1 ms each, the fast provider fast_tokens[r] at 0.25 ms each: its throughput is
+    4x in every round although its seconds ratio swings from 1.6x to 8x."""
+    base_tokens, fast_tokens = [100, 200, 100, 50, 100], [250, 100, 200, 100, 50]
+
+    def provider(tokens, ms_per_token):
+        def factory(r):
+            def call():
+                clock.now += tokens[r] * ms_per_token / 1e3
+                return tokens[r]
+            return call
+        return factory
+
+    rows = harness.run_rounds("s", {"base": provider(base_tokens, 1.0), "fast": provider(fast_tokens, 0.25)},
+                              inputs=lambda r: r, baselines=("base",), rounds=5, warmup=0, measure_memory=False,
+                              work=True)
+    fast = next(r for r in rows if r.provider == "fast")
+    assert fast.ratios["base"] == pytest.approx((4.0, 4.0, 4.0))
+    assert fast.extra["work"] == "100"  # the median tokens per call
+    assert fast.seconds == pytest.approx(25e-3)
+
+    with pytest.raises(ValueError, match="units of work"):
+        harness._timed_work(lambda: None, "cpu", 1)
+    rows = harness.run_rounds("s", {"none": lambda r: (lambda: None)}, inputs=lambda r: r, rounds=5, warmup=0,
+                              measure_memory=False, work=True)
+    assert rows[0].seconds is None and "units of work" in rows[0].error  # reported in the table, not dropped
+
+
 def test_importing_the_harness_sets_the_normal_allocator_and_the_rounds_keep_it(monkeypatch, clock):
     """A provider that allocates a large temporary per call must not page-fault it in afresh on every timed call
     (the 64 KiB mmap threshold the harness once set on import did that to TRL's loop). In a fresh interpreter,
