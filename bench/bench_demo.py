@@ -9,7 +9,8 @@ Align-Pro training and scoring, Oracle, Aligner and Proxy-RLHF arms. --quick tra
 
 Timing (bench/harness.run_rounds): --rounds rounds, each running both backends in turn (the order rotated), after
 an untimed 64-episode warm-up of each (imports, model loading, the extension's first calls); the speed-up is the
-median over rounds of the per-round time ratio, with its IQR. Phase columns are medians over rounds, in seconds.
+median over rounds of the per-round time ratio, with its IQR. Phase columns are medians over the runs, in seconds;
+peak extra memory is the rise of the resident set over one run (harness.peak_resident_growth), in the last round.
 The held-out score and win rate come from the seeded run and must not change from round to round; the table says
 "varies" if they do. The two backends may differ from each other: they agree to float32 rounding per step
 (tests/trainer/test_parity.py), and over a whole run one rounding difference eventually changes a sampled token.
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
         return lambda: lambda: results[backend].append(run_once(backend, episodes))
 
     rows = harness.run_rounds("", {b: provider(b) for b in results}, baselines=("reference",), rounds=args.rounds,
-                              warmup=0, measure_memory=False)
+                              warmup=0, memory="resident")
     held_out = {}
     for row in rows:
         runs = results[row.provider]
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
                                  extra_columns=tuple(p.removesuffix("_s") for p in PHASES)
                                  + ("Align-Pro held-out", "win rate")).replace("median ms", "wall ms")
     load = os.getloadavg()[0]
-    notes = (f"Seed 0; phase columns: median seconds over rounds. Each backend's held-out score and win rate were "
+    notes = (f"Seed 0; phase columns: median seconds over the runs. Each backend's held-out score and win rate were "
              f"{'the same in every round' if repeatable else 'NOT the same in every round (see the table)'}; "
              f"the two backends {'agreed' if agree else 'differed (float32 rounding, see the docstring)'}. "
              f"Budget: 5 minutes on 2 cores. {harness.spread_note(rows)}").strip()

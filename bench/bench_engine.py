@@ -21,7 +21,9 @@ Providers, all on the same random-weight model:
 Timing (bench/harness.run_rounds): --rounds interleaved rounds (order rotated), each on a fresh prompt set
 shared by the providers, after one warm-up call each; the speed-up vs naive and vs padded is the median over
 rounds of the per-round tokens/s ratio, with its IQR. Table: median seconds per call, median tokens per call,
-tokens/s (median tokens / median seconds), the speed-ups, peak extra memory.
+tokens/s (median tokens / median seconds), the speed-ups, and peak extra memory: the rise of the process's
+resident set over one call (harness.peak_resident_growth; profiling every op of a generation run costs more memory
+than the run).
 
 Models: "tiny" (CPU default: Llama, hidden 256, 4 layers, vocab 8192) and "0.5b" (a Qwen2.5-0.5B-sized
 Llama config: hidden 896, 24 layers, 14 heads / 2 KV heads, vocab 151936; bf16; GPU default).
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
             shape, {name: (lambda fn: lambda prompts: lambda: fn(prompts))(providers[name]) for name in names},
             inputs=lambda r, count=count: make_prompts(count, vocab, args.min_len, args.max_len, seed=count * 1000 + r),
             baselines=tuple(b for b in ("naive", "padded") if b in names), device=args.device, rounds=args.rounds,
-            reps=1, warmup=1, work=True)
+            reps=1, warmup=1, work=True, memory="resident")
         for r in measured:
             if r.seconds:
                 r.extra["tokens"] = r.extra.pop("work")

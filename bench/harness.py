@@ -185,6 +185,40 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> int |
 _MEASURED = "bench.harness.measured_call"
 
 
+def peak_resident_growth(fn: Callable[[], object], *, device: str = "cpu") -> int | None:
+    """Bytes by which the process's resident set rose above its level before the call, at its highest (CPU only;
+    None on CUDA or where /proc/self/clear_refs cannot reset the high-water mark).
+
+    For whole-program calls (a generation run, a training step of a large model): the profiler that
+    peak_extra_memory reads records every op, and a per-prompt `generate` over 256 prompts recorded ~24 GB of
+    events and was killed for memory (bench_engine, 2026-12-01). This reads two numbers instead: VmHWM, reset
+    just before the call, minus VmRSS before it. It counts everything the process touches (torch's tensors, a GEMM
+    library's scratch, Python objects), under the measuring allocator, which returns freed blocks of 64 KiB or
+    more to the system at once; a freed smaller block stays resident and is counted as if still live."""
+    if device.startswith("cuda"):
+        return None
+    gc.collect()
+    malloc_trim()
+    measuring_allocator()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+        before = _read_status_kib("VmRSS")
+        out = fn()
+        peak = _read_status_kib("VmHWM")
+        del out
+    except OSError:
+        return None
+    finally:
+        normal_allocator()
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
+
+
+MEMORY_MEASURES = {"events": peak_extra_memory, "resident": peak_resident_growth}
+
+
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
     """(q1, median, q3) of xs (inclusive method: with 5 samples, the 2nd, 3rd and 4th smallest)."""
     if len(xs) == 1:
@@ -266,7 +300,8 @@ def _timed_work(fn: Callable[[], object], device: str, reps: int, clock: str = "
 
 def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[int], object] | None = None,
                baselines: tuple[str, ...] = (), device: str = "cpu", rounds: int = ROUNDS, reps: int = 1,
-               warmup: int = 1, measure_memory: bool = True, clock: str = "wall", work: bool = False) -> list[Row]:
+               warmup: int = 1, measure_memory: bool = True, clock: str = "wall", work: bool = False,
+               memory: str = "events") -> list[Row]:
     """Time providers round-robin over `rounds` rounds; see the module docstring.
 
     With `inputs` (round index -> inputs, drawn afresh each round), providers map name -> factory(inputs)
@@ -282,7 +317,12 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     call to call (sampled completions end at random lengths). The per-round speed-up then compares throughput,
     (w_p / t_p) / (w_b / t_b) for provider p and baseline b in the same round, not seconds; each row's
     extra["work"] is the median work per call over rounds.
+
+    `memory`: how peak memory is measured, "events" (peak_extra_memory: torch's allocations, from the profiler) or
+    "resident" (peak_resident_growth: the process's resident set, for calls too long to profile).
     """
+    if memory not in MEMORY_MEASURES:
+        raise ValueError(f"memory must be one of {sorted(MEMORY_MEASURES)}, got {memory!r}")
     if clock not in CLOCKS or (clock != "wall" and device.startswith("cuda")):
         raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('cpu' on CPU devices only), got {clock!r}")
     names = list(providers)
@@ -313,7 +353,7 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                 samples[name].append(seconds)
                 done[name].append(units)
                 if measure_memory and r == rounds - 1:
-                    peaks[name] = peak_extra_memory(fn, device=device)
+                    peaks[name] = MEMORY_MEASURES[memory](fn, device=device)
                 del fn
             except Exception as err:  # noqa: BLE001 - recorded in the table
                 errors[name] = _error_text(err)

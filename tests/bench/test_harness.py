@@ -290,3 +290,28 @@ def test_peak_extra_memory_stays_out_of_a_running_profile():
     with profile(activities=[ProfilerActivity.CPU]):
         assert harness.peak_extra_memory(lambda: torch.empty(1 << 20)) is None
     assert harness.peak_extra_memory(lambda: torch.empty(1 << 20)) >= 4 << 20
+
+
+def test_resident_growth_measures_a_call_without_recording_its_ops(monkeypatch):
+    """For calls too long to profile (per-prompt generation over hundreds of prompts recorded ~24 GB of profiler
+    events): the rise of the resident set over the call. A 256 MiB temporary shows; a call that allocates nothing
+    shows (almost) nothing; the timed calls afterwards are back under the normal allocator."""
+    import torch
+
+    def big():
+        x = torch.ones(64 * 1024 * 1024)  # 256 MiB, freed before the call returns
+        return float(x[0])
+
+    thresholds = []
+    real = harness.set_mmap_threshold
+    monkeypatch.setattr(harness, "set_mmap_threshold", lambda n, *a: (thresholds.append(n), real(n, *a)))
+    grown = harness.peak_resident_growth(big)
+    assert grown is not None and 240 * 2**20 <= grown <= 320 * 2**20, grown
+    assert thresholds == [harness.MEMORY_MMAP_THRESHOLD, harness.TIMING_MMAP_THRESHOLD]
+    assert harness.peak_resident_growth(lambda: None) < 16 * 2**20
+    assert harness.peak_resident_growth(big, device="cuda") is None
+
+    rows = harness.run_rounds("s", {"big": lambda: big}, rounds=1, warmup=0, memory="resident")
+    assert rows[0].peak_bytes >= 240 * 2**20
+    with pytest.raises(ValueError, match="memory"):
+        harness.run_rounds("s", {"big": lambda: big}, rounds=1, memory="rss")
