@@ -33,8 +33,11 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -192,6 +195,14 @@ class OrderedTurns {
   std::mutex mutex_;
   std::exception_ptr first_error_;
 };
+
+// Fault injection for tests/ops/test_linear_logprobs_worker_errors.py: ALIGNFAST_TEST_FAIL_TILE=k makes the
+// backward's tile k throw before its turn, to check that a worker's error reaches the caller and that no other worker
+// waits forever for a turn that will not come. Read once per call; -1 (unset) injects nothing.
+int64_t injected_failure_tile() {
+  const char* value = std::getenv("ALIGNFAST_TEST_FAIL_TILE");
+  return value == nullptr || *value == '\0' ? -1 : std::strtoll(value, nullptr, 10);
+}
 
 // One row's stats from its tiles' (lse_k, H_k) (stride apart in memory), k_t the tile holding the target and
 // lp_t the target's logprob within that tile. Same conventions as logprobs::finish_row for non-finite rows.
@@ -479,6 +490,7 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
   std::vector<at::Tensor> w_buf =
       weight_buffers(weight, tl, acc_opts, /*convert=*/!bf16 || (d_weight != nullptr && !dw_acc.defined()));
   OrderedTurns turns;
+  const int64_t failure_tile = injected_failure_tile();
   for (int64_t r0 = 0; r0 < n; r0 += tl.rows) {
     const int64_t R = std::min(tl.rows, n - r0);
     const at::Tensor h_blk = h.narrow(0, r0, R);
@@ -486,6 +498,9 @@ void tiled_backward(const at::Tensor& h, const at::Tensor& weight, const std::op
     if (bf) bf->start_block(r0, R);
     turns.run([&] { for_tiles(tiles, tl.threads, [&](int64_t k, int64_t slot) {
       try {
+        if (k == failure_tile) {
+          throw std::runtime_error("ALIGNFAST_TEST_FAIL_TILE: injected failure in tile " + std::to_string(k));
+        }
         const int64_t v0 = k * tl.cols, cols = std::min(tl.cols, V - v0);
         at::Tensor w;  // the float32 path's W tile, read by the logits and the dh product
         at::Tensor dz = bf ? bf->logits(slot, z_buf[slot], bias, r0, R, v0, cols)
