@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from alignfast.files import write_text_atomically
+
 BASELINE = "No fine-tuning"
 
 
@@ -165,8 +167,8 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = No
     meta = {"seed": seed, "backend": backend, "episodes": align_cfg.total_episodes,
             "kl_coef": align_cfg.kl_coef, "held_out_prompts": len(prompts), "timings_s": timings,
             "torch_threads": torch.get_num_threads()}
-    (out / "results.json").write_text(to_json(rows, baseline=BASELINE, extra={**meta, "examples": examples}))
-    (out / "results.md").write_text(f"# alignfast demo (seed {seed})\n\n{table}\n")
+    write_text_atomically(out / "results.json", to_json(rows, baseline=BASELINE, extra={**meta, "examples": examples}))
+    write_text_atomically(out / "results.md", f"# alignfast demo (seed {seed})\n\n{table}\n")
     arm_eval.write_rollouts(results, out / "held_out_rollouts.jsonl")
 
     print(f"\nHeld-out comparison ({len(prompts)} prompts the prompter never trained on; seed {seed}):\n")

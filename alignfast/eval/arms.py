@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
 
+from alignfast.files import write_text_atomically
+
 
 # The arm of the prompter before PPO (`with_policy(SFT, ...)` with the untrained prompter): the demo's and
 # `alignfast eval`'s row name, so tables from both read the same.
@@ -110,11 +112,8 @@ def with_corrector(name: str, environment, corrector, prompts: Sequence[str], co
 
 
 def write_rollouts(results: Mapping[str, ArmResult], path: str | Path) -> Path:
-    """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward."""
-    path = Path(path)
-    with open(path, "w") as f:
-        for name, r in results.items():
-            for prompt, rewrite, answer, score in zip(r.prompts, r.rewrites, r.answers, r.scores, strict=True):
-                f.write(json.dumps({"arm": name, "prompt": prompt, "rewrite": rewrite, "answer": answer,
-                                    "reward": score}) + "\n")
-    return path
+    """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward; the file is replaced whole."""
+    lines = [json.dumps({"arm": name, "prompt": prompt, "rewrite": rewrite, "answer": answer, "reward": score}) + "\n"
+             for name, r in results.items()
+             for prompt, rewrite, answer, score in zip(r.prompts, r.rewrites, r.answers, r.scores, strict=True)]
+    return write_text_atomically(path, "".join(lines))

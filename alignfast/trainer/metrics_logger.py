@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from alignfast.files import write_text_atomically
 from alignfast.ops._checks import fail
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # torch.utils.tensorboard needs the first
@@ -58,14 +59,12 @@ class MetricsLogger:
     def restart(self, history: list[dict], *, step: int) -> None:
         """Rewrite metrics.jsonl to exactly `history` and keep the samples.jsonl rows of steps <= `step` (on
         resume: drop what the interrupted run wrote past its checkpoint; those steps run again)."""
-        with open(self.metrics_path, "w") as f:
-            for row in history:
-                f.write(json.dumps(_clean(row)) + "\n")
+        write_text_atomically(self.metrics_path, "".join(json.dumps(_clean(row)) + "\n" for row in history))
         if self.samples_path.exists():
             lines = self.samples_path.read_text().splitlines()
             kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
             if len(kept) != len(lines):
-                self.samples_path.write_text("".join(line + "\n" for line in kept))
+                write_text_atomically(self.samples_path, "".join(line + "\n" for line in kept))
 
     def write(self, metrics: dict, *, step: int) -> None:
         with open(self.metrics_path, "a") as f:

@@ -22,6 +22,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from alignfast.files import write_text_atomically
 from alignfast.ops._checks import fail
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.metrics_logger import MetricsLogger
@@ -55,8 +56,7 @@ class RunLoop:
         if self.processes.is_main:
             if resumed is None and logger.samples_path.exists():
                 logger.samples_path.unlink()
-            with open(Path(cfg.output_dir) / "config.json", "w") as f:
-                f.write(cfg.to_json())
+            write_text_atomically(Path(cfg.output_dir) / "config.json", cfg.to_json())
         state = self.callbacks.state
         state.max_steps = self.num_steps
         state.global_step = self.global_step
@@ -113,11 +113,21 @@ class RunLoop:
         found = check_output_dir(cfg)
         if not found:
             return
-        _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s", ", ".join(found), out)
+        # Its final model and the eval reports of it go too: save_model writes into an existing final/ in place, so
+        # a LoRA adapter left there would be loaded instead of this run's weights, and eval.json would describe a
+        # model that is gone. Other arms' runs in subfolders (oracle/, proxy/) have their own output_dir and stay.
+        stale = [name for name in STALE_RUN_FILES if (out / name).exists()]
+        _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s", ", ".join(found + stale), out)
         for p in ckpt.list_checkpoints(out) + sorted(out.glob(".tmp-checkpoint-*")):  # with what a crash left
             shutil.rmtree(p, ignore_errors=True)
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (out / name).unlink(missing_ok=True)
+        for name in ("metrics.jsonl", "samples.jsonl", *stale):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# What a run leaves in its output_dir besides checkpoints and logs: the final model, and the reports that
+# `alignfast eval` writes there by default.
+STALE_RUN_FILES = ("final", "eval.json", "eval.md", "eval_rollouts.jsonl")
 
 
 class _SilentLogger:

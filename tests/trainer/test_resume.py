@@ -92,8 +92,17 @@ def test_fresh_run_refuses_an_output_dir_holding_a_run(tmp_path):
     assert (out / "metrics.jsonl").read_text() == before  # nothing touched
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
+    # The old run's final model and the reports eval wrote beside it go too (a LoRA adapter left in final/ was
+    # loaded instead of the new run's weights); another arm's run in a subfolder stays.
+    old.save_model(out / "final")
+    (out / "final" / "adapter_config.json").write_text("{}")
+    (out / "eval.json").write_text("{}")
+    (out / "oracle").mkdir()
+    (out / "oracle" / "metrics.jsonl").write_text("{}\n")
     fresh, _ = make(tok, prompter_dir, out, max_steps=1, save_steps=1, save_total_limit=1, overwrite_output_dir=True)
     fresh.train()
+    assert not (out / "final").exists() and not (out / "eval.json").exists()
+    assert (out / "oracle" / "metrics.jsonl").read_text() == "{}\n"
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert ckpt.load_checkpoint(out / "checkpoint-1")["state"]["num_steps"] == 1  # the new run's, not the old one's

@@ -1,0 +1,37 @@
+"""Result files written whole or not at all.
+
+A report (eval.json, results.md, a run's config.json) rewritten in place with open(path, "w") is truncated first:
+a kill, a full disk or an exception mid-write leaves an empty or half file that looks like a result. Here the text
+goes to a temporary sibling, is flushed to disk, and replaces `path` in one rename (POSIX rename is atomic within
+a file system), so a reader sees the old file or the new one. Checkpoint folders have their own
+(alignfast.trainer.checkpoint.new_folder_atomically).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path`, replacing any earlier file in one step; returns the path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
