@@ -45,7 +45,8 @@ from alignfast.trainer.optimizers import make_optimizer
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError
-from alignfast.trainer.resume_checks import check_resume_matches, check_same_reference, reference_fingerprint
+from alignfast.trainer.resume_checks import (check_resume_matches, check_same_arm, check_same_reference,
+                                             reference_fingerprint)
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.run_loop import RunLoop
 
@@ -109,6 +110,9 @@ class PPOEngineTrainer(RunLoop):
         self.ops = make_opset(config.backend)
         self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
         self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
+        if config.eval_steps and self.eval_dataset is None:  # would be silently skipped at every step (HF fails too)
+            fail("eval_steps", f"is {config.eval_steps} but there is no eval_dataset to evaluate on: pass one "
+                 "(`data.eval` in a run file) or leave eval_steps unset")
         self.num_steps = config.num_steps(len(self.train_dataset))
         if config.malloc_mmap_threshold is not None:  # before the reference and critic copies are made
             allocator.set_mmap_threshold(config.malloc_mmap_threshold)
@@ -592,6 +596,7 @@ class PPOEngineTrainer(RunLoop):
 
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
+        check_same_arm(path, data["state"], self.arm)
         sharded = check_resumable(self.processes, path, data["state"])
         if sharded:  # every process reads its shard of parameters and optimizer state
             self.processes.accelerator.load_state(str(sharded))

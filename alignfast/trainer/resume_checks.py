@@ -71,11 +71,23 @@ def reference_fingerprint(named_tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def check_same_reference(path, state: dict, fingerprint: str, arm: str) -> None:
-    path = Path(path)
+# How each arm's checkpoints are resumed from the command line, for the error that names a mix-up.
+RESUMED_BY = {"align_pro": "`alignfast train --resume`", "oracle": "`alignfast train --oracle --resume`",
+              "proxy": "`alignfast train --method proxy --resume`"}
+
+
+def check_same_arm(path, state: dict, arm: str) -> None:
+    """First of all: another arm's checkpoint would otherwise fail on whichever of its settings differs first
+    (a Proxy-RLHF checkpoint given to Align-Pro read "value_head='separate' ... this run has 'separate'")."""
     saved_arm = state.get("arm")
     if saved_arm is not None and saved_arm != arm:
-        _fail(path, f"it was written by the {saved_arm!r} arm and this is the {arm!r} arm")
+        how = f" (it resumes with {RESUMED_BY[saved_arm]})" if saved_arm in RESUMED_BY else ""
+        _fail(Path(path), f"it was written by the {saved_arm!r} arm and this is the {arm!r} arm{how}")
+
+
+def check_same_reference(path, state: dict, fingerprint: str, arm: str) -> None:
+    path = Path(path)
+    check_same_arm(path, state, arm)
     saved = state.get("reference_fingerprint")
     if saved is not None and saved != fingerprint:
         _fail(path, "it was trained from another model: its reference (SFT) weights differ from this run's policy "

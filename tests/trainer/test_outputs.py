@@ -76,3 +76,12 @@ def test_trackers_only_when_installed():
             check_reporters(["tensorboard"])
     else:
         assert check_reporters(["tensorboard"]) == ["tensorboard"]
+
+
+def test_eval_steps_without_an_eval_dataset_is_an_error_not_a_silent_skip(tmp_path):
+    tok, prompter_dir = small_world(tmp_path)
+    cfg = AlignProConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=1,
+                         response_length=3, eval_steps=2, rewrite_template="{prompt}")
+    with pytest.raises(AlignfastArgumentError, match="'eval_steps' is 2 but there is no eval_dataset"):
+        AlignProTrainer(cfg, AutoModelForCausalLM.from_pretrained(prompter_dir), tok,
+                        FunctionTarget(lambda s: s, tok), reward_funcs=[keyword_reward], train_dataset=TRAIN_PROMPTS)
