@@ -40,15 +40,21 @@ class Corrector:
         _, stops = _special_ids(tokenizer, model, None)
         self.engine = HFEngine(model, tokenizer, eos_token_id=stops)
 
+    @staticmethod
+    def settings_file(path: str | os.PathLike) -> Path:
+        """path/aligner_config.json (how the corrector's input is built), or an error naming 'aligner' if the folder
+        has none: cheap, so a command can check a folder before loading any model."""
+        p = Path(path)
+        if not (p / "aligner_config.json").is_file():
+            fail("aligner", f"{p} has no aligner_config.json: pass a folder written by AlignerTrainer.save_model "
+                 "(`alignfast aligner train` writes <output_dir>/final)")
+        return p / "aligner_config.json"
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None, **kwargs) -> Corrector:
         """A folder written by AlignerTrainer.save_model (full weights or a LoRA adapter)."""
         p = Path(path)
-        settings_file = p / "aligner_config.json"
-        if not settings_file.is_file():
-            fail("aligner", f"{p} has no aligner_config.json: pass a folder written by AlignerTrainer.save_model "
-                 "(`alignfast aligner train` writes <output_dir>/final)")
-        settings = json.loads(settings_file.read_text())
+        settings = json.loads(cls.settings_file(p).read_text())
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if (p / "adapter_config.json").is_file():

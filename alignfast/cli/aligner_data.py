@@ -17,8 +17,31 @@ from alignfast.cli.errors import CLIError
 TOY_SETS = {"toy:corrections": "train", "toy:corrections-eval": "eval"}
 
 
+def column_names(spec: dict, *, what: str) -> dict[str, str]:
+    """{the source's column: the field it fills} from data.<what>.columns = {question: ..., answer: ...,
+    correction: ...} (any subset) and prompt_column (the question's column, as for Align-Pro's prompts): for a set
+    whose columns are named otherwise, e.g. {question: query, answer: response, correction: revision}."""
+    from alignfast.aligner.data import FIELDS
+
+    mapping = spec.get("columns")
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict) or any(k not in FIELDS or not isinstance(v, str) for k, v in mapping.items()):
+        raise CLIError(f"data.{what}.columns must map the Aligner's fields ({', '.join(FIELDS)}) to the names of "
+                       f"your columns, e.g. {{question: query, answer: response}}; got {mapping!r}")
+    mapping = dict(mapping)
+    question = spec.get("prompt_column")
+    if question is not None:
+        if mapping.get("question", question) != question:
+            raise CLIError(f"data.{what}.prompt_column ({question!r}) and data.{what}.columns.question "
+                           f"({mapping['question']!r}) name different columns; give one")
+        mapping["question"] = str(question)
+    return {source: field for field, source in mapping.items()}
+
+
 def load_rows(spec: dict, *, what: str, need_correction: bool = True) -> list[dict]:
-    """Checked rows from `spec` = {path, name?, split?, limit?, shuffle_seed?}; errors name data.<what>."""
+    """Checked rows from `spec` = {path, name?, split?, limit?, shuffle_seed?, columns?, prompt_column?}; errors
+    name data.<what>."""
     from alignfast.aligner.data import check_rows
     from alignfast.ops import AlignfastArgumentError
 
@@ -27,6 +50,7 @@ def load_rows(spec: dict, *, what: str, need_correction: bool = True) -> list[di
         raise CLIError(f"data.{what} needs a 'path' (a .jsonl/.json/.csv file, a datasets name or toy:corrections)")
     limit = _int_setting(spec, "limit", what, minimum=1)
     shuffle_seed = _int_setting(spec, "shuffle_seed", what, minimum=0)
+    rename = column_names(spec, what=what)
     p = Path(str(path)).expanduser()
     if str(path) in TOY_SETS:
         from alignfast.toy.corrections import make_correction_data
@@ -39,6 +63,14 @@ def load_rows(spec: dict, *, what: str, need_correction: bool = True) -> list[di
         rows = _read_file(p, what)
     else:
         rows = _read_hub(str(path), spec, what)
+    if rename:
+        absent = [source for source in rename if rows and source not in rows[0]]
+        if absent:  # a typo would otherwise surface as "row 0 has no 'question' field", far from its cause
+            raise CLIError(f"data.{what}.columns names '{absent[0]}', which {path} does not have (columns: "
+                           f"{', '.join(map(str, rows[0]))})")
+        # the named columns fill their fields; a column already called by a mapped field's name gives way
+        rows = [{**{k: v for k, v in row.items() if k not in rename and k not in rename.values()},
+                 **{field: row[source] for source, field in rename.items()}} for row in rows]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(rows)
     if limit is not None:

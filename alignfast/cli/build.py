@@ -37,13 +37,16 @@ def trainer_config(config: dict, **forced):
                        .replace("key trainer. '", "key 'trainer.")) from None
 
 
-def run_file_dirs(config_path) -> list[str]:
-    """The run file's folder, then the working directory: where `reward.functions: [my_rewards:score]` finds
-    my_rewards.py (the console script, unlike `python -m`, puts neither on sys.path)."""
+def run_file_dirs(config_path, overrides=()) -> list[str]:
+    """Where `reward.functions: [my_rewards:score]` finds my_rewards.py (the console script, unlike `python -m`,
+    puts neither folder on sys.path): the run file's folder, then the working directory; the working directory
+    first when reward.functions was given on the command line, whose paths are the shell's, as for any override."""
     from pathlib import Path
 
     dirs = [str(Path(config_path).expanduser().resolve().parent)] if config_path else []
     cwd = str(Path.cwd())
+    if any(key in ("reward.functions", "reward") for key, _ in run_config.parse_overrides(overrides)):
+        return [cwd] + [d for d in dirs if d != cwd]
     return dirs + ([cwd] if cwd not in dirs else [])
 
 
@@ -127,6 +130,13 @@ def build_target_engine(config: dict, *, device):
         return OpenAIEngine(str(base_url), str(model), api_key=os.environ.get(key_env), **kwargs), None
     except ImportError as err:  # openai not installed
         raise CLIError(f"target.engine openai: {err}") from None
+
+
+def check_local_target(spec: dict, kind: str) -> None:
+    """Settings only a remote target reads are refused for a local one, rather than accepted and ignored (the
+    run file's own engine is checked on loading, config.check_keys; this is for a command that runs the target
+    locally whatever the engine, as the Oracle does)."""
+    run_config.check_target_settings(spec, kind)
 
 
 def preflight_target(config: dict) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from alignfast.files import write_text_atomically
+
 BASELINE = "No fine-tuning"
 
 
@@ -77,6 +79,10 @@ def _evaluate(args, overrides) -> int:
     for path in (args.checkpoint, args.aligner_checkpoint, args.aligner_ppo_checkpoint, args.oracle_checkpoint):
         if path:
             policy_dir(path)
+    if args.aligner_checkpoint:
+        from alignfast.cli.eval_aligner import check_aligner_checkpoint
+
+        check_aligner_checkpoint(args.aligner_checkpoint)
     if args.proxy_checkpoint:
         eval_proxy.proxy_dir(args.proxy_checkpoint)
     arms_config = eval_proxy.without_proxy_fields(config) if args.proxy_checkpoint else config
@@ -87,7 +93,7 @@ def _evaluate(args, overrides) -> int:
     _, evals = build.load_data(config, need_train=False, need_eval=True)
     prompts = [r["prompt"] for r in evals]
     columns = {k: [r.get(k) for r in evals] for k in evals[0] if k != "prompt"}
-    r = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config))
+    r = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config, overrides))
     rewards = build_rewards(cfg, reward_model=r.reward_model, reward_tokenizer=r.reward_tokenizer,
                             reward_funcs=r.reward_funcs, reward_weights=r.reward_weights, device=device)
     engine, target_tokenizer = build.build_target_engine(config, device=device)
@@ -129,11 +135,12 @@ def _evaluate(args, overrides) -> int:
     out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(rows, baseline=BASELINE)
-    (out / "eval.json").write_text(to_json(rows, baseline=BASELINE, extra={
+    # each written whole or not at all (alignfast.files): a kill mid-write leaves the earlier file, not half a new one
+    write_text_atomically(out / "eval.json", to_json(rows, baseline=BASELINE, extra={
         "checkpoint": args.checkpoint, "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
         "aligner_checkpoint": args.aligner_checkpoint, "aligner_ppo_checkpoint": args.aligner_ppo_checkpoint,
         "proxy_checkpoint": args.proxy_checkpoint, "prompts": len(prompts)}))
-    (out / "eval.md").write_text(table + "\n")
+    write_text_atomically(out / "eval.md", table + "\n")
     arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")
     print(table)
     print(f"alignfast eval: {len(prompts)} prompts; wrote {out / 'eval.json'}, {out / 'eval.md'}, "

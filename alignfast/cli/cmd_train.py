@@ -30,7 +30,13 @@ def add_parser(sub) -> None:
 def run(args, overrides) -> int:
     from alignfast.cli.logs import command_logging
 
-    if getattr(args, "method", None) == "oracle":
+    method = getattr(args, "method", None)
+    if args.oracle and method in ("alignpro", "proxy"):  # two arms asked for: say so rather than pick one
+        from alignfast.cli.errors import CLIError
+
+        raise CLIError(f"--oracle trains the target itself, --method {method} trains "
+                       f"{'a prompter' if method == 'alignpro' else 'a proxy'}: give one of them")
+    if method == "oracle":
         args.oracle = True
     with command_logging():  # one line per logging step when stderr is not a terminal (nohup, CI, > log)
         if getattr(args, "method", None) == "proxy":
@@ -69,7 +75,7 @@ def _train(args, overrides) -> int:
             raise CLIError(str(err).removeprefix("alignfast: ")) from None
     fit_threads_to_machine()
     train, evals = build.load_data(config, need_train=True, need_eval=False)
-    rewards = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config))
+    rewards = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config, overrides))
     common = dict(reward_model=rewards.reward_model, reward_tokenizer=rewards.reward_tokenizer,
                   reward_funcs=rewards.reward_funcs, reward_weights=rewards.reward_weights, train_dataset=train,
                   eval_dataset=evals, callbacks=[ProgressCallback(desc="Oracle PPO" if args.oracle else "Align-Pro")])
@@ -79,6 +85,7 @@ def _train(args, overrides) -> int:
 
             spec = section(config, "target")
             require(config, "target.model")
+            build.check_local_target(spec, "hf")  # the Oracle trains the target itself, here
             model = load_causal_lm(spec, "target", device=device)
             trainer = OracleTrainer(cfg, model, load_tokenizer(spec, "target"),
                                     peft_config=build.lora_config(spec.get("lora")), **common)

@@ -41,10 +41,13 @@ SECTIONS: dict[str, set[str] | None] = {
                "retry_budget", "call_timeout",
                "system_prompt", "trust_remote_code", "revision", "lora"},
     "aligner": {"model", "tokenizer", "dtype", "lora", "trust_remote_code", "revision"},  # `alignfast aligner`
-    "reward": {"model", "tokenizer", "dtype", "functions", "weights", "template", "trust_remote_code", "revision"},
+    "reward": {"model", "tokenizer", "dtype", "functions", "weights", "trust_remote_code", "revision"},
     "data": {"train", "eval"},
     "trainer": None,  # checked against AlignProConfig's fields by the trainer itself
 }
+# Keys a user may reasonably look for in a section where they are not: the error says where the setting is.
+ELSEWHERE = {"reward.template": "the reward model's input template is trainer.reward_template (used when its "
+                                "tokenizer has no chat template)"}
 DATA_KEYS = {"path", "name", "split", "prompt_column", "limit", "shuffle_seed", "columns"}
 
 
@@ -172,7 +175,10 @@ def check_keys(config: dict) -> None:
         if allowed is not None:
             unknown = sorted(set(value) - allowed)
             if unknown:
-                raise CLIError(f"unknown key '{section}.{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+                key = f"{section}.{unknown[0]}"
+                if key in ELSEWHERE:
+                    raise CLIError(f"unknown key '{key}': {ELSEWHERE[key]}")
+                raise CLIError(f"unknown key '{key}' (allowed: {', '.join(sorted(allowed))})")
     for split in ("train", "eval"):
         spec = (config.get("data") or {}).get(split)
         if spec is None:
@@ -184,6 +190,16 @@ def check_keys(config: dict) -> None:
         unknown = sorted(set(spec) - DATA_KEYS)
         if unknown:
             raise CLIError(f"unknown key 'data.{split}.{unknown[0]}' (allowed: {', '.join(sorted(DATA_KEYS))})")
+    target = config.get("target") or {}
+    check_target_settings(target, str(target.get("engine") or "hf").lower())
+
+
+def check_target_settings(spec: dict, kind: str) -> None:
+    """target.system_prompt only reaches an OpenAI-compatible endpoint: with a local engine it would be ignored."""
+    if kind != "openai" and spec.get("system_prompt") is not None:
+        raise CLIError(f"target.system_prompt is sent only by target.engine openai (as the chat's system message); "
+                       f"with engine {kind} the target's input is trainer.target_prompt_template in the target's chat "
+                       "template, which has no system message: put the text in that template, or remove the key")
 
 
 def section(config: dict, name: str) -> dict:

@@ -12,6 +12,19 @@ SFT_NAME = "Aligner (SFT)"
 PPO_NAME = "Aligner (PPO corrector)"
 
 
+def check_aligner_checkpoint(path: str) -> None:
+    """A folder that is not a saved corrector fails before any model runs (as the other checkpoints do)."""
+    from alignfast.aligner import Corrector
+    from alignfast.cli.checkpoints import policy_dir
+    from alignfast.cli.errors import CLIError
+    from alignfast.ops import AlignfastArgumentError
+
+    try:
+        Corrector.settings_file(policy_dir(path))
+    except AlignfastArgumentError as err:
+        raise CLIError("--aligner-checkpoint " + str(err).removeprefix("alignfast: argument 'aligner' ")) from None
+
+
 def aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prompts, columns, *, baseline,
                  device) -> dict:
     from alignfast.aligner import Corrector

@@ -83,3 +83,35 @@ def test_correct_without_upstream_corrects_the_files_answers_and_names_bad_rows(
     data.write_text('{"question": "sort 4 8 5 1"}\n')
     assert main(["correct", "--aligner", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "o")]) == 2
     assert "--data row 0 has no 'answer' field" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_corrector_fails_before_any_model_runs(tmp_path, capsys, monkeypatch):
+    """An Align-Pro prompter given as --aligner-checkpoint was found out only after the target had answered every
+    prompt and the reward had scored them (minutes with a large target)."""
+    from alignfast.cli import build
+    from alignfast.toy import load_world
+
+    built = []
+    monkeypatch.setattr(build, "build_target_engine", lambda *a, **k: built.append(1) or 1 / 0)
+    assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", load_world().prompter_path,
+                 "--data.eval.limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--aligner-checkpoint" in err[0] and "has no aligner_config.json" in err[0], err
+    assert not built
+
+
+def test_columns_named_otherwise_are_mapped_onto_the_aligner_fields(tmp_path, capsys):
+    """data.*.columns and prompt_column were accepted for the Aligner's data and then ignored; they now map a set's
+    own column names onto question / answer / correction, and a wrong mapping is one line naming the key."""
+    from alignfast.cli.aligner_data import load_rows
+    from alignfast.cli.errors import CLIError
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"query": "q1", "response": "a1", "revision": "c1", "question": "not this one"}\n')
+    spec = {"path": str(data), "prompt_column": "query", "columns": {"answer": "response", "correction": "revision"}}
+    assert load_rows(spec, what="train") == [{"question": "q1", "answer": "a1", "correction": "c1"}]
+    for bad, message in (({"columns": ["query"]}, "data.train.columns must map the Aligner's fields"),
+                         ({"columns": {"question": "qry"}}, "data.train.columns names 'qry'"),
+                         ({"prompt_column": "query", "columns": {"question": "response"}}, "name different columns")):
+        with pytest.raises(CLIError, match=message):
+            load_rows({"path": str(data), **bad}, what="train")

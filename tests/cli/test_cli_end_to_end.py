@@ -110,6 +110,11 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     (["demo", "--episodes", "0"], "--episodes must be >= 1"),
     (["train", "--config", TOY, "--data.train.limit", "abc"], "data.train.limit must be an integer >= 1, got 'abc'"),
     (["train", "--config", TOY, "--data.eval.shuffle_seed", "-1"], "data.eval.shuffle_seed must be an integer >= 0"),
+    # accepted and then ignored until 2026-12-01
+    (["train", "--config", TOY, "--reward.template", "{prompt}::{completion}"], "trainer.reward_template"),
+    (["eval", "--config", TOY, "--checkpoint", "toy:target", "--target.system_prompt", "be brief"],
+     "target.system_prompt is sent only by target.engine openai"),
+    (["train", "--config", TOY, "--oracle", "--target.system_prompt", "be brief"], "target.system_prompt"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

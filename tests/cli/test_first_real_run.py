@@ -120,3 +120,16 @@ def test_occupied_output_dir_fails_before_any_model_loads(tmp_path, capsys, monk
     assert len(err) == 1 and "already holds a run (metrics.jsonl)" in err[0] and "--resume" in err[0], err
     assert main([*argv, "--resume"]) == 2  # resuming is allowed past the check (and then fails on the model)
     assert "cannot load the prompter" in capsys.readouterr().err
+
+
+def test_a_reward_file_given_on_the_command_line_is_the_working_directorys(tmp_path, monkeypatch):
+    """Paths given as overrides are the shell's: with reward.functions on the command line, a same-named file in
+    the working directory wins over the one beside the run file (which the run file's own entry would find)."""
+    from alignfast.cli import build
+
+    run = _run_file(tmp_path / "runs", ["alignfast.toy:answer_accuracy"])
+    monkeypatch.chdir(tmp_path)
+    cwd, beside = str(tmp_path.resolve()), str((tmp_path / "runs").resolve())
+    assert build.run_file_dirs(run) == [beside, cwd]
+    assert build.run_file_dirs(run, ["--reward.functions", "[dup.py:score]"]) == [cwd, beside]
+    assert build.run_file_dirs(run, ["--kl_coef", "0.1"]) == [beside, cwd]

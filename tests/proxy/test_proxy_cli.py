@@ -11,7 +11,7 @@ from alignfast.cli import main
 RUN = str(Path(__file__).resolve().parents[2] / "configs" / "proxy_toy.yaml")
 
 
-def test_train_method_proxy_and_resume(tmp_path):
+def test_train_method_proxy_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--config", RUN, "--method", "proxy", "--trainer.output_dir", str(out),
             "--per_device_train_batch_size", "8", "--num_mini_batches", "1", "--save_steps", "1",
@@ -21,6 +21,15 @@ def test_train_method_proxy_and_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "proxy" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert (out / "proxy" / "final" / "proxy.safetensors").is_file()
+
+    # Resumed without --method proxy: the error names the arms (it named two equal value_head settings).
+    capsys.readouterr()
+    toy = str(Path(RUN).parent / "toy.yaml")
+    assert main(["train", "--config", toy, "--trainer.output_dir", str(tmp_path / "other"), "--resume",
+                 str(out / "proxy" / "checkpoint-1")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written by the 'proxy' arm and this is the 'align_pro' arm" in err[0], err
+    assert "--method proxy --resume" in err[0] and "value_head" not in err[0], err
 
 
 def test_bad_proxy_setting_is_one_line(tmp_path, capsys):
@@ -71,3 +80,44 @@ def test_eval_proxy_checkpoint_that_is_not_a_proxy_is_one_line(tmp_path, capsys)
     assert main(["eval", "--config", RUN, "--proxy-checkpoint", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--proxy-checkpoint" in err[0] and "proxy/final" in err[0]
+
+
+def test_proxy_runs_get_the_checks_the_other_methods_get(tmp_path, capsys, monkeypatch):
+    """--method proxy went its own way past three of `alignfast train`'s checks: a reward module beside the run file
+    was not found, an output_dir holding a run was refused only after the target had loaded, and the thread count
+    was not fitted to the free cores. Now: the module beside the run file is used, the full output_dir fails before
+    any model loads, and the thread check runs."""
+    import yaml
+
+    from alignfast.cli import models, threads
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "my_rewards.py").write_text(
+        "def score(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n")
+    run = yaml.safe_load(Path(RUN).read_text())
+    run["reward"]["functions"] = ["my_rewards:score"]
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump(run))
+    monkeypatch.chdir(tmp_path)  # not the run file's folder: the module is found beside the run file
+    fitted = []
+    real_fit = threads.fit_threads_to_machine
+    monkeypatch.setattr(threads, "fit_threads_to_machine", lambda *a, **k: (fitted.append(1), real_fit(*a, **k))[1])
+    args = ["train", "--config", str(tmp_path / "cfg" / "run.yaml"), "--method", "proxy", "--trainer.output_dir",
+            str(tmp_path / "out"), "--per_device_train_batch_size", "8", "--num_mini_batches", "1",
+            "--total_episodes", "8", "--target_max_new_tokens", "4"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert fitted == [1]
+    assert "objective/scores" in (tmp_path / "out" / "proxy" / "metrics.jsonl").read_text()
+
+    loaded = []
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a) or 1 / 0)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and not loaded, err
+
+
+def test_oracle_with_another_method_is_refused(capsys):
+    for method in ("proxy", "alignpro"):
+        assert main(["train", "--config", RUN, "--oracle", "--method", method]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--oracle" in err[0] and f"--method {method}" in err[0], err
