@@ -98,7 +98,7 @@ def specs() -> list[Spec]:
                          "bench_trainer (smollm2-135m", smollm2 + suffix, "fast", (("per-round ratio (IQR)", "reference"),),
                          goals=(("per-round ratio (IQR)", 1.5),), prefix=True))
     rows += [
-        Spec("`alignfast demo` end to end", "both arms, 3200 episodes each",
+        Spec("`alignfast demo` end to end", "four arms, 3200 episodes each",
              "alignfast demo end to end", "demo, 3200 episodes/arm", "fast", (_speedup("reference"),), prefix=True),
     ]
     return rows
