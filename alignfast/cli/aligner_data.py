@@ -57,7 +57,8 @@ def load_rows(spec: dict, *, what: str, need_correction: bool = True) -> list[di
 
         # Only the rows asked for are generated (the target answers each one).
         rows = make_correction_data(split=TOY_SETS[str(path)], limit=limit if shuffle_seed is None else None)
-    elif p.suffix in FILE_SUFFIXES or p.exists():
+    # a folder (a dataset repository cloned for offline use) goes to `datasets`, as a hub name does
+    elif p.suffix in FILE_SUFFIXES or p.is_file():
         if not p.is_file():
             raise CLIError(f"data.{what}: file not found: {p}")
         rows = _read_file(p, what)

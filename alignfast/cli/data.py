@@ -36,7 +36,8 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
     if str(path) in TOY_SETS:
         rows = _toy_rows(str(path))
         source = str(path)
-    elif p.suffix in FILE_SUFFIXES or p.exists():
+    # a folder (a dataset repository cloned for offline use) goes to `datasets`, as a hub name does
+    elif p.suffix in FILE_SUFFIXES or p.is_file():
         if not p.is_file():
             raise CLIError(f"data.{what}: file not found: {p}")
         rows = _read_file(p, what)

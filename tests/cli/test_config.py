@@ -102,6 +102,26 @@ def test_prompts_from_jsonl_csv_json_keep_extra_columns(tmp_path):
     assert sorted(r["prompt"] for r in shuffled) == ["how?", "what?", "why?"]
 
 
+def test_prompts_and_corrections_from_a_local_dataset_folder(tmp_path, monkeypatch):
+    """A dataset repository cloned for offline use is a folder: `datasets` reads it as it reads a hub name (a folder
+    used to be taken for a file and refused as "file not found"). Split slicing works as for a hub name."""
+    pytest.importorskip("datasets")
+    from alignfast.cli.aligner_data import load_rows
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "my_set"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "answer": str(i)}) + "\n"
+                                                for i in range(4)))
+    rows = load_prompts({"path": str(folder), "split": "train[1:3]"}, what="train")
+    assert rows == [{"prompt": "p1", "answer": "1"}, {"prompt": "p2", "answer": "2"}]
+    aligner = tmp_path / "corrections"
+    aligner.mkdir()
+    (aligner / "train.jsonl").write_text(json.dumps({"query": "q", "answer": "a", "correction": "c"}) + "\n")
+    assert load_rows({"path": str(aligner), "prompt_column": "query"}, what="train") == [
+        {"question": "q", "answer": "a", "correction": "c"}]
+
+
 def test_bad_prompt_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\nnot json\n')
     (tmp_path / "col.jsonl").write_text('{"text": "ok"}\n')
