@@ -50,6 +50,24 @@ def run_file_dirs(config_path, overrides=()) -> list[str]:
     return dirs + ([cwd] if cwd not in dirs else [])
 
 
+def preflight_run(cfg, *, resume) -> None:
+    """What a training command checks before it loads any model (minutes with real ones): an output_dir that holds
+    a run (unless resuming), a tracker in report_to that is not installed; then it fits the thread count to the
+    machine's free cores. cfg: any trainer config (AlignProConfig, ProxyRLHFConfig, AlignerConfig)."""
+    from alignfast.cli.threads import fit_threads_to_machine
+    from alignfast.ops import AlignfastArgumentError
+    from alignfast.trainer.metrics_logger import check_reporters
+    from alignfast.trainer.run_loop import check_output_dir
+
+    try:
+        if not resume:
+            check_output_dir(cfg)
+        check_reporters(cfg.report_to)
+    except AlignfastArgumentError as err:
+        raise CLIError(str(err).removeprefix("alignfast: ")) from None
+    fit_threads_to_machine()
+
+
 def default_device() -> str:
     """cuda when there is a GPU, else cpu; under a launcher (torchrun, accelerate launch) this process's GPU,
     cuda:LOCAL_RANK, so N processes do not all load their models onto GPU 0 first."""

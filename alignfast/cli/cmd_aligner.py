@@ -67,6 +67,7 @@ def run(args, overrides) -> int:
     cfg = aligner_config(config)
     require(config, "aligner.model")
     require(config, "data.train")
+    build.preflight_run(cfg, resume=args.resume)  # output_dir, report_to and threads, before any model loads
     data = section(config, "data")
     train = load_rows(data["train"], what="train")
     evals = load_rows(data["eval"], what="eval") if data.get("eval") else None

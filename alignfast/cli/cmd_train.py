@@ -52,7 +52,6 @@ def _train(args, overrides) -> int:
     from alignfast.cli.errors import CLIError
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.progress import ProgressCallback
-    from alignfast.cli.threads import fit_threads_to_machine
     from alignfast.ops import AlignfastArgumentError
     from alignfast.rollout import EngineRequestError
     from alignfast.trainer.results import TrainingDivergedError
@@ -66,14 +65,7 @@ def _train(args, overrides) -> int:
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
     if not args.oracle:
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
-    if not args.resume:  # an output_dir that holds a run fails now, not after the models have loaded
-        from alignfast.trainer.run_loop import check_output_dir
-
-        try:
-            check_output_dir(cfg)
-        except AlignfastArgumentError as err:
-            raise CLIError(str(err).removeprefix("alignfast: ")) from None
-    fit_threads_to_machine()
+    build.preflight_run(cfg, resume=args.resume)  # output_dir, report_to and threads, before any model loads
     train, evals = build.load_data(config, need_train=True, need_eval=False)
     rewards = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config, overrides))
     common = dict(reward_model=rewards.reward_model, reward_tokenizer=rewards.reward_tokenizer,

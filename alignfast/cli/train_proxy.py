@@ -39,7 +39,6 @@ def run_proxy(args, overrides) -> int:
     from alignfast.cli.errors import CLIError
     from alignfast.cli.models import load_causal_lm, load_tokenizer, quiet_transformers
     from alignfast.cli.progress import ProgressCallback
-    from alignfast.cli.threads import fit_threads_to_machine
     from alignfast.ops import AlignfastArgumentError
     from alignfast.trainer.proxy_rlhf import ProxyRLHFTrainer
     from alignfast.trainer.results import TrainingDivergedError
@@ -54,16 +53,8 @@ def run_proxy(args, overrides) -> int:
     build.check_local_target(spec, "hf")
     device = build.default_device()
     cfg = proxy_trainer_config(config)
-    # The same checks as the other methods, in the same order (cmd_train._train): an output_dir that holds a run
-    # fails before any model loads, the thread count fits the free cores, rewards are found beside the run file.
-    if not args.resume:
-        from alignfast.trainer.run_loop import check_output_dir
-
-        try:
-            check_output_dir(cfg)
-        except AlignfastArgumentError as err:
-            raise CLIError(str(err).removeprefix("alignfast: ")) from None
-    fit_threads_to_machine()
+    # The same checks as the other methods (build.preflight_run), and rewards found beside the run file.
+    build.preflight_run(cfg, resume=args.resume)
     train, evals = build.load_data(config, need_train=True, need_eval=False)
     rewards = build.build_rewards(config, device=device, search_dirs=build.run_file_dirs(args.config, overrides))
     try:

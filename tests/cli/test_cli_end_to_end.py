@@ -151,3 +151,24 @@ def test_missing_engine_package_is_one_line(tmp_path, capsys):
     assert main(["train", "--config", TOY, "--target.engine", "vllm", "--trainer.output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install" in err[0] and "vllm" in err[0], err
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", TOY],
+    ["train", "--config", str(ROOT / "configs" / "proxy_toy.yaml"), "--method", "proxy"],
+    ["aligner", "train", "--config", str(ROOT / "configs" / "aligner_toy.yaml")],
+], ids=["alignpro", "proxy", "aligner"])
+def test_a_tracker_that_is_not_installed_fails_before_any_model_loads(argv, tmp_path, capsys, monkeypatch):
+    """The GPU run files set report_to: tensorboard; without tensorboard installed the error came after the
+    prompter, the 8B target and the reward model had loaded."""
+    import importlib.util
+
+    from alignfast.cli import models
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    loaded = []
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(a) or 1 / 0)
+    assert main([*argv, "--trainer.output_dir", str(tmp_path / "o"), "--report_to", "tensorboard"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report_to" in err[0] and "pip install tensorboard" in err[0] and not loaded, err
