@@ -96,7 +96,8 @@ class AlignerPipeline:
 
     aligner: a Corrector, or a folder written by AlignerTrainer.save_model. upstream_tokenizer: when
     given, the question is sent as token ids in the upstream's chat format (as the PPO trainers send the
-    frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text."""
+    frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text. An HFEngine's own
+    tokenizer is the default: asked in plain text, a chat model answers a prompt it was never trained on."""
 
     def __init__(self, upstream, aligner, *, upstream_tokenizer=None, upstream_use_chat_template: bool = True,
                  upstream_max_new_tokens: int = 256, batch_size: int = 32, device=None):
@@ -106,6 +107,10 @@ class AlignerPipeline:
         if not isinstance(upstream, TargetEngine):
             fail("upstream", f"must be an alignfast TargetEngine (HFEngine, VLLMEngine, OpenAIEngine), got "
                  f"{type(upstream).__name__}")
+        from alignfast.rollout import HFEngine
+
+        if upstream_tokenizer is None and isinstance(upstream, HFEngine):
+            upstream_tokenizer = upstream.tokenizer
         self.corrector = aligner if isinstance(aligner, Corrector) else \
             Corrector.from_pretrained(aligner, device=device, batch_size=batch_size)
         # The upstream's answer to the question as it is: Align-Pro's target call with the identity rewrite.

@@ -214,3 +214,24 @@ def test_bad_arguments(tmp_path):
     trainer.train()
     with pytest.raises(AlignfastArgumentError, match="argument 'output_dir' .* already holds a run"):
         AlignerTrainer(_config(tmp_path, max_steps=1), model, tok, train_dataset=ROWS).train()
+
+
+def test_an_hf_upstream_is_asked_in_its_own_chat_format(tmp_path):
+    """AlignerPipeline(HFEngine(...), ...) sent the question as plain text unless upstream_tokenizer was given, and
+    the toy chat target then answered '0 0 0 0 0 0 0 0' and '' instead of its real answers. The engine's own
+    tokenizer is now the default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.rollout import HFEngine
+    from alignfast.toy import load_world
+
+    world = load_world()
+    target_tok = AutoTokenizer.from_pretrained(world.target_path)
+    target = AutoModelForCausalLM.from_pretrained(world.target_path).eval()
+    model, tok = tiny_corrector(tmp_path, hidden=32)
+    corrector = Corrector(model, tok, template=TEMPLATE)
+    questions = ["sort 4 8 5 1", "max 1 3 4 2 6"]
+    implicit = AlignerPipeline(HFEngine(target, target_tok), corrector, upstream_max_new_tokens=8).answer(questions)
+    explicit = AlignerPipeline(HFEngine(target, target_tok), corrector, upstream_tokenizer=target_tok,
+                               upstream_max_new_tokens=8).answer(questions)
+    assert implicit == explicit == ["8 5 4 1", "1"]  # the toy target's (mis)readings, as `alignfast correct` gets
