@@ -131,6 +131,13 @@ class Processes:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.gather(t).sum())
 
+    def max_int(self, value: int) -> int:
+        """The largest of every process's `value` (collective; the value itself for one process)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.accelerator.device)
+        return int(self.accelerator.gather(t).max())
+
     def wait(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()

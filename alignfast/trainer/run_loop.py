@@ -90,6 +90,10 @@ class RunLoop:
                     metrics = {**metrics, **eval_metrics}
                     control = self.callbacks.fire("on_evaluate", metrics=eval_metrics)
                 control = self.callbacks.fire("on_step_end")
+                # A stop signal may reach some processes only (a scheduler that signals one node, a kill of one
+                # worker) or reach them between steps at different times: the processes agree once per step, or
+                # the signalled one would wait in the checkpoint's barrier while the others ran into the next step.
+                stop.adopt(self.processes.max_int(stop.received or 0))
                 if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
                                                      or control.should_training_stop or stop.requested):
                     last_good = self._save_checkpoint()

@@ -7,6 +7,12 @@ a handler either one ends the process at once and loses every step since the las
     first signal   -> the current PPO step finishes, a checkpoint is written, TrainingInterrupted is raised
     second signal  -> the step is abandoned at once (KeyboardInterrupt); the last checkpoint stays as it was
 
+Under a launcher (torchrun, accelerate launch: WORLD_SIZE > 1) every process stops after the same step: the run
+loop takes the largest signal number over the processes once per step (StopSignals.adopt), so a signal that
+reached one process stops them all. And a worker often gets the same signal twice at once: from the scheduler,
+which signals every process of the job (Slurm, systemd's control group), and from the launcher, which forwards
+it. The same signal again within DUPLICATE_WINDOW_S of the first is taken for that copy, not for "stop now".
+
 Handlers can only be installed from the main thread; elsewhere (a trainer run in a worker thread) the
 process keeps its own handlers and nothing changes.
 """
@@ -14,12 +20,15 @@ process keeps its own handlers and nothing changes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 
 _log = logging.getLogger("alignfast.trainer")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DUPLICATE_WINDOW_S = 3.0  # a launcher forwards a signal within milliseconds; a user's second Ctrl-C comes later
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -40,7 +49,12 @@ class StopSignals:
 
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict = {}
+        try:
+            self._launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        except ValueError:
+            self._launched = False
 
     @property
     def requested(self) -> bool:
@@ -67,11 +81,23 @@ class StopSignals:
             signal.signal(s, handler)
         self._previous.clear()
 
+    def adopt(self, signum: int) -> None:
+        """Stop after this step because another process received `signum` (0: none did)."""
+        if signum and self.received is None:
+            self.received = signum
+            self._received_at = time.monotonic()
+            _log.warning("alignfast: %s received by another process: finishing the current step, then writing a "
+                         "checkpoint and stopping", signal.Signals(signum).name)
+
     def _handle(self, signum, _frame) -> None:
+        if self.received is not None and self._launched and signum == self.received and \
+                time.monotonic() - self._received_at < DUPLICATE_WINDOW_S:
+            return  # the same signal from the launcher and from the scheduler: one request
         if self.received is not None:  # the second one: stop now
             self.restore()
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: the current step was abandoned")
         self.received = signum
+        self._received_at = time.monotonic()
         _log.warning("alignfast: %s received: finishing the current step, then writing a checkpoint and stopping "
                      "(send it again to stop at once without a checkpoint)", signal.Signals(signum).name)
 

@@ -176,3 +176,14 @@ def test_oracle_generation_from_an_fsdp2_sharded_policy(runs):
     assert torch.equal(res["expected"], res["got"])
     assert res["logprob_diff"] <= 1e-5
     assert res["unsharded_call_failed"]  # without gathered_for_generation the sharded root's weights are missing
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(runs, tmp_path):
+    """Slurm signalling one node, or a kill of one worker: the signalled process used to wait in its checkpoint's
+    barrier while the other went on into the next step's gathers, a deadlock with no checkpoint. The processes
+    now agree on the stop once per step (run_loop: Processes.max_int of the signal)."""
+    proc = launch(runs["world"], tmp_path, "signal_one_rank")
+    assert (tmp_path / "signal_one_rank.stopped").read_text().split()[:2] == ["1", "SIGTERM"], \
+        proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (tmp_path / "signal_one_rank" / "checkpoint-1").is_dir()
+    assert not (tmp_path / "signal_one_rank" / "checkpoint-2").exists()

@@ -24,6 +24,9 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     aligner_stopped  the same saving every step, stopped after checkpoint-2; aligner_resumed continues it to step 3
     aligner_bad_accumulation  gradient_accumulation_steps 3 (not a multiple of 2 processes)
     proxy            ProxyRLHFTrainer on the embedded toy world's target (alignfast.toy), 3 PPO steps of 8 episodes
+    signal_one_rank  align_pro in which only the process of RANK 1 gets SIGTERM, at the end of step 1: every process
+                     must stop after that step with checkpoint-1 (OUT_DIR/signal_one_rank.stopped: step, signal,
+                     checkpoint), not wait forever in the signalled one's checkpoint barrier
     fsdp_generation  the prompter sharded with torch FSDP2 (fully_shard, gloo) samples inside
                      gathered_for_generation exactly what the unsharded model samples
 """
@@ -42,6 +45,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from alignfast.ops._checks import AlignfastArgumentError  # noqa: E402
 from alignfast.trainer.distributed import end_processes  # noqa: E402
+from alignfast.trainer.stop_signals import TrainingInterrupted  # noqa: E402
 from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, keyword_reward  # noqa: E402
 
 STEPS = 3
@@ -72,6 +76,19 @@ class ExitAfterCheckpoint:
             os._exit(17)
 
 
+class SignalOneRank:
+    """SIGTERM to this process at the end of step `at`, on the process of RANK `rank` only."""
+
+    def __init__(self, at: int, rank: int):
+        self.at, self.rank = at, rank
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at and int(os.environ.get("RANK", "0")) == self.rank:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def make_trainer(world: Path, out: Path, scenario: str, **overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,7 +102,8 @@ def make_trainer(world: Path, out: Path, scenario: str, **overrides):
     if scenario == "oracle":
         return OracleTrainer(AlignProConfig(**cfg), model, tok, **common)
     callbacks = [ExitAfterCheckpoint(2)] if scenario == "killed" else \
-        [StopAfterCheckpoint(2)] if scenario == "stopped_sharded" else None
+        [StopAfterCheckpoint(2)] if scenario == "stopped_sharded" else \
+        [SignalOneRank(at=1, rank=1)] if scenario == "signal_one_rank" else None
     if scenario == "hf_target":
         target = str(world / "prompter")  # a real causal LM answers (greedy): HFEngine in every process
     elif scenario == "openai_target":
@@ -233,10 +251,16 @@ def run(world: Path, out: Path, scenario: str) -> None:
         overrides = dict(gradient_accumulation_steps=3)
     if scenario == "align_pro_8bit":
         overrides = dict(optim="adamw_torch_8bit")
+    if scenario == "signal_one_rank":
+        overrides = dict(output_dir=str(out / scenario), overwrite_output_dir=True, save_steps=100)
     os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
     try:
         trainer = make_trainer(world, out, scenario, **overrides)
         result = trainer.train(resume_from_checkpoint=True if scenario.startswith("resumed") else None)
+    except TrainingInterrupted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out / f"{scenario}.stopped").write_text(f"{stopped.step} {stopped.signal_name} {stopped.checkpoint}")
+        return
     except AlignfastArgumentError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             (out / f"{scenario}.error").write_text(str(err))

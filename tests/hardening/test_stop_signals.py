@@ -82,6 +82,41 @@ def test_second_signal_abandons_and_the_lines_without_a_checkpoint():
         "no checkpoint of this step (save_strategy is 'no'); --resume continues from out/checkpoint-2")
 
 
+def test_under_a_launcher_the_same_signal_twice_at_once_is_one_request(monkeypatch):
+    """Slurm signals every process of the job and torchrun forwards the signal it got too: each worker receives
+    SIGTERM twice within milliseconds. That used to count as "stop at once": no checkpoint, and the other rank
+    crashed on a closed connection. Under a launcher a repeat within DUPLICATE_WINDOW_S is the same request; a
+    repeat after it, or another signal, still stops at once; one process alone keeps the old rule."""
+    from alignfast.trainer import stop_signals
+    from alignfast.trainer.stop_signals import StopSignals
+
+    clock = [100.0]
+    monkeypatch.setattr(stop_signals.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with StopSignals() as stop:
+        stop._handle(signal.SIGTERM, None)
+        clock[0] += 0.01
+        stop._handle(signal.SIGTERM, None)  # the launcher's copy: ignored
+        assert stop.requested and stop.name == "SIGTERM"
+        clock[0] += stop_signals.DUPLICATE_WINDOW_S
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM received twice"):
+            stop._handle(signal.SIGTERM, None)
+    with StopSignals() as stop:
+        stop._handle(signal.SIGTERM, None)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT received twice"):
+            stop._handle(signal.SIGINT, None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with StopSignals() as stop:
+        stop._handle(signal.SIGTERM, None)
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGTERM, None)
+    with StopSignals() as stop:  # another process's signal, agreed on by the run loop
+        stop.adopt(0)
+        assert not stop.requested
+        stop.adopt(int(signal.SIGTERM))
+        assert stop.requested and stop.name == "SIGTERM"
+
+
 def test_a_live_writers_temporary_folder_is_kept(tmp_path):
     live = tmp_path / f".tmp-checkpoint-4-{os.getppid()}-0123abcd"  # the parent process is running
     dead = tmp_path / ".tmp-checkpoint-4-999999999-0123abcd"
