@@ -228,13 +228,16 @@ def _verify_or_accept_legacy(path: Path, warn) -> None:
 
 
 def clean_stale(output_dir: str | os.PathLike) -> list[str]:
-    """Remove what killed writers left in output_dir (`.tmp-checkpoint-*` of processes no longer running).
-    A checkpoint that was being replaced when the writer died is put back first. Returns the names removed."""
+    """Remove what killed writers left in output_dir: `.tmp-checkpoint-*` of processes no longer running, and
+    `.tmp-sharded-*`, the per-process shards of a sharded checkpoint (FSDP2, ZeRO-3: gigabytes) that were never
+    moved into one (at the start of a run nothing of its own is being written). A checkpoint that was being
+    replaced when the writer died is put back first. Returns the names removed."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     removed = []
-    for p in sorted(root.glob(TMP_PREFIX + "*")) + sorted(root.glob(".old-checkpoint-*")):
+    for p in sorted(root.glob(TMP_PREFIX + "*")) + sorted(root.glob(".old-checkpoint-*")) + \
+            sorted(root.glob(TMP_SHARDS_PREFIX + "*")):
         if _writer_alive(p.name):
             continue
         m = re.match(rf"^{re.escape(TMP_PREFIX)}replaced-(\d+)-", p.name)
@@ -277,6 +280,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location=None) -> dict:
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-checkpoint-"
+TMP_SHARDS_PREFIX = ".tmp-sharded-"  # + step: accelerate's save_state of every process, before the checkpoint exists
 POLICY_FILES = "policy_files"  # trainable.pt key: {parameter name: [file under policy/, tensor key]}
 _log = logging.getLogger("alignfast.trainer")
 

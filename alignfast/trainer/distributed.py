@@ -273,7 +273,9 @@ def save_sharded_state(processes: Processes, output_dir, step: int, trainable: n
     the shards into the checkpoint before its atomic rename (a half-written checkpoint never looks complete)."""
     from pathlib import Path
 
-    shards = Path(output_dir) / f".tmp-sharded-{step}"
+    from alignfast.trainer.checkpoint import TMP_SHARDS_PREFIX
+
+    shards = Path(output_dir) / f"{TMP_SHARDS_PREFIX}{step}"
     processes.accelerator.save_state(str(shards))
     policy_state = gathered_policy_state(processes, trainable)
     processes.wait()
@@ -302,7 +304,11 @@ def check_resumable(processes: Processes, path, state: dict):
     shards = Path(path) / SHARDS
     if not shards.is_dir() and not processes.sharded_state:
         return None
-    if not shards.is_dir() or not processes.sharded_state or saved_n != n:
+    if shards.is_dir() and not processes.sharded_state:  # the process count may well be right: say what is not
+        fail("num_processes", f"cannot resume {path}: its state is sharded over {saved_n} processes (FSDP2 / "
+             f"ZeRO-3, or ALIGNFAST_SHARDED_CHECKPOINTS=1) and this launch does not shard; resume with the launcher "
+             f"config it was written with, {saved_n} processes")
+    if not shards.is_dir() or saved_n != n:
         written = f"its state is sharded over {saved_n} processes" if shards.is_dir() else \
             f"it holds replicated state from {saved_n} process(es) and this launch shards the state"
         fail("num_processes", f"{n} process(es) cannot resume {path}: {written}; resume with the launcher config "

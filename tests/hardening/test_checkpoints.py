@@ -306,3 +306,19 @@ def test_a_checkpoint_of_another_arm_is_refused():
     check_same_reference("c", {"arm": "align-pro", "reference_fingerprint": "ab"}, "ab", "align-pro")
     with pytest.raises(CheckpointMismatchError, match=r"written by the 'oracle' arm and this is the 'align-pro' arm"):
         check_same_reference("c", {"arm": "oracle"}, "ab", "align-pro")
+
+
+def test_a_sharded_checkpoint_under_a_launch_that_does_not_shard_says_so(tmp_path):
+    """Same process count, no sharding (an fsdp2.yaml run resumed with ddp.yaml): the message used to be "2
+    process(es) cannot resume ...: sharded over 2 processes; resume with ... --num_processes 2"."""
+    from types import SimpleNamespace
+
+    from alignfast.ops._checks import AlignfastArgumentError
+    from alignfast.trainer.distributed import SHARDS, check_resumable
+
+    (tmp_path / SHARDS).mkdir()
+    ddp = SimpleNamespace(num_processes=2, sharded_state=False)
+    with pytest.raises(AlignfastArgumentError, match="sharded over 2 processes .*this launch does not shard"):
+        check_resumable(ddp, tmp_path, {"num_processes": 2})
+    assert check_resumable(SimpleNamespace(num_processes=2, sharded_state=True), tmp_path,
+                           {"num_processes": 2}) == tmp_path / SHARDS

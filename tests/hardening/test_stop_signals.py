@@ -122,8 +122,10 @@ def test_a_live_writers_temporary_folder_is_kept(tmp_path):
     dead = tmp_path / ".tmp-checkpoint-4-999999999-0123abcd"
     live.mkdir()
     dead.mkdir()
-    assert ckpt.clean_stale(tmp_path) == [dead.name]
-    assert live.is_dir() and not dead.exists()
+    shards = tmp_path / ".tmp-sharded-8"  # a sharded save killed before its checkpoint existed (no pid in the name)
+    (shards / "pytorch_model_fsdp_0").mkdir(parents=True)
+    assert ckpt.clean_stale(tmp_path) == [dead.name, shards.name]
+    assert live.is_dir() and not dead.exists() and not shards.exists()
 
 
 def test_aligner_sft_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path):
