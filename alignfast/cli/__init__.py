@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from alignfast.cli.errors import CLIError
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
             line = stop_line(err.signal_name, err.step, err.num_steps, err.checkpoint,
                              how="the same command with --resume")
-            print(f"alignfast {args.command}: {line}", file=sys.stderr)
+            if os.environ.get("RANK", "0") in ("0", ""):  # every process stops after the same step: one line
+                print(f"alignfast {args.command}: {line}", file=sys.stderr)
             return err.exit_code
         print(f"alignfast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -161,3 +161,21 @@ def test_aligner_sft_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path):
                  str(out), *run[2:], "--max_steps", str(step + 1), "--resume"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, step + 2))
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_the_stop_line_is_printed_once_under_a_launcher(rank, printed, monkeypatch, capsys):
+    """Every process stops after the same step and raised the same TrainingInterrupted: the main process says how
+    to resume, the others only exit with the signal's code."""
+    from alignfast.cli import cmd_train, main
+    from alignfast.trainer.stop_signals import TrainingInterrupted
+
+    def stopped(args, overrides):
+        raise TrainingInterrupted("stopped", step=3, num_steps=9, checkpoint="out/checkpoint-3", signal_name="SIGTERM",
+                                  exit_code=143)
+
+    monkeypatch.setattr(cmd_train, "_train", stopped)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--config", TOY]) == 143
+    err = capsys.readouterr().err
+    assert ("stopped by SIGTERM after step 3 of 9" in err) is printed, err
