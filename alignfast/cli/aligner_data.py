@@ -32,10 +32,16 @@ def column_names(spec: dict, *, what: str) -> dict[str, str]:
     mapping = dict(mapping)
     question = spec.get("prompt_column")
     if question is not None:
+        question = str(question)
+    if question is not None:
         if mapping.get("question", question) != question:
             raise CLIError(f"data.{what}.prompt_column ({question!r}) and data.{what}.columns.question "
                            f"({mapping['question']!r}) name different columns; give one")
-        mapping["question"] = str(question)
+        mapping["question"] = question
+    sources = list(mapping.values())
+    shared = next((s for s in sources if sources.count(s) > 1), None)
+    if shared is not None:
+        raise CLIError(f"data.{what}.columns maps two fields to the column '{shared}'; each field needs its own")
     return {source: field for field, source in mapping.items()}
 
 
@@ -65,10 +71,11 @@ def load_rows(spec: dict, *, what: str, need_correction: bool = True) -> list[di
     else:
         rows = _read_hub(str(path), spec, what)
     if rename:
-        absent = [source for source in rename if rows and source not in rows[0]]
-        if absent:  # a typo would otherwise surface as "row 0 has no 'question' field", far from its cause
-            raise CLIError(f"data.{what}.columns names '{absent[0]}', which {path} does not have (columns: "
-                           f"{', '.join(map(str, rows[0]))})")
+        for i, row in enumerate(rows):
+            absent = [source for source in rename if source not in row]
+            if absent:  # a typo would otherwise surface as "row 0 has no 'question' field", far from its cause
+                raise CLIError(f"data.{what}.columns names '{absent[0]}', which row {i} of {path} does not have "
+                               f"(its columns: {', '.join(map(str, row))})")
         # the named columns fill their fields; a column already called by a mapped field's name gives way
         rows = [{**{k: v for k, v in row.items() if k not in rename and k not in rename.values()},
                  **{field: row[source] for source, field in rename.items()}} for row in rows]

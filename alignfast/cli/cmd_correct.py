@@ -102,9 +102,10 @@ def run(args, extra) -> int:
         corrections = [r.correction for r in results]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for q, a, c in zip(questions, answers, corrections, strict=True):
-            f.write(json.dumps({"question": q, "answer": a, "correction": c}) + "\n")
+    from alignfast.files import write_text_atomically
+
+    write_text_atomically(out, "".join(json.dumps({"question": q, "answer": a, "correction": c}) + "\n"
+                                       for q, a, c in zip(questions, answers, corrections, strict=True)))
     changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))
     print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector; wrote {out}",
           file=sys.stderr)

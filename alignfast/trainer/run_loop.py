@@ -93,12 +93,15 @@ class RunLoop:
                 # A stop signal may reach some processes only (a scheduler that signals one node, a kill of one
                 # worker) or reach them between steps at different times: the processes agree once per step, or
                 # the signalled one would wait in the checkpoint's barrier while the others ran into the next step.
-                stop.adopt(self.processes.max_int(stop.received or 0))
+                # Only the agreed value decides this step: a signal that arrives during the agreement or the save
+                # below is in the next step's agreement (acting on it here would be one process alone again).
+                agreed = self.processes.max_int(stop.received or 0)
+                stop.adopt(agreed)
                 if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
-                                                     or control.should_training_stop or stop.requested):
+                                                     or control.should_training_stop or agreed):
                     last_good = self._save_checkpoint()
                     control = self.callbacks.fire("on_save")
-                if stop.requested and not final:
+                if agreed and not final:
                     raise stopped_by_signal(stop, self.global_step, self.num_steps, last_good)
         finally:
             stop.restore()

@@ -7,7 +7,7 @@ a handler either one ends the process at once and loses every step since the las
     first signal   -> the current PPO step finishes, a checkpoint is written, TrainingInterrupted is raised
     second signal  -> the step is abandoned at once (KeyboardInterrupt); the last checkpoint stays as it was
 
-Under a launcher (torchrun, accelerate launch: WORLD_SIZE > 1) every process stops after the same step: the run
+Under a launcher (torchrun, accelerate launch) every process stops after the same step: the run
 loop takes the largest signal number over the processes once per step (StopSignals.adopt), so a signal that
 reached one process stops them all. And a worker often gets the same signal twice at once: from the scheduler,
 which signals every process of the job (Slurm, systemd's control group), and from the launcher, which forwards
@@ -51,10 +51,8 @@ class StopSignals:
         self.received: int | None = None
         self._received_at = 0.0
         self._previous: dict = {}
-        try:
-            self._launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        except ValueError:
-            self._launched = False
+        # under torchrun / accelerate launch (which set LOCAL_RANK), even for one process: it forwards signals too
+        self._launched = "LOCAL_RANK" in os.environ
 
     @property
     def requested(self) -> bool:

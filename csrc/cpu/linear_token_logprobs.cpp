@@ -201,7 +201,10 @@ class OrderedTurns {
 // waits forever for a turn that will not come. Read once per call; -1 (unset) injects nothing.
 int64_t injected_failure_tile() {
   const char* value = std::getenv("ALIGNFAST_TEST_FAIL_TILE");
-  return value == nullptr || *value == '\0' ? -1 : std::strtoll(value, nullptr, 10);
+  if (value == nullptr || *value == '\0') return -1;
+  char* end = nullptr;
+  const long long tile = std::strtoll(value, &end, 10);
+  return *end == '\0' && tile >= 0 ? tile : -1;  // anything but a tile number ("off", "") injects nothing
 }
 
 // One row's stats from its tiles' (lse_k, H_k) (stride apart in memory), k_t the tile holding the target and

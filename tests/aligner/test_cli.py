@@ -112,6 +112,17 @@ def test_columns_named_otherwise_are_mapped_onto_the_aligner_fields(tmp_path, ca
     assert load_rows(spec, what="train") == [{"question": "q1", "answer": "a1", "correction": "c1"}]
     for bad, message in (({"columns": ["query"]}, "data.train.columns must map the Aligner's fields"),
                          ({"columns": {"question": "qry"}}, "data.train.columns names 'qry'"),
-                         ({"prompt_column": "query", "columns": {"question": "response"}}, "name different columns")):
+                         ({"prompt_column": "query", "columns": {"question": "response"}}, "name different columns"),
+                         ({"columns": {"question": "query", "answer": "query"}}, "two fields to the column 'query'")):
         with pytest.raises(CLIError, match=message):
             load_rows({"path": str(data), **bad}, what="train")
+
+
+def test_a_mapped_column_missing_from_a_later_row_is_one_line(tmp_path):
+    from alignfast.cli.aligner_data import load_rows
+    from alignfast.cli.errors import CLIError
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"q": "q1", "answer": "a1", "correction": "c1"}\n{"answer": "a2", "correction": "c2"}\n')
+    with pytest.raises(CLIError, match="names 'q', which row 1 of"):
+        load_rows({"path": str(data), "columns": {"question": "q"}}, what="train")

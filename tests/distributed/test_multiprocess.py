@@ -182,8 +182,12 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(runs, t
     """Slurm signalling one node, or a kill of one worker: the signalled process used to wait in its checkpoint's
     barrier while the other went on into the next step's gathers, a deadlock with no checkpoint. The processes
     now agree on the stop once per step (run_loop: Processes.max_int of the signal)."""
-    proc = launch(runs["world"], tmp_path, "signal_one_rank")
+    proc = launch(runs["world"], tmp_path, "signal_one_rank", "signal_during_save")
     assert (tmp_path / "signal_one_rank.stopped").read_text().split()[:2] == ["1", "SIGTERM"], \
         proc.stdout[-3000:] + proc.stderr[-6000:]
     assert (tmp_path / "signal_one_rank" / "checkpoint-1").is_dir()
     assert not (tmp_path / "signal_one_rank" / "checkpoint-2").exists()
+    # Signalled after the agreement (during checkpoint-1's save): the next step's agreement carries it.
+    assert (tmp_path / "signal_during_save.stopped").read_text().split()[:2] == ["2", "SIGTERM"], \
+        proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert not (tmp_path / "signal_during_save" / "checkpoint-3").exists()

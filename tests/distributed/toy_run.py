@@ -27,6 +27,8 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     signal_one_rank  align_pro in which only the process of RANK 1 gets SIGTERM, at the end of step 1: every process
                      must stop after that step with checkpoint-1 (OUT_DIR/signal_one_rank.stopped: step, signal,
                      checkpoint), not wait forever in the signalled one's checkpoint barrier
+    signal_during_save  the same, but the signal reaches RANK 1 while checkpoint-1 is being saved (after the
+                     processes agreed on step 1): every process stops after step 2, with checkpoint-2
     fsdp_generation  the prompter sharded with torch FSDP2 (fully_shard, gloo) samples inside
                      gathered_for_generation exactly what the unsharded model samples
 """
@@ -77,12 +79,13 @@ class ExitAfterCheckpoint:
 
 
 class SignalOneRank:
-    """SIGTERM to this process at the end of step `at`, on the process of RANK `rank` only."""
+    """SIGTERM to this process at the end of step `at` (or in its checkpoint's on_save), on RANK `rank` only."""
 
-    def __init__(self, at: int, rank: int):
+    def __init__(self, at: int, rank: int, event: str = "on_step_end"):
         self.at, self.rank = at, rank
+        setattr(self, event, self._maybe_signal)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def _maybe_signal(self, args, state, control, **kwargs):
         if state.global_step == self.at and int(os.environ.get("RANK", "0")) == self.rank:
             import signal
 
@@ -103,7 +106,8 @@ def make_trainer(world: Path, out: Path, scenario: str, **overrides):
         return OracleTrainer(AlignProConfig(**cfg), model, tok, **common)
     callbacks = [ExitAfterCheckpoint(2)] if scenario == "killed" else \
         [StopAfterCheckpoint(2)] if scenario == "stopped_sharded" else \
-        [SignalOneRank(at=1, rank=1)] if scenario == "signal_one_rank" else None
+        [SignalOneRank(at=1, rank=1)] if scenario == "signal_one_rank" else \
+        [SignalOneRank(at=1, rank=1, event="on_save")] if scenario == "signal_during_save" else None
     if scenario == "hf_target":
         target = str(world / "prompter")  # a real causal LM answers (greedy): HFEngine in every process
     elif scenario == "openai_target":
@@ -253,6 +257,8 @@ def run(world: Path, out: Path, scenario: str) -> None:
         overrides = dict(optim="adamw_torch_8bit")
     if scenario == "signal_one_rank":
         overrides = dict(output_dir=str(out / scenario), overwrite_output_dir=True, save_steps=100)
+    if scenario == "signal_during_save":
+        overrides = dict(output_dir=str(out / scenario), overwrite_output_dir=True, save_steps=1)
     os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
     try:
         trainer = make_trainer(world, out, scenario, **overrides)

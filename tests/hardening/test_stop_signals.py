@@ -92,7 +92,7 @@ def test_under_a_launcher_the_same_signal_twice_at_once_is_one_request(monkeypat
 
     clock = [100.0]
     monkeypatch.setattr(stop_signals.time, "monotonic", lambda: clock[0])
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     with StopSignals() as stop:
         stop._handle(signal.SIGTERM, None)
         clock[0] += 0.01
@@ -105,7 +105,7 @@ def test_under_a_launcher_the_same_signal_twice_at_once_is_one_request(monkeypat
         stop._handle(signal.SIGTERM, None)
         with pytest.raises(KeyboardInterrupt, match="SIGINT received twice"):
             stop._handle(signal.SIGINT, None)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("LOCAL_RANK")
     with StopSignals() as stop:
         stop._handle(signal.SIGTERM, None)
         with pytest.raises(KeyboardInterrupt):
