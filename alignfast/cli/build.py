@@ -150,13 +150,6 @@ def build_target_engine(config: dict, *, device):
         raise CLIError(f"target.engine openai: {err}") from None
 
 
-def check_local_target(spec: dict, kind: str) -> None:
-    """Settings only a remote target reads are refused for a local one, rather than accepted and ignored (the
-    run file's own engine is checked on loading, config.check_keys; this is for a command that runs the target
-    locally whatever the engine, as the Oracle does)."""
-    run_config.check_target_settings(spec, kind)
-
-
 def preflight_target(config: dict) -> None:
     """Before any model loads: an OpenAI-compatible target is asked for its model list, so a wrong base_url
     (a missing /v1, a wrong port, a server that is down) is one line naming the URL in seconds, not after the

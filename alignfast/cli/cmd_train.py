@@ -48,7 +48,7 @@ def run(args, overrides) -> int:
 
 def _train(args, overrides) -> int:
     from alignfast.cli import build
-    from alignfast.cli.config import load_run_config, require, section
+    from alignfast.cli.config import check_target_settings, load_run_config, require, section
     from alignfast.cli.errors import CLIError
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.progress import ProgressCallback
@@ -63,7 +63,9 @@ def _train(args, overrides) -> int:
 
     device = build.default_device()  # under a launcher: this process's GPU
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
-    if not args.oracle:
+    if args.oracle:  # the Oracle runs the target here, whatever target.engine says: local settings only
+        check_target_settings(section(config, "target"), "hf")
+    else:
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     build.preflight_run(cfg, resume=args.resume)  # output_dir, report_to and threads, before any model loads
     train, evals = build.load_data(config, need_train=True, need_eval=False)
@@ -77,7 +79,6 @@ def _train(args, overrides) -> int:
 
             spec = section(config, "target")
             require(config, "target.model")
-            build.check_local_target(spec, "hf")  # the Oracle trains the target itself, here
             model = load_causal_lm(spec, "target", device=device)
             trainer = OracleTrainer(cfg, model, load_tokenizer(spec, "target"),
                                     peft_config=build.lora_config(spec.get("lora")), **common)

@@ -50,7 +50,6 @@ def run_proxy(args, overrides) -> int:
     if spec.get("engine", "hf") != "hf":
         raise CLIError(f"--method proxy needs target.engine: hf (the proxy reads the target's hidden states and KV "
                        f"cache), got {spec.get('engine')!r}")
-    build.check_local_target(spec, "hf")
     device = build.default_device()
     cfg = proxy_trainer_config(config)
     # The same checks as the other methods (build.preflight_run), and rewards found beside the run file.
