@@ -97,12 +97,15 @@ class AlignerPipeline:
     aligner: a Corrector, or a folder written by AlignerTrainer.save_model. upstream_tokenizer: when
     given, the question is sent as token ids in the upstream's chat format (as the PPO trainers send the
     frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text. An HFEngine's own
-    tokenizer is the default: asked in plain text, a chat model answers a prompt it was never trained on."""
+    tokenizer is the default: asked in plain text, a chat model answers a prompt it was never trained on.
+    upstream_system_prompt: the system message before each question, in the upstream tokenizer's chat template
+    (an OpenAIEngine carries its own: OpenAIEngine(system_prompt=...))."""
 
     def __init__(self, upstream, aligner, *, upstream_tokenizer=None, upstream_use_chat_template: bool = True,
-                 upstream_max_new_tokens: int = 256, batch_size: int = 32, device=None):
+                 upstream_system_prompt: str | None = None, upstream_max_new_tokens: int = 256, batch_size: int = 32,
+                 device=None):
         from alignfast.rollout.engine import TargetEngine
-        from alignfast.trainer.environments import AlignProEnvironment
+        from alignfast.trainer.environments import AlignProEnvironment, check_target_system_prompt
 
         if not isinstance(upstream, TargetEngine):
             fail("upstream", f"must be an alignfast TargetEngine (HFEngine, VLLMEngine, OpenAIEngine), got "
@@ -111,12 +114,15 @@ class AlignerPipeline:
 
         if upstream_tokenizer is None and isinstance(upstream, HFEngine):
             upstream_tokenizer = upstream.tokenizer
+        check_target_system_prompt(upstream, upstream_tokenizer, upstream_system_prompt,
+                                   use_chat_template=upstream_use_chat_template, name="upstream_system_prompt")
         self.corrector = aligner if isinstance(aligner, Corrector) else \
             Corrector.from_pretrained(aligner, device=device, batch_size=batch_size)
         # The upstream's answer to the question as it is: Align-Pro's target call with the identity rewrite.
         self._upstream = AlignProEnvironment(upstream, None, target_tokenizer=upstream_tokenizer,
                                              rewrite_template="{prompt}", max_new_tokens=upstream_max_new_tokens,
-                                             batch_size=batch_size, use_chat_template=upstream_use_chat_template)
+                                             batch_size=batch_size, use_chat_template=upstream_use_chat_template,
+                                             system_prompt=upstream_system_prompt)
 
     def answer(self, questions: Sequence[str], *, seed: int | None = 0) -> list[str]:
         answers, _ = self._upstream.answer(list(questions), seed=seed)

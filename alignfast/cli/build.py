@@ -29,12 +29,22 @@ def trainer_config(config: dict, **forced):
     from alignfast.ops import AlignfastArgumentError
     from alignfast.trainer import AlignProConfig
 
-    values = {**run_config.section(config, "trainer"), **forced}
+    values = {**run_config.section(config, "trainer"), **local_target_settings(config), **forced}
     try:
         return AlignProConfig.from_dict(values)
     except AlignfastArgumentError as err:
         raise CLIError(str(err).removeprefix("alignfast: ").replace("config key", "key trainer.")
                        .replace("key trainer. '", "key 'trainer.")) from None
+
+
+def local_target_settings(config: dict) -> dict:
+    """The trainer fields that the run file's target section sets when the target runs here (engine hf or vllm):
+    target.system_prompt is then the trainer's target_system_prompt, put in the target tokenizer's chat template.
+    An OpenAI-compatible target's server formats its own input: the engine sends it (build_target_engine)."""
+    spec = run_config.section(config, "target")
+    if str(spec.get("engine") or "hf").lower() == "openai" or spec.get("system_prompt") is None:
+        return {}
+    return {"target_system_prompt": spec["system_prompt"]}
 
 
 def run_file_dirs(config_path, overrides=()) -> list[str]:

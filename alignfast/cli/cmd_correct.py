@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="questions (.jsonl/.json/.csv)")
     p.add_argument("--output", required=True, metavar="FILE", help="where the JSON lines go")
     p.add_argument("--max-new-tokens", type=int, default=256, help="corrector's budget per correction (256)")
+    p.add_argument("--upstream-system-prompt", metavar="TEXT",
+                   help="the upstream's system message (in --upstream's chat template, or the chat's system message "
+                        "at --upstream-url with --api chat)")
     p.add_argument("--upstream-max-new-tokens", type=int, default=256, help="upstream's budget per answer (256)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per generation batch (32)")
     p.add_argument("--dtype", default=None, help="dtype of the local models (float32, bfloat16, ...)")
@@ -63,6 +66,12 @@ def run(args, extra) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.upstream_url and not args.upstream_model:
         raise CLIError("--upstream-url needs --upstream-model (the served model's name)")
+    if args.upstream_system_prompt is not None and not (args.upstream or args.upstream_url):
+        raise CLIError("--upstream-system-prompt needs --upstream or --upstream-url (without either, --data holds "
+                       "the answers, and no upstream is asked)")
+    if args.upstream_system_prompt is not None and args.upstream_url and args.api != "chat":
+        raise CLIError("--upstream-system-prompt is the chat's system message, sent only with --api chat; with --api "
+                       "completions the question is sent as it is")
     rows = _questions(args.data)
     have_answers = not (args.upstream or args.upstream_url)
     try:
@@ -94,9 +103,14 @@ def run(args, extra) -> int:
 
             tok = None
             engine = OpenAIEngine(args.upstream_url, args.upstream_model, api=args.api,
-                                  api_key=os.environ.get(args.api_key_env))
-        pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
-                                   upstream_max_new_tokens=args.upstream_max_new_tokens, batch_size=args.batch_size)
+                                  api_key=os.environ.get(args.api_key_env), system_prompt=args.upstream_system_prompt)
+        try:
+            pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
+                                       upstream_system_prompt=args.upstream_system_prompt if tok is not None else None,
+                                       upstream_max_new_tokens=args.upstream_max_new_tokens,
+                                       batch_size=args.batch_size)
+        except AlignfastArgumentError as err:
+            raise CLIError("--upstream-system-prompt " + str(err).split("'upstream_system_prompt' ", 1)[-1]) from None
         results = pipeline(questions)
         answers = [r.answer for r in results]
         corrections = [r.correction for r in results]

@@ -58,6 +58,7 @@ def _evaluate(args, overrides) -> int:
     from alignfast.cli.threads import fit_threads_to_machine
     from alignfast.eval import arms as arm_eval
     from alignfast.eval import compare_arms, to_json, to_markdown
+    from alignfast.rollout import templates
     from alignfast.trainer.base import build_rewards
     from alignfast.trainer.environments import AlignProEnvironment, DirectEnvironment
 
@@ -122,10 +123,15 @@ def _evaluate(args, overrides) -> int:
     if args.oracle_checkpoint:
         oracle, oracle_tok = load_policy(args.oracle_checkpoint, base_spec=section(config, "target"), role="oracle",
                                          device=device)
+        # The Oracle's policy is the target, run here whatever target.engine says: it answers after the target's
+        # system message as the frozen target does.
+        oracle_system_prompt = section(config, "target").get("system_prompt")
+        templates.check_system_prompt(oracle_tok, oracle_system_prompt, use_chat_template=True,
+                                      name="target.system_prompt")
         results["Oracle"] = arm_eval.with_policy("Oracle", DirectEnvironment(rewards),
                                                  policy_engine(oracle, oracle_tok, cfg), oracle_tok, prompts, columns,
                                                  max_new_tokens=cfg.target_max_new_tokens, seed=args.seed,
-                                                 rewrites=False)
+                                                 rewrites=False, system_prompt=oracle_system_prompt)
 
     if args.proxy_checkpoint:
         results[eval_proxy.PROXY_NAME] = eval_proxy.proxy_arm(args, config, engine, r, prompts, columns,

@@ -48,7 +48,7 @@ def run(args, overrides) -> int:
 
 def _train(args, overrides) -> int:
     from alignfast.cli import build
-    from alignfast.cli.config import check_target_settings, load_run_config, require, section
+    from alignfast.cli.config import load_run_config, require, section
     from alignfast.cli.errors import CLIError
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.progress import ProgressCallback
@@ -63,9 +63,7 @@ def _train(args, overrides) -> int:
 
     device = build.default_device()  # under a launcher: this process's GPU
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
-    if args.oracle:  # the Oracle runs the target here, whatever target.engine says: local settings only
-        check_target_settings(section(config, "target"), "hf")
-    else:
+    if not args.oracle:  # the Oracle runs the target here, whatever target.engine says
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     build.preflight_run(cfg, resume=args.resume)  # output_dir, report_to and threads, before any model loads
     train, evals = build.load_data(config, need_train=True, need_eval=False)
@@ -122,7 +120,8 @@ def oracle_settings(config: dict) -> dict:
     output_dir: <output_dir>/oracle, so the arm never overwrites the prompter's run (metrics, checkpoints,
     final/) when both are trained from one run file. response_length: the Oracle's policy writes the answer,
     so it gets the frozen target's answer budget (target_max_new_tokens), not the rewrite's, which is also the
-    length `alignfast eval` gives it."""
+    length `alignfast eval` gives it. target_system_prompt: target.system_prompt, whatever target.engine says,
+    since the Oracle runs the target here."""
     import dataclasses
 
     from alignfast.cli.config import section
@@ -132,4 +131,5 @@ def oracle_settings(config: dict) -> dict:
     trainer = section(config, "trainer")
     output_dir = trainer.get("output_dir") or defaults["output_dir"]
     return {"output_dir": str(Path(str(output_dir)) / "oracle"),
-            "response_length": trainer.get("target_max_new_tokens", defaults["target_max_new_tokens"])}
+            "response_length": trainer.get("target_max_new_tokens", defaults["target_max_new_tokens"]),
+            "target_system_prompt": section(config, "target").get("system_prompt")}

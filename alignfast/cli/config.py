@@ -190,16 +190,9 @@ def check_keys(config: dict) -> None:
         unknown = sorted(set(spec) - DATA_KEYS)
         if unknown:
             raise CLIError(f"unknown key 'data.{split}.{unknown[0]}' (allowed: {', '.join(sorted(DATA_KEYS))})")
-    target = config.get("target") or {}
-    check_target_settings(target, str(target.get("engine") or "hf").lower())
-
-
-def check_target_settings(spec: dict, kind: str) -> None:
-    """target.system_prompt only reaches an OpenAI-compatible endpoint: with a local engine it would be ignored."""
-    if kind != "openai" and spec.get("system_prompt") is not None:
-        raise CLIError(f"target.system_prompt is sent only by target.engine openai (as the chat's system message); "
-                       f"with engine {kind} the target's input is trainer.target_prompt_template in the target's chat "
-                       "template, which has no system message: put the text in that template, or remove the key")
+    if "target_system_prompt" in (config.get("trainer") or {}):  # one place in a run file, for every engine
+        raise CLIError("key 'trainer.target_system_prompt': a run file sets the target's system message as "
+                       "target.system_prompt (every target engine, and the Oracle arm)")
 
 
 def section(config: dict, name: str) -> dict:

@@ -54,7 +54,8 @@ def aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prom
                                          correction_template=args.aligner_ppo_template or DEFAULT_CORRECTION_TEMPLATE,
                                          max_new_tokens=cfg.target_max_new_tokens,
                                          temperature=cfg.target_temperature, batch_size=cfg.target_batch_size,
-                                         use_chat_template=cfg.target_use_chat_template)
+                                         use_chat_template=cfg.target_use_chat_template,
+                                         system_prompt=cfg.target_system_prompt)
         except AlignfastArgumentError as err:
             raise CLIError("--aligner-ppo-template must " + str(err).split(" must ", 1)[-1]) from None
         out[PPO_NAME] = arm_eval.with_policy(PPO_NAME, ppo_env, policy_engine(model, tok, cfg), tok, prompts, columns,

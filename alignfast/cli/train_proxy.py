@@ -20,12 +20,13 @@ def proxy_fields() -> set[str]:
 
 
 def proxy_trainer_config(config: dict):
+    from alignfast.cli.build import local_target_settings
     from alignfast.cli.config import section
     from alignfast.cli.errors import CLIError
     from alignfast.ops import AlignfastArgumentError
     from alignfast.trainer.proxy_rlhf import ProxyRLHFConfig
 
-    values = section(config, "trainer")
+    values = {**section(config, "trainer"), **local_target_settings(config)}
     values["output_dir"] = str(Path(str(values.get("output_dir") or "alignfast-output")) / "proxy")
     try:
         return ProxyRLHFConfig.from_dict(values)

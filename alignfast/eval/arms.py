@@ -58,11 +58,13 @@ def _columns(columns: dict | None, n: int) -> dict[str, list]:
 
 
 def policy_outputs(engine, tokenizer, requests: Sequence[str], *, max_new_tokens: int,
-                   use_chat_template: bool = True) -> list[str]:
-    """Greedy answers of a policy model (behind a TargetEngine) to user messages, in its chat format."""
+                   use_chat_template: bool = True, system_prompt: str | None = None) -> list[str]:
+    """Greedy answers of a policy model (behind a TargetEngine) to user messages, in its chat format (after
+    system_prompt as the system message, when given)."""
     from alignfast.rollout import templates
 
-    ids = [templates.user_turn_ids(tokenizer, r, use_chat_template=use_chat_template) for r in requests]
+    ids = [templates.user_turn_ids(tokenizer, r, use_chat_template=use_chat_template, system_prompt=system_prompt)
+           for r in requests]
     completions = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0) if ids else []
     return [c[0].text.strip() for c in completions]
 
@@ -85,13 +87,14 @@ def no_fine_tuning(environment, prompts: Sequence[str], columns: dict | None = N
 
 def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts: Sequence[str],
                 columns: dict | None = None, *, max_new_tokens: int, seed: int = 0,
-                rewrites: bool = True) -> ArmResult:
+                rewrites: bool = True, system_prompt: str | None = None) -> ArmResult:
     """A trained policy in front of `environment`: a prompter whose outputs are rewrites (Align-Pro,
-    rewrites=True) or the target itself, whose outputs are the answers (Oracle, rewrites=False)."""
+    rewrites=True) or the target itself, whose outputs are the answers (Oracle, rewrites=False; system_prompt:
+    the target's system message, config.target_system_prompt)."""
     prompts = list(prompts)
     cols = _columns(columns, len(prompts))
     outputs = policy_outputs(policy_engine, policy_tokenizer, environment.policy_requests(prompts, cols, seed=seed),
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, system_prompt=system_prompt)
     out = environment.step(prompts, outputs, cols, seed=seed)
     return ArmResult(name, prompts, list(outputs if rewrites else prompts), [a[0] if a else "" for a in out.answers],
                      _as_floats(out.scores, name), dict(out.per_func))

@@ -89,6 +89,11 @@ class OpenAIEngine(TargetEngine):
         from alignfast.ops._checks import choice, fail, non_negative, positive
 
         self.api = choice("api", api, ("completions", "chat"))
+        if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+            fail("system_prompt", f"must be a non-empty string (or None), got {system_prompt!r}")
+        if system_prompt is not None and self.api != "chat":  # a completions request has no messages to put it in
+            fail("system_prompt", "is the chat's system message, sent only with api='chat'; with api='completions' "
+                 "the prompt is sent as it is: put the text in the prompt instead")
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             fail("max_concurrency", f"must be an integer >= 1, got {max_concurrency!r}")
         if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)

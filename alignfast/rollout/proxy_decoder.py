@@ -200,6 +200,19 @@ class ProxyDecoder:
                             max_batch_size=self.max_batch_size)
         return [sorted(u.row_slots[0][0][0] for u in batch) for batch in plan]
 
+    def _bound_token(self, logits: torch.Tensor, excluded: torch.Tensor, zeros: torch.Tensor):
+        """The forced token at the rejection bound: the most likely token of the nucleus the proposals were drawn
+        from, N(target temperature, top_p), that was not rejected. A temperature-0 call alone would take the
+        nucleus at tau = 1, which for a temperature above 1 is a strict subset of N that the rejections can
+        exhaust. |N| comes from the op (num_allowed with nothing excluded), and N is then the |N| largest logits
+        (ties are in or out together, so N = {k : l_k >= the |N|-th largest})."""
+        from alignfast.ops import propose_token
+
+        _, _, size = propose_token(logits, torch.zeros_like(excluded), zeros, temperature=self.temperature,
+                                   top_p=self.top_p)
+        kth = logits.topk(int(size.max()), dim=-1).values.gather(-1, (size - 1).clamp(min=0)[:, None])
+        return propose_token(logits, excluded | (logits < kth), zeros, temperature=0.0, top_p=1.0)
+
     def _decode_batch(self, prompt_ids: list[list[int]], keys: np.ndarray, judge: Judge, greedy_decisions: bool,
                       decision_temperature: float):
         """decode() on one batch: (tokens [R, max_new_tokens] (-1 after the end), alive [R], decision records
@@ -261,8 +274,12 @@ class ProxyDecoder:
                     u = torch.from_numpy(step_uniforms(keys[rows_host], t)).to(device)
                 else:
                     u = torch.from_numpy(step_uniforms(keys[rows_host] ^ _REPROPOSE_SALT, t * (K + 1) + attempt)).to(device)
-                temp = 0.0 if at_bound or not sampling else self.temperature
-                tok, _lp, n_allowed = propose_token(logits[rows], excluded[rows], u, temperature=temp, top_p=self.top_p)
+                if at_bound and sampling and self.top_p < 1.0:
+                    tok, _lp, n_allowed = self._bound_token(logits[rows], excluded[rows], u)
+                else:
+                    temp = 0.0 if at_bound or not sampling else self.temperature
+                    tok, _lp, n_allowed = propose_token(logits[rows], excluded[rows], u, temperature=temp,
+                                                        top_p=self.top_p)
                 if bool((tok < 0).any()):  # cannot happen: the last allowed token is forced, never rejected
                     raise RuntimeError("alignfast: the proxy decoder ran out of allowed tokens")
                 forced = torch.full_like(tok, at_bound, dtype=torch.bool) | (n_allowed <= 1)

@@ -26,20 +26,57 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def user_turn(tokenizer, user_text: str, *, use_chat_template: bool = True) -> tuple[str, bool]:
-    """(text, add_special_tokens) asking the model to answer `user_text` as the assistant."""
+def _messages(user_text: str, system_prompt: str | None) -> list[dict]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    return [*system, {"role": "user", "content": user_text}]
+
+
+def user_turn(tokenizer, user_text: str, *, use_chat_template: bool = True,
+              system_prompt: str | None = None) -> tuple[str, bool]:
+    """(text, add_special_tokens) asking the model to answer `user_text` as the assistant; system_prompt (checked
+    beforehand by check_system_prompt) is the chat's system message before it."""
     if use_chat_template and has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+        text = tokenizer.apply_chat_template(_messages(user_text, system_prompt), tokenize=False,
                                              add_generation_prompt=True)
         return text, False
     return user_text, True
 
 
-def user_turn_ids(tokenizer, user_text: str, *, use_chat_template: bool = True,
-                  max_length: int | None = None) -> list[int]:
+def check_system_prompt(tokenizer, system_prompt: str | None, *, use_chat_template: bool, name: str) -> None:
+    """A system message exists only in a chat template, and some templates refuse one (Gemma's raises) or drop it
+    (templates that loop over user/assistant turns only): each case is an error naming `name`, found once here
+    rather than as a target that silently never saw the instruction."""
+    if system_prompt is None:
+        return
+    from alignfast.ops._checks import fail
+
+    if not isinstance(system_prompt, str) or not system_prompt.strip():
+        fail(name, f"must be a non-empty string (or unset), got {system_prompt!r}")
+    if tokenizer is None:
+        return  # plain text to an endpoint that formats its own input: the engine carries it (OpenAIEngine)
+    if not use_chat_template:
+        fail(name, "is a chat's system message, and the chat template is switched off (target_use_chat_template "
+             "false): switch it on, or put the text in target_prompt_template")
+    if not has_chat_template(tokenizer):
+        fail(name, f"is a chat's system message, and the tokenizer ({type(tokenizer).__name__}) has no chat "
+             "template: put the text in target_prompt_template instead")
+    try:
+        text = tokenizer.apply_chat_template(_messages("?", system_prompt), tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # jinja2's TemplateError ("System role not supported") or the template's own raise
+        reason = (str(err).splitlines() or [type(err).__name__])[0].strip("'\"")
+        fail(name, f"is refused by the tokenizer's chat template ({reason}): put the text in target_prompt_template "
+             "instead")
+    if system_prompt.strip() not in text:
+        fail(name, "is dropped by the tokenizer's chat template (the rendered chat does not contain it): put the "
+             "text in target_prompt_template instead")
+
+
+def user_turn_ids(tokenizer, user_text: str, *, use_chat_template: bool = True, max_length: int | None = None,
+                  system_prompt: str | None = None) -> list[int]:
     """Token ids of `user_turn`; with max_length, only the last max_length ids (the end holds the
     generation prompt, which must survive truncation)."""
-    text, add_special = user_turn(tokenizer, user_text, use_chat_template=use_chat_template)
+    text, add_special = user_turn(tokenizer, user_text, use_chat_template=use_chat_template,
+                                  system_prompt=system_prompt)
     ids = list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]

@@ -35,15 +35,18 @@ def make_target_engine(target, target_tokenizer):
     fail("target", f"must be a TargetEngine, a transformers causal LM or a path, got {type(target).__name__}")
 
 
-def _check_target_room(engine, max_new_tokens: int) -> None:
+def check_target_room(model, max_new_tokens: int) -> int | None:
     """Up front, in the config's terms: a target with a position limit (an HF model) needs room for at least
     one prompt token beside target_max_new_tokens (the engine would otherwise stop the first step, naming its
-    own 'max_new_tokens' argument)."""
-    config = getattr(getattr(engine, "model", None), "config", None)
+    own 'max_new_tokens' argument). Returns the room left for a prompt (None: no limit known)."""
+    config = getattr(model, "config", None)
     max_pos = getattr(config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and max_new_tokens >= max_pos:
+    if not isinstance(max_pos, int):
+        return None
+    if max_new_tokens >= max_pos:
         fail("target_max_new_tokens", f"({max_new_tokens}) leaves no room for a prompt: the target's "
              f"max_position_embeddings is {max_pos}")
+    return max_pos - max_new_tokens
 
 
 class AlignProTrainer(PPOEngineTrainer):
@@ -70,7 +73,7 @@ class AlignProTrainer(PPOEngineTrainer):
         prompter_tokenizer = load_tokenizer(prompter_tokenizer, prompter, "prompter_tokenizer")
         prompter = load_causal_lm(prompter, "prompter")
         engine, target_tokenizer = make_target_engine(target, target_tokenizer)
-        _check_target_room(engine, config.target_max_new_tokens)
+        check_target_room(getattr(engine, "model", None), config.target_max_new_tokens)
         self.target = engine
         self.target_tokenizer = target_tokenizer
         device = config.device or next(prompter.parameters()).device

@@ -99,6 +99,9 @@ class PPOEngineTrainer(RunLoop):
     """The shared PPO engine. Subclasses call `_setup(...)` from their constructor."""
 
     arm = "ppo"
+    # The chat's system message in the policy's own input: none for a prompter; the Oracle's policy is the target,
+    # which answers after config.target_system_prompt as the frozen target does under Align-Pro.
+    policy_system_prompt: str | None = None
 
     def _setup(self, config, policy_model, policy_tokenizer, environment: Environment, *, train_dataset,
                eval_dataset=None, ref_model=None, value_model=None, peft_config=None, callbacks=None):
@@ -494,7 +497,8 @@ class PPOEngineTrainer(RunLoop):
         else:
             policy_seed = derive_seed(seed, 0, stream=7) % (2**31)
         requests = self.environment.policy_requests(prompts, columns, seed=policy_seed)
-        rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length) for r in requests]
+        rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length,
+                                        system_prompt=self.policy_system_prompt) for r in requests]
         query_ids, query_mask = left_pad(rows, self.pad_id, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         logprob_fn = None

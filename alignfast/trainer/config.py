@@ -191,6 +191,10 @@ class AlignProConfig(ConfigDict):
     target_batch_size: int = _opt(32, "Prompts per call to the target engine.")
     target_use_chat_template: bool = _opt(True,
         "Wrap the target prompt in the target tokenizer's chat template when it has one.")
+    target_system_prompt: str | None = _opt(None,
+        "The chat's system message before each target request (in the target tokenizer's chat template; an "
+        "OpenAI-compatible target takes it as OpenAIEngine(system_prompt=...), the CLI's target.system_prompt). "
+        "The Oracle arm's policy, the target itself, gets it too.")
 
     # --- rewards ------------------------------------------------------------------------------------
     reward_weights: list[float] | None = _opt(None, "Weights of [reward_model, *reward_funcs] (default all 1).")
@@ -320,6 +324,9 @@ class AlignProConfig(ConfigDict):
         if not isinstance(self.target_prompt_template, str) or "{rewrite}" not in self.target_prompt_template:
             fail("target_prompt_template",
                  f"must be a string containing '{{rewrite}}', got {self.target_prompt_template!r}")
+        if self.target_system_prompt is not None and (not isinstance(self.target_system_prompt, str)
+                                                      or not self.target_system_prompt.strip()):
+            fail("target_system_prompt", f"must be a non-empty string (or None), got {self.target_system_prompt!r}")
         if not isinstance(self.reward_template, str) or "{completion}" not in self.reward_template:
             fail("reward_template", f"must be a string containing '{{completion}}', got {self.reward_template!r}")
 

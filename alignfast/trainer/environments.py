@@ -72,12 +72,29 @@ class DirectEnvironment(Environment):
                          requests=list(prompts), timings={"reward": time.perf_counter() - t0})
 
 
+def check_target_system_prompt(target, target_tokenizer, system_prompt, *, use_chat_template: bool, name: str) -> None:
+    """The system message reaches a target through its tokenizer's chat template (templates.check_system_prompt);
+    an OpenAIEngine, sent plain text, carries its own (its server applies the chat template)."""
+    from alignfast.rollout.openai_engine import OpenAIEngine
+
+    if system_prompt is not None and target_tokenizer is None and isinstance(target, OpenAIEngine):
+        fail(name, "is put in the target tokenizer's chat template, and an OpenAIEngine target is sent plain text "
+             "that its server formats: give it as OpenAIEngine(system_prompt=...)")
+    templates.check_system_prompt(target_tokenizer, system_prompt, use_chat_template=use_chat_template, name=name)
+
+
 class AlignProEnvironment(Environment):
-    """x -> rewrite instruction -> (policy) x' -> target request -> (frozen target) y -> r(x, y)."""
+    """x -> rewrite instruction -> (policy) x' -> target request -> (frozen target) y -> r(x, y).
+
+    The target request is target_prompt_template filled with x' (and x), in the target tokenizer's chat template
+    after `system_prompt` as the system message when one is given."""
 
     def __init__(self, target, rewards: WeightedRewards, *, target_tokenizer=None, rewrite_template: str,
                  target_prompt_template: str = "{rewrite}", max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, num_samples: int = 1, batch_size: int = 32, use_chat_template: bool = True):
+                 top_p: float = 1.0, num_samples: int = 1, batch_size: int = 32, use_chat_template: bool = True,
+                 system_prompt: str | None = None):
+        check_target_system_prompt(target, target_tokenizer, system_prompt, use_chat_template=use_chat_template,
+                                   name="system_prompt")
         self.target = target
         self.rewards = rewards
         self.target_tokenizer = target_tokenizer
@@ -89,16 +106,19 @@ class AlignProEnvironment(Environment):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.use_chat_template = use_chat_template
+        self.system_prompt = system_prompt
 
     @classmethod
     def from_config(cls, config, target, rewards: WeightedRewards, *, target_tokenizer=None) -> AlignProEnvironment:
         """The environment an AlignProConfig describes (its rewrite_template and target_* fields): one place
         for that mapping, shared by the trainer and `alignfast eval`."""
+        check_target_system_prompt(target, target_tokenizer, config.target_system_prompt,
+                                   use_chat_template=config.target_use_chat_template, name="target_system_prompt")
         return cls(target, rewards, target_tokenizer=target_tokenizer, rewrite_template=config.rewrite_template,
                    target_prompt_template=config.target_prompt_template, max_new_tokens=config.target_max_new_tokens,
                    temperature=config.target_temperature, top_p=config.target_top_p,
                    num_samples=config.target_num_samples, batch_size=config.target_batch_size,
-                   use_chat_template=config.target_use_chat_template)
+                   use_chat_template=config.target_use_chat_template, system_prompt=config.target_system_prompt)
 
     def policy_requests(self, prompts, columns, *, seed=None):
         return templates.rewrite_instructions(self.rewrite_template, prompts)
@@ -113,7 +133,8 @@ class AlignProEnvironment(Environment):
             return list(requests)
         out = []
         for r in requests:
-            ids = templates.user_turn_ids(self.target_tokenizer, r, use_chat_template=self.use_chat_template)
+            ids = templates.user_turn_ids(self.target_tokenizer, r, use_chat_template=self.use_chat_template,
+                                          system_prompt=self.system_prompt)
             out.append(ids if ids else self._start_token())
         return out
 
@@ -191,7 +212,8 @@ class AlignerEnvironment(Environment):
 
     def __init__(self, target, rewards: WeightedRewards, *, target_tokenizer=None,
                  correction_template: str = DEFAULT_CORRECTION_TEMPLATE, max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32, use_chat_template: bool = True):
+                 temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 32, use_chat_template: bool = True,
+                 system_prompt: str | None = None):
         for field_name in ("{prompt}", "{draft}"):
             if field_name not in correction_template:
                 fail("correction_template", f"must contain {field_name}, got {correction_template!r}")
@@ -201,7 +223,8 @@ class AlignerEnvironment(Environment):
         self._drafter = AlignProEnvironment(
             target, rewards, target_tokenizer=target_tokenizer, rewrite_template="{prompt}",
             target_prompt_template="{rewrite}", max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, num_samples=1, batch_size=batch_size, use_chat_template=use_chat_template)
+            top_p=top_p, num_samples=1, batch_size=batch_size, use_chat_template=use_chat_template,
+            system_prompt=system_prompt)
 
     def policy_requests(self, prompts, columns, *, seed=None):
         drafts, _ = self._drafter.answer(list(prompts), seed=seed)

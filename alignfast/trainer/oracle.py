@@ -2,13 +2,15 @@
 
     max_pi  E[x~D, y~pi(.|x)] r(x, y)  -  lambda * KL(pi(.|x) || pi_sft(.|x))
 
-No prompter and no frozen model: the policy answers the prompt (in its chat template) and the reward
+No prompter and no frozen model: the policy answers the prompt (in its chat template, after
+config.target_system_prompt as the system message when set, as the frozen target would) and the reward
 scores its answer. With the same config, reward and data it is the upper-bound comparison for
 Align-Pro, which leaves the target's weights untouched.
 """
 
 from __future__ import annotations
 
+from alignfast.rollout import templates
 from alignfast.trainer.base import PPOEngineTrainer, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.environments import DirectEnvironment
@@ -32,6 +34,9 @@ class OracleTrainer(PPOEngineTrainer):
         self.rewards = build_rewards(config, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                      reward_funcs=reward_funcs, reward_weights=reward_weights, device=device)
         env = DirectEnvironment(self.rewards)
+        templates.check_system_prompt(tokenizer, config.target_system_prompt, use_chat_template=True,
+                                      name="target_system_prompt")
+        self.policy_system_prompt = config.target_system_prompt
         self._setup(config, model, tokenizer, env, train_dataset=train_dataset, eval_dataset=eval_dataset,
                     ref_model=ref_model, value_model=value_model, peft_config=peft_config, callbacks=callbacks)
 

@@ -179,7 +179,9 @@ class UpdateStats:
     def gather(self, processes, steps: int) -> None:
         """Every process's micro-batch statistics, in the order one process records them: process r holds
         micro-batches [r G/N, (r+1) G/N) of each mini-batch, so the gathered [N, steps, G/N] is transposed
-        to [steps, N, G/N]."""
+        to [steps, N, G/N]. steps: the mini-batches that ran (the same on every process); 0: nothing to gather."""
+        if steps == 0:
+            return
         n = processes.num_processes
         for k in self.KEYS:
             mine = torch.stack(self._values[k])
@@ -354,6 +356,7 @@ class PPOUpdater:
         n_procs = procs.num_processes if procs is not None else 1
         micros = self._micros()
         tokens = rollout.response_mask.sum(1).tolist()  # response tokens per episode (exact integers)
+        ran = 0  # mini-batches with at least one action
         for epoch in range(cfg.num_ppo_epochs):
             if epoch == 0 and carried is not None:
                 order = carried.order
@@ -362,6 +365,13 @@ class PPOUpdater:
             for mb in range(cfg.num_mini_batches):
                 mb_idx = order[mb * mbs: (mb + 1) * mbs]
                 n_mb = sum(tokens[i] for i in mb_idx.tolist())
+                if n_mb == 0:
+                    # No action in the mini-batch (Proxy-RLHF: every token forced by target_top_p / top_k, so the
+                    # proxy decided nothing): no loss to take, and no optimizer step, which would still move the
+                    # weights by AdamW's momentum and decay. Every process holds the whole rollout and draws the
+                    # same order, so all skip the same mini-batches.
+                    continue
+                ran += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 bad = None
                 for j, micro in enumerate(micros):
@@ -387,7 +397,7 @@ class PPOUpdater:
                 optimizer_step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         if n_procs > 1:
-            stats.gather(procs, steps=cfg.num_ppo_epochs * cfg.num_mini_batches)
+            stats.gather(procs, steps=ran)
         return stats
 
     def _backward(self, loss: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ import torch
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
 from alignfast.rollout.proxy_decoder import ProxyDecoder, ProxyDecodeOutput
+from alignfast.trainer.align_pro import check_target_room
 from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, _opt
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
@@ -69,6 +70,23 @@ class ProxyRLHFConfig(AlignProConfig):
         v = self.rejection_cost
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             fail("rejection_cost", f"must be a finite number >= 0, got {v!r}")
+
+
+# AlignProConfig fields that look as if they steered Proxy-RLHF's decoding but belong to a policy that writes text
+# (the prompter): a run file shared with Align-Pro may set them, so they are named, not refused.
+_UNUSED_HERE = {"top_p": "the target's proposals use target_top_p", "top_k": "the target's proposals use target_top_k",
+                "target_num_samples": "the target gives one answer per prompt, decoded under the proxy"}
+
+
+def _warn_unused_settings(config: ProxyRLHFConfig) -> None:
+    import dataclasses
+    import warnings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(AlignProConfig)}
+    for name, where in _UNUSED_HERE.items():
+        if getattr(config, name) != defaults[name]:
+            warnings.warn(f"ProxyRLHFTrainer: {name}={getattr(config, name)!r} is not used by Proxy-RLHF ({where})",
+                          stacklevel=3)
 
 
 def coerce_proxy_config(config) -> ProxyRLHFConfig:
@@ -119,11 +137,24 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         self.ops = make_opset(config.backend)
         self.train_dataset = PromptDataset(train_dataset, name="train_dataset")
         self.eval_dataset = PromptDataset(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
+        if config.eval_steps and self.eval_dataset is None:  # as the PPO engine's _setup: never a silent skip
+            fail("eval_steps", f"is {config.eval_steps} but there is no eval_dataset to evaluate on: pass one "
+                 "(`data.eval` in a run file) or leave eval_steps unset")
+        _warn_unused_settings(config)
         self.num_steps = config.num_steps(len(self.train_dataset))
         from transformers import set_seed
 
         set_seed(config.seed)
         self.tokenizer = tokenizer
+        # Positions the target can take: the prompt's tokens plus target_max_new_tokens.
+        room = check_target_room(target, config.target_max_new_tokens)
+        if config.max_prompt_length is not None and room is not None and config.max_prompt_length > room:
+            fail("max_prompt_length", f"({config.max_prompt_length}) plus target_max_new_tokens "
+                 f"({config.target_max_new_tokens}) exceeds the target's max_position_embeddings "
+                 f"({room + config.target_max_new_tokens})")
+        self.prompt_limit = config.max_prompt_length if config.max_prompt_length is not None else room
+        templates.check_system_prompt(tokenizer, config.target_system_prompt,
+                                      use_chat_template=config.target_use_chat_template, name="target_system_prompt")
         self.pad_id, self.stop_ids = _special_ids(tokenizer, target, config.stop_token_id)
         self.rewards = build_rewards(config, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                      reward_funcs=reward_funcs, reward_weights=reward_weights, device=self.device)
@@ -156,12 +187,20 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
 
     # ------------------------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> list[list[int]]:
-        max_len = self.config.max_prompt_length
-        if max_len is None:
-            max_pos = getattr(self.target.config, "max_position_embeddings", None)
-            if max_pos is not None:
-                max_len = max_pos - self.config.target_max_new_tokens
-        return [templates.user_turn_ids(self.tokenizer, p, max_length=max_len) or [self.pad_id] for p in prompts]
+        """The target's input per prompt, its last prompt_limit tokens (the end holds the generation prompt), with
+        a warning naming how many were cut."""
+        rows = [templates.user_turn_ids(self.tokenizer, p, use_chat_template=self.config.target_use_chat_template,
+                                        system_prompt=self.config.target_system_prompt) or [self.pad_id]
+                for p in prompts]
+        limit = self.prompt_limit
+        cut = [i for i, ids in enumerate(rows) if limit is not None and len(ids) > limit]
+        if cut:
+            import warnings
+
+            warnings.warn(f"ProxyRLHFTrainer: {len(cut)} prompt(s) longer than {limit} tokens were truncated to their "
+                          f"last {limit} tokens (first: {str(prompts[cut[0]])[:60]!r}; max_prompt_length, or the "
+                          "target's max_position_embeddings - target_max_new_tokens)", stacklevel=3)
+        return [ids[-limit:] if i in cut else ids for i, ids in enumerate(rows)]
 
     def _decode_text(self, res: ProxyDecodeOutput) -> list[str]:
         stop = set(self.stop_ids)

@@ -78,6 +78,20 @@ def test_bad_input_is_one_line(tmp_path, capsys, rows, extra, message):
     assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("extra, message", [
+    ([], "--upstream-system-prompt needs --upstream or --upstream-url"),
+    (["--upstream-url", "http://127.0.0.1:9/v1", "--upstream-model", "m", "--api", "completions"],
+     "sent only with --api chat"),
+])
+def test_an_upstream_system_prompt_that_would_be_lost_is_one_line(tmp_path, capsys, extra, message):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "sort 4 8 5 1", "answer": "1 4 5 8"}\n')
+    assert main(["correct", "--aligner", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "--upstream-system-prompt", "be brief", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_correct_without_upstream_corrects_the_files_answers_and_names_bad_rows(tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "sort 4 8 5 1"}\n')

@@ -112,12 +112,14 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     (["train", "--config", TOY, "--data.eval.shuffle_seed", "-1"], "data.eval.shuffle_seed must be an integer >= 0"),
     # accepted and then ignored until 2026-12-01
     (["train", "--config", TOY, "--reward.template", "{prompt}::{completion}"], "trainer.reward_template"),
-    (["eval", "--config", TOY, "--checkpoint", "toy:target", "--target.system_prompt", "be brief"],
-     "target.system_prompt is sent only by target.engine openai"),
-    (["train", "--config", TOY, "--oracle", "--target.system_prompt", "be brief"], "target.system_prompt"),
+    # one place in a run file for the target's system message, whatever its engine
+    (["train", "--config", TOY, "--trainer.target_system_prompt", "be brief"],
+     "system message as target.system_prompt"),
+    (["train", "--config", TOY, "--target.system_prompt", "''"], "'target_system_prompt' must be a non-empty"),
 ])
-def test_user_errors_are_one_line(argv, message, capsys, monkeypatch):
+def test_user_errors_are_one_line(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # a case that is not refused would train into ./alignfast-toy: never the checkout's
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

@@ -210,6 +210,26 @@ def test_target_engines_build_from_the_run_file(monkeypatch):
         build_target_engine({"target": {"model": "m", "engine": "openai"}}, device="cpu")
 
 
+def test_the_target_system_prompt_goes_where_the_target_formats_its_input():
+    """A local target (hf, vllm): the trainer's target_system_prompt, put in its chat template; an OpenAI-compatible
+    one: the engine's system message (its server applies the template), and nothing in the trainer; the Oracle,
+    which runs the target here, always takes it."""
+    from alignfast.cli.build import build_target_engine, trainer_config
+    from alignfast.cli.cmd_train import oracle_settings
+
+    for engine in ("hf", "vllm"):
+        config = {"target": {"model": "m", "engine": engine, "system_prompt": "be brief"}}
+        assert trainer_config(config).target_system_prompt == "be brief"
+    served = {"target": {"model": "m", "engine": "openai", "base_url": "http://127.0.0.1:9/v1", "api": "chat",
+                         "system_prompt": "be brief"}}
+    assert trainer_config(served).target_system_prompt is None
+    engine, _ = build_target_engine(served, device="cpu")
+    assert engine.system_prompt == "be brief"
+    engine.close()
+    assert trainer_config(served, **oracle_settings(served)).target_system_prompt == "be brief"
+    assert trainer_config({"target": {"model": "m"}}).target_system_prompt is None
+
+
 def test_eval_decodes_the_prompter_as_training_sampled_it():
     """`alignfast eval` stops the trained prompter where the trainer's sampler did: trainer.stop_token_id too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

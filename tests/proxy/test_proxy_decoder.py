@@ -87,6 +87,36 @@ def test_bound_forces_the_best_remaining_token(toy):
     assert res.tokens[0][0] == int(out.topk(3).indices[2])
 
 
+@pytest.mark.parametrize("temperature", [2.0, 0.5])
+def test_the_bound_token_is_from_the_nucleus_the_proposals_came_from(toy, temperature):
+    """With top_p < 1 the proposals come from the nucleus at the target temperature. The bound's temperature-0 call
+    took the nucleus at tau = 1 instead: above 1 that is a strict subset the rejections can exhaust (the decoder
+    raised "ran out of allowed tokens"), below 1 a superset (the forced token could lie outside the nucleus)."""
+    import copy
+
+    from alignfast.reference.proposal import nucleus
+
+    model, tok, prompts = toy
+    flat = copy.deepcopy(model)
+    with torch.no_grad():
+        flat.get_output_embeddings().weight.mul_(0.25)  # a flatter target: a wider nucleus to reject from
+
+    def reject_all(features, proposals):
+        return torch.full((proposals.numel(),), -50.0), None
+
+    K = 2
+    res = decoder(flat, tok, max_rejections_per_token=K, temperature=temperature, top_p=0.5).decode(
+        prompts, reject_all, seed=0)
+    first = flat(input_ids=torch.tensor([prompts[0]])).logits[0, -1:].double()
+    inside = nucleus(first, temperature=temperature, top_p=0.5)[0]
+    rejected = res.proposals[0][:int(res.rejections[0] and K)].tolist()
+    forced = res.tokens[0][0]
+    assert bool(inside[forced]) and forced not in rejected
+    remaining = first[0].masked_fill(~inside, float("-inf"))
+    remaining[rejected] = float("-inf")
+    assert forced == int(remaining.argmax())
+
+
 def test_decisions_and_features(toy):
     model, tok, prompts = toy
     seen = []

@@ -112,3 +112,39 @@ def test_proxy_size_and_save(world, tmp_path):
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ProxyRLHFConfig(**{field: value})
+
+
+def test_a_mini_batch_without_decisions_is_skipped_not_divided_by_zero(world, tmp_path):
+    """target_top_k=1 leaves one allowed token at every position: every token is forced, the proxy decides
+    nothing, and the update divided by the mini-batch's zero decision count (ZeroDivisionError). Now such a
+    mini-batch takes no optimizer step: AdamW would still move the weights by its decay."""
+    tr = make_trainer(world, tmp_path, target_top_k=1, max_steps=2, weight_decay=0.1)
+    before = proxy_state(tr)
+    tr.train()
+    assert tr.global_step == 2
+    for k, v in proxy_state(tr).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_the_prompt_room_is_checked_and_truncation_is_said(world, tmp_path):
+    """The toy target has 64 positions. target_max_new_tokens 64 left a negative prompt limit (which cut the
+    prompt's start as a positive slice), a max_prompt_length beyond the room ran past the positions, and
+    truncation said nothing."""
+    with pytest.raises(ValueError, match="'target_max_new_tokens' .* leaves no room for a prompt"):
+        make_trainer(world, tmp_path, "a", target_max_new_tokens=64)
+    with pytest.raises(ValueError, match="'max_prompt_length' .* exceeds the target's max_position_embeddings"):
+        make_trainer(world, tmp_path, "b", max_prompt_length=60)
+    tr = make_trainer(world, tmp_path, "c", target_max_new_tokens=60)
+    prompt = world.train_prompts[0]["prompt"]
+    with pytest.warns(UserWarning, match="1 prompt.* truncated to their last 4 tokens"):
+        ids = tr._prompt_ids([prompt])
+    from alignfast.rollout.templates import user_turn_ids
+
+    assert ids == [user_turn_ids(tr.tokenizer, prompt)[-4:]]
+
+
+def test_settings_that_would_be_silently_ignored(world, tmp_path):
+    with pytest.raises(ValueError, match="'eval_steps' is 1 but there is no eval_dataset"):
+        make_trainer(world, tmp_path, "a", eval_steps=1)
+    with pytest.warns(UserWarning, match="top_p=0.5 is not used by Proxy-RLHF .*target_top_p"):
+        make_trainer(world, tmp_path, "b", top_p=0.5)
