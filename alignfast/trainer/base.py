@@ -270,11 +270,11 @@ class PPOEngineTrainer(RunLoop):
                 fail("columns", f"entry '{k}' has {len(v)} values for {len(prompts)} prompts")
         seed = self.config.seed if seed is None else seed
         result = RolloutResult(prompts=[], rewrites=[], answers=[], scores=[], all_answers=[], reward_components={})
-        bs = self.config.per_device_eval_batch_size
+        bs, policy_seed = self._rollout_plan(seed)
         for chunk, start in enumerate(range(0, len(prompts), bs)):
             p = prompts[start: start + bs]
             cols = {k: v[start: start + bs] for k, v in columns.items()}
-            outputs = self._rollout_outputs(p, cols, greedy=greedy, seed=derive_seed(seed, chunk, stream=5))
+            outputs = self._rollout_outputs(p, cols, greedy=greedy, seed=policy_seed(chunk))
             env_out = self.environment.step(p, outputs, cols, seed=derive_seed(seed, chunk, stream=6) % (2**31))
             result.prompts += p
             result.rewrites += self._rewrites_for_result(p, outputs)
@@ -284,6 +284,10 @@ class PPOEngineTrainer(RunLoop):
             for name, values in env_out.per_func.items():
                 result.reward_components.setdefault(name, []).extend(values)
         return result
+
+    def _rollout_plan(self, seed: int):
+        """(prompts per chunk, chunk index -> the policy's seed) of rollout()."""
+        return self.config.per_device_eval_batch_size, lambda chunk: derive_seed(seed, chunk, stream=5)
 
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """Greedy rollouts over the eval set: eval/scores (mean), eval/scores_std, eval/rewards/<name>."""

@@ -219,6 +219,13 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
                                       greedy_decisions=greedy, decision_temperature=self.config.temperature)
         return res, self._decode_text(res)
 
+    def _rollout_plan(self, seed: int):
+        """The target's draws of AlignProEnvironment.answer (the No fine-tuning arm's): chunks of target_batch_size,
+        seed + chunk. The decoder keys each row by (seed, its prompt) as the HF engine does, so under one seed a
+        proxy that accepts every proposal gives the untouched target's own answers, and an evaluation's wins and
+        losses against No fine-tuning come from the proxy's decisions, not from two different sampling draws."""
+        return self.config.target_batch_size, lambda chunk: seed + chunk
+
     def _rollout_outputs(self, prompts, columns, *, greedy: bool, seed: int) -> list[str]:
         """rollout(): the target's answers under the proxy (greedy decisions by default); the engine scores them."""
         return self.proxy_decode(prompts, greedy=greedy, seed=seed % (2**31))[1]

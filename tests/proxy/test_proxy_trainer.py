@@ -30,11 +30,12 @@ def make_trainer(world, tmp_path, name="run", **over):
                num_ppo_epochs=2, num_mini_batches=2, per_device_train_batch_size=8, max_steps=3,
                target_max_new_tokens=6, target_temperature=1.0, proxy_hidden_size=16, max_rejections_per_token=2,
                accept_prior=0.8, rejection_cost=0.05, report_to="none")
+    proxy = over.pop("proxy", None)
     cfg.update(over)
     tok = AutoTokenizer.from_pretrained(world.target_path)
     target = AutoModelForCausalLM.from_pretrained(world.target_path)
     torch.manual_seed(0)
-    return ProxyRLHFTrainer(ProxyRLHFConfig(**cfg), target, tok, reward_funcs=world.reward_funcs,
+    return ProxyRLHFTrainer(ProxyRLHFConfig(**cfg), target, tok, proxy=proxy, reward_funcs=world.reward_funcs,
                             train_dataset=world.train_prompts[:64])
 
 
@@ -148,3 +149,30 @@ def test_settings_that_would_be_silently_ignored(world, tmp_path):
         make_trainer(world, tmp_path, "a", eval_steps=1)
     with pytest.warns(UserWarning, match="top_p=0.5 is not used by Proxy-RLHF .*target_top_p"):
         make_trainer(world, tmp_path, "b", top_p=0.5)
+
+
+def test_an_accepting_proxy_is_paired_with_no_fine_tuning(world, tmp_path):
+    """`alignfast eval` compares the proxy arm with No fine-tuning prompt by prompt. Under a sampling target the
+    proxy's rollout drew other samples (its chunks and seeds were the policy's, not the target's), so a proxy
+    that accepts everything showed wins and losses of sampling noise (8 / 25 / 7 of 40 in a review's run)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.eval import arms
+    from alignfast.rollout import HFEngine
+    from alignfast.rollout.rewards import WeightedRewards
+    from alignfast.trainer import AlignProConfig
+    from alignfast.trainer.environments import AlignProEnvironment
+    from alignfast.trainer.proxy_model import ProxyModel
+
+    tok = AutoTokenizer.from_pretrained(world.target_path)
+    target = AutoModelForCausalLM.from_pretrained(world.target_path)
+    accept_all = ProxyModel(target.config.hidden_size, target.get_input_embeddings().embedding_dim, 16,
+                            accept_bias=30.0)
+    settings = dict(target_temperature=1.0, target_max_new_tokens=6, target_batch_size=4)
+    tr = make_trainer(world, tmp_path, proxy=accept_all, per_device_eval_batch_size=3, **settings)
+    prompts = [r["prompt"] for r in world.eval_prompts[:10]]
+    env = AlignProEnvironment.from_config(AlignProConfig(output_dir=str(tmp_path / "x"), report_to="none", **settings),
+                                          HFEngine(target, tok), WeightedRewards(world.reward_funcs),
+                                          target_tokenizer=tok)
+    baseline = arms.no_fine_tuning(env, prompts, seed=11)
+    assert tr.rollout(prompts, greedy=True, seed=11).answers == baseline.answers
