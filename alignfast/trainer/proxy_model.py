@@ -10,7 +10,7 @@ ProxyModel: LayerNorm (no affine) on h and on e, then
     value        v = w_v . u + b_v                      (the critic, sharing u)
 
 With proxy_hidden_size d the head has (H + E + 1) d + 3 d + 2 parameters: for the toy target (H = E = 96,
-337 k parameters) d = 16 gives 3 170 (0.94 %); for an 8B Llama (H = E = 4096) d = 256 gives 2.1 M (0.03 %).
+337 k parameters) d = 16 gives 3 138 (0.93 %); for an 8B Llama (H = E = 4096) d = 256 gives 2.1 M (0.03 %).
 The accept bias starts at +2 (P(accept) = 0.88): the untrained proxy mostly lets the target speak.
 
 ProxyPolicy is what the PPO core calls (alignfast.trainer.ppo_core.PPOUpdater): the actions are the
