@@ -61,11 +61,15 @@ class RunLoop:
         state.max_steps = self.num_steps
         state.global_step = self.global_step
         control = self.callbacks.fire("on_train_begin")
+        # A callback's stop request (control.should_training_stop) is agreed over the processes like a signal: a
+        # callback that decides per process (on its wall-clock time, its own metrics) would otherwise stop one
+        # process while the others go on into the next step's collectives and wait for it forever.
+        stopping = self._agree_on_stop(control)
         last_good = resumed
         metrics: dict = self.history[-1] if self.history else {}
         stop = StopSignals().__enter__()  # SIGTERM/SIGINT: finish the step, checkpoint, stop (trainer/stop_signals.py)
         try:
-            while self.global_step < self.num_steps and not control.should_training_stop:
+            while self.global_step < self.num_steps and not stopping:
                 step = self.global_step
                 metrics, samples = self._train_step(step, last_good)
                 self.global_step = step + 1
@@ -95,19 +99,30 @@ class RunLoop:
                 # the signalled one would wait in the checkpoint's barrier while the others ran into the next step.
                 # Only the agreed value decides this step: a signal that arrives during the agreement or the save
                 # below is in the next step's agreement (acting on it here would be one process alone again).
-                agreed = self.processes.max_int(stop.received or 0)
-                stop.adopt(agreed)
-                if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final
-                                                     or control.should_training_stop or agreed):
+                # The callbacks' requests ride along in the low bit: max over processes keeps any request (a signal
+                # number, doubled, dominates; it stops the run anyway).
+                agreed = self.processes.max_int(2 * (stop.received or 0) + int(bool(control.should_training_stop)))
+                signal_number, stopping = agreed // 2, agreed > 0
+                control.should_training_stop = control.should_training_stop or stopping
+                stop.adopt(signal_number)
+                if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final or stopping):
                     last_good = self._save_checkpoint()
                     control = self.callbacks.fire("on_save")
-                if agreed and not final:
+                    stopping = self._agree_on_stop(control) or stopping  # every process saves here: one more agreement
+                if signal_number and not final:
                     raise stopped_by_signal(stop, self.global_step, self.num_steps, last_good)
         finally:
             stop.restore()
             logger.close()
         self.callbacks.fire("on_train_end")
         return TrainOutput(global_step=self.global_step, metrics=metrics, history=list(self.history))
+
+    def _agree_on_stop(self, control) -> bool:
+        """Whether any process's callbacks asked to stop (a collective; the local request for one process). The
+        agreed answer is written back, so every process's callbacks see the same control from here on."""
+        stopping = bool(self.processes.max_int(int(bool(control.should_training_stop))))
+        control.should_training_stop = stopping
+        return stopping
 
     def _claim_output_dir(self) -> None:
         """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be

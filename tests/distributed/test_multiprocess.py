@@ -182,7 +182,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(runs, t
     """Slurm signalling one node, or a kill of one worker: the signalled process used to wait in its checkpoint's
     barrier while the other went on into the next step's gathers, a deadlock with no checkpoint. The processes
     now agree on the stop once per step (run_loop: Processes.max_int of the signal)."""
-    proc = launch(runs["world"], tmp_path, "signal_one_rank", "signal_during_save")
+    proc = launch(runs["world"], tmp_path, "signal_one_rank", "signal_during_save", "callback_one_rank")
     assert (tmp_path / "signal_one_rank.stopped").read_text().split()[:2] == ["1", "SIGTERM"], \
         proc.stdout[-3000:] + proc.stderr[-6000:]
     assert (tmp_path / "signal_one_rank" / "checkpoint-1").is_dir()
@@ -191,3 +191,8 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(runs, t
     assert (tmp_path / "signal_during_save.stopped").read_text().split()[:2] == ["2", "SIGTERM"], \
         proc.stdout[-3000:] + proc.stderr[-6000:]
     assert not (tmp_path / "signal_during_save" / "checkpoint-3").exists()
+    # A callback's stop request on one process (before 2026-12-01 that process alone stopped, and both hung in
+    # checkpoint-1's barrier): the processes agree on it as on a signal, and both end the run after step 1.
+    callback = torch.load(tmp_path / "callback_one_rank.pt", weights_only=False)
+    assert [m["step"] for m in callback["history"]] == [1] and callback["replicas_differ_by"] == 0.0
+    assert (tmp_path / "callback_one_rank" / "checkpoint-1").is_dir()

@@ -29,6 +29,8 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
                      checkpoint), not wait forever in the signalled one's checkpoint barrier
     signal_during_save  the same, but the signal reaches RANK 1 while checkpoint-1 is being saved (after the
                      processes agreed on step 1): every process stops after step 2, with checkpoint-2
+    callback_one_rank  align_pro in which a callback on RANK 1 only sets control.should_training_stop at the end of
+                     step 1: every process must stop after that step, with checkpoint-1 (not wait forever in it)
     fsdp_generation  the prompter sharded with torch FSDP2 (fully_shard, gloo) samples inside
                      gathered_for_generation exactly what the unsharded model samples
 """
@@ -92,6 +94,17 @@ class SignalOneRank:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class StopOnOneRank:
+    """control.should_training_stop at the end of step `at`, on RANK `rank` only (a per-process decision)."""
+
+    def __init__(self, at: int, rank: int):
+        self.at, self.rank = at, rank
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at and int(os.environ.get("RANK", "0")) == self.rank:
+            control.should_training_stop = True
+
+
 def make_trainer(world: Path, out: Path, scenario: str, **overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,7 +120,8 @@ def make_trainer(world: Path, out: Path, scenario: str, **overrides):
     callbacks = [ExitAfterCheckpoint(2)] if scenario == "killed" else \
         [StopAfterCheckpoint(2)] if scenario == "stopped_sharded" else \
         [SignalOneRank(at=1, rank=1)] if scenario == "signal_one_rank" else \
-        [SignalOneRank(at=1, rank=1, event="on_save")] if scenario == "signal_during_save" else None
+        [SignalOneRank(at=1, rank=1, event="on_save")] if scenario == "signal_during_save" else \
+        [StopOnOneRank(at=1, rank=1)] if scenario == "callback_one_rank" else None
     if scenario == "hf_target":
         target = str(world / "prompter")  # a real causal LM answers (greedy): HFEngine in every process
     elif scenario == "openai_target":
@@ -255,7 +269,7 @@ def run(world: Path, out: Path, scenario: str) -> None:
         overrides = dict(gradient_accumulation_steps=3)
     if scenario == "align_pro_8bit":
         overrides = dict(optim="adamw_torch_8bit")
-    if scenario == "signal_one_rank":
+    if scenario in ("signal_one_rank", "callback_one_rank"):
         overrides = dict(output_dir=str(out / scenario), overwrite_output_dir=True, save_steps=100)
     if scenario == "signal_during_save":
         overrides = dict(output_dir=str(out / scenario), overwrite_output_dir=True, save_steps=1)
