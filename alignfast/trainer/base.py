@@ -41,7 +41,7 @@ from alignfast.trainer.lora_fast import install_lean_lora
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
-from alignfast.trainer.optimizers import make_optimizer
+from alignfast.trainer.optimizers import make_optimizer, no_weight_decay
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError
@@ -211,6 +211,7 @@ class PPOEngineTrainer(RunLoop):
             self.params += list(shared_head.parameters())
         if self.value_model is not None:
             self.params += [p for p in self.value_model.parameters() if p.requires_grad]
+        self.no_decay = no_weight_decay([model, shared_head, self.value_model])
         self._setup_optimization(callbacks)
 
     @staticmethod
@@ -223,7 +224,8 @@ class PPOEngineTrainer(RunLoop):
         config = self.config
         if not self.params:
             raise AlignfastArgumentError("alignfast: the policy has no trainable parameter")
-        self.optimizer = make_optimizer(self.params, config)  # config.optim: exact AdamW or torchao's 8/4-bit
+        # config.optim: exact AdamW or torchao's 8/4-bit; biases and norm weights without weight decay, as TRL's
+        self.optimizer = make_optimizer(self.params, config, no_decay=getattr(self, "no_decay", None))
         from transformers import get_scheduler
 
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
@@ -443,8 +445,15 @@ class PPOEngineTrainer(RunLoop):
         """Close a PPO step for every trainer on this engine: the KL controller sees the batch's mean sequence KL
         (sum_t kl_t), the episode count advances, and the step's metrics under TRL's names are returned:
         objective/kl = mean_b sum_t kl_bt, objective/non_score_reward = mean_b sum_t -beta kl_bt,
-        objective/rlhf_reward = non_score_reward + mean score, the update's averages, rewards/<function>."""
-        kl_seq = adv.kl.sum(1)
+        objective/rlhf_reward = non_score_reward + mean score, the update's averages, rewards/<function>.
+
+        The KL measured (objective/kl, and what the controller tracks against kl_target) is a KL estimate: the
+        penalty's own estimator when it is one (k1, or k3, both unbiased, as TRL), else k1. k2 (half the squared
+        log-ratio) and abs are penalties, not KL estimates: summed, they moved the controller the wrong way."""
+        if self.config.kl_estimator in ("k1", "k3"):
+            kl_seq = adv.kl.sum(1)
+        else:
+            kl_seq = ((rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(1)
         non_score = (-self.kl_ctl.value * adv.kl).sum(1)
         kl_coef_used = self.kl_ctl.value
         self.kl_ctl.update(float(kl_seq.mean()), batch_size)

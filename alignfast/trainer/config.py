@@ -144,7 +144,8 @@ class AlignProConfig(ConfigDict):
 
     # --- PPO (TRL PPOConfig names and defaults) ---------------------------------------------------
     kl_coef: float = _opt(0.05, "lambda: weight of the per-token KL penalty to the SFT/reference policy.")
-    kl_estimator: str = _opt("k1", "Per-token KL estimator in the reward: k1 (log-ratio), k2, k3, abs.")
+    kl_estimator: str = _opt("k1", "Per-token KL estimator in the reward: k1 (log-ratio), k2, k3, abs. "
+                             "objective/kl and the adaptive controller use k1 or k3 (k1 for k2 and abs).")
     adap_kl_ctrl: bool = _opt(False,
         "Adapt kl_coef towards kl_target (Ziegler et al. 2019) instead of keeping it fixed.")
     kl_target: float = _opt(6.0, "Target sequence KL of the adaptive controller.")

@@ -50,14 +50,36 @@ def torchao_optim(name: str):
     return getattr(ao, _TORCHAO[name])
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config) -> torch.optim.Optimizer:
+def no_weight_decay(modules) -> set[int]:
+    """ids of the parameters that transformers' Trainer (and so TRL) exempts from weight decay: biases and norm
+    weights (LayerNorm modules, and names such as *layernorm*, *rmsnorm*, norm, *_norm). The rule is the
+    Trainer's own method, called without a Trainer (it reads only the model), so it follows transformers."""
+    from transformers import Trainer
+
+    ids = set()
+    for module in modules:
+        if module is None:
+            continue
+        decayed = set(Trainer.get_decay_parameter_names(None, module))
+        ids |= {id(p) for name, p in module.named_parameters() if name not in decayed}
+    return ids
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config, no_decay: set[int] | None = None) -> torch.optim.Optimizer:
+    """AdamW over params; no_decay (parameter ids, see no_weight_decay) get weight_decay 0 when config.weight_decay
+    is set (with 0 the groups stay as they were, so checkpoints of earlier runs resume)."""
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                   weight_decay=config.weight_decay)
+    no_decay = (no_decay or set()) if config.weight_decay else set()
+    groups = bounded_param_groups(params, no_decay=no_decay)
     if config.optim == "adamw_torch":
         # The fast backend: torch's fused AdamW, one pass per element. Otherwise foreach, one multi-tensor kernel
         # per AdamW op instead of a Python loop over parameters (torch picks it by default on CUDA only; it is
         # faster on CPU too); its sqrt(v) temporary is as large as a param group, so the params come in groups of
         # bounded size (bitwise the same update). See adamw_kernel.
-        return torch.optim.AdamW(bounded_param_groups(params), **adamw_kernel(config.backend, params), **kwargs)
-    # One group: these step parameter by parameter, so a group's size makes no temporary.
-    return torchao_optim(config.optim)(params, amsgrad=False, **kwargs)
+        return torch.optim.AdamW(groups, **adamw_kernel(config.backend, params), **kwargs)
+    # These step parameter by parameter, so a group's size makes no temporary: one group per decay setting.
+    decayed = [p for p in params if id(p) not in no_decay]
+    exempt = [p for p in params if id(p) in no_decay]
+    groups = [{"params": decayed}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    return torchao_optim(config.optim)(groups, amsgrad=False, **kwargs)

@@ -141,23 +141,33 @@ def whiten_keep_mean(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> 
     return torch.where(mask, reference.masked_whiten(x, mask, eps) + mean, torch.zeros_like(x))
 
 
-def bounded_param_groups(params: list[torch.nn.Parameter], max_numel: int = 1 << 24) -> list[dict]:
-    """The parameters as consecutive optimizer param groups of at most max_numel elements each (a larger
-    tensor alone in its group).
+def bounded_param_groups(params: list[torch.nn.Parameter], max_numel: int = 1 << 24,
+                         no_decay: set[int] | None = None) -> list[dict]:
+    """The parameters, in their order, as consecutive optimizer param groups of at most max_numel elements each
+    (a larger tensor alone in its group); with no_decay (parameter ids), a group also ends where a parameter's
+    decay changes, and the no-decay groups get weight_decay 0.
 
     Why: torch's foreach AdamW computes sqrt(v) for a whole group into one temporary list, a full extra
     copy of the trainable parameters at the peak of the step (1 GB for a 135M policy and its critic in
     float32). AdamW is elementwise, so the split changes no value; the groups share every hyperparameter.
     """
+    no_decay = no_decay or set()
     groups, current, size = [], [], 0
+
+    def close():
+        group = {"params": current}
+        if id(current[0]) in no_decay:
+            group["weight_decay"] = 0.0
+        groups.append(group)
+
     for p in params:
-        if current and size + p.numel() > max_numel:
-            groups.append({"params": current})
+        if current and (size + p.numel() > max_numel or (id(p) in no_decay) != (id(current[0]) in no_decay)):
+            close()
             current, size = [], 0
         current.append(p)
         size += p.numel()
     if current:
-        groups.append({"params": current})
+        close()
     return groups
 
 

@@ -37,6 +37,7 @@ from alignfast.trainer.config import AlignProConfig, _opt
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import gather_env_output, gather_rollout, make_processes
 from alignfast.trainer.environments import DirectEnvironment
+from alignfast.trainer.optimizers import no_weight_decay
 from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, make_opset
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
 
@@ -178,6 +179,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         self.shared_value_head = None
         self.ref_model = None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.no_decay = no_weight_decay([self.model])
         self._setup_optimization(callbacks)
 
     @property

@@ -4,6 +4,7 @@ adaptive KL controller follows Ziegler et al."""
 
 import copy
 
+import pytest
 import torch
 
 from alignfast import reference
@@ -173,3 +174,42 @@ def test_soft_capped_logits_are_not_fused(tmp_path):
     out = policy.forward(q_ids, q_mask, r_ids, r_mask, temperature=1.0)
     assert_close(out.logprobs, plain, rtol=1e-5, atol=1e-6, name="logprobs")
     assert out.values is not None and out.values.shape == r_ids.shape
+
+
+def test_norm_weights_and_biases_get_no_weight_decay(tmp_path):
+    """TRL (transformers' Trainer) exempts biases and norm weights from weight decay; the PPO core decayed every
+    trained parameter, so AdamW pulled the RMSNorm gains towards 0 at every optimizer step."""
+    from alignfast.trainer.optimizers import make_optimizer, no_weight_decay
+
+    model = make_causal_lm(tmp_path / "m", V, seed=5, hidden=16)
+    head = value_head_for(model)
+    params = [*model.parameters(), *head.parameters()]
+    exempt = no_weight_decay([model, head])
+    names = {id(p): n for n, p in [*model.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]}
+    assert sorted(names[i] for i in exempt) == ["head.bias", "model.layers.0.input_layernorm.weight",
+                                                 "model.layers.0.post_attention_layernorm.weight", "model.norm.weight"]
+    decayed = make_optimizer(params, AlignProConfig(weight_decay=0.1), no_decay=exempt)
+    wd = {id(p): g["weight_decay"] for g in decayed.param_groups for p in g["params"]}
+    assert all(wd[id(p)] == (0.0 if id(p) in exempt else 0.1) for p in params)
+    assert [p for g in decayed.param_groups for p in g["params"]] == params  # the order (and state indices) kept
+    # without weight decay the groups are what they always were, so earlier runs' checkpoints still resume
+    plain = make_optimizer(params, AlignProConfig(weight_decay=0.0), no_decay=exempt)
+    assert len(plain.param_groups) == 1
+
+
+@pytest.mark.parametrize("estimator", ["k2", "abs"])
+def test_the_measured_kl_is_a_kl_estimate_whatever_the_penalty(tmp_path, estimator):
+    """k2 and abs are penalties, not KL estimates: their sum was logged as objective/kl and fed to the adaptive
+    controller, which then moved the coefficient the wrong way (a review measured 2.27 and 4.81 for a true 1.74)."""
+    from tests.trainer.tiny import echo_trainer, make_tokenizer, WORDS
+
+    tok = make_tokenizer(tmp_path / "tok", WORDS)
+    make_causal_lm(tmp_path / "p", len(tok), seed=5, hidden=16)
+    trainer, _ = echo_trainer(tok, tmp_path / "p", output_dir=str(tmp_path / "run"), seed=5, max_steps=1,
+                              per_device_train_batch_size=4, num_mini_batches=1, response_length=5, temperature=0.9,
+                              save_strategy="no", rewrite_template="rewrite {prompt}", kl_estimator=estimator,
+                              report_to="none")
+    trainer.train()
+    r = trainer.last_rollout
+    k1 = ((r.logprobs - r.ref_logprobs) * r.response_mask).sum(1).mean()
+    assert trainer.history[-1]["objective/kl"] == pytest.approx(float(k1), rel=1e-6, abs=1e-9)
