@@ -11,12 +11,14 @@ not a per-read one, so a server that trickles a byte at a time cannot hold a req
 
 Retries. A retryable failure (timeout, connection error, HTTP 408/409/429/5xx) is retried after
 
-    wait_k = Retry-After (when the server sends one)  else  min(backoff_max, backoff * 2**k) * U(0.75, 1)
+    wait_k = max(Retry-After (when the server sends one), min(backoff_max, backoff * 2**k) * U(0.75, 1))
 
 (k = retries so far) while the waits of that request stay within `retry_budget` seconds in total (and,
-when set, at most `max_retries` times). The default budget, 30 s, outlasts a server restart. A request
-that still fails, or fails with an error retrying cannot fix (400, 401, 404, a malformed response), cancels
-the requests not yet answered and raises EngineRequestError naming the prompt and quoting the server.
+when set, at most `max_retries` times). A Retry-After can lengthen the engine's own backoff, never shorten
+it: the budget counts waiting, so a server asking for 0 s would otherwise be retried without end. The
+default budget, 30 s, outlasts a server restart. A request that still fails, or fails with an error
+retrying cannot fix (400, 401, 404, a malformed response), cancels the requests not yet answered and raises
+EngineRequestError naming the prompt and quoting the server.
 
 Endpoints: "completions" sends the prompt as is (text, or token ids, which the completions API
 accepts); "chat" sends it as one user message (after an optional system message), text only.
@@ -74,7 +76,8 @@ class OpenAIEngine(TargetEngine):
     api: "completions" or "chat". api_key: default $OPENAI_API_KEY, else "EMPTY" (local servers).
     max_concurrency: requests in flight at once. timeout: seconds for one attempt, all of it (connect,
     send, wait, read). call_timeout: seconds for one whole `generate` call (None: bounded by the others).
-    max_retries (None: no count limit), retry_budget, backoff, backoff_max: see the module docstring.
+    max_retries (None: no count limit; backoff and backoff_max must then be > 0), retry_budget, backoff,
+    backoff_max: see the module docstring.
     n_per_request: send `n` in one request (False: n requests of one sample each).
     send_seed: pass a per-prompt seed (derived from the call's seed, the prompt and its occurrence).
     system_prompt: for api="chat", a system message before each prompt.
@@ -104,6 +107,11 @@ class OpenAIEngine(TargetEngine):
         self.retry_budget = non_negative("retry_budget", retry_budget)
         self.backoff = non_negative("backoff", backoff)
         self.backoff_max = non_negative("backoff_max", backoff_max)
+        if max_retries is None:  # the budget counts waiting time: only waits that grow it can end the retries
+            for name, value in (("backoff", self.backoff), ("backoff_max", self.backoff_max)):
+                if value == 0:
+                    fail(name, "must be > 0 when max_retries is None: the retry budget counts the waits between "
+                         "attempts, so with no wait a failing request would be retried forever")
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
         self.model, self.n_per_request, self.send_seed = model, bool(n_per_request), bool(send_seed)
         self.system_prompt, self.extra_body = system_prompt, dict(extra_body or {})
@@ -216,10 +224,11 @@ class OpenAIEngine(TargetEngine):
             failure = f"OpenAIEngine ({self.base_url}): the request for prompts[{index}] failed {tries}: {name}: {err}"
             if not retryable or (self.max_retries is not None and attempt >= self.max_retries):
                 raise EngineRequestError(failure) from err
-            wait = retry_after if retry_after is not None else \
-                min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0)
+            wait = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0)
+            server_wait = retry_after is not None and retry_after >= wait
+            wait = retry_after if server_wait else wait  # see the module docstring: never below our backoff
             if waited + wait > self.retry_budget:
-                asked = f"the server asked to retry after {retry_after:g} s, which" if retry_after is not None \
+                asked = f"the server asked to retry after {retry_after:g} s, which" if server_wait \
                     else "another retry"
                 raise EngineRequestError(f"{failure} ({asked} would exceed the retry budget of "
                                          f"{self.retry_budget:g} s: retry_budget sets it)") from err

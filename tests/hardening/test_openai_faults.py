@@ -35,6 +35,8 @@ class FaultServer:
         silent           accepts, never answers
         retry-after<s>   429 with Retry-After: <s> for the first request, then an answer
         always-429       429 with Retry-After: 1 always
+        always-503-ra0   503 with Retry-After: 0 always
+        always-429-ms0   429 with retry-after-ms: 0 always
         html             200 with an HTML page
         error-200        200 carrying {"error": ...}
         no-choices       200 with a JSON object without choices
@@ -102,6 +104,10 @@ class FaultServer:
                         self._send(200, _completion(prompt, n))
                 elif prompt == "always-429":
                     self._send(429, {"error": {"message": "slow down"}}, headers=[("Retry-After", "1")])
+                elif prompt == "always-503-ra0":
+                    self._send(503, {"error": {"message": "overloaded"}}, headers=[("Retry-After", "0")])
+                elif prompt == "always-429-ms0":
+                    self._send(429, {"error": {"message": "slow down"}}, headers=[("retry-after-ms", "0")])
                 elif prompt == "html":
                     self._send(200, None, raw=b"<html><body>Bad Gateway from the proxy</body></html>",
                                ctype="text/html")
@@ -169,6 +175,29 @@ def test_retry_after_beyond_the_budget_fails_at_once_naming_the_setting(server):
     with engine(server, retry_budget=2.5) as e:  # within the budget: retried twice (1 s + 1 s), then given up
         with pytest.raises(EngineRequestError, match=r"failed after 3 attempts: RateLimitError"):
             e.generate(["always-429"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("prompt", ["always-503-ra0", "always-429-ms0"])
+def test_retry_after_zero_still_ends_within_the_budget(server, prompt):
+    """A server asking to retry after 0 s was retried at once, forever: the wait came from the server and the
+    budget only counts waiting (thousands of requests a second, no end). Each wait is now at least the engine's
+    own backoff, so the budget ends it."""
+    with engine(server, backoff=0.05, retry_budget=0.3, call_timeout=5) as e:
+        start = time.monotonic()
+        with pytest.raises(EngineRequestError, match=r"another retry would exceed the retry budget of 0.3 s"):
+            e.generate([prompt], max_new_tokens=4)
+        assert time.monotonic() - start < 2
+    assert 2 <= len(server.times[prompt]) <= 6  # backoffs of ~0.05, 0.1, 0.2 s fill the 0.3 s budget
+
+
+def test_zero_backoff_needs_a_retry_count():
+    """With no wait between attempts the budget (which counts waiting) could never end a retrying request."""
+    from alignfast.ops import AlignfastArgumentError
+
+    for name in ("backoff", "backoff_max"):
+        with pytest.raises(AlignfastArgumentError, match=rf"'{name}' must be > 0 when max_retries is None"):
+            OpenAIEngine("http://127.0.0.1:1/v1", "m", **{name: 0})
+    OpenAIEngine("http://127.0.0.1:1/v1", "m", backoff=0, max_retries=2)  # a count bounds it
 
 
 @pytest.mark.parametrize("prompt, quoted", [
