@@ -24,6 +24,8 @@ Endpoints: "completions" sends the prompt as is (text, or token ids, which the c
 accepts); "chat" sends it as one user message (after an optional system message), text only.
 Completions carry text only (token_ids is empty: the endpoint's tokenizer is not ours); their num_tokens
 comes from the response's `usage.completion_tokens` (split evenly over the n choices of one request).
+A chat choice whose content is null is an empty completion; a choice without a text string, or indices
+other than 0..n-1, is a malformed response.
 """
 
 from __future__ import annotations
@@ -182,14 +184,12 @@ class OpenAIEngine(TargetEngine):
         choices = data.get("choices")
         if not isinstance(choices, list):
             raise _Malformed(f"the endpoint's answer has no 'choices': {_quote(text)}")
-        texts = []
-        for c in choices:
-            if not isinstance(c, dict):
-                raise _Malformed(f"the endpoint's answer has a malformed choice: {_quote(json.dumps(c))}")
-            content = (c.get("message") or {}).get("content") if self.api == "chat" else c.get("text")
-            texts.append((c.get("index", len(texts)), content or "", c.get("finish_reason")))
+        texts = [self._choice(c, position) for position, c in enumerate(choices)]
         if len(texts) != n:
             raise _Malformed(f"the endpoint returned {len(texts)} choices for n={n}: {_quote(text)}")
+        indices = sorted(index for index, _, _ in texts)
+        if indices != list(range(n)):  # samples are put in index order: each of 0..n-1 must be there once
+            raise _Malformed(f"the endpoint's choices have indices {indices}, not 0..{n - 1}: {_quote(text)}")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         total = usage.get("completion_tokens")
         counts = [None] * n
@@ -197,6 +197,31 @@ class OpenAIEngine(TargetEngine):
             counts = [total // n + (1 if i < total % n else 0) for i in range(n)]
         return [Completion(t, [], "length" if reason == "length" else "stop", num_tokens=k)
                 for (_, t, reason), k in zip(sorted(texts, key=lambda x: x[0]), counts)]
+
+    def _choice(self, c, position: int) -> tuple[int, str, str | None]:
+        """(index, text, finish_reason) of one choice, or _Malformed. A missing index is the choice's position;
+        a chat message whose content is null (a refusal, or a reasoning model that spent max_tokens thinking)
+        is an empty completion, as the chat API allows it. Anything else that is not text is malformed, never
+        an empty or non-string completion."""
+        def malformed(why: str):
+            return _Malformed(f"the endpoint's answer has a malformed choice ({why}): {_quote(json.dumps(c))}")
+
+        if not isinstance(c, dict):
+            raise malformed("not an object")
+        index = c.get("index", position)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise malformed("its index is not an integer")
+        if self.api == "chat":
+            message = c.get("message")
+            if not isinstance(message, dict):
+                raise malformed("no message object")
+            content = message.get("content")
+            content = "" if content is None else content
+        else:
+            content = c.get("text")
+        if not isinstance(content, str):
+            raise malformed("no message content string" if self.api == "chat" else "no text string")
+        return index, content, c.get("finish_reason")
 
     def _classify(self, err: BaseException) -> tuple[bool, float | None]:
         """(retryable, Retry-After seconds or None)."""

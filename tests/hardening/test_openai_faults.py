@@ -21,6 +21,18 @@ pytest.importorskip("openai")
 from alignfast.rollout import EngineRequestError, OpenAIEngine  # noqa: E402
 
 
+# prompt -> the choices a broken server returns for n samples (each must be a malformed response)
+BAD_CHOICES = {
+    "no-text": lambda n: [{"index": i, "finish_reason": "stop"} for i in range(n)],
+    "int-text": lambda n: [{"index": i, "text": 42, "finish_reason": "stop"} for i in range(n)],
+    "null-index": lambda n: [{"index": None, "text": f"t{i}", "finish_reason": "stop"} for i in range(n)],
+    "str-index": lambda n: [{"index": str(i), "text": f"t{i}", "finish_reason": "stop"} for i in reversed(range(n))],
+    "dup-index": lambda n: [{"index": 0, "text": f"t{i}", "finish_reason": "stop"} for i in range(n)],
+    "message-str": lambda n: [{"index": i, "message": "hello", "finish_reason": "stop"} for i in range(n)],
+    "message-int": lambda n: [{"index": i, "message": {"role": "assistant", "content": 7}} for i in range(n)],
+}
+
+
 def _completion(prompt: str, n: int, tokens: int = 3) -> dict:
     return {"id": "x", "object": "text_completion", "created": 0, "model": "m",
             "choices": [{"index": i, "text": f"{prompt}|{i}", "finish_reason": "stop", "logprobs": None}
@@ -40,6 +52,7 @@ class FaultServer:
         html             200 with an HTML page
         error-200        200 carrying {"error": ...}
         no-choices       200 with a JSON object without choices
+        BAD_CHOICES key  200 with those choices (the chat API's last user message is the prompt)
         anything else    a normal completion (usage: 3 tokens per choice)"""
 
     def __init__(self):
@@ -62,7 +75,7 @@ class FaultServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body.get("prompt")
+                prompt = body["messages"][-1]["content"] if "messages" in body else body.get("prompt")
                 server.times.setdefault(prompt, []).append(time.monotonic())
                 try:
                     self._answer(prompt, body)
@@ -115,6 +128,8 @@ class FaultServer:
                     self._send(200, {"error": {"message": "model overloaded", "type": "server_error"}})
                 elif prompt == "no-choices":
                     self._send(200, {"id": "x", "object": "text_completion", "result": "hello"})
+                elif prompt in BAD_CHOICES:
+                    self._send(200, {**_completion(prompt, n), "choices": BAD_CHOICES[prompt](n)})
                 else:
                     self._send(200, _completion(prompt, n))
 
@@ -211,6 +226,34 @@ def test_malformed_answers_are_quoted(server, prompt, quoted):
                                                       rf"response: .*{quoted}"):
             e.generate([prompt], max_new_tokens=4)
     assert len(server.times[prompt]) == 1  # not retried
+
+
+@pytest.mark.parametrize("api, prompt, n, quoted", [
+    ("completions", "no-text", 1, r"malformed choice \(no text string\)"),
+    ("completions", "int-text", 1, r"malformed choice \(no text string\): .*\"text\": 42"),
+    ("completions", "null-index", 2, r"malformed choice \(its index is not an integer\)"),
+    ("completions", "str-index", 12, r"malformed choice \(its index is not an integer\)"),
+    ("completions", "dup-index", 2, r"choices have indices \[0, 0\], not 0..1"),
+    ("chat", "message-str", 1, r"malformed choice \(no message object\): .*\"message\": \"hello\""),
+    ("chat", "message-int", 1, r"malformed choice \(no message content string\)"),
+])
+def test_malformed_choices_are_malformed_responses(server, api, prompt, n, quoted):
+    """Choices without usable text were accepted or misreported: a missing text became an empty completion,
+    "text": 42 came back as an int, a null index raised TypeError (sorting), a string message AttributeError,
+    string indices sorted "10" before "2", duplicate indices passed. Each is now a malformed response, not
+    retried."""
+    with engine(server, api=api) as e:
+        with pytest.raises(EngineRequestError, match=rf"prompts\[0\] failed on its first attempt: malformed "
+                                                      rf"response: .*{quoted}"):
+            e.generate([prompt], max_new_tokens=4, n=n)
+    assert len(server.times[prompt]) == 1
+
+
+def test_null_chat_content_is_an_empty_completion(server):
+    """The chat API allows a null content (a refusal, a reasoning model out of tokens): an empty text."""
+    with engine(server, api="chat") as e:
+        assert e._parse(json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": None},
+                                                 "finish_reason": "length"}]}), 1)[0].text == ""
 
 
 def test_generate_after_close_is_a_clear_error(server):
