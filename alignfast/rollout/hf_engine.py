@@ -95,8 +95,9 @@ class HFEngine(TargetEngine):
     max_prompt_length: prompts longer than this are truncated (their last tokens kept: the end of the
         prompt is what the model continues) with a warning, or rejected when on_long_prompt="error".
         Default: the model's max_position_embeddings minus max_new_tokens, when the config has it.
-    attn_implementation: for a path: "sdpa" by default, "flash_attention_2" when flash-attn is installed
-        and the model goes to a GPU in half precision. For a model object: switched when given.
+    attn_implementation: for a path: transformers' choice by default (sdpa where the model supports it,
+        else eager), "flash_attention_2" when flash-attn is installed and the model goes to a GPU in half
+        precision. For a model object: switched when given.
     dedupe: prefill identical prompts once (and n samples of one prompt share its prefill).
     prefill_chunk_tokens: padded prompt tokens per prefill forward (prompts of similar length are
         prefilled together, so little of it is padding).
@@ -178,10 +179,11 @@ class HFEngine(TargetEngine):
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if attn_implementation is None:
-            half = dtype in (torch.float16, torch.bfloat16)
-            attn_implementation = ("flash_attention_2" if device.type == "cuda" and half and _flash_attn_available()
-                                   else "sdpa")
+        if attn_implementation is None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) \
+                and _flash_attn_available():
+            attn_implementation = "flash_attention_2"
+        # None lets transformers choose: sdpa where the model supports it, eager where it does not (Gemma-2),
+        # which forcing "sdpa" turned into a load error
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                      local_files_only=local_files_only,
                                                      trust_remote_code=trust_remote_code)

@@ -106,6 +106,26 @@ def test_engine_loads_from_path(tiny_dir, model64, tokenizer):
     assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in want]
 
 
+def test_engine_loads_a_model_without_sdpa_from_path(tmp_path, tokenizer):
+    """HFEngine(path) forced attn_implementation="sdpa", so a model transformers has no SDPA attention for
+    (Gemma-2 here) failed to load at all. transformers now chooses (eager for Gemma-2), and it generates as
+    per-prompt `generate` does. (One prompt per call: a left pad wider than Gemma-2's sliding window gives NaN
+    logits in transformers' own eager attention, batched `generate` included.)"""
+    import transformers as tf
+
+    config = tf.Gemma2Config(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                             hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=12, max_position_embeddings=256, sliding_window=16)
+    torch.manual_seed(3)
+    tf.Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = HFEngine(str(tmp_path), dtype=torch.float64, device="cpu")
+    assert engine.model.config._attn_implementation == "eager"
+    for prompt in PROMPTS[:3]:
+        got = engine.generate([prompt], max_new_tokens=6)[0][0].token_ids
+        assert got == reference_generate(engine.model, tokenizer, prompt, 6)
+
+
 def test_engine_eos_stops_rows_and_matches_generate(model64, tokenizer):
     """Pick EOS ids that the greedy outputs actually emit mid-way, several of them (a list, as in
     generation_config), and check each row stops at the first one, as generate does."""
