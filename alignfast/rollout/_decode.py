@@ -18,7 +18,6 @@ fraction of the rows) and the copying (each compaction shrinks the batch by that
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from alignfast.rollout._batching import Unit
-from alignfast.rollout._cache_api import cache_keyword
+from alignfast.rollout._cache_api import cache_keyword, forward_parameters
 from alignfast.rollout._kv_cache import new_dynamic_cache, new_packed_cache, packed_cache_layers
 from alignfast.rollout._sampling import choose_tokens, step_uniforms
 
@@ -51,7 +50,10 @@ def make_runner(model, *, use_packed_cache: bool = True, prefill_chunk_tokens: i
     compile: decode steps go through torch.compile(model.forward, dynamic=True) (the batch and the
     cache length change from step to step, so shapes are symbolic; no CUDA graphs). The prefill stays
     eager: it runs a few times per call, decode steps hundreds of times."""
-    params = inspect.signature(model.forward).parameters
+    params = forward_parameters(model)
+    if params is None:
+        raise TypeError(f"{type(model).__name__}.forward has no readable signature: left-padded batching needs "
+                        "to know that it takes position_ids")
     if "position_ids" not in params:
         raise TypeError(f"{type(model).__name__}.forward takes no position_ids: left-padded batching needs them")
     keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)

@@ -126,6 +126,24 @@ def test_engine_loads_a_model_without_sdpa_from_path(tmp_path, tokenizer):
         assert got == reference_generate(engine.model, tokenizer, prompt, 6)
 
 
+def test_engine_peft_wrapped_target_matches_its_generate(tokenizer):
+    """A PEFT-wrapped model was refused ("PeftModelForCausalLM.forward takes no position_ids"): the check read
+    the wrapper's forward, which takes **kwargs and passes position_ids on to the base model. The base model's
+    signature is read now, as for the cache keyword, and the adapted model decodes as its own `generate`."""
+    peft = pytest.importorskip("peft")
+
+    base = build_model(len(tokenizer)).to(torch.float64)
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                             init_lora_weights=False)  # random B: the adapter changes the outputs
+    model = peft.get_peft_model(base, config).eval()
+    got = HFEngine(model, tokenizer).generate(PROMPTS, max_new_tokens=6)
+    for prompt, completions in zip(PROMPTS, got):
+        assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 6)
+    with model.disable_adapter():
+        assert [r[0].token_ids for r in HFEngine(model, tokenizer).generate(PROMPTS, max_new_tokens=6)] != \
+            [r[0].token_ids for r in got]
+
+
 def test_engine_eos_stops_rows_and_matches_generate(model64, tokenizer):
     """Pick EOS ids that the greedy outputs actually emit mid-way, several of them (a list, as in
     generation_config), and check each row stops at the first one, as generate does."""
