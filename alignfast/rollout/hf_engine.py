@@ -30,7 +30,7 @@ import torch
 from alignfast.ops._checks import choice, fail, in_range
 from alignfast.rollout._batching import build_units, plan_batches
 from alignfast.rollout._decode import decode_batch, make_runner
-from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_call
+from alignfast.rollout.engine import Completion, Prompt, TargetEngine, _is_int, check_call
 
 DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and the floor on a GPU
 GPU_KV_MEMORY_FRACTION = 0.4  # of the free GPU memory, for the KV cache of one batch by default
@@ -109,6 +109,9 @@ class HFEngine(TargetEngine):
         (minutes), later calls reuse it. Worth it for long training runs on a GPU.
     eos_token_id: ids that end a completion; default generation_config.eos_token_id, else the
         tokenizer's eos.
+    pad_token_id: the filler of left-padded prompts, masked out (its value never reaches the outputs);
+        default the first token id among generation_config.pad_token_id, the tokenizer's pad and the EOS
+        ids (an id outside the vocabulary, such as -1, is skipped), else 0.
     """
 
     def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None,
@@ -164,9 +167,17 @@ class HFEngine(TargetEngine):
             eos = _as_id_list(tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self._eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+        # The pad id is only filler under the attention mask, but it still goes through the embedding: it must
+        # be a token id. Configs with pad_token_id = -1 (early Llama conversions) are skipped, not fatal.
+        def token_id(v) -> bool:
+            return _is_int(v) and 0 <= v < self.vocab_size
+
         if pad_token_id is None:
             pad_token_id = next((v for v in (getattr(gen_cfg, "pad_token_id", None),
-                                             getattr(tokenizer, "pad_token_id", None), *eos) if v is not None), 0)
+                                             getattr(tokenizer, "pad_token_id", None), *eos) if token_id(v)), 0)
+        elif not token_id(pad_token_id):
+            fail("pad_token_id", f"must be a token id in [0, {self.vocab_size}) (it fills the masked left padding), "
+                 f"got {pad_token_id!r}")
         self.pad_token_id = int(pad_token_id)
         self._runner = make_runner(model, use_packed_cache=packed_cache, prefill_chunk_tokens=prefill_chunk_tokens,
                                    compact_fraction=in_range("compact_fraction", compact_fraction, 0.0, 1.0),

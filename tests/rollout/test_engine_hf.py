@@ -218,6 +218,21 @@ def test_engine_padding_never_leaks(model64, tokenizer, temperature):
         assert pad not in batched[1][0].token_ids or pad in alone[0][0].token_ids
 
 
+def test_engine_pad_id_outside_the_vocabulary(tokenizer):
+    """A pad id that is no token id (generation_config.pad_token_id = -1, as in early Llama conversions, or one
+    >= the vocabulary) crashed with IndexError in the embedding, and only once a batch needed padding. The
+    default now skips it (the pad is filler under the mask), and an explicit one is refused at construction."""
+    model = build_model(len(tokenizer)).to(torch.float64)
+    model.generation_config.pad_token_id = -1
+    engine = HFEngine(model, tokenizer)
+    assert engine.pad_token_id == tokenizer.pad_token_id
+    got = engine.generate([PROMPTS[1], "write"], max_new_tokens=4)
+    assert got[1] == engine.generate(["write"], max_new_tokens=4)[0]
+    for pad in (-1, len(tokenizer)):
+        with pytest.raises(AlignfastArgumentError, match=rf"'pad_token_id' must be a token id in \[0, 300\).*{pad}"):
+            HFEngine(model, tokenizer, pad_token_id=pad)
+
+
 def test_engine_n_samples_shapes(model64, tokenizer):
     engine = HFEngine(model64, tokenizer)
     greedy = engine.generate(PROMPTS[:3], max_new_tokens=5, n=4)
