@@ -108,7 +108,7 @@ class HFEngine(TargetEngine):
     compile: run decode steps through torch.compile(dynamic=True); the first call pays the compilation
         (minutes), later calls reuse it. Worth it for long training runs on a GPU.
     eos_token_id: ids that end a completion; default generation_config.eos_token_id, else the
-        tokenizer's eos.
+        tokenizer's eos. [] switches EOS off: every completion runs to max_new_tokens.
     pad_token_id: the filler of left-padded prompts, masked out (its value never reaches the outputs);
         default the first token id among generation_config.pad_token_id, the tokenizer's pad and the EOS
         ids (an id outside the vocabulary, such as -1, is skipped), else 0.
@@ -162,8 +162,9 @@ class HFEngine(TargetEngine):
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
         gen_cfg = getattr(model, "generation_config", None)
-        eos = _as_id_list(eos_token_id) or _as_id_list(getattr(gen_cfg, "eos_token_id", None))
-        if not eos and tokenizer is not None:
+        # a given eos_token_id is used as is (`is not None`, not `or`): [] switches EOS off
+        eos = _as_id_list(eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None))
+        if not eos and eos_token_id is None and tokenizer is not None:
             eos = _as_id_list(tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self._eos = torch.tensor(eos, dtype=torch.long, device=self.device)

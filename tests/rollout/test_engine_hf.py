@@ -277,6 +277,19 @@ def test_engine_seed_none_uses_torch_rng(model64, tokenizer):
     assert a == engine.generate(PROMPTS[:2], max_new_tokens=6, temperature=1.0)
 
 
+def test_engine_empty_eos_list_switches_eos_off(tokenizer):
+    """eos_token_id=[] fell back to generation_config's EOS (an `or` where `is not None` was meant), so EOS
+    could not be switched off. The model here emits its EOS (2) early; with [] it runs to max_new_tokens."""
+    model = build_model(len(tokenizer)).to(torch.float64)
+    first = HFEngine(model, tokenizer).generate(PROMPTS[:1], max_new_tokens=1)[0][0].token_ids[0]
+    model.generation_config.eos_token_id = first
+    assert HFEngine(model, tokenizer).generate(PROMPTS[:1], max_new_tokens=5)[0][0].token_ids == [first]
+    engine = HFEngine(model, tokenizer, eos_token_id=[])
+    assert engine.eos_token_ids == []
+    c = engine.generate(PROMPTS[:1], max_new_tokens=5)[0][0]
+    assert len(c.token_ids) == 5 and c.finish_reason == "length"
+
+
 def test_engine_token_id_prompts(model64, tokenizer):
     engine = HFEngine(model64, tokenizer)
     ids = tokenizer(PROMPTS[0])["input_ids"]
