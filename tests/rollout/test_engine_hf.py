@@ -277,6 +277,17 @@ def test_engine_seed_none_uses_torch_rng(model64, tokenizer):
     assert a == engine.generate(PROMPTS[:2], max_new_tokens=6, temperature=1.0)
 
 
+def test_engine_greedy_leaves_the_torch_rng_alone(model64, tokenizer):
+    """A greedy call with seed=None drew a base seed from torch's global generator it never used, so an
+    evaluation generate between training steps shifted the training's random draws. Only sampling draws."""
+    engine = HFEngine(model64, tokenizer)
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    engine.generate(PROMPTS, max_new_tokens=3, n=2)
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_engine_empty_eos_list_switches_eos_off(tokenizer):
     """eos_token_id=[] fell back to generation_config's EOS (an `or` where `is not None` was meant), so EOS
     could not be switched off. The model here emits its EOS (2) early; with [] it runs to max_new_tokens."""
