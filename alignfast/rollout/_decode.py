@@ -86,6 +86,16 @@ def _prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
     return chunks
 
 
+def _select_rows(cache, indices: torch.Tensor) -> None:
+    """Row i of the DynamicCache becomes its row indices[i] (copies for n samples, drops for finished rows).
+
+    Cache.reorder_cache (beam search's row gather, an index_select on every state) rather than
+    batch_select_indices: every transformers cache layer implements it for all of its states, while a
+    linear-attention layer (LFM2, Qwen3-Next, Jamba, Bamba, RecurrentGemma) has no batch_select_indices, and
+    a layer holding both kinds of state inherits one that selects only its keys and values."""
+    cache.reorder_cache(indices)
+
+
 def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int, temperature: float,
                  top_p: float, eos_ids: torch.Tensor, pad_id: int, device: torch.device) -> list[list[int]]:
     """Generated token ids per row, rows in unit order; a row that stopped ends with its EOS id."""
@@ -123,7 +133,7 @@ def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int,
         logits = runner.forward(ids.to(device), mask.to(device), positions.to(device), target)
         first[r0:r1] = pick(logits if expand is None else logits[expand], np.arange(r0, r1))
         if not packed and expand is not None:
-            cache.batch_select_indices(expand)
+            _select_rows(cache, expand)
     if packed:
         cache.finish_prefill(width)
 
@@ -150,7 +160,10 @@ def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int,
             break
         if (alive.numel() - n_alive) >= max(1.0, runner.compact_fraction * alive.numel()):
             keep = alive.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            if packed:
+                cache.batch_select_indices(keep)
+            else:
+                _select_rows(cache, keep)
             attn, next_pos, tokens, rows = attn[keep], next_pos[keep], tokens[keep], rows[keep]
             rows_host = rows_host[keep.cpu().numpy()]
             alive = alive[keep]

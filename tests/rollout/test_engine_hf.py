@@ -195,6 +195,37 @@ def test_engine_sliding_window_model_uses_fallback_cache(tokenizer):
         assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 10)
 
 
+def test_engine_hybrid_linear_attention_model_copies_and_drops_rows(tokenizer):
+    """Hybrid models (a linear-attention or conv layer beside attention: LFM2 here, also Qwen3-Next, Jamba, Bamba,
+    RecurrentGemma) crashed with AttributeError ('LinearAttentionLayer' has no batch_select_indices) when n > 1
+    samples copied a prompt's cache rows or finished rows were dropped. Rows are gathered with reorder_cache now,
+    and the samples equal those of a run that never touches cache rows (no dedupe, no dropping)."""
+    from collections import Counter
+
+    import transformers as tf
+
+    if not hasattr(tf, "Lfm2Config"):
+        pytest.skip("this transformers has no LFM2")
+    config = tf.Lfm2Config(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                           hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, layer_types=["conv", "full_attention"])
+    torch.manual_seed(0)
+    model = tf.Lfm2ForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(5.0)
+    kw = dict(max_new_tokens=8, temperature=1.0, n=3, seed=1)
+    free = HFEngine(model, tokenizer, eos_token_id=[]).generate(PROMPTS, **kw)
+    eos = [t for t, _ in Counter(t for r in free for c in r for t in c.token_ids).most_common(4)]  # rows stop
+    plain = HFEngine(model, tokenizer, eos_token_id=eos, dedupe=False, compact_fraction=1.0).generate(PROMPTS, **kw)
+    for compact_fraction in (0.0, 0.5):
+        got = HFEngine(model, tokenizer, eos_token_id=eos, compact_fraction=compact_fraction).generate(PROMPTS, **kw)
+        assert got == plain
+    assert sum(c.finish_reason == "stop" for r in plain for c in r) >= 6
+    greedy = HFEngine(model, tokenizer, eos_token_id=eos, compact_fraction=0.0).generate(PROMPTS, max_new_tokens=8)
+    for prompt, completions in zip(PROMPTS, greedy):
+        assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 8, eos=eos)
+
+
 def test_engine_eos_from_generation_config_list(tokenizer):
     model = build_model(len(tokenizer)).to(torch.float64)
     free = HFEngine(model, tokenizer, eos_token_id=[]).generate(PROMPTS[:2], max_new_tokens=8)
