@@ -10,14 +10,21 @@ from __future__ import annotations
 import inspect
 
 
+def forward_parameters(model) -> dict[str, inspect.Parameter] | None:
+    """The parameters of the forward that does the work: a PEFT wrapper's forward takes **kwargs and passes
+    them to its base model, so the base model's signature is the one that says what a call may pass.
+    None when the signature cannot be read."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return dict(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
 def cache_keyword(model) -> str:
     """'cache' when model.forward takes it (transformers >= 5), else 'past_key_values'."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs to it
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    params = forward_parameters(model)
+    return "cache" if params is not None and "cache" in params else "past_key_values"
 
 
 def output_cache(out):

@@ -18,7 +18,6 @@ fraction of the rows) and the copying (each compaction shrinks the batch by that
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from alignfast.rollout._batching import Unit
-from alignfast.rollout._cache_api import cache_keyword
+from alignfast.rollout._cache_api import cache_keyword, forward_parameters
 from alignfast.rollout._kv_cache import new_dynamic_cache, new_packed_cache, packed_cache_layers
 from alignfast.rollout._sampling import choose_tokens, step_uniforms
 
@@ -51,7 +50,10 @@ def make_runner(model, *, use_packed_cache: bool = True, prefill_chunk_tokens: i
     compile: decode steps go through torch.compile(model.forward, dynamic=True) (the batch and the
     cache length change from step to step, so shapes are symbolic; no CUDA graphs). The prefill stays
     eager: it runs a few times per call, decode steps hundreds of times."""
-    params = inspect.signature(model.forward).parameters
+    params = forward_parameters(model)
+    if params is None:
+        raise TypeError(f"{type(model).__name__}.forward has no readable signature: left-padded batching needs "
+                        "to know that it takes position_ids")
     if "position_ids" not in params:
         raise TypeError(f"{type(model).__name__}.forward takes no position_ids: left-padded batching needs them")
     keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
@@ -82,6 +84,16 @@ def _prefill_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
             start, longest = i, n
     chunks.append((start, len(lengths)))
     return chunks
+
+
+def _select_rows(cache, indices: torch.Tensor) -> None:
+    """Row i of the DynamicCache becomes its row indices[i] (copies for n samples, drops for finished rows).
+
+    Cache.reorder_cache (beam search's row gather, an index_select on every state) rather than
+    batch_select_indices: every transformers cache layer implements it for all of its states, while a
+    linear-attention layer (LFM2, Qwen3-Next, Jamba, Bamba, RecurrentGemma) has no batch_select_indices, and
+    a layer holding both kinds of state inherits one that selects only its keys and values."""
+    cache.reorder_cache(indices)
 
 
 def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int, temperature: float,
@@ -121,7 +133,7 @@ def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int,
         logits = runner.forward(ids.to(device), mask.to(device), positions.to(device), target)
         first[r0:r1] = pick(logits if expand is None else logits[expand], np.arange(r0, r1))
         if not packed and expand is not None:
-            cache.batch_select_indices(expand)
+            _select_rows(cache, expand)
     if packed:
         cache.finish_prefill(width)
 
@@ -148,7 +160,10 @@ def decode_batch(runner: ModelRunner, units: list[Unit], *, max_new_tokens: int,
             break
         if (alive.numel() - n_alive) >= max(1.0, runner.compact_fraction * alive.numel()):
             keep = alive.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            if packed:
+                cache.batch_select_indices(keep)
+            else:
+                _select_rows(cache, keep)
             attn, next_pos, tokens, rows = attn[keep], next_pos[keep], tokens[keep], rows[keep]
             rows_host = rows_host[keep.cpu().numpy()]
             alive = alive[keep]

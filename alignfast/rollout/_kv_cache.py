@@ -18,8 +18,8 @@ would still be NaN. A prompt's unit may own several rows (n samples): the writer
 each of them, so the prompt is computed once.
 
 It needs transformers' per-layer cache API (>= 5) and a model whose layers all use full attention;
-otherwise the engine falls back to DynamicCache (one prefill for the batch, rows dropped with
-batch_select_indices).
+otherwise the engine falls back to DynamicCache (one prefill for the batch, rows copied and dropped with
+reorder_cache, which every cache layer implements, linear-attention ones included).
 """
 
 from __future__ import annotations

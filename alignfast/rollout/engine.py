@@ -82,9 +82,13 @@ class GenerateArgs:
 
     def base_seed(self) -> int:
         """The call's seed, or (seed=None) one drawn from torch's global generator, so that
-        torch.manual_seed makes unseeded calls reproducible too."""
+        torch.manual_seed makes unseeded calls reproducible too. A greedy call uses no randomness and
+        draws nothing (0): an evaluation generate between training steps leaves the global generator,
+        and so the training's draws, where they were."""
         if self.seed is not None:
             return self.seed
+        if self.greedy:
+            return 0
         import torch
 
         return int(torch.randint(0, 2**62, (1,)).item())

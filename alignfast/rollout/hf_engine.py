@@ -30,7 +30,7 @@ import torch
 from alignfast.ops._checks import choice, fail, in_range
 from alignfast.rollout._batching import build_units, plan_batches
 from alignfast.rollout._decode import decode_batch, make_runner
-from alignfast.rollout.engine import Completion, Prompt, TargetEngine, check_call
+from alignfast.rollout.engine import Completion, Prompt, TargetEngine, _is_int, check_call
 
 DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and the floor on a GPU
 GPU_KV_MEMORY_FRACTION = 0.4  # of the free GPU memory, for the KV cache of one batch by default
@@ -95,8 +95,9 @@ class HFEngine(TargetEngine):
     max_prompt_length: prompts longer than this are truncated (their last tokens kept: the end of the
         prompt is what the model continues) with a warning, or rejected when on_long_prompt="error".
         Default: the model's max_position_embeddings minus max_new_tokens, when the config has it.
-    attn_implementation: for a path: "sdpa" by default, "flash_attention_2" when flash-attn is installed
-        and the model goes to a GPU in half precision. For a model object: switched when given.
+    attn_implementation: for a path: transformers' choice by default (sdpa where the model supports it,
+        else eager), "flash_attention_2" when flash-attn is installed and the model goes to a GPU in half
+        precision. For a model object: switched when given.
     dedupe: prefill identical prompts once (and n samples of one prompt share its prefill).
     prefill_chunk_tokens: padded prompt tokens per prefill forward (prompts of similar length are
         prefilled together, so little of it is padding).
@@ -107,7 +108,10 @@ class HFEngine(TargetEngine):
     compile: run decode steps through torch.compile(dynamic=True); the first call pays the compilation
         (minutes), later calls reuse it. Worth it for long training runs on a GPU.
     eos_token_id: ids that end a completion; default generation_config.eos_token_id, else the
-        tokenizer's eos.
+        tokenizer's eos. [] switches EOS off: every completion runs to max_new_tokens.
+    pad_token_id: the filler of left-padded prompts, masked out (its value never reaches the outputs);
+        default the first token id among generation_config.pad_token_id, the tokenizer's pad and the EOS
+        ids (an id outside the vocabulary, such as -1, is skipped), else 0.
     """
 
     def __init__(self, model, tokenizer=None, *, device: str | torch.device | None = None,
@@ -158,14 +162,23 @@ class HFEngine(TargetEngine):
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
 
         gen_cfg = getattr(model, "generation_config", None)
-        eos = _as_id_list(eos_token_id) or _as_id_list(getattr(gen_cfg, "eos_token_id", None))
-        if not eos and tokenizer is not None:
+        # a given eos_token_id is used as is (`is not None`, not `or`): [] switches EOS off
+        eos = _as_id_list(eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None))
+        if not eos and eos_token_id is None and tokenizer is not None:
             eos = _as_id_list(tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self._eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+        # The pad id is only filler under the attention mask, but it still goes through the embedding: it must
+        # be a token id. Configs with pad_token_id = -1 (early Llama conversions) are skipped, not fatal.
+        def token_id(v) -> bool:
+            return _is_int(v) and 0 <= v < self.vocab_size
+
         if pad_token_id is None:
             pad_token_id = next((v for v in (getattr(gen_cfg, "pad_token_id", None),
-                                             getattr(tokenizer, "pad_token_id", None), *eos) if v is not None), 0)
+                                             getattr(tokenizer, "pad_token_id", None), *eos) if token_id(v)), 0)
+        elif not token_id(pad_token_id):
+            fail("pad_token_id", f"must be a token id in [0, {self.vocab_size}) (it fills the masked left padding), "
+                 f"got {pad_token_id!r}")
         self.pad_token_id = int(pad_token_id)
         self._runner = make_runner(model, use_packed_cache=packed_cache, prefill_chunk_tokens=prefill_chunk_tokens,
                                    compact_fraction=in_range("compact_fraction", compact_fraction, 0.0, 1.0),
@@ -178,10 +191,11 @@ class HFEngine(TargetEngine):
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if attn_implementation is None:
-            half = dtype in (torch.float16, torch.bfloat16)
-            attn_implementation = ("flash_attention_2" if device.type == "cuda" and half and _flash_attn_available()
-                                   else "sdpa")
+        if attn_implementation is None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) \
+                and _flash_attn_available():
+            attn_implementation = "flash_attention_2"
+        # None lets transformers choose: sdpa where the model supports it, eager where it does not (Gemma-2),
+        # which forcing "sdpa" turned into a load error
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                      local_files_only=local_files_only,
                                                      trust_remote_code=trust_remote_code)

@@ -11,17 +11,21 @@ not a per-read one, so a server that trickles a byte at a time cannot hold a req
 
 Retries. A retryable failure (timeout, connection error, HTTP 408/409/429/5xx) is retried after
 
-    wait_k = Retry-After (when the server sends one)  else  min(backoff_max, backoff * 2**k) * U(0.75, 1)
+    wait_k = max(Retry-After (when the server sends one), min(backoff_max, backoff * 2**k) * U(0.75, 1))
 
 (k = retries so far) while the waits of that request stay within `retry_budget` seconds in total (and,
-when set, at most `max_retries` times). The default budget, 30 s, outlasts a server restart. A request
-that still fails, or fails with an error retrying cannot fix (400, 401, 404, a malformed response), cancels
-the requests not yet answered and raises EngineRequestError naming the prompt and quoting the server.
+when set, at most `max_retries` times). A Retry-After can lengthen the engine's own backoff, never shorten
+it: the budget counts waiting, so a server asking for 0 s would otherwise be retried without end. The
+default budget, 30 s, outlasts a server restart. A request that still fails, or fails with an error
+retrying cannot fix (400, 401, 404, a malformed response), cancels the requests not yet answered and raises
+EngineRequestError naming the prompt and quoting the server.
 
 Endpoints: "completions" sends the prompt as is (text, or token ids, which the completions API
 accepts); "chat" sends it as one user message (after an optional system message), text only.
 Completions carry text only (token_ids is empty: the endpoint's tokenizer is not ours); their num_tokens
 comes from the response's `usage.completion_tokens` (split evenly over the n choices of one request).
+A chat choice whose content is null is an empty completion; a choice without a text string, or indices
+other than 0..n-1, is a malformed response.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ class OpenAIEngine(TargetEngine):
     api: "completions" or "chat". api_key: default $OPENAI_API_KEY, else "EMPTY" (local servers).
     max_concurrency: requests in flight at once. timeout: seconds for one attempt, all of it (connect,
     send, wait, read). call_timeout: seconds for one whole `generate` call (None: bounded by the others).
-    max_retries (None: no count limit), retry_budget, backoff, backoff_max: see the module docstring.
+    max_retries (None: no count limit; backoff and backoff_max must then be > 0), retry_budget, backoff,
+    backoff_max: see the module docstring.
     n_per_request: send `n` in one request (False: n requests of one sample each).
     send_seed: pass a per-prompt seed (derived from the call's seed, the prompt and its occurrence).
     system_prompt: for api="chat", a system message before each prompt.
@@ -104,6 +109,11 @@ class OpenAIEngine(TargetEngine):
         self.retry_budget = non_negative("retry_budget", retry_budget)
         self.backoff = non_negative("backoff", backoff)
         self.backoff_max = non_negative("backoff_max", backoff_max)
+        if max_retries is None:  # the budget counts waiting time: only waits that grow it can end the retries
+            for name, value in (("backoff", self.backoff), ("backoff_max", self.backoff_max)):
+                if value == 0:
+                    fail(name, "must be > 0 when max_retries is None: the retry budget counts the waits between "
+                         "attempts, so with no wait a failing request would be retried forever")
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
         self.model, self.n_per_request, self.send_seed = model, bool(n_per_request), bool(send_seed)
         self.system_prompt, self.extra_body = system_prompt, dict(extra_body or {})
@@ -174,14 +184,12 @@ class OpenAIEngine(TargetEngine):
         choices = data.get("choices")
         if not isinstance(choices, list):
             raise _Malformed(f"the endpoint's answer has no 'choices': {_quote(text)}")
-        texts = []
-        for c in choices:
-            if not isinstance(c, dict):
-                raise _Malformed(f"the endpoint's answer has a malformed choice: {_quote(json.dumps(c))}")
-            content = (c.get("message") or {}).get("content") if self.api == "chat" else c.get("text")
-            texts.append((c.get("index", len(texts)), content or "", c.get("finish_reason")))
+        texts = [self._choice(c, position) for position, c in enumerate(choices)]
         if len(texts) != n:
             raise _Malformed(f"the endpoint returned {len(texts)} choices for n={n}: {_quote(text)}")
+        indices = sorted(index for index, _, _ in texts)
+        if indices != list(range(n)):  # samples are put in index order: each of 0..n-1 must be there once
+            raise _Malformed(f"the endpoint's choices have indices {indices}, not 0..{n - 1}: {_quote(text)}")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         total = usage.get("completion_tokens")
         counts = [None] * n
@@ -189,6 +197,31 @@ class OpenAIEngine(TargetEngine):
             counts = [total // n + (1 if i < total % n else 0) for i in range(n)]
         return [Completion(t, [], "length" if reason == "length" else "stop", num_tokens=k)
                 for (_, t, reason), k in zip(sorted(texts, key=lambda x: x[0]), counts)]
+
+    def _choice(self, c, position: int) -> tuple[int, str, str | None]:
+        """(index, text, finish_reason) of one choice, or _Malformed. A missing index is the choice's position;
+        a chat message whose content is null (a refusal, or a reasoning model that spent max_tokens thinking)
+        is an empty completion, as the chat API allows it. Anything else that is not text is malformed, never
+        an empty or non-string completion."""
+        def malformed(why: str):
+            return _Malformed(f"the endpoint's answer has a malformed choice ({why}): {_quote(json.dumps(c))}")
+
+        if not isinstance(c, dict):
+            raise malformed("not an object")
+        index = c.get("index", position)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise malformed("its index is not an integer")
+        if self.api == "chat":
+            message = c.get("message")
+            if not isinstance(message, dict):
+                raise malformed("no message object")
+            content = message.get("content")
+            content = "" if content is None else content
+        else:
+            content = c.get("text")
+        if not isinstance(content, str):
+            raise malformed("no message content string" if self.api == "chat" else "no text string")
+        return index, content, c.get("finish_reason")
 
     def _classify(self, err: BaseException) -> tuple[bool, float | None]:
         """(retryable, Retry-After seconds or None)."""
@@ -216,10 +249,11 @@ class OpenAIEngine(TargetEngine):
             failure = f"OpenAIEngine ({self.base_url}): the request for prompts[{index}] failed {tries}: {name}: {err}"
             if not retryable or (self.max_retries is not None and attempt >= self.max_retries):
                 raise EngineRequestError(failure) from err
-            wait = retry_after if retry_after is not None else \
-                min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0)
+            wait = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0)
+            server_wait = retry_after is not None and retry_after >= wait
+            wait = retry_after if server_wait else wait  # see the module docstring: never below our backoff
             if waited + wait > self.retry_budget:
-                asked = f"the server asked to retry after {retry_after:g} s, which" if retry_after is not None \
+                asked = f"the server asked to retry after {retry_after:g} s, which" if server_wait \
                     else "another retry"
                 raise EngineRequestError(f"{failure} ({asked} would exceed the retry budget of "
                                          f"{self.retry_budget:g} s: retry_budget sets it)") from err

@@ -74,10 +74,7 @@ class RewardModel:
         self.batch_size = batch_size
         self.max_length = max_length
         self.label_index = label_index
-        self.pad_token_id = _pad_id(tokenizer)
-        # The classifier pools the rightmost non-pad token; it must know which id pads.
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = self.pad_token_id
+        self.pad_token_id = _classifier_pad_id(model, tokenizer)
         name = getattr(model.config, "_name_or_path", "") or "reward_model"
         self.__name__ = name.rstrip("/").split("/")[-1] or "reward_model"
 
@@ -114,6 +111,27 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
         ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _classifier_pad_id(model, tokenizer) -> int:
+    """The id to pad rows with: the one the classifier pools by. A sequence classifier scores the rightmost
+    token that is not config.pad_token_id, so rows must be padded with exactly that id: padded with another
+    one (the tokenizer's, when the two disagree), a shorter row would be scored at a pad and its score would
+    depend on the rows batched with it. A config without a pad id gets the tokenizer's (set on the model)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        config.pad_token_id = pad = _pad_id(tokenizer)
+        return pad
+    try:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        vocab = getattr(config, "vocab_size", None)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0 or (vocab is not None and pad >= vocab):
+        fail("reward_model", f"has config.pad_token_id {pad!r}, which is not a token id (vocabulary of {vocab}): "
+             "it pools the last token that is not the pad id, so padded rows could not be scored right; set "
+             "model.config.pad_token_id to a token id (the tokenizer's pad id)")
+    return pad
 
 
 def _pad_id(tokenizer) -> int:

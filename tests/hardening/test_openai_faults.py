@@ -21,6 +21,18 @@ pytest.importorskip("openai")
 from alignfast.rollout import EngineRequestError, OpenAIEngine  # noqa: E402
 
 
+# prompt -> the choices a broken server returns for n samples (each must be a malformed response)
+BAD_CHOICES = {
+    "no-text": lambda n: [{"index": i, "finish_reason": "stop"} for i in range(n)],
+    "int-text": lambda n: [{"index": i, "text": 42, "finish_reason": "stop"} for i in range(n)],
+    "null-index": lambda n: [{"index": None, "text": f"t{i}", "finish_reason": "stop"} for i in range(n)],
+    "str-index": lambda n: [{"index": str(i), "text": f"t{i}", "finish_reason": "stop"} for i in reversed(range(n))],
+    "dup-index": lambda n: [{"index": 0, "text": f"t{i}", "finish_reason": "stop"} for i in range(n)],
+    "message-str": lambda n: [{"index": i, "message": "hello", "finish_reason": "stop"} for i in range(n)],
+    "message-int": lambda n: [{"index": i, "message": {"role": "assistant", "content": 7}} for i in range(n)],
+}
+
+
 def _completion(prompt: str, n: int, tokens: int = 3) -> dict:
     return {"id": "x", "object": "text_completion", "created": 0, "model": "m",
             "choices": [{"index": i, "text": f"{prompt}|{i}", "finish_reason": "stop", "logprobs": None}
@@ -35,9 +47,12 @@ class FaultServer:
         silent           accepts, never answers
         retry-after<s>   429 with Retry-After: <s> for the first request, then an answer
         always-429       429 with Retry-After: 1 always
+        always-503-ra0   503 with Retry-After: 0 always
+        always-429-ms0   429 with retry-after-ms: 0 always
         html             200 with an HTML page
         error-200        200 carrying {"error": ...}
         no-choices       200 with a JSON object without choices
+        BAD_CHOICES key  200 with those choices (the chat API's last user message is the prompt)
         anything else    a normal completion (usage: 3 tokens per choice)"""
 
     def __init__(self):
@@ -60,7 +75,7 @@ class FaultServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body.get("prompt")
+                prompt = body["messages"][-1]["content"] if "messages" in body else body.get("prompt")
                 server.times.setdefault(prompt, []).append(time.monotonic())
                 try:
                     self._answer(prompt, body)
@@ -102,6 +117,10 @@ class FaultServer:
                         self._send(200, _completion(prompt, n))
                 elif prompt == "always-429":
                     self._send(429, {"error": {"message": "slow down"}}, headers=[("Retry-After", "1")])
+                elif prompt == "always-503-ra0":
+                    self._send(503, {"error": {"message": "overloaded"}}, headers=[("Retry-After", "0")])
+                elif prompt == "always-429-ms0":
+                    self._send(429, {"error": {"message": "slow down"}}, headers=[("retry-after-ms", "0")])
                 elif prompt == "html":
                     self._send(200, None, raw=b"<html><body>Bad Gateway from the proxy</body></html>",
                                ctype="text/html")
@@ -109,6 +128,8 @@ class FaultServer:
                     self._send(200, {"error": {"message": "model overloaded", "type": "server_error"}})
                 elif prompt == "no-choices":
                     self._send(200, {"id": "x", "object": "text_completion", "result": "hello"})
+                elif prompt in BAD_CHOICES:
+                    self._send(200, {**_completion(prompt, n), "choices": BAD_CHOICES[prompt](n)})
                 else:
                     self._send(200, _completion(prompt, n))
 
@@ -171,6 +192,29 @@ def test_retry_after_beyond_the_budget_fails_at_once_naming_the_setting(server):
             e.generate(["always-429"], max_new_tokens=4)
 
 
+@pytest.mark.parametrize("prompt", ["always-503-ra0", "always-429-ms0"])
+def test_retry_after_zero_still_ends_within_the_budget(server, prompt):
+    """A server asking to retry after 0 s was retried at once, forever: the wait came from the server and the
+    budget only counts waiting (thousands of requests a second, no end). Each wait is now at least the engine's
+    own backoff, so the budget ends it."""
+    with engine(server, backoff=0.05, retry_budget=0.3, call_timeout=5) as e:
+        start = time.monotonic()
+        with pytest.raises(EngineRequestError, match=r"another retry would exceed the retry budget of 0.3 s"):
+            e.generate([prompt], max_new_tokens=4)
+        assert time.monotonic() - start < 2
+    assert 2 <= len(server.times[prompt]) <= 6  # backoffs of ~0.05, 0.1, 0.2 s fill the 0.3 s budget
+
+
+def test_zero_backoff_needs_a_retry_count():
+    """With no wait between attempts the budget (which counts waiting) could never end a retrying request."""
+    from alignfast.ops import AlignfastArgumentError
+
+    for name in ("backoff", "backoff_max"):
+        with pytest.raises(AlignfastArgumentError, match=rf"'{name}' must be > 0 when max_retries is None"):
+            OpenAIEngine("http://127.0.0.1:1/v1", "m", **{name: 0})
+    OpenAIEngine("http://127.0.0.1:1/v1", "m", backoff=0, max_retries=2)  # a count bounds it
+
+
 @pytest.mark.parametrize("prompt, quoted", [
     ("html", r"not JSON: '<html><body>Bad Gateway from the proxy</body></html>'"),
     ("error-200", r"answered with an error: .*model overloaded"),
@@ -182,6 +226,34 @@ def test_malformed_answers_are_quoted(server, prompt, quoted):
                                                       rf"response: .*{quoted}"):
             e.generate([prompt], max_new_tokens=4)
     assert len(server.times[prompt]) == 1  # not retried
+
+
+@pytest.mark.parametrize("api, prompt, n, quoted", [
+    ("completions", "no-text", 1, r"malformed choice \(no text string\)"),
+    ("completions", "int-text", 1, r"malformed choice \(no text string\): .*\"text\": 42"),
+    ("completions", "null-index", 2, r"malformed choice \(its index is not an integer\)"),
+    ("completions", "str-index", 12, r"malformed choice \(its index is not an integer\)"),
+    ("completions", "dup-index", 2, r"choices have indices \[0, 0\], not 0..1"),
+    ("chat", "message-str", 1, r"malformed choice \(no message object\): .*\"message\": \"hello\""),
+    ("chat", "message-int", 1, r"malformed choice \(no message content string\)"),
+])
+def test_malformed_choices_are_malformed_responses(server, api, prompt, n, quoted):
+    """Choices without usable text were accepted or misreported: a missing text became an empty completion,
+    "text": 42 came back as an int, a null index raised TypeError (sorting), a string message AttributeError,
+    string indices sorted "10" before "2", duplicate indices passed. Each is now a malformed response, not
+    retried."""
+    with engine(server, api=api) as e:
+        with pytest.raises(EngineRequestError, match=rf"prompts\[0\] failed on its first attempt: malformed "
+                                                      rf"response: .*{quoted}"):
+            e.generate([prompt], max_new_tokens=4, n=n)
+    assert len(server.times[prompt]) == 1
+
+
+def test_null_chat_content_is_an_empty_completion(server):
+    """The chat API allows a null content (a refusal, a reasoning model out of tokens): an empty text."""
+    with engine(server, api="chat") as e:
+        assert e._parse(json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": None},
+                                                 "finish_reason": "length"}]}), 1)[0].text == ""
 
 
 def test_generate_after_close_is_a_clear_error(server):

@@ -106,6 +106,44 @@ def test_engine_loads_from_path(tiny_dir, model64, tokenizer):
     assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in want]
 
 
+def test_engine_loads_a_model_without_sdpa_from_path(tmp_path, tokenizer):
+    """HFEngine(path) forced attn_implementation="sdpa", so a model transformers has no SDPA attention for
+    (Gemma-2 here) failed to load at all. transformers now chooses (eager for Gemma-2), and it generates as
+    per-prompt `generate` does. (One prompt per call: a left pad wider than Gemma-2's sliding window gives NaN
+    logits in transformers' own eager attention, batched `generate` included.)"""
+    import transformers as tf
+
+    config = tf.Gemma2Config(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                             hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=12, max_position_embeddings=256, sliding_window=16)
+    torch.manual_seed(3)
+    tf.Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = HFEngine(str(tmp_path), dtype=torch.float64, device="cpu")
+    assert engine.model.config._attn_implementation == "eager"
+    for prompt in PROMPTS[:3]:
+        got = engine.generate([prompt], max_new_tokens=6)[0][0].token_ids
+        assert got == reference_generate(engine.model, tokenizer, prompt, 6)
+
+
+def test_engine_peft_wrapped_target_matches_its_generate(tokenizer):
+    """A PEFT-wrapped model was refused ("PeftModelForCausalLM.forward takes no position_ids"): the check read
+    the wrapper's forward, which takes **kwargs and passes position_ids on to the base model. The base model's
+    signature is read now, as for the cache keyword, and the adapted model decodes as its own `generate`."""
+    peft = pytest.importorskip("peft")
+
+    base = build_model(len(tokenizer)).to(torch.float64)
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                             init_lora_weights=False)  # random B: the adapter changes the outputs
+    model = peft.get_peft_model(base, config).eval()
+    got = HFEngine(model, tokenizer).generate(PROMPTS, max_new_tokens=6)
+    for prompt, completions in zip(PROMPTS, got):
+        assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 6)
+    with model.disable_adapter():
+        assert [r[0].token_ids for r in HFEngine(model, tokenizer).generate(PROMPTS, max_new_tokens=6)] != \
+            [r[0].token_ids for r in got]
+
+
 def test_engine_eos_stops_rows_and_matches_generate(model64, tokenizer):
     """Pick EOS ids that the greedy outputs actually emit mid-way, several of them (a list, as in
     generation_config), and check each row stops at the first one, as generate does."""
@@ -157,6 +195,37 @@ def test_engine_sliding_window_model_uses_fallback_cache(tokenizer):
         assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 10)
 
 
+def test_engine_hybrid_linear_attention_model_copies_and_drops_rows(tokenizer):
+    """Hybrid models (a linear-attention or conv layer beside attention: LFM2 here, also Qwen3-Next, Jamba, Bamba,
+    RecurrentGemma) crashed with AttributeError ('LinearAttentionLayer' has no batch_select_indices) when n > 1
+    samples copied a prompt's cache rows or finished rows were dropped. Rows are gathered with reorder_cache now,
+    and the samples equal those of a run that never touches cache rows (no dedupe, no dropping)."""
+    from collections import Counter
+
+    import transformers as tf
+
+    if not hasattr(tf, "Lfm2Config"):
+        pytest.skip("this transformers has no LFM2")
+    config = tf.Lfm2Config(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                           hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, layer_types=["conv", "full_attention"])
+    torch.manual_seed(0)
+    model = tf.Lfm2ForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(5.0)
+    kw = dict(max_new_tokens=8, temperature=1.0, n=3, seed=1)
+    free = HFEngine(model, tokenizer, eos_token_id=[]).generate(PROMPTS, **kw)
+    eos = [t for t, _ in Counter(t for r in free for c in r for t in c.token_ids).most_common(4)]  # rows stop
+    plain = HFEngine(model, tokenizer, eos_token_id=eos, dedupe=False, compact_fraction=1.0).generate(PROMPTS, **kw)
+    for compact_fraction in (0.0, 0.5):
+        got = HFEngine(model, tokenizer, eos_token_id=eos, compact_fraction=compact_fraction).generate(PROMPTS, **kw)
+        assert got == plain
+    assert sum(c.finish_reason == "stop" for r in plain for c in r) >= 6
+    greedy = HFEngine(model, tokenizer, eos_token_id=eos, compact_fraction=0.0).generate(PROMPTS, max_new_tokens=8)
+    for prompt, completions in zip(PROMPTS, greedy):
+        assert completions[0].token_ids == reference_generate(model, tokenizer, prompt, 8, eos=eos)
+
+
 def test_engine_eos_from_generation_config_list(tokenizer):
     model = build_model(len(tokenizer)).to(torch.float64)
     free = HFEngine(model, tokenizer, eos_token_id=[]).generate(PROMPTS[:2], max_new_tokens=8)
@@ -178,6 +247,21 @@ def test_engine_padding_never_leaks(model64, tokenizer, temperature):
         batched = engine.generate([PROMPTS[1], short, PROMPTS[5]], max_new_tokens=10, temperature=temperature, seed=3)
         assert batched[1][0].token_ids == alone[0][0].token_ids
         assert pad not in batched[1][0].token_ids or pad in alone[0][0].token_ids
+
+
+def test_engine_pad_id_outside_the_vocabulary(tokenizer):
+    """A pad id that is no token id (generation_config.pad_token_id = -1, as in early Llama conversions, or one
+    >= the vocabulary) crashed with IndexError in the embedding, and only once a batch needed padding. The
+    default now skips it (the pad is filler under the mask), and an explicit one is refused at construction."""
+    model = build_model(len(tokenizer)).to(torch.float64)
+    model.generation_config.pad_token_id = -1
+    engine = HFEngine(model, tokenizer)
+    assert engine.pad_token_id == tokenizer.pad_token_id
+    got = engine.generate([PROMPTS[1], "write"], max_new_tokens=4)
+    assert got[1] == engine.generate(["write"], max_new_tokens=4)[0]
+    for pad in (-1, len(tokenizer)):
+        with pytest.raises(AlignfastArgumentError, match=rf"'pad_token_id' must be a token id in \[0, 300\).*{pad}"):
+            HFEngine(model, tokenizer, pad_token_id=pad)
 
 
 def test_engine_n_samples_shapes(model64, tokenizer):
@@ -222,6 +306,30 @@ def test_engine_seed_none_uses_torch_rng(model64, tokenizer):
     a = engine.generate(PROMPTS[:2], max_new_tokens=6, temperature=1.0)
     torch.manual_seed(5)
     assert a == engine.generate(PROMPTS[:2], max_new_tokens=6, temperature=1.0)
+
+
+def test_engine_greedy_leaves_the_torch_rng_alone(model64, tokenizer):
+    """A greedy call with seed=None drew a base seed from torch's global generator it never used, so an
+    evaluation generate between training steps shifted the training's random draws. Only sampling draws."""
+    engine = HFEngine(model64, tokenizer)
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    engine.generate(PROMPTS, max_new_tokens=3, n=2)
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_engine_empty_eos_list_switches_eos_off(tokenizer):
+    """eos_token_id=[] fell back to generation_config's EOS (an `or` where `is not None` was meant), so EOS
+    could not be switched off. The model here emits its EOS (2) early; with [] it runs to max_new_tokens."""
+    model = build_model(len(tokenizer)).to(torch.float64)
+    first = HFEngine(model, tokenizer).generate(PROMPTS[:1], max_new_tokens=1)[0][0].token_ids[0]
+    model.generation_config.eos_token_id = first
+    assert HFEngine(model, tokenizer).generate(PROMPTS[:1], max_new_tokens=5)[0][0].token_ids == [first]
+    engine = HFEngine(model, tokenizer, eos_token_id=[])
+    assert engine.eos_token_ids == []
+    c = engine.generate(PROMPTS[:1], max_new_tokens=5)[0][0]
+    assert len(c.token_ids) == 5 and c.finish_reason == "length"
 
 
 def test_engine_token_id_prompts(model64, tokenizer):

@@ -57,6 +57,24 @@ def test_reward_model_scores_the_exchange(tmp_path, chat):
     assert rm.__name__ == "rm"
 
 
+def test_reward_model_scores_do_not_depend_on_the_batch_when_pad_ids_differ(tmp_path):
+    """Rows were padded with the tokenizer's pad id while the classifier pools the last token that is not
+    config.pad_token_id: with the two different, a short row batched beside a longer one was scored at a pad,
+    so its score changed with the batch. Rows are now padded with the model's pad id."""
+    tok = make_tokenizer(tmp_path / "rm", WORDS, chat_template=False)
+    model = make_reward_model(tmp_path / "rm", len(tok), seed=1, hidden=16, initializer_range=0.5)
+    tok.pad_token = "<eos>"  # the tokenizer pads with 2; the model's config says 0
+    assert (tok.pad_token_id, model.config.pad_token_id) == (2, 0)
+    rm = RewardModel(model, tok, template="{prompt} answer {completion}", batch_size=8)
+    prompts, completions = ["what is a cat", "a dog"], ["the cat is a cat and a fish please", "dog"]
+    batched = rm(prompts, completions)
+    alone = [rm([p], [c])[0] for p, c in zip(prompts, completions)]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    model.config.pad_token_id = -1
+    with pytest.raises(AlignfastArgumentError, match=r"'reward_model' has config.pad_token_id -1, which is not"):
+        RewardModel(model, tok)
+
+
 def test_render_is_single_pass_and_leaves_other_braces():
     assert templates.render("{prompt} -> {rewrite} {json}", prompt="say {rewrite}", rewrite="R") == \
         "say {rewrite} -> R {json}"
