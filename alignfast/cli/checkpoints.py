@@ -28,6 +28,29 @@ def policy_dir(path: str | Path) -> Path:
     return p
 
 
+def trained_as(path: str | Path) -> tuple[str | None, dict | None]:
+    """(arm, trainer settings) of the run that wrote a model folder, where it says so: a checkpoint-<step>'s
+    trainer_state.json holds both; a save_model folder holds its arm (trainer.base.ARM_FILE) and its run's
+    config.json is beside it. (None, None) for a folder from elsewhere or from before the arm was recorded."""
+    import json
+
+    from alignfast.trainer.base import ARM_FILE
+    from alignfast.trainer.checkpoint import STATE_FILE
+
+    p = Path(path).expanduser()
+    checkpoint = p if (p / STATE_FILE).is_file() else p.parent if (p.parent / STATE_FILE).is_file() else None
+    try:
+        if checkpoint is not None:
+            state = json.loads((checkpoint / STATE_FILE).read_text())
+            return state.get("arm"), state.get("config")
+        arm = json.loads((p / ARM_FILE).read_text()).get("arm") if (p / ARM_FILE).is_file() else None
+        run_config = p.parent / "config.json"
+        settings = json.loads(run_config.read_text()) if arm is not None and run_config.is_file() else None
+        return arm, settings if isinstance(settings, dict) else None
+    except (OSError, ValueError):  # unreadable: the loader's own checks speak for the folder
+        return None, None
+
+
 def _check_intact(checkpoint: Path) -> None:
     """A checkpoint's files against its manifest (a truncated model file would fail deep inside the loader)."""
     from alignfast.trainer import checkpoint as ckpt

@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
                    help="PPO episodes per arm (default: the world's recommended budget)")
     p.add_argument("--no-oracle", action="store_true", help="skip the Oracle arm (PPO on the target itself)")
     p.add_argument("--no-proxy", action="store_true", help="skip the Proxy-RLHF arm (a proxy judging the target's tokens)")
+    p.add_argument("--no-aligner", action="store_true", help="skip the Aligner arm (a corrector after the target)")
     p.add_argument("--backend", choices=["fast", "reference"], default="fast",
                    help="fast: alignfast's fused kernels; reference: plain PyTorch (same algorithm, for comparison)")
     p.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
@@ -30,5 +31,6 @@ def run(args, extra) -> int:
     if args.episodes is not None and args.episodes < 1:
         raise CLIError(f"--episodes must be >= 1, got {args.episodes}")
     run_demo(args.output_dir, seed=args.seed, episodes=args.episodes, oracle=not args.no_oracle,
-             backend=args.backend, show_progress=args.progress or None, proxy=not args.no_proxy)
+             backend=args.backend, show_progress=args.progress or None, proxy=not args.no_proxy,
+             aligner=not args.no_aligner)
     return 0

@@ -53,7 +53,8 @@ def _evaluate(args, overrides) -> int:
     from alignfast.cli import build
     from alignfast.cli.checkpoints import load_policy, policy_dir
     from alignfast.cli.errors import CLIError
-    from alignfast.cli.config import load_run_config, section
+    from alignfast.cli import eval_checks
+    from alignfast.cli.config import load_run_config, require, section
     from alignfast.cli.models import load_causal_lm, load_tokenizer
     from alignfast.cli.threads import fit_threads_to_machine
     from alignfast.eval import arms as arm_eval
@@ -86,8 +87,17 @@ def _evaluate(args, overrides) -> int:
         check_aligner_checkpoint(args.aligner_checkpoint)
     if args.proxy_checkpoint:
         eval_proxy.proxy_dir(args.proxy_checkpoint)
+    eval_checks.check_checkpoint_kinds(args)
+    if args.checkpoint and not args.no_sft:  # the SFT arm loads prompter.model (after the target and a whole arm)
+        require(config, "prompter.model")
     arms_config = eval_proxy.without_proxy_fields(config) if args.proxy_checkpoint else config
     cfg = build.trainer_config(arms_config, output_dir=str(Path(checkpoints[0]).parent))
+    if (args.aligner_checkpoint or args.aligner_ppo_checkpoint) and cfg.target_num_samples > 1:
+        raise CLIError(f"the Aligner arms correct one answer per prompt, and trainer.target_num_samples is "
+                       f"{cfg.target_num_samples} (No fine-tuning's score is the mean over that many): set it to 1")
+    out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
+    eval_checks.check_default_output(out, args)
+    settings_differ = eval_checks.settings_against_training(args, cfg)
     build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     fit_threads_to_machine()
     device = build.default_device()
@@ -138,14 +148,12 @@ def _evaluate(args, overrides) -> int:
                                                               device=device)
 
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
-    out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(rows, baseline=BASELINE)
     # each written whole or not at all (alignfast.files): a kill mid-write leaves the earlier file, not half a new one
     write_text_atomically(out / "eval.json", to_json(rows, baseline=BASELINE, extra={
-        "checkpoint": args.checkpoint, "oracle_checkpoint": args.oracle_checkpoint, "seed": args.seed,
-        "aligner_checkpoint": args.aligner_checkpoint, "aligner_ppo_checkpoint": args.aligner_ppo_checkpoint,
-        "proxy_checkpoint": args.proxy_checkpoint, "prompts": len(prompts)}))
+        **eval_checks.recorded_checkpoints(args), "seed": args.seed, "prompts": len(prompts),
+        "settings_differ_from_training": settings_differ}))
     write_text_atomically(out / "eval.md", table + "\n")
     arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")
     print(table)

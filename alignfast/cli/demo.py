@@ -88,6 +88,14 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = No
     t_start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A rerun replaces its own runs (overwrite_output_dir); the folders of the arms this run skips go too, or the
+    # earlier run's Oracle or proxy (its model, metrics.jsonl, seed) would sit beside results that do not list it.
+    for arm_dir, skipped in (("oracle", not oracle), ("aligner", not aligner), ("proxy_rlhf", not proxy)):
+        if skipped and (out / arm_dir).is_dir():
+            import shutil
+
+            shutil.rmtree(out / arm_dir)
+            _log(f"alignfast demo: removed the earlier run's {out / arm_dir} (this run skips that arm)")
     always = bool(show_progress)
     torch.manual_seed(seed)
     world = load_world()

@@ -29,7 +29,10 @@ SFT = "SFT prompter (before PPO)"
 
 @dataclass
 class ArmResult:
-    """prompts[i] -> rewrites[i] (the prompt itself where an arm does not rewrite) -> answers[i] -> scores[i]."""
+    """prompts[i] -> rewrites[i] (the prompt itself where an arm does not rewrite) -> answers[i] -> scores[i].
+
+    samples[i]: every answer the target gave to prompt i when it gives several (target_num_samples > 1; the score
+    is their mean reward); None when each prompt has one answer."""
 
     name: str
     prompts: list[str]
@@ -37,16 +40,32 @@ class ArmResult:
     answers: list[str]
     scores: list[float]
     components: dict[str, list] = field(default_factory=dict)
+    samples: list[list[str]] | None = None
 
     @property
     def mean(self) -> float:
         return sum(self.scores) / len(self.scores) if self.scores else float("nan")
 
 
-def _as_floats(scores: Sequence, name: str) -> list[float]:
-    if any(s is None for s in scores):
-        raise RuntimeError(f"alignfast: arm '{name}' left some prompts unscored (a reward returned None for all)")
+def _as_floats(scores: Sequence, name: str, prompts: Sequence[str], components: Mapping[str, list]) -> list[float]:
+    """The arm's scores as floats; an unscored or non-finite one is an error naming the arm, the prompt and the
+    reward that gave it (the table's statistics would otherwise fail later naming none of them)."""
+    import math
+
+    from alignfast.ops import AlignfastArgumentError
+
+    for i, s in enumerate(scores):
+        if s is None or not math.isfinite(float(s)):
+            culprits = [k for k, v in components.items() if v[i] is None or not math.isfinite(float(v[i]))]
+            what = "left unscored (every reward returned None)" if s is None else f"scored {float(s)}"
+            raise AlignfastArgumentError(
+                f"alignfast: arm '{name}': prompt {i} ({str(prompts[i])[:60]!r}) was {what}"
+                + (f"; reward {', '.join(repr(c) for c in culprits)} gave it" if culprits else ""))
     return [float(s) for s in scores]
+
+
+def _samples(answers: Sequence[Sequence[str]]) -> list[list[str]] | None:
+    return [list(a) for a in answers] if any(len(a) > 1 for a in answers) else None
 
 
 def _columns(columns: dict | None, n: int) -> dict[str, list]:
@@ -82,7 +101,7 @@ def no_fine_tuning(environment, prompts: Sequence[str], columns: dict | None = N
         environment.target_prompt_template = "{rewrite}"
     out = environment.step(prompts, prompts, _columns(columns, len(prompts)), seed=seed)
     return ArmResult(name, prompts, list(prompts), [a[0] if a else "" for a in out.answers],
-                     _as_floats(out.scores, name), dict(out.per_func))
+                     _as_floats(out.scores, name, prompts, out.per_func), dict(out.per_func), _samples(out.answers))
 
 
 def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts: Sequence[str],
@@ -97,7 +116,7 @@ def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts
                              max_new_tokens=max_new_tokens, system_prompt=system_prompt)
     out = environment.step(prompts, outputs, cols, seed=seed)
     return ArmResult(name, prompts, list(outputs if rewrites else prompts), [a[0] if a else "" for a in out.answers],
-                     _as_floats(out.scores, name), dict(out.per_func))
+                     _as_floats(out.scores, name, prompts, out.per_func), dict(out.per_func), _samples(out.answers))
 
 
 def with_corrector(name: str, environment, corrector, prompts: Sequence[str], columns: dict | None = None, *,
@@ -111,12 +130,18 @@ def with_corrector(name: str, environment, corrector, prompts: Sequence[str], co
         answers = no_fine_tuning(environment, prompts, cols, seed=seed).answers
     corrections = corrector.correct(prompts, list(answers))
     out = environment.rewards(prompts, corrections, **cols)
-    return ArmResult(name, prompts, list(prompts), corrections, _as_floats(out.total, name), dict(out.per_func))
+    return ArmResult(name, prompts, list(prompts), corrections, _as_floats(out.total, name, prompts, out.per_func),
+                     dict(out.per_func))
 
 
 def write_rollouts(results: Mapping[str, ArmResult], path: str | Path) -> Path:
-    """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward; the file is replaced whole."""
-    lines = [json.dumps({"arm": name, "prompt": prompt, "rewrite": rewrite, "answer": answer, "reward": score}) + "\n"
-             for name, r in results.items()
-             for prompt, rewrite, answer, score in zip(r.prompts, r.rewrites, r.answers, r.scores, strict=True)]
+    """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward, and "answers" (all of them, their
+    mean reward being "reward") where the target gave several; the file is replaced whole."""
+    lines = []
+    for name, r in results.items():
+        samples = r.samples or [None] * len(r.prompts)
+        for prompt, rewrite, answer, score, every in zip(r.prompts, r.rewrites, r.answers, r.scores, samples,
+                                                         strict=True):
+            row = {"arm": name, "prompt": prompt, "rewrite": rewrite, "answer": answer, "reward": score}
+            lines.append(json.dumps({**row, "answers": every} if every is not None else row) + "\n")
     return write_text_atomically(path, "".join(lines))

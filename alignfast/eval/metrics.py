@@ -7,7 +7,16 @@ For an arm A and a baseline B scored on the same n held-out prompts (paired by p
     win_rate(A,B)= 1/n Σ_i ( [r_A,i > r_B,i] + ½·[r_A,i = r_B,i] )
 
 Ties count half, so two identical arms have a win rate of exactly 0.5. The interval printed beside a
-win rate is the 95% Wilson score interval of that proportion over the n paired prompts.
+win rate is a 95% Wilson score interval over the n paired prompts, with the sample size corrected for ties.
+The per-prompt score s_i ∈ {1, ½, 0} has variance σ² = 1/n Σ_i (s_i - p)², which is p(1-p) for a binary
+score (no ties) and smaller with ties (a tie is ½ whichever arm is better). The Wilson interval assumes
+p(1-p), so it is taken at the effective size
+
+    n_eff = n · p(1-p) / σ²        (= n without ties; ≥ n always, since s_i ∈ [0, 1] gives σ² ≤ p(1-p))
+
+which keeps its coverage near 95% (the uncorrected interval covered 99.85% at 60% ties in simulation, and
+gave 0.44-0.56 to an arm tied with the baseline on all of 250 prompts, whose scores do not vary at all).
+Every prompt tied: σ² = 0 and the interval is the point ½.
 """
 
 from __future__ import annotations
@@ -60,7 +69,7 @@ def mean_and_variance(scores: Sequence[float]) -> tuple[float, float]:
     return mean, math.fsum((v - mean) ** 2 for v in values) / (n - 1)
 
 
-def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval of a proportion successes/n (successes may be fractional: ties count ½)."""
     if n == 0:
         return math.nan, math.nan
@@ -69,6 +78,21 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate_interval(wins: int, ties: int, losses: int, z: float = Z_95) -> tuple[float, float]:
+    """The tie-corrected Wilson interval of the win rate (module docstring): Wilson at n_eff = n p(1-p) / σ²."""
+    n = wins + ties + losses
+    if n == 0:
+        return math.nan, math.nan
+    p = (wins + 0.5 * ties) / n
+    var = (wins * (1 - p) ** 2 + ties * (0.5 - p) ** 2 + losses * p ** 2) / n
+    binary = p * (1 - p)
+    if var == 0.0 and binary > 0.0:  # every prompt tied (p = ½): the scores do not vary
+        return p, p
+    n_eff = n if var == 0.0 else n * binary / var  # var = 0 with p in {0, 1}: binary already, Wilson at n
+    low, high = wilson_interval(p * n_eff, n_eff, z)
+    return low, high
 
 
 def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> tuple[float, int, int, int]:
@@ -97,6 +121,6 @@ def compare_arms(arms: Mapping[str, Sequence[float]], baseline: str) -> list[Arm
             rows.append(ArmSummary(name, len(scores), mean, variance))
             continue
         rate, wins, ties, losses = win_rate(scores, base_scores)
-        low, high = wilson_interval(wins + 0.5 * ties, len(scores))
+        low, high = win_rate_interval(wins, ties, losses)
         rows.append(ArmSummary(name, len(scores), mean, variance, rate, low, high, wins, ties, losses))
     return rows

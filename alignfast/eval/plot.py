@@ -43,7 +43,9 @@ def reward_curves(runs: Mapping[str, str | Path], out_png: str | Path, *, key: s
     for label, path in runs.items():
         recs = [r for r in read_metrics(path) if key in r and x_key in r]
         if recs:
-            ax.plot([r[x_key] for r in recs], [r[key] for r in recs], label=label, linewidth=1.5)
+            # a run with a few logged points gets markers: one point alone is no line, and drew nothing
+            ax.plot([r[x_key] for r in recs], [r[key] for r in recs], label=label, linewidth=1.5,
+                    marker="o" if len(recs) < 20 else None, markersize=3)
     for label, value in (baselines or {}).items():
         ax.axhline(value, linestyle="--", linewidth=1, color="gray")
         ax.annotate(label, xy=(0, value), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from alignfast.files import write_text_atomically
 from alignfast.ops import _checks, cpu_gemm, weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
@@ -93,6 +94,10 @@ def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, rew
         fail("reward_weights", "differs from config.reward_weights; give one")
     weights = reward_weights if reward_weights is not None else config.reward_weights
     return WeightedRewards(funcs, weights)
+
+
+# Beside a saved model: {"arm": "align_pro" | "oracle" | "proxy" | ...}, the trainer that wrote it.
+ARM_FILE = "alignfast_arm.json"
 
 
 class PPOEngineTrainer(RunLoop):
@@ -315,13 +320,18 @@ class PPOEngineTrainer(RunLoop):
         if self.processes.is_main:  # the replicas are identical: one process writes
             if not out.exists():  # a new folder appears whole or not at all (a kill mid-write leaves no partial model)
                 with ckpt.new_folder_atomically(out) as tmp:
-                    self.model.save_pretrained(str(tmp), **extra)
-                    self.tokenizer.save_pretrained(str(tmp))
+                    self._write_model(tmp, extra)
             else:
-                self.model.save_pretrained(str(out), **extra)
-                self.tokenizer.save_pretrained(str(out))
+                self._write_model(out, extra)
         self.processes.wait()
         return out
+
+    def _write_model(self, folder: Path, extra: dict) -> None:
+        """The model, its tokenizer, and which arm trained it (ARM_FILE: `alignfast eval` refuses a folder passed as
+        another arm's checkpoint, which it used to score and label as that arm)."""
+        self.model.save_pretrained(str(folder), **extra)
+        self.tokenizer.save_pretrained(str(folder))
+        write_text_atomically(Path(folder) / ARM_FILE, json.dumps({"arm": self.arm}) + "\n")
 
     # ------------------------------------------------------------------------------------------
     # hooks for subclasses

@@ -99,6 +99,51 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
     assert {"align_pro_train_s", "oracle_train_s", "proxy_rlhf_s", "total_s"} <= set(results["timings_s"])
     assert (tmp_path / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "align_pro" / "metrics.jsonl").is_file() and (tmp_path / "oracle" / "metrics.jsonl").is_file()
+    # A rerun that skips arms removes their earlier folders (they sat beside results that did not list them).
+    assert main(["demo", "--output-dir", str(tmp_path), "--episodes", "64", "--seed", "1", "--no-oracle",
+                 "--no-proxy", "--no-aligner"]) == 0
+    assert not any((tmp_path / arm).exists() for arm in ("oracle", "proxy_rlhf", "aligner"))
+    assert json.loads((tmp_path / "results.json").read_text())["seed"] == 1
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_eval_checks_what_it_is_given(tmp_path, capsys):
+    """Found by a review of `alignfast eval`, each passing silently before: another arm's model scored and labelled
+    as the flag's arm; settings other than the checkpoint's training run; a second checkpoint's reports replacing
+    the first's; a NaN reward named no arm or reward; several target samples per prompt written as one."""
+    out = tmp_path / "run"
+    assert main(["train", "--config", TOY, "--trainer.output_dir", str(out), *SMALL]) == 0
+    assert main(["train", "--config", TOY, "--oracle", "--trainer.output_dir", str(out), *SMALL]) == 0
+    capsys.readouterr()
+    evaluate = ["eval", "--config", TOY, "--data.eval.limit", "8"]
+    assert main([*evaluate, "--checkpoint", str(out / "oracle" / "final")]) == 2
+    assert "trained as the oracle arm, not align_pro: pass it as --oracle-checkpoint" in _error(capsys)
+    assert main([*evaluate, "--oracle-checkpoint", str(out / "checkpoint-1")]) == 2
+    assert "trained as the align_pro arm, not oracle: pass it as --checkpoint" in _error(capsys)
+    assert main([*evaluate, "--checkpoint", str(out / "final"), "--prompter.model", "null"]) == 2
+    assert "needs 'prompter.model'" in _error(capsys)
+
+    # A setting other than training's is said, and recorded; the default folder keeps another checkpoint's reports.
+    assert main([*evaluate, "--checkpoint", str(out / "final"), "--response_length", "3", "--no-sft"]) == 0
+    assert "trained with response_length=" in capsys.readouterr().err
+    report = json.loads((out / "eval.json").read_text())
+    assert report["settings_differ_from_training"]["--checkpoint"]["response_length"]["evaluated"] == 3
+    assert main([*evaluate, "--checkpoint", str(out / "checkpoint-1"), "--no-sft"]) == 2
+    assert "holds the evaluation of other checkpoints (--checkpoint" in _error(capsys)
+
+    assert main([*evaluate, "--checkpoint", str(out / "final"), "--no-sft", "--output-dir", str(tmp_path / "nan"),
+                 "--reward.functions", f"[{__name__}:nan_reward]"]) == 2
+    assert "arm 'No fine-tuning': prompt 0" in (line := _error(capsys)) and "'nan_reward'" in line
+
+    assert main([*evaluate, "--checkpoint", str(out / "final"), "--no-sft", "--output-dir", str(tmp_path / "n2"),
+                 "--target_num_samples", "2", "--target_temperature", "1.0"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "n2" / "eval_rollouts.jsonl").read_text().splitlines()]
+    assert all(len(r["answers"]) == 2 and r["answer"] == r["answers"][0] for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -32,6 +32,31 @@ def test_wilson_interval_matches_the_textbook_value():
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
 
 
+def test_the_win_rate_interval_is_corrected_for_ties():
+    """The interval was Wilson's on wins + ties/2 over n, which assumes every paired score is 0 or 1: with ties
+    (½, whichever arm is better) it was too wide (an arm tied with the baseline on all 250 prompts got 0.44-0.56;
+    99.85% coverage at 60% ties in a review's simulation). It is Wilson at n_eff = n p(1-p) / var."""
+    import random
+
+    from alignfast.eval.metrics import win_rate_interval
+
+    assert win_rate_interval(8, 0, 2) == pytest.approx(wilson_interval(8, 10), rel=1e-12)  # no ties: Wilson itself
+    assert win_rate_interval(0, 250, 0) == (0.5, 0.5)  # no prompt varies
+    assert win_rate_interval(0, 0, 7) == pytest.approx(wilson_interval(0, 7), abs=1e-12)
+    assert win_rate_interval(7, 0, 0) == pytest.approx(wilson_interval(7, 7), abs=1e-12)
+    low, high = win_rate_interval(156, 94, 0)  # the README demo's Align-Pro row
+    old_low, old_high = wilson_interval(156 + 47, 250)
+    assert old_low < low < 0.812 < high < old_high
+    # coverage of the true win rate over many draws: near 95% (the old interval: ~99.8%)
+    rng, n, truth, covered = random.Random(0), 100, 0.3 + 0.5 * 0.4, 0
+    for _ in range(2000):
+        draws = [rng.random() for _ in range(n)]
+        w, t = sum(d < 0.3 for d in draws), sum(0.3 <= d < 0.7 for d in draws)
+        lo, hi = win_rate_interval(w, t, n - w - t)
+        covered += lo <= truth <= hi
+    assert 0.93 <= covered / 2000 <= 0.97, covered / 2000
+
+
 def test_bad_scores_name_the_argument():
     with pytest.raises(AlignfastArgumentError, match="'baseline'"):
         win_rate([1.0, 2.0], [1.0])
@@ -84,3 +109,19 @@ def test_no_fine_tuning_ignores_a_template_that_quotes_the_prompt():
     res = no_fine_tuning(env, ["x1", "long prompt"])
     assert res.answers == ["x1", "long prompt"] and res.scores == [2.0, 11.0]
     assert env.target_prompt_template.startswith("Original")  # the caller's environment is untouched
+
+
+def test_a_run_with_one_logged_point_is_drawn(tmp_path):
+    """A line without markers draws nothing for one point: `alignfast demo --episodes 64` logs one record per
+    run, and its reward_curve.png showed the legend over empty axes."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"episode": 64, "objective/scores": 0.5}) + "\n")
+    out = reward_curves({"Align-Pro": log}, tmp_path / "one.png")
+    pixels = matplotlib.image.imread(str(out))[..., :3]
+    h, w = pixels.shape[:2]
+    centre = pixels[h // 3: 2 * h // 3, w // 3: 2 * w // 3]  # the single point sits mid-axes; the legend is lower right
+    run_colour = ((centre - [0x1F / 255, 0x77 / 255, 0xB4 / 255]) ** 2).sum(-1) < 0.01  # matplotlib's C0
+    assert run_colour.sum() > 0

@@ -1,0 +1,98 @@
+"""What `alignfast eval` checks before any model loads: that each checkpoint is of the kind its flag names, that
+the run file's settings are those each policy was trained with, and that the default output folder does not hold
+the evaluation of other checkpoints.
+
+Each of these used to pass silently: an Oracle folder given as --checkpoint was scored and labelled "Align-Pro"; a
+prompter evaluated with another run file's rewrite_template or response_length scored 0.325 instead of 0.517 on
+the same prompts; a second evaluation of another checkpoint of one run replaced the first one's eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from alignfast.cli.errors import CLIError
+
+_log = logging.getLogger("alignfast.eval")
+
+# flag -> (the arm that must have trained it, the flag for each other arm)
+EXPECTED_ARM = {"--checkpoint": "align_pro", "--oracle-checkpoint": "oracle"}
+FLAG_OF_ARM = {"align_pro": "--checkpoint", "oracle": "--oracle-checkpoint", "proxy": "--proxy-checkpoint",
+               "aligner": "--aligner-checkpoint"}
+
+# The settings that shape what a trained policy does at evaluation, per flag: (key in the trained run's settings,
+# key of this evaluation's trainer config). The Oracle writes the answer, with the target's budget as its length.
+TRAINED_SETTINGS = {
+    "--checkpoint": [(k, k) for k in ("rewrite_template", "response_length", "max_prompt_length", "stop_token_id",
+                                      "target_prompt_template", "target_system_prompt", "target_use_chat_template")],
+    "--oracle-checkpoint": [("response_length", "target_max_new_tokens"), ("max_prompt_length", "max_prompt_length"),
+                            ("stop_token_id", "stop_token_id"), ("target_system_prompt", "target_system_prompt")],
+}
+
+
+def check_checkpoint_kinds(args) -> None:
+    """A corrector or a model another arm trained, given to --checkpoint / --oracle-checkpoint, is one line naming
+    the flag it belongs to."""
+    from alignfast.cli.checkpoints import policy_dir, trained_as
+
+    for flag, path in (("--checkpoint", args.checkpoint), ("--oracle-checkpoint", args.oracle_checkpoint)):
+        if not path:
+            continue
+        folder = policy_dir(path)
+        if (folder / "aligner_config.json").is_file() or (Path(path) / "aligner_config.json").is_file():
+            raise CLIError(f"{flag} {path} is an Aligner corrector (it holds aligner_config.json): pass it as "
+                           "--aligner-checkpoint")
+        arm, _ = trained_as(folder)
+        if arm is not None and arm != EXPECTED_ARM[flag]:
+            other = FLAG_OF_ARM.get(arm)
+            raise CLIError(f"{flag} {path} was trained as the {arm} arm, not {EXPECTED_ARM[flag]}"
+                           + (f": pass it as {other}" if other else ""))
+
+
+def settings_against_training(args, cfg) -> dict:
+    """{flag: {key: {"trained": value, "evaluated": value}}} for every setting that differs from the run that
+    trained the checkpoint (a warning each; the evaluation may mean it, as an ablation), recorded in eval.json."""
+    from alignfast.cli.checkpoints import policy_dir, trained_as
+
+    differ: dict = {}
+    for flag, path in (("--checkpoint", args.checkpoint), ("--oracle-checkpoint", args.oracle_checkpoint)):
+        if not path:
+            continue
+        _, trained = trained_as(policy_dir(path))
+        if not trained or "kl_coef" not in trained:  # not a trainer's settings
+            continue
+        for trained_key, eval_key in TRAINED_SETTINGS[flag]:
+            if trained_key not in trained:
+                continue
+            now = getattr(cfg, eval_key)
+            if trained[trained_key] != now:
+                differ.setdefault(flag, {})[eval_key] = {"trained": trained[trained_key], "evaluated": now}
+                _log.warning("%s %s was trained with %s=%r and is evaluated with %s=%r (the run file's); "
+                             "--trainer.%s sets it", flag, path, trained_key, trained[trained_key], eval_key, now,
+                             eval_key)
+    return differ
+
+
+def recorded_checkpoints(args) -> dict:
+    """The checkpoints of this evaluation, as eval.json records them."""
+    return {"checkpoint": args.checkpoint, "oracle_checkpoint": args.oracle_checkpoint,
+            "aligner_checkpoint": args.aligner_checkpoint, "aligner_ppo_checkpoint": args.aligner_ppo_checkpoint,
+            "proxy_checkpoint": args.proxy_checkpoint}
+
+
+def check_default_output(out: Path, args) -> None:
+    """Without --output-dir the reports go beside the first checkpoint, which every checkpoint of one run shares:
+    an eval.json there that evaluated other checkpoints is kept, and this command names --output-dir."""
+    if args.output_dir or not (out / "eval.json").is_file():
+        return
+    try:
+        earlier = json.loads((out / "eval.json").read_text())
+    except (OSError, ValueError):
+        return
+    mine = recorded_checkpoints(args)
+    if any(k in earlier for k in mine) and {k: earlier.get(k) for k in mine} != mine:
+        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in earlier.items() if k in mine and v)
+        raise CLIError(f"{out / 'eval.json'} holds the evaluation of other checkpoints ({shown}): pass --output-dir "
+                       "to keep both, or delete it")
