@@ -98,6 +98,18 @@ class PromptText(NamedTuple):
     moved: str
 
 
+def check_template(template: str, *, name: str = "template", shown: str | None = None) -> None:
+    """{question} and {answer} must each appear, {answer} once: the answer is rendered as one marked span (the span
+    truncation cuts), and a second {answer} would reach the model as the internal marker. {question} may repeat
+    (it is rendered as it is, never cut). `shown`: the setting as the user wrote it ('paper'), for the message."""
+    for f in ("{question}", "{answer}"):
+        if f not in template:
+            fail(name, f"must contain {f}, got {shown or template!r}")
+    if template.count("{answer}") > 1:
+        fail(name, f"must contain {{answer}} once (the answer is the one span cut to fit max_length), got "
+             f"{shown or template!r}")
+
+
 class CorrectionEncoder:
     """Renders and tokenizes rows for one tokenizer and template (shared by training and inference).
 
@@ -112,9 +124,7 @@ class CorrectionEncoder:
     (not a fast one) gets the template's parts tokenized apart."""
 
     def __init__(self, tokenizer, template: str, *, use_chat_template: bool = False, max_length: int | None = None):
-        for f in ("{question}", "{answer}"):
-            if f not in template:
-                fail("template", f"must contain {f}, got {template!r}")
+        check_template(template)
         self.tokenizer = tokenizer
         self.template = template
         self.use_chat_template = use_chat_template

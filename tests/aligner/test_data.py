@@ -47,6 +47,20 @@ def test_template_without_a_field_is_an_error(template, missing):
         AlignerConfig(template=template)
 
 
+def test_a_template_with_two_answers_is_refused_and_a_repeated_question_is_rendered(tmp_path):
+    """A template with {answer} twice rendered the answer once and the internal marker ('\\x00ALIGNFAST-ANSWER\\x00')
+    in place of the second, and the model read that. {answer} is the one span truncation cuts: once only.
+    {question} is rendered as it is, so a second one is the question again."""
+    _, tok = tiny_corrector(tmp_path)
+    twice = "fix {question} | {answer} | {answer} :"
+    with pytest.raises(AlignfastArgumentError, match=r"argument 'template' must contain \{answer\} once"):
+        CorrectionEncoder(tok, twice)
+    with pytest.raises(AlignfastArgumentError, match=r"argument 'template' must contain \{answer\} once"):
+        AlignerConfig(template=twice)
+    ids = CorrectionEncoder(tok, "fix {question} | {answer} | {question} :").inference_ids("what is the cat", "a dog")
+    assert tok.decode(ids) == "fix what is the cat | a dog | what is the cat :"
+
+
 def test_named_templates_and_bad_settings():
     assert AlignerConfig(template="paper").template_text == PAPER_TEMPLATE
     assert AlignerConfig(template="repo").template_text == REPO_TEMPLATE
