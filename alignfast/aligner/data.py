@@ -125,6 +125,10 @@ class CorrectionEncoder:
 
     def __init__(self, tokenizer, template: str, *, use_chat_template: bool = False, max_length: int | None = None):
         check_template(template)
+        if use_chat_template and not templates.has_chat_template(tokenizer):
+            # user_turn would fall back to plain text, and aligner_config.json would still say the chat was used
+            fail("use_chat_template", f"is true and the tokenizer ({type(tokenizer).__name__}) has no chat template: "
+                 "set it false (plain text, as the paper trains) or give a tokenizer with one")
         self.tokenizer = tokenizer
         self.template = template
         self.use_chat_template = use_chat_template

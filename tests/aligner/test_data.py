@@ -2,7 +2,7 @@
 
 import pytest
 
-from alignfast.aligner import PAPER_TEMPLATE, REPO_TEMPLATE, AlignerConfig
+from alignfast.aligner import PAPER_TEMPLATE, REPO_TEMPLATE, AlignerConfig, AlignerTrainer
 from alignfast.aligner.data import CorrectionEncoder, check_rows, with_identity_rows
 from alignfast.ops import AlignfastArgumentError
 from tests.aligner.helpers import ROWS, TEMPLATE, bpe_tokenizer, tiny_corrector
@@ -109,6 +109,16 @@ def test_chat_template_is_applied_only_when_asked(tmp_path):
     assert tok.convert_ids_to_tokens(chat.prompt_ids)[0] == "<user>"
     assert tok.convert_ids_to_tokens(chat.prompt_ids)[-1] == "<assistant>"
     assert chat.target_ids == plain.target_ids
+
+
+def test_a_chat_template_asked_of_a_tokenizer_without_one_is_an_error(tmp_path):
+    """use_chat_template=True with a tokenizer that has no chat template trained on plain text while the saved
+    aligner_config.json said use_chat_template: true; it is now one line naming the setting."""
+    model, tok = tiny_corrector(tmp_path, chat_template=False)
+    with pytest.raises(AlignfastArgumentError, match="argument 'use_chat_template' is true and the tokenizer .* has "
+                                                     "no chat template"):
+        AlignerTrainer(AlignerConfig(output_dir=str(tmp_path / "o"), template=TEMPLATE, use_chat_template=True),
+                       model, tok, train_dataset=ROWS)
 
 
 def test_rows_from_a_datasets_dataset():
