@@ -140,3 +140,22 @@ def test_a_mapped_column_missing_from_a_later_row_is_one_line(tmp_path):
     data.write_text('{"q": "q1", "answer": "a1", "correction": "c1"}\n{"answer": "a2", "correction": "c2"}\n')
     with pytest.raises(CLIError, match="names 'q', which row 1 of"):
         load_rows({"path": str(data), "columns": {"question": "q"}}, what="train")
+
+
+@pytest.mark.parametrize("source", ["file", "toy:corrections"])
+def test_a_split_for_a_source_without_splits_is_one_line(tmp_path, capsys, source):
+    """data.train.split was accepted for a local file (and a toy: set) and ignored: 'train[:1]' trained on all 4 rows.
+    Only a datasets name or folder has splits; elsewhere the key is an error naming it, for the PPO prompts too."""
+    from alignfast.cli.data import load_prompts
+    from alignfast.cli.errors import CLIError
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "q", "answer": "a", "correction": "c", "prompt": "p"}\n' * 4)
+    path = str(data) if source == "file" else source
+    assert main(["aligner", "train", "--config", str(CONFIGS / "aligner_toy.yaml"), "--data.train.path", path,
+                 "--data.train.split", "train[:1]", "--data.eval", "null", "--trainer.output_dir",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.train.split ('train[:1]') applies to a datasets name or folder only" in err[0], err
+    with pytest.raises(CLIError, match=r"data.eval.name \('x'\) applies to a datasets name or folder only"):
+        load_prompts({"path": str(data) if source == "file" else "toy:eval", "name": "x"}, what="eval")
