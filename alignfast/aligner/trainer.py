@@ -42,6 +42,18 @@ _log = logging.getLogger("alignfast.aligner")
 ALIGNER_FILE = "aligner_config.json"  # beside a saved corrector: how to build its input
 
 
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW's two groups as transformers' Trainer builds them (weight_decay is a TrainingArguments name and means what
+    it means there): its own rule picks the parameters that decay, and biases and norm weights get none. The rule
+    (Trainer.get_decay_parameter_names) reads only the model, so it is called without building a Trainer."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+
+
 class AlignerTrainer(RunLoop):
     """SFT of a causal-LM corrector. `model`: a transformers causal LM or a path; train_dataset /
     eval_dataset: rows {question, answer, correction} (a list, or a datasets.Dataset)."""
@@ -103,7 +115,7 @@ class AlignerTrainer(RunLoop):
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise AlignfastArgumentError("alignfast: the corrector has no trainable parameter")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                            weight_decay=config.weight_decay, foreach=True)
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)

@@ -182,6 +182,21 @@ def test_identity_rows_are_added_to_the_training_set(tmp_path):
     assert sum(r.get("identity", False) for r in trainer.train_rows) == 20
 
 
+def test_weight_decay_spares_biases_and_norm_weights_as_transformers_trainer_does(tmp_path):
+    """weight_decay (a TrainingArguments name) was applied to every parameter, the RMSNorm weights included;
+    transformers' Trainer exempts biases and norm weights, and AlignerTrainer now builds the same two groups."""
+    from transformers import Trainer
+
+    model, tok = tiny_corrector(tmp_path)
+    trainer = AlignerTrainer(_config(tmp_path, weight_decay=0.1), model, tok, train_dataset=ROWS)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    spared = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == set(Trainer.get_decay_parameter_names(None, model)) and decayed.isdisjoint(spared)
+    assert decayed | spared == set(names.values())
+    assert "model.norm.weight" in spared and "model.layers.0.self_attn.q_proj.weight" in decayed
+
+
 def test_lora_trains_only_the_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     model, tok = tiny_corrector(tmp_path)
