@@ -2,6 +2,7 @@
 the fast and reference backends train the same model."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -79,6 +80,47 @@ def test_resume_is_exact_and_metrics_cover_every_step(tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
     assert [x["loss"] for x in lines] == [x["loss"] for x in full_lines]
     assert {"loss", "grad_norm", "learning_rate", "epoch", "num_tokens", "tokens/s"} <= set(lines[0])
+
+
+def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(tmp_path, caplog):
+    """Resuming did not check that the checkpoint was this run's: a LoRA run resumed without LoRA or with other
+    target_modules ended in a traceback (KeyError / ValueError from inside the copy), a LoRA run resumed silently
+    onto another base model, and another training set resumed silently. The first three are now one line naming
+    the checkpoint and the difference; other training rows are a warning, as other settings are."""
+    peft = pytest.importorskip("peft")
+    from alignfast.trainer.resume_checks import CheckpointMismatchError
+
+    def lora(modules):
+        return peft.LoraConfig(r=4, target_modules=modules, task_type="CAUSAL_LM")
+
+    def run(folder, model, *, peft_config=None, rows=ROWS, max_steps=2):
+        return AlignerTrainer(_config(tmp_path, "run", save_strategy="steps", save_steps=2, max_steps=max_steps,
+                                      per_device_train_batch_size=2, gradient_accumulation_steps=1), model, tok,
+                              train_dataset=rows, peft_config=peft_config)
+
+    model, tok = tiny_corrector(tmp_path / "base")
+    run("run", model, peft_config=lora(["q_proj"])).train()
+    checkpoint = f"cannot resume from {tmp_path / 'run' / 'checkpoint-2'}: "
+    cases = [(tiny_corrector(tmp_path / "a")[0], None, "it holds corrector parameter .*lora_A.*, which this "
+                                                       "corrector does not have"),
+             (tiny_corrector(tmp_path / "b")[0], lora("all-linear"), "it does not hold trainable corrector "
+                                                                    "parameter .*lora_A"),
+             (tiny_corrector(tmp_path / "c", seed=1)[0], lora(["q_proj"]), "it was trained from another model: the "
+                                                                          "corrector's frozen base weights")]
+    for other, peft_config, message in cases:
+        with pytest.raises(CheckpointMismatchError, match=re.escape(checkpoint) + message):
+            run("run", other, peft_config=peft_config, max_steps=4).train(resume_from_checkpoint=True)
+
+    resumed = run("run", tiny_corrector(tmp_path / "d")[0], peft_config=lora(["q_proj"]), rows=ROWS[:4], max_steps=3)
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert resumed.train(resume_from_checkpoint=True).global_step == 3
+    assert "with 4 training rows where the checkpoint's run had 6" in caplog.text
+    caplog.clear()
+    again = run("run", tiny_corrector(tmp_path / "e")[0], peft_config=lora(["q_proj"]), rows=ROWS[4:] + ROWS[:2],
+                max_steps=4)
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert again.train(resume_from_checkpoint=True).global_step == 4
+    assert "other training rows than the checkpoint's run (as many, 4, but other rows" in caplog.text
 
 
 def test_cosine_schedule_with_warmup(tmp_path):
