@@ -91,13 +91,26 @@ class Correction:
     correction: str
 
 
+def _engine_tokenizer(engine):
+    """The tokenizer a local engine holds (None for an endpoint, which formats its own input)."""
+    from alignfast.rollout import HFEngine
+    from alignfast.rollout.vllm_engine import VLLMEngine  # imports vllm only when an engine is built
+
+    if isinstance(engine, HFEngine):
+        return engine.tokenizer
+    if isinstance(engine, VLLMEngine) and engine.llm is not None:
+        return engine.llm.get_tokenizer()  # vLLM's LLM loads the model's Hugging Face tokenizer itself
+    return None
+
+
 class AlignerPipeline:
     """upstream (any TargetEngine) -> answers -> corrector -> corrections.
 
     aligner: a Corrector, or a folder written by AlignerTrainer.save_model. upstream_tokenizer: when
     given, the question is sent as token ids in the upstream's chat format (as the PPO trainers send the
-    frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text. An HFEngine's own
-    tokenizer is the default: asked in plain text, a chat model answers a prompt it was never trained on.
+    frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text. An HFEngine's or a
+    VLLMEngine's own tokenizer is the default: asked in plain text, a chat model answers a prompt it was never
+    trained on.
     upstream_system_prompt: the system message before each question, in the upstream tokenizer's chat template
     (an OpenAIEngine carries its own: OpenAIEngine(system_prompt=...))."""
 
@@ -110,10 +123,8 @@ class AlignerPipeline:
         if not isinstance(upstream, TargetEngine):
             fail("upstream", f"must be an alignfast TargetEngine (HFEngine, VLLMEngine, OpenAIEngine), got "
                  f"{type(upstream).__name__}")
-        from alignfast.rollout import HFEngine
-
-        if upstream_tokenizer is None and isinstance(upstream, HFEngine):
-            upstream_tokenizer = upstream.tokenizer
+        if upstream_tokenizer is None:
+            upstream_tokenizer = _engine_tokenizer(upstream)
         check_target_system_prompt(upstream, upstream_tokenizer, upstream_system_prompt,
                                    use_chat_template=upstream_use_chat_template, name="upstream_system_prompt")
         self.corrector = aligner if isinstance(aligner, Corrector) else \

@@ -292,3 +292,40 @@ def test_an_hf_upstream_is_asked_in_its_own_chat_format(tmp_path):
     explicit = AlignerPipeline(HFEngine(target, target_tok), corrector, upstream_tokenizer=target_tok,
                                upstream_max_new_tokens=8).answer(questions)
     assert implicit == explicit == ["8 5 4 1", "1"]  # the toy target's (mis)readings, as `alignfast correct` gets
+
+
+def test_a_vllm_upstream_is_asked_in_its_own_chat_format(tmp_path, monkeypatch):
+    """Only an HFEngine's tokenizer was the default: a VLLMEngine upstream got the raw question, without its chat
+    template. vLLM's own tokenizer (LLM.get_tokenizer()) is now the default too. vllm is stubbed: the engine code
+    is alignfast's, the stub records what LLM.generate receives."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    from alignfast.rollout.vllm_engine import VLLMEngine
+    from tests.trainer.tiny import make_tokenizer
+
+    seen = []
+
+    class LLM:
+        def __init__(self, **kw):
+            self.tokenizer = AutoTokenizer.from_pretrained(kw["tokenizer"])
+
+        def get_tokenizer(self):
+            return self.tokenizer
+
+        def generate(self, inputs, params, use_tqdm=False):
+            seen.extend(inputs)
+            out = types.SimpleNamespace(text="a dog", token_ids=[1], finish_reason="stop", index=0)
+            return [types.SimpleNamespace(outputs=[out]) for _ in inputs]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    model, tok = tiny_corrector(tmp_path)
+    chat_tok = make_tokenizer(tmp_path / "chat_tok", ["what", "is", "the", "cat"], chat_template=True)
+    upstream = VLLMEngine(str(tmp_path / "upstream-model"), tokenizer=str(tmp_path / "chat_tok"))
+    pipe = AlignerPipeline(upstream, Corrector(model, tok, template=TEMPLATE, max_new_tokens=2))
+    assert pipe.answer(["what is the cat"]) == ["a dog"]
+    assert seen == [{"prompt_token_ids": chat_tok.apply_chat_template(
+        [{"role": "user", "content": "what is the cat"}], add_generation_prompt=True, tokenize=True,
+        return_dict=False)}]
