@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignfast.aligner.data import CorrectionEncoder
 from alignfast.ops._checks import fail
+from alignfast.rollout.engine import Completion
 
 
 class Corrector:
@@ -72,23 +73,31 @@ class Corrector:
 
     def correct(self, questions: Sequence[str], answers: Sequence[str]) -> list[str]:
         """Greedy corrections, one per (question, answer) pair."""
+        return [c.text for c in self.generate(questions, answers)]
+
+    def generate(self, questions: Sequence[str], answers: Sequence[str]) -> list[Completion]:
+        """The greedy corrections as the engine's Completions (text stripped): finish_reason 'length' marks one cut
+        at max_new_tokens, which `correct` alone cannot tell from a finished one."""
         questions, answers = list(questions), list(answers)
         if len(questions) != len(answers):
             fail("answers", f"has {len(answers)} entries for {len(questions)} questions")
-        out: list[str] = []
+        out: list[Completion] = []
         for start in range(0, len(questions), self.batch_size):
             ids = [self.encoder.inference_ids(q, a) for q, a in
                    zip(questions[start: start + self.batch_size], answers[start: start + self.batch_size])]
             completions = self.engine.generate(ids, max_new_tokens=self.max_new_tokens, temperature=0.0)
-            out += [c[0].text.strip() for c in completions]
+            out += [replace(c[0], text=c[0].text.strip()) for c in completions]
         return out
 
 
 @dataclass
 class Correction:
+    """truncated: the corrector stopped at its max_new_tokens, not at EOS (the correction is cut)."""
+
     question: str
     answer: str
     correction: str
+    truncated: bool = False
 
 
 def _engine_tokenizer(engine):
@@ -144,5 +153,6 @@ class AlignerPipeline:
         """Corrections of the upstream's answers (or of `answers`, when already known)."""
         questions = list(questions)
         answers = self.answer(questions, seed=seed) if answers is None else list(answers)
-        corrections = self.corrector.correct(questions, answers)
-        return [Correction(q, a, c) for q, a, c in zip(questions, answers, corrections, strict=True)]
+        corrections = self.corrector.generate(questions, answers)
+        return [Correction(q, a, c.text, truncated=c.finish_reason == "length")
+                for q, a, c in zip(questions, answers, corrections, strict=True)]

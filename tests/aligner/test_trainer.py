@@ -47,6 +47,9 @@ def test_sft_learns_the_corrections_and_the_pipeline_applies_them(tmp_path):
     assert [g.answer for g in got] == ["a dog"] * 3  # the upstream's answers, corrected by the SFT corrector
     assert [g.correction for g in got] == ["a cat", "a bird", "a dog"]
     assert upstream.calls == 1
+    assert not any(g.truncated for g in got)
+    pipe.corrector.max_new_tokens = 1  # a correction cut before its EOS says so
+    assert [(g.correction, g.truncated) for g in pipe(["what is the cat"], answers=["a dog"])] == [("a", True)]
 
 
 def test_resume_is_exact_and_metrics_cover_every_step(tmp_path):
