@@ -161,6 +161,9 @@ class AlignerConfig(ConfigDict):
         for name in ("{question}", "{answer}"):
             if name not in text:
                 fail("template", f"must contain {name} (or be 'paper' or 'repo'), got {self.template!r}")
+        from alignfast.aligner.data import check_template
+
+        check_template(text, shown=self.template)
 
 
 def coerce_config(config) -> AlignerConfig:

@@ -5,6 +5,7 @@ One training row becomes
     prompt  = template(question, answer)              (plain text, or a chat user turn if asked)
     target  = correction tokens + EOS                 (the only tokens that carry loss)
 
+tokenized as one text, as the model read text in pre-training (CorrectionEncoder says how the pieces are found),
 and a batch is [prompt (left-padded) | target (right-padded)], the layout the PPO engine's policy uses
 for [query | response], so the same fused log-prob path scores it.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -85,13 +87,48 @@ class EncodedRow:
     correction_tokens_dropped: int = 0
 
 
+class PromptText(NamedTuple):
+    """The corrector's input as text: the answer is text[answer_start:answer_end]. `moved` is the whitespace (spaces,
+    tabs) the rendered template ended with, which belongs to the correction's first token (see CorrectionEncoder)."""
+
+    text: str
+    answer_start: int
+    answer_end: int
+    add_special_tokens: bool
+    moved: str
+
+
+def check_template(template: str, *, name: str = "template", shown: str | None = None) -> None:
+    """{question} and {answer} must each appear, {answer} once: the answer is rendered as one marked span (the span
+    truncation cuts), and a second {answer} would reach the model as the internal marker. {question} may repeat
+    (it is rendered as it is, never cut). `shown`: the setting as the user wrote it ('paper'), for the message."""
+    for f in ("{question}", "{answer}"):
+        if f not in template:
+            fail(name, f"must contain {f}, got {shown or template!r}")
+    if template.count("{answer}") > 1:
+        fail(name, f"must contain {{answer}} once (the answer is the one span cut to fit max_length), got "
+             f"{shown or template!r}")
+
+
 class CorrectionEncoder:
-    """Renders and tokenizes rows for one tokenizer and template (shared by training and inference)."""
+    """Renders and tokenizes rows for one tokenizer and template (shared by training and inference).
+
+    The token ids are those of the text tokenized as one piece, as the model read text in pre-training: a BPE
+    tokenizer writes " Paris" after "| " as one token 'ĠParis', which pieces tokenized apart would split into
+    'Ġ', 'Paris'. Trailing spaces of the rendered template ("##Correction: ") are moved to the start of the
+    correction, where the tokenizer puts them ('ĠThe'): the prompt would otherwise end in a lone 'Ġ' that no
+    pre-training text has, and the correction's first word would be trained without its space. The correction's
+    ids are the continuation of the prompt's ids in the tokenization of prompt + correction (when the two do not
+    merge across the boundary; else the correction alone). The answer's tokens are found by the fast tokenizer's
+    character offsets, so truncation still cuts the answer's own tokens from its end; a tokenizer without offsets
+    (not a fast one) gets the template's parts tokenized apart."""
 
     def __init__(self, tokenizer, template: str, *, use_chat_template: bool = False, max_length: int | None = None):
-        for f in ("{question}", "{answer}"):
-            if f not in template:
-                fail("template", f"must contain {f}, got {template!r}")
+        check_template(template)
+        if use_chat_template and not templates.has_chat_template(tokenizer):
+            # user_turn would fall back to plain text, and aligner_config.json would still say the chat was used
+            fail("use_chat_template", f"is true and the tokenizer ({type(tokenizer).__name__}) has no chat template: "
+                 "set it false (plain text, as the paper trains) or give a tokenizer with one")
         self.tokenizer = tokenizer
         self.template = template
         self.use_chat_template = use_chat_template
@@ -99,46 +136,71 @@ class CorrectionEncoder:
         if tokenizer.eos_token_id is None:
             fail("tokenizer", "has no EOS token: the correction must end with one (set tokenizer.eos_token)")
         self.eos_id = int(tokenizer.eos_token_id)
+        self._offsets = bool(getattr(tokenizer, "is_fast", False))
 
-    def prompt_pieces(self, question: str, answer: str) -> tuple[str, str, bool]:
-        """(text before the answer, text after it, add_special_tokens) of the corrector's input."""
+    def prompt_text(self, question: str, answer: str) -> PromptText:
+        """The corrector's input (plain text, or the chat template's user turn) and where the answer is in it."""
         content = templates.render(self.template, question=question, answer=_SENTINEL)
         text, add_special = templates.user_turn(self.tokenizer, content, use_chat_template=self.use_chat_template)
         before, sep, after = text.partition(_SENTINEL)
         if not sep:  # a chat template that drops the content cannot happen with a sane template
             raise ValueError("alignfast: the corrector's chat template lost the answer")
-        return before, after, add_special
+        full = before + answer + after
+        kept = full.rstrip(" \t")
+        start = min(len(before), len(kept))
+        return PromptText(kept, start, min(len(before) + len(answer), len(kept)), add_special, full[len(kept):])
 
     def _ids(self, text: str, add_special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"]) if text else []
 
+    def _prompt_tokens(self, p: PromptText) -> tuple[list[int], int, int]:
+        """(ids, lo, hi): the prompt's token ids, the answer's being ids[lo:hi]."""
+        if not self._offsets:  # no character offsets: the parts apart (special tokens only on the first)
+            head = self._ids(p.text[: p.answer_start], p.add_special_tokens)
+            body = self._ids(p.text[p.answer_start: p.answer_end], False)
+            tail = self._ids(p.text[p.answer_end:], False)
+            return head + body + tail, len(head), len(head) + len(body)
+        enc = self.tokenizer(p.text, add_special_tokens=p.add_special_tokens, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        # The answer's tokens overlap its characters; one that also holds a space before it ('ĠParis') is the
+        # answer's. Tokens a post-processor adds (BOS) have the empty span (0, 0) and overlap nothing.
+        inside = [i for i, (s, e) in enumerate(enc["offset_mapping"])
+                  if max(s, p.answer_start) < min(e, p.answer_end)]
+        if not inside:  # an empty answer: nothing to cut
+            return ids, len(ids), len(ids)
+        return ids, inside[0], inside[-1] + 1
+
     def prompt_ids(self, question: str, answer: str, *, room: int | None = None) -> tuple[list[int], int]:
-        """Token ids of the corrector's input and the number of answer tokens dropped to fit in `room`.
-
-        The three pieces are tokenized apart (special tokens only on the first), so the answer's tokens are
-        known exactly and can be cut from their end."""
-        before, after, add_special = self.prompt_pieces(question, answer)
-        head = self._ids(before, add_special)
-        body = self._ids(answer, False)
-        tail = self._ids(after, False)
+        """Token ids of the corrector's input and the number of answer tokens dropped to fit in `room` (the answer's
+        tokens are cut from their end; the rest of the prompt is kept)."""
+        ids, lo, hi = self._prompt_tokens(self.prompt_text(question, answer))
         dropped = 0
-        if room is not None and len(head) + len(body) + len(tail) > room:
-            keep = max(0, room - len(head) - len(tail))
-            dropped = len(body) - keep
-            body = body[:keep]
-        return head + body + tail, dropped
+        if room is not None and len(ids) > room:
+            keep = max(0, room - (len(ids) - (hi - lo)))
+            dropped = hi - lo - keep
+            ids = ids[: lo + keep] + ids[hi:]
+        return ids, dropped
 
-    def correction_ids(self, prompt_text_end: str, correction: str) -> list[int]:
-        # A BPE tokenizer writes a word after "ASSISTANT:" with its leading space; a template that already
-        # ends in whitespace (or a chat turn) gets the correction as it is.
-        text = correction if (not prompt_text_end or prompt_text_end[-1].isspace() or self.use_chat_template) \
-            else " " + correction.lstrip()
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def correction_ids(self, prompt: PromptText, correction: str) -> list[int]:
+        """The correction's token ids after `prompt` (without EOS)."""
+        if prompt.moved:  # the template's trailing spaces open the correction
+            text = prompt.moved + correction
+        elif not self.use_chat_template and prompt.text and not prompt.text[-1].isspace():
+            # "ASSISTANT:" then the correction's first word with its leading space, as a BPE tokenizer writes it
+            text = " " + correction.lstrip()
+        else:  # after a newline, or the chat template's generation prompt: the correction as it is
+            text = correction
+        if self._offsets:
+            head = self._ids(prompt.text, prompt.add_special_tokens)
+            joint = self._ids(prompt.text + text, prompt.add_special_tokens)
+            if joint[: len(head)] == head:  # the boundary is a token boundary: the continuation, as one text
+                return joint[len(head):]
+        return self._ids(text, False)
 
     def encode(self, row: dict, *, index: int = 0) -> EncodedRow:
         """One training row; see the module docstring for what truncation keeps."""
-        _, after, _ = self.prompt_pieces(row["question"], row["answer"])
-        target = self.correction_ids(after, row["correction"]) + [self.eos_id]
+        target = self.correction_ids(self.prompt_text(row["question"], row["answer"]), row["correction"])
+        target = target + [self.eos_id]
         L = self.max_length
         if L is None:
             ids, _ = self.prompt_ids(row["question"], row["answer"])

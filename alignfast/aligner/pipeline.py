@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignfast.aligner.data import CorrectionEncoder
 from alignfast.ops._checks import fail
+from alignfast.rollout.engine import Completion
 
 
 class Corrector:
@@ -72,23 +73,43 @@ class Corrector:
 
     def correct(self, questions: Sequence[str], answers: Sequence[str]) -> list[str]:
         """Greedy corrections, one per (question, answer) pair."""
+        return [c.text for c in self.generate(questions, answers)]
+
+    def generate(self, questions: Sequence[str], answers: Sequence[str]) -> list[Completion]:
+        """The greedy corrections as the engine's Completions (text stripped): finish_reason 'length' marks one cut
+        at max_new_tokens, which `correct` alone cannot tell from a finished one."""
         questions, answers = list(questions), list(answers)
         if len(questions) != len(answers):
             fail("answers", f"has {len(answers)} entries for {len(questions)} questions")
-        out: list[str] = []
+        out: list[Completion] = []
         for start in range(0, len(questions), self.batch_size):
             ids = [self.encoder.inference_ids(q, a) for q, a in
                    zip(questions[start: start + self.batch_size], answers[start: start + self.batch_size])]
             completions = self.engine.generate(ids, max_new_tokens=self.max_new_tokens, temperature=0.0)
-            out += [c[0].text.strip() for c in completions]
+            out += [replace(c[0], text=c[0].text.strip()) for c in completions]
         return out
 
 
 @dataclass
 class Correction:
+    """truncated: the corrector stopped at its max_new_tokens, not at EOS (the correction is cut)."""
+
     question: str
     answer: str
     correction: str
+    truncated: bool = False
+
+
+def _engine_tokenizer(engine):
+    """The tokenizer a local engine holds (None for an endpoint, which formats its own input)."""
+    from alignfast.rollout import HFEngine
+    from alignfast.rollout.vllm_engine import VLLMEngine  # imports vllm only when an engine is built
+
+    if isinstance(engine, HFEngine):
+        return engine.tokenizer
+    if isinstance(engine, VLLMEngine) and engine.llm is not None:
+        return engine.llm.get_tokenizer()  # vLLM's LLM loads the model's Hugging Face tokenizer itself
+    return None
 
 
 class AlignerPipeline:
@@ -96,8 +117,9 @@ class AlignerPipeline:
 
     aligner: a Corrector, or a folder written by AlignerTrainer.save_model. upstream_tokenizer: when
     given, the question is sent as token ids in the upstream's chat format (as the PPO trainers send the
-    frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text. An HFEngine's own
-    tokenizer is the default: asked in plain text, a chat model answers a prompt it was never trained on.
+    frozen target its prompts); without it (an OpenAI endpoint) the question is sent as text. An HFEngine's or a
+    VLLMEngine's own tokenizer is the default: asked in plain text, a chat model answers a prompt it was never
+    trained on.
     upstream_system_prompt: the system message before each question, in the upstream tokenizer's chat template
     (an OpenAIEngine carries its own: OpenAIEngine(system_prompt=...))."""
 
@@ -110,10 +132,8 @@ class AlignerPipeline:
         if not isinstance(upstream, TargetEngine):
             fail("upstream", f"must be an alignfast TargetEngine (HFEngine, VLLMEngine, OpenAIEngine), got "
                  f"{type(upstream).__name__}")
-        from alignfast.rollout import HFEngine
-
-        if upstream_tokenizer is None and isinstance(upstream, HFEngine):
-            upstream_tokenizer = upstream.tokenizer
+        if upstream_tokenizer is None:
+            upstream_tokenizer = _engine_tokenizer(upstream)
         check_target_system_prompt(upstream, upstream_tokenizer, upstream_system_prompt,
                                    use_chat_template=upstream_use_chat_template, name="upstream_system_prompt")
         self.corrector = aligner if isinstance(aligner, Corrector) else \
@@ -133,5 +153,6 @@ class AlignerPipeline:
         """Corrections of the upstream's answers (or of `answers`, when already known)."""
         questions = list(questions)
         answers = self.answer(questions, seed=seed) if answers is None else list(answers)
-        corrections = self.corrector.correct(questions, answers)
-        return [Correction(q, a, c) for q, a, c in zip(questions, answers, corrections, strict=True)]
+        corrections = self.corrector.generate(questions, answers)
+        return [Correction(q, a, c.text, truncated=c.finish_reason == "length")
+                for q, a, c in zip(questions, answers, corrections, strict=True)]

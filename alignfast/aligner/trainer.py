@@ -15,10 +15,12 @@ checkpoints with exact resume (trainer.checkpoint).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -34,12 +36,26 @@ from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.data import batch_indices
 from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.metrics_logger import check_reporters
+from alignfast.trainer.optimizers import no_weight_decay
+from alignfast.trainer.ppo_core import bounded_param_groups
+from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_resume_matches, check_same_arm,
+                                             check_same_reference, reference_fingerprint)
 from alignfast.trainer.results import TrainingDivergedError
 from alignfast.trainer.run_loop import RunLoop
 
 _log = logging.getLogger("alignfast.aligner")
 
 ALIGNER_FILE = "aligner_config.json"  # beside a saved corrector: how to build its input
+
+
+def _param_groups(model, params: list, weight_decay: float) -> list[dict]:
+    """AdamW's groups with weight decay as transformers' Trainer applies it (weight_decay is a TrainingArguments
+    name and means what it means there): biases and norm weights get none (trainer.optimizers.no_weight_decay,
+    the PPO trainers' rule). The parameters keep their order; without weight decay they stay one group, as
+    before, so earlier checkpoints resume."""
+    if not weight_decay:
+        return [{"params": params}]
+    return bounded_param_groups(params, max_numel=sum(p.numel() for p in params), no_decay=no_weight_decay([model]))
 
 
 class AlignerTrainer(RunLoop):
@@ -103,7 +119,8 @@ class AlignerTrainer(RunLoop):
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise AlignfastArgumentError("alignfast: the corrector has no trainable parameter")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+        self.optimizer = torch.optim.AdamW(_param_groups(model, self.params, config.weight_decay),
+                                           lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                            weight_decay=config.weight_decay, foreach=True)
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.num_steps)
@@ -115,6 +132,7 @@ class AlignerTrainer(RunLoop):
         if self.processes.distributed:
             self.wrapped, self.optimizer = self.processes.accelerator.prepare(
                 CorrectionNLL(self.model, self.loss_fn), self.optimizer)
+        self._train_fingerprint: str | None = None
         self.callbacks = CallbackHandler(callbacks, config)
         self.global_step = 0
         self.num_tokens = 0
@@ -238,7 +256,8 @@ class AlignerTrainer(RunLoop):
         trainable = {"policy": {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}}
         state = {"global_step": self.global_step, "num_tokens": self.num_tokens, "history": self.history,
                  "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps,
-                 "num_processes": self.processes.num_processes}
+                 "num_processes": self.processes.num_processes, "reference_fingerprint": self._base_fingerprint(),
+                 "train_rows": len(self.train_encoded), "train_fingerprint": self._data_fingerprint()}
         path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
         if self.processes.is_main:  # the replicas are identical: one process writes
             path = ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=trainable,
@@ -247,16 +266,39 @@ class AlignerTrainer(RunLoop):
         self.processes.wait()  # no process runs ahead of (or resumes from) a half-written checkpoint
         return path
 
+    def _base_fingerprint(self) -> str:
+        """Identity of the frozen weights (a LoRA run's base model; nothing when every weight trains, as the
+        checkpoint then holds them all)."""
+        return reference_fingerprint((n, p) for n, p in self.model.named_parameters() if not p.requires_grad)
+
+    def _data_fingerprint(self) -> str:
+        """Identity of the encoded training rows (their order included): the data order depends on them."""
+        if self._train_fingerprint is None:
+            h = hashlib.sha256()
+            for r in self.train_encoded:
+                h.update(array("q", [len(r.prompt_ids), *r.prompt_ids, *r.target_ids]).tobytes())
+            self._train_fingerprint = h.hexdigest()[:16]
+        return self._train_fingerprint
+
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         state = data["state"]
-        if state.get("arm") != self.arm:
-            fail("resume_from_checkpoint", f"{path} is a checkpoint of a '{state.get('arm')}' run, not an Aligner SFT run")
+        # Before any tensor is copied: the corrector's trainable set and shapes (with/without LoRA, other
+        # target_modules or rank), then a LoRA run's frozen base weights (another base model of the same shapes).
+        check_same_arm(path, state, self.arm)
+        check_resume_matches(path, data["trainable"], state, self.model, self.config, value_model=None,
+                             value_head=None, label="corrector")
+        check_same_reference(path, state, self._base_fingerprint(), self.arm,
+                             weights="the corrector's frozen base weights (LoRA) differ from this run's")
+        saved_groups = len(data["optimizer"]["param_groups"])
+        if saved_groups != len(self.optimizer.param_groups):
+            raise CheckpointMismatchError(
+                f"alignfast: cannot resume from {path}: its optimizer state has {saved_groups} parameter group(s) and "
+                f"this run's {len(self.optimizer.param_groups)} (with weight_decay, written by an alignfast that decayed "
+                "every weight); start a new run in another output_dir")
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in data["trainable"]["policy"].items():
-                if name not in params:
-                    raise ValueError(f"alignfast: checkpoint {path} holds parameter {name!r} the corrector does not have")
                 params[name].copy_(value)
         self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
@@ -265,6 +307,16 @@ class AlignerTrainer(RunLoop):
         if changed:
             _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
                          "match an uninterrupted one", path, ", ".join(changed))
+        # Other training rows may be on purpose (as other settings may), but never silent: the data order is drawn
+        # over the rows, so the run will not match an uninterrupted one.
+        rows = state.get("train_rows")
+        if rows is not None and rows != len(self.train_encoded):
+            _log.warning("resuming from %s with %d training rows where the checkpoint's run had %d: the data order "
+                         "and the run will not match an uninterrupted one", path, len(self.train_encoded), rows)
+        elif state.get("train_fingerprint") not in (None, self._data_fingerprint()):
+            _log.warning("resuming from %s with other training rows than the checkpoint's run (as many, %d, but "
+                         "other rows, order or tokenization): the run will not match an uninterrupted one", path,
+                         len(self.train_encoded))
         self.global_step = int(state["global_step"])
         self.num_tokens = int(state["num_tokens"])
         self.history = list(state["history"])

@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-from alignfast.cli.data import FILE_SUFFIXES, _read_file, _read_hub, _int_setting
+from alignfast.cli.data import FILE_SUFFIXES, _int_setting, _read_file, _read_hub, refuse_hub_keys
 from alignfast.cli.errors import CLIError
 
 TOY_SETS = {"toy:corrections": "train", "toy:corrections-eval": "eval"}
@@ -61,12 +61,15 @@ def load_rows(spec: dict, *, what: str, need_correction: bool = True) -> list[di
     if str(path) in TOY_SETS:
         from alignfast.toy.corrections import make_correction_data
 
+        refuse_hub_keys(spec, what, str(path))
+
         # Only the rows asked for are generated (the target answers each one).
         rows = make_correction_data(split=TOY_SETS[str(path)], limit=limit if shuffle_seed is None else None)
     # a folder (a dataset repository cloned for offline use) goes to `datasets`, as a hub name does
     elif p.suffix in FILE_SUFFIXES or p.is_file():
         if not p.is_file():
             raise CLIError(f"data.{what}: file not found: {p}")
+        refuse_hub_keys(spec, what, str(p))
         rows = _read_file(p, what)
     else:
         rows = _read_hub(str(path), spec, what)

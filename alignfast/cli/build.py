@@ -182,18 +182,19 @@ def preflight_target(config: dict) -> None:
         engine.close()
 
 
-def lora_config(spec: dict | None):
+def lora_config(spec: dict | None, section: str = "prompter"):
+    """peft's LoraConfig from the run file's <section>.lora (prompter, or aligner for the Aligner's corrector)."""
     if not spec:
         return None
     try:
         from peft import LoraConfig
     except ImportError:
-        raise CLIError("prompter.lora needs the `peft` package (pip install 'alignfast[peft]')") from None
+        raise CLIError(f"{section}.lora needs the `peft` package (pip install 'alignfast[peft]')") from None
     values = {"task_type": "CAUSAL_LM", **spec}
     try:
         return LoraConfig(**values)
     except TypeError as err:
-        raise CLIError(f"prompter.lora: {err}") from None
+        raise CLIError(f"{section}.lora: {err}") from None
 
 
 def load_data(config: dict, *, need_train: bool, need_eval: bool) -> tuple[list[dict] | None, list[dict] | None]:

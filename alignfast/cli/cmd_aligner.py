@@ -75,7 +75,7 @@ def run(args, overrides) -> int:
     model = load_causal_lm(spec, "aligner", device=build.default_device())
     try:
         trainer = AlignerTrainer(cfg, model, load_tokenizer(spec, "aligner"), train_dataset=train, eval_dataset=evals,
-                                 peft_config=build.lora_config(spec.get("lora")),
+                                 peft_config=build.lora_config(spec.get("lora"), "aligner"),
                                  callbacks=[SFTProgressCallback("Aligner SFT")])
         result = trainer.train(resume_from_checkpoint=args.resume)
     except (AlignfastArgumentError, FileNotFoundError, TrainingDivergedError) as err:

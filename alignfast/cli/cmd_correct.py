@@ -13,15 +13,17 @@ def add_parser(sub) -> None:
         description="Reads questions (a .jsonl/.json/.csv file with a 'question' column, or 'prompt'), has the "
                     "upstream model answer them (a local/hub model through the batched HF engine, or an "
                     "OpenAI-compatible endpoint), has the corrector in --aligner rewrite each answer, and writes one "
-                    "JSON line per question: {question, answer, correction}. Without --upstream/--upstream-url the "
-                    "file's own 'answer' column is corrected.")
+                    "JSON line per question: its other columns (an id) and {question, answer, correction}, with "
+                    "\"truncated\": true where the correction was cut at --max-new-tokens. Without "
+                    "--upstream/--upstream-url the file's own 'answer' column is corrected.")
     p.add_argument("--aligner", required=True, metavar="DIR", help="a corrector saved by `alignfast aligner train`")
     up = p.add_mutually_exclusive_group()
     up.add_argument("--upstream", metavar="MODEL", help="upstream model: hub name, local folder, or toy:target")
     up.add_argument("--upstream-url", metavar="URL", help="an OpenAI-compatible endpoint serving the upstream")
+    # The endpoint's settings default to None so that one given without --upstream-url is an error, not ignored.
     p.add_argument("--upstream-model", metavar="NAME", help="the served model's name at --upstream-url")
-    p.add_argument("--api", choices=["chat", "completions"], default="chat", help="endpoint API (default chat)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--api", choices=["chat", "completions"], help="--upstream-url's API (default chat)")
+    p.add_argument("--api-key-env", help="environment variable holding --upstream-url's API key (OPENAI_API_KEY)")
     p.add_argument("--data", required=True, metavar="FILE", help="questions (.jsonl/.json/.csv)")
     p.add_argument("--output", required=True, metavar="FILE", help="where the JSON lines go")
     p.add_argument("--max-new-tokens", type=int, default=256, help="corrector's budget per correction (256)")
@@ -43,10 +45,13 @@ def _questions(path: str) -> list[dict]:
         raise CLIError(f"--data must be a .jsonl, .json or .csv file, got {p}")
     if not p.is_file():
         raise CLIError(f"--data: file not found: {p}")
-    rows = _read_file(p, "correct")
+    try:
+        rows = _read_file(p, "correct")
+    except CLIError as err:  # its messages name the run file's data.<what>; here the file is --data
+        raise CLIError("--data: " + str(err).removeprefix("data.correct: ")) from None
     for r in rows:
         if "question" not in r and "prompt" in r:
-            r["question"] = r["prompt"]
+            r["question"] = r.pop("prompt")  # the question's column, written back as 'question'
     return rows
 
 
@@ -66,19 +71,26 @@ def run(args, extra) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.upstream_url and not args.upstream_model:
         raise CLIError("--upstream-url needs --upstream-model (the served model's name)")
+    for name in ("upstream_model", "api", "api_key_env"):
+        if getattr(args, name) is not None and not args.upstream_url:
+            raise CLIError(f"--{name.replace('_', '-')} is a setting of --upstream-url, which is not given"
+                           + (" (--upstream is a local model, asked in its own chat format)" if args.upstream else ""))
+    api = args.api or "chat"
     if args.upstream_system_prompt is not None and not (args.upstream or args.upstream_url):
         raise CLIError("--upstream-system-prompt needs --upstream or --upstream-url (without either, --data holds "
                        "the answers, and no upstream is asked)")
-    if args.upstream_system_prompt is not None and args.upstream_url and args.api != "chat":
+    if args.upstream_system_prompt is not None and args.upstream_url and api != "chat":
         raise CLIError("--upstream-system-prompt is the chat's system message, sent only with --api chat; with --api "
                        "completions the question is sent as it is")
     rows = _questions(args.data)
     have_answers = not (args.upstream or args.upstream_url)
     try:
-        rows = check_rows(rows, name="--data", need_correction=False) if have_answers else \
-            [{"question": r["question"]} for r in _with_question(rows)]
+        rows = check_rows(rows, name="--data", need_correction=False) if have_answers else _with_question(rows)
     except AlignfastArgumentError as err:
-        raise CLIError(str(err).removeprefix("alignfast: argument ").replace("'--data'", "--data")) from None
+        message = str(err).removeprefix("alignfast: argument ").replace("'--data'", "--data")
+        if "has no 'answer' field" in message:  # a file of questions only, given without an upstream to answer them
+            message += "; to have an upstream model answer the questions, pass --upstream or --upstream-url"
+        raise CLIError(message) from None
     device = build.default_device()
     try:
         corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
@@ -90,7 +102,9 @@ def run(args, extra) -> int:
     questions = [r["question"] for r in rows]
     if have_answers:
         answers = [r["answer"] for r in rows]
-        corrections = corrector.correct(questions, answers)
+        generated = corrector.generate(questions, answers)
+        corrections = [c.text for c in generated]
+        truncated = [c.finish_reason == "length" for c in generated]
     else:
         if args.upstream:
             from alignfast.rollout import HFEngine
@@ -102,8 +116,9 @@ def run(args, extra) -> int:
             from alignfast.rollout import OpenAIEngine
 
             tok = None
-            engine = OpenAIEngine(args.upstream_url, args.upstream_model, api=args.api,
-                                  api_key=os.environ.get(args.api_key_env), system_prompt=args.upstream_system_prompt)
+            engine = OpenAIEngine(args.upstream_url, args.upstream_model, api=api,
+                                  api_key=os.environ.get(args.api_key_env or "OPENAI_API_KEY"),
+                                  system_prompt=args.upstream_system_prompt)
         try:
             pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
                                        upstream_system_prompt=args.upstream_system_prompt if tok is not None else None,
@@ -114,14 +129,19 @@ def run(args, extra) -> int:
         results = pipeline(questions)
         answers = [r.answer for r in results]
         corrections = [r.correction for r in results]
+        truncated = [r.truncated for r in results]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     from alignfast.files import write_text_atomically
 
-    write_text_atomically(out, "".join(json.dumps({"question": q, "answer": a, "correction": c}) + "\n"
-                                       for q, a, c in zip(questions, answers, corrections, strict=True)))
+    # The file's other columns (an id to join on) come first, as they were; a cut correction says so.
+    written = [{**row, "question": q, "answer": a, "correction": c, **({"truncated": True} if cut else {})}
+               for row, q, a, c, cut in zip(rows, questions, answers, corrections, truncated, strict=True)]
+    write_text_atomically(out, "".join(json.dumps(w) + "\n" for w in written))
     changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))
-    print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector; wrote {out}",
+    cut = f", {sum(truncated)} cut at --max-new-tokens ({args.max_new_tokens}; \"truncated\": true)" \
+        if any(truncated) else ""
+    print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector{cut}; wrote {out}",
           file=sys.stderr)
     return 0
 

@@ -34,12 +34,14 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
     shuffle_seed = _int_setting(spec, "shuffle_seed", what, minimum=0)
     p = Path(str(path)).expanduser()
     if str(path) in TOY_SETS:
+        refuse_hub_keys(spec, what, str(path))
         rows = _toy_rows(str(path))
         source = str(path)
     # a folder (a dataset repository cloned for offline use) goes to `datasets`, as a hub name does
     elif p.suffix in FILE_SUFFIXES or p.is_file():
         if not p.is_file():
             raise CLIError(f"data.{what}: file not found: {p}")
+        refuse_hub_keys(spec, what, str(p))
         rows = _read_file(p, what)
         source = str(p)
     else:
@@ -71,6 +73,16 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
     if limit is not None:
         records = records[:limit]
     return records
+
+
+def refuse_hub_keys(spec: dict, what: str, source: str) -> None:
+    """`split` and `name` are arguments of datasets.load_dataset (a hub name or a folder); a local file or a toy set
+    is read whole, and either key there was silently ignored (data.train.split 'train[:1]' trained on every row)."""
+    for key in ("split", "name"):
+        if spec.get(key) is not None:
+            raise CLIError(f"data.{what}.{key} ({spec[key]!r}) applies to a datasets name or folder only, and {source} "
+                           f"is read whole: remove it (--data.{what}.{key} null; data.{what}.limit keeps the first "
+                           "rows)")
 
 
 def _int_setting(spec: dict, key: str, what: str, *, minimum: int) -> int | None:

@@ -18,7 +18,10 @@ def _fail(path: Path, message: str):
                                   "settings, or start a new run in another output_dir")
 
 
-def check_resume_matches(path, trainable: dict, state: dict, model, config, *, value_model, value_head) -> None:
+def check_resume_matches(path, trainable: dict, state: dict, model, config, *, value_model, value_head,
+                         label: str = "policy") -> None:
+    """The checkpoint's trained tensors are exactly this run's trainable ones, shapes included. `label` names the
+    trained model in the messages (the Aligner's is the corrector)."""
     path = Path(path)
     saved_cfg = state.get("config") or {}
     if (value_model is not None and "value_model" not in trainable) or \
@@ -29,16 +32,16 @@ def check_resume_matches(path, trainable: dict, state: dict, model, config, *, v
     saved = trainable.get("policy") or {}
     unknown = [n for n in saved if n not in params]
     if unknown:
-        _fail(path, f"it holds policy parameter {unknown[0]!r}, which this policy does not have (was it written for "
-                    "another model, or with/without LoRA?)")
+        _fail(path, f"it holds {label} parameter {unknown[0]!r}, which this {label} does not have (was it written "
+                    "for another model, or with/without LoRA or other LoRA target_modules?)")
     for name, value in saved.items():
         if tuple(value.shape) != tuple(params[name].shape):
-            _fail(path, f"policy parameter {name!r} has shape {tuple(value.shape)} there and "
-                        f"{tuple(params[name].shape)} in this policy (another model?)")
+            _fail(path, f"{label} parameter {name!r} has shape {tuple(value.shape)} there and "
+                        f"{tuple(params[name].shape)} in this {label} (another model, or another LoRA rank?)")
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     if missing:
-        _fail(path, f"it does not hold trainable policy parameter {missing[0]!r} (written for another model, or "
-                    "with/without LoRA?)")
+        _fail(path, f"it does not hold trainable {label} parameter {missing[0]!r} (written for another model, or "
+                    "with/without LoRA or other LoRA target_modules?)")
     for label, module, key in (("value model", value_model, "value_model"), ("value head", value_head, "value_head")):
         if module is None:
             continue
@@ -73,7 +76,7 @@ def reference_fingerprint(named_tensors) -> str:
 
 # How each arm's checkpoints are resumed from the command line, for the error that names a mix-up.
 RESUMED_BY = {"align_pro": "`alignfast train --resume`", "oracle": "`alignfast train --oracle --resume`",
-              "proxy": "`alignfast train --method proxy --resume`"}
+              "proxy": "`alignfast train --method proxy --resume`", "aligner": "`alignfast aligner train --resume`"}
 
 
 def check_same_arm(path, state: dict, arm: str) -> None:
@@ -85,10 +88,13 @@ def check_same_arm(path, state: dict, arm: str) -> None:
         _fail(Path(path), f"it was written by the {saved_arm!r} arm and this is the {arm!r} arm{how}")
 
 
-def check_same_reference(path, state: dict, fingerprint: str, arm: str) -> None:
+def check_same_reference(path, state: dict, fingerprint: str, arm: str, *,
+                         weights: str = "its reference (SFT) weights differ from this run's policy before "
+                                        "training") -> None:
+    """The frozen weights the run was trained from (reference_fingerprint) are this run's; `weights` says which they
+    are, for the message."""
     path = Path(path)
     check_same_arm(path, state, arm)
     saved = state.get("reference_fingerprint")
     if saved is not None and saved != fingerprint:
-        _fail(path, "it was trained from another model: its reference (SFT) weights differ from this run's policy "
-                    "before training (same architecture, other weights?)")
+        _fail(path, f"it was trained from another model: {weights} (same architecture, other weights?)")

@@ -23,3 +23,20 @@ def tiny_corrector(tmp_path, *, seed: int = 0, tie: bool = False, hidden: int = 
     model = make_causal_lm(tmp_path / "corrector", len(tok), seed=seed, hidden=hidden, layers=1, tie=tie)
     tok.save_pretrained(str(tmp_path / "corrector"))
     return model, tok
+
+
+def bpe_tokenizer(path):
+    """A tiny byte-level BPE tokenizer (GPT-2's scheme: a word's leading space is part of its token, 'ĠParis'),
+    trained on a few sentences, saved to `path` and loaded back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["What is the capital of France? Paris is the capital. The capital of France is Paris.",
+                             "##Question: ##Answer: ##Correction: | ASSISTANT:"] * 5, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))

@@ -140,3 +140,86 @@ def test_a_mapped_column_missing_from_a_later_row_is_one_line(tmp_path):
     data.write_text('{"q": "q1", "answer": "a1", "correction": "c1"}\n{"answer": "a2", "correction": "c2"}\n')
     with pytest.raises(CLIError, match="names 'q', which row 1 of"):
         load_rows({"path": str(data), "columns": {"question": "q"}}, what="train")
+
+
+@pytest.mark.parametrize("source", ["file", "toy:corrections"])
+def test_a_split_for_a_source_without_splits_is_one_line(tmp_path, capsys, source):
+    """data.train.split was accepted for a local file (and a toy: set) and ignored: 'train[:1]' trained on all 4 rows.
+    Only a datasets name or folder has splits; elsewhere the key is an error naming it, for the PPO prompts too."""
+    from alignfast.cli.data import load_prompts
+    from alignfast.cli.errors import CLIError
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "q", "answer": "a", "correction": "c", "prompt": "p"}\n' * 4)
+    path = str(data) if source == "file" else source
+    assert main(["aligner", "train", "--config", str(CONFIGS / "aligner_toy.yaml"), "--data.train.path", path,
+                 "--data.train.split", "train[:1]", "--data.eval", "null", "--trainer.output_dir",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.train.split ('train[:1]') applies to a datasets name or folder only" in err[0], err
+    with pytest.raises(CLIError, match=r"data.eval.name \('x'\) applies to a datasets name or folder only"):
+        load_prompts({"path": str(data) if source == "file" else "toy:eval", "name": "x"}, what="eval")
+
+
+def _tiny_corrector_folder(tmp_path) -> Path:
+    """A folder `alignfast correct --aligner` loads: the tiny corrector, its tokenizer and aligner_config.json."""
+    from tests.aligner.helpers import TEMPLATE, tiny_corrector
+
+    tiny_corrector(tmp_path)
+    folder = tmp_path / "corrector"
+    (folder / "aligner_config.json").write_text(json.dumps({"template": TEMPLATE, "use_chat_template": False,
+                                                            "max_length": 64}))
+    return folder
+
+
+def test_correct_flags_cut_corrections_and_keeps_the_other_columns(tmp_path, capsys):
+    """`alignfast correct` wrote corrections cut at --max-new-tokens like finished ones, and dropped every column but
+    question and answer (an "id" could not be joined back). A cut correction now has "truncated": true and is
+    counted in the summary line, and the other columns are carried through."""
+    from alignfast.aligner import Corrector
+
+    folder = _tiny_corrector_folder(tmp_path)
+    data = tmp_path / "qa.jsonl"
+    rows = [{"id": i, "question": q, "answer": a, "source": "x"} for i, (q, a) in
+            enumerate([("what is the cat", "a dog"), ("why fish", "no"), ("what", "")])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--aligner", str(folder), "--data", str(data), "--output", str(out),
+                 "--max-new-tokens", "1"]) == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    want = Corrector.from_pretrained(folder, max_new_tokens=1).generate([r["question"] for r in rows],
+                                                                        [r["answer"] for r in rows])
+    cut = [c.finish_reason == "length" for c in want]
+    assert any(cut)  # one new token: only a first-token EOS finishes
+    assert written == [{**r, "correction": c.text, **({"truncated": True} if c.finish_reason == "length" else {})}
+                       for r, c in zip(rows, want)]
+    assert f", {sum(cut)} cut at --max-new-tokens (1; " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data, extra, message", [
+    ('["q1", "q2"]', [], "--data: {data} must hold a list of objects"),
+    ('{"prompt": "sort 4 8 5 1"}\n', [], "--data row 0 has no 'answer' field (rows need question, answer); to have "
+                                       "an upstream model answer the questions, pass --upstream or --upstream-url"),
+    ('{"question": "q", "answer": "a"}\n', ["--upstream-model", "m"],
+     "--upstream-model is a setting of --upstream-url, which is not given"),
+    ('{"question": "q", "answer": "a"}\n', ["--upstream", "toy:target", "--api", "completions"],
+     "--api is a setting of --upstream-url, which is not given (--upstream is a local model"),
+])
+def test_correct_errors_name_its_own_options(tmp_path, capsys, data, extra, message):
+    """Errors named keys `alignfast correct` does not have ("data.correct: ... must hold a list of objects"), a file of
+    questions without --upstream did not say that an upstream could answer them, and --upstream-model / --api
+    without --upstream-url were silently ignored."""
+    path = tmp_path / ("d.json" if data.startswith("[") else "d.jsonl")
+    path.write_text(data)
+    assert main(["correct", "--aligner", str(tmp_path), "--data", str(path), "--output", str(tmp_path / "o"),
+                 *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(data=path) in err[0], err
+
+
+def test_a_bad_aligner_lora_key_names_the_aligner_section(tmp_path, capsys):
+    """--aligner.lora.rr 4 was reported as 'prompter.lora: ...', a section the Aligner's run file does not have."""
+    assert main(["aligner", "train", "--config", str(CONFIGS / "aligner_toy.yaml"), "--data.train.limit", "4",
+                 "--data.eval", "null", "--trainer.output_dir", str(tmp_path / "o"), "--aligner.lora.rr", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "aligner.lora: " in err[0] and "'rr'" in err[0] and "prompter" not in err[0], err

@@ -2,10 +2,10 @@
 
 import pytest
 
-from alignfast.aligner import PAPER_TEMPLATE, REPO_TEMPLATE, AlignerConfig
+from alignfast.aligner import PAPER_TEMPLATE, REPO_TEMPLATE, AlignerConfig, AlignerTrainer
 from alignfast.aligner.data import CorrectionEncoder, check_rows, with_identity_rows
 from alignfast.ops import AlignfastArgumentError
-from tests.aligner.helpers import ROWS, TEMPLATE, tiny_corrector
+from tests.aligner.helpers import ROWS, TEMPLATE, bpe_tokenizer, tiny_corrector
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.9])
@@ -45,6 +45,20 @@ def test_empty_or_wrong_datasets():
 def test_template_without_a_field_is_an_error(template, missing):
     with pytest.raises(AlignfastArgumentError, match=f"argument 'template' must contain {missing}"):
         AlignerConfig(template=template)
+
+
+def test_a_template_with_two_answers_is_refused_and_a_repeated_question_is_rendered(tmp_path):
+    """A template with {answer} twice rendered the answer once and the internal marker ('\\x00ALIGNFAST-ANSWER\\x00')
+    in place of the second, and the model read that. {answer} is the one span truncation cuts: once only.
+    {question} is rendered as it is, so a second one is the question again."""
+    _, tok = tiny_corrector(tmp_path)
+    twice = "fix {question} | {answer} | {answer} :"
+    with pytest.raises(AlignfastArgumentError, match=r"argument 'template' must contain \{answer\} once"):
+        CorrectionEncoder(tok, twice)
+    with pytest.raises(AlignfastArgumentError, match=r"argument 'template' must contain \{answer\} once"):
+        AlignerConfig(template=twice)
+    ids = CorrectionEncoder(tok, "fix {question} | {answer} | {question} :").inference_ids("what is the cat", "a dog")
+    assert tok.decode(ids) == "fix what is the cat | a dog | what is the cat :"
 
 
 def test_named_templates_and_bad_settings():
@@ -97,8 +111,59 @@ def test_chat_template_is_applied_only_when_asked(tmp_path):
     assert chat.target_ids == plain.target_ids
 
 
+def test_a_chat_template_asked_of_a_tokenizer_without_one_is_an_error(tmp_path):
+    """use_chat_template=True with a tokenizer that has no chat template trained on plain text while the saved
+    aligner_config.json said use_chat_template: true; it is now one line naming the setting."""
+    model, tok = tiny_corrector(tmp_path, chat_template=False)
+    with pytest.raises(AlignfastArgumentError, match="argument 'use_chat_template' is true and the tokenizer .* has "
+                                                     "no chat template"):
+        AlignerTrainer(AlignerConfig(output_dir=str(tmp_path / "o"), template=TEMPLATE, use_chat_template=True),
+                       model, tok, train_dataset=ROWS)
+
+
 def test_rows_from_a_datasets_dataset():
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([{**r, "extra": 1} for r in ROWS])
     rows = check_rows(ds)
     assert [r["correction"] for r in rows] == [r["correction"] for r in ROWS] and rows[0]["extra"] == 1
+
+
+BPE_ROW = {"question": "What is the capital of France?", "answer": "Paris is the capital.",
+           "correction": "The capital of France is Paris."}
+
+
+@pytest.mark.parametrize("template", ["Q: {question} | {answer} ASSISTANT:", REPO_TEMPLATE])
+def test_a_bpe_row_is_tokenized_as_one_text(tmp_path, template):
+    """The prompt was tokenized in three pieces: with a BPE tokenizer the answer began 'Ġ', 'Paris' where the text
+    has 'ĠParis'; and a template ending in a space (`template: repo`) ended the prompt in a lone 'Ġ' and trained the
+    correction's first word without its space ('The', not 'ĠThe'; on SmolLM2 the untrained model's correction NLL
+    was 71.3 nats instead of 57.2 over three rows). Prompt and correction are now the ids of the text read as one
+    piece, the template's trailing space going to the correction's first token, at training and inference alike."""
+    tok = bpe_tokenizer(tmp_path / "bpe")
+    enc = CorrectionEncoder(tok, template)
+    row = enc.encode(BPE_ROW)
+    text = template.replace("{question}", BPE_ROW["question"]).replace("{answer}", BPE_ROW["answer"]).rstrip()
+    prompt = tok(text)["input_ids"]
+    assert row.prompt_ids == prompt and "ĠParis" in tok.convert_ids_to_tokens(prompt)
+    assert row.target_ids == tok(text + " " + BPE_ROW["correction"])["input_ids"][len(prompt):] + [tok.eos_token_id]
+    assert tok.convert_ids_to_tokens(row.target_ids)[0] == "ĠThe"
+    assert enc.inference_ids(BPE_ROW["question"], BPE_ROW["answer"]) == row.prompt_ids
+
+    # truncation still cuts the answer's own tokens from its end, and the rest of the prompt stays as it was
+    cut = CorrectionEncoder(tok, template, max_length=len(row.prompt_ids) + len(row.target_ids) - 2).encode(BPE_ROW)
+    answer = tok.convert_ids_to_tokens(tok(" " + BPE_ROW["answer"])["input_ids"])  # 'ĠParis', 'Ġis', ...
+    words = tok.convert_ids_to_tokens(row.prompt_ids)
+    start = words.index("ĠParis")
+    assert cut.answer_tokens_dropped == 2 and cut.target_ids == row.target_ids
+    assert tok.convert_ids_to_tokens(cut.prompt_ids) == words[: start + len(answer) - 2] + words[start + len(answer):]
+
+
+def test_a_tokenizer_without_offsets_gets_the_parts_tokenized_apart(tmp_path):
+    """Only a fast tokenizer gives the character offsets that find the answer's tokens in the one-piece
+    tokenization; another one still encodes (parts apart) and still cuts the answer first."""
+    _, tok = tiny_corrector(tmp_path)
+    row = {"question": "what is the cat", "answer": "a dog is a big dog", "correction": "a cat"}
+    fast = CorrectionEncoder(tok, TEMPLATE, max_length=14)
+    apart = CorrectionEncoder(tok, TEMPLATE, max_length=14)
+    apart._offsets = False  # as for a tokenizer that is not a fast one
+    assert apart.encode(row) == fast.encode(row) and fast.encode(row).answer_tokens_dropped == 2

@@ -2,6 +2,7 @@
 the fast and reference backends train the same model."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -46,6 +47,9 @@ def test_sft_learns_the_corrections_and_the_pipeline_applies_them(tmp_path):
     assert [g.answer for g in got] == ["a dog"] * 3  # the upstream's answers, corrected by the SFT corrector
     assert [g.correction for g in got] == ["a cat", "a bird", "a dog"]
     assert upstream.calls == 1
+    assert not any(g.truncated for g in got)
+    pipe.corrector.max_new_tokens = 1  # a correction cut before its EOS says so
+    assert [(g.correction, g.truncated) for g in pipe(["what is the cat"], answers=["a dog"])] == [("a", True)]
 
 
 def test_resume_is_exact_and_metrics_cover_every_step(tmp_path):
@@ -79,6 +83,47 @@ def test_resume_is_exact_and_metrics_cover_every_step(tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
     assert [x["loss"] for x in lines] == [x["loss"] for x in full_lines]
     assert {"loss", "grad_norm", "learning_rate", "epoch", "num_tokens", "tokens/s"} <= set(lines[0])
+
+
+def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(tmp_path, caplog):
+    """Resuming did not check that the checkpoint was this run's: a LoRA run resumed without LoRA or with other
+    target_modules ended in a traceback (KeyError / ValueError from inside the copy), a LoRA run resumed silently
+    onto another base model, and another training set resumed silently. The first three are now one line naming
+    the checkpoint and the difference; other training rows are a warning, as other settings are."""
+    peft = pytest.importorskip("peft")
+    from alignfast.trainer.resume_checks import CheckpointMismatchError
+
+    def lora(modules):
+        return peft.LoraConfig(r=4, target_modules=modules, task_type="CAUSAL_LM")
+
+    def run(folder, model, *, peft_config=None, rows=ROWS, max_steps=2):
+        return AlignerTrainer(_config(tmp_path, "run", save_strategy="steps", save_steps=2, max_steps=max_steps,
+                                      per_device_train_batch_size=2, gradient_accumulation_steps=1), model, tok,
+                              train_dataset=rows, peft_config=peft_config)
+
+    model, tok = tiny_corrector(tmp_path / "base")
+    run("run", model, peft_config=lora(["q_proj"])).train()
+    checkpoint = f"cannot resume from {tmp_path / 'run' / 'checkpoint-2'}: "
+    cases = [(tiny_corrector(tmp_path / "a")[0], None, "it holds corrector parameter .*lora_A.*, which this "
+                                                       "corrector does not have"),
+             (tiny_corrector(tmp_path / "b")[0], lora("all-linear"), "it does not hold trainable corrector "
+                                                                    "parameter .*lora_A"),
+             (tiny_corrector(tmp_path / "c", seed=1)[0], lora(["q_proj"]), "it was trained from another model: the "
+                                                                          "corrector's frozen base weights")]
+    for other, peft_config, message in cases:
+        with pytest.raises(CheckpointMismatchError, match=re.escape(checkpoint) + message):
+            run("run", other, peft_config=peft_config, max_steps=4).train(resume_from_checkpoint=True)
+
+    resumed = run("run", tiny_corrector(tmp_path / "d")[0], peft_config=lora(["q_proj"]), rows=ROWS[:4], max_steps=3)
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert resumed.train(resume_from_checkpoint=True).global_step == 3
+    assert "with 4 training rows where the checkpoint's run had 6" in caplog.text
+    caplog.clear()
+    again = run("run", tiny_corrector(tmp_path / "e")[0], peft_config=lora(["q_proj"]), rows=ROWS[4:] + ROWS[:2],
+                max_steps=4)
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert again.train(resume_from_checkpoint=True).global_step == 4
+    assert "other training rows than the checkpoint's run (as many, 4, but other rows" in caplog.text
 
 
 def test_cosine_schedule_with_warmup(tmp_path):
@@ -182,6 +227,21 @@ def test_identity_rows_are_added_to_the_training_set(tmp_path):
     assert sum(r.get("identity", False) for r in trainer.train_rows) == 20
 
 
+def test_weight_decay_spares_biases_and_norm_weights_as_transformers_trainer_does(tmp_path):
+    """weight_decay (a TrainingArguments name) was applied to every parameter, the RMSNorm weights included;
+    transformers' Trainer exempts biases and norm weights, and AlignerTrainer now builds the same two groups."""
+    from transformers import Trainer
+
+    model, tok = tiny_corrector(tmp_path)
+    trainer = AlignerTrainer(_config(tmp_path, weight_decay=0.1), model, tok, train_dataset=ROWS)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    spared = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == set(Trainer.get_decay_parameter_names(None, model)) and decayed.isdisjoint(spared)
+    assert decayed | spared == set(names.values())
+    assert "model.norm.weight" in spared and "model.layers.0.self_attn.q_proj.weight" in decayed
+
+
 def test_lora_trains_only_the_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     model, tok = tiny_corrector(tmp_path)
@@ -235,3 +295,40 @@ def test_an_hf_upstream_is_asked_in_its_own_chat_format(tmp_path):
     explicit = AlignerPipeline(HFEngine(target, target_tok), corrector, upstream_tokenizer=target_tok,
                                upstream_max_new_tokens=8).answer(questions)
     assert implicit == explicit == ["8 5 4 1", "1"]  # the toy target's (mis)readings, as `alignfast correct` gets
+
+
+def test_a_vllm_upstream_is_asked_in_its_own_chat_format(tmp_path, monkeypatch):
+    """Only an HFEngine's tokenizer was the default: a VLLMEngine upstream got the raw question, without its chat
+    template. vLLM's own tokenizer (LLM.get_tokenizer()) is now the default too. vllm is stubbed: the engine code
+    is alignfast's, the stub records what LLM.generate receives."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    from alignfast.rollout.vllm_engine import VLLMEngine
+    from tests.trainer.tiny import make_tokenizer
+
+    seen = []
+
+    class LLM:
+        def __init__(self, **kw):
+            self.tokenizer = AutoTokenizer.from_pretrained(kw["tokenizer"])
+
+        def get_tokenizer(self):
+            return self.tokenizer
+
+        def generate(self, inputs, params, use_tqdm=False):
+            seen.extend(inputs)
+            out = types.SimpleNamespace(text="a dog", token_ids=[1], finish_reason="stop", index=0)
+            return [types.SimpleNamespace(outputs=[out]) for _ in inputs]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    model, tok = tiny_corrector(tmp_path)
+    chat_tok = make_tokenizer(tmp_path / "chat_tok", ["what", "is", "the", "cat"], chat_template=True)
+    upstream = VLLMEngine(str(tmp_path / "upstream-model"), tokenizer=str(tmp_path / "chat_tok"))
+    pipe = AlignerPipeline(upstream, Corrector(model, tok, template=TEMPLATE, max_new_tokens=2))
+    assert pipe.answer(["what is the cat"]) == ["a dog"]
+    assert seen == [{"prompt_token_ids": chat_tok.apply_chat_template(
+        [{"role": "user", "content": "what is the cat"}], add_generation_prompt=True, tokenize=True,
+        return_dict=False)}]
