@@ -8,15 +8,19 @@ For an arm A and a baseline B scored on the same n held-out prompts (paired by p
 
 Ties count half, so two identical arms have a win rate of exactly 0.5. The interval printed beside a
 win rate is a 95% Wilson score interval over the n paired prompts, with the sample size corrected for ties.
-The per-prompt score s_i ∈ {1, ½, 0} has variance σ² = 1/n Σ_i (s_i - p)², which is p(1-p) for a binary
-score (no ties) and smaller with ties (a tie is ½ whichever arm is better). The Wilson interval assumes
-p(1-p), so it is taken at the effective size
+The per-prompt score s_i ∈ {1, ½, 0} has variance p(1-p) when there are no ties and less with them (a tie is
+½ whichever arm is better), and the Wilson interval assumes p(1-p); so it is taken at the effective size
 
-    n_eff = n · p(1-p) / σ²        (= n without ties; ≥ n always, since s_i ∈ [0, 1] gives σ² ≤ p(1-p))
+    n_eff = max(n, n · p(1-p) / σ̃²),
+    σ̃² = the variance of the scores with one more win and one more loss (W+1, T, L+1 over n+2)
 
-which keeps its coverage near 95% (the uncorrected interval covered 99.85% at 60% ties in simulation, and
-gave 0.44-0.56 to an arm tied with the baseline on all of 250 prompts, whose scores do not vary at all).
-Every prompt tied: σ² = 0 and the interval is the point ½.
+The pseudo win and loss (as in Agresti-Caffo intervals) keep a sample with few or no decisive pairs from
+claiming near-zero variance: from the observed variance alone, an arm that won 1 of 50 prompts and tied the
+rest got an interval covering the truth 63% of the time. Simulated coverage (4000 draws each): 94-96% with
+30-62% wins and 0-60% ties at n = 50 and 250; 100% when wins are rare (2% of 50, 0.4% of 250) where the
+interval is still a quarter of the uncorrected one. Without ties it is Wilson's interval itself. The
+uncorrected interval (Wilson on wins + ties/2 over n) covered 98.6-99.8% with ties, too wide: 0.44-0.56 for
+an arm tied with the baseline on all 250 prompts.
 """
 
 from __future__ import annotations
@@ -81,18 +85,16 @@ def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float,
 
 
 def win_rate_interval(wins: int, ties: int, losses: int, z: float = Z_95) -> tuple[float, float]:
-    """The tie-corrected Wilson interval of the win rate (module docstring): Wilson at n_eff = n p(1-p) / σ²."""
+    """The tie-corrected Wilson interval of the win rate (module docstring): Wilson at n_eff."""
     n = wins + ties + losses
     if n == 0:
         return math.nan, math.nan
     p = (wins + 0.5 * ties) / n
-    var = (wins * (1 - p) ** 2 + ties * (0.5 - p) ** 2 + losses * p ** 2) / n
-    binary = p * (1 - p)
-    if var == 0.0 and binary > 0.0:  # every prompt tied (p = ½): the scores do not vary
-        return p, p
-    n_eff = n if var == 0.0 else n * binary / var  # var = 0 with p in {0, 1}: binary already, Wilson at n
-    low, high = wilson_interval(p * n_eff, n_eff, z)
-    return low, high
+    w, l, m = wins + 1, losses + 1, n + 2  # one pseudo win and one pseudo loss: never a zero variance
+    q = (w + 0.5 * ties) / m
+    var = (w * (1 - q) ** 2 + ties * (0.5 - q) ** 2 + l * q ** 2) / m
+    n_eff = max(n, n * p * (1 - p) / var)  # p in {0, 1} (no ties either way): Wilson at n
+    return wilson_interval(p * n_eff, n_eff, z)
 
 
 def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> tuple[float, int, int, int]:
