@@ -100,18 +100,6 @@ class Correction:
     truncated: bool = False
 
 
-def _engine_tokenizer(engine):
-    """The tokenizer a local engine holds (None for an endpoint, which formats its own input)."""
-    from alignfast.rollout import HFEngine
-    from alignfast.rollout.vllm_engine import VLLMEngine  # imports vllm only when an engine is built
-
-    if isinstance(engine, HFEngine):
-        return engine.tokenizer
-    if isinstance(engine, VLLMEngine) and engine.llm is not None:
-        return engine.llm.get_tokenizer()  # vLLM's LLM loads the model's Hugging Face tokenizer itself
-    return None
-
-
 class AlignerPipeline:
     """upstream (any TargetEngine) -> answers -> corrector -> corrections.
 
@@ -133,9 +121,11 @@ class AlignerPipeline:
             fail("upstream", f"must be an alignfast TargetEngine (HFEngine, VLLMEngine, OpenAIEngine), got "
                  f"{type(upstream).__name__}")
         if upstream_tokenizer is None:
-            upstream_tokenizer = _engine_tokenizer(upstream)
+            upstream_tokenizer = upstream.chat_tokenizer
         check_target_system_prompt(upstream, upstream_tokenizer, upstream_system_prompt,
-                                   use_chat_template=upstream_use_chat_template, name="upstream_system_prompt")
+                                   use_chat_template=upstream_use_chat_template, name="upstream_system_prompt",
+                                   instead="put the text in the questions instead",
+                                   switch="upstream_use_chat_template")
         self.corrector = aligner if isinstance(aligner, Corrector) else \
             Corrector.from_pretrained(aligner, device=device, batch_size=batch_size)
         # The upstream's answer to the question as it is: Align-Pro's target call with the identity rewrite.

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         end_processes()  # a run under torchrun / accelerate launch: its process group, before teardown
         return code
     except CLIError as err:
-        print(f"alignfast {args.command}: error: {err}", file=sys.stderr)
+        from alignfast.cli.errors import in_run_file_terms
+
+        print(f"alignfast {args.command}: error: {in_run_file_terms(str(err))}", file=sys.stderr)
         return 2
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         # An output path that is a file, a folder that cannot be written: the user's to fix, in one line.
@@ -87,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignfast {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - alignfast's own user-facing errors in one line; anything else re-raised
-        from alignfast.cli.errors import known_error_line
+        from alignfast.cli.errors import in_run_file_terms, known_error_line
 
         line = known_error_line(err)
         if line is None:
             raise
-        print(f"alignfast {args.command}: error: {line}", file=sys.stderr)
+        print(f"alignfast {args.command}: error: {in_run_file_terms(line)}", file=sys.stderr)
         return 2
 
 

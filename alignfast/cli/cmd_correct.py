@@ -79,6 +79,8 @@ def run(args, extra) -> int:
     if args.upstream_system_prompt is not None and not (args.upstream or args.upstream_url):
         raise CLIError("--upstream-system-prompt needs --upstream or --upstream-url (without either, --data holds "
                        "the answers, and no upstream is asked)")
+    if args.upstream_system_prompt is not None and not args.upstream_system_prompt.strip():
+        raise CLIError("--upstream-system-prompt must be a non-empty text")
     if args.upstream_system_prompt is not None and args.upstream_url and api != "chat":
         raise CLIError("--upstream-system-prompt is the chat's system message, sent only with --api chat; with --api "
                        "completions the question is sent as it is")

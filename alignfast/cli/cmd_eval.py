@@ -97,7 +97,7 @@ def _evaluate(args, overrides) -> int:
                        f"{cfg.target_num_samples} (No fine-tuning's score is the mean over that many): set it to 1")
     out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
     eval_checks.check_default_output(out, args)
-    settings_differ = eval_checks.settings_against_training(args, cfg)
+    settings_differ = eval_checks.settings_against_training(args, cfg, config)
     build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads
     fit_threads_to_machine()
     device = build.default_device()
@@ -136,8 +136,10 @@ def _evaluate(args, overrides) -> int:
         # The Oracle's policy is the target, run here whatever target.engine says: it answers after the target's
         # system message as the frozen target does.
         oracle_system_prompt = section(config, "target").get("system_prompt")
+        from alignfast.trainer.oracle import ORACLE_SYSTEM_PROMPT_HINT
+
         templates.check_system_prompt(oracle_tok, oracle_system_prompt, use_chat_template=True,
-                                      name="target.system_prompt")
+                                      name="target.system_prompt", instead=ORACLE_SYSTEM_PROMPT_HINT)
         results["Oracle"] = arm_eval.with_policy("Oracle", DirectEnvironment(rewards),
                                                  policy_engine(oracle, oracle_tok, cfg), oracle_tok, prompts, columns,
                                                  max_new_tokens=cfg.target_max_new_tokens, seed=args.seed,

@@ -90,8 +90,10 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, episodes: int | None = No
     out.mkdir(parents=True, exist_ok=True)
     # A rerun replaces its own runs (overwrite_output_dir); the folders of the arms this run skips go too, or the
     # earlier run's Oracle or proxy (its model, metrics.jsonl, seed) would sit beside results that do not list it.
+    # Only in a folder an earlier demo wrote (its results.json): `alignfast train --oracle` writes <output_dir>/oracle.
+    earlier_demo = (out / "results.json").is_file()
     for arm_dir, skipped in (("oracle", not oracle), ("aligner", not aligner), ("proxy_rlhf", not proxy)):
-        if skipped and (out / arm_dir).is_dir():
+        if earlier_demo and skipped and (out / arm_dir).is_dir():
             import shutil
 
             shutil.rmtree(out / arm_dir)

@@ -15,3 +15,14 @@ def known_error_line(err: BaseException) -> str | None:
     if isinstance(err, (AlignfastArgumentError, EngineRequestError, TrainingDivergedError)):
         return str(err).removeprefix("alignfast: ")
     return None
+
+
+# Trainer fields whose run-file key lives in another section: an error the trainer raises about the field names the
+# key the user wrote.
+RUN_FILE_KEYS = {"argument 'target_system_prompt'": "target.system_prompt"}
+
+
+def in_run_file_terms(line: str) -> str:
+    for field, key in RUN_FILE_KEYS.items():
+        line = line.replace(field, key)
+    return line

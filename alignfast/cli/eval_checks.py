@@ -51,9 +51,12 @@ def check_checkpoint_kinds(args) -> None:
                            + (f": pass it as {other}" if other else ""))
 
 
-def settings_against_training(args, cfg) -> dict:
+def settings_against_training(args, cfg, config: dict) -> dict:
     """{flag: {key: {"trained": value, "evaluated": value}}} for every setting that differs from the run that
-    trained the checkpoint (a warning each; the evaluation may mean it, as an ablation), recorded in eval.json."""
+    trained the checkpoint (a warning each; the evaluation may mean it, as an ablation), recorded in eval.json.
+    config: the run file; the Oracle gets target.system_prompt whatever target.engine is (as in training)."""
+    from alignfast.cli.config import section
+
     from alignfast.cli.checkpoints import policy_dir, trained_as
 
     differ: dict = {}
@@ -67,11 +70,13 @@ def settings_against_training(args, cfg) -> dict:
             if trained_key not in trained:
                 continue
             now = getattr(cfg, eval_key)
+            if flag == "--oracle-checkpoint" and eval_key == "target_system_prompt":
+                now = section(config, "target").get("system_prompt")
             if trained[trained_key] != now:
                 differ.setdefault(flag, {})[eval_key] = {"trained": trained[trained_key], "evaluated": now}
-                _log.warning("%s %s was trained with %s=%r and is evaluated with %s=%r (the run file's); "
-                             "--trainer.%s sets it", flag, path, trained_key, trained[trained_key], eval_key, now,
-                             eval_key)
+                where = "--target.system_prompt" if eval_key == "target_system_prompt" else f"--trainer.{eval_key}"
+                _log.warning("%s %s was trained with %s=%r and is evaluated with %s=%r (the run file's); %s sets it",
+                             flag, path, trained_key, trained[trained_key], eval_key, now, where)
     return differ
 
 
@@ -91,8 +96,13 @@ def check_default_output(out: Path, args) -> None:
         earlier = json.loads((out / "eval.json").read_text())
     except (OSError, ValueError):
         return
+    def same(a, b) -> bool:  # one folder, however spelled (a trailing slash, relative or absolute)
+        if a is None or b is None:
+            return a is b
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
     mine = recorded_checkpoints(args)
-    if any(k in earlier for k in mine) and {k: earlier.get(k) for k in mine} != mine:
+    if any(k in earlier for k in mine) and not all(same(earlier.get(k), v) for k, v in mine.items()):
         shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in earlier.items() if k in mine and v)
         raise CLIError(f"{out / 'eval.json'} holds the evaluation of other checkpoints ({shown}): pass --output-dir "
                        "to keep both, or delete it")

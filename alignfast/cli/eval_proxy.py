@@ -66,7 +66,11 @@ def proxy_arm(args, config, engine, rewards_spec, prompts: list[str], columns: d
     if not isinstance(engine, HFEngine):
         raise CLIError(f"--proxy-checkpoint needs target.engine: hf (the proxy reads the target's hidden states "
                        f"and KV cache), got {spec.get('engine')!r}")
-    cfg = proxy_trainer_config(config)
+    import dataclasses
+
+    # The trainer is built to decode, not to train: a run file's eval_steps (which needs an eval set to train with)
+    # does not apply here.
+    cfg = dataclasses.replace(proxy_trainer_config(config), eval_steps=None)
     try:
         proxy = ProxyModel.from_pretrained(where)
         trainer = ProxyRLHFTrainer(cfg, engine.model, load_tokenizer(spec, "target"), proxy=proxy,

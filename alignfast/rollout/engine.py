@@ -53,6 +53,12 @@ class TargetEngine(abc.ABC):
     ) -> list[list[Completion]]:
         ...
 
+    @property
+    def chat_tokenizer(self):
+        """The tokenizer whose chat template formats this engine's input where the caller formats it (a local
+        model's), or None: an endpoint is sent text and its server applies the template."""
+        return None
+
     def close(self) -> None:
         """Release resources (threads, servers, GPU memory). Idempotent."""
 

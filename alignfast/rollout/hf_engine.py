@@ -245,6 +245,10 @@ class HFEngine(TargetEngine):
                           f"last {limit} tokens (first: prompts[{truncated[0]}])", stacklevel=3)
         return encoded
 
+    @property
+    def chat_tokenizer(self):
+        return self.tokenizer
+
     # --- generation ---------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0,

@@ -42,10 +42,15 @@ def user_turn(tokenizer, user_text: str, *, use_chat_template: bool = True,
     return user_text, True
 
 
-def check_system_prompt(tokenizer, system_prompt: str | None, *, use_chat_template: bool, name: str) -> None:
+TARGET_TEMPLATE_HINT = "put the text in target_prompt_template instead"
+
+
+def check_system_prompt(tokenizer, system_prompt: str | None, *, use_chat_template: bool, name: str,
+                        instead: str = TARGET_TEMPLATE_HINT, switch: str = "target_use_chat_template") -> None:
     """A system message exists only in a chat template, and some templates refuse one (Gemma's raises) or drop it
     (templates that loop over user/assistant turns only): each case is an error naming `name`, found once here
-    rather than as a target that silently never saw the instruction."""
+    rather than as a target that silently never saw the instruction. instead: what the caller can do instead (the
+    Align-Pro target's is its target_prompt_template); switch: the caller's name of use_chat_template."""
     if system_prompt is None:
         return
     from alignfast.ops._checks import fail
@@ -55,20 +60,18 @@ def check_system_prompt(tokenizer, system_prompt: str | None, *, use_chat_templa
     if tokenizer is None:
         return  # plain text to an endpoint that formats its own input: the engine carries it (OpenAIEngine)
     if not use_chat_template:
-        fail(name, "is a chat's system message, and the chat template is switched off (target_use_chat_template "
-             "false): switch it on, or put the text in target_prompt_template")
+        fail(name, f"is a chat's system message, and the chat template is switched off ({switch} false): switch it "
+             f"on, or {instead}")
     if not has_chat_template(tokenizer):
         fail(name, f"is a chat's system message, and the tokenizer ({type(tokenizer).__name__}) has no chat "
-             "template: put the text in target_prompt_template instead")
+             f"template: {instead}")
     try:
         text = tokenizer.apply_chat_template(_messages("?", system_prompt), tokenize=False, add_generation_prompt=True)
     except Exception as err:  # jinja2's TemplateError ("System role not supported") or the template's own raise
         reason = (str(err).splitlines() or [type(err).__name__])[0].strip("'\"")
-        fail(name, f"is refused by the tokenizer's chat template ({reason}): put the text in target_prompt_template "
-             "instead")
+        fail(name, f"is refused by the tokenizer's chat template ({reason}): {instead}")
     if system_prompt.strip() not in text:
-        fail(name, "is dropped by the tokenizer's chat template (the rendered chat does not contain it): put the "
-             "text in target_prompt_template instead")
+        fail(name, f"is dropped by the tokenizer's chat template (the rendered chat does not contain it): {instead}")
 
 
 def user_turn_ids(tokenizer, user_text: str, *, use_chat_template: bool = True, max_length: int | None = None,

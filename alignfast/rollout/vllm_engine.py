@@ -86,6 +86,11 @@ class VLLMEngine(TargetEngine):
         return [[Completion(o.text, list(o.token_ids), "length" if o.finish_reason == "length" else "stop")
                  for o in sorted(req.outputs, key=lambda o: o.index)] for req in outputs]
 
+    @property
+    def chat_tokenizer(self):
+        """The Hugging Face tokenizer vLLM's LLM loaded for the model (None once closed)."""
+        return self.llm.get_tokenizer() if getattr(self, "llm", None) is not None else None
+
     def close(self) -> None:
         """Drops the vLLM engine and frees its GPU memory (vLLM keeps memory until the LLM is gone)."""
         if getattr(self, "llm", None) is None:

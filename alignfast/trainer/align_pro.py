@@ -24,7 +24,7 @@ def make_target_engine(target, target_tokenizer):
 
     Models and paths are wrapped in alignfast.rollout.HFEngine (which loads the tokenizer of a path)."""
     if isinstance(target, TargetEngine):
-        return target, target_tokenizer if target_tokenizer is not None else getattr(target, "tokenizer", None)
+        return target, target_tokenizer if target_tokenizer is not None else target.chat_tokenizer
     if isinstance(target, torch.nn.Module) and target_tokenizer is None:
         fail("target_tokenizer", "is required when 'target' is a model object")
     if isinstance(target, (str, os.PathLike, torch.nn.Module)):

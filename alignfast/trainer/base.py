@@ -42,7 +42,7 @@ from alignfast.trainer.lora_fast import install_lean_lora
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
-from alignfast.trainer.optimizers import make_optimizer, no_weight_decay
+from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, regrouped_state
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError
@@ -646,6 +646,8 @@ class PPOEngineTrainer(RunLoop):
             if saved_optim != self.config.optim:  # another optimizer's state cannot be loaded into this one
                 fail("optim", f"is '{self.config.optim}' but {path} was written with '{saved_optim}': resume with "
                      f"optim: {saved_optim}")
+            data["optimizer"], data["scheduler"] = regrouped_state(data["optimizer"], data["scheduler"],
+                                                                   self.optimizer)
             self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])

@@ -72,7 +72,9 @@ class DirectEnvironment(Environment):
                          requests=list(prompts), timings={"reward": time.perf_counter() - t0})
 
 
-def check_target_system_prompt(target, target_tokenizer, system_prompt, *, use_chat_template: bool, name: str) -> None:
+def check_target_system_prompt(target, target_tokenizer, system_prompt, *, use_chat_template: bool, name: str,
+                               instead: str = templates.TARGET_TEMPLATE_HINT,
+                               switch: str = "target_use_chat_template") -> None:
     """The system message reaches a target through its tokenizer's chat template (templates.check_system_prompt);
     an OpenAIEngine, sent plain text, carries its own (its server applies the chat template)."""
     from alignfast.rollout.openai_engine import OpenAIEngine
@@ -80,7 +82,8 @@ def check_target_system_prompt(target, target_tokenizer, system_prompt, *, use_c
     if system_prompt is not None and target_tokenizer is None and isinstance(target, OpenAIEngine):
         fail(name, "is put in the target tokenizer's chat template, and an OpenAIEngine target is sent plain text "
              "that its server formats: give it as OpenAIEngine(system_prompt=...)")
-    templates.check_system_prompt(target_tokenizer, system_prompt, use_chat_template=use_chat_template, name=name)
+    templates.check_system_prompt(target_tokenizer, system_prompt, use_chat_template=use_chat_template, name=name,
+                                  instead=instead, switch=switch)
 
 
 class AlignProEnvironment(Environment):
@@ -94,7 +97,7 @@ class AlignProEnvironment(Environment):
                  top_p: float = 1.0, num_samples: int = 1, batch_size: int = 32, use_chat_template: bool = True,
                  system_prompt: str | None = None):
         check_target_system_prompt(target, target_tokenizer, system_prompt, use_chat_template=use_chat_template,
-                                   name="system_prompt")
+                                   name="system_prompt", switch="use_chat_template")
         self.target = target
         self.rewards = rewards
         self.target_tokenizer = target_tokenizer
@@ -217,6 +220,9 @@ class AlignerEnvironment(Environment):
         for field_name in ("{prompt}", "{draft}"):
             if field_name not in correction_template:
                 fail("correction_template", f"must contain {field_name}, got {correction_template!r}")
+        check_target_system_prompt(target, target_tokenizer, system_prompt, use_chat_template=use_chat_template,
+                                   name="system_prompt", instead="put the text in the prompts instead",
+                                   switch="use_chat_template")
         self.rewards = rewards
         self.correction_template = correction_template
         # The target is asked the original prompt as it is: Align-Pro's target call with the identity rewrite.

@@ -83,3 +83,28 @@ def make_optimizer(params: list[torch.nn.Parameter], config, no_decay: set[int] 
     exempt = [p for p in params if id(p) in no_decay]
     groups = [{"params": decayed}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
     return torchao_optim(config.optim)(groups, amsgrad=False, **kwargs)
+
+
+def regrouped_state(saved: dict, saved_scheduler: dict, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(optimizer, LR scheduler) state_dicts fitted to this optimizer's param groups when only the group boundaries
+    differ: the same parameters in the same order (a checkpoint written before biases and norm weights got their
+    own weight_decay-0 groups, resumed with weight_decay set). torch refuses a state whose groups differ in
+    number or size. The per-parameter state (AdamW's m, v, step) is keyed by the parameter's position over all
+    groups, so it carries over as it is; each new group takes the saved hyperparameters (lr, betas, ... as the
+    schedule left them) and the scheduler's per-group entries (base_lrs, ...) of the group its first parameter was
+    in, with its own weight_decay."""
+    saved_groups = saved["param_groups"]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes == [len(g["params"]) for g in saved_groups] or sum(sizes) != sum(len(g["params"]) for g in saved_groups):
+        return saved, saved_scheduler  # the same groups, or other parameters: torch's own checks speak
+    owner = [k for k, g in enumerate(saved_groups) for _ in g["params"]]
+    flat = [i for g in saved_groups for i in g["params"]]
+    groups, owners, start = [], [], 0
+    for current, size in zip(optimizer.param_groups, sizes):
+        owners.append(owner[start])
+        groups.append({**saved_groups[owner[start]], "weight_decay": current["weight_decay"],
+                       "params": flat[start:start + size]})
+        start += size
+    scheduler = {k: [v[o] for o in owners] if isinstance(v, list) and len(v) == len(saved_groups) else v
+                 for k, v in saved_scheduler.items()}
+    return {"state": saved["state"], "param_groups": groups}, scheduler

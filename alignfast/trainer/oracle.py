@@ -16,6 +16,11 @@ from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.environments import DirectEnvironment
 
 
+# What a user can do when the Oracle's tokenizer cannot take the system message (it has no prompt template).
+ORACLE_SYSTEM_PROMPT_HINT = ("leave it unset for the Oracle arm (its policy, the target, is trained on the prompt "
+                             "as it is)")
+
+
 class OracleTrainer(PPOEngineTrainer):
     """PPO directly on `model` (the target); arguments as AlignProTrainer's, minus the prompter/target split.
 
@@ -35,7 +40,7 @@ class OracleTrainer(PPOEngineTrainer):
                                      reward_funcs=reward_funcs, reward_weights=reward_weights, device=device)
         env = DirectEnvironment(self.rewards)
         templates.check_system_prompt(tokenizer, config.target_system_prompt, use_chat_template=True,
-                                      name="target_system_prompt")
+                                      name="target_system_prompt", instead=ORACLE_SYSTEM_PROMPT_HINT)
         self.policy_system_prompt = config.target_system_prompt
         self._setup(config, model, tokenizer, env, train_dataset=train_dataset, eval_dataset=eval_dataset,
                     ref_model=ref_model, value_model=value_model, peft_config=peft_config, callbacks=callbacks)

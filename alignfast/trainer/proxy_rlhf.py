@@ -155,7 +155,8 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
                  f"({room + config.target_max_new_tokens})")
         self.prompt_limit = config.max_prompt_length if config.max_prompt_length is not None else room
         templates.check_system_prompt(tokenizer, config.target_system_prompt,
-                                      use_chat_template=config.target_use_chat_template, name="target_system_prompt")
+                                      use_chat_template=config.target_use_chat_template, name="target_system_prompt",
+                                      instead="put the text in the prompts instead")
         self.pad_id, self.stop_ids = _special_ids(tokenizer, target, config.stop_token_id)
         self.rewards = build_rewards(config, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                      reward_funcs=reward_funcs, reward_weights=reward_weights, device=self.device)

@@ -82,6 +82,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, rows, extra, message):
     ([], "--upstream-system-prompt needs --upstream or --upstream-url"),
     (["--upstream-url", "http://127.0.0.1:9/v1", "--upstream-model", "m", "--api", "completions"],
      "sent only with --api chat"),
+    (["--upstream-url", "http://127.0.0.1:9/v1", "--upstream-model", "m", "--upstream-system-prompt", " "],
+     "--upstream-system-prompt must be a non-empty text"),
 ])
 def test_an_upstream_system_prompt_that_would_be_lost_is_one_line(tmp_path, capsys, extra, message):
     data = tmp_path / "qa.jsonl"

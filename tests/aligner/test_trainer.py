@@ -332,3 +332,8 @@ def test_a_vllm_upstream_is_asked_in_its_own_chat_format(tmp_path, monkeypatch):
     assert seen == [{"prompt_token_ids": chat_tok.apply_chat_template(
         [{"role": "user", "content": "what is the cat"}], add_generation_prompt=True, tokenize=True,
         return_dict=False)}]
+    # The PPO trainers' target engine takes the same default (TargetEngine.chat_tokenizer): a VLLMEngine target got
+    # its requests as bare text, and a target_system_prompt was lost with them.
+    from alignfast.trainer.align_pro import make_target_engine
+
+    assert make_target_engine(upstream, None)[1] is upstream.llm.tokenizer

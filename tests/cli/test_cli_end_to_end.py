@@ -104,6 +104,11 @@ def test_demo_writes_the_comparison(tmp_path, capsys):
                  "--no-proxy", "--no-aligner"]) == 0
     assert not any((tmp_path / arm).exists() for arm in ("oracle", "proxy_rlhf", "aligner"))
     assert json.loads((tmp_path / "results.json").read_text())["seed"] == 1
+    # ... but never in a folder no demo wrote: a training run's oracle/ there is the user's.
+    (tmp_path / "train_run" / "oracle").mkdir(parents=True)
+    assert main(["demo", "--output-dir", str(tmp_path / "train_run"), "--episodes", "64", "--no-oracle",
+                 "--no-proxy", "--no-aligner"]) == 0
+    assert (tmp_path / "train_run" / "oracle").is_dir()
 
 
 def _error(capsys) -> str:
@@ -135,6 +140,9 @@ def test_eval_checks_what_it_is_given(tmp_path, capsys):
     assert report["settings_differ_from_training"]["--checkpoint"]["response_length"]["evaluated"] == 3
     assert main([*evaluate, "--checkpoint", str(out / "checkpoint-1"), "--no-sft"]) == 2
     assert "holds the evaluation of other checkpoints (--checkpoint" in _error(capsys)
+    # the same checkpoint however spelled is no other checkpoint
+    assert main([*evaluate, "--checkpoint", str(out / "final") + "/", "--no-sft"]) == 0
+    capsys.readouterr()
 
     assert main([*evaluate, "--checkpoint", str(out / "final"), "--no-sft", "--output-dir", str(tmp_path / "nan"),
                  "--reward.functions", f"[{__name__}:nan_reward]"]) == 2
@@ -160,7 +168,7 @@ def test_eval_checks_what_it_is_given(tmp_path, capsys):
     # one place in a run file for the target's system message, whatever its engine
     (["train", "--config", TOY, "--trainer.target_system_prompt", "be brief"],
      "system message as target.system_prompt"),
-    (["train", "--config", TOY, "--target.system_prompt", "''"], "'target_system_prompt' must be a non-empty"),
+    (["train", "--config", TOY, "--target.system_prompt", "''"], "error: target.system_prompt must be a non-empty"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -251,3 +251,29 @@ def test_eval_decodes_the_prompter_as_training_sampled_it():
     assert stop in engine.eos_token_ids and tok.eos_token_id in engine.eos_token_ids
     assert engine.max_prompt_length == len(query)
     assert engine.generate([query], max_new_tokens=12)[0][0].token_ids == [stop]
+
+
+def test_the_oracle_is_compared_with_the_system_prompt_it_gets(tmp_path, caplog):
+    """The Oracle runs the target here whatever target.engine says, and trains and evaluates after
+    target.system_prompt; an openai target's trainer config leaves target_system_prompt unset, so eval warned of a
+    difference that was not there, and named a key (--trainer.target_system_prompt) that run files refuse."""
+    import argparse
+    import json
+
+    from alignfast.cli.build import trainer_config
+    from alignfast.cli.eval_checks import settings_against_training
+
+    final = tmp_path / "run" / "oracle" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "alignfast_arm.json").write_text(json.dumps({"arm": "oracle"}))
+    trained = trainer_config({}).to_dict() | {"target_system_prompt": "be brief", "response_length": 64}
+    (final.parent / "config.json").write_text(json.dumps(trained))
+    config = {"target": {"model": "m", "engine": "openai", "base_url": "http://127.0.0.1:9/v1",
+                         "system_prompt": "be brief"}}
+    args = argparse.Namespace(checkpoint=None, oracle_checkpoint=str(final))
+    assert settings_against_training(args, trainer_config(config), config) == {}
+    config["target"]["system_prompt"] = "be long"
+    differ = settings_against_training(args, trainer_config(config), config)
+    assert differ == {"--oracle-checkpoint": {"target_system_prompt": {"trained": "be brief", "evaluated": "be long"}}}
+    assert "--target.system_prompt sets it" in caplog.text

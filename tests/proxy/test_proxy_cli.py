@@ -73,6 +73,10 @@ def test_eval_scores_a_saved_proxy_as_an_arm(tmp_path):
     assert sum(x != y for x, y in zip(r["Proxy-RLHF"], r["No fine-tuning"])) >= 12
     arms = {arm["name"]: arm for arm in json.loads((tmp_path / "r" / "eval.json").read_text())["arms"]}
     assert arms["Proxy-RLHF"]["n"] == 24 and arms["Proxy-RLHF"]["wins"] + arms["Proxy-RLHF"]["losses"] > 0
+    # A run file that trained with periodic evaluation still evaluates (the trainer built here only decodes; an
+    # eval_steps without its eval set was refused there once the trainer checked it).
+    assert main([*common, "--proxy-checkpoint", str(accept), "--output-dir", str(tmp_path / "e"),
+                 "--trainer.eval_steps", "10"]) == 0
 
 
 def test_eval_proxy_checkpoint_that_is_not_a_proxy_is_one_line(tmp_path, capsys):

@@ -141,3 +141,34 @@ def test_resume_with_changed_settings_warns(tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records if "differ" in r.getMessage()]
     assert len(msgs) == 1 and "learning_rate: 0.005 -> 0.001" in msgs[0] and "seed: 11 -> 5" in msgs[0], msgs
     assert "kl_coef: 0.05 -> 0.3" in msgs[0] and other.kl_ctl.value == 0.3  # a fixed kl_coef is what the config says
+
+
+def test_a_checkpoint_from_before_the_weight_decay_groups_resumes(tmp_path, monkeypatch):
+    """With weight_decay set, biases and norm weights now have their own weight_decay-0 param groups; a checkpoint
+    written before (all in one group) was refused by torch ("different number of parameter groups", a traceback).
+    Its AdamW state now carries over into the new groups, parameter by parameter."""
+    import alignfast.trainer.base as base
+
+    tok, prompter_dir = small_world(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(base, "no_weight_decay", lambda modules: set())  # the optimizer as it was built before
+        first, rec = make(tok, prompter_dir, tmp_path / "old", weight_decay=0.1)
+        rec.stop_at = STOP_AT
+        first.train()
+    saved = [first.optimizer.state[p]["exp_avg"].clone() for p in first.params]
+    second, _ = make(tok, prompter_dir, tmp_path / "old", weight_decay=0.1)
+    assert len(second.optimizer.param_groups) > len(first.optimizer.param_groups)
+    real_train_step, checked = second._train_step, []
+
+    def check_then_step(*args, **kwargs):  # the optimizer as the resume left it, before its first new step
+        if not checked:
+            for p, old in zip(second.params, saved, strict=True):
+                torch.testing.assert_close(second.optimizer.state[p]["exp_avg"], old, rtol=0, atol=0)
+            checked.append(True)
+        return real_train_step(*args, **kwargs)
+
+    second._train_step = check_then_step
+    assert second.train(resume_from_checkpoint=True).global_step == STEPS and checked
+    exempt = {id(p) for p in second.params if id(p) in second.no_decay}
+    assert exempt and all(g["weight_decay"] == (0.0 if id(g["params"][0]) in exempt else 0.1)
+                          for g in second.optimizer.param_groups)
