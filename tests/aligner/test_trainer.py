@@ -9,7 +9,7 @@ import torch
 
 from alignfast.aligner import AlignerConfig, AlignerPipeline, AlignerTrainer, Corrector
 from alignfast.ops import AlignfastArgumentError, cpu_gemm
-from tests.aligner.helpers import ROWS, TEMPLATE, tiny_corrector
+from tests.aligner.helpers import ROWS, TEMPLATE, bpe_tokenizer, tiny_corrector
 from tests.trainer.tiny import FunctionTarget
 
 
@@ -332,3 +332,54 @@ def test_a_vllm_upstream_is_asked_in_its_own_chat_format(tmp_path, monkeypatch):
     assert seen == [{"prompt_token_ids": chat_tok.apply_chat_template(
         [{"role": "user", "content": "what is the cat"}], add_generation_prompt=True, tokenize=True,
         return_dict=False)}]
+
+
+def _edit_checkpoint_state(checkpoint, edit) -> None:
+    """trainer_state.json changed by edit(state), the manifest rewritten to match (as an older alignfast wrote it)."""
+    from alignfast.trainer import checkpoint as ckpt
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    edit(state)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "manifest.json").unlink()
+    ckpt._write_manifest(checkpoint)
+
+
+def test_a_checkpoint_from_before_the_one_text_encoding_resumes_on_its_own_encoding(tmp_path, caplog):
+    """A checkpoint written before the encoding was recorded resumed on the one-text encoding: the rows' ids changed
+    midway through the run, and the saved corrector, fed one-text ids, had been trained on both. Such a checkpoint
+    (no encoding_version) now goes on with the pieces-apart encoding, says so, and the corrector records it."""
+    from alignfast.aligner.data import ONE_TEXT, PIECES_APART, CorrectionEncoder
+    from alignfast.trainer.resume_checks import CheckpointMismatchError
+    from tests.trainer.tiny import make_causal_lm
+
+    tok = bpe_tokenizer(tmp_path / "bpe")
+    rows = [{"question": "What is the capital of France?", "answer": a, "correction": "The capital of France is Paris."}
+            for a in ("Paris is the capital.", "France is Paris.", "The capital is France.")]
+
+    def run(max_steps):
+        model = make_causal_lm(tmp_path / f"m{max_steps}", len(tok), hidden=16, layers=1)
+        return AlignerTrainer(_config(tmp_path, "run", template="repo", save_strategy="steps", save_steps=2,
+                                      max_steps=max_steps, per_device_train_batch_size=1), model, tok,
+                              train_dataset=rows)
+
+    run(2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["encoding_version"] == ONE_TEXT
+    assert json.loads((checkpoint / "policy" / "aligner_config.json").read_text())["encoding_version"] == ONE_TEXT
+    _edit_checkpoint_state(checkpoint, lambda state: state.pop("encoding_version"))
+
+    resumed = run(4)
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert resumed.train(resume_from_checkpoint=True).global_step == 4
+    assert "tokenized its rows by encoding_version 1 (the pieces apart" in caplog.text
+    apart = CorrectionEncoder(tok, resumed.config.template_text, max_length=resumed.config.max_length,
+                              encoding_version=PIECES_APART)
+    assert resumed.train_encoded == [apart.encode(r) for r in rows] != run(4).train_encoded
+    assert resumed.corrector().encoder.encoding_version == PIECES_APART
+    saved = json.loads((resumed.save_model(tmp_path / "final") / "aligner_config.json").read_text())
+    assert saved["encoding_version"] == PIECES_APART
+
+    _edit_checkpoint_state(checkpoint, lambda state: state.update(encoding_version=3))
+    with pytest.raises(CheckpointMismatchError, match="by encoding_version 3, which this alignfast does not know"):
+        run(4).train(resume_from_checkpoint=str(checkpoint))
