@@ -208,8 +208,10 @@ class CorrectionEncoder:
             text = correction if not after or after[-1].isspace() or self.use_chat_template \
                 else " " + correction.lstrip()
             return self._ids(text, False)
-        if prompt.moved:  # the template's trailing spaces open the correction
-            text = prompt.moved + correction
+        if prompt.moved:
+            # The template's trailing spaces open the correction ('ĠThe'), unless it opens with whitespace of its own,
+            # which then takes their place: both would be a lone 'Ġ' before it ('Ġ', 'ĠThe'; 'Ġ', 'Ċ', 'The').
+            text = correction if correction[:1].isspace() else prompt.moved + correction
         elif not self.use_chat_template and prompt.text and not prompt.text[-1].isspace():
             # "ASSISTANT:" then the correction's first word with its leading space, as a BPE tokenizer writes it
             text = " " + correction.lstrip()

@@ -169,6 +169,23 @@ def test_a_tokenizer_without_offsets_gets_the_parts_tokenized_apart(tmp_path):
     assert apart.encode(row) == fast.encode(row) and fast.encode(row).answer_tokens_dropped == 2
 
 
+@pytest.mark.parametrize("correction, first", [(" The capital of France is Paris.", ["ĠThe"]),
+                                               ("\nThe capital of France is Paris.", ["Ċ", "The"])])
+def test_a_correction_opening_with_whitespace_after_a_template_ending_in_a_space(tmp_path, correction, first):
+    """`template: repo` ends in a space, which goes to the correction's first token; a correction that opened with
+    whitespace of its own then began with a lone 'Ġ' (' The' -> 'Ġ', 'ĠThe'; '\\nThe' -> 'Ġ', 'Ċ', 'The'), a token
+    the corrector would learn to write first. Its own whitespace now takes the template's space's place: the ids
+    are those of the prompt and the correction read as one text."""
+    tok = bpe_tokenizer(tmp_path / "bpe")
+    row = {**BPE_ROW, "correction": correction}
+    got = CorrectionEncoder(tok, REPO_TEMPLATE).encode(row)
+    prompt = REPO_TEMPLATE.replace("{question}", row["question"]).replace("{answer}", row["answer"]).rstrip()
+    whole = tok(prompt + correction)["input_ids"]
+    assert got.prompt_ids == whole[: len(got.prompt_ids)] == tok(prompt)["input_ids"]
+    assert got.target_ids == whole[len(got.prompt_ids):] + [tok.eos_token_id]
+    assert tok.convert_ids_to_tokens(got.target_ids)[: len(first)] == first
+
+
 def _pieces_apart(tok, template, row):
     """The ids alignfast gave a row before the one-text encoding: the rendered text before the answer, the answer
     and the text after it tokenized apart, then the correction alone (as it is after a template ending in a space,
