@@ -18,6 +18,7 @@ from pathlib import Path
 
 from alignfast.aligner.data import ENCODING_VERSION, ENCODING_VERSIONS, PIECES_APART, CorrectionEncoder
 from alignfast.ops._checks import fail
+from alignfast.rollout import templates
 from alignfast.rollout.engine import Completion
 
 _log = logging.getLogger("alignfast.aligner")
@@ -67,7 +68,9 @@ class Corrector:
     def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None, **kwargs) -> Corrector:
         """A folder written by AlignerTrainer.save_model (full weights or a LoRA adapter), its input built as in
         training. A folder from before aligner_config.json recorded encoding_version was trained on the pieces
-        tokenized apart, and is fed them (with a warning, once)."""
+        tokenized apart, and is fed them (with a warning, once). One saved with use_chat_template true and a tokenizer
+        without a chat template was trained on plain text (an earlier alignfast allowed the setting and fell back), and
+        reads plain text (with a warning, once)."""
         p = Path(path)
         settings = json.loads(cls.settings_file(p).read_text())
         encoding = settings.get("encoding_version")
@@ -90,8 +93,15 @@ class Corrector:
         if device is not None:
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(p))
+        use_chat_template = settings.get("use_chat_template", False)
+        if use_chat_template and not templates.has_chat_template(tokenizer):
+            # Training refuses the setting now; the corrector was trained on user_turn's plain-text fallback.
+            _warn_once(p, "chat", "%s: aligner_config.json says use_chat_template: true, and the tokenizer has no chat "
+                       "template: the corrector was trained on plain text (by an alignfast that allowed the setting), "
+                       "and reads plain text")
+            use_chat_template = False
         return cls(model.eval().requires_grad_(False), tokenizer, template=settings["template"],
-                   use_chat_template=settings.get("use_chat_template", False),
+                   use_chat_template=use_chat_template,
                    max_length=settings.get("max_length"), encoding_version=encoding, **kwargs)
 
     def correct(self, questions: Sequence[str], answers: Sequence[str]) -> list[str]:

@@ -95,8 +95,11 @@ def run(args, extra) -> int:
     try:
         corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    except AlignfastArgumentError as err:
-        raise CLIError("--aligner " + str(err).removeprefix("alignfast: argument 'aligner' ")) from None
+    except AlignfastArgumentError as err:  # the folder itself ('aligner'), or a setting its aligner_config.json holds
+        message = str(err).removeprefix("alignfast: ")
+        if message.startswith("argument 'aligner' "):
+            raise CLIError("--aligner " + message.removeprefix("argument 'aligner' ")) from None
+        raise CLIError(f"--aligner {args.aligner}: {message}") from None
     except OSError as err:
         raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
     questions = [r["question"] for r in rows]

@@ -196,6 +196,38 @@ def test_correct_flags_cut_corrections_and_keeps_the_other_columns(tmp_path, cap
     assert f", {sum(cut)} cut at --max-new-tokens (1; " in capsys.readouterr().err
 
 
+def test_a_corrector_saved_with_a_chat_flag_its_tokenizer_could_not_honour_loads_as_plain_text(tmp_path, capsys,
+                                                                                                caplog):
+    """An earlier trainer, given use_chat_template true and a tokenizer without a chat template, trained on plain text
+    and saved use_chat_template: true; `alignfast correct` then refused the corrector ("--aligner alignfast: argument
+    'use_chat_template' is true ..."). It now reads plain text, as it was trained, with a warning; training with the
+    setting stays an error (test_data). Another bad setting in aligner_config.json is one line naming the folder."""
+    from alignfast.aligner import Corrector
+
+    folder = _tiny_corrector_folder(tmp_path)
+    settings = json.loads((folder / "aligner_config.json").read_text())
+    (folder / "aligner_config.json").write_text(json.dumps({**settings, "use_chat_template": True}))
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "what is the cat", "answer": "a dog"}) + "\n")
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert main(["correct", "--aligner", str(folder), "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
+                     "--max-new-tokens", "4"]) == 0
+    assert "says use_chat_template: true, and the tokenizer has no chat template" in caplog.text
+    loaded = Corrector.from_pretrained(folder, max_new_tokens=4)
+    plain = Corrector(loaded.model, loaded.tokenizer, template=settings["template"], max_length=settings["max_length"],
+                      max_new_tokens=4, encoding_version=loaded.encoder.encoding_version)
+    assert not loaded.encoder.use_chat_template
+    assert json.loads((tmp_path / "o.jsonl").read_text())["correction"] == plain.correct(["what is the cat"],
+                                                                                         ["a dog"])[0]
+
+    (folder / "aligner_config.json").write_text(json.dumps({**settings, "template": "fix {question} :"}))
+    capsys.readouterr()
+    assert main(["correct", "--aligner", str(folder), "--data", str(data), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--aligner {folder}: argument 'template' must contain {{answer}}" in err[0], err
+    assert "alignfast: argument" not in err[0]
+
+
 @pytest.mark.parametrize("data, extra, message", [
     ('["q1", "q2"]', [], "--data: {data} must hold a list of objects"),
     ('{"prompt": "sort 4 8 5 1"}\n', [], "--data row 0 has no 'answer' field (rows need question, answer); to have "
