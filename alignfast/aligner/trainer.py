@@ -311,6 +311,24 @@ class AlignerTrainer(RunLoop):
                                          max_length=e.max_length, encoding_version=saved)
         self._encode_rows()
 
+    def _check_optimizer_groups(self, path: Path, state: dict, saved_groups: int) -> None:
+        """The optimizer state fits this run's parameter groups (_param_groups): one group without weight decay,
+        decayed weights apart from biases and norm weights with it."""
+        groups = len(self.optimizer.param_groups)
+        if saved_groups == groups:
+            return
+        saved_wd, wd = (state.get("config") or {}).get("weight_decay"), self.config.weight_decay
+        if isinstance(saved_wd, (int, float)) and bool(saved_wd) != bool(wd):  # one of the two runs decays nothing
+            raise CheckpointMismatchError(
+                f"alignfast: cannot resume from {path}: it was written with weight_decay={saved_wd!r} and this run has "
+                f"weight_decay={wd!r}, which groups the parameters otherwise for the optimizer ({saved_groups} "
+                f"group(s) there, {groups} here: biases and norm weights are never decayed); resume with "
+                f"weight_decay={saved_wd!r}, or start a new run in another output_dir")
+        raise CheckpointMismatchError(
+            f"alignfast: cannot resume from {path}: its optimizer state has {saved_groups} parameter group(s) and "
+            f"this run's {groups} (both runs decay weights: it was written by an alignfast that decayed every weight, "
+            "biases and norm weights too); start a new run in another output_dir")
+
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         state = data["state"]
@@ -322,12 +340,7 @@ class AlignerTrainer(RunLoop):
         check_same_reference(path, state, self._base_fingerprint(), self.arm,
                              weights="the corrector's frozen base weights (LoRA) differ from this run's")
         self._use_checkpoint_encoding(path, state)
-        saved_groups = len(data["optimizer"]["param_groups"])
-        if saved_groups != len(self.optimizer.param_groups):
-            raise CheckpointMismatchError(
-                f"alignfast: cannot resume from {path}: its optimizer state has {saved_groups} parameter group(s) and "
-                f"this run's {len(self.optimizer.param_groups)} (with weight_decay, written by an alignfast that decayed "
-                "every weight); start a new run in another output_dir")
+        self._check_optimizer_groups(path, state, len(data["optimizer"]["param_groups"]))
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in data["trainable"]["policy"].items():

@@ -383,3 +383,38 @@ def test_a_checkpoint_from_before_the_one_text_encoding_resumes_on_its_own_encod
     _edit_checkpoint_state(checkpoint, lambda state: state.update(encoding_version=3))
     with pytest.raises(CheckpointMismatchError, match="by encoding_version 3, which this alignfast does not know"):
         run(4).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_resume_with_weight_decay_switched_on_or_off_names_the_setting(tmp_path):
+    """A run checkpointed with weight_decay 0 and resumed with 0.1 (or the reverse) was refused as "written by an
+    alignfast that decayed every weight", the wrong cause: the optimizer's parameter groups differ because this run
+    switched weight decay on (biases and norm weights get a group of their own). The message now names
+    weight_decay, its value there and here; a checkpoint of that older alignfast still gets the older cause."""
+    from alignfast.trainer.resume_checks import CheckpointMismatchError
+
+    model, tok = tiny_corrector(tmp_path / "m")
+    init = _params(model)
+
+    def run(name, weight_decay, max_steps):
+        _reset(model, init)
+        return AlignerTrainer(_config(tmp_path, name, save_strategy="steps", save_steps=2, max_steps=max_steps,
+                                      weight_decay=weight_decay), model, tok, train_dataset=ROWS)
+
+    for name, (before, after) in (("on", (0.0, 0.1)), ("off", (0.1, 0.0))):
+        run(name, before, 2).train()
+        with pytest.raises(CheckpointMismatchError, match=rf"checkpoint-2: it was written with weight_decay={before} "
+                                                          rf"and this run has weight_decay={after}, .*resume with "
+                                                          rf"weight_decay={before}, or"):
+            run(name, after, 4).train(resume_from_checkpoint=True)
+
+    # as the alignfast that decayed every weight wrote it: one group holding every parameter
+    checkpoint = tmp_path / "off" / "checkpoint-2"
+    optimizer = torch.load(checkpoint / "optimizer.pt")
+    groups = optimizer["param_groups"]
+    optimizer["param_groups"] = [{**groups[0], "params": [i for g in groups for i in g["params"]]}]
+    torch.save(optimizer, checkpoint / "optimizer.pt")
+    _edit_checkpoint_state(checkpoint, lambda state: None)
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-2: its optimizer state has 1 parameter group\(s\) "
+                                                      r"and this run's \d \(both runs decay weights: it was written by "
+                                                      r"an alignfast that decayed every weight"):
+        run("off", 0.1, 4).train(resume_from_checkpoint=True)
