@@ -89,7 +89,9 @@ def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(tmp_path, caplo
     """Resuming did not check that the checkpoint was this run's: a LoRA run resumed without LoRA or with other
     target_modules ended in a traceback (KeyError / ValueError from inside the copy), a LoRA run resumed silently
     onto another base model, and another training set resumed silently. The first three are now one line naming
-    the checkpoint and the difference; other training rows are a warning, as other settings are."""
+    the checkpoint and the difference; other training rows are a warning, as other settings are. The same base
+    model loaded in another dtype was refused as "trained from another model ... (same architecture, other
+    weights?)", though the fingerprint differed by its dtype; the message now names that cause too."""
     peft = pytest.importorskip("peft")
     from alignfast.trainer.resume_checks import CheckpointMismatchError
 
@@ -108,8 +110,10 @@ def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(tmp_path, caplo
                                                        "corrector does not have"),
              (tiny_corrector(tmp_path / "b")[0], lora("all-linear"), "it does not hold trainable corrector "
                                                                     "parameter .*lora_A"),
-             (tiny_corrector(tmp_path / "c", seed=1)[0], lora(["q_proj"]), "it was trained from another model: the "
-                                                                          "corrector's frozen base weights")]
+             (tiny_corrector(tmp_path / "c", seed=1)[0], lora(["q_proj"]),
+              "it was trained from other frozen weights: the corrector's frozen base weights"),
+             (tiny_corrector(tmp_path / "f")[0].double(), lora(["q_proj"]),  # the same base model, in float64
+              "it was trained from other frozen weights: .* or this one loaded in another dtype\\?")]
     for other, peft_config, message in cases:
         with pytest.raises(CheckpointMismatchError, match=re.escape(checkpoint) + message):
             run("run", other, peft_config=peft_config, max_steps=4).train(resume_from_checkpoint=True)
