@@ -31,6 +31,14 @@ from alignfast.rollout import templates
 FIELDS = ("question", "answer", "correction")
 _SENTINEL = "\x00ALIGNFAST-ANSWER\x00"
 
+# How a row becomes token ids. aligner_config.json and the checkpoints record it ("encoding_version") because a
+# corrector must be fed the ids it was trained on, and the two give other ids for the same text ('Ġ', 'Paris' against
+# 'ĠParis'); a corrector or checkpoint without the field was written before it existed, by the pieces-apart encoding.
+PIECES_APART = 1  # the text before the answer, the answer, the text after it and the correction, each tokenized alone
+ONE_TEXT = 2  # the text tokenized as one piece (see CorrectionEncoder)
+ENCODING_VERSION = ONE_TEXT  # what a new run trains with
+ENCODING_VERSIONS = (PIECES_APART, ONE_TEXT)
+
 
 def check_rows(data, *, name: str = "train_dataset", need_correction: bool = True) -> list[dict]:
     """The rows as dicts with string fields; a missing field, a non-string or an empty question/correction
@@ -121,10 +129,18 @@ class CorrectionEncoder:
     ids are the continuation of the prompt's ids in the tokenization of prompt + correction (when the two do not
     merge across the boundary; else the correction alone). The answer's tokens are found by the fast tokenizer's
     character offsets, so truncation still cuts the answer's own tokens from its end; a tokenizer without offsets
-    (not a fast one) gets the template's parts tokenized apart."""
+    (not a fast one) gets the template's parts tokenized apart.
 
-    def __init__(self, tokenizer, template: str, *, use_chat_template: bool = False, max_length: int | None = None):
+    encoding_version=PIECES_APART is the encoding of alignfast before this one, kept for the correctors and
+    checkpoints it wrote: the prompt as it was rendered (its trailing space included) in three pieces tokenized
+    apart, and the correction tokenized alone."""
+
+    def __init__(self, tokenizer, template: str, *, use_chat_template: bool = False, max_length: int | None = None,
+                 encoding_version: int = ENCODING_VERSION):
         check_template(template)
+        if isinstance(encoding_version, bool) or encoding_version not in ENCODING_VERSIONS:
+            fail("encoding_version", f"must be {PIECES_APART} (the pieces tokenized apart) or {ONE_TEXT} (one text), "
+                 f"got {encoding_version!r}")
         if use_chat_template and not templates.has_chat_template(tokenizer):
             # user_turn would fall back to plain text, and aligner_config.json would still say the chat was used
             fail("use_chat_template", f"is true and the tokenizer ({type(tokenizer).__name__}) has no chat template: "
@@ -133,6 +149,7 @@ class CorrectionEncoder:
         self.template = template
         self.use_chat_template = use_chat_template
         self.max_length = max_length
+        self.encoding_version = encoding_version
         if tokenizer.eos_token_id is None:
             fail("tokenizer", "has no EOS token: the correction must end with one (set tokenizer.eos_token)")
         self.eos_id = int(tokenizer.eos_token_id)
@@ -146,6 +163,8 @@ class CorrectionEncoder:
         if not sep:  # a chat template that drops the content cannot happen with a sane template
             raise ValueError("alignfast: the corrector's chat template lost the answer")
         full = before + answer + after
+        if self.encoding_version == PIECES_APART:  # the rendered text as it is, its trailing space in the prompt
+            return PromptText(full, len(before), len(before) + len(answer), add_special, "")
         kept = full.rstrip(" \t")
         start = min(len(before), len(kept))
         return PromptText(kept, start, min(len(before) + len(answer), len(kept)), add_special, full[len(kept):])
@@ -155,7 +174,8 @@ class CorrectionEncoder:
 
     def _prompt_tokens(self, p: PromptText) -> tuple[list[int], int, int]:
         """(ids, lo, hi): the prompt's token ids, the answer's being ids[lo:hi]."""
-        if not self._offsets:  # no character offsets: the parts apart (special tokens only on the first)
+        if not self._offsets or self.encoding_version == PIECES_APART:
+            # no character offsets (or the earlier encoding): the parts apart, special tokens only on the first
             head = self._ids(p.text[: p.answer_start], p.add_special_tokens)
             body = self._ids(p.text[p.answer_start: p.answer_end], False)
             tail = self._ids(p.text[p.answer_end:], False)
@@ -183,8 +203,15 @@ class CorrectionEncoder:
 
     def correction_ids(self, prompt: PromptText, correction: str) -> list[int]:
         """The correction's token ids after `prompt` (without EOS)."""
-        if prompt.moved:  # the template's trailing spaces open the correction
-            text = prompt.moved + correction
+        if self.encoding_version == PIECES_APART:  # tokenized alone, after the prompt's own last piece
+            after = prompt.text[prompt.answer_end:]
+            text = correction if not after or after[-1].isspace() or self.use_chat_template \
+                else " " + correction.lstrip()
+            return self._ids(text, False)
+        if prompt.moved:
+            # The template's trailing spaces open the correction ('ĠThe'), unless it opens with whitespace of its own,
+            # which then takes their place: both would be a lone 'Ġ' before it ('Ġ', 'ĠThe'; 'Ġ', 'Ċ', 'The').
+            text = correction if correction[:1].isspace() else prompt.moved + correction
         elif not self.use_chat_template and prompt.text and not prompt.text[-1].isspace():
             # "ASSISTANT:" then the correction's first word with its leading space, as a BPE tokenizer writes it
             text = " " + correction.lstrip()

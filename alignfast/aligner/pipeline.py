@@ -10,21 +10,34 @@ AlignerTrainer.save_model (its aligner_config.json says how its input was built)
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from alignfast.aligner.data import CorrectionEncoder
+from alignfast.aligner.data import ENCODING_VERSION, ENCODING_VERSIONS, PIECES_APART, CorrectionEncoder
 from alignfast.ops._checks import fail
+from alignfast.rollout import templates
 from alignfast.rollout.engine import Completion
+
+_log = logging.getLogger("alignfast.aligner")
+_warned: set[tuple[str, str]] = set()  # (folder, what): a folder loaded again is not warned about again
+
+
+def _warn_once(folder: Path, what: str, message: str, *args) -> None:
+    key = (str(folder.resolve()), what)
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(message, folder, *args)
 
 
 class Corrector:
     """A corrector model behind alignfast's batched HF engine: correct(questions, answers) -> corrections."""
 
     def __init__(self, model, tokenizer, *, template: str, use_chat_template: bool = False,
-                 max_length: int | None = None, max_new_tokens: int = 256, batch_size: int = 32):
+                 max_length: int | None = None, max_new_tokens: int = 256, batch_size: int = 32,
+                 encoding_version: int = ENCODING_VERSION):
         from alignfast.rollout import HFEngine
         from alignfast.trainer.base import _special_ids
 
@@ -35,7 +48,7 @@ class Corrector:
         self.model = model
         self.tokenizer = tokenizer
         self.encoder = CorrectionEncoder(tokenizer, template, use_chat_template=use_chat_template,
-                                         max_length=max_length)
+                                         max_length=max_length, encoding_version=encoding_version)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         _, stops = _special_ids(tokenizer, model, None)
@@ -53,9 +66,22 @@ class Corrector:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device=None, dtype=None, **kwargs) -> Corrector:
-        """A folder written by AlignerTrainer.save_model (full weights or a LoRA adapter)."""
+        """A folder written by AlignerTrainer.save_model (full weights or a LoRA adapter), its input built as in
+        training. A folder from before aligner_config.json recorded encoding_version was trained on the pieces
+        tokenized apart, and is fed them (with a warning, once). One saved with use_chat_template true and a tokenizer
+        without a chat template was trained on plain text (an earlier alignfast allowed the setting and fell back), and
+        reads plain text (with a warning, once)."""
         p = Path(path)
         settings = json.loads(cls.settings_file(p).read_text())
+        encoding = settings.get("encoding_version")
+        if encoding is None:
+            _warn_once(p, "encoding", "%s was saved by an alignfast that did not record how it tokenized its rows "
+                       "(aligner_config.json has no encoding_version): its input is tokenized as it was trained, "
+                       "the pieces apart (encoding_version 1)")
+            encoding = PIECES_APART
+        elif isinstance(encoding, bool) or encoding not in ENCODING_VERSIONS:
+            fail("aligner", f"{p}/aligner_config.json has encoding_version {encoding!r}, which this alignfast does "
+                 f"not know (it knows {', '.join(map(str, ENCODING_VERSIONS))}; written by a newer alignfast?)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if (p / "adapter_config.json").is_file():
@@ -67,9 +93,16 @@ class Corrector:
         if device is not None:
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(p))
+        use_chat_template = settings.get("use_chat_template", False)
+        if use_chat_template and not templates.has_chat_template(tokenizer):
+            # Training refuses the setting now; the corrector was trained on user_turn's plain-text fallback.
+            _warn_once(p, "chat", "%s: aligner_config.json says use_chat_template: true, and the tokenizer has no chat "
+                       "template: the corrector was trained on plain text (by an alignfast that allowed the setting), "
+                       "and reads plain text")
+            use_chat_template = False
         return cls(model.eval().requires_grad_(False), tokenizer, template=settings["template"],
-                   use_chat_template=settings.get("use_chat_template", False),
-                   max_length=settings.get("max_length"), **kwargs)
+                   use_chat_template=use_chat_template,
+                   max_length=settings.get("max_length"), encoding_version=encoding, **kwargs)
 
     def correct(self, questions: Sequence[str], answers: Sequence[str]) -> list[str]:
         """Greedy corrections, one per (question, answer) pair."""

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from alignfast.aligner.config import AlignerConfig, coerce_config
-from alignfast.aligner.data import CorrectionEncoder, check_rows, collate, with_identity_rows
+from alignfast.aligner.data import (ENCODING_VERSIONS, PIECES_APART, CorrectionEncoder, check_rows, collate,
+                                    with_identity_rows)
 from alignfast.aligner.loss import CorrectionLoss, CorrectionNLL
 from alignfast.ops import weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
@@ -36,7 +37,7 @@ from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.data import batch_indices
 from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.metrics_logger import check_reporters
-from alignfast.trainer.optimizers import no_weight_decay
+from alignfast.trainer.optimizers import no_weight_decay, regrouped_state
 from alignfast.trainer.ppo_core import bounded_param_groups
 from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_resume_matches, check_same_arm,
                                              check_same_reference, reference_fingerprint)
@@ -96,16 +97,14 @@ class AlignerTrainer(RunLoop):
 
         rows = check_rows(train_dataset, name="train_dataset")
         self.train_rows = with_identity_rows(rows, config.identity_ratio, config.seed)
-        self.train_encoded = [self.encoder.encode(r, index=i) for i, r in enumerate(self.train_rows)]
         self.eval_rows = check_rows(eval_dataset, name="eval_dataset") if eval_dataset is not None else None
-        self.eval_encoded = ([self.encoder.encode(r, index=i) for i, r in enumerate(self.eval_rows)]
-                             if self.eval_rows is not None else None)
-        truncated = sum(1 for e in self.train_encoded if e.answer_tokens_dropped or e.correction_tokens_dropped)
-        if truncated:
+        self.data_stats = {"rows": len(self.train_rows), "identity_rows": len(self.train_rows) - len(rows)}
+        self._train_fingerprint: str | None = None
+        self._encode_rows()
+        if self.data_stats["truncated_rows"]:
             _log.warning("%d of %d training rows exceed max_length=%d: their answers (and if needed the ends of "
-                         "their corrections) were cut", truncated, len(self.train_encoded), config.max_length)
-        self.data_stats = {"rows": len(self.train_rows), "identity_rows": len(self.train_rows) - len(rows),
-                           "truncated_rows": truncated}
+                         "their corrections) were cut", self.data_stats["truncated_rows"], len(self.train_encoded),
+                         config.max_length)
 
         if config.backend == "fast":
             from alignfast.ops import cpu_gemm
@@ -132,11 +131,19 @@ class AlignerTrainer(RunLoop):
         if self.processes.distributed:
             self.wrapped, self.optimizer = self.processes.accelerator.prepare(
                 CorrectionNLL(self.model, self.loss_fn), self.optimizer)
-        self._train_fingerprint: str | None = None
         self.callbacks = CallbackHandler(callbacks, config)
         self.global_step = 0
         self.num_tokens = 0
         self.history: list[dict] = []
+
+    def _encode_rows(self) -> None:
+        """The training and eval rows as token ids by self.encoder (again after a resume changed its encoding)."""
+        self.train_encoded = [self.encoder.encode(r, index=i) for i, r in enumerate(self.train_rows)]
+        self.eval_encoded = ([self.encoder.encode(r, index=i) for i, r in enumerate(self.eval_rows)]
+                             if self.eval_rows is not None else None)
+        self.data_stats["truncated_rows"] = sum(1 for e in self.train_encoded
+                                                if e.answer_tokens_dropped or e.correction_tokens_dropped)
+        self._train_fingerprint = None
 
     # ------------------------------------------------------------------------------------------
     # hooks of the shared run loop (alignfast.trainer.run_loop: train(), resume, checkpoints, stop signals)
@@ -228,11 +235,13 @@ class AlignerTrainer(RunLoop):
 
         return Corrector(self.model, self.tokenizer, template=self.config.template_text,
                          use_chat_template=self.config.use_chat_template, max_length=self.config.max_length,
-                         max_new_tokens=max_new_tokens, batch_size=self.config.per_device_eval_batch_size)
+                         max_new_tokens=max_new_tokens, batch_size=self.config.per_device_eval_batch_size,
+                         encoding_version=self.encoder.encoding_version)
 
     def save_model(self, output_dir=None) -> Path:
         """The corrector (or its LoRA adapter), its tokenizer, and aligner_config.json (template, chat
-        template flag, max_length) so AlignerPipeline / `alignfast correct` rebuild its input exactly."""
+        template flag, max_length, encoding_version) so AlignerPipeline / `alignfast correct` rebuild its input
+        exactly."""
         out = Path(output_dir or self.config.output_dir)
         if self.processes.is_main:  # the replicas are identical: one process writes
             out.mkdir(parents=True, exist_ok=True)
@@ -245,8 +254,8 @@ class AlignerTrainer(RunLoop):
         self.tokenizer.save_pretrained(str(path))
         cfg = self.config
         (Path(path) / ALIGNER_FILE).write_text(json.dumps(
-            {"template": cfg.template_text, "use_chat_template": cfg.use_chat_template, "max_length": cfg.max_length},
-            indent=2) + "\n")
+            {"template": cfg.template_text, "use_chat_template": cfg.use_chat_template, "max_length": cfg.max_length,
+             "encoding_version": self.encoder.encoding_version}, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------------
     # checkpoints (the PPO trainers' atomic format)
@@ -257,7 +266,8 @@ class AlignerTrainer(RunLoop):
         state = {"global_step": self.global_step, "num_tokens": self.num_tokens, "history": self.history,
                  "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps,
                  "num_processes": self.processes.num_processes, "reference_fingerprint": self._base_fingerprint(),
-                 "train_rows": len(self.train_encoded), "train_fingerprint": self._data_fingerprint()}
+                 "train_rows": len(self.train_encoded), "train_fingerprint": self._data_fingerprint(),
+                 "encoding_version": self.encoder.encoding_version}
         path = Path(cfg.output_dir) / f"checkpoint-{self.global_step}"
         if self.processes.is_main:  # the replicas are identical: one process writes
             path = ckpt.save_checkpoint(cfg.output_dir, self.global_step, trainable=trainable,
@@ -280,6 +290,27 @@ class AlignerTrainer(RunLoop):
             self._train_fingerprint = h.hexdigest()[:16]
         return self._train_fingerprint
 
+    def _use_checkpoint_encoding(self, path: Path, state: dict) -> None:
+        """The run goes on tokenizing its rows as the checkpoint's run did (a checkpoint without encoding_version
+        was written by the pieces-apart encoding): the corrector is trained on one encoding, and its
+        aligner_config.json names the one it will be fed at inference."""
+        saved = state.get("encoding_version", PIECES_APART)
+        if saved == self.encoder.encoding_version:
+            return
+        if saved not in ENCODING_VERSIONS:
+            raise CheckpointMismatchError(
+                f"alignfast: cannot resume from {path}: its rows were tokenized by encoding_version {saved!r}, which "
+                "this alignfast does not know (written by a newer one?); resume with that alignfast, or start a new "
+                "run in another output_dir")
+        _log.warning("resuming from %s, whose run tokenized its rows by encoding_version %d (%s): the run goes on "
+                     "with it, and the saved corrector records it", path, saved,
+                     "the pieces apart, as alignfast did before the one-text encoding" if saved == PIECES_APART
+                     else "the one-text encoding")
+        e = self.encoder
+        self.encoder = CorrectionEncoder(e.tokenizer, e.template, use_chat_template=e.use_chat_template,
+                                         max_length=e.max_length, encoding_version=saved)
+        self._encode_rows()
+
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         state = data["state"]
@@ -290,18 +321,16 @@ class AlignerTrainer(RunLoop):
                              value_head=None, label="corrector")
         check_same_reference(path, state, self._base_fingerprint(), self.arm,
                              weights="the corrector's frozen base weights (LoRA) differ from this run's")
-        saved_groups = len(data["optimizer"]["param_groups"])
-        if saved_groups != len(self.optimizer.param_groups):
-            raise CheckpointMismatchError(
-                f"alignfast: cannot resume from {path}: its optimizer state has {saved_groups} parameter group(s) and "
-                f"this run's {len(self.optimizer.param_groups)} (with weight_decay, written by an alignfast that decayed "
-                "every weight); start a new run in another output_dir")
+        self._use_checkpoint_encoding(path, state)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in data["trainable"]["policy"].items():
                 params[name].copy_(value)
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.lr_scheduler.load_state_dict(data["scheduler"])
+        # Groups differ when weight decay was switched on or off, or the checkpoint is from before biases and norm
+        # weights had a group of their own: the same parameters in the same order, fitted to this run's groups.
+        optimizer, scheduler = regrouped_state(data["optimizer"], data["scheduler"], self.optimizer)
+        self.optimizer.load_state_dict(optimizer)
+        self.lr_scheduler.load_state_dict(scheduler)
         ckpt.set_rng_state(data["rng"])
         changed = _changed_settings(state.get("config") or {}, json.loads(self.config.to_json()))
         if changed:

@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
         description="Reads questions (a .jsonl/.json/.csv file with a 'question' column, or 'prompt'), has the "
                     "upstream model answer them (a local/hub model through the batched HF engine, or an "
                     "OpenAI-compatible endpoint), has the corrector in --aligner rewrite each answer, and writes one "
-                    "JSON line per question: its other columns (an id) and {question, answer, correction}, with "
-                    "\"truncated\": true where the correction was cut at --max-new-tokens. Without "
+                    "JSON line per question: its other columns (an id) and {question, answer, correction, truncated}, "
+                    "\"truncated\" true where the correction was cut at --max-new-tokens. Without "
                     "--upstream/--upstream-url the file's own 'answer' column is corrected.")
     p.add_argument("--aligner", required=True, metavar="DIR", help="a corrector saved by `alignfast aligner train`")
     up = p.add_mutually_exclusive_group()
@@ -97,8 +97,11 @@ def run(args, extra) -> int:
     try:
         corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    except AlignfastArgumentError as err:
-        raise CLIError("--aligner " + str(err).removeprefix("alignfast: argument 'aligner' ")) from None
+    except AlignfastArgumentError as err:  # the folder itself ('aligner'), or a setting its aligner_config.json holds
+        message = str(err).removeprefix("alignfast: ")
+        if message.startswith("argument 'aligner' "):
+            raise CLIError("--aligner " + message.removeprefix("argument 'aligner' ")) from None
+        raise CLIError(f"--aligner {args.aligner}: {message}") from None
     except OSError as err:
         raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
     questions = [r["question"] for r in rows]
@@ -136,8 +139,9 @@ def run(args, extra) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     from alignfast.files import write_text_atomically
 
-    # The file's other columns (an id to join on) come first, as they were; a cut correction says so.
-    written = [{**row, "question": q, "answer": a, "correction": c, **({"truncated": True} if cut else {})}
+    # The file's other columns (an id to join on) come first, as they were. "truncated" is always written, so that it
+    # says what this run did: a file from an earlier round of correction may carry its own.
+    written = [{**row, "question": q, "answer": a, "correction": c, "truncated": bool(cut)}
                for row, q, a, c, cut in zip(rows, questions, answers, corrections, truncated, strict=True)]
     write_text_atomically(out, "".join(json.dumps(w) + "\n" for w in written))
     changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))

@@ -11,11 +11,13 @@ not a per-read one, so a server that trickles a byte at a time cannot hold a req
 
 Retries. A retryable failure (timeout, connection error, HTTP 408/409/429/5xx) is retried after
 
-    wait_k = max(Retry-After (when the server sends one), min(backoff_max, backoff * 2**k) * U(0.75, 1))
+    wait_k = Retry-After                                     (when the server sends one >= MIN_RETRY_AFTER, 0.05 s)
+             min(backoff_max, backoff * 2**k) * U(0.75, 1)   (otherwise)
 
 (k = retries so far) while the waits of that request stay within `retry_budget` seconds in total (and,
-when set, at most `max_retries` times). A Retry-After can lengthen the engine's own backoff, never shorten
-it: the budget counts waiting, so a server asking for 0 s would otherwise be retried without end. The
+when set, at most `max_retries` times). The server's Retry-After is honoured as given, shorter or longer
+than the engine's own backoff, as openai-python does; one under MIN_RETRY_AFTER (a server asking for 0 s)
+waits the backoff instead: the budget counts waiting, and retries that do not wait would never use it up. The
 default budget, 30 s, outlasts a server restart. A request that still fails, or fails with an error
 retrying cannot fix (400, 401, 404, a malformed response), cancels the requests not yet answered and raises
 EngineRequestError naming the prompt and quoting the server.
@@ -46,6 +48,7 @@ from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, Tar
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 DEFAULT_RETRY_BUDGET = 30.0  # seconds of waiting between attempts, per request: a server restart fits in it
+MIN_RETRY_AFTER = 0.05  # seconds: a shorter Retry-After waits the engine's backoff (see the module docstring)
 _log = logging.getLogger("alignfast.rollout")
 
 
@@ -250,8 +253,8 @@ class OpenAIEngine(TargetEngine):
             if not retryable or (self.max_retries is not None and attempt >= self.max_retries):
                 raise EngineRequestError(failure) from err
             wait = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0)
-            server_wait = retry_after is not None and retry_after >= wait
-            wait = retry_after if server_wait else wait  # see the module docstring: never below our backoff
+            server_wait = retry_after is not None and retry_after >= MIN_RETRY_AFTER
+            wait = retry_after if server_wait else wait  # see the module docstring: 0 s would never use the budget
             if waited + wait > self.retry_budget:
                 asked = f"the server asked to retry after {retry_after:g} s, which" if server_wait \
                     else "another retry"

@@ -92,9 +92,11 @@ def check_same_reference(path, state: dict, fingerprint: str, arm: str, *,
                          weights: str = "its reference (SFT) weights differ from this run's policy before "
                                         "training") -> None:
     """The frozen weights the run was trained from (reference_fingerprint) are this run's; `weights` says which they
-    are, for the message."""
+    are, for the message. The fingerprint holds each tensor's dtype, so the same model loaded in another dtype
+    differs too (its values are other numbers: a resume would not continue the same run), and the message says so."""
     path = Path(path)
     check_same_arm(path, state, arm)
     saved = state.get("reference_fingerprint")
     if saved is not None and saved != fingerprint:
-        _fail(path, f"it was trained from another model: {weights} (same architecture, other weights?)")
+        _fail(path, f"it was trained from other frozen weights: {weights} (another model of the same architecture, or "
+                    "this one loaded in another dtype?)")

@@ -32,7 +32,7 @@ def test_train_correct_and_eval_on_the_toy_world(tmp_path, capsys):
     rows = [json.loads(x) for x in corrected.read_text().splitlines()]
     assert [r["question"] for r in rows] == ["sort 4 8 5 1", "max 1 3 4 2 6"]
     assert rows[0]["answer"] == "8 5 4 1"  # the frozen toy target's misreading, which the corrector then edits
-    assert all(set(r) == {"question", "answer", "correction"} for r in rows)
+    assert all(set(r) == {"question", "answer", "correction", "truncated"} for r in rows)
 
     capsys.readouterr()
     assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", str(out / "final"),
@@ -193,9 +193,61 @@ def test_correct_flags_cut_corrections_and_keeps_the_other_columns(tmp_path, cap
                                                                         [r["answer"] for r in rows])
     cut = [c.finish_reason == "length" for c in want]
     assert any(cut)  # one new token: only a first-token EOS finishes
-    assert written == [{**r, "correction": c.text, **({"truncated": True} if c.finish_reason == "length" else {})}
+    assert written == [{**r, "correction": c.text, "truncated": c.finish_reason == "length"}
                        for r, c in zip(rows, want)]
     assert f", {sum(cut)} cut at --max-new-tokens (1; " in capsys.readouterr().err
+
+
+def test_a_second_round_of_correction_says_whether_its_own_correction_was_cut(tmp_path):
+    """Corrections are corrected again by feeding the output back (the Aligner's iterative correction). The output
+    row kept the input's "truncated": true from round 1 when round 2's correction was not cut; "truncated" is now
+    always written (true or false), saying what this run did."""
+    from alignfast.aligner import Corrector
+
+    folder = _tiny_corrector_folder(tmp_path)
+    rows = [{"id": i, "question": "what is the cat", "answer": a, "truncated": True} for i, a in enumerate(["is", "a"])]
+    data = tmp_path / "round1.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "round2.jsonl"
+    assert main(["correct", "--aligner", str(folder), "--data", str(data), "--output", str(out),
+                 "--max-new-tokens", "64"]) == 0
+    want = Corrector.from_pretrained(folder, max_new_tokens=64).generate([r["question"] for r in rows],
+                                                                         [r["answer"] for r in rows])
+    assert any(c.finish_reason != "length" for c in want)  # a correction this run finished
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [w["truncated"] for w in written] == [c.finish_reason == "length" for c in want]
+
+
+def test_a_corrector_saved_with_a_chat_flag_its_tokenizer_could_not_honour_loads_as_plain_text(tmp_path, capsys,
+                                                                                                caplog):
+    """An earlier trainer, given use_chat_template true and a tokenizer without a chat template, trained on plain text
+    and saved use_chat_template: true; `alignfast correct` then refused the corrector ("--aligner alignfast: argument
+    'use_chat_template' is true ..."). It now reads plain text, as it was trained, with a warning; training with the
+    setting stays an error (test_data). Another bad setting in aligner_config.json is one line naming the folder."""
+    from alignfast.aligner import Corrector
+
+    folder = _tiny_corrector_folder(tmp_path)
+    settings = json.loads((folder / "aligner_config.json").read_text())
+    (folder / "aligner_config.json").write_text(json.dumps({**settings, "use_chat_template": True}))
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "what is the cat", "answer": "a dog"}) + "\n")
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert main(["correct", "--aligner", str(folder), "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
+                     "--max-new-tokens", "4"]) == 0
+    assert "says use_chat_template: true, and the tokenizer has no chat template" in caplog.text
+    loaded = Corrector.from_pretrained(folder, max_new_tokens=4)
+    plain = Corrector(loaded.model, loaded.tokenizer, template=settings["template"], max_length=settings["max_length"],
+                      max_new_tokens=4, encoding_version=loaded.encoder.encoding_version)
+    assert not loaded.encoder.use_chat_template
+    assert json.loads((tmp_path / "o.jsonl").read_text())["correction"] == plain.correct(["what is the cat"],
+                                                                                         ["a dog"])[0]
+
+    (folder / "aligner_config.json").write_text(json.dumps({**settings, "template": "fix {question} :"}))
+    capsys.readouterr()
+    assert main(["correct", "--aligner", str(folder), "--data", str(data), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--aligner {folder}: argument 'template' must contain {{answer}}" in err[0], err
+    assert "alignfast: argument" not in err[0]
 
 
 @pytest.mark.parametrize("data, extra, message", [

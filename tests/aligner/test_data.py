@@ -3,7 +3,7 @@
 import pytest
 
 from alignfast.aligner import PAPER_TEMPLATE, REPO_TEMPLATE, AlignerConfig, AlignerTrainer
-from alignfast.aligner.data import CorrectionEncoder, check_rows, with_identity_rows
+from alignfast.aligner.data import ONE_TEXT, PIECES_APART, CorrectionEncoder, check_rows, with_identity_rows
 from alignfast.ops import AlignfastArgumentError
 from tests.aligner.helpers import ROWS, TEMPLATE, bpe_tokenizer, tiny_corrector
 
@@ -167,3 +167,72 @@ def test_a_tokenizer_without_offsets_gets_the_parts_tokenized_apart(tmp_path):
     apart = CorrectionEncoder(tok, TEMPLATE, max_length=14)
     apart._offsets = False  # as for a tokenizer that is not a fast one
     assert apart.encode(row) == fast.encode(row) and fast.encode(row).answer_tokens_dropped == 2
+
+
+@pytest.mark.parametrize("correction, first", [(" The capital of France is Paris.", ["ĠThe"]),
+                                               ("\nThe capital of France is Paris.", ["Ċ", "The"])])
+def test_a_correction_opening_with_whitespace_after_a_template_ending_in_a_space(tmp_path, correction, first):
+    """`template: repo` ends in a space, which goes to the correction's first token; a correction that opened with
+    whitespace of its own then began with a lone 'Ġ' (' The' -> 'Ġ', 'ĠThe'; '\\nThe' -> 'Ġ', 'Ċ', 'The'), a token
+    the corrector would learn to write first. Its own whitespace now takes the template's space's place: the ids
+    are those of the prompt and the correction read as one text."""
+    tok = bpe_tokenizer(tmp_path / "bpe")
+    row = {**BPE_ROW, "correction": correction}
+    got = CorrectionEncoder(tok, REPO_TEMPLATE).encode(row)
+    prompt = REPO_TEMPLATE.replace("{question}", row["question"]).replace("{answer}", row["answer"]).rstrip()
+    whole = tok(prompt + correction)["input_ids"]
+    assert got.prompt_ids == whole[: len(got.prompt_ids)] == tok(prompt)["input_ids"]
+    assert got.target_ids == whole[len(got.prompt_ids):] + [tok.eos_token_id]
+    assert tok.convert_ids_to_tokens(got.target_ids)[: len(first)] == first
+
+
+def _pieces_apart(tok, template, row):
+    """The ids alignfast gave a row before the one-text encoding: the rendered text before the answer, the answer
+    and the text after it tokenized apart, then the correction alone (as it is after a template ending in a space,
+    else with one leading space)."""
+    before, after = template.replace("{question}", row["question"]).split("{answer}")
+    ids = [tok(t, add_special_tokens=i == 0)["input_ids"] for i, t in enumerate((before, row["answer"], after))]
+    correction = row["correction"] if after[-1:].isspace() else " " + row["correction"].lstrip()
+    return ids[0] + ids[1] + ids[2], tok(correction, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("template", ["Q: {question} | {answer} ASSISTANT:", REPO_TEMPLATE])
+def test_a_corrector_saved_before_the_one_text_encoding_is_fed_the_ids_it_was_trained_on(tmp_path, template, caplog):
+    """The one-text encoding changed the prompt ids of every row ('Ġ', 'Paris' became 'ĠParis'; `template: repo`'s
+    prompt no longer ends in ':', 'Ġ'), and aligner_config.json did not say which encoding a corrector was trained
+    with: a corrector saved before was fed prompts it had never seen. The encoding is now recorded
+    (encoding_version), and a folder without it is fed the pieces-apart ids it was trained on, with one warning."""
+    import json
+
+    from alignfast.aligner import Corrector
+    from tests.trainer.tiny import make_causal_lm
+
+    tok = bpe_tokenizer(tmp_path / "bpe")
+    old = CorrectionEncoder(tok, template, encoding_version=PIECES_APART)
+    prompt, target = _pieces_apart(tok, template, BPE_ROW)
+    assert (old.encode(BPE_ROW).prompt_ids, old.encode(BPE_ROW).target_ids) == (prompt, target)
+    assert old.inference_ids(BPE_ROW["question"], BPE_ROW["answer"]) == prompt
+    new = CorrectionEncoder(tok, template).encode(BPE_ROW)
+    # the two encodings differ here: the answer after the template's space is 'Ġ', 'Pa', 'ris' apart, 'ĠParis' in one
+    assert "ĠParis" in tok.convert_ids_to_tokens(new.prompt_ids) and "ĠParis" not in tok.convert_ids_to_tokens(prompt)
+
+    folder = tmp_path / "corrector"
+    make_causal_lm(folder, len(tok), hidden=16, layers=1)
+    tok.save_pretrained(str(folder))
+    settings = {"template": template, "use_chat_template": False, "max_length": 64}
+    (folder / "aligner_config.json").write_text(json.dumps(settings))
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        loaded = [Corrector.from_pretrained(folder) for _ in range(2)]
+    assert all(c.encoder.inference_ids(BPE_ROW["question"], BPE_ROW["answer"]) == prompt for c in loaded)
+    assert caplog.text.count("has no encoding_version") == 1  # once, not at every load
+    assert "the pieces apart (encoding_version 1)" in caplog.text
+
+    (folder / "aligner_config.json").write_text(json.dumps({**settings, "encoding_version": ONE_TEXT}))
+    assert Corrector.from_pretrained(folder).encoder.inference_ids(BPE_ROW["question"], BPE_ROW["answer"]) == \
+        new.prompt_ids
+    (folder / "aligner_config.json").write_text(json.dumps({**settings, "encoding_version": 7}))
+    with pytest.raises(AlignfastArgumentError, match="argument 'aligner' .*aligner_config.json has encoding_version 7, "
+                                                     "which this alignfast does not know"):
+        Corrector.from_pretrained(folder)
+    with pytest.raises(AlignfastArgumentError, match="argument 'encoding_version' must be 1 .* or 2 .*, got 0"):
+        CorrectionEncoder(tok, template, encoding_version=0)

@@ -9,7 +9,7 @@ import torch
 
 from alignfast.aligner import AlignerConfig, AlignerPipeline, AlignerTrainer, Corrector
 from alignfast.ops import AlignfastArgumentError, cpu_gemm
-from tests.aligner.helpers import ROWS, TEMPLATE, tiny_corrector
+from tests.aligner.helpers import ROWS, TEMPLATE, bpe_tokenizer, tiny_corrector
 from tests.trainer.tiny import FunctionTarget
 
 
@@ -89,7 +89,9 @@ def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(tmp_path, caplo
     """Resuming did not check that the checkpoint was this run's: a LoRA run resumed without LoRA or with other
     target_modules ended in a traceback (KeyError / ValueError from inside the copy), a LoRA run resumed silently
     onto another base model, and another training set resumed silently. The first three are now one line naming
-    the checkpoint and the difference; other training rows are a warning, as other settings are."""
+    the checkpoint and the difference; other training rows are a warning, as other settings are. The same base
+    model loaded in another dtype was refused as "trained from another model ... (same architecture, other
+    weights?)", though the fingerprint differed by its dtype; the message now names that cause too."""
     peft = pytest.importorskip("peft")
     from alignfast.trainer.resume_checks import CheckpointMismatchError
 
@@ -108,8 +110,10 @@ def test_a_resume_that_does_not_match_the_checkpoint_is_one_line(tmp_path, caplo
                                                        "corrector does not have"),
              (tiny_corrector(tmp_path / "b")[0], lora("all-linear"), "it does not hold trainable corrector "
                                                                     "parameter .*lora_A"),
-             (tiny_corrector(tmp_path / "c", seed=1)[0], lora(["q_proj"]), "it was trained from another model: the "
-                                                                          "corrector's frozen base weights")]
+             (tiny_corrector(tmp_path / "c", seed=1)[0], lora(["q_proj"]),
+              "it was trained from other frozen weights: the corrector's frozen base weights"),
+             (tiny_corrector(tmp_path / "f")[0].double(), lora(["q_proj"]),  # the same base model, in float64
+              "it was trained from other frozen weights: .* or this one loaded in another dtype\\?")]
     for other, peft_config, message in cases:
         with pytest.raises(CheckpointMismatchError, match=re.escape(checkpoint) + message):
             run("run", other, peft_config=peft_config, max_steps=4).train(resume_from_checkpoint=True)
@@ -337,3 +341,87 @@ def test_a_vllm_upstream_is_asked_in_its_own_chat_format(tmp_path, monkeypatch):
     from alignfast.trainer.align_pro import make_target_engine
 
     assert make_target_engine(upstream, None)[1] is upstream.llm.tokenizer
+
+
+def _edit_checkpoint_state(checkpoint, edit) -> None:
+    """trainer_state.json changed by edit(state), the manifest rewritten to match (as an older alignfast wrote it)."""
+    from alignfast.trainer import checkpoint as ckpt
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    edit(state)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "manifest.json").unlink()
+    ckpt._write_manifest(checkpoint)
+
+
+def test_a_checkpoint_from_before_the_one_text_encoding_resumes_on_its_own_encoding(tmp_path, caplog):
+    """A checkpoint written before the encoding was recorded resumed on the one-text encoding: the rows' ids changed
+    midway through the run, and the saved corrector, fed one-text ids, had been trained on both. Such a checkpoint
+    (no encoding_version) now goes on with the pieces-apart encoding, says so, and the corrector records it."""
+    from alignfast.aligner.data import ONE_TEXT, PIECES_APART, CorrectionEncoder
+    from alignfast.trainer.resume_checks import CheckpointMismatchError
+    from tests.trainer.tiny import make_causal_lm
+
+    tok = bpe_tokenizer(tmp_path / "bpe")
+    rows = [{"question": "What is the capital of France?", "answer": a, "correction": "The capital of France is Paris."}
+            for a in ("Paris is the capital.", "France is Paris.", "The capital is France.")]
+
+    def run(max_steps):
+        model = make_causal_lm(tmp_path / f"m{max_steps}", len(tok), hidden=16, layers=1)
+        return AlignerTrainer(_config(tmp_path, "run", template="repo", save_strategy="steps", save_steps=2,
+                                      max_steps=max_steps, per_device_train_batch_size=1), model, tok,
+                              train_dataset=rows)
+
+    run(2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["encoding_version"] == ONE_TEXT
+    assert json.loads((checkpoint / "policy" / "aligner_config.json").read_text())["encoding_version"] == ONE_TEXT
+    _edit_checkpoint_state(checkpoint, lambda state: state.pop("encoding_version"))
+
+    resumed = run(4)
+    with caplog.at_level("WARNING", logger="alignfast.aligner"):
+        assert resumed.train(resume_from_checkpoint=True).global_step == 4
+    assert "tokenized its rows by encoding_version 1 (the pieces apart" in caplog.text
+    apart = CorrectionEncoder(tok, resumed.config.template_text, max_length=resumed.config.max_length,
+                              encoding_version=PIECES_APART)
+    assert resumed.train_encoded == [apart.encode(r) for r in rows] != run(4).train_encoded
+    assert resumed.corrector().encoder.encoding_version == PIECES_APART
+    saved = json.loads((resumed.save_model(tmp_path / "final") / "aligner_config.json").read_text())
+    assert saved["encoding_version"] == PIECES_APART
+
+    _edit_checkpoint_state(checkpoint, lambda state: state.update(encoding_version=3))
+    with pytest.raises(CheckpointMismatchError, match="by encoding_version 3, which this alignfast does not know"):
+        run(4).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_resume_across_other_weight_decay_groups_carries_the_optimizer_state(tmp_path, caplog):
+    """The optimizer's parameter groups differ when weight decay is switched on or off (biases and norm weights get
+    a weight_decay-0 group of their own), or when the checkpoint is from the alignfast that decayed every weight (one
+    group): torch refused such a state. The same parameters in the same order, it is fitted to this run's groups
+    (as the PPO trainers do), and a changed weight_decay is the usual warning about changed settings."""
+    model, tok = tiny_corrector(tmp_path / "m")
+    init = _params(model)
+
+    def run(name, weight_decay, max_steps):
+        _reset(model, init)
+        return AlignerTrainer(_config(tmp_path, name, save_strategy="steps", save_steps=2, max_steps=max_steps,
+                                      weight_decay=weight_decay), model, tok, train_dataset=ROWS)
+
+    for name, (before, after) in (("on", (0.0, 0.1)), ("off", (0.1, 0.0))):
+        run(name, before, 2).train()
+        saved = torch.load(tmp_path / name / "checkpoint-2" / "optimizer.pt")["state"]
+        resumed = run(name, after, 4)
+        resumed._load_checkpoint(tmp_path / name / "checkpoint-2")
+        for k, p in enumerate(resumed.params):
+            assert torch.equal(resumed.optimizer.state[p]["exp_avg"], saved[k]["exp_avg"])
+        assert "weight_decay" in caplog.text
+        assert resumed.train(resume_from_checkpoint=True).global_step == 4
+
+    # as the alignfast that decayed every weight wrote it: one group holding every parameter
+    checkpoint = tmp_path / "off" / "checkpoint-2"
+    optimizer = torch.load(checkpoint / "optimizer.pt")
+    groups = optimizer["param_groups"]
+    optimizer["param_groups"] = [{**groups[0], "params": [i for g in groups for i in g["params"]]}]
+    torch.save(optimizer, checkpoint / "optimizer.pt")
+    _edit_checkpoint_state(checkpoint, lambda state: None)
+    assert run("off", 0.1, 4).train(resume_from_checkpoint=True).global_step == 4

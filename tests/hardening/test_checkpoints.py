@@ -281,7 +281,7 @@ def test_resuming_with_another_value_head_or_model_is_one_line(run, tmp_path):
 def test_resuming_from_another_model_of_the_same_shape_is_one_line(run, tmp_path):
     tok, _, out, _ = run
     same_shape_other_weights = make_causal_lm(tmp_path / "other", len(tok), seed=5, hidden=16, layers=1)
-    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-2: it was trained from another model: its "
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-2: it was trained from other frozen weights: its "
                                                       r"reference \(SFT\) weights differ"):
         trainer_for(tok, same_shape_other_weights, out, max_steps=3).train(resume_from_checkpoint=True)
 

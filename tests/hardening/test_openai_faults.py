@@ -181,6 +181,20 @@ def test_retry_after_is_honoured(server):
     assert second - first >= 0.95  # waited what the server asked, not the 0.01 s backoff
 
 
+def test_a_retry_after_shorter_than_the_backoff_is_honoured(server):
+    """The fix for Retry-After: 0 (retried at once, forever) made every wait at least the engine's own backoff, so
+    a server asking for 1 s was made to wait 2.25-3 s here (and the README said Retry-After is honoured). A
+    Retry-After is now honoured as given; only one under MIN_RETRY_AFTER waits the backoff instead."""
+    with engine(server, backoff=3.0) as e:
+        assert e.generate(["retry-after1"], max_new_tokens=4)[0][0].text == "retry-after1|0"
+    first, second = server.times["retry-after1"]
+    assert 0.95 <= second - first < 1.5  # the server's 1 s, not the backoff's 2.25-3 s
+    with engine(server, backoff=0.3) as e:
+        assert e.generate(["retry-after0.01"], max_new_tokens=4)[0][0].text == "retry-after0.01|0"
+    first, second = server.times["retry-after0.01"]
+    assert second - first >= 0.22  # under MIN_RETRY_AFTER: the backoff (0.3 s * U(0.75, 1)), not 0.01 s
+
+
 def test_retry_after_beyond_the_budget_fails_at_once_naming_the_setting(server):
     with engine(server, retry_budget=0.5) as e:
         start = time.monotonic()
