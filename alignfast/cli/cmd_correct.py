@@ -61,7 +61,7 @@ def run(args, extra) -> int:
     from alignfast.aligner import AlignerPipeline, Corrector
     from alignfast.aligner.data import check_rows
     from alignfast.cli import build
-    from alignfast.cli.errors import CLIError
+    from alignfast.cli.errors import CLIError, flag_error
     from alignfast.cli.models import load_causal_lm, load_tokenizer, quiet_transformers, torch_dtype
     from alignfast.ops import AlignfastArgumentError
 
@@ -98,10 +98,7 @@ def run(args, extra) -> int:
         corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     except AlignfastArgumentError as err:  # the folder itself ('aligner'), or a setting its aligner_config.json holds
-        message = str(err).removeprefix("alignfast: ")
-        if message.startswith("argument 'aligner' "):
-            raise CLIError("--aligner " + message.removeprefix("argument 'aligner' ")) from None
-        raise CLIError(f"--aligner {args.aligner}: {message}") from None
+        raise flag_error("--aligner", "aligner", args.aligner, err) from None
     except OSError as err:
         raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
     questions = [r["question"] for r in rows]

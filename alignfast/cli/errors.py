@@ -26,3 +26,12 @@ def in_run_file_terms(line: str) -> str:
     for field, key in RUN_FILE_KEYS.items():
         line = line.replace(field, key)
     return line
+
+
+def flag_error(flag: str, argument: str, path, err: BaseException) -> CLIError:
+    """An AlignfastArgumentError about `argument` (the folder a flag names) in the flag's terms: '--aligner ... has
+    no aligner_config.json'; one about a setting inside the folder names the folder: '--aligner DIR: argument ...'."""
+    message = str(err).removeprefix("alignfast: ")
+    if message.startswith(f"argument '{argument}' "):
+        return CLIError(f"{flag} " + message.removeprefix(f"argument '{argument}' "))
+    return CLIError(f"{flag} {path}: {message}")

@@ -16,13 +16,13 @@ def check_aligner_checkpoint(path: str) -> None:
     """A folder that is not a saved corrector fails before any model runs (as the other checkpoints do)."""
     from alignfast.aligner import Corrector
     from alignfast.cli.checkpoints import policy_dir
-    from alignfast.cli.errors import CLIError
+    from alignfast.cli.errors import flag_error
     from alignfast.ops import AlignfastArgumentError
 
     try:
         Corrector.settings_file(policy_dir(path))
     except AlignfastArgumentError as err:
-        raise CLIError("--aligner-checkpoint " + str(err).removeprefix("alignfast: argument 'aligner' ")) from None
+        raise flag_error("--aligner-checkpoint", "aligner", path, err) from None
 
 
 def aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prompts, columns, *, baseline,
@@ -31,7 +31,7 @@ def aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prom
     from alignfast.cli.checkpoints import load_policy, policy_dir
     from alignfast.cli.cmd_eval import policy_engine
     from alignfast.cli.config import section
-    from alignfast.cli.errors import CLIError
+    from alignfast.cli.errors import CLIError, flag_error
     from alignfast.eval import arms as arm_eval
     from alignfast.ops import AlignfastArgumentError
     from alignfast.trainer.environments import DEFAULT_CORRECTION_TEMPLATE, AlignerEnvironment
@@ -42,8 +42,8 @@ def aligner_arms(args, config, cfg, env, engine, target_tokenizer, rewards, prom
             corrector = Corrector.from_pretrained(policy_dir(args.aligner_checkpoint), device=device,
                                                   max_new_tokens=cfg.target_max_new_tokens,
                                                   batch_size=cfg.per_device_eval_batch_size)
-        except AlignfastArgumentError as err:
-            raise CLIError("--aligner-checkpoint " + str(err).removeprefix("alignfast: argument 'aligner' ")) from None
+        except AlignfastArgumentError as err:  # the folder, or a setting its aligner_config.json holds
+            raise flag_error("--aligner-checkpoint", "aligner", args.aligner_checkpoint, err) from None
         out[SFT_NAME] = arm_eval.with_corrector(SFT_NAME, env, corrector, prompts, columns, answers=baseline.answers,
                                                 seed=args.seed)
     if args.aligner_ppo_checkpoint:

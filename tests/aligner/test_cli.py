@@ -248,6 +248,11 @@ def test_a_corrector_saved_with_a_chat_flag_its_tokenizer_could_not_honour_loads
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--aligner {folder}: argument 'template' must contain {{answer}}" in err[0], err
     assert "alignfast: argument" not in err[0]
+    # alignfast eval's --aligner-checkpoint says it the same way (it printed a stray "alignfast: argument")
+    assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", str(folder),
+                 "--data.eval.limit", "4", "--output-dir", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--aligner-checkpoint {folder}: argument 'template' must contain" in err[-1], err
 
 
 @pytest.mark.parametrize("data, extra, message", [
