@@ -29,8 +29,9 @@ BLOCK_MAX = 4096
 
 @triton.jit
 def _key(x):
-    """Ordered int32 key of float32 values: a < b <=> key(a) < key(b)."""
-    bits = x.to(tl.int32, bitcast=True)
+    """Ordered int32 key of float32 values: a < b <=> key(a) < key(b), a == b <=> key(a) == key(b); -0 is keyed as
+    +0 (its bits sort one step below, and the spec compares values: tied logits are in or out together)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 

@@ -109,8 +109,8 @@ def token_ids(name: str, tokens: torch.Tensor, vocab_size: int, valid: torch.Ten
     """Token ids at valid positions must lie in [0, vocab_size)."""
     if tokens.dtype not in (torch.int64, torch.int32):
         fail(name, f"must be an int64 or int32 tensor of token ids, got {tokens.dtype}")
-    if os.environ.get("ALIGNFAST_SKIP_DATA_CHECKS", "0") == "1" or tokens.numel() == 0:
-        return
+    if os.environ.get("ALIGNFAST_SKIP_DATA_CHECKS", "0") == "1" or tokens.numel() == 0 or tokens.is_meta:
+        return  # (meta tensors have shapes, no values: shape-only use, as torch.compile's fake tensors)
     bad = (tokens < 0) | (tokens >= vocab_size)
     if valid is not None:
         bad = bad & valid

@@ -89,7 +89,9 @@ def _fake_backward(grad_logprobs, grad_entropy, hidden, weight, bias, tokens, ma
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, tokens, mask, temperature, with_entropy, chunk_size = inputs
     logprobs, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, tokens, mask, logprobs, entropy, lse)
+    # The caller gets logprobs and entropy and may edit them in place: private copies ([N], small) keep backward
+    # working as it does on the reference path.
+    ctx.save_for_backward(hidden, weight, bias, tokens, mask, logprobs.clone(), entropy.clone(), lse)
     ctx.temperature, ctx.with_entropy, ctx.chunk_size = temperature, with_entropy, chunk_size
 
 

@@ -161,5 +161,5 @@ def ppo_loss(
     compute_grad = torch.is_grad_enabled() and (logprobs.requires_grad or values.requires_grad)
     loss, stats, _, _ = op(NAME)(logprobs, old_logprobs, advantages, values, old_values, returns, mask,
                                  cliprange, cliprange_value, vf_coef, compute_grad)
-    stats = stats.detach()
+    stats = stats.detach().clone()  # not views of the tensor backward saved: a caller may scale its stats in place
     return loss, {k: stats[i] for i, k in enumerate(STATS)}

@@ -74,4 +74,6 @@ def propose_token(logits: torch.Tensor, excluded: torch.Tensor, uniforms: torch.
         return tokens, logprobs.to(output_dtype(logits.dtype)), n
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
-    return op(NAME)(logits, excluded.contiguous(), uniforms.float().contiguous(), temperature, top_p)
+    # uniforms in the accumulation type: float64 logits keep the caller's float64 uniform (as the spec does)
+    u_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return op(NAME)(logits, excluded.contiguous(), uniforms.to(u_dtype).contiguous(), temperature, top_p)

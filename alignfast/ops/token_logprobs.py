@@ -72,7 +72,9 @@ def _fake_backward(grad_logprobs, grad_entropy, logits, tokens, mask, logprobs, 
 def _setup_context(ctx, inputs, output):
     logits, tokens, mask, temperature, with_entropy = inputs
     logprobs, entropy, lse = output
-    ctx.save_for_backward(logits, tokens, mask, logprobs, entropy, lse)
+    # The caller gets logprobs and entropy and may edit them in place (a clamp_, a masked_fill_): private copies
+    # ([B, T], small beside the logits) keep backward working as it does on the reference path.
+    ctx.save_for_backward(logits, tokens, mask, logprobs.clone(), entropy.clone(), lse)
     ctx.temperature = temperature
     ctx.with_entropy = with_entropy
 

@@ -120,10 +120,14 @@ constexpr int64_t kColGranule = 64;
 Tiling tiling(int64_t n, int64_t V, int64_t H, int64_t chunk, int64_t row_granule = 1) {
   const int64_t budget = std::max<int64_t>(1, std::min(chunk, std::max<int64_t>(n, 1))) * V;
   const int64_t min_cols = std::min(V, kMinTileCols);
+  // The tiles are cut for the threads the vocabulary could keep busy, whatever the row count: a batch of at most
+  // `chunk` rows then has one tile width, so a row's result does not depend on how the batch is split into
+  // micro-batches (ops/linear_token_logprobs.py). Small calls use fewer workers, not wider tiles.
+  const int64_t tile_threads =
+      std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(at::get_num_threads()), V / min_cols));
   const int64_t work_threads = std::max<int64_t>(1, std::max<int64_t>(n, 1) * V * H / kMinTileFlops);
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), work_threads, V / min_cols}));
-  const int64_t per_thread = std::max<int64_t>(1, budget / threads);
+  const int64_t threads = std::min(tile_threads, work_threads);
+  const int64_t per_thread = std::max<int64_t>(1, budget / tile_threads);
   int64_t rows = std::max<int64_t>(1, n);
   if (per_thread / rows < min_cols) rows = std::max<int64_t>(1, per_thread / min_cols);
   if (rows < n) {  // only the last block partial (at least one granule: a few KiB more where the budget is tiny)

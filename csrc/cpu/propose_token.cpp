@@ -24,13 +24,16 @@
 namespace alignfast {
 namespace {
 
-// Ordered integer key of a float: a < b  <=>  key(a) < key(b) (for non-NaN values; -0 < +0 is harmless).
+// Ordered integer key of a float: a < b  <=>  key(a) < key(b), and a == b  <=>  key(a) == key(b), for non-NaN values.
+// -0 is keyed as +0: its bits would sort one step below, and the spec compares values (a -0 and a +0 logit are tied,
+// in or out of the nucleus together, and the smallest finite logit's threshold must admit both).
 template <typename acc_t>
 using key_t = std::conditional_t<std::is_same_v<acc_t, double>, int64_t, int32_t>;
 
 template <typename acc_t>
 key_t<acc_t> order_key(acc_t x) {
   using K = key_t<acc_t>;
+  if (x == acc_t(0)) x = acc_t(0);  // -0 -> +0
   K bits;
   std::memcpy(&bits, &x, sizeof(K));
   return bits >= 0 ? bits : static_cast<K>(bits ^ std::numeric_limits<K>::max());
@@ -136,33 +139,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propose_token_cpu(const at::Tenso
   ALIGNFAST_CHECK_ARG(excluded.scalar_type() == at::kBool && excluded.is_contiguous(), "excluded",
                       "must be a contiguous bool tensor");
   check_same_shape(logits, "logits", excluded, "excluded");
-  ALIGNFAST_CHECK_ARG(uniforms.scalar_type() == at::kFloat && uniforms.is_contiguous() && uniforms.dim() == 1 &&
+  // The uniforms come in the accumulation type: float64 logits are sampled with the caller's float64 uniform, as
+  // the spec does (a float32 one moves u = 1 - 1e-12 to 1.0 and picks another token).
+  const at::ScalarType acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  ALIGNFAST_CHECK_ARG(uniforms.scalar_type() == acc_type && uniforms.is_contiguous() && uniforms.dim() == 1 &&
                           uniforms.size(0) == logits.size(0),
-                      "uniforms", "must be a contiguous float32 [B] tensor, got ", uniforms.sizes());
+                      "uniforms", "must be a contiguous [B] tensor of ", acc_type == at::kDouble ? "float64" : "float32",
+                      " (float64 for float64 logits), got ", uniforms.scalar_type(), " ", uniforms.sizes());
   check_device(logits, "logits", excluded, "excluded");
   check_device(logits, "logits", uniforms, "uniforms");
   ALIGNFAST_CHECK_ARG(std::isfinite(temperature) && temperature >= 0, "temperature", "must be finite and >= 0, got ",
                       temperature);
   ALIGNFAST_CHECK_ARG(top_p > 0 && top_p <= 1, "top_p", "must be in (0, 1], got ", top_p);
   const int64_t B = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
-  const at::ScalarType acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({B}, logits.options().dtype(acc_type));
   at::Tensor num_allowed = at::empty({B}, logits.options().dtype(at::kLong));
   const bool greedy = temperature == 0.0;
   const double inv_tau = 1.0 / (greedy ? 1.0 : temperature);
-  const float* u = uniforms.const_data_ptr<float>();
   const bool* ex = excluded.const_data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "propose_token_cpu", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
     const in_t* x = logits.const_data_ptr<in_t>();
+    const acc_t* u = uniforms.const_data_ptr<acc_t>();
     int64_t* tok = tokens.data_ptr<int64_t>();
     acc_t* lp = logprobs.data_ptr<acc_t>();
     int64_t* n = num_allowed.data_ptr<int64_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        propose_row<in_t, acc_t>(x + b * row_stride, ex + b * V, V, static_cast<acc_t>(u[b]), static_cast<acc_t>(inv_tau),
+        propose_row<in_t, acc_t>(x + b * row_stride, ex + b * V, V, u[b], static_cast<acc_t>(inv_tau),
                                  greedy, top_p, tok + b, lp + b, n + b);
       }
     });

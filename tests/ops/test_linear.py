@@ -152,6 +152,13 @@ def test_bad_arguments_name_themselves():
         linear(torch.randn(3, 4), torch.randn(2, 4), torch.randn(3))
     with pytest.raises(AlignfastArgumentError, match="'x'"):
         linear("not a tensor", torch.randn(2, 4))
+    # dtypes: F.linear's own message ("expected m1 and m2 to have the same dtype") named neither argument
+    with pytest.raises(AlignfastArgumentError, match="argument 'x' must have dtype in"):
+        linear(torch.ones(3, 4, dtype=torch.int64), torch.randn(2, 4))
+    with pytest.raises(AlignfastArgumentError, match="argument 'weight' must have x's dtype"):
+        linear(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(AlignfastArgumentError, match="argument 'bias' must have x's dtype"):
+        linear(torch.randn(3, 4), torch.randn(2, 4), torch.randn(2, dtype=torch.float64))
 
 
 def tiny_llama():

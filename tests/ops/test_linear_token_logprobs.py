@@ -358,3 +358,22 @@ def test_row_counts_reuse_a_fixed_set_of_kernels(dtype):
             run(rows)
         assert warm - before < 200, warm - before
         assert count() - warm <= 8, (warm - before, count() - warm)
+
+
+@pytest.mark.skipif(not has_kernel("linear_token_logprobs", "cpu"), reason="alignfast._C not built")
+def test_a_rows_result_does_not_depend_on_the_micro_batch_split_at_two_threads():
+    """The docstring promises that a batch of at most 64 rows gives per-row results independent of the split; with
+    2 threads the tile width followed the row count (8 rows: one worker, one tile over V; 64 rows: two tiles), so
+    64 rows in one call and in 8 calls of 8 differed by ~1e-6. Tiles are now cut from V and the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        H, V = 64, 8000
+        w, h, tok = torch.randn(V, H) / H ** 0.5, torch.randn(64, H), torch.randint(0, V, (64,))
+        whole = linear_token_logprobs(h, w, tok, return_entropy=True)
+        parts = [linear_token_logprobs(h[i:i + 8], w, tok[i:i + 8], return_entropy=True) for i in range(0, 64, 8)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+    finally:
+        torch.set_num_threads(threads)

@@ -324,3 +324,11 @@ def test_cuda_large_vocabulary(dtype):
     assert_close(lp, r_lp, name="logprobs", **LP_TOL)
     assert_close(ent, r_ent, name="entropy", **ENT_TOL)
     assert_close(x.grad, r_grad, name="dlogits", **GRAD_TOL[dtype])
+
+
+def test_meta_tensors_take_the_shapes_only_path():
+    """The token-id range check read values (Tensor.item() on a meta tensor raised); meta tensors are shapes only,
+    as torch.compile's fake tensors are, and the op has a fake implementation for them."""
+    logits, tokens = torch.empty(2, 3, 11, device="meta"), torch.empty(2, 3, dtype=torch.long, device="meta")
+    out = token_logprobs(logits, tokens)
+    assert out.shape == (2, 3) and out.device.type == "meta"

@@ -29,8 +29,8 @@ def make(B, V, *, seed=0, dtype=torch.float32, scale=2.0, p_excl=0.2):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(B, V, generator=g, dtype=torch.float64) * scale).to(dtype)
     excluded = torch.rand(B, V, generator=g) < p_excl
-    uniforms = torch.rand(B, generator=g, dtype=torch.float64).float()
-    return logits, excluded, uniforms
+    uniforms = torch.rand(B, generator=g, dtype=torch.float64)
+    return logits, excluded, uniforms.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def expected_distribution(logits, excluded, temperature, top_p):
@@ -178,3 +178,53 @@ def test_triton_matches_reference_and_cpp(temperature, top_p, monkeypatch):
     if has_kernel("propose_token", "cpu"):
         ctok, _, cn = ops.propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p)
         assert torch.equal(ctok, rtok) and torch.equal(cn, rn)
+
+
+SIGNED_ZEROS = [  # (logits row, uniform, top_p): -0 and +0 are the same value, tied in the nucleus and the draw
+    ([1.0, 0.0, -0.0], 0.99, 1.0),
+    ([0.0, -0.0, -5.0], 0.9, 0.3),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("row,u,top_p", SIGNED_ZEROS)
+def test_a_negative_zero_logit_is_a_zero(row, u, top_p):
+    """The kernels keyed -0.0 one step below +0.0 (its bits), where the spec compares values: with [1, 0, -0] the
+    -0 token was never drawn (num_allowed 2 of 3), even at the default top_p."""
+    logits = torch.tensor([row])
+    got = ops.propose_token(logits, torch.zeros_like(logits, dtype=torch.bool), torch.tensor([u]), temperature=1.0,
+                            top_p=top_p)
+    want = reference.propose_token(logits.double(), torch.zeros_like(logits, dtype=torch.bool),
+                                   torch.tensor([u], dtype=torch.float64), temperature=1.0, top_p=top_p)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    assert_close(got[1], want[1], rtol=1e-6, atol=1e-6, name="logprobs")
+
+
+@needs_cpp
+def test_float64_logits_are_sampled_with_the_float64_uniform():
+    """The CPU op rounded every uniform to float32: u = 1 - 1e-12 became 1.0 and drew the last token, not the
+    first (whose probability is 1 - 9e-14), where the spec (and the GPU path, which sends float64 to it) keep it."""
+    logits = torch.tensor([[0.0, -30.0]], dtype=torch.float64)
+    u = torch.tensor([1 - 1e-12], dtype=torch.float64)
+    tok, lp, _ = ops.propose_token(logits, torch.zeros_like(logits, dtype=torch.bool), u, temperature=1.0)
+    rtok, rlp, _ = reference.propose_token(logits, torch.zeros_like(logits, dtype=torch.bool), u, temperature=1.0)
+    assert tok.tolist() == rtok.tolist() == [0] and float(lp) == pytest.approx(float(rlp), abs=1e-15)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
+@pytest.mark.parametrize("row,u,top_p", SIGNED_ZEROS)
+def test_triton_keys_a_negative_zero_as_a_zero(row, u, top_p):
+    pytest.importorskip("triton")
+    from alignfast.kernels import proposal as K
+
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    logits = torch.tensor([row])
+    excluded = torch.zeros_like(logits, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy evaluates both sides of tl.where
+        tok, _, n = K.propose_token_triton(logits.to(dev), excluded.to(dev), torch.tensor([u]).to(dev), 1.0, top_p)
+    rtok, _, rn = reference.propose_token(logits.double(), excluded, torch.tensor([u], dtype=torch.float64),
+                                          temperature=1.0, top_p=top_p)
+    assert torch.equal(tok.cpu(), rtok) and torch.equal(n.cpu(), rn)
