@@ -144,8 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propose_token_cpu(const at::Tenso
   const at::ScalarType acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   ALIGNFAST_CHECK_ARG(uniforms.scalar_type() == acc_type && uniforms.is_contiguous() && uniforms.dim() == 1 &&
                           uniforms.size(0) == logits.size(0),
-                      "uniforms", "must be a contiguous [B] tensor of ", acc_type == at::kDouble ? "float64" : "float32",
-                      " (float64 for float64 logits), got ", uniforms.scalar_type(), " ", uniforms.sizes());
+                      "uniforms", "must be a contiguous [B] tensor of ",
+                      acc_type == at::kDouble ? "float64" : "float32", " (float64 for float64 logits), got ",
+                      uniforms.scalar_type(), " ", uniforms.sizes());
   check_device(logits, "logits", excluded, "excluded");
   check_device(logits, "logits", uniforms, "uniforms");
   ALIGNFAST_CHECK_ARG(std::isfinite(temperature) && temperature >= 0, "temperature", "must be finite and >= 0, got ",
