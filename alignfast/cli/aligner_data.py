@@ -58,6 +58,8 @@ def load_rows(spec: dict, *, what: str, need_correction: bool = True) -> list[di
     shuffle_seed = _int_setting(spec, "shuffle_seed", what, minimum=0)
     rename = column_names(spec, what=what)
     p = Path(str(path)).expanduser()
+    if str(path).startswith("toy:") and str(path) not in TOY_SETS:  # not a file name: say which toy sets exist
+        raise CLIError(f"data.{what}: unknown toy data set '{path}' (use {' or '.join(TOY_SETS)})")
     if str(path) in TOY_SETS:
         from alignfast.toy.corrections import make_correction_data
 

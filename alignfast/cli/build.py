@@ -33,8 +33,21 @@ def trainer_config(config: dict, **forced):
     try:
         return AlignProConfig.from_dict(values)
     except AlignfastArgumentError as err:
-        raise CLIError(str(err).removeprefix("alignfast: ").replace("config key", "key trainer.")
-                       .replace("key trainer. '", "key 'trainer.")) from None
+        message = (str(err).removeprefix("alignfast: ").replace("config key", "key trainer.")
+                   .replace("key trainer. '", "key 'trainer."))
+        proxy_only = sorted(set(values) & _proxy_only_fields())
+        if message.startswith("unknown key") and proxy_only:  # a Proxy-RLHF run file without --method proxy
+            message += f" ('{proxy_only[0]}' is a Proxy-RLHF setting: add --method proxy)"
+        raise CLIError(message) from None
+
+
+def _proxy_only_fields() -> set[str]:
+    import dataclasses
+
+    from alignfast.trainer import AlignProConfig
+    from alignfast.trainer.proxy_rlhf import ProxyRLHFConfig
+
+    return {f.name for f in dataclasses.fields(ProxyRLHFConfig)} - {f.name for f in dataclasses.fields(AlignProConfig)}
 
 
 def local_target_settings(config: dict) -> dict:

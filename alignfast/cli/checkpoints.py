@@ -23,6 +23,11 @@ def policy_dir(path: str | Path) -> Path:
         raise CLIError(f"{p} is a training run's folder, not a model; pass one of its model folders"
                        + (f": {', '.join(runs[-3:])}" if runs else " (final/ or checkpoint-<step>/)"))
     if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        from alignfast.trainer.proxy_model import CONFIG_NAME as PROXY_CONFIG
+
+        if (p / PROXY_CONFIG).is_file():  # a proxy is no causal LM: its folder holds proxy_config.json
+            raise CLIError(f"{p} is a Proxy-RLHF proxy (`alignfast train --method proxy`): pass it as "
+                           "--proxy-checkpoint")
         raise CLIError(f"{p} holds no model (expected config.json, or adapter_config.json for a LoRA adapter); "
                        "pass a folder written by `alignfast train` (final/ or checkpoint-<step>/)")
     return p

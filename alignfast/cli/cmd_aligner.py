@@ -52,6 +52,13 @@ def aligner_config(config: dict):
 
 
 def run(args, overrides) -> int:
+    from alignfast.cli.logs import command_logging
+
+    with command_logging():  # one line per logging step when stderr is not a terminal (nohup, CI, > log), as train
+        return _train(args, overrides)
+
+
+def _train(args, overrides) -> int:
     from alignfast.aligner import AlignerTrainer
     from alignfast.cli import build
     from alignfast.cli.aligner_data import load_rows

@@ -55,6 +55,17 @@ def _questions(path: str) -> list[dict]:
     return rows
 
 
+def _check_room(model, budget: int, flag: str) -> None:
+    """A budget that leaves a model no position for the prompt is the flag's error, up front (the engine's own
+    error named its 'max_new_tokens' argument, whichever of the two budgets it was)."""
+    from alignfast.cli.errors import CLIError
+
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and budget >= max_pos:
+        raise CLIError(f"{flag} ({budget}) leaves no room for a prompt: the model's max_position_embeddings is "
+                       f"{max_pos}")
+
+
 def run(args, extra) -> int:
     import os
 
@@ -102,6 +113,7 @@ def run(args, extra) -> int:
     except OSError as err:
         raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
     questions = [r["question"] for r in rows]
+    _check_room(corrector.model, args.max_new_tokens, "--max-new-tokens")
     if have_answers:
         answers = [r["answer"] for r in rows]
         generated = corrector.generate(questions, answers)
@@ -114,6 +126,7 @@ def run(args, extra) -> int:
             spec = {"model": args.upstream, "dtype": args.dtype}
             tok = load_tokenizer(spec, "upstream")
             engine = HFEngine(load_causal_lm(spec, "upstream", device=device), tok)
+            _check_room(engine.model, args.upstream_max_new_tokens, "--upstream-max-new-tokens")
         else:
             from alignfast.rollout import OpenAIEngine
 
@@ -121,6 +134,13 @@ def run(args, extra) -> int:
             engine = OpenAIEngine(args.upstream_url, args.upstream_model, api=api,
                                   api_key=os.environ.get(args.api_key_env or "OPENAI_API_KEY"),
                                   system_prompt=args.upstream_system_prompt)
+            from alignfast.rollout import EngineRequestError
+
+            try:  # a wrong URL is one line in seconds, as in train and eval, not after the retry budget
+                engine.check_endpoint(timeout=min(10.0, engine.timeout))
+            except EngineRequestError as err:
+                engine.close()
+                raise CLIError(f"--upstream-url: {err}") from None
         try:
             pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
                                        upstream_system_prompt=args.upstream_system_prompt if tok is not None else None,

@@ -9,14 +9,16 @@ def add_parser(sub) -> None:
         description="Runs Align-Pro on the embedded toy world (no download): a frozen tiny target that misreads "
                     "terse commands, an SFT prompter that mostly copies them, and a reward that checks the "
                     "target's answer against the original command. Prints No fine-tuning / SFT prompter / "
-                    "Align-Pro / Oracle on held-out prompts (mean reward, variance, win rate), a few prompts "
-                    "before and after, and writes results, rollouts, metrics and a reward plot.")
+                    "Align-Pro / Oracle / Aligner (SFT) / Proxy-RLHF on held-out prompts (mean reward, variance, "
+                    "win rate), a few prompts before and after, and writes results, rollouts, metrics and a "
+                    "reward plot.")
     p.add_argument("--output-dir", default="alignfast-demo", help="where results go (default: ./alignfast-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of training and evaluation (default: 0)")
     p.add_argument("--episodes", type=int, default=None,
                    help="PPO episodes per arm (default: the world's recommended budget)")
     p.add_argument("--no-oracle", action="store_true", help="skip the Oracle arm (PPO on the target itself)")
-    p.add_argument("--no-proxy", action="store_true", help="skip the Proxy-RLHF arm (a proxy judging the target's tokens)")
+    p.add_argument("--no-proxy", action="store_true",
+                   help="skip the Proxy-RLHF arm (a proxy judging the target's tokens)")
     p.add_argument("--no-aligner", action="store_true", help="skip the Aligner arm (a corrector after the target)")
     p.add_argument("--backend", choices=["fast", "reference"], default="fast",
                    help="fast: alignfast's fused kernels; reference: plain PyTorch (same algorithm, for comparison)")
@@ -30,7 +32,13 @@ def run(args, extra) -> int:
 
     if args.episodes is not None and args.episodes < 1:
         raise CLIError(f"--episodes must be >= 1, got {args.episodes}")
-    run_demo(args.output_dir, seed=args.seed, episodes=args.episodes, oracle=not args.no_oracle,
-             backend=args.backend, show_progress=args.progress or None, proxy=not args.no_proxy,
-             aligner=not args.no_aligner)
+    from alignfast.ops import AlignfastArgumentError
+
+    try:
+        run_demo(args.output_dir, seed=args.seed, episodes=args.episodes, oracle=not args.no_oracle,
+                 backend=args.backend, show_progress=args.progress or None, proxy=not args.no_proxy,
+                 aligner=not args.no_aligner)
+    except AlignfastArgumentError as err:  # --episodes becomes each arm's total_episodes: say it in the flag's name
+        raise CLIError(str(err).removeprefix("alignfast: ").replace("argument 'total_episodes'", "--episodes")) \
+            from None
     return 0

@@ -12,7 +12,8 @@ BASELINE = "No fine-tuning"
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "eval", help="compare a trained prompter with no prompter (and an Oracle checkpoint) on held-out prompts",
+        "eval", help="compare trained arms (Align-Pro, Oracle, Aligner, Proxy-RLHF) with No fine-tuning on "
+                     "held-out prompts",
         description="Scores data.eval of the run file with No fine-tuning (the frozen target answers the prompt), "
                     "SFT prompter (before PPO) (prompter.model rewrites it, greedily; --no-sft skips it), "
                     "Align-Pro (the prompter in --checkpoint rewrites it, greedily) and, with --oracle-checkpoint, "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a prompter with Align-Pro (or the target itself with --oracle)",
+        "train", help="train a prompter with Align-Pro (the target itself with --oracle, a proxy with --method proxy)",
         description="Trains the prompter of the run file with PPO against the frozen target and the reward, "
                     "writing metrics.jsonl, checkpoints and the final model under trainer.output_dir. Any "
                     "setting of the run file can be overridden: --trainer.kl_coef 0.1, --target.model ./llama, "

@@ -33,6 +33,8 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
     limit = _int_setting(spec, "limit", what, minimum=1)
     shuffle_seed = _int_setting(spec, "shuffle_seed", what, minimum=0)
     p = Path(str(path)).expanduser()
+    if str(path).startswith("toy:") and str(path) not in TOY_SETS:  # not a file name: say which toy sets exist
+        raise CLIError(f"data.{what}: unknown toy data set '{path}' (use {' or '.join(TOY_SETS)})")
     if str(path) in TOY_SETS:
         refuse_hub_keys(spec, what, str(path))
         rows = _toy_rows(str(path))

@@ -102,7 +102,10 @@ def check_default_output(out: Path, args) -> None:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
     mine = recorded_checkpoints(args)
-    if any(k in earlier for k in mine) and not all(same(earlier.get(k), v) for k, v in mine.items()):
-        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in earlier.items() if k in mine and v)
-        raise CLIError(f"{out / 'eval.json'} holds the evaluation of other checkpoints ({shown}): pass --output-dir "
-                       "to keep both, or delete it")
+    differ = [k for k, v in mine.items() if not same(earlier.get(k), v)]
+    if any(k in earlier for k in mine) and differ:
+        def shown(record):
+            return ", ".join(f"--{k.replace('_', '-')} {record.get(k)}" for k in differ if record.get(k)) or "none"
+
+        raise CLIError(f"{out / 'eval.json'} holds an evaluation of other checkpoints (there: {shown(earlier)}; "
+                       f"here: {shown(mine)}): pass --output-dir to keep both, or delete it")

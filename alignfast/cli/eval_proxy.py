@@ -39,6 +39,14 @@ def proxy_dir(path: str | Path) -> Path:
         _check_intact(p)
         p = p / "policy"
     if not (p / CONFIG_NAME).is_file():
+        from alignfast.cli.checkpoints import trained_as
+        from alignfast.cli.eval_checks import FLAG_OF_ARM
+
+        arm, _ = trained_as(p)
+        if (p / "aligner_config.json").is_file():
+            arm = "aligner"
+        if arm in FLAG_OF_ARM and arm != "proxy":
+            raise CLIError(f"--proxy-checkpoint {p} was trained as the {arm} arm: pass it as {FLAG_OF_ARM[arm]}")
         hint = (f"; the proxy of this run is in {p / 'proxy' / 'final'}" if (p / "proxy" / "final").is_dir()
                 else "; pass <output_dir>/proxy/final or <output_dir>/proxy/checkpoint-<step>")
         raise CLIError(f"--proxy-checkpoint {p} holds no {CONFIG_NAME} (not a proxy saved by "

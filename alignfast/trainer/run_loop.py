@@ -180,7 +180,7 @@ def check_output_dir(config) -> list[str]:
         ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
     if found and not config.overwrite_output_dir:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (resume_from_checkpoint=True, "
-             "`alignfast train --resume`), choose another output_dir, or set overwrite_output_dir=True to "
-             "replace it")
+        fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (the command that wrote it with "
+             "--resume; resume_from_checkpoint=True in Python), choose another output_dir, or replace it with "
+             "overwrite_output_dir (--trainer.overwrite_output_dir true)")
     return found

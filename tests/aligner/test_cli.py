@@ -16,7 +16,9 @@ def test_train_correct_and_eval_on_the_toy_world(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["aligner", "train", "--config", str(CONFIGS / "aligner_toy.yaml"), "--trainer.output_dir", str(out),
             "--max_steps", "2", "--save_steps", "1", "--data.train.limit", "40", "--data.eval.limit", "8"]
-    assert main(args) == 0
+    assert main([*args, "--logging_steps", "1"]) == 0
+    # stderr is not a terminal here: a line per logging step, as `alignfast train` prints (it printed none)
+    assert "step 2/2" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics[:2]] == [1, 2] and "eval/loss" in metrics[-1]
@@ -76,6 +78,23 @@ def test_bad_input_is_one_line(tmp_path, capsys, rows, extra, message):
                  "--data.eval", "null", "--trainer.output_dir", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_correct_names_the_budget_that_does_not_fit_and_checks_the_endpoint_first(tmp_path, capsys):
+    """Both budgets (256 by default) exceed the toy models' 64 positions: the engine's error named its own
+    'max_new_tokens' whichever it was; a wrong --upstream-url failed only after the retry budget (33 s)."""
+    folder = _tiny_corrector_folder(tmp_path)  # a model of 256 positions; the toy target has 64
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "sort 4 8 5 1"}\n')
+    base = ["correct", "--aligner", str(folder), "--data", str(data), "--output", str(tmp_path / "o.jsonl")]
+    for extra, message in ((["--upstream", "toy:target"], "--max-new-tokens (256) leaves no room"),
+                           (["--upstream", "toy:target", "--max-new-tokens", "8"],
+                            "--upstream-max-new-tokens (256) leaves no room"),
+                           (["--upstream-url", "http://127.0.0.1:9/v1", "--upstream-model", "m",
+                             "--max-new-tokens", "8"], "--upstream-url: OpenAIEngine: cannot reach")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("extra, message", [

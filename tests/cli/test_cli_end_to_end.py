@@ -130,6 +130,8 @@ def test_eval_checks_what_it_is_given(tmp_path, capsys):
     assert "trained as the oracle arm, not align_pro: pass it as --oracle-checkpoint" in _error(capsys)
     assert main([*evaluate, "--oracle-checkpoint", str(out / "checkpoint-1")]) == 2
     assert "trained as the align_pro arm, not oracle: pass it as --checkpoint" in _error(capsys)
+    assert main([*evaluate, "--proxy-checkpoint", str(out / "final")]) == 2
+    assert "was trained as the align_pro arm: pass it as --checkpoint" in _error(capsys)
     assert main([*evaluate, "--checkpoint", str(out / "final"), "--prompter.model", "null"]) == 2
     assert "needs 'prompter.model'" in _error(capsys)
 
@@ -139,7 +141,8 @@ def test_eval_checks_what_it_is_given(tmp_path, capsys):
     report = json.loads((out / "eval.json").read_text())
     assert report["settings_differ_from_training"]["--checkpoint"]["response_length"]["evaluated"] == 3
     assert main([*evaluate, "--checkpoint", str(out / "checkpoint-1"), "--no-sft"]) == 2
-    assert "holds the evaluation of other checkpoints (--checkpoint" in _error(capsys)
+    assert f"holds an evaluation of other checkpoints (there: --checkpoint {out / 'final'}; here: --checkpoint " \
+           f"{out / 'checkpoint-1'})" in _error(capsys)
     # the same checkpoint however spelled is no other checkpoint
     assert main([*evaluate, "--checkpoint", str(out / "final") + "/", "--no-sft"]) == 0
     capsys.readouterr()
@@ -169,6 +172,10 @@ def test_eval_checks_what_it_is_given(tmp_path, capsys):
     (["train", "--config", TOY, "--trainer.target_system_prompt", "be brief"],
      "system message as target.system_prompt"),
     (["train", "--config", TOY, "--target.system_prompt", "''"], "error: target.system_prompt must be a non-empty"),
+    # from a review that followed the README as a new user
+    (["train", "--config", str(ROOT / "configs" / "proxy_toy.yaml")], "is a Proxy-RLHF setting: add --method proxy"),
+    (["train", "--config", TOY, "--data.eval", "toy:evl"], "unknown toy data set 'toy:evl' (use toy:train or toy:eval)"),
+    (["demo", "--episodes", "10"], "--episodes (10) is smaller than one PPO batch"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

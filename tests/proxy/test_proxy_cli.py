@@ -79,6 +79,14 @@ def test_eval_scores_a_saved_proxy_as_an_arm(tmp_path):
                  "--trainer.eval_steps", "10"]) == 0
 
 
+def test_a_proxy_given_to_another_arms_flag_names_its_own(tmp_path, capsys):
+    proxy = _saved_proxy(tmp_path, 30.0)
+    assert main(["eval", "--config", RUN, "--checkpoint", str(proxy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a Proxy-RLHF proxy (`alignfast train --method proxy`): pass it as " \
+                             "--proxy-checkpoint" in err[0], err
+
+
 def test_eval_proxy_checkpoint_that_is_not_a_proxy_is_one_line(tmp_path, capsys):
     (tmp_path / "run" / "proxy" / "final").mkdir(parents=True)
     assert main(["eval", "--config", RUN, "--proxy-checkpoint", str(tmp_path / "run")]) == 2
