@@ -35,9 +35,9 @@ def trainer_config(config: dict, **forced):
     except AlignfastArgumentError as err:
         message = (str(err).removeprefix("alignfast: ").replace("config key", "key trainer.")
                    .replace("key trainer. '", "key 'trainer."))
-        proxy_only = sorted(set(values) & _proxy_only_fields())
-        if message.startswith("unknown key") and proxy_only:  # a Proxy-RLHF run file without --method proxy
-            message += f" ('{proxy_only[0]}' is a Proxy-RLHF setting: add --method proxy)"
+        reported = message.split("'trainer.", 1)[-1].split("'", 1)[0] if message.startswith("unknown key") else None
+        if reported in _proxy_only_fields():  # a Proxy-RLHF run file without --method proxy
+            message += f" ('{reported}' is a Proxy-RLHF setting: add --method proxy)"
         raise CLIError(message) from None
 
 

@@ -55,6 +55,26 @@ def _questions(path: str) -> list[dict]:
     return rows
 
 
+def _served_upstream(args, api: str):
+    """The OpenAI-compatible upstream, asked for its model list first: a wrong URL or key is one line in seconds,
+    as in train and eval, not after the corrector has loaded and the retry budget is spent."""
+    import os
+
+    from alignfast.cli.errors import CLIError
+    from alignfast.rollout import EngineRequestError, OpenAIEngine
+
+    engine = OpenAIEngine(args.upstream_url, args.upstream_model, api=api,
+                          api_key=os.environ.get(args.api_key_env or "OPENAI_API_KEY"),
+                          system_prompt=args.upstream_system_prompt)
+    try:
+        engine.check_endpoint(timeout=min(10.0, engine.timeout),
+                              names={"base_url": "--upstream-url", "api_key": "--api-key-env"})
+    except EngineRequestError as err:
+        engine.close()
+        raise CLIError(f"--upstream-url: {err}") from None
+    return engine
+
+
 def _check_room(model, budget: int, flag: str) -> None:
     """A budget that leaves a model no position for the prompt is the flag's error, up front (the engine's own
     error named its 'max_new_tokens' argument, whichever of the two budgets it was)."""
@@ -67,8 +87,6 @@ def _check_room(model, budget: int, flag: str) -> None:
 
 
 def run(args, extra) -> int:
-    import os
-
     from alignfast.aligner import AlignerPipeline, Corrector
     from alignfast.aligner.data import check_rows
     from alignfast.cli import build
@@ -104,6 +122,7 @@ def run(args, extra) -> int:
         if "has no 'answer' field" in message:  # a file of questions only, given without an upstream to answer them
             message += "; to have an upstream model answer the questions, pass --upstream or --upstream-url"
         raise CLIError(message) from None
+    served = _served_upstream(args, api) if args.upstream_url else None  # before any model loads
     device = build.default_device()
     try:
         corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
@@ -128,19 +147,7 @@ def run(args, extra) -> int:
             engine = HFEngine(load_causal_lm(spec, "upstream", device=device), tok)
             _check_room(engine.model, args.upstream_max_new_tokens, "--upstream-max-new-tokens")
         else:
-            from alignfast.rollout import OpenAIEngine
-
-            tok = None
-            engine = OpenAIEngine(args.upstream_url, args.upstream_model, api=api,
-                                  api_key=os.environ.get(args.api_key_env or "OPENAI_API_KEY"),
-                                  system_prompt=args.upstream_system_prompt)
-            from alignfast.rollout import EngineRequestError
-
-            try:  # a wrong URL is one line in seconds, as in train and eval, not after the retry budget
-                engine.check_endpoint(timeout=min(10.0, engine.timeout))
-            except EngineRequestError as err:
-                engine.close()
-                raise CLIError(f"--upstream-url: {err}") from None
+            tok, engine = None, served
         try:
             pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
                                        upstream_system_prompt=args.upstream_system_prompt if tok is not None else None,

@@ -107,7 +107,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), its float32 CPU GEMMs (forward and backward) on cpu_gemm's library."""
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    if weight.dtype != x.dtype:  # F.linear's own message names neither argument ("expected m1 and m2 ...")
+    # Mixed dtypes are F.linear's error (its message names neither argument), except under autocast, which casts
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if weight.dtype != x.dtype and not autocast:
         _checks.fail("weight", f"must have x's dtype ({x.dtype}), got {weight.dtype}")
     if x.shape[-1] != weight.shape[1]:
         _checks.fail("weight", f"must be [out, {x.shape[-1]}] for x of shape {tuple(x.shape)}, got "
@@ -116,7 +118,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         _checks.tensor("bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             _checks.fail("bias", f"must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
+        if bias.dtype != x.dtype and not autocast:
             _checks.fail("bias", f"must have x's dtype ({x.dtype}), got {bias.dtype}")
     if not routes_here(x, weight) or (bias is not None and bias.dtype != torch.float32):
         return F.linear(x, weight, bias)

@@ -321,13 +321,16 @@ class OpenAIEngine(TargetEngine):
 
     # --- before a run -----------------------------------------------------------------------------
 
-    def check_endpoint(self, timeout: float = 10.0) -> None:
+    def check_endpoint(self, timeout: float = 10.0, *, names: dict | None = None) -> None:
         """A cheap request (GET <base_url>/models) that fails fast, naming the URL, when the endpoint cannot
         serve this engine: nothing listening, a base_url without its /v1, a rejected API key. A model name the
-        server does not list is a warning (some gateways route names they do not list)."""
-        self._run(self._check_endpoint(timeout), what="check_endpoint()")
+        server does not list is a warning (some gateways route names they do not list). names: the caller's
+        names of the settings the hints point at ({"base_url": "--upstream-url", "api_key": "--api-key-env"});
+        by default the run file's (target.base_url, target.api_key_env)."""
+        names = {"base_url": "base_url", "api_key": "target.api_key_env", **(names or {})}
+        self._run(self._check_endpoint(timeout, names), what="check_endpoint()")
 
-    async def _check_endpoint(self, timeout: float) -> None:
+    async def _check_endpoint(self, timeout: float, names: dict) -> None:
         o = self._openai
         url = self.base_url.rstrip("/") + "/models"
         try:
@@ -337,16 +340,18 @@ class OpenAIEngine(TargetEngine):
                                      ) from None
         except o.APIConnectionError as err:
             raise EngineRequestError(f"OpenAIEngine: cannot reach the target endpoint {self.base_url} "
-                                     f"({type(err).__name__}: {err}); is the server running, and is base_url "
-                                     "right?") from None
+                                     f"({type(err).__name__}: {err}); is the server running, and is "
+                                     f"{names['base_url']} right?") from None
         except o.APIStatusError as err:
-            hint = {404: " (does base_url lack its /v1?)", 401: " (check the API key: target.api_key_env)",
-                    403: " (check the API key: target.api_key_env)"}.get(err.status_code, "")
+            key_hint = f" (check the API key: {names['api_key']})"
+            hint = {404: f" (does {names['base_url']} lack its /v1?)", 401: key_hint, 403: key_hint}.get(
+                err.status_code, "")
             raise EngineRequestError(f"OpenAIEngine: the target endpoint {url} answered HTTP {err.status_code}"
                                      f"{hint}: {_quote(err.message)}") from None
         except Exception as err:  # noqa: BLE001 - e.g. an HTML page where JSON was expected
             raise EngineRequestError(f"OpenAIEngine: the target endpoint {url} gave an unusable answer "
-                                     f"({type(err).__name__}: {err}); is base_url an OpenAI-compatible API?") from None
+                                     f"({type(err).__name__}: {err}); is {names['base_url']} an OpenAI-compatible "
+                                     "API?") from None
         served = [getattr(m, "id", None) for m in getattr(page, "data", None) or []]
         if served and self.model not in served:
             _log.warning("OpenAIEngine: %s does not list model %r (it serves %s); requests may fail", url, self.model,

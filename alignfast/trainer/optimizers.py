@@ -78,31 +78,48 @@ def make_optimizer(params: list[torch.nn.Parameter], config, no_decay: set[int] 
         # faster on CPU too); its sqrt(v) temporary is as large as a param group, so the params come in groups of
         # bounded size (bitwise the same update). See adamw_kernel.
         return torch.optim.AdamW(groups, **adamw_kernel(config.backend, params), **kwargs)
-    # These step parameter by parameter, so a group's size makes no temporary: one group per decay setting.
-    decayed = [p for p in params if id(p) not in no_decay]
-    exempt = [p for p in params if id(p) in no_decay]
-    groups = [{"params": decayed}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    # These step parameter by parameter, so a group's size makes no temporary: groups only where the decay changes,
+    # the parameters in their order (as above: a checkpoint's per-parameter state is keyed by that order).
+    groups = bounded_param_groups(params, max_numel=max(1, sum(p.numel() for p in params)), no_decay=no_decay)
     return torchao_optim(config.optim)(groups, amsgrad=False, **kwargs)
 
 
+# Hyperparameters a run's config sets: a resumed run applies its own (torch's load_state_dict would restore the
+# saved ones, so a changed weight_decay, say, was logged as changed and silently not applied). lr is the schedule's.
+CONFIG_HYPERPARAMETERS = ("weight_decay", "betas", "eps")
+
+
 def regrouped_state(saved: dict, saved_scheduler: dict, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(optimizer, LR scheduler) state_dicts fitted to this optimizer's param groups when only the group boundaries
-    differ: the same parameters in the same order (a checkpoint written before biases and norm weights got their
-    own weight_decay-0 groups, resumed with weight_decay set). torch refuses a state whose groups differ in
-    number or size. The per-parameter state (AdamW's m, v, step) is keyed by the parameter's position over all
-    groups, so it carries over as it is; each new group takes the saved hyperparameters (lr, betas, ... as the
-    schedule left them) and the scheduler's per-group entries (base_lrs, ...) of the group its first parameter was
-    in, with its own weight_decay."""
+    """(optimizer, LR scheduler) state_dicts for this optimizer. Each group gets this run's weight_decay, betas and
+    eps (CONFIG_HYPERPARAMETERS); the schedule's lr stays as saved.
+
+    When only the group boundaries differ (a checkpoint written before biases and norm weights got their own
+    weight_decay-0 groups, or weight decay switched on or off) the state is fitted to this optimizer's groups:
+    the parameters are the same, in the same order (make_optimizer keeps it), and the per-parameter state (AdamW's
+    m, v, step) is keyed by position over all groups, so it carries over as it is; each new group takes the saved
+    lr (as the schedule left it) and the scheduler's per-group entries (base_lrs, ...) of the group its first
+    parameter was in. torch refuses a state whose groups differ in number or size, and so does this when the
+    saved per-parameter state does not have this run's parameter shapes in that order."""
     saved_groups = saved["param_groups"]
-    sizes = [len(g["params"]) for g in optimizer.param_groups]
-    if sizes == [len(g["params"]) for g in saved_groups] or sum(sizes) != sum(len(g["params"]) for g in saved_groups):
-        return saved, saved_scheduler  # the same groups, or other parameters: torch's own checks speak
-    owner = [k for k, g in enumerate(saved_groups) for _ in g["params"]]
+    current = optimizer.param_groups
+    sizes = [len(g["params"]) for g in current]
+    own = {k: None for k in CONFIG_HYPERPARAMETERS}
+    if sizes == [len(g["params"]) for g in saved_groups]:
+        groups = [{**g, **{k: c[k] for k in own if k in c}} for g, c in zip(saved_groups, current)]
+        return {"state": saved["state"], "param_groups": groups}, saved_scheduler
+    if sum(sizes) != sum(len(g["params"]) for g in saved_groups):
+        return saved, saved_scheduler  # other parameters: torch's own checks speak
     flat = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in current for p in g["params"]]
+    for index, p in zip(flat, params):  # the same order of the same parameters, or no regrouping
+        moment = saved["state"].get(index, {}).get("exp_avg")
+        if isinstance(moment, torch.Tensor) and tuple(moment.shape) != tuple(p.shape):
+            return saved, saved_scheduler
+    owner = [k for k, g in enumerate(saved_groups) for _ in g["params"]]
     groups, owners, start = [], [], 0
-    for current, size in zip(optimizer.param_groups, sizes):
+    for group, size in zip(current, sizes):
         owners.append(owner[start])
-        groups.append({**saved_groups[owner[start]], "weight_decay": current["weight_decay"],
+        groups.append({**saved_groups[owner[start]], **{k: group[k] for k in own if k in group},
                        "params": flat[start:start + size]})
         start += size
     scheduler = {k: [v[o] for o in owners] if isinstance(v, list) and len(v) == len(saved_groups) else v

@@ -95,6 +95,7 @@ def test_correct_names_the_budget_that_does_not_fit_and_checks_the_endpoint_firs
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    assert "is --upstream-url right?" in err[0]  # the hint in correct's own names (it said base_url)
 
 
 @pytest.mark.parametrize("extra, message", [

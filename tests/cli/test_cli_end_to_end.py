@@ -174,6 +174,7 @@ def test_eval_checks_what_it_is_given(tmp_path, capsys):
     (["train", "--config", TOY, "--target.system_prompt", "''"], "error: target.system_prompt must be a non-empty"),
     # from a review that followed the README as a new user
     (["train", "--config", str(ROOT / "configs" / "proxy_toy.yaml")], "is a Proxy-RLHF setting: add --method proxy"),
+    (["train", "--config", TOY, "--trainer.lerning_rate", "1"], "did you mean 'learning_rate'?"),
     (["train", "--config", TOY, "--data.eval", "toy:evl"],
      "unknown toy data set 'toy:evl' (use toy:train or toy:eval)"),
     (["demo", "--episodes", "10"], "--episodes (10) is smaller than one PPO batch"),

@@ -159,6 +159,10 @@ def test_bad_arguments_name_themselves():
         linear(torch.randn(3, 4), torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(AlignfastArgumentError, match="argument 'bias' must have x's dtype"):
         linear(torch.randn(3, 4), torch.randn(2, 4), torch.randn(2, dtype=torch.float64))
+    # ... except under autocast, which casts them (as F.linear does there)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16
 
 
 def tiny_llama():

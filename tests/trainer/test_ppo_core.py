@@ -213,3 +213,42 @@ def test_the_measured_kl_is_a_kl_estimate_whatever_the_penalty(tmp_path, estimat
     r = trainer.last_rollout
     k1 = ((r.logprobs - r.ref_logprobs) * r.response_mask).sum(1).mean()
     assert trainer.history[-1]["objective/kl"] == pytest.approx(float(k1), rel=1e-6, abs=1e-9)
+
+
+def test_a_resumed_state_gets_this_runs_weight_decay_and_keeps_its_parameters_in_order(tmp_path):
+    """torch's load_state_dict restores the saved groups' hyperparameters: a resume with another weight_decay (one
+    group either way, as under LoRA) logged the change and silently kept the old value. And the torchao optimizers
+    grouped [decayed..., exempt...], so regrouping a saved state by position put AdamW moments on other
+    parameters; their groups now keep the parameters' order, and a state whose moments do not have this run's
+    shapes in that order is left to torch to refuse."""
+    from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, regrouped_state
+
+    model = make_causal_lm(tmp_path / "m", V, seed=5, hidden=16)
+    params = list(model.parameters())
+    exempt = no_weight_decay([model])
+    saved_opt = make_optimizer(params, AlignProConfig(weight_decay=0.0))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    scheduler = {"base_lrs": [1e-3], "last_epoch": 3}
+
+    same_groups = make_optimizer(params, AlignProConfig(weight_decay=0.0, adam_epsilon=1e-6))
+    state, _ = regrouped_state(saved, scheduler, same_groups)
+    same_groups.load_state_dict(state)
+    assert same_groups.param_groups[0]["eps"] == 1e-6  # this run's, not the checkpoint's 1e-8
+
+    regrouped = make_optimizer(params, AlignProConfig(weight_decay=0.1), no_decay=exempt)
+    state, sched = regrouped_state(saved, scheduler, regrouped)
+    regrouped.load_state_dict(state)
+    assert [g["weight_decay"] for g in regrouped.param_groups] == \
+        [0.0 if id(g["params"][0]) in exempt else 0.1 for g in regrouped.param_groups]
+    assert sched["base_lrs"] == [1e-3] * len(regrouped.param_groups)
+    for p in params:
+        assert torch.equal(regrouped.state[p]["exp_avg"], saved_opt.state[p]["exp_avg"])
+
+    shuffled = {**saved, "state": {i: saved["state"][(i + 1) % len(params)] for i in range(len(params))}}
+    assert regrouped_state(shuffled, scheduler, regrouped)[0] is shuffled  # not this run's shapes: torch refuses
+    torchao = pytest.importorskip("torchao")  # noqa: F841
+    low_bit = make_optimizer(params, AlignProConfig(weight_decay=0.1, optim="adamw_torch_8bit"), no_decay=exempt)
+    assert [p for g in low_bit.param_groups for p in g["params"]] == params
