@@ -123,57 +123,63 @@ def run(args, extra) -> int:
             message += "; to have an upstream model answer the questions, pass --upstream or --upstream-url"
         raise CLIError(message) from None
     served = _served_upstream(args, api) if args.upstream_url else None  # before any model loads
-    device = build.default_device()
-    try:
-        corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
-                                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    except AlignfastArgumentError as err:  # the folder itself ('aligner'), or a setting its aligner_config.json holds
-        raise flag_error("--aligner", "aligner", args.aligner, err) from None
-    except OSError as err:
-        raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
-    questions = [r["question"] for r in rows]
-    _check_room(corrector.model, args.max_new_tokens, "--max-new-tokens")
-    if have_answers:
-        answers = [r["answer"] for r in rows]
-        generated = corrector.generate(questions, answers)
-        corrections = [c.text for c in generated]
-        truncated = [c.finish_reason == "length" for c in generated]
-    else:
-        if args.upstream:
-            from alignfast.rollout import HFEngine
-
-            spec = {"model": args.upstream, "dtype": args.dtype}
-            tok = load_tokenizer(spec, "upstream")
-            engine = HFEngine(load_causal_lm(spec, "upstream", device=device), tok)
-            _check_room(engine.model, args.upstream_max_new_tokens, "--upstream-max-new-tokens")
-        else:
-            tok, engine = None, served
+    try:  # the endpoint's client (a thread and its connections) is closed however the command ends
+        device = build.default_device()
         try:
-            pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
-                                       upstream_system_prompt=args.upstream_system_prompt if tok is not None else None,
-                                       upstream_max_new_tokens=args.upstream_max_new_tokens,
-                                       batch_size=args.batch_size)
-        except AlignfastArgumentError as err:
-            raise CLIError("--upstream-system-prompt " + str(err).split("'upstream_system_prompt' ", 1)[-1]) from None
-        results = pipeline(questions)
-        answers = [r.answer for r in results]
-        corrections = [r.correction for r in results]
-        truncated = [r.truncated for r in results]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from alignfast.files import write_text_atomically
+            corrector = Corrector.from_pretrained(args.aligner, device=device, dtype=torch_dtype(args.dtype),
+                                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        except AlignfastArgumentError as err:  # the folder ('aligner'), or a setting its aligner_config.json holds
+            raise flag_error("--aligner", "aligner", args.aligner, err) from None
+        except OSError as err:
+            raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
+        questions = [r["question"] for r in rows]
+        _check_room(corrector.model, args.max_new_tokens, "--max-new-tokens")
+        if have_answers:
+            answers = [r["answer"] for r in rows]
+            generated = corrector.generate(questions, answers)
+            corrections = [c.text for c in generated]
+            truncated = [c.finish_reason == "length" for c in generated]
+        else:
+            if args.upstream:
+                from alignfast.rollout import HFEngine
 
-    # The file's other columns (an id to join on) come first, as they were. "truncated" is always written, so that it
-    # says what this run did: a file from an earlier round of correction may carry its own.
-    written = [{**row, "question": q, "answer": a, "correction": c, "truncated": bool(cut)}
-               for row, q, a, c, cut in zip(rows, questions, answers, corrections, truncated, strict=True)]
-    write_text_atomically(out, "".join(json.dumps(w) + "\n" for w in written))
-    changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))
-    cut = f", {sum(truncated)} cut at --max-new-tokens ({args.max_new_tokens}; \"truncated\": true)" \
-        if any(truncated) else ""
-    print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector{cut}; wrote {out}",
-          file=sys.stderr)
-    return 0
+                spec = {"model": args.upstream, "dtype": args.dtype}
+                tok = load_tokenizer(spec, "upstream")
+                engine = HFEngine(load_causal_lm(spec, "upstream", device=device), tok)
+                _check_room(engine.model, args.upstream_max_new_tokens, "--upstream-max-new-tokens")
+            else:
+                tok, engine = None, served
+            try:
+                pipeline = AlignerPipeline(engine, corrector, upstream_tokenizer=tok,
+                                           upstream_system_prompt=(args.upstream_system_prompt if tok is not None
+                                                                   else None),
+                                           upstream_max_new_tokens=args.upstream_max_new_tokens,
+                                           batch_size=args.batch_size)
+            except AlignfastArgumentError as err:
+                raise CLIError("--upstream-system-prompt "
+                               + str(err).split("'upstream_system_prompt' ", 1)[-1]) from None
+            results = pipeline(questions)
+            answers = [r.answer for r in results]
+            corrections = [r.correction for r in results]
+            truncated = [r.truncated for r in results]
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from alignfast.files import write_text_atomically
+
+        # The file's other columns (an id to join on) come first, as they were. "truncated" is always written, so
+        # that it says what this run did: a file from an earlier round of correction may carry its own.
+        written = [{**row, "question": q, "answer": a, "correction": c, "truncated": bool(cut)}
+                   for row, q, a, c, cut in zip(rows, questions, answers, corrections, truncated, strict=True)]
+        write_text_atomically(out, "".join(json.dumps(w) + "\n" for w in written))
+        changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))
+        cut = f", {sum(truncated)} cut at --max-new-tokens ({args.max_new_tokens}; \"truncated\": true)" \
+            if any(truncated) else ""
+        print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector{cut}; wrote {out}",
+              file=sys.stderr)
+        return 0
+    finally:
+        if served is not None:
+            served.close()
 
 
 def _with_question(rows: list[dict]) -> list[dict]:

@@ -42,7 +42,7 @@ from alignfast.trainer.lora_fast import install_lean_lora
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
                                      value_head_for)
-from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, regrouped_state
+from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError
@@ -617,8 +617,8 @@ class PPOEngineTrainer(RunLoop):
         changed = _changed_settings(saved, now)
         if changed:
             _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
-                         "match an uninterrupted one (the optimizer and learning-rate schedule, learning rate "
-                         "included, continue from the checkpoint)", path,
+                         "match an uninterrupted one (AdamW's moments and the learning-rate schedule, learning rate "
+                         "included, continue from the checkpoint; weight_decay, betas and eps are this run's)", path,
                          "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -626,7 +626,8 @@ class PPOEngineTrainer(RunLoop):
         check_same_arm(path, data["state"], self.arm)
         sharded = check_resumable(self.processes, path, data["state"])
         if sharded:  # every process reads its shard of parameters and optimizer state
-            self.processes.accelerator.load_state(str(sharded))
+            with own_hyperparameters(self.optimizer):
+                self.processes.accelerator.load_state(str(sharded))
             data["trainable"] = {"policy": {}}
         trainable = data["trainable"]
         if not sharded:  # accelerate's load_state has restored (and shape-checked) parameters and optimizer

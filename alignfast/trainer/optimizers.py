@@ -14,6 +14,8 @@ tens of seconds on CPU), so the foreach temporary that bounded_param_groups caps
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from alignfast.ops._checks import fail
@@ -87,6 +89,16 @@ def make_optimizer(params: list[torch.nn.Parameter], config, no_decay: set[int] 
 # Hyperparameters a run's config sets: a resumed run applies its own (torch's load_state_dict would restore the
 # saved ones, so a changed weight_decay, say, was logged as changed and silently not applied). lr is the schedule's.
 CONFIG_HYPERPARAMETERS = ("weight_decay", "betas", "eps")
+
+
+@contextlib.contextmanager
+def own_hyperparameters(optimizer: torch.optim.Optimizer):
+    """Around a load that restores the saved groups' hyperparameters wholesale (accelerate's load_state of a sharded
+    checkpoint): this run's weight_decay, betas and eps are put back afterwards, as regrouped_state gives them."""
+    own = [{k: g[k] for k in CONFIG_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+    yield
+    for group, values in zip(optimizer.param_groups, own, strict=True):
+        group.update(values)
 
 
 def regrouped_state(saved: dict, saved_scheduler: dict, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -80,6 +80,25 @@ def test_bad_input_is_one_line(tmp_path, capsys, rows, extra, message):
     assert len(err) == 1 and message in err[0], err
 
 
+def test_correct_closes_its_upstream_client_whatever_happens(tmp_path, capsys):
+    """The --upstream-url engine (its event-loop thread and connections) is opened first, to check the endpoint
+    before any model loads; a corrector that then failed to load left it running."""
+    import threading
+
+    from tests.hardening.test_openai_faults import FaultServer
+
+    server = FaultServer()
+    try:
+        data = tmp_path / "q.jsonl"
+        data.write_text('{"question": "sort 4 8 5 1"}\n')
+        assert main(["correct", "--aligner", str(tmp_path / "absent"), "--upstream-url", server.base_url,
+                     "--upstream-model", "m", "--data", str(data), "--output", str(tmp_path / "o.jsonl")]) == 2
+        assert "--aligner" in capsys.readouterr().err
+        assert not any(t.name == "alignfast-openai" and t.is_alive() for t in threading.enumerate())
+    finally:
+        server.close()
+
+
 def test_correct_names_the_budget_that_does_not_fit_and_checks_the_endpoint_first(tmp_path, capsys):
     """Both budgets (256 by default) exceed the toy models' 64 positions: the engine's error named its own
     'max_new_tokens' whichever it was; a wrong --upstream-url failed only after the retry budget (33 s)."""

@@ -252,3 +252,17 @@ def test_a_resumed_state_gets_this_runs_weight_decay_and_keeps_its_parameters_in
     torchao = pytest.importorskip("torchao")  # noqa: F841
     low_bit = make_optimizer(params, AlignProConfig(weight_decay=0.1, optim="adamw_torch_8bit"), no_decay=exempt)
     assert [p for g in low_bit.param_groups for p in g["params"]] == params
+
+
+def test_a_sharded_load_keeps_this_runs_hyperparameters(tmp_path):
+    """accelerate's load_state of a sharded checkpoint restores the saved groups' hyperparameters wholesale, as
+    torch's load_state_dict does: the run's own weight_decay, betas and eps are put back after it."""
+    from alignfast.trainer.optimizers import make_optimizer, own_hyperparameters
+
+    model = make_causal_lm(tmp_path / "m", V, seed=5, hidden=16)
+    params = list(model.parameters())
+    saved = make_optimizer(params, AlignProConfig(weight_decay=0.1, adam_beta1=0.9, adam_epsilon=1e-8)).state_dict()
+    mine = make_optimizer(params, AlignProConfig(weight_decay=0.05, adam_beta1=0.8, adam_epsilon=1e-6))
+    with own_hyperparameters(mine):
+        mine.load_state_dict(saved)  # stands for accelerator.load_state
+    assert all((g["weight_decay"], g["betas"][0], g["eps"]) == (0.05, 0.8, 1e-6) for g in mine.param_groups)
