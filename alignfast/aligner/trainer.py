@@ -37,7 +37,7 @@ from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.data import batch_indices
 from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.metrics_logger import check_reporters
-from alignfast.trainer.optimizers import no_weight_decay, regrouped_state
+from alignfast.trainer.optimizers import no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import bounded_param_groups
 from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_resume_matches, check_same_arm,
                                              check_same_reference, reference_fingerprint)
@@ -329,7 +329,8 @@ class AlignerTrainer(RunLoop):
         # Groups differ when weight decay was switched on or off, or the checkpoint is from before biases and norm
         # weights had a group of their own: the same parameters in the same order, fitted to this run's groups.
         optimizer, scheduler = regrouped_state(data["optimizer"], data["scheduler"], self.optimizer)
-        self.optimizer.load_state_dict(optimizer)
+        with own_hyperparameters(self.optimizer):  # this run's weight_decay, betas and eps
+            self.optimizer.load_state_dict(optimizer)
         self.lr_scheduler.load_state_dict(scheduler)
         ckpt.set_rng_state(data["rng"])
         changed = _changed_settings(state.get("config") or {}, json.loads(self.config.to_json()))

@@ -78,12 +78,14 @@ def _served_upstream(args, api: str):
 def _check_room(model, budget: int, flag: str) -> None:
     """A budget that leaves a model no position for the prompt is the flag's error, up front (the engine's own
     error named its 'max_new_tokens' argument, whichever of the two budgets it was)."""
-    from alignfast.cli.errors import CLIError
+    from alignfast.cli.errors import flag_error
+    from alignfast.ops import AlignfastArgumentError
+    from alignfast.trainer.align_pro import check_target_room
 
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(max_pos, int) and budget >= max_pos:
-        raise CLIError(f"{flag} ({budget}) leaves no room for a prompt: the model's max_position_embeddings is "
-                       f"{max_pos}")
+    try:
+        check_target_room(model, budget, name=flag)
+    except AlignfastArgumentError as err:
+        raise flag_error(flag, flag, None, err) from None
 
 
 def run(args, extra) -> int:

@@ -99,6 +99,13 @@ def non_negative(name: str, value) -> float:
     return v
 
 
+def optional_text(name: str, value) -> str | None:
+    """None, or a string with more than whitespace (a system message, say: an empty one would be sent as such)."""
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        fail(name, f"must be a non-empty string (or None), got {value!r}")
+    return value
+
+
 def choice(name: str, value, allowed: Sequence[str]) -> str:
     if value not in allowed:
         fail(name, f"must be one of {list(allowed)}, got {value!r}")

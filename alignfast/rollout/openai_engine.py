@@ -94,11 +94,10 @@ class OpenAIEngine(TargetEngine):
                  retry_budget: float = DEFAULT_RETRY_BUDGET, backoff: float = 0.5, backoff_max: float = 8.0,
                  call_timeout: float | None = None, n_per_request: bool = True, send_seed: bool = True,
                  system_prompt: str | None = None, extra_body: dict | None = None):
-        from alignfast.ops._checks import choice, fail, non_negative, positive
+        from alignfast.ops._checks import choice, fail, non_negative, optional_text, positive
 
         self.api = choice("api", api, ("completions", "chat"))
-        if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
-            fail("system_prompt", f"must be a non-empty string (or None), got {system_prompt!r}")
+        optional_text("system_prompt", system_prompt)
         if system_prompt is not None and self.api != "chat":  # a completions request has no messages to put it in
             fail("system_prompt", "is the chat's system message, sent only with api='chat'; with api='completions' "
                  "the prompt is sent as it is: put the text in the prompt instead")

@@ -53,10 +53,9 @@ def check_system_prompt(tokenizer, system_prompt: str | None, *, use_chat_templa
     Align-Pro target's is its target_prompt_template); switch: the caller's name of use_chat_template."""
     if system_prompt is None:
         return
-    from alignfast.ops._checks import fail
+    from alignfast.ops._checks import fail, optional_text
 
-    if not isinstance(system_prompt, str) or not system_prompt.strip():
-        fail(name, f"must be a non-empty string (or unset), got {system_prompt!r}")
+    optional_text(name, system_prompt)
     if tokenizer is None:
         return  # plain text to an endpoint that formats its own input: the engine carries it (OpenAIEngine)
     if not use_chat_template:

@@ -35,17 +35,17 @@ def make_target_engine(target, target_tokenizer):
     fail("target", f"must be a TargetEngine, a transformers causal LM or a path, got {type(target).__name__}")
 
 
-def check_target_room(model, max_new_tokens: int) -> int | None:
-    """Up front, in the config's terms: a target with a position limit (an HF model) needs room for at least
-    one prompt token beside target_max_new_tokens (the engine would otherwise stop the first step, naming its
-    own 'max_new_tokens' argument). Returns the room left for a prompt (None: no limit known)."""
+def check_target_room(model, max_new_tokens: int, name: str = "target_max_new_tokens") -> int | None:
+    """Up front, in the caller's terms (name: its setting): a target with a position limit (an HF model) needs room
+    for at least one prompt token beside max_new_tokens (the engine would otherwise stop the first step, naming
+    its own 'max_new_tokens' argument). Returns the room left for a prompt (None: no limit known)."""
     config = getattr(model, "config", None)
     max_pos = getattr(config, "max_position_embeddings", None)
     if not isinstance(max_pos, int):
         return None
     if max_new_tokens >= max_pos:
-        fail("target_max_new_tokens", f"({max_new_tokens}) leaves no room for a prompt: the target's "
-             f"max_position_embeddings is {max_pos}")
+        fail(name, f"({max_new_tokens}) leaves no room for a prompt: the model's max_position_embeddings is "
+             f"{max_pos}")
     return max_pos - max_new_tokens
 
 

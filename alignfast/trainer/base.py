@@ -649,7 +649,8 @@ class PPOEngineTrainer(RunLoop):
                      f"optim: {saved_optim}")
             data["optimizer"], data["scheduler"] = regrouped_state(data["optimizer"], data["scheduler"],
                                                                    self.optimizer)
-            self.optimizer.load_state_dict(data["optimizer"])
+            with own_hyperparameters(self.optimizer):
+                self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])
         state = data["state"]

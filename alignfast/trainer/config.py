@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignfast.ops import _checks
-from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.ops._checks import AlignfastArgumentError, fail, optional_text
 
 BACKENDS = ("fast", "reference")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -325,9 +325,7 @@ class AlignProConfig(ConfigDict):
         if not isinstance(self.target_prompt_template, str) or "{rewrite}" not in self.target_prompt_template:
             fail("target_prompt_template",
                  f"must be a string containing '{{rewrite}}', got {self.target_prompt_template!r}")
-        if self.target_system_prompt is not None and (not isinstance(self.target_system_prompt, str)
-                                                      or not self.target_system_prompt.strip()):
-            fail("target_system_prompt", f"must be a non-empty string (or None), got {self.target_system_prompt!r}")
+        optional_text("target_system_prompt", self.target_system_prompt)
         if not isinstance(self.reward_template, str) or "{completion}" not in self.reward_template:
             fail("reward_template", f"must be a string containing '{{completion}}', got {self.reward_template!r}")
 

@@ -93,8 +93,8 @@ CONFIG_HYPERPARAMETERS = ("weight_decay", "betas", "eps")
 
 @contextlib.contextmanager
 def own_hyperparameters(optimizer: torch.optim.Optimizer):
-    """Around a load that restores the saved groups' hyperparameters wholesale (accelerate's load_state of a sharded
-    checkpoint): this run's weight_decay, betas and eps are put back afterwards, as regrouped_state gives them."""
+    """Around a load that restores the saved groups' hyperparameters wholesale (torch's load_state_dict, accelerate's
+    load_state of a sharded checkpoint): this run's weight_decay, betas and eps are put back afterwards."""
     own = [{k: g[k] for k in CONFIG_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
     yield
     for group, values in zip(optimizer.param_groups, own, strict=True):
@@ -102,8 +102,8 @@ def own_hyperparameters(optimizer: torch.optim.Optimizer):
 
 
 def regrouped_state(saved: dict, saved_scheduler: dict, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(optimizer, LR scheduler) state_dicts for this optimizer. Each group gets this run's weight_decay, betas and
-    eps (CONFIG_HYPERPARAMETERS); the schedule's lr stays as saved.
+    """(optimizer, LR scheduler) state_dicts fitted to this optimizer's groups (load them inside
+    own_hyperparameters, which keeps this run's weight_decay, betas and eps).
 
     When only the group boundaries differ (a checkpoint written before biases and norm weights got their own
     weight_decay-0 groups, or weight decay switched on or off) the state is fitted to this optimizer's groups:
@@ -115,12 +115,8 @@ def regrouped_state(saved: dict, saved_scheduler: dict, optimizer: torch.optim.O
     saved_groups = saved["param_groups"]
     current = optimizer.param_groups
     sizes = [len(g["params"]) for g in current]
-    own = {k: None for k in CONFIG_HYPERPARAMETERS}
-    if sizes == [len(g["params"]) for g in saved_groups]:
-        groups = [{**g, **{k: c[k] for k in own if k in c}} for g, c in zip(saved_groups, current)]
-        return {"state": saved["state"], "param_groups": groups}, saved_scheduler
-    if sum(sizes) != sum(len(g["params"]) for g in saved_groups):
-        return saved, saved_scheduler  # other parameters: torch's own checks speak
+    if sizes == [len(g["params"]) for g in saved_groups] or sum(sizes) != sum(len(g["params"]) for g in saved_groups):
+        return saved, saved_scheduler  # the same groups, or other parameters: torch's own checks speak
     flat = [i for g in saved_groups for i in g["params"]]
     params = [p for g in current for p in g["params"]]
     for index, p in zip(flat, params):  # the same order of the same parameters, or no regrouping
@@ -129,10 +125,9 @@ def regrouped_state(saved: dict, saved_scheduler: dict, optimizer: torch.optim.O
             return saved, saved_scheduler
     owner = [k for k, g in enumerate(saved_groups) for _ in g["params"]]
     groups, owners, start = [], [], 0
-    for group, size in zip(current, sizes):
+    for size in sizes:
         owners.append(owner[start])
-        groups.append({**saved_groups[owner[start]], **{k: group[k] for k in own if k in group},
-                       "params": flat[start:start + size]})
+        groups.append({**saved_groups[owner[start]], "params": flat[start:start + size]})
         start += size
     scheduler = {k: [v[o] for o in owners] if isinstance(v, list) and len(v) == len(saved_groups) else v
                  for k, v in saved_scheduler.items()}

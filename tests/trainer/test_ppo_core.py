@@ -221,7 +221,7 @@ def test_a_resumed_state_gets_this_runs_weight_decay_and_keeps_its_parameters_in
     grouped [decayed..., exempt...], so regrouping a saved state by position put AdamW moments on other
     parameters; their groups now keep the parameters' order, and a state whose moments do not have this run's
     shapes in that order is left to torch to refuse."""
-    from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, regrouped_state
+    from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, own_hyperparameters, regrouped_state
 
     model = make_causal_lm(tmp_path / "m", V, seed=5, hidden=16)
     params = list(model.parameters())
@@ -235,12 +235,14 @@ def test_a_resumed_state_gets_this_runs_weight_decay_and_keeps_its_parameters_in
 
     same_groups = make_optimizer(params, AlignProConfig(weight_decay=0.0, adam_epsilon=1e-6))
     state, _ = regrouped_state(saved, scheduler, same_groups)
-    same_groups.load_state_dict(state)
+    with own_hyperparameters(same_groups):  # as the trainers load it
+        same_groups.load_state_dict(state)
     assert same_groups.param_groups[0]["eps"] == 1e-6  # this run's, not the checkpoint's 1e-8
 
     regrouped = make_optimizer(params, AlignProConfig(weight_decay=0.1), no_decay=exempt)
     state, sched = regrouped_state(saved, scheduler, regrouped)
-    regrouped.load_state_dict(state)
+    with own_hyperparameters(regrouped):
+        regrouped.load_state_dict(state)
     assert [g["weight_decay"] for g in regrouped.param_groups] == \
         [0.0 if id(g["params"][0]) in exempt else 0.1 for g in regrouped.param_groups]
     assert sched["base_lrs"] == [1e-3] * len(regrouped.param_groups)
