@@ -153,7 +153,9 @@ def _backward_kernel(grad_lp_ptr, grad_ent_ptr, logits_ptr, tokens_ptr, mask_ptr
     p_t = tl.exp(lp)
     target = g_lp * -_expm1(lp) + tl.where(p_t > 0.0, g_ent * p_t * (-lp - ent), 0.0)
     grad = tl.where(offs == t, target, grad) * inv_t
-    grad = tl.where(lse == float("inf"), float("nan"), grad)  # a row with a +inf logit has no gradient
+    # A row with a +inf logit, or with no finite one (lse = -inf: max/min above dropped the NaN of lse - z), has no
+    # distribution and no gradient, as on the CPU and in the reference.
+    grad = tl.where((lse == float("inf")) | (lse == -float("inf")), float("nan"), grad)
     tl.store(out_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 

@@ -4,9 +4,11 @@ Triton kernels run on CPU tensors under TRITON_INTERPRET=1, which must be set be
 imported; we set it here, first thing, unless this machine has an NVIDIA device.
 """
 
+import glob
 import os
 
-if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
+# Any NVIDIA device node: a container given one GPU of a machine may see it as /dev/nvidia3, not /dev/nvidia0.
+if "TRITON_INTERPRET" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402

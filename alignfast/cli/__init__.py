@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+from alignfast.cli.error_output import print_error
 from alignfast.cli.errors import CLIError
 
 EPILOG = "Run `alignfast <command> --help` for a command's options. Docs: README.md of the repository."
@@ -71,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         from alignfast.cli.errors import in_run_file_terms
 
-        print(f"alignfast {args.command}: error: {in_run_file_terms(str(err))}", file=sys.stderr)
+        print_error(f"alignfast {args.command}: error: {in_run_file_terms(str(err))}")
         return 2
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         # An output path that is a file, a folder that cannot be written: the user's to fix, in one line.
-        print(f"alignfast {args.command}: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        print_error(f"alignfast {args.command}: error: {err.strerror}: {err.filename}")
         return 2
     except KeyboardInterrupt as err:
         if getattr(err, "exit_code", None):  # TrainingInterrupted: SIGTERM/SIGINT, checkpoint written; says how to resume
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         line = known_error_line(err)
         if line is None:
             raise
-        print(f"alignfast {args.command}: error: {in_run_file_terms(line)}", file=sys.stderr)
+        print_error(f"alignfast {args.command}: error: {in_run_file_terms(line)}")
         return 2
 
 

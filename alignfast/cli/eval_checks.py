@@ -81,10 +81,10 @@ def settings_against_training(args, cfg, config: dict) -> dict:
 
 
 def recorded_checkpoints(args) -> dict:
-    """The checkpoints of this evaluation, as eval.json records them."""
-    return {"checkpoint": args.checkpoint, "oracle_checkpoint": args.oracle_checkpoint,
-            "aligner_checkpoint": args.aligner_checkpoint, "aligner_ppo_checkpoint": args.aligner_ppo_checkpoint,
-            "proxy_checkpoint": args.proxy_checkpoint}
+    """The checkpoints of this evaluation, as eval.json records them (absolute paths)."""
+    from alignfast.eval.report_files import CHECKPOINT_KEYS, as_recorded
+
+    return {key: as_recorded(getattr(args, key)) for key in CHECKPOINT_KEYS}
 
 
 def check_default_output(out: Path, args) -> None:

@@ -22,6 +22,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from alignfast.eval.report_files import reports_describing
 from alignfast.files import write_text_atomically
 from alignfast.ops._checks import fail
 from alignfast.trainer import checkpoint as ckpt
@@ -138,18 +139,15 @@ class RunLoop:
         # Its final model and the eval reports of it go too: save_model writes into an existing final/ in place, so
         # a LoRA adapter left there would be loaded instead of this run's weights, and eval.json would describe a
         # model that is gone. Other arms' runs in subfolders (oracle/, proxy/) have their own output_dir and stay.
-        stale = [name for name in STALE_RUN_FILES if (out / name).exists()]
-        _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s", ", ".join(found + stale), out)
+        # The reports `alignfast eval` left in the parent folder go as well when they evaluated a checkpoint of this
+        # run as a second arm (eval --checkpoint run/final --oracle-checkpoint run/oracle/final writes run/eval.json).
+        stale = [out / "final"] * (out / "final").exists() + reports_describing(out)
+        _log.warning("overwrite_output_dir: deleting the earlier run's %s in %s%s", ", ".join(found), out,
+                     "".join(f", and {p}" for p in stale))
         for p in ckpt.list_checkpoints(out) + sorted(out.glob(".tmp-checkpoint-*")):  # with what a crash left
             shutil.rmtree(p, ignore_errors=True)
-        for name in ("metrics.jsonl", "samples.jsonl", *stale):
-            p = out / name
+        for p in [out / "metrics.jsonl", out / "samples.jsonl", *stale]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-# What a run leaves in its output_dir besides checkpoints and logs: the final model, and the reports that
-# `alignfast eval` writes there by default.
-STALE_RUN_FILES = ("final", "eval.json", "eval.md", "eval_rollouts.jsonl")
 
 
 class _SilentLogger:

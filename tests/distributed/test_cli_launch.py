@@ -61,3 +61,41 @@ def test_every_command_loads_onto_its_own_gpu_under_a_launcher(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert build.default_device() == "cpu"
+
+
+def test_a_bad_setting_is_said_once_and_in_the_launchers_summary(tmp_path):
+    """Both processes fail on the same unknown key: the line is printed once (not once per process) and the
+    launcher's failure summary quotes it instead of 'To enable traceback see ...'."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alignfast.cli",
+           "train", "--config", str(CONFIGS / "toy.yaml"), "--trainer.no_such_key", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    line = "alignfast train: error: unknown key 'trainer.no_such_key'"
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines().count(line) == 1, proc.stderr[-3000:]
+    assert f"traceback : {line}" in proc.stderr, proc.stderr[-3000:]
+
+
+SAY = "import sys; from alignfast.cli.error_output import print_error; print_error(sys.argv[1])"
+
+
+def _say_in_two_processes(tmp_path, first: str, second: str, world_size: str = "2") -> str:
+    """Two processes with one parent (this test), as a launcher's workers on one node are."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": world_size, "TMPDIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", SAY, line], env={**env, "TORCHELASTIC_ERROR_FILE":
+                              str(tmp_path / f"error{i}.json")}, stderr=subprocess.PIPE, text=True)
+             for i, line in enumerate((first, second))]
+    return "".join(p.communicate(timeout=60)[1] for p in procs)
+
+
+def test_an_error_only_one_process_meets_is_still_printed(tmp_path):
+    said = _say_in_two_processes(tmp_path, "error: same", "error: same")
+    assert said.splitlines() == ["error: same"]
+    said = _say_in_two_processes(tmp_path, "error: shard 0 is empty", "error: shard 1 is fine")
+    assert sorted(said.splitlines()) == ["error: shard 0 is empty", "error: shard 1 is fine"]
+    record = json.loads((tmp_path / "error0.json").read_text())
+    assert record["message"]["message"] == "error: shard 0 is empty" and int(record["message"]["extraInfo"]["timestamp"])
+    # one process, no launcher: printed every time, nothing recorded
+    (tmp_path / "error0.json").unlink()
+    said = _say_in_two_processes(tmp_path, "error: alone", "error: alone", world_size="1")
+    assert said.splitlines() == ["error: alone", "error: alone"] and not (tmp_path / "error0.json").exists()

@@ -42,23 +42,29 @@ def _triton():
     return logprobs
 
 
-def _cpu_op(logits, tokens, temperature, g_lp, g_ent):
+def _cpu_op(logits, tokens, temperature, g_lp, g_ent, with_entropy=True):
+    """The CPU op; without entropy (g_ent unused) it returns None for it."""
     x = logits.clone().requires_grad_()
+    if not with_entropy:
+        lp = token_logprobs(x, tokens, temperature=temperature)
+        (lp * g_lp).sum().backward()
+        return lp.detach(), None, x.grad
     lp, ent = token_logprobs(x, tokens, temperature=temperature, return_entropy=True)
     (lp * g_lp + ent * g_ent).sum().backward()
     return lp.detach(), ent.detach(), x.grad
 
 
-def _triton_op(logits, tokens, temperature, g_lp, g_ent):
+def _triton_op(logits, tokens, temperature, g_lp, g_ent, with_entropy=True):
     """The Triton kernels: on the GPU when there is one, else on CPU tensors under the interpreter."""
     K = _triton()
     dev = _triton_device()
     logits, tokens, g_lp, g_ent = (t.to(dev) for t in (logits, tokens, g_lp, g_ent))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy evaluates both sides of tl.where
-        lp, ent, lse = K.token_logprobs_cuda(logits, tokens, None, temperature, True)
-        grad = K.token_logprobs_backward_cuda(g_lp, g_ent, logits, tokens, None, lp, ent, lse, temperature)
-    return lp.cpu(), ent.cpu(), grad.cpu()
+        lp, ent, lse = K.token_logprobs_cuda(logits, tokens, None, temperature, with_entropy)
+        grad = K.token_logprobs_backward_cuda(g_lp, g_ent if with_entropy else None, logits, tokens, None, lp, ent,
+                                              lse, temperature)
+    return lp.cpu(), ent.cpu() if with_entropy else None, grad.cpu()
 
 
 PATHS = [pytest.param(_cpu_op, id="cpu", marks=needs_cpu_kernel),
@@ -130,6 +136,26 @@ def test_tiny_temperature_is_finite_and_matches_the_reference(op, dtype, tempera
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_positive_infinity_logit_gives_log_softmax_results(op, dtype):
     check_positive_infinity(op, dtype)
+
+
+@pytest.mark.parametrize("op", PATHS)
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_a_row_of_only_minus_infinity_is_nan_on_every_path(op, with_entropy):
+    """No token has any probability: logsumexp is -inf and the reference's logprob, entropy and gradient are NaN.
+    Every path says so (the Triton backward without entropy gave a finite -g/T: max/min dropped the NaN of
+    lse - z); the other rows are untouched."""
+    logits = torch.randn(1, 3, 40)
+    logits[0, 1] = float("-inf")
+    tokens = torch.tensor([[3, 5, 7]])
+    g_lp, g_ent = torch.randn(1, 3), torch.randn(1, 3)
+    lp, ent, grad = op(logits, tokens, 0.7, g_lp, g_ent, with_entropy=with_entropy)
+    r_lp, r_ent, r_grad = _reference(logits, tokens, 0.7, g_lp, g_ent if with_entropy else torch.zeros(1, 3))
+    assert torch.isnan(r_lp[0, 1]) and torch.isnan(r_grad[0, 1]).all()
+    assert torch.isnan(lp[0, 1]) and torch.isnan(grad[0, 1]).all()
+    assert ent is None or torch.isnan(ent[0, 1])
+    keep = [0, 2]
+    torch.testing.assert_close(lp[0, keep].double(), r_lp[0, keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[0, keep].double(), r_grad[0, keep], rtol=1e-5, atol=1e-6)
 
 
 def check_exp_of_gaps(op, dtype, temperature):

@@ -19,6 +19,7 @@ from tests.ops.test_advantages import make_inputs as advantage_inputs
 from tests.ops.test_ppo_loss import TOL32, TOL64
 from tests.ops.test_ppo_loss import check_against_reference as check_ppo
 from tests.ops.test_ppo_loss import leaf
+from tests.ops.test_ppo_loss import _op_args as ppo_op_args
 from tests.ops.test_ppo_loss import make_inputs as ppo_inputs
 
 pytestmark = pytest.mark.gpu
@@ -114,6 +115,24 @@ def test_ppo_loss_cuda(B, T, dtype):
 def test_ppo_loss_cuda_half_inputs(dtype):
     tensors, mask = ppo_inputs(8, 300, dtype=dtype, seed=12, device=CUDA)
     check_ppo(tensors, mask, tol=TOL32, grad_tol=dict(rtol=2**-7, atol=1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ppo_loss_cuda_half_gradients_are_the_float_product_rounded_once(dtype):
+    """n = 2400 valid tokens: bf16(1/2400) is 0.2% off 1/2400, so a scale rounded to the gradients' dtype before
+    the multiply (a 0-d float32 CUDA tensor times bf16 does that) shows as a systematic error; the CPU kernel
+    rounds once."""
+    from alignfast.ops.ppo_loss import NUM_VALID
+
+    tensors, mask = ppo_inputs(8, 300, dtype=dtype, seed=12, device=CUDA)
+    mask = torch.ones_like(mask)
+    _, stats, g_lp, g_v = torch.ops.alignfast.ppo_loss(*ppo_op_args(tensors, mask, True))
+    assert stats[NUM_VALID].item() == 2400
+    grad_loss = torch.tensor(1.0, dtype=stats.dtype, device=CUDA)
+    got_lp, got_v = torch.ops.alignfast.ppo_loss_backward(grad_loss, stats, g_lp, g_v, True, True)
+    for got, g in ((got_lp, g_lp), (got_v, g_v)):
+        want = (g.float() * (grad_loss / 2400)).to(dtype)
+        assert torch.equal(got, want)
 
 
 def test_ppo_loss_cuda_matches_cpu_and_is_deterministic():

@@ -87,6 +87,30 @@ def test_float64_is_computed_in_float64():
     assert lp.dtype == torch.float64
 
 
+def test_float64_entropy_of_a_confident_row():
+    """One logit far above the rest (V = 151936, T = 0.7; the entropy is 4.5e-9, max z = 36). The op's kernel forms
+    the top token's log p as -log1p of the others' sum and is held to 1e-12 of it; the reference's z - logsumexp
+    keeps a few ulps of 36 (alignfast.reference.logprobs), which a float64 test must allow it. The truth
+    is mpmath's, at 30 digits."""
+    mpmath = pytest.importorskip("mpmath")
+
+    g = torch.Generator().manual_seed(4)
+    V, T = 151936, 0.7
+    logits = torch.randn(1, 1, V, generator=g, dtype=torch.float64)
+    logits[0, 0, 17] = 25.0
+    with mpmath.workdps(30):
+        z = [mpmath.mpf(x) / mpmath.mpf(T) for x in logits[0, 0].tolist()]
+        top = max(z)
+        lse = top + mpmath.log(mpmath.fsum(mpmath.exp(x - top) for x in z))
+        truth = float(-mpmath.fsum(mpmath.exp(x - lse) * (x - lse) for x in z))
+    tokens = torch.tensor([[17]])
+    _, ref_ent = reference.token_logprobs(logits, tokens, temperature=T, return_entropy=True)
+    _, ent = token_logprobs(logits, tokens, temperature=T, return_entropy=True)
+    assert truth < 1e-8  # confident
+    assert abs(ref_ent.item() - truth) <= 8 * 36 * 2.0**-52
+    assert abs(ent.item() - truth) <= 1e-12 * truth
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_masked_positions_are_zero_with_zero_gradient(dtype):
     B, T, V = 6, 7, 300

@@ -107,6 +107,32 @@ def test_fresh_run_refuses_an_output_dir_holding_a_run(tmp_path):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert ckpt.load_checkpoint(out / "checkpoint-1")["state"]["num_steps"] == 1  # the new run's, not the old one's
 
+    # An evaluation in the parent folder that took one of this run's checkpoints as a second arm goes with the run
+    # (recorded absolute, or relative to the working folder by an older alignfast); one of other runs stays.
+    (tmp_path / "eval.json").write_text(json.dumps({"checkpoint": str(tmp_path / "other" / "final"),
+                                                    "oracle_checkpoint": str(out / "final")}))
+    (tmp_path / "eval.md").write_text("| table |\n")
+    (tmp_path / "other_eval").mkdir()
+    (tmp_path / "other_eval" / "eval.json").write_text(json.dumps({"checkpoint": str(tmp_path / "other")}))
+    again, _ = make(tok, prompter_dir, out, max_steps=1, save_steps=1, overwrite_output_dir=True)
+    again.train()
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "eval.md").exists()
+    assert (tmp_path / "other_eval" / "eval.json").exists()
+
+
+def test_reports_describing_a_run_reads_eval_json_of_the_parent(tmp_path, monkeypatch):
+    from alignfast.eval.report_files import reports_describing
+
+    run = tmp_path / "run"
+    (run / "oracle").mkdir(parents=True)
+    assert reports_describing(run / "oracle") == []
+    (run / "eval.json").write_text(json.dumps({"checkpoint": "run/final", "oracle_checkpoint": "run/oracle/final"}))
+    monkeypatch.chdir(tmp_path)  # an older alignfast recorded the paths as typed, relative to eval's folder
+    assert reports_describing(run / "oracle") == [run / "eval.json"]
+    assert reports_describing(tmp_path / "elsewhere") == []
+    (run / "eval.json").write_text("not json")
+    assert reports_describing(run / "oracle") == []
+
 
 def test_resume_from_explicit_checkpoint_path_and_missing_one(tmp_path):
     tok, prompter_dir = small_world(tmp_path)
