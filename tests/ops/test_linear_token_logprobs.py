@@ -198,7 +198,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_cuda_large_vocabulary(dtype):
     hidden, weight, bias, tokens = make((4, 16), 256, 151936, dtype)
     mask = random_mask(4, 16)
@@ -211,11 +211,15 @@ def test_cuda_large_vocabulary(dtype):
     r_lp, r_ent = reference.linear_token_logprobs(refs[0], refs[1], tokens, bias=refs[2], mask=mask,
                                                   return_entropy=True)
     (r_lp * g_lp.double() + r_ent * g_ent.double()).sum().backward()
-    assert_close(lp, r_lp, name="logprobs", rtol=1e-5, atol=1e-4)  # TF32-free float32 GEMM; bf16 -> fp32 out
-    assert_close(ent, r_ent, name="entropy", rtol=1e-5, atol=2e-4)
+    if dtype == torch.float64:  # float64 GEMMs and kernels: rounding only
+        assert_close(lp, r_lp, name="logprobs", rtol=1e-10, atol=1e-10)
+        assert_close(ent, r_ent, name="entropy", rtol=1e-10, atol=1e-10)
+    else:
+        assert_close(lp, r_lp, name="logprobs", rtol=1e-5, atol=1e-4)  # TF32-free float32 GEMM; bf16 -> fp32 out
+        assert_close(ent, r_ent, name="entropy", rtol=1e-5, atol=2e-4)
     for name, leaf, ref in zip(("dhidden", "dweight", "dbias"), leaves, refs):
         # on CUDA dz is rounded to the weight's dtype before the gradient GEMMs (tensor cores): 2 roundings
-        rel = 1e-2 if dtype == torch.bfloat16 else 1e-4
+        rel = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4, torch.float64: 1e-10}[dtype]
         assert_close(leaf.grad, ref.grad, name=name, rtol=1.0, atol=float("inf"), rel=rel)
 
 

@@ -180,6 +180,26 @@ def test_triton_matches_reference_and_cpp(temperature, top_p, monkeypatch):
         assert torch.equal(ctok, rtok) and torch.equal(cn, rn)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_cuda_op_at_a_real_vocabulary_matches_the_cpu_op(dtype, temperature, top_p):
+    """ops.propose_token on CUDA (the Triton kernel with its real 4096-wide tile, or float64's path) against the
+    C++ op on the same rows: the same tokens and nucleus sizes, log-probs to float32 rounding. V = 151936, with
+    -inf logits and excluded tokens, and one row whose every token is excluded (token -1)."""
+    if not has_kernel("propose_token", "cpu"):
+        pytest.skip("alignfast._C has no CPU kernel (extension not built)")
+    logits, excluded, uniforms = make(8, 151936, seed=31, dtype=dtype)
+    logits[1, :100000] = float("-inf")
+    excluded[3] = True
+    tok, lp, n = ops.propose_token(logits.cuda(), excluded.cuda(), uniforms.cuda(), temperature=temperature,
+                                   top_p=top_p)
+    ctok, clp, cn = ops.propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p)
+    assert tok.is_cuda and torch.equal(tok.cpu(), ctok) and torch.equal(n.cpu(), cn)
+    assert int(ctok[3]) == -1
+    assert_close(lp.cpu(), clp, rtol=1e-5, atol=1e-5, name="logprobs")
+
+
 SIGNED_ZEROS = [  # (logits row, uniform, top_p): -0 and +0 are the same value, tied in the nucleus and the draw
     ([1.0, 0.0, -0.0], 0.99, 1.0),
     ([0.0, -0.0, -5.0], 0.9, 0.3),
