@@ -254,7 +254,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, *, skip_un
     if on_cpu and bool(coef >= 1.0):  # NaN compares False and goes on to torch's multiply
         return total
     if on_cpu and fused_grad_scale(optimizer) and bool(coef > 0):  # 0 < c < 1 (an infinite norm: torch's way)
-        optimizer.grad_scale = torch.reciprocal(coef)
+        optimizer.grad_scale = torch.reciprocal(coef.float())  # float32 whatever the gradients: the kernel needs it
         return total
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total

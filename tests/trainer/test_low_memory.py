@@ -233,3 +233,25 @@ def test_malloc_mmap_threshold_is_applied(world, tmp_path, monkeypatch):
     trainer_for(world, tmp_path / "m", max_steps=1, malloc_mmap_threshold=32 * 1024 * 1024).train()
     assert calls == [32 * 1024 * 1024]
     assert real(32 * 1024 * 1024) is True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_full_fine_tuning_when_gradient_clipping_engages(world, tmp_path, dtype):
+    """A bf16/fp16 prompter trained in full (prompter.dtype: bfloat16): the clip coefficient comes from half
+    gradients, and torch's fused AdamW refused it as its grad_scale ("expected scalar type Float but found
+    BFloat16") the first time clipping engaged. max_grad_norm 1e-6 makes every step clip."""
+    from transformers import AutoModelForCausalLM
+
+    from alignfast.trainer import AlignProConfig, AlignProTrainer
+
+    tok, path = world
+    cfg = AlignProConfig(**{**BASE, "output_dir": str(tmp_path), "target_max_new_tokens": 3, "max_grad_norm": 1e-6,
+                            "max_steps": 1})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = AlignProTrainer(cfg, model, tok, FunctionTarget(lambda s: s, tok), reward_funcs=[keyword_reward],
+                              train_dataset=TRAIN_PROMPTS)
+    out = trainer.train()
+    assert out.global_step == 1
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert moved and all(torch.isfinite(p).all() for p in trainer.model.parameters())
