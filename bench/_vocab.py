@@ -29,6 +29,7 @@ def parse_args(doc: str, argv=None, extra: Callable[[argparse.ArgumentParser], N
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    harness.refuse_quick_record(parser, args)
     if args.rounds < 1 or (args.record and args.rounds < harness.ROUNDS):
         parser.error(f"--rounds must be >= 1, and >= {harness.ROUNDS} with --record (got {args.rounds})")
     if args.threads is not None and args.threads < 1:

@@ -511,5 +511,14 @@ def append_results(title: str, table: str, *, device: str = "cpu", notes: str = 
         f.write("\n".join(section))
 
 
+def refuse_quick_record(parser, args) -> None:
+    """parser.error (exit 2, one line) on --record with --quick: a quick run (smaller shapes, fewer rounds or reps,
+    no torch.compile) would be appended under the title of the full table, and the README quotes the newest
+    section with that title."""
+    if getattr(args, "quick", False) and getattr(args, "record", False):
+        parser.error("--record and --quick together: a quick run is never recorded (drop --quick to record, or "
+                     "--record to print the tables)")
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("0", "", "false", "no")
