@@ -37,8 +37,8 @@ import sys
 
 import torch
 
-from bench.harness import (ROUNDS, Row, append_results, device_description, format_table, refuse_quick_record, run_rounds,
-                           spread_note)
+from bench.harness import (ROUNDS, Row, append_results, device_description, format_table, refuse_quick_record,
+                           run_rounds, spread_note)
 
 CONFIGS = {
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
