@@ -8,8 +8,13 @@ run_rounds:
     from round to round), on a fresh input draw for that round shared by all providers;
   * a provider's time per round is the median of `reps` calls; its row shows the median over rounds and the
     inter-quartile range (q1-q3);
-  * the speed-up against a baseline is computed per round (baseline time / provider time in the same round,
-    so load that hits both cancels) and summarised as the median ratio and its IQR;
+  * the speed-up against a baseline is computed per round (baseline time / provider time in the same round) and
+    summarised as the median ratio and its IQR. That cancels drift that slows both providers of a round alike
+    (clock, thermal, a slow phase of another job), not load in general: the providers of a round run one after
+    another, and a baseline made of many small OpenMP regions (TRL's per-row loop, the GAE loops) stalls far more
+    under load than one fused call, so load inflates the speed-ups in alignfast's favour (31.8x at load 4-7 where
+    load 1.1 gave 5.0x). The section stamp records the load average and the usable cores; readme_table marks a
+    section recorded at a load >= its cores "indicative only";
   * a row whose time or ratio spread (IQR / median) exceeds SPREAD_WARNING is flagged in the table.
 
 Clock (CPU only): "wall" (perf_counter, the default) or "cpu" (time.process_time: CPU seconds of every thread
@@ -454,7 +459,15 @@ def load_average() -> str:
         one, five, fifteen = os.getloadavg()
     except OSError:
         return "load average unknown"
-    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min), {os.cpu_count()} CPUs"
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min), {usable_cores()} usable cores"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; os.cpu_count() counts the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def device_description(device: str = "cpu") -> str:
