@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="the first preset only, three timed steps")
     args = ap.parse_args(argv)
-    harness.refuse_quick_record(ap, args)
+    harness.refuse_unrecordable(ap, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = args.preset or sorted(k for k in PRESETS if k.startswith(args.device))

@@ -37,7 +37,7 @@ import sys
 
 import torch
 
-from bench.harness import (ROUNDS, Row, append_results, device_description, format_table, refuse_quick_record,
+from bench.harness import (ROUNDS, Row, append_results, device_description, format_table, refuse_unrecordable,
                            run_rounds, spread_note)
 
 CONFIGS = {
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 2 rounds (never recorded)")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
-    refuse_quick_record(p, args)
+    refuse_unrecordable(p, args)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_engine: --device cuda asked for but CUDA is not available", file=sys.stderr)

@@ -202,8 +202,13 @@ def main(argv=None):
         title=(f"ppo_policy_loss_from_logits, forward + backward, temperature {args.temperature}" if args.policy_loss
                else f"token_logprobs, {'forward + backward' if args.backward else 'forward'}, "
                     f"temperature {args.temperature}"),
-        device=device, rounds=args.rounds, reps=1 if args.quick or device == "cpu" else 2, warmup=1,
+        device=device, rounds=args.rounds, reps=1 if args.quick or device == "cpu" else 3, warmup=1,
         record=args.record, clock=args.clock,
+        check=harness.Check(_vocab.TOLERANCES, dtype=dtype, groups={  # a backward of logprobs + entropy
+            name: "entropy" for name in (COMPILED_ENTROPY, "alignfast +entropy", "trl triton logprob+entropy")
+        } if args.backward else {}, skip={
+            "liger fused_selective_log_softmax": "scores its own [B, T+1, V] draw",
+            "liger grpo_loss": "its own [B, T+1, V] draw and DAPO's per-sequence loss"}),
         notes=f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else "")
 
 

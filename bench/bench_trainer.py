@@ -575,7 +575,7 @@ def main(argv=None):
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    harness.refuse_quick_record(ap, args)
+    harness.refuse_unrecordable(ap, args)
     apply_run_flags(ap, args)
     setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, args.torch_compile, tuple(args.mem))
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])
@@ -586,7 +586,7 @@ def main(argv=None):
         harness.set_mmap_threshold(64 * 1024 if "mmap-64k" in setup.memory else harness.TIMING_MMAP_THRESHOLD)
         print(json.dumps(memory_child(presets[0], args.memory_child, Path(args.root), args.device, setup)))
         return
-    if args.quick:  # never recorded (refuse_quick_record above)
+    if args.quick:  # never recorded (refuse_unrecordable above)
         presets, args.reps = presets[:1], args.reps or 2
     if args.record and args.reps is not None and args.reps < harness.ROUNDS:
         ap.error(f"--reps must be >= {harness.ROUNDS} with --record (got {args.reps})")

@@ -354,3 +354,67 @@ def test_resident_growth_measures_a_call_without_recording_its_ops(monkeypatch):
     assert rows[0].peak_bytes >= 240 * 2**20
     with pytest.raises(ValueError, match="memory"):
         harness.run_rounds("s", {"big": lambda: big}, rounds=1, memory="rss")
+
+
+def test_check_compares_every_provider_with_the_first_in_the_first_round(clock):
+    """A provider that computes something else (or an op that fell back to something wrong) is one error naming the
+    provider and the row, raised before the other rounds; a skipped provider and another group are left out."""
+    import torch
+
+    base = torch.linspace(-3, 3, 64)
+
+    def returning(offset, entropy=False):
+        return lambda inp: (lambda: (base + offset, base * 2) if entropy else base + offset)
+
+    providers = {"eager": returning(0.0), "close": returning(1e-7), "+entropy": returning(0.0, entropy=True),
+                 "other layout": returning(5.0), "other loss": returning(3.0)}
+    check = harness.Check({torch.float32: (1e-5, 1e-6)}, skip={"other layout": "its own draw"},
+                          groups={"other loss": "g"})
+    rows = harness.run_rounds("s", providers, inputs=lambda r: r, rounds=5, measure_memory=False, check=check)
+    assert all(r.seconds is not None for r in rows)
+
+    providers["wrong"] = returning(1e-2)
+    with pytest.raises(harness.ProviderMismatch, match=r"^bench: s: provider 'wrong' disagrees with 'eager'"):
+        harness.run_rounds("s", providers, inputs=lambda r: r, rounds=5, measure_memory=False, check=check)
+    # the tolerance follows the inputs' dtype: bfloat16 inputs allow bfloat16's error in float32 outputs
+    loose = harness.Check({torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}, dtype=torch.bfloat16,
+                          skip=check.skip, groups=check.groups)
+    harness.run_rounds("s", providers, inputs=lambda r: r, rounds=5, measure_memory=False, check=loose)
+
+
+def test_reps_are_odd_and_cuda_style_rounds_warm_up_every_round(clock):
+    calls = []
+    factory = {"a": lambda r: (lambda: calls.append(r))}
+    with pytest.raises(ValueError, match="odd"):
+        harness.run_rounds("s", factory, inputs=lambda r: r, rounds=5, reps=2, measure_memory=False)
+    harness.run_rounds("s", factory, inputs=lambda r: r, rounds=5, reps=3, warmup=2, round_warmup=1,
+                       measure_memory=False)
+    assert [calls.count(r) for r in range(5)] == [2 + 3, 1 + 3, 1 + 3, 1 + 3, 1 + 3]
+
+
+def test_memory_set_aside_when_a_callable_is_built_counts(clock):
+    """A CUDA graph's pool is allocated at capture, outside any call: the row reports it, not ~0."""
+    def factory(r):
+        def replay():
+            return None
+        replay.setup_peak_bytes = 123456
+        return replay
+
+    rows = harness.run_rounds("s", {"graph": factory}, inputs=lambda r: r, rounds=5)
+    assert rows[0].peak_bytes == 123456
+
+
+def test_record_is_refused_when_the_ops_would_run_the_reference(monkeypatch, capsys):
+    from bench import bench_logprobs
+
+    monkeypatch.setenv("ALIGNFAST_BACKEND", "reference")
+    fast, what = harness.backend("cpu")
+    assert not fast and "alignfast backend reference" in what
+    with pytest.raises(SystemExit) as exit_info:
+        bench_logprobs.main(["--record"])
+    assert exit_info.value.code == 2
+    assert "--record with alignfast backend reference" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not recording"):
+        harness.append_results("t", "| x |")
+    monkeypatch.delenv("ALIGNFAST_BACKEND")
+    assert harness.backend("cpu")[0]
