@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra, also_vs=("verl loop",))
     title = f"compute_advantages ({args.device})"
     notes = (f"float32, right-padded masks, k1, gamma 1, lam 0.95, whiten on, torch threads "
-             f"{torch.get_num_threads()}. Outputs compared before timing (masked positions). Speed-ups: per-round time of the TRL-style loop (and verl-style loop) over "
+             f"{torch.get_num_threads()}. Outputs compared before timing (masked positions). Speed-ups: per-round time "
+             f"of the TRL-style loop (and verl-style loop) over "
              f"the provider's, median (IQR) over rounds. {harness.spread_note(rows)}").strip()
     if args.device == "cuda":
         notes += (" CUDA graph rows: peak extra memory is the graph's pool, taken when it is captured (a replay "

@@ -381,8 +381,8 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     returning the zero-argument callable to time on them. Without it, factory() is called once and its
     callable reused (for whole-program providers that own their state). `warmup` untimed calls run in the
     first round (compilation, caches), `round_warmup` in each later one (default: 1 on CUDA, 0 on CPU, where the
-    rows time one call per round and a warm-up would double the run). `reps`: odd. Peak extra memory is measured once, in the last round, outside
-    the timed calls. A provider that raises (not installed, out of memory, unsupported) gets a row with its
+    rows time one call per round and a warm-up would double the run). `reps`: odd. Peak extra memory is measured
+    once, in the last round, outside the timed calls. A provider that raises (not installed, out of memory, unsupported) gets a row with its
     error and is not run again, so the table says what could not run rather than silently dropping it.
     `baselines`: providers to which every row's per-round speed-up is computed. `clock`: "wall" or "cpu"
     (CPU devices only; see the module docstring).
