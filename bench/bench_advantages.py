@@ -30,6 +30,9 @@ QUICK_SHAPES = [(8, 256), (64, 1024)]
 KW = dict(kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, whiten=True)
 LOOP_KW = dict(kl_coef=0.05, gamma=1.0, lam=0.95)
 BASELINE = "TRL loop"
+# A per-round column against it too, so that the README can quote alignfast against torch.compile at a T it
+# compiles (8x256 with the default --compile-max-t): entries recorded before 2026-12-02 lack it.
+COMPILED = "torch.compile(reference)"
 
 
 # The four outputs (rewards, advantages, returns, kl) where the response mask keeps a position (TRL's loop leaves
@@ -98,7 +101,7 @@ def providers(T: int, device: str, compile_max_t: int) -> dict:
         "TRL loop": lambda inputs: (lambda: baselines.trl_advantages(*inputs, **LOOP_KW)),
         "verl loop": lambda inputs: (lambda: baselines.verl_advantages(*inputs, **LOOP_KW)),
         "reference": lambda inputs: (lambda: reference.compute_advantages(*inputs, **KW)),
-        "torch.compile(reference)": compiled_factory,
+        COMPILED: compiled_factory,
     }
     if device == "cuda":
         table["alignfast (CUDA graph)"] = lambda inputs: cuda_graph_callable(
@@ -171,10 +174,10 @@ def main(argv=None) -> int:
         rows += harness.run_rounds(f"{B}x{T}", providers(T, args.device, compile_max_t),
                                    inputs=lambda r, B=B, T=T: make_inputs(B, T, args.device, seed=r),
                                    device=args.device, rounds=args.rounds, reps=reps, warmup=2,
-                                   baselines=(BASELINE, "verl loop"), check=CHECK)
+                                   baselines=(BASELINE, "verl loop", COMPILED), check=CHECK)
     add_columns(rows, args.device, copy_bandwidth)
     extra = ("x floor",) if copy_bandwidth else ()
-    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra, also_vs=("verl loop",))
+    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra, also_vs=("verl loop", COMPILED))
     title = f"compute_advantages ({args.device})"
     notes = (f"float32, right-padded masks, k1, gamma 1, lam 0.95, whiten on, torch threads "
              f"{torch.get_num_threads()}. Outputs compared before timing (masked positions). Speed-ups: per-round time "
