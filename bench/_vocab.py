@@ -29,6 +29,7 @@ def parse_args(doc: str, argv=None, extra: Callable[[argparse.ArgumentParser], N
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    harness.refuse_unrecordable(parser, args)
     if args.rounds < 1 or (args.record and args.rounds < harness.ROUNDS):
         parser.error(f"--rounds must be >= 1, and >= {harness.ROUNDS} with --record (got {args.rounds})")
     if args.threads is not None and args.threads < 1:
@@ -40,8 +41,14 @@ def parse_args(doc: str, argv=None, extra: Callable[[argparse.ArgumentParser], N
     return args, args.device, DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
 
 
+# Tolerances of the first-round comparison (harness.Check), by the less precise dtype of the two outputs: float32
+# log-probs and gradients from different reduction orders; bfloat16 ones rounded at 2^-8 relative.
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-3), torch.float16: (5e-3, 1e-4)}
+
+
 def step(fn: Callable[[], object], leaves, backward: bool) -> Callable[[], object]:
-    """The timed call: fn() under no_grad, or fn() and the backward of the sum of its outputs."""
+    """The timed call: fn() under no_grad, returning its output, or fn() and the backward of the sum of its outputs,
+    returning the leaves' gradients (what harness.Check compares)."""
     if not backward:
         def run():
             with torch.no_grad():
@@ -54,25 +61,26 @@ def step(fn: Callable[[], object], leaves, backward: bool) -> Callable[[], objec
         out = fn()
         outs = out if isinstance(out, tuple) else (out,)
         sum(o.sum() for o in outs if o is not None).backward()
-        return None
+        return tuple(leaf.grad for leaf in leaves)
     return run_bwd
 
 
 def run(shapes, *, inputs, providers, label, logits_bytes, floor=None, floor_column: str = "", baseline: str,
         also_vs: tuple[str, ...] = (), title: str, device: str, rounds: int, reps: int, warmup: int, record: bool,
-        notes: str = "", clock: str = "wall") -> list:
+        notes: str = "", clock: str = "wall", check: harness.Check | None = None) -> list:
     """For each shape: harness.run_rounds over providers(shape) (name -> factory(inputs)) with inputs(shape)
     (round -> a fresh draw); annotate extra memory / logits (and floor(shape, seconds), a fraction of the
     device's measured roof, on CUDA); print the table; append it to RESULTS.md if record. Returns the rows.
     clock "cpu" times process CPU time (harness.CLOCKS) and says so in the title, so that the README table,
-    which reads the wall-clock sections by their exact titles, never quotes it."""
+    which reads the wall-clock sections by their exact titles, never quotes it. check: harness.Check for the
+    first round's outputs."""
     if clock != "wall":
         title += f", {clock} time, {torch.get_num_threads()} thread(s)"
     rows = []
     for shape in shapes:
         for row in harness.run_rounds(label(shape), providers(shape), inputs=inputs(shape), device=device,
                                       rounds=rounds, reps=reps, warmup=warmup, baselines=(baseline, *also_vs),
-                                      clock=clock):
+                                      clock=clock, check=check):
             if row.peak_bytes is not None:
                 row.extra["extra mem / logits"] = f"{row.peak_bytes / logits_bytes(shape):.1%}"
             if floor is not None and row.seconds:

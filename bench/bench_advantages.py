@@ -30,6 +30,14 @@ QUICK_SHAPES = [(8, 256), (64, 1024)]
 KW = dict(kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, whiten=True)
 LOOP_KW = dict(kl_coef=0.05, gamma=1.0, lam=0.95)
 BASELINE = "TRL loop"
+# A per-round column against it too, so that the README can quote alignfast against torch.compile at a T it
+# compiles (8x256 with the default --compile-max-t): entries recorded before 2026-12-02 lack it.
+COMPILED = "torch.compile(reference)"
+
+
+# The four outputs (rewards, advantages, returns, kl) where the response mask keeps a position (TRL's loop leaves
+# other values at padding); float32 GAE over T steps and whitening in different orders.
+CHECK = harness.Check({torch.float32: (1e-4, 1e-4)}, view=lambda out, inp: tuple(t[inp[4]] for t in out))
 
 
 class Skipped(RuntimeError):
@@ -54,16 +62,29 @@ def bytes_that_must_move(B: int, T: int) -> int:
 
 
 def cuda_graph_callable(fn):
-    """Capture fn() once in a CUDA graph; return a callable that replays it (kernels only, no Python)."""
+    """Capture fn() once in a CUDA graph; return a callable that replays it (kernels only, no Python) and returns
+    the captured outputs (overwritten by each replay). Its `setup_peak_bytes` is the memory the warm-up call and
+    the capture took beyond what was allocated before: the graph's pool is allocated here, not in a replay, so
+    the harness's per-call measure alone would read ~0 for it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            out = fn()
     torch.cuda.current_stream().wait_stream(stream)
-    return graph.replay
+    torch.cuda.synchronize()
+
+    def replay():
+        graph.replay()
+        return out
+
+    replay.setup_peak_bytes = max(0, torch.cuda.max_memory_allocated() - before)
+    return replay
 
 
 def providers(T: int, device: str, compile_max_t: int) -> dict:
@@ -80,7 +101,7 @@ def providers(T: int, device: str, compile_max_t: int) -> dict:
         "TRL loop": lambda inputs: (lambda: baselines.trl_advantages(*inputs, **LOOP_KW)),
         "verl loop": lambda inputs: (lambda: baselines.verl_advantages(*inputs, **LOOP_KW)),
         "reference": lambda inputs: (lambda: reference.compute_advantages(*inputs, **KW)),
-        "torch.compile(reference)": compiled_factory,
+        COMPILED: compiled_factory,
     }
     if device == "cuda":
         table["alignfast (CUDA graph)"] = lambda inputs: cuda_graph_callable(
@@ -124,6 +145,7 @@ def parse_args(doc: str, argv, extra=None) -> argparse.Namespace | None:
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    harness.refuse_unrecordable(parser, args)
     if args.rounds < 1 or (args.record and args.rounds < harness.ROUNDS):
         parser.error(f"--rounds must be >= 1, and >= {harness.ROUNDS} with --record (got {args.rounds})")
     if args.threads:
@@ -152,14 +174,18 @@ def main(argv=None) -> int:
         rows += harness.run_rounds(f"{B}x{T}", providers(T, args.device, compile_max_t),
                                    inputs=lambda r, B=B, T=T: make_inputs(B, T, args.device, seed=r),
                                    device=args.device, rounds=args.rounds, reps=reps, warmup=2,
-                                   baselines=(BASELINE, "verl loop"))
+                                   baselines=(BASELINE, "verl loop", COMPILED), check=CHECK)
     add_columns(rows, args.device, copy_bandwidth)
     extra = ("x floor",) if copy_bandwidth else ()
-    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra, also_vs=("verl loop",))
+    table = harness.format_table(rows, baseline=BASELINE, extra_columns=extra, also_vs=("verl loop", COMPILED))
     title = f"compute_advantages ({args.device})"
     notes = (f"float32, right-padded masks, k1, gamma 1, lam 0.95, whiten on, torch threads "
-             f"{torch.get_num_threads()}. Speed-ups: per-round time of the TRL-style loop (and verl-style loop) over "
+             f"{torch.get_num_threads()}. Outputs compared before timing (masked positions). Speed-ups: per-round time "
+             f"of the TRL-style loop (and verl-style loop) over "
              f"the provider's, median (IQR) over rounds. {harness.spread_note(rows)}").strip()
+    if args.device == "cuda":
+        notes += (" CUDA graph rows: peak extra memory is the graph's pool, taken when it is captured (a replay "
+                  "allocates nothing).")
     if copy_bandwidth:
         notes += (f" x floor: time / (29 bytes per token once at the measured copy bandwidth "
                   f"{copy_bandwidth / 1e9:.0f} GB/s, read + write).")

@@ -7,10 +7,10 @@ Same model, same batch, same optimizer; one timed call = zero_grad + loss + back
     fused  backbone hidden states -> alignfast.ops.linear_token_logprobs on the correction rows only
            (backend="fast": no [tokens, V] logits, in the forward or the backward)
 
-The providers run interleaved (plain, fused, plain, fused, ...) so load drifting on a shared machine hits
-both alike; the table gives each one's median, its peak extra memory over the loss and backward (model, gradient
-buffers, optimizer state and batch excluded), the same over the whole step, and the time ratio to plain in
-the same run. Goal (issue 11): peak extra memory of the
+Timing: bench/harness.run_rounds, one step per provider per round, the order rotated from round to round
+(--rounds, default 5 on CPU, 10 on CUDA); the table gives each one's median and IQR over rounds, the per-round
+time ratio to plain (median and IQR), its peak extra memory over the loss and backward (model, gradient
+buffers, optimizer state and batch excluded) and the same over the whole step. Goal (issue 11): peak extra memory of the
 fused step <= 1/8 of the plain one at V = 32000..151936, and no slower.
 
 Models: random-weight Llama (V=32000) and Qwen2 (V=151936, tied embeddings) shapes; rows of P prompt and
@@ -22,12 +22,11 @@ C correction tokens.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from bench.harness import Row, append_results, device_description, format_table, peak_extra_memory
+from bench import harness
+from bench.harness import append_results, device_description, format_table, peak_extra_memory, run_rounds, spread_note
 
 PRESETS = {
     "cpu-llama-32k": dict(arch="llama", vocab=32000, hidden=128, layers=2, heads=4, kv_heads=4, inter=256,
@@ -69,7 +68,7 @@ def make_batch(p: dict, device: str):
     return collate(rows, 0, device)
 
 
-def run(name: str, device: str, reps: int, record: bool) -> str:
+def run(name: str, device: str, rounds: int, record: bool) -> str:
     from alignfast.aligner.loss import CorrectionLoss
 
     p = PRESETS[name]
@@ -91,51 +90,40 @@ def run(name: str, device: str, reps: int, record: bool) -> str:
         optimizer.step()
         return loss
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     with torch.no_grad():
         check = {k: float(fn(batch)) for k, fn in losses.items()}
-    times = {k: [] for k in losses}
-    for k in losses:  # warm-up; also creates the optimizer state, so memory below is the step's own
-        step(k)
-    for _ in range(reps):
-        for k in losses:
-            sync()
-            t0 = time.perf_counter()
-            step(k)
-            sync()
-            times[k].append(time.perf_counter() - t0)
+    # The first round's warm-up step also creates the optimizer state, so memory below is the step's own.
+    rows = run_rounds("", {k: (lambda k=k: (lambda: step(k))) for k in losses}, baselines=("plain",), device=device,
+                      rounds=rounds, reps=1, warmup=1, measure_memory=False)
     tokens = int(batch.query_mask.sum() + batch.response_mask.sum())
     n_loss = batch.num_tokens
     shape = (f"{p['arch']} V={p['vocab']} H={p['hidden']} L={p['layers']} B={p['batch']} "
              f"{tokens} tokens ({n_loss} scored) {str(p['dtype']).removeprefix('torch.')}")
     logits_bytes = tokens * p["vocab"] * torch.empty((), dtype=p["dtype"]).element_size()
-    rows = []
-    for k in losses:
+    for row in rows:
+        k, row.shape = row.provider, shape
+        if row.seconds is None:
+            continue
         peak = peak_extra_memory(lambda k=k: loss_and_backward(k), device=device)
         whole = peak_extra_memory(lambda k=k: step(k), device=device)
-        spread = statistics.quantiles(times[k], n=4) if len(times[k]) >= 2 else [times[k][0]] * 3
-        row = Row(shape, k, statistics.median(times[k]), peak)
-        row.extra["IQR ms"] = f"{spread[0] * 1e3:.1f}-{spread[2] * 1e3:.1f}"
+        row.peak_bytes = peak
         row.extra["peak / logits"] = f"{peak / logits_bytes:.2f}" if peak is not None else "n/a"
         row.extra["peak extra, whole step"] = _mib(whole)
         row.extra["loss at start"] = f"{check[k]:.6f}"
-        rows.append(row)
-    table = format_table(rows, baseline="plain", extra_columns=("IQR ms", "peak / logits", "peak extra, whole step",
-                                                                  "loss at start"))
+    table = format_table(rows, baseline="plain", extra_columns=("peak / logits", "peak extra, whole step",
+                                                                 "loss at start"))
     mem = {r.provider: r.peak_bytes for r in rows}
     ratio = (mem["fused"] / mem["plain"]) if mem["fused"] is not None and mem["plain"] else float("nan")
-    notes = (f"Median of {reps} interleaved steps (zero_grad, loss, backward, AdamW step) per provider after one "
-             f"warm-up step each. 'peak extra mem': loss + backward, gradient buffers already allocated; 'peak / "
+    notes = (f"Median of {rounds} interleaved rounds (order rotated) of one step (zero_grad, loss, backward, AdamW "
+             f"step) per provider, after one warm-up step each; speed-up: per-round time ratio, median (IQR). 'peak extra mem': loss + backward, gradient buffers already allocated; 'peak / "
              f"logits': that over the size of the [tokens, V] logits in the model's dtype ({logits_bytes / 2**20:.0f} "
              f"MiB); 'whole step' adds the AdamW step, whose foreach temporaries (about the size of the parameters) "
-             f"are the same for both. Fused / plain peak extra memory (loss + backward): {ratio:.3f} (goal <= 0.125).")
+             f"are the same for both. Fused / plain peak extra memory (loss + backward): {ratio:.3f} (goal <= 0.125). "
+             f"{spread_note(rows)}").strip()
     print(f"\n{device_description(device)}\n{table}\n{notes}")
     if record:
         append_results(f"bench_aligner_sft ({name}): one Aligner SFT step, fused vs plain logits -> cross_entropy",
-                       table, device=device, notes=notes, rounds=reps)
+                       table, device=device, notes=notes, rounds=rounds)
     return table
 
 
@@ -148,19 +136,24 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", action="append", choices=sorted(PRESETS),
                     help="repeatable; default the cpu-* presets on CPU, the cuda-* ones on CUDA")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per provider (default 5 on CPU, 10 on CUDA)")
+    ap.add_argument("--rounds", "--reps", type=int, default=None, dest="rounds",
+                    help="interleaved rounds, one timed step per provider each (default 5 on CPU, 10 on CUDA; "
+                         f">= {harness.ROUNDS} with --record)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    ap.add_argument("--quick", action="store_true", help="the first preset only, three timed steps")
+    ap.add_argument("--quick", action="store_true", help="the first preset only, three rounds (never recorded)")
     args = ap.parse_args(argv)
+    harness.refuse_unrecordable(ap, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = args.preset or sorted(k for k in PRESETS if k.startswith(args.device))
-    reps = args.reps or (10 if args.device == "cuda" else 5)
+    rounds = args.rounds or (10 if args.device == "cuda" else 5)
+    if args.record and rounds < harness.ROUNDS:
+        ap.error(f"--rounds must be >= {harness.ROUNDS} with --record (got {rounds})")
     if args.quick:
-        presets, reps = presets[:1], min(reps, 3)
+        presets, rounds = presets[:1], min(rounds, 3)
     for name in presets:
-        run(name, args.device, reps, args.record)
+        run(name, args.device, rounds, args.record)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="640 episodes per arm instead of the world's 3200")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    harness.refuse_unrecordable(ap, args)
     if args.record and args.rounds < harness.ROUNDS:
         ap.error(f"--rounds must be >= {harness.ROUNDS} with --record (got {args.rounds})")
     if args.rounds < 1:

@@ -37,7 +37,8 @@ import sys
 
 import torch
 
-from bench.harness import ROUNDS, Row, append_results, device_description, format_table, run_rounds, spread_note
+from bench.harness import (ROUNDS, Row, append_results, device_description, format_table, refuse_unrecordable,
+                           run_rounds, spread_note)
 
 CONFIGS = {
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -143,9 +144,10 @@ def main(argv=None) -> int:
                    help=f"interleaved rounds, each on a fresh prompt set (>= {ROUNDS} with --record)")
     p.add_argument("--naive-max-prompts", type=int, default=256,
                    help="skip the per-prompt baseline above this many prompts (it takes minutes)")
-    p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 2 rounds unless --record")
+    p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 2 rounds (never recorded)")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
+    refuse_unrecordable(p, args)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_engine: --device cuda asked for but CUDA is not available", file=sys.stderr)
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     counts = args.prompts or ([64] if args.quick else [64, 256, 512])
     if args.quick:
         args.max_new_tokens = min(args.max_new_tokens, 32)
-        if not args.record and args.rounds == ROUNDS:
+        if args.rounds == ROUNDS:
             args.rounds = 2
     if args.record and args.rounds < ROUNDS:
         p.error(f"--rounds must be >= {ROUNDS} with --record (got {args.rounds})")

@@ -117,6 +117,8 @@ def main(argv=None):
         title=f"linear_token_logprobs, {'forward + backward' if args.backward else 'forward'}",
         device=device, rounds=args.rounds, reps=1 if device == "cpu" or args.quick else 3, warmup=1,
         record=args.record, clock=args.clock,
+        check=harness.Check(_vocab.TOLERANCES, dtype=dtype,
+                            skip={"liger fused linear CE": "returns -logprob (cross entropy)"}),
         notes=f"measured {str(dtype).replace('torch.', '')} GEMM rate {rate / 1e12:.0f} TFLOP/s" if rate else "")
 
 

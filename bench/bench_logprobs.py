@@ -18,7 +18,8 @@ With --policy-loss (always forward + backward, entropy_coef 0.01, random masks):
   reference (eager)           alignfast.reference.ppo_policy_loss_from_logits (log_softmax-based)
   torch.compile reference     the same under torch.compile
   liger grpo_loss             Liger-Kernel's fused Triton GRPO loss, loss_type='dapo' (token mean), beta 0,
-                              per-sequence advantages, inplace=True (dlogits overwrite the logits) (CUDA)
+                              per-sequence advantages, inplace=False (CUDA; inplace=True would write dlogits over
+                              the logits, so every later call, the warm-up's and the reps', would score those)
   alignfast                   ppo_policy_loss_from_logits (fused token_logprobs pass + O(N) terms)
 
 Timing: bench/harness.py's interleaved rounds (--rounds, default 5), a fresh logits draw each round, so every
@@ -151,7 +152,7 @@ def policy_loss_providers(B, T, V, dtype, device, temperature):
         old, adv, mask = extras(logits)
         return _vocab.step(lambda: triton_grpo_loss(logits, old, None, tokens[:, :T].contiguous(), adv,
                                                     mask.contiguous(), temperature=temperature, beta=0.0,
-                                                    eps_low=0.2, eps_high=0.2, inplace=True, loss_type="dapo",
+                                                    eps_low=0.2, eps_high=0.2, inplace=False, loss_type="dapo",
                                                     reduce=True)[0],
                            (logits,), True)
 
@@ -201,8 +202,13 @@ def main(argv=None):
         title=(f"ppo_policy_loss_from_logits, forward + backward, temperature {args.temperature}" if args.policy_loss
                else f"token_logprobs, {'forward + backward' if args.backward else 'forward'}, "
                     f"temperature {args.temperature}"),
-        device=device, rounds=args.rounds, reps=1 if args.quick or device == "cpu" else 2, warmup=1,
+        device=device, rounds=args.rounds, reps=1 if args.quick or device == "cpu" else 3, warmup=1,
         record=args.record, clock=args.clock,
+        check=harness.Check(_vocab.TOLERANCES, dtype=dtype, groups={  # a backward of logprobs + entropy
+            name: "entropy" for name in (COMPILED_ENTROPY, "alignfast +entropy", "trl triton logprob+entropy")
+        } if args.backward else {}, skip={
+            "liger fused_selective_log_softmax": "scores its own [B, T+1, V] draw",
+            "liger grpo_loss": "its own [B, T+1, V] draw and DAPO's per-sequence loss"}),
         notes=f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else "")
 
 

@@ -149,6 +149,7 @@ def main(argv=None):
                     help="distinct row counts per GEMM shape family that oneDNN gets as they are (default: the "
                     "library's 8); 1000000 sends every count as it comes, as before the fix this bench checks")
     args = ap.parse_args(argv)
+    harness.refuse_unrecordable(ap, args)
     steps = args.steps if args.steps is not None else (20 if args.quick else 200)
     if steps < 1:
         ap.error(f"--steps must be at least 1 (got {steps})")

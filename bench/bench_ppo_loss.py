@@ -26,6 +26,10 @@ BASELINE = "reference (eager)"
 KW = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
 
 
+# The gradients with respect to logprobs and values (float32, different reduction orders).
+CHECK = harness.Check({torch.float32: (1e-4, 1e-6)})
+
+
 def make_inputs(B: int, T: int, device: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     logprobs = -torch.rand(B, T, generator=g) * 4
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
         rows += harness.run_rounds(f"{B}x{T}", providers(args.device),
                                    inputs=lambda r, B=B, T=T: make_inputs(B, T, args.device, seed=r),
                                    device=args.device, rounds=args.rounds, reps=1 if args.quick else 3, warmup=2,
-                                   baselines=(BASELINE,))
+                                   baselines=(BASELINE,), check=CHECK)
     if copy_bandwidth:
         for r in rows:
             if r.seconds:
@@ -90,6 +94,9 @@ def main(argv=None) -> int:
     title = f"ppo_loss forward + backward ({args.device})"
     notes = ("float32, right-padded masks, gradients with respect to logprobs and values; speed-ups: per-round time "
              "of the eager reference over the provider's, median (IQR) over rounds. " + harness.spread_note(rows)).strip()
+    if args.device == "cuda":
+        notes += (" CUDA graph rows: peak extra memory is the graph's pool, taken when it is captured (a replay "
+                  "allocates nothing).")
     if copy_bandwidth:
         notes += f" x floor: 33 bytes per token once at the measured copy bandwidth {copy_bandwidth / 1e9:.0f} GB/s."
     report(title, table, notes, device=args.device, record=args.record)

@@ -145,6 +145,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="decoding: prompts (default 64; --quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="decoding: new tokens (default 32; --quick 16)")
     args = p.parse_args(argv)
+    harness.refuse_unrecordable(p, args)
     dev = args.device
     parts = set(args.parts.split(","))
     print(f"device: {device_description(dev)}")

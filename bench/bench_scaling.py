@@ -81,6 +81,9 @@ def main(argv=None) -> None:
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="one round of 1 timed step, 1x1 and 2x1 only")
     args = p.parse_args(argv)
+    if args.quick and args.record:  # as bench.harness.refuse_unrecordable, without importing torch here
+        p.error("--record and --quick together: a quick run is never recorded (drop --quick to record, or "
+                "--record to print the tables)")
     if args.quick:
         args.rounds, args.steps, args.providers = 1, 2, ["1x1", "2x1"]
     if args.worker:

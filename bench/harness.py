@@ -8,9 +8,22 @@ run_rounds:
     from round to round), on a fresh input draw for that round shared by all providers;
   * a provider's time per round is the median of `reps` calls; its row shows the median over rounds and the
     inter-quartile range (q1-q3);
-  * the speed-up against a baseline is computed per round (baseline time / provider time in the same round,
-    so load that hits both cancels) and summarised as the median ratio and its IQR;
-  * a row whose time or ratio spread (IQR / median) exceeds SPREAD_WARNING is flagged in the table.
+  * the speed-up against a baseline is computed per round (baseline time / provider time in the same round) and
+    summarised as the median ratio and its IQR. That cancels drift that slows both providers of a round alike
+    (clock, thermal, a slow phase of another job), not load in general: the providers of a round run one after
+    another, and a baseline made of many small OpenMP regions (TRL's per-row loop, the GAE loops) stalls far more
+    under load than one fused call, so load inflates the speed-ups in alignfast's favour (31.8x at load 4-7 where
+    load 1.1 gave 5.0x). The section stamp records the load average and the usable cores; readme_table marks a
+    section recorded at a load >= its cores "indicative only";
+  * a row whose time or ratio spread (IQR / median) exceeds SPREAD_WARNING is flagged in the table;
+  * on CUDA every round starts each provider with an untimed call (round_warmup), so a round's timed calls never
+    pay for what the previous provider left behind, and the allocator's cache is kept between providers (peak
+    memory is read from reset_peak_memory_stats / max_memory_allocated, which emptying the cache did not change;
+    emptying it only made the next round's first timed call pay for cudaMalloc). `reps` must be odd, so that a
+    round's time is one call's, not the mean of a cold and a warm one;
+  * with `check`, every provider's output in the first round is compared with the first provider's
+    (torch.testing.assert_close): a provider that computes something else, or an op that silently fell back, is
+    one error naming both, before anything is timed further or recorded.
 
 Clock (CPU only): "wall" (perf_counter, the default) or "cpu" (time.process_time: CPU seconds of every thread
 of the process). On a shared machine, wall time also counts the time a thread waits for a core, and with
@@ -298,17 +311,78 @@ def _timed_work(fn: Callable[[], object], device: str, reps: int, clock: str = "
     return seconds, work
 
 
+class ProviderMismatch(SystemExit):
+    """A provider's output differs from the first provider's (run_rounds' `check`): exits with this one line."""
+
+
+@dataclass
+class Check:
+    """What run_rounds' `check` compares: every provider's output in the first round against the first provider's,
+    with torch.testing.assert_close (dtypes may differ; the tolerance is that of the least precise of the two and
+    `dtype`, the inputs' dtype: float32 log-probs computed from bfloat16 logits carry bfloat16's error).
+
+    tolerances: dtype -> (rtol, atol); a dtype not listed gets assert_close's default for it.
+    skip: provider -> why its output is not comparable (another input layout, the opposite sign, ...).
+    groups: provider -> group; a provider is compared with the first provider of its group (default group "": the
+    first provider), e.g. the gradients of a loss that adds the entropy with those of other such losses only.
+    view: (output, the round's inputs) -> what to compare (e.g. only the positions a mask keeps).
+    Outputs are flattened to their tensors (tuples, lists, named tuples; None left out). Each provider is compared
+    with the first of its group on the tensors both return, and also with the first earlier provider of its group
+    that returns as many tensors as it does (so "+entropy" rows are checked on their entropy too)."""
+
+    tolerances: dict = field(default_factory=dict)
+    skip: dict = field(default_factory=dict)
+    view: Callable[[object, object], object] | None = None
+    dtype: torch.dtype | None = None
+    groups: dict = field(default_factory=dict)
+
+    def tensors(self, out, inp) -> list[torch.Tensor]:
+        out = self.view(out, inp) if self.view is not None else out
+        found: list[torch.Tensor] = []
+
+        def walk(x):
+            if isinstance(x, torch.Tensor):
+                found.append(x.detach())
+            elif isinstance(x, (tuple, list)):
+                for y in x:
+                    walk(y)
+        walk(out)
+        return found
+
+    def compare(self, shape: str, name: str, got: list[torch.Tensor], first: tuple[str, list[torch.Tensor]],
+                same: tuple[str, list[torch.Tensor]] | None) -> None:
+        pairs = [(first[0], list(zip(got, first[1])))]
+        if same is not None and same[0] != first[0]:
+            pairs.append((same[0], list(zip(got, same[1]))))
+        if not got or not first[1]:
+            raise ProviderMismatch(f"bench: {shape}: {name!r} or {first[0]!r} returned no tensor to compare "
+                                   f"(return the output from the timed call, or list the provider in Check.skip)")
+        for other, zipped in pairs:
+            for i, (a, b) in enumerate(zipped):
+                dtypes = (a.dtype, b.dtype) + ((self.dtype,) if self.dtype is not None else ())
+                dtype = min(dtypes, key=lambda d: -torch.finfo(d).eps if d.is_floating_point else 0)
+                rtol, atol = self.tolerances.get(dtype, (None, None))
+                try:
+                    torch.testing.assert_close(a, b.to(a.device), rtol=rtol, atol=atol, check_dtype=False,
+                                               equal_nan=True)
+                except AssertionError as err:
+                    detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
+                    raise ProviderMismatch(f"bench: {shape}: provider {name!r} disagrees with {other!r} (output "
+                                           f"tensor {i}): {detail}") from None
+
+
 def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[int], object] | None = None,
                baselines: tuple[str, ...] = (), device: str = "cpu", rounds: int = ROUNDS, reps: int = 1,
                warmup: int = 1, measure_memory: bool = True, clock: str = "wall", work: bool = False,
-               memory: str = "events") -> list[Row]:
+               memory: str = "events", round_warmup: int | None = None, check: Check | None = None) -> list[Row]:
     """Time providers round-robin over `rounds` rounds; see the module docstring.
 
     With `inputs` (round index -> inputs, drawn afresh each round), providers map name -> factory(inputs)
     returning the zero-argument callable to time on them. Without it, factory() is called once and its
     callable reused (for whole-program providers that own their state). `warmup` untimed calls run in the
-    first round only (compilation, caches). Peak extra memory is measured once, in the last round, outside
-    the timed calls. A provider that raises (not installed, out of memory, unsupported) gets a row with its
+    first round (compilation, caches), `round_warmup` in each later one (default: 1 on CUDA, 0 on CPU, where the
+    rows time one call per round and a warm-up would double the run). `reps`: odd. Peak extra memory is measured
+    once, in the last round, outside the timed calls. A provider that raises (not installed, out of memory, unsupported) gets a row with its
     error and is not run again, so the table says what could not run rather than silently dropping it.
     `baselines`: providers to which every row's per-round speed-up is computed. `clock`: "wall" or "cpu"
     (CPU devices only; see the module docstring).
@@ -319,8 +393,16 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     extra["work"] is the median work per call over rounds.
 
     `memory`: how peak memory is measured, "events" (peak_extra_memory: torch's allocations, from the profiler) or
-    "resident" (peak_resident_growth: the process's resident set, for calls too long to profile).
+    "resident" (peak_resident_growth: the process's resident set, for calls too long to profile). A callable with
+    a `setup_peak_bytes` attribute (a CUDA graph, whose pool is allocated when it is captured, outside any call)
+    reports at least that much.
+
+    `check`: compare the providers' outputs in the first round (Check); a mismatch raises ProviderMismatch.
     """
+    if reps < 1 or reps % 2 == 0:
+        raise ValueError(f"reps must be odd (a median of an even count averages a cold and a warm call), got {reps}")
+    if round_warmup is None:
+        round_warmup = 1 if device.startswith("cuda") else 0
     if memory not in MEMORY_MEASURES:
         raise ValueError(f"memory must be one of {sorted(MEMORY_MEASURES)}, got {memory!r}")
     if clock not in CLOCKS or (clock != "wall" and device.startswith("cuda")):
@@ -331,6 +413,7 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     errors: dict[str, str] = {}
     peaks: dict[str, int | None] = {}
     cached: dict[str, Callable[[], object]] = {}
+    compared: list[tuple[str, list[torch.Tensor]]] = []  # (provider, its first-round output), in order
     for r in range(rounds):
         inp = inputs(r) if inputs is not None else None
         shift = r % len(names)
@@ -342,8 +425,18 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                     fn = providers[name](inp)
                 else:
                     fn = cached.get(name) or cached.setdefault(name, providers[name]())
-                if r == 0:
-                    for _ in range(warmup):
+                untimed = warmup if r == 0 else round_warmup
+                if r == 0 and check is not None and name not in check.skip:
+                    for _ in range(max(untimed, 1) - 1):
+                        fn()
+                    got = check.tensors(fn(), inp)
+                    group = [c for c in compared if check.groups.get(c[0], "") == check.groups.get(name, "")]
+                    if group:
+                        same = next((c for c in group if len(c[1]) == len(got)), None)
+                        check.compare(shape, name, got, group[0], same)
+                    compared.append((name, got))
+                else:
+                    for _ in range(untimed):
                         fn()
                 _sync(device)
                 if work:
@@ -353,15 +446,18 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                 samples[name].append(seconds)
                 done[name].append(units)
                 if measure_memory and r == rounds - 1:
-                    peaks[name] = MEMORY_MEASURES[memory](fn, device=device)
+                    peak = MEMORY_MEASURES[memory](fn, device=device)
+                    setup = getattr(fn, "setup_peak_bytes", None)
+                    peaks[name] = max(peak, setup) if peak is not None and setup is not None else peak
                 del fn
+            except ProviderMismatch:
+                raise
             except Exception as err:  # noqa: BLE001 - recorded in the table
                 errors[name] = _error_text(err)
             finally:
                 gc.collect()
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
         del inp
+        compared.clear()
         gc.collect()
     rows = []
     for name in names:
@@ -389,7 +485,8 @@ def run_providers(shape: str, providers: dict[str, Callable[[], Callable[[], obj
     The same interleaved rounds as run_rounds (without fresh inputs: the factories own theirs), `reps`
     calls spread over ROUNDS rounds.
     """
-    return run_rounds(shape, providers, device=device, rounds=ROUNDS, reps=max(1, -(-reps // ROUNDS)),
+    per_round = max(1, -(-reps // ROUNDS))
+    return run_rounds(shape, providers, device=device, rounds=ROUNDS, reps=per_round + (per_round % 2 == 0),
                       warmup=warmup, measure_memory=measure_memory, baselines=baselines)
 
 
@@ -454,7 +551,15 @@ def load_average() -> str:
         one, five, fifteen = os.getloadavg()
     except OSError:
         return "load average unknown"
-    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min), {os.cpu_count()} CPUs"
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min), {usable_cores()} usable cores"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; os.cpu_count() counts the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def device_description(device: str = "cpu") -> str:
@@ -500,15 +605,47 @@ def append_results(title: str, table: str, *, device: str = "cpu", notes: str = 
     """Append a dated section (title, device, commit, table, notes) to bench/RESULTS.md; rounds: how many
     interleaved rounds the medians are of (default: the harness's ROUNDS or more); timing: what the numbers are
     instead, for a bench that does not time interleaved rounds (e.g. "one run per backend")."""
+    fast, what = backend(device)
+    if not fast:
+        raise SystemExit(f"bench: not recording with {what}: the alignfast rows timed the reference")
     stamp = datetime.date.today().isoformat()
     how_many = f"{rounds}" if rounds is not None else f"{ROUNDS}+"
     section = [f"\n## {title}\n",
-               f"{stamp}, commit {git_commit()}, {device_description(device)}; {load_average()} when recorded; "
+               f"{stamp}, commit {git_commit()}, {device_description(device)}, {what}; {load_average()} when recorded; "
                f"{timing or f'median of {how_many} interleaved rounds'}\n", "", table, ""]
     if notes:
         section += [notes, ""]
     with open(RESULTS, "a") as f:
         f.write("\n".join(section))
+
+
+def refuse_unrecordable(parser, args) -> None:
+    """parser.error (exit 2, one line) on --record with --quick: a quick run (smaller shapes, fewer rounds or reps,
+    no torch.compile) would be appended under the title of the full table, and the README quotes the newest
+    section with that title. Also on --record when alignfast's ops would not run their kernels (backend())."""
+    if not getattr(args, "record", False):
+        return
+    if getattr(args, "quick", False):
+        parser.error("--record and --quick together: a quick run is never recorded (drop --quick to record, or "
+                     "--record to print the tables)")
+    fast, what = backend(getattr(args, "device", "cpu"))
+    if not fast:
+        parser.error(f"--record with {what}: the alignfast rows would time the reference, not the kernels")
+
+
+def backend(device: str = "cpu") -> tuple[bool, str]:
+    """(whether every alignfast op runs its kernel on `device`, a description for the stamp): the backend that
+    alignfast.ops picks (ALIGNFAST_BACKEND) and the implementations `python -m alignfast.info` lists."""
+    from alignfast.ops import _library  # importing alignfast.ops defines every op
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    try:
+        chosen = _library.current_backend()
+    except ValueError as err:
+        return False, f"alignfast backend unknown ({err})"
+    impls = sorted({_library.describe(name, kind)[0] for name, info in _library.OPS.items() if info.public})
+    fast = chosen != "reference" and "reference" not in impls
+    return fast, f"alignfast backend {chosen} ({', '.join(impls)} on {kind})"
 
 
 def env_flag(name: str) -> bool:

@@ -73,19 +73,22 @@ gpu_tests() {
 }
 
 bench() {
-  local q=() cap=240 run name flags this_cap
-  [ "$mode" = quick ] && q=(--quick) && cap=90
+  # quick: the small shapes, printed to bench.log only (every bench refuses --record with --quick: a quick table
+  # would land under the full table's title, which the README quotes); full: recorded in RESULTS.md.
+  local q=() rec=(--record) cap=240 run name flags this_cap
+  [ "$mode" = quick ] && q=(--quick) && rec=() && cap=90
   # Issue 13's rows first: token_logprobs (fwd, fwd+bwd), linear_token_logprobs fwd+bwd; then the rest.
   for run in "logprobs" "logprobs --backward" "linear_logprobs --backward" "advantages" "ppo_loss" \
              "logprobs --policy-loss" "linear_logprobs" "trainer" "engine --providers padded engine"; do
     read -r name flags <<< "$run"
-    # The trainer builds and saves two 0.5B models, then times 5 rounds of two providers (a recorded table keeps
-    # 5 rounds even with --quick): more than the op benchmarks need. The engine bench leaves out per-prompt
+    # The trainer builds and saves two 0.5B models, then times rounds of two providers: more than the op
+    # benchmarks need. The engine bench leaves out per-prompt
     # `generate` (64 prompts one at a time, 7 calls: minutes on a 0.5B model) and compares with padded batching.
     this_cap=$cap
     [ "$name" = trainer ] && this_cap=$((cap * 2))
     # shellcheck disable=SC2086  # $flags: zero or more words
-    capped "$this_cap" "$LOGS/bench.log" 25 $PY -m "bench.bench_$name" --device cuda --record $flags "${q[@]}" \
+    capped "$this_cap" "$LOGS/bench.log" 25 $PY -m "bench.bench_$name" --device cuda "${rec[@]}" $flags \
+      "${q[@]}" \
       || status=1
   done
   cp bench/RESULTS.md "$LOGS/RESULTS.md"

@@ -54,3 +54,24 @@ def test_the_engine_bench_reports_per_round_throughput_ratios(capsys):
         ratio = readme_table.parse_ratio(cells[4])
         assert ratio is not None and ratio[1] is not None, line  # "1.23x (1.10-1.30)": a median and its IQR
         assert int(cells[7]) > 0  # tokens per call
+
+
+@pytest.mark.parametrize("name", bench_cli.available())
+def test_every_benchmark_refuses_record_with_quick(name, capsys):
+    """A quick run (small shapes, fewer rounds, no torch.compile) would be appended under the full table's title,
+    and the README quotes the newest section with that title: --record --quick is one line and exit 2, before
+    anything is built or measured."""
+    module = importlib.import_module(f"bench.bench_{name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--record", "--quick"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--record and --quick together" in err.strip().splitlines()[-1]  # argparse's usage, then the one line
+
+
+def test_alignfast_bench_refuses_record_with_quick(capsys):
+    from alignfast.cli import main
+
+    assert main(["bench", "--record", "--quick", "logprobs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alignfast bench: error:") and "--quick" in err and "\n" not in err
