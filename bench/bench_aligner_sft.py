@@ -141,7 +141,7 @@ def main(argv=None) -> None:
                          f">= {harness.ROUNDS} with --record)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    ap.add_argument("--quick", action="store_true", help="the first preset only, three rounds (never recorded)")
+    ap.add_argument("--quick", action="store_true", help="the first preset only, three rounds unless --record")
     args = ap.parse_args(argv)
     harness.refuse_unrecordable(ap, args)
     if args.threads:
@@ -150,8 +150,8 @@ def main(argv=None) -> None:
     rounds = args.rounds or (10 if args.device == "cuda" else 5)
     if args.record and rounds < harness.ROUNDS:
         ap.error(f"--rounds must be >= {harness.ROUNDS} with --record (got {rounds})")
-    if args.quick:
-        presets, rounds = presets[:1], min(rounds, 3)
+    if args.quick:  # a recorded table keeps harness.ROUNDS rounds, quick or not
+        presets, rounds = presets[:1], rounds if args.record else min(rounds, 3)
     for name in presets:
         run(name, args.device, rounds, args.record)
 

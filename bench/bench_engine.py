@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                    help=f"interleaved rounds, each on a fresh prompt set (>= {ROUNDS} with --record)")
     p.add_argument("--naive-max-prompts", type=int, default=256,
                    help="skip the per-prompt baseline above this many prompts (it takes minutes)")
-    p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 2 rounds (never recorded)")
+    p.add_argument("--quick", action="store_true", help="64 prompts, 32 new tokens, 2 rounds unless --record")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
     refuse_unrecordable(p, args)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     counts = args.prompts or ([64] if args.quick else [64, 256, 512])
     if args.quick:
         args.max_new_tokens = min(args.max_new_tokens, 32)
-        if args.rounds == ROUNDS:
+        if not args.record and args.rounds == ROUNDS:  # a recorded table keeps ROUNDS rounds, quick or not
             args.rounds = 2
     if args.record and args.rounds < ROUNDS:
         p.error(f"--rounds must be >= {ROUNDS} with --record (got {args.rounds})")

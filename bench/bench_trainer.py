@@ -586,8 +586,8 @@ def main(argv=None):
         harness.set_mmap_threshold(64 * 1024 if "mmap-64k" in setup.memory else harness.TIMING_MMAP_THRESHOLD)
         print(json.dumps(memory_child(presets[0], args.memory_child, Path(args.root), args.device, setup)))
         return
-    if args.quick:  # never recorded (refuse_unrecordable above)
-        presets, args.reps = presets[:1], args.reps or 2
+    if args.quick:  # a recorded table keeps harness.ROUNDS rounds at least, quick or not
+        presets, args.reps = presets[:1], args.reps or (harness.ROUNDS if args.record else 2)
     if args.record and args.reps is not None and args.reps < harness.ROUNDS:
         ap.error(f"--reps must be >= {harness.ROUNDS} with --record (got {args.reps})")
     for name in presets:

@@ -610,7 +610,7 @@ def append_results(title: str, table: str, *, device: str = "cpu", notes: str = 
         raise SystemExit(f"bench: not recording with {what}: the alignfast rows timed the reference")
     stamp = datetime.date.today().isoformat()
     how_many = f"{rounds}" if rounds is not None else f"{ROUNDS}+"
-    section = [f"\n## {title}\n",
+    section = [f"\n## {QUICK_TITLE if _quick_run else ''}{title}\n",
                f"{stamp}, commit {git_commit()}, {device_description(device)}, {what}; {load_average()} when recorded; "
                f"{timing or f'median of {how_many} interleaved rounds'}\n", "", table, ""]
     if notes:
@@ -619,15 +619,19 @@ def append_results(title: str, table: str, *, device: str = "cpu", notes: str = 
         f.write("\n".join(section))
 
 
+QUICK_TITLE = "Quick run (smaller shapes, fewer rounds; never quoted by the README): "
+_quick_run = False
+
+
 def refuse_unrecordable(parser, args) -> None:
-    """parser.error (exit 2, one line) on --record with --quick: a quick run (smaller shapes, fewer rounds or reps,
-    no torch.compile) would be appended under the title of the full table, and the README quotes the newest
-    section with that title. Also on --record when alignfast's ops would not run their kernels (backend())."""
+    """Before a bench runs with --record: parser.error (exit 2, one line) when alignfast's ops would not run their
+    kernels (backend()). A --quick run (smaller shapes, fewer rounds or reps, no torch.compile) is recorded under
+    its own titles (QUICK_TITLE + the full run's), so the README, which quotes the newest section of a full run's
+    title, never quotes it; a GPU session with time for the quick shapes alone still files what it measured."""
+    global _quick_run
     if not getattr(args, "record", False):
         return
-    if getattr(args, "quick", False):
-        parser.error("--record and --quick together: a quick run is never recorded (drop --quick to record, or "
-                     "--record to print the tables)")
+    _quick_run = bool(getattr(args, "quick", False))
     fast, what = backend(getattr(args, "device", "cpu"))
     if not fast:
         parser.error(f"--record with {what}: the alignfast rows would time the reference, not the kernels")

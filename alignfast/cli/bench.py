@@ -19,9 +19,6 @@ def available() -> list[str]:
 
 
 def run(names: list[str], *, device: str, record: bool, quick: bool) -> int:
-    if record and quick:
-        raise CLIError("--record and --quick together: a quick run is never recorded (its tables would be filed "
-                       "under the full runs' titles, which README.md quotes); drop one of them")
     found = available()
     if not found and BENCH_DIR.is_dir():
         raise CLIError(f"no bench_*.py scripts in {BENCH_DIR}")

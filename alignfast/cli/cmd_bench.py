@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (see --list)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md, then regenerate README.md's performance table from it")
-    p.add_argument("--quick", action="store_true", help="the smallest shapes only (a smoke run; not with --record)")
+    p.add_argument("--quick", action="store_true", help="the smallest shapes only (recorded, with --record, under titles the README never quotes)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.set_defaults(run=run)
 

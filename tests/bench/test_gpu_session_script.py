@@ -42,10 +42,10 @@ def test_a_hanging_stage_is_killed_at_the_budget_and_the_rest_is_skipped_with_th
     log = (tmp_path / "out" / "bench.log").read_text()
     assert took < 30, f"the script ran {took:.0f}s past a 6s budget"
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    # the first benchmark ran with --quick on CUDA, not recorded (the benches refuse --record with --quick); the
-    # hanging one was killed; the rest skipped
-    assert "fake python -m bench.bench_logprobs --device cuda --quick" in log and "--record" not in log
-    assert "TIMED OUT" in log and "bench.bench_logprobs --device cuda --backward --quick" in log
+    # the first benchmark ran with --quick on CUDA, recorded (under quick titles); the hanging one was killed; the
+    # rest skipped
+    assert "fake python -m bench.bench_logprobs --device cuda --record --quick" in log
+    assert "TIMED OUT" in log and "bench.bench_logprobs --device cuda --record --backward --quick" in log
     assert log.count("SKIPPED") == 7, log
     assert (tmp_path / "out" / "RESULTS.md").read_text() == (ROOT / "bench" / "RESULTS.md").read_text()
     assert "status 1" in proc.stdout
@@ -90,6 +90,6 @@ def test_a_good_build_goes_on_to_the_tests_and_benchmarks_even_if_the_info_comma
     out = tmp_path / "out"
     assert "pytest -m gpu or interpret" in (out / "gpu_tests.log").read_text(), proc.stdout + proc.stderr
     bench_log = (out / "bench.log").read_text()
-    assert "bench.bench_engine --device cuda --providers padded engine --quick (limit 90s" in bench_log
-    assert "bench.bench_trainer --device cuda --quick (limit 180s" in bench_log  # builds two 0.5B models
+    assert "bench.bench_engine --device cuda --record --providers padded engine --quick (limit 90s" in bench_log
+    assert "bench.bench_trainer --device cuda --record --quick (limit 180s" in bench_log  # builds two 0.5B models
     assert (out / "RESULTS.md").exists()
