@@ -31,6 +31,7 @@ from alignfast.trainer import allocator, frozen
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.compiled_layers import attach_compiled_layers
 from alignfast.trainer.config import AlignProConfig, coerce_config
+from alignfast.rollout.context import CutCounter, policy_input_limit
 from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
                                            gather_env_output, gather_rollout, gathered_for_generation,
@@ -107,6 +108,8 @@ class PPOEngineTrainer(RunLoop):
     # The chat's system message in the policy's own input: none for a prompter; the Oracle's policy is the target,
     # which answers after config.target_system_prompt as the frozen target does under Align-Pro.
     policy_system_prompt: str | None = None
+    policy_role = "policy"  # what errors and warnings about the policy's context call it
+    policy_cut_note = "their start is lost: set trainer.max_prompt_length, or shorten the prompts"
 
     def _setup(self, config, policy_model, policy_tokenizer, environment: Environment, *, train_dataset,
                eval_dataset=None, ref_model=None, value_model=None, peft_config=None, callbacks=None):
@@ -136,6 +139,8 @@ class PPOEngineTrainer(RunLoop):
         self.device = next(model.parameters()).device
         self.tokenizer = policy_tokenizer
         self.pad_id, self.stop_ids = _special_ids(policy_tokenizer, model, config.stop_token_id)
+        self._cut_policy_inputs = CutCounter(f"{self.policy_role}'s inputs", policy_input_limit(model, config,
+                                             self.policy_role), self.policy_cut_note)
 
         # The critic copies the backbone before any LoRA adapter is injected into it.
         self.value_model = None
@@ -520,8 +525,9 @@ class PPOEngineTrainer(RunLoop):
         else:
             policy_seed = derive_seed(seed, 0, stream=7) % (2**31)
         requests = self.environment.policy_requests(prompts, columns, seed=policy_seed)
-        rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length,
-                                        system_prompt=self.policy_system_prompt) for r in requests]
+        rows = self._cut_policy_inputs([templates.user_turn_ids(self.tokenizer, r,
+                                                                system_prompt=self.policy_system_prompt)
+                                        for r in requests])
         query_ids, query_mask = left_pad(rows, self.pad_id, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         logprob_fn = None
