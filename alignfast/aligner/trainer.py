@@ -90,9 +90,9 @@ class AlignerTrainer(RunLoop):
         if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)
             model = model.to(self.processes.accelerator.device)
         if peft_config is not None:
-            from peft import get_peft_model
+            from alignfast.trainer.policy import with_lora
 
-            model = get_peft_model(model, peft_config)
+            model = with_lora(model, peft_config, "aligner.lora")
         self.model = model
         self.device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id

@@ -23,7 +23,8 @@ RUN_FILE_KEYS = {"argument 'target_system_prompt'": "target.system_prompt",
                  "argument 'prompter_tokenizer'": "prompter.tokenizer",
                  "argument 'target_tokenizer'": "target.tokenizer", "argument 'reward_tokenizer'": "reward.tokenizer",
                  "argument 'response_length'": "trainer.response_length",
-                 "argument 'max_prompt_length'": "trainer.max_prompt_length"}
+                 "argument 'max_prompt_length'": "trainer.max_prompt_length",
+                 "argument 'attn_implementation'": "target.attn_implementation"}
 
 
 def in_run_file_terms(line: str) -> str:

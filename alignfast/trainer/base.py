@@ -42,7 +42,7 @@ from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.lora_fast import install_lean_lora
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
-                                     value_head_for)
+                                     value_head_for, with_lora)
 from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
@@ -157,9 +157,7 @@ class PPOEngineTrainer(RunLoop):
             self.value_model.requires_grad_(True)
 
         if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+            model = with_lora(model, peft_config, f"{self.policy_role}.lora")
         self.ref_model = None
         self.shared_frozen = None  # what is held once for the reference and the target (frozen.py)
         frozen_dtype = getattr(torch, config.frozen_dtype) if config.frozen_dtype is not None else None
