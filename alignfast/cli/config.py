@@ -41,7 +41,7 @@ SECTIONS: dict[str, set[str] | None] = {
                "retry_budget", "call_timeout",
                "system_prompt", "trust_remote_code", "revision", "lora"},
     "aligner": {"model", "tokenizer", "dtype", "lora", "trust_remote_code", "revision"},  # `alignfast aligner`
-    "reward": {"model", "tokenizer", "dtype", "functions", "weights", "trust_remote_code", "revision"},
+    "reward": {"model", "tokenizer", "dtype", "functions", "weights", "label_index", "trust_remote_code", "revision"},
     "data": {"train", "eval"},
     "trainer": None,  # checked against AlignProConfig's fields by the trainer itself
 }

@@ -24,7 +24,8 @@ RUN_FILE_KEYS = {"argument 'target_system_prompt'": "target.system_prompt",
                  "argument 'target_tokenizer'": "target.tokenizer", "argument 'reward_tokenizer'": "reward.tokenizer",
                  "argument 'response_length'": "trainer.response_length",
                  "argument 'max_prompt_length'": "trainer.max_prompt_length",
-                 "argument 'attn_implementation'": "target.attn_implementation"}
+                 "argument 'attn_implementation'": "target.attn_implementation",
+                 "argument 'label_index'": "reward.label_index", "argument 'reward_label_index'": "reward.label_index"}
 
 
 def in_run_file_terms(line: str) -> str:

@@ -185,10 +185,19 @@ def load_causal_lm(spec: dict, role: str, *, device=None):
 def load_reward_model(spec: dict, *, device=None):
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(AutoModelForSequenceClassification.from_pretrained, resolve_model_name(spec["model"]), "reward model",
-                  local_kwargs=_LOCAL_ADAPTER_KWARGS, dtype=torch_dtype(spec.get("dtype")),
-                  trust_remote_code=spec.get("trust_remote_code"),
-                  revision=spec.get("revision"))
+    name = resolve_model_name(spec["model"])
+    model, info = _load(AutoModelForSequenceClassification.from_pretrained, name, "reward model",
+                        local_kwargs=_LOCAL_ADAPTER_KWARGS, dtype=torch_dtype(spec.get("dtype")),
+                        trust_remote_code=spec.get("trust_remote_code"),
+                        revision=spec.get("revision"), output_loading_info=True)
+    # A checkpoint without a trained score head (a causal LM, a bare backbone) loads with a random one: its
+    # "reward" would be noise. The head is what lies outside the backbone (base_model_prefix).
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    head = sorted(k for k in (info or {}).get("missing_keys", ()) if prefix and not k.startswith(prefix + "."))
+    if head:
+        raise CLIError(f"reward.model '{name}' has no trained score head ({', '.join(head)} newly initialised): it is "
+                       "not a sequence-classification reward model (a causal LM?); point reward.model at a reward "
+                       "model, or score with reward.functions")
     return model.to(device) if device is not None else model
 
 

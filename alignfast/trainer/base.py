@@ -85,7 +85,7 @@ def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, rew
             funcs.append(reward_model)
         else:
             funcs.append(RewardModel(reward_model, reward_tokenizer, template=config.reward_template,
-                                     batch_size=config.reward_batch_size,
+                                     batch_size=config.reward_batch_size, label_index=config.reward_label_index,
                                      device=device if isinstance(reward_model, (str, os.PathLike)) else None))
     if reward_funcs is not None:
         funcs.extend(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
