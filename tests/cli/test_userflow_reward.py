@@ -32,3 +32,15 @@ def test_a_causal_lm_as_reward_model_is_refused_naming_reward_model(tmp_path):
         load_reward_model({"model": str(tmp_path / "lm")})
     make_reward_model(tmp_path / "rm", len(tok))
     assert load_reward_model({"model": str(tmp_path / "rm")}).config.num_labels == 1
+
+
+@pytest.mark.parametrize("role, section", [("prompter", "prompter"), ("reward model", "reward")])
+def test_a_model_folder_without_a_tokenizer_says_so_and_names_the_setting(tmp_path, role, section):
+    from alignfast.cli.models import load_tokenizer
+
+    tok = make_tokenizer(tmp_path / "tok", WORDS)
+    make_causal_lm(tmp_path / "lm", len(tok))  # no tokenizer saved beside it
+    with pytest.raises(CLIError, match=rf"^cannot load the {role} tokenizer: .*lm holds no tokenizer files "
+                                       rf"\(tokenizer.json, .*\): point {section}.tokenizer at"):
+        load_tokenizer({"model": str(tmp_path / "lm")}, role)
+    assert len(load_tokenizer({"model": str(tmp_path / "lm"), "tokenizer": str(tmp_path / "tok")}, role)) == len(tok)
