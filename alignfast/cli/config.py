@@ -157,6 +157,10 @@ def apply_overrides(config: dict, overrides: Sequence[str], *, trainer_fields: s
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if isinstance(child, str) and node is config.get("data") and part in ("train", "eval"):
+                # data.<split> given as a path (in the file or by an earlier --data.<split> PATH): its settings
+                # go beside the path, as with {path: ..., limit: ...}
+                child = node[part] = {"path": child}
             if not isinstance(child, dict):
                 raise CLIError(f"cannot set --{key}: '{part}' is not a section")
             node = child

@@ -38,3 +38,14 @@ def test_a_dataset_saved_to_disk_is_read_like_a_saved_dataset_dict(tmp_path):
         assert [r["prompt"] for r in got] == ["p0", "p1"]
     with pytest.raises(CLIError, match=r"data.eval.split \('test'\) does not apply"):
         load_prompts({"path": str(tmp_path / "ds"), "split": "test"}, what="eval")
+
+
+def test_settings_of_a_data_split_given_as_a_path_apply(tmp_path):
+    from alignfast.cli.config import load_run_config
+
+    f = tmp_path / "run.yaml"
+    f.write_text("data:\n  eval: e.jsonl\n")
+    config = load_run_config(str(f), ["--data.train", "t.jsonl", "--data.train.limit", "2",
+                                      "--data.eval.prompt_column", "question"])
+    assert config["data"]["train"] == {"path": "t.jsonl", "limit": 2}
+    assert config["data"]["eval"] == {"path": "e.jsonl", "prompt_column": "question"}
