@@ -49,3 +49,15 @@ def test_settings_of_a_data_split_given_as_a_path_apply(tmp_path):
                                       "--data.eval.prompt_column", "question"])
     assert config["data"]["train"] == {"path": "t.jsonl", "limit": 2}
     assert config["data"]["eval"] == {"path": "e.jsonl", "prompt_column": "question"}
+
+
+def test_correct_refuses_an_upstream_that_would_replace_the_files_answers(tmp_path, capsys):
+    from alignfast.cli import main
+
+    f = tmp_path / "qa.jsonl"
+    f.write_text('{"question": "q", "answer": "mine"}\n')
+    rc = main(["correct", "--aligner", str(tmp_path / "none"), "--upstream", "toy:target", "--data", str(f),
+               "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has an 'answer' column, which --upstream would replace" in err
+    assert len(err.strip().splitlines()) == 1
