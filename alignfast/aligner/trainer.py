@@ -31,6 +31,7 @@ from alignfast.aligner.data import (ENCODING_VERSIONS, PIECES_APART, CorrectionE
 from alignfast.aligner.loss import CorrectionLoss, CorrectionNLL
 from alignfast.ops import weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.rollout.context import check_vocabulary, max_positions
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.base import _changed_settings, load_causal_lm, load_tokenizer
 from alignfast.trainer.callbacks import CallbackHandler
@@ -80,14 +81,18 @@ class AlignerTrainer(RunLoop):
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(tokenizer, model, "tokenizer")  # from the model's path when not given
         model = load_causal_lm(model, "model")
+        check_vocabulary(model, self.tokenizer, "tokenizer", "corrector", "aligner.tokenizer")
+        positions = max_positions(model)
+        if positions is not None and config.max_length > positions:
+            fail("max_length", f"({config.max_length}) is beyond the corrector's max_position_embeddings ({positions})")
         if config.device is not None:
             model = model.to(config.device)
         if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)
             model = model.to(self.processes.accelerator.device)
         if peft_config is not None:
-            from peft import get_peft_model
+            from alignfast.trainer.policy import with_lora
 
-            model = get_peft_model(model, peft_config)
+            model = with_lora(model, peft_config, "aligner.lora")
         self.model = model
         self.device = next(model.parameters()).device
         pad = self.tokenizer.pad_token_id

@@ -54,10 +54,13 @@ def local_target_settings(config: dict) -> dict:
     """The trainer fields that the run file's target section sets when the target runs here (engine hf or vllm):
     target.system_prompt is then the trainer's target_system_prompt, put in the target tokenizer's chat template.
     An OpenAI-compatible target's server formats its own input: the engine sends it (build_target_engine)."""
+    # reward.label_index is the trainer's reward_label_index, whichever the target
+    out = {k: v for k, v in [("reward_label_index", run_config.section(config, "reward").get("label_index"))]
+           if v is not None}
     spec = run_config.section(config, "target")
     if str(spec.get("engine") or "hf").lower() == "openai" or spec.get("system_prompt") is None:
-        return {}
-    return {"target_system_prompt": spec["system_prompt"]}
+        return out
+    return {**out, "target_system_prompt": spec["system_prompt"]}
 
 
 def run_file_dirs(config_path, overrides=()) -> list[str]:

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
                     "OpenAI-compatible endpoint), has the corrector in --aligner rewrite each answer, and writes one "
                     "JSON line per question: its other columns (an id) and {question, answer, correction, truncated}, "
                     "\"truncated\" true where the correction was cut at --max-new-tokens. Without "
-                    "--upstream/--upstream-url the file's own 'answer' column is corrected.")
+                    "--upstream/--upstream-url the file's own 'answer' column is corrected; with one, a file that "
+                    "has an 'answer' column is refused (the upstream's answers would replace it).")
     p.add_argument("--aligner", required=True, metavar="DIR", help="a corrector saved by `alignfast aligner train`")
     up = p.add_mutually_exclusive_group()
     up.add_argument("--upstream", metavar="MODEL", help="upstream model: hub name, local folder, or toy:target")
@@ -117,6 +118,10 @@ def run(args, extra) -> int:
                        "completions the question is sent as it is")
     rows = _questions(args.data)
     have_answers = not (args.upstream or args.upstream_url)
+    if not have_answers and rows and "answer" in rows[0]:  # the upstream's answers would silently replace them
+        flag = "--upstream-url" if args.upstream_url else "--upstream"
+        raise CLIError(f"--data {args.data} has an 'answer' column, which {flag} would replace: drop {flag} to "
+                       "correct the file's own answers, or remove (rename) the column")
     try:
         rows = check_rows(rows, name="--data", need_correction=False) if have_answers else _with_question(rows)
     except AlignfastArgumentError as err:

@@ -41,7 +41,7 @@ SECTIONS: dict[str, set[str] | None] = {
                "retry_budget", "call_timeout",
                "system_prompt", "trust_remote_code", "revision", "lora"},
     "aligner": {"model", "tokenizer", "dtype", "lora", "trust_remote_code", "revision"},  # `alignfast aligner`
-    "reward": {"model", "tokenizer", "dtype", "functions", "weights", "trust_remote_code", "revision"},
+    "reward": {"model", "tokenizer", "dtype", "functions", "weights", "label_index", "trust_remote_code", "revision"},
     "data": {"train", "eval"},
     "trainer": None,  # checked against AlignProConfig's fields by the trainer itself
 }
@@ -157,6 +157,10 @@ def apply_overrides(config: dict, overrides: Sequence[str], *, trainer_fields: s
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if isinstance(child, str) and node is config.get("data") and part in ("train", "eval"):
+                # data.<split> given as a path (in the file or by an earlier --data.<split> PATH): its settings
+                # go beside the path, as with {path: ..., limit: ...}
+                child = node[part] = {"path": child}
             if not isinstance(child, dict):
                 raise CLIError(f"cannot set --{key}: '{part}' is not a section")
             node = child

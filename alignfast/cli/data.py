@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from alignfast.cli.errors import CLIError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
 TOY_SETS = ("toy:train", "toy:eval")  # the embedded world's training and held-out prompts (alignfast.toy)
+_log = logging.getLogger("alignfast.cli")
 
 
 def _toy_rows(name: str) -> list[dict]:
@@ -63,13 +65,16 @@ def load_prompts(spec: dict, *, what: str) -> list[dict]:
         if absent:  # a typo here would silently starve the reward functions of that column
             raise CLIError(f"data.{what}.columns names '{absent[0]}', which {source} does not have (columns: "
                            f"{', '.join(map(str, rows[0]))})")
+    if column != "prompt" and "prompt" in rows[0] and (keep is None or "prompt" in keep):
+        _log.warning("data.%s: %s has its own 'prompt' column, which the reward functions will not see: "
+                     "data.%s.prompt_column '%s' fills 'prompt'", what, source, what, column)
     records = []
     for i, row in enumerate(rows):
         prompt = row.get(column)
         if not isinstance(prompt, str) or not prompt.strip():
             raise CLIError(f"data.{what}: record {i} of {source} has no text in column '{column}'")
         extra = {k: v for k, v in row.items() if k != column and (keep is None or k in keep)}
-        records.append({"prompt": prompt, **extra})
+        records.append({**extra, "prompt": prompt})  # prompt_column wins over a column named 'prompt'
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(records)
     if limit is not None:
@@ -99,7 +104,8 @@ def _int_setting(spec: dict, key: str, what: str, *, minimum: int) -> int | None
 def _read_file(p: Path, what: str) -> list[dict]:
     try:
         if p.suffix == ".csv":
-            with open(p, newline="") as f:
+            # utf-8-sig: a byte-order mark (Excel's UTF-8 CSV) is not part of the first column's name
+            with open(p, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 rows = []
                 for row in reader:  # DictReader pads a short row with None and files a long one's extras under None
@@ -111,7 +117,7 @@ def _read_file(p: Path, what: str) -> list[dict]:
             return rows
         if p.suffix == ".json":
             try:
-                data = json.loads(p.read_text())
+                data = json.loads(p.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as err:
                 raise CLIError(f"data.{what}: {p} is not JSON ({err.msg} at line {err.lineno})") from None
             if isinstance(data, dict):  # {"data": [...]} or {column: [values]}
@@ -122,7 +128,7 @@ def _read_file(p: Path, what: str) -> list[dict]:
                 raise CLIError(f"data.{what}: {p} must hold a list of objects")
             return data
         rows = []
-        with open(p) as f:
+        with open(p, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -172,13 +178,35 @@ def _read_hub(name: str, spec: dict, what: str) -> list[dict]:
     except ImportError:
         raise CLIError(f"data.{what}: '{name}' is not a local file, and reading hub datasets needs the "
                        "`datasets` package (pip install 'alignfast[data]')") from None
+    saved = Path(name).expanduser()
+    if (saved / "state.json").is_file() and (saved / "dataset_info.json").is_file():
+        return _read_saved_dataset(datasets, saved, spec, what)
     try:
         ds = datasets.load_dataset(name, spec.get("name"), split=spec.get("split") or "train")
     except Exception as err:  # noqa: BLE001 - the datasets library raises many types; one line for the user
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CLIError(f"data.{what}: cannot load dataset '{name}' ({first}); offline, point data.{what}.path "
                        "at a local .jsonl/.csv file") from None
+    return _rows_of(ds, spec)
+
+
+def _rows_of(ds, spec: dict) -> list[dict]:
     limit = spec.get("limit")  # checked by load_prompts
     if limit is not None and spec.get("shuffle_seed") is None:
         ds = ds.select(range(min(limit, len(ds))))
     return [dict(r) for r in ds]
+
+
+def _read_saved_dataset(datasets, folder: Path, spec: dict, what: str) -> list[dict]:
+    """A folder written by Dataset.save_to_disk (load_dataset refuses it; a saved DatasetDict's dataset_dict.json
+    makes load_dataset read it with its splits): one table, so split and name do not apply."""
+    for key in ("split", "name"):
+        if spec.get(key) is not None:
+            raise CLIError(f"data.{what}.{key} ({spec[key]!r}) does not apply: {folder} is one Dataset saved with "
+                           f"save_to_disk, which has no splits or configurations: remove it (--data.{what}.{key} null)")
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as err:  # noqa: BLE001 - one line for the user
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f"data.{what}: cannot load the saved dataset {folder} ({first})") from None
+    return _rows_of(ds, spec)

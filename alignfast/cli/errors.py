@@ -19,7 +19,13 @@ def known_error_line(err: BaseException) -> str | None:
 
 # Trainer fields whose run-file key lives in another section: an error the trainer raises about the field names the
 # key the user wrote.
-RUN_FILE_KEYS = {"argument 'target_system_prompt'": "target.system_prompt"}
+RUN_FILE_KEYS = {"argument 'target_system_prompt'": "target.system_prompt",
+                 "argument 'prompter_tokenizer'": "prompter.tokenizer",
+                 "argument 'target_tokenizer'": "target.tokenizer", "argument 'reward_tokenizer'": "reward.tokenizer",
+                 "argument 'response_length'": "trainer.response_length",
+                 "argument 'max_prompt_length'": "trainer.max_prompt_length",
+                 "argument 'attn_implementation'": "target.attn_implementation",
+                 "argument 'label_index'": "reward.label_index", "argument 'reward_label_index'": "reward.label_index"}
 
 
 def in_run_file_terms(line: str) -> str:

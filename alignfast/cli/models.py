@@ -164,10 +164,25 @@ def _load(loader: Callable, name: str, role: str, *, local_kwargs: dict | None =
 _LOCAL_ADAPTER_KWARGS = {"adapter_kwargs": {"local_files_only": True}}
 
 
+# Any one of these makes a folder a tokenizer's (fast, SentencePiece, BPE and WordPiece formats).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "sentencepiece.bpe.model", "tekken.json")
+# The run-file section whose `tokenizer` key points a role at another folder.
+TOKENIZER_SETTINGS = {"prompter": "prompter", "target": "target", "reward model": "reward", "aligner": "aligner"}
+
+
 def load_tokenizer(spec: dict, role: str):
     from transformers import AutoTokenizer
 
     name = resolve_model_name(spec.get("tokenizer") or spec["model"])
+    folder = Path(str(name)).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers' own error here stops mid-sentence ("Couldn't instantiate the backend tokenizer from one of: ")
+        section = TOKENIZER_SETTINGS.get(role)
+        where = (f"point {section}.tokenizer at a folder or hub name that has one" if section else
+                 "save the tokenizer beside the model")
+        raise CLIError(f"cannot load the {role} tokenizer: {folder} holds no tokenizer files "
+                       f"({', '.join(TOKENIZER_FILES[:3])}, ...): {where}")
     return _load(AutoTokenizer.from_pretrained, name, f"{role} tokenizer",
                  trust_remote_code=spec.get("trust_remote_code"), revision=spec.get("revision"))
 
@@ -185,10 +200,19 @@ def load_causal_lm(spec: dict, role: str, *, device=None):
 def load_reward_model(spec: dict, *, device=None):
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(AutoModelForSequenceClassification.from_pretrained, resolve_model_name(spec["model"]), "reward model",
-                  local_kwargs=_LOCAL_ADAPTER_KWARGS, dtype=torch_dtype(spec.get("dtype")),
-                  trust_remote_code=spec.get("trust_remote_code"),
-                  revision=spec.get("revision"))
+    name = resolve_model_name(spec["model"])
+    model, info = _load(AutoModelForSequenceClassification.from_pretrained, name, "reward model",
+                        local_kwargs=_LOCAL_ADAPTER_KWARGS, dtype=torch_dtype(spec.get("dtype")),
+                        trust_remote_code=spec.get("trust_remote_code"),
+                        revision=spec.get("revision"), output_loading_info=True)
+    # A checkpoint without a trained score head (a causal LM, a bare backbone) loads with a random one: its
+    # "reward" would be noise. The head is what lies outside the backbone (base_model_prefix).
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    head = sorted(k for k in (info or {}).get("missing_keys", ()) if prefix and not k.startswith(prefix + "."))
+    if head:
+        raise CLIError(f"reward.model '{name}' has no trained score head ({', '.join(head)} newly initialised): it is "
+                       "not a sequence-classification reward model (a causal LM?); point reward.model at a reward "
+                       "model, or score with reward.functions")
     return model.to(device) if device is not None else model
 
 

@@ -22,6 +22,8 @@ be passed in; each call switches it to eval mode under no_grad and restores its 
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 from collections.abc import Sequence
 
@@ -77,6 +79,22 @@ def _as_id_list(value) -> list[int]:
     if isinstance(value, int):
         return [value]
     return [int(v) for v in value]
+
+
+@contextlib.contextmanager
+def _attn_errors(attn_implementation):
+    """transformers' refusal of an attention implementation (an unknown name: ValueError; flash_attention_2 without
+    its package: ImportError) as one line naming attn_implementation."""
+    if attn_implementation is None:
+        yield
+        return
+    try:
+        yield
+    except (ValueError, ImportError) as err:
+        text = str(err).strip()
+        if "attn" not in text.lower() and "attention" not in text.lower():
+            raise
+        fail("attn_implementation", f"{attn_implementation!r} cannot be used: {text.splitlines()[0]}")
 
 
 class HFEngine(TargetEngine):
@@ -150,7 +168,8 @@ class HFEngine(TargetEngine):
                 fail("device", f"is {device} but the model object is on {next(model.parameters()).device}; "
                      "move the model yourself (the engine never copies weights)")
             if attn_implementation is not None:
-                model.set_attn_implementation(attn_implementation)
+                with _attn_errors(attn_implementation):
+                    model.set_attn_implementation(attn_implementation)
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -196,9 +215,10 @@ class HFEngine(TargetEngine):
             attn_implementation = "flash_attention_2"
         # None lets transformers choose: sdpa where the model supports it, eager where it does not (Gemma-2),
         # which forcing "sdpa" turned into a load error
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                     local_files_only=local_files_only,
-                                                     trust_remote_code=trust_remote_code)
+        with _attn_errors(attn_implementation):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                         local_files_only=local_files_only,
+                                                         trust_remote_code=trust_remote_code)
         model.to(device).eval().requires_grad_(False)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only,

@@ -26,6 +26,7 @@ import torch
 
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout.templates import exchange
+from alignfast.rollout.context import CutCounter, check_vocabulary, max_positions
 
 RewardFunc = Callable[..., list]
 
@@ -75,6 +76,10 @@ class RewardModel:
         self.max_length = max_length
         self.label_index = label_index
         self.pad_token_id = _classifier_pad_id(model, tokenizer)
+        check_vocabulary(model, tokenizer, "reward_tokenizer", "reward model")
+        # An exchange beyond the model's positions keeps its end (the answer is what is judged), with a warning.
+        self._cut = CutCounter("reward-model exchanges", max_length if max_length is not None else
+                               max_positions(model), "the reward model does not see their start")
         name = getattr(model.config, "_name_or_path", "") or "reward_model"
         self.__name__ = name.rstrip("/").split("/")[-1] or "reward_model"
 
@@ -93,10 +98,8 @@ class RewardModel:
             for p, c in zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size]):
                 text, add_special = exchange(self.tokenizer, p, c, fallback_template=self.template,
                                              use_chat_template=self.use_chat_template)
-                ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
-                if self.max_length is not None and len(ids) > self.max_length:
-                    ids = ids[-self.max_length:]  # keep the end: the answer is what is judged
-                encoded.append(ids)
+                encoded.append(list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"]))
+            encoded = self._cut(encoded)
             input_ids, attention_mask = right_pad(encoded, self.pad_token_id, self.device)
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             scores.extend(logits[:, self.label_index].float().tolist())

@@ -14,6 +14,7 @@ import torch
 
 from alignfast.ops._checks import fail
 from alignfast.rollout.engine import TargetEngine
+from alignfast.rollout.context import check_vocabulary
 from alignfast.trainer.base import PPOEngineTrainer, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.environments import AlignProEnvironment
@@ -65,6 +66,9 @@ class AlignProTrainer(PPOEngineTrainer):
     """
 
     arm = "align_pro"
+    policy_role = "prompter"
+    policy_cut_note = ("the start of the rewrite instruction is lost: set trainer.max_prompt_length, or shorten the "
+                       "prompts or trainer.rewrite_template")
 
     def __init__(self, config: AlignProConfig, prompter, prompter_tokenizer, target, *, target_tokenizer=None,
                  reward_model=None, reward_tokenizer=None, reward_funcs=None, reward_weights=None, train_dataset,
@@ -74,6 +78,8 @@ class AlignProTrainer(PPOEngineTrainer):
         prompter = load_causal_lm(prompter, "prompter")
         engine, target_tokenizer = make_target_engine(target, target_tokenizer)
         check_target_room(getattr(engine, "model", None), config.target_max_new_tokens)
+        check_vocabulary(prompter, prompter_tokenizer, "prompter_tokenizer", "prompter")
+        check_vocabulary(getattr(engine, "model", None), target_tokenizer, "target_tokenizer", "target")
         self.target = engine
         self.target_tokenizer = target_tokenizer
         device = config.device or next(prompter.parameters()).device

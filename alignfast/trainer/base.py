@@ -31,6 +31,7 @@ from alignfast.trainer import allocator, frozen
 from alignfast.trainer.callbacks import CallbackHandler
 from alignfast.trainer.compiled_layers import attach_compiled_layers
 from alignfast.trainer.config import AlignProConfig, coerce_config
+from alignfast.rollout.context import CutCounter, policy_input_limit
 from alignfast.trainer.data import PromptBatch, PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules, check_resumable,
                                            gather_env_output, gather_rollout, gathered_for_generation,
@@ -41,7 +42,7 @@ from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.lora_fast import install_lean_lora
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.policy import (CausalLMPolicy, ValueModel, enable_activation_checkpointing, is_peft_model,
-                                     value_head_for)
+                                     value_head_for, with_lora)
 from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
@@ -84,7 +85,7 @@ def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, rew
             funcs.append(reward_model)
         else:
             funcs.append(RewardModel(reward_model, reward_tokenizer, template=config.reward_template,
-                                     batch_size=config.reward_batch_size,
+                                     batch_size=config.reward_batch_size, label_index=config.reward_label_index,
                                      device=device if isinstance(reward_model, (str, os.PathLike)) else None))
     if reward_funcs is not None:
         funcs.extend(reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
@@ -107,6 +108,8 @@ class PPOEngineTrainer(RunLoop):
     # The chat's system message in the policy's own input: none for a prompter; the Oracle's policy is the target,
     # which answers after config.target_system_prompt as the frozen target does under Align-Pro.
     policy_system_prompt: str | None = None
+    policy_role = "policy"  # what errors and warnings about the policy's context call it
+    policy_cut_note = "their start is lost: set trainer.max_prompt_length, or shorten the prompts"
 
     def _setup(self, config, policy_model, policy_tokenizer, environment: Environment, *, train_dataset,
                eval_dataset=None, ref_model=None, value_model=None, peft_config=None, callbacks=None):
@@ -136,6 +139,8 @@ class PPOEngineTrainer(RunLoop):
         self.device = next(model.parameters()).device
         self.tokenizer = policy_tokenizer
         self.pad_id, self.stop_ids = _special_ids(policy_tokenizer, model, config.stop_token_id)
+        self._cut_policy_inputs = CutCounter(f"{self.policy_role}'s inputs", policy_input_limit(model, config,
+                                             self.policy_role), self.policy_cut_note)
 
         # The critic copies the backbone before any LoRA adapter is injected into it.
         self.value_model = None
@@ -152,9 +157,7 @@ class PPOEngineTrainer(RunLoop):
             self.value_model.requires_grad_(True)
 
         if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+            model = with_lora(model, peft_config, f"{self.policy_role}.lora")
         self.ref_model = None
         self.shared_frozen = None  # what is held once for the reference and the target (frozen.py)
         frozen_dtype = getattr(torch, config.frozen_dtype) if config.frozen_dtype is not None else None
@@ -520,8 +523,9 @@ class PPOEngineTrainer(RunLoop):
         else:
             policy_seed = derive_seed(seed, 0, stream=7) % (2**31)
         requests = self.environment.policy_requests(prompts, columns, seed=policy_seed)
-        rows = [templates.user_turn_ids(self.tokenizer, r, max_length=cfg.max_prompt_length,
-                                        system_prompt=self.policy_system_prompt) for r in requests]
+        rows = self._cut_policy_inputs([templates.user_turn_ids(self.tokenizer, r,
+                                                                system_prompt=self.policy_system_prompt)
+                                        for r in requests])
         query_ids, query_mask = left_pad(rows, self.pad_id, self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         logprob_fn = None

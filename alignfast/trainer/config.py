@@ -201,6 +201,8 @@ class AlignProConfig(ConfigDict):
     reward_weights: list[float] | None = _opt(None, "Weights of [reward_model, *reward_funcs] (default all 1).")
     reward_template: str = _opt("{prompt}\n{completion}", "Reward-model input when its tokenizer has no chat template.")
     reward_batch_size: int = 32
+    reward_label_index: int | None = _opt(None, "Which logit of a reward model with several labels is the reward "
+                                          "(the run file's reward.label_index).")
 
     # ------------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -282,6 +284,10 @@ class AlignProConfig(ConfigDict):
             fail("seed", f"must be an integer, got {self.seed!r}")
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
             fail("max_steps", f"must be an integer (<= 0: use total_episodes), got {self.max_steps!r}")
+        if self.reward_label_index is not None and (isinstance(self.reward_label_index, bool)
+                                                    or not isinstance(self.reward_label_index, int)
+                                                    or self.reward_label_index < 0):
+            fail("reward_label_index", f"must be a non-negative integer, got {self.reward_label_index!r}")
         for name in ("warmup_steps", "num_logged_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

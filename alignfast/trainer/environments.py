@@ -150,7 +150,8 @@ class AlignProEnvironment(Environment):
         return [int(start)]
 
     def answer(self, requests: Sequence[str], *, seed: int | None) -> tuple[list[list[str]], int]:
-        """The target's answers (num_samples per request) and the number of tokens it generated."""
+        """The target's answers (num_samples per request, leading and trailing whitespace stripped) and the
+        number of tokens it generated."""
         inputs = self.target_inputs(requests)
         answers: list[list[str]] = []
         n_tokens = 0
@@ -169,7 +170,9 @@ class AlignProEnvironment(Environment):
                                        f"{len(per_prompt)} completions for prompt {start + i} of the batch, "
                                        f"{self.num_samples} were asked (target_num_samples); request: "
                                        f"{str(requests[start + i])[:80]!r}")
-                answers.append([c.text for c in per_prompt])
+                # Stripped as every other model's output is (the prompter's rewrite, the Oracle's and the
+                # proxy's answers, the corrector's): the reward and the eval arms see one post-processing.
+                answers.append([c.text.strip() for c in per_prompt])
                 n_tokens += sum(c.generated_tokens for c in per_prompt)
         return answers, n_tokens
 

@@ -11,6 +11,7 @@ Align-Pro, which leaves the target's weights untouched.
 from __future__ import annotations
 
 from alignfast.rollout import templates
+from alignfast.rollout.context import check_vocabulary
 from alignfast.trainer.base import PPOEngineTrainer, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.environments import DirectEnvironment
@@ -28,6 +29,7 @@ class OracleTrainer(PPOEngineTrainer):
     """
 
     arm = "oracle"
+    policy_role = "target"
 
     def __init__(self, config: AlignProConfig, model, tokenizer=None, *, reward_model=None, reward_tokenizer=None,
                  reward_funcs=None, reward_weights=None, train_dataset, eval_dataset=None, ref_model=None,
@@ -35,6 +37,7 @@ class OracleTrainer(PPOEngineTrainer):
         config = coerce_config(config)
         tokenizer = load_tokenizer(tokenizer, model, "tokenizer")
         model = load_causal_lm(model, "model")
+        check_vocabulary(model, tokenizer, "tokenizer", "target", "target.tokenizer")
         device = config.device or next(model.parameters()).device
         self.rewards = build_rewards(config, reward_model=reward_model, reward_tokenizer=reward_tokenizer,
                                      reward_funcs=reward_funcs, reward_weights=reward_weights, device=device)

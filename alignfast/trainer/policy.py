@@ -270,3 +270,21 @@ def value_head_for(model) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head.to(device=p.device, dtype=p.dtype)
+
+
+def with_lora(model, peft_config, setting: str):
+    """get_peft_model, with peft's own errors (target_modules that match no module, a bad rank) as one line naming
+    peft_config and the run file's `setting` (prompter.lora, target.lora, aligner.lora)."""
+    from peft import get_peft_model
+
+    from alignfast.ops._checks import fail
+
+    try:
+        return get_peft_model(model, peft_config)
+    except (ValueError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        wanted = getattr(peft_config, "target_modules", None)
+        about = (f"target_modules ({', '.join(sorted(map(str, wanted)))}) " if "target modules" in first.lower()
+                 and wanted and not isinstance(wanted, str) else "")
+        fail("peft_config", f"{about}cannot be applied: {first} ({setting}"
+             + (".target_modules" if about else "") + " in a run file)")

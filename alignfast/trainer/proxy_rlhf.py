@@ -31,6 +31,7 @@ import torch
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
 from alignfast.rollout.proxy_decoder import ProxyDecoder, ProxyDecodeOutput
+from alignfast.rollout.context import check_vocabulary
 from alignfast.trainer.align_pro import check_target_room
 from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, _opt
@@ -127,6 +128,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
                 "supported for it: launch with configs/accelerate/ddp.yaml (or torchrun) instead")
         tokenizer = load_tokenizer(tokenizer, target, "tokenizer")
         target = load_causal_lm(target, "target")
+        check_vocabulary(target, tokenizer, "tokenizer", "target", "target.tokenizer")
         if config.device is not None:
             target = target.to(config.device)
         if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)

@@ -131,3 +131,40 @@ def test_a_run_with_one_logged_point_is_drawn(tmp_path):
     centre = pixels[h // 3: 2 * h // 3, w // 3: 2 * w // 3]  # the single point sits mid-axes; the legend is lower right
     run_colour = ((centre - [0x1F / 255, 0x77 / 255, 0xB4 / 255]) ** 2).sum(-1) < 0.01  # matplotlib's C0
     assert run_colour.sum() > 0
+
+
+def test_an_arm_that_is_the_target_ties_with_no_fine_tuning_on_every_prompt():
+    """Every arm's answer gets the same post-processing (stripped): a policy that answers exactly as the target
+    does (the Oracle before training) ties on each prompt, though the target's raw text has surrounding blanks."""
+    from alignfast.eval.arms import no_fine_tuning, with_policy
+    from alignfast.rollout.engine import Completion, TargetEngine
+    from alignfast.rollout.rewards import WeightedRewards
+    from alignfast.trainer.environments import AlignProEnvironment, DirectEnvironment
+
+    class Raw(TargetEngine):
+        def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=None):
+            return [[Completion("\n\n" + ("" if i % 2 else "ok") + "\n") for _ in range(n)]
+                    for i in range(len(prompts))]
+
+    class Tok:  # user_turn_ids without a chat template: the text's ids
+        chat_template = None
+        bos_token_id = eos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True, **kw):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def encode(self, text, add_special_tokens=True, **kw):
+            return [ord(c) for c in text]
+
+    def length(prompts, completions, **columns):
+        return [float(len(c)) for c in completions]
+
+    rewards = WeightedRewards([length])
+    prompts = ["a", "b", "c", "d"]
+    env = AlignProEnvironment(Raw(), rewards, rewrite_template="{prompt}")
+    base = no_fine_tuning(env, prompts)
+    oracle = with_policy("Oracle", DirectEnvironment(rewards), Raw(), Tok(), prompts, max_new_tokens=4,
+                         rewrites=False)
+    assert base.answers == oracle.answers == ["ok", "", "ok", ""]
+    row = compare_arms({"No fine-tuning": base.scores, "Oracle": oracle.scores}, "No fine-tuning")[1]
+    assert (row.wins, row.ties, row.losses) == (0, 4, 0)
