@@ -15,6 +15,8 @@ checkpoints with exact resume (trainer.checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -84,7 +86,12 @@ class AlignerTrainer(RunLoop):
         check_vocabulary(model, self.tokenizer, "tokenizer", "corrector", "aligner.tokenizer")
         positions = max_positions(model)
         if positions is not None and config.max_length > positions:
-            fail("max_length", f"({config.max_length}) is beyond the corrector's max_position_embeddings ({positions})")
+            # max_length is a cap (default 2048): rows up to the corrector's context are fine, so the cap becomes the
+            # context, and the rows beyond it are counted in the truncation warning below, not fed past it.
+            _log.warning("max_length=%d is beyond the corrector's max_position_embeddings (%d): rows are cut to %d "
+                         "tokens", config.max_length, positions, positions)
+            config = dataclasses.replace(config, max_length=positions)
+            self.config = config
         if config.device is not None:
             model = model.to(config.device)
         if self.processes.distributed:  # the launcher's device for this process (cuda:LOCAL_RANK, or cpu)

@@ -425,3 +425,17 @@ def test_a_resume_across_other_weight_decay_groups_carries_the_optimizer_state(t
     torch.save(optimizer, checkpoint / "optimizer.pt")
     _edit_checkpoint_state(checkpoint, lambda state: None)
     assert run("off", 0.1, 4).train(resume_from_checkpoint=True).global_step == 4
+
+
+def test_max_length_beyond_the_correctors_context_becomes_the_context(tmp_path, caplog):
+    """max_length is a cap (default 2048): a corrector with 256 positions trains with rows cut to 256 tokens, said
+    once, instead of feeding longer rows past its positions (or refusing the default)."""
+    import logging
+
+    model, tok = tiny_corrector(tmp_path)
+    positions = model.config.max_position_embeddings
+    with caplog.at_level(logging.WARNING, logger="alignfast"):
+        trainer = AlignerTrainer(_config(tmp_path, max_length=positions + 100), model, tok, train_dataset=ROWS)
+    assert trainer.config.max_length == positions
+    assert f"max_length={positions + 100} is beyond the corrector's max_position_embeddings ({positions})" \
+        in caplog.text
