@@ -151,6 +151,13 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def belongs_to(requested, output_dir: str | os.PathLike) -> bool:
+    """Whether a resume request (True: output_dir's latest; or a checkpoint folder) resumes output_dir's own run."""
+    if requested is True:
+        return True
+    return os.path.realpath(Path(requested).parent) == os.path.realpath(output_dir)
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
