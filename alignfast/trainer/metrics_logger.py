@@ -59,7 +59,8 @@ class MetricsLogger:
     def restart(self, history: list[dict], *, step: int) -> None:
         """Rewrite metrics.jsonl to exactly `history` and keep the samples.jsonl rows of steps <= `step` (on
         resume: drop what the interrupted run wrote past its checkpoint; those steps run again)."""
-        write_text_atomically(self.metrics_path, "".join(json.dumps(_clean(row)) + "\n" for row in history))
+        write_text_atomically(self.metrics_path, "".join(json.dumps(_clean(line)) + "\n" for row in history
+                                                         for line in _lines(row)))
         if self.samples_path.exists():
             lines = self.samples_path.read_text().splitlines()
             kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
@@ -93,6 +94,15 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _lines(row: dict) -> list[dict]:
+    """The metrics.jsonl lines of one history row, as the run wrote them: the step's metrics, then, when it
+    evaluated, its eval/ metrics on a line of their own (history holds them merged into the step's row)."""
+    evals = {k: v for k, v in row.items() if k.startswith("eval/")}
+    if not evals:
+        return [row]
+    return [{k: v for k, v in row.items() if not k.startswith("eval/")}, {"step": row["step"], **evals}]
 
 
 def _step_of(line: str) -> int | None:

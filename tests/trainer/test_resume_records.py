@@ -1,0 +1,43 @@
+"""What a resumed run writes and says: metrics.jsonl as an uninterrupted run's, and a warning for each input the
+checkpoint's run did not have (training prompts, target, reward, number of steps)."""
+
+import json
+import logging
+
+from transformers import AutoModelForCausalLM
+
+from alignfast.trainer import AlignProConfig, AlignProTrainer
+from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, Recorder, keyword_reward, small_world
+
+BASE = dict(seed=3, per_device_train_batch_size=3, num_mini_batches=1, num_ppo_epochs=1, response_length=4,
+            temperature=1.0, learning_rate=5e-3, logging_steps=1, rewrite_template="{prompt}")
+
+
+def trainer(tok, prompter_dir, out, *, target=lambda s: s, rewards=(keyword_reward,), weights=None,
+            prompts=TRAIN_PROMPTS, stop_at=None, **cfg):
+    rec = Recorder(stop_at)
+    t = AlignProTrainer(AlignProConfig(output_dir=str(out), **{**BASE, **cfg}),
+                        AutoModelForCausalLM.from_pretrained(prompter_dir), tok, FunctionTarget(target, tok),
+                        reward_funcs=list(rewards), reward_weights=weights, train_dataset=prompts,
+                        eval_dataset=TRAIN_PROMPTS[:2], callbacks=[rec])
+    rec.trainer = t
+    return t
+
+
+def _lines(path):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("timing")}
+            for line in path.read_text().splitlines()]
+
+
+def test_a_resumed_run_writes_the_metrics_lines_of_an_uninterrupted_one(tmp_path):
+    tok, prompter_dir = small_world(tmp_path)
+    cfg = dict(max_steps=6, save_steps=2, eval_steps=2)
+    trainer(tok, prompter_dir, tmp_path / "full", **cfg).train()
+    trainer(tok, prompter_dir, tmp_path / "split", stop_at=3, **cfg).train()  # checkpoint-3 on the stop
+    trainer(tok, prompter_dir, tmp_path / "split", **cfg).train(resume_from_checkpoint=True)
+    full, split = _lines(tmp_path / "full" / "metrics.jsonl"), _lines(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in full] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
+    assert [sorted(r) for r in split] == [sorted(r) for r in full]
+    assert [r["step"] for r in split] == [r["step"] for r in full]
+    keys = ("objective/scores", "eval/scores", "lr")
+    assert [{k: r.get(k) for k in keys} for r in split] == [{k: r.get(k) for k in keys} for r in full]
