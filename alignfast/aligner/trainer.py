@@ -39,8 +39,8 @@ from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.optimizers import no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import bounded_param_groups
-from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_resume_matches, check_same_arm,
-                                             check_same_reference, reference_fingerprint)
+from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_num_steps, check_resume_matches,
+                                             check_same_arm, check_same_reference, reference_fingerprint)
 from alignfast.trainer.results import TrainingDivergedError
 from alignfast.trainer.run_loop import RunLoop
 
@@ -317,6 +317,7 @@ class AlignerTrainer(RunLoop):
         # Before any tensor is copied: the corrector's trainable set and shapes (with/without LoRA, other
         # target_modules or rank), then a LoRA run's frozen base weights (another base model of the same shapes).
         check_same_arm(path, state, self.arm)
+        check_num_steps(path, state, self.num_steps, self.config.lr_scheduler_type)
         check_resume_matches(path, data["trainable"], state, self.model, self.config, value_model=None,
                              value_head=None, label="corrector")
         check_same_reference(path, state, self._base_fingerprint(), self.arm,

@@ -46,8 +46,8 @@ from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, own_hy
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError
-from alignfast.trainer.resume_checks import (check_resume_matches, check_same_arm, check_same_reference,
-                                             reference_fingerprint)
+from alignfast.trainer.resume_checks import (check_num_steps, check_resume_matches, check_same_arm,
+                                             check_same_reference, reference_fingerprint)
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.run_loop import RunLoop
 
@@ -624,6 +624,7 @@ class PPOEngineTrainer(RunLoop):
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         check_same_arm(path, data["state"], self.arm)
+        check_num_steps(path, data["state"], self.num_steps, self.config.lr_scheduler_type)
         sharded = check_resumable(self.processes, path, data["state"])
         if sharded:  # every process reads its shard of parameters and optimizer state
             with own_hyperparameters(self.optimizer):
@@ -665,8 +666,10 @@ class PPOEngineTrainer(RunLoop):
 # saves, how long it runs).
 _RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
                    "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
-                   "total_episodes", "num_train_epochs", "max_steps", "device", "gradient_checkpointing",
-                   "share_frozen_weights", "malloc_mmap_threshold"}
+                   "total_episodes", "num_train_epochs", "max_steps", "device", "share_frozen_weights",
+                   "malloc_mmap_threshold"}
+# Not neutral: gradient_checkpointing (a checkpointed policy keeps ATen's GEMMs: other roundings); a change of
+# total_episodes / num_train_epochs / max_steps rebuilds the LR schedule (resume_checks.check_num_steps says so).
 
 
 def _changed_settings(saved: dict, now: dict) -> list[str]:

@@ -4,9 +4,13 @@ deep inside torch, and never a silently half-restored run)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alignfast.ops._checks import AlignfastArgumentError
+
+
+_log = logging.getLogger("alignfast.trainer")
 
 
 class CheckpointMismatchError(AlignfastArgumentError):
@@ -100,3 +104,20 @@ def check_same_reference(path, state: dict, fingerprint: str, arm: str, *,
     if saved is not None and saved != fingerprint:
         _fail(path, f"it was trained from other frozen weights: {weights} (another model of the same architecture, or "
                     "this one loaded in another dtype?)")
+
+
+def check_num_steps(path, state: dict, num_steps: int, lr_scheduler_type) -> None:
+    """A resume may run longer or shorter (total_episodes, max_steps, num_train_epochs), but the LR schedule is
+    rebuilt over the new number of steps (a scheduler's state holds its step, not its length): the learning rate
+    then jumps at the resume. Said in one warning; fewer steps than the checkpoint has run is an error."""
+    saved, done = state.get("num_steps"), int(state.get("global_step", 0))
+    if saved is None or int(saved) == num_steps:
+        return
+    if num_steps < done:
+        _fail(Path(path), f"it is at step {done} and this run's total_episodes / max_steps / num_train_epochs give "
+                          f"{num_steps} steps; resume with at least {done}")
+    if str(lr_scheduler_type) != "constant":
+        _log.warning("resuming from %s with %d steps where its run had %d (total_episodes / max_steps / "
+                     "num_train_epochs): the %s learning-rate schedule is rebuilt over %d steps, so from step %d on "
+                     "the learning rate differs from an uninterrupted run's", path, num_steps, saved,
+                     lr_scheduler_type, num_steps, done + 1)

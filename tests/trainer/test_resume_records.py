@@ -41,3 +41,28 @@ def test_a_resumed_run_writes_the_metrics_lines_of_an_uninterrupted_one(tmp_path
     assert [r["step"] for r in split] == [r["step"] for r in full]
     keys = ("objective/scores", "eval/scores", "lr")
     assert [{k: r.get(k) for k in keys} for r in split] == [{k: r.get(k) for k in keys} for r in full]
+
+
+def test_a_resume_over_another_number_of_steps_says_the_lr_schedule_changes(tmp_path, caplog):
+    import pytest
+
+    from alignfast.trainer.resume_checks import CheckpointMismatchError
+
+    tok, prompter_dir = small_world(tmp_path)
+    out = tmp_path / "run"
+    trainer(tok, prompter_dir, out, max_steps=6, save_steps=3, stop_at=3, lr_scheduler_type="linear").train()
+    with caplog.at_level(logging.WARNING, logger="alignfast.trainer"):
+        t = trainer(tok, prompter_dir, out, max_steps=4, save_steps=3, lr_scheduler_type="linear")
+        t.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("with 4 steps where its run had 6 (total_episodes / max_steps / num_train_epochs): the linear "
+               "learning-rate schedule is rebuilt over 4 steps, so from step 4 on" in m for m in lines), lines
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-3: it is at step 3 and this run's total_episodes "
+                                                      r"/ max_steps / num_train_epochs give 2 steps"):
+        trainer(tok, prompter_dir, out, max_steps=2, lr_scheduler_type="linear").train(
+            resume_from_checkpoint=str(out / "checkpoint-3"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignfast.trainer"):  # changes the numbers: not neutral
+        trainer(tok, prompter_dir, out, max_steps=4, lr_scheduler_type="linear", gradient_checkpointing=True).train(
+            resume_from_checkpoint=str(out / "checkpoint-3"))
+    assert any("gradient_checkpointing: False -> True" in r.getMessage() for r in caplog.records)
