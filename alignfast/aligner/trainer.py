@@ -40,7 +40,8 @@ from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.optimizers import no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import bounded_param_groups
 from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_num_steps, check_resume_matches,
-                                             check_same_arm, check_same_reference, reference_fingerprint)
+                                             check_same_arm, check_same_reference, reference_fingerprint,
+                                             warn_other_train_rows)
 from alignfast.trainer.results import TrainingDivergedError
 from alignfast.trainer.run_loop import RunLoop
 
@@ -338,16 +339,8 @@ class AlignerTrainer(RunLoop):
         if changed:
             _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
                          "match an uninterrupted one", path, ", ".join(changed))
-        # Other training rows may be on purpose (as other settings may), but never silent: the data order is drawn
-        # over the rows, so the run will not match an uninterrupted one.
-        rows = state.get("train_rows")
-        if rows is not None and rows != len(self.train_encoded):
-            _log.warning("resuming from %s with %d training rows where the checkpoint's run had %d: the data order "
-                         "and the run will not match an uninterrupted one", path, len(self.train_encoded), rows)
-        elif state.get("train_fingerprint") not in (None, self._data_fingerprint()):
-            _log.warning("resuming from %s with other training rows than the checkpoint's run (as many, %d, but "
-                         "other rows, order or tokenization): the run will not match an uninterrupted one", path,
-                         len(self.train_encoded))
+        warn_other_train_rows(path, state, len(self.train_encoded), self._data_fingerprint(), what="training rows",
+                              setting="data.train in a run file; train_dataset in Python")
         self.global_step = int(state["global_step"])
         self.num_tokens = int(state["num_tokens"])
         self.history = list(state["history"])

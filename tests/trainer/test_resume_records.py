@@ -4,6 +4,7 @@ checkpoint's run did not have (training prompts, target, reward, number of steps
 import json
 import logging
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from alignfast.trainer import AlignProConfig, AlignProTrainer
@@ -66,3 +67,75 @@ def test_a_resume_over_another_number_of_steps_says_the_lr_schedule_changes(tmp_
         trainer(tok, prompter_dir, out, max_steps=4, lr_scheduler_type="linear", gradient_checkpointing=True).train(
             resume_from_checkpoint=str(out / "checkpoint-3"))
     assert any("gradient_checkpointing: False -> True" in r.getMessage() for r in caplog.records)
+
+
+def _warnings(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if " WARNING " in line]
+
+
+def test_a_resume_with_other_prompts_target_or_reward_says_so_in_one_line_each(tmp_path, capsys):
+    from alignfast.cli import main
+    from tests.hardening.test_cli_one_line import SMALL, TOY
+
+    out = str(tmp_path / "run")
+    run = ["train", "--config", TOY, "--trainer.output_dir", out, *SMALL]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 0
+    assert not [w for w in _warnings(capsys) if "resuming from" in w]
+    for extra, says in ((["--data.train", "toy:eval"], "with 250 training prompts where the checkpoint's run had 2000 "
+                                                       "(data.train in a run file"),
+                        (["--target.model", "toy:prompter"], "with another target (target.model in a run file"),
+                        (["--reward.weights", "[2.0]"], "with another reward (reward.model / reward.functions / "
+                                                        "reward.weights in a run file; reward_model, reward_funcs, "
+                                                        "reward_weights in Python): 2 x answer_accuracy where the "
+                                                        "checkpoint's run had 1 x answer_accuracy")):
+        assert main([*run, *extra, "--resume"]) == 0
+        lines = [w for w in _warnings(capsys) if "resuming from" in w]
+        assert len(lines) == 1 and says in lines[0], (extra, lines)
+
+    # A checkpoint of an older alignfast recorded none of them: no such warning.
+    state_file = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("train_rows", "train_fingerprint", "target", "rewards"):
+        state.pop(key)
+    state_file.write_text(json.dumps(state))
+    (tmp_path / "run" / "checkpoint-2" / "manifest.json").unlink()  # resumed unverified, as such a checkpoint is
+    assert main([*run, "--data.train", "toy:eval", "--target.model", "toy:prompter", "--reward.weights", "[2.0]",
+                 "--resume"]) == 0
+    assert not [w for w in _warnings(capsys) if "resuming from" in w and "unverified" not in w]
+
+
+def test_a_proxy_rlhf_checkpoint_records_its_targets_weights(tmp_path, capsys):
+    from alignfast.cli import main
+    from alignfast.trainer import checkpoint as ckpt
+    from alignfast.trainer.resume_checks import EMPTY_FINGERPRINT
+    from tests.proxy.test_proxy_cli import RUN
+
+    out = tmp_path / "run"
+    args = ["train", "--config", RUN, "--method", "proxy", "--trainer.output_dir", str(out),
+            "--per_device_train_batch_size", "8", "--num_mini_batches", "1", "--save_steps", "1",
+            "--target_max_new_tokens", "4", "--total_episodes", "8"]
+    assert main(args) == 0
+    state = ckpt.load_checkpoint(out / "proxy" / "checkpoint-1")["state"]
+    assert state["reference_fingerprint"] != EMPTY_FINGERPRINT
+    capsys.readouterr()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.toy import load_world
+
+    world = load_world()
+    other = AutoModelForCausalLM.from_pretrained(world.target_path)  # the same shapes, other weights
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    other.save_pretrained(tmp_path / "other_target")
+    AutoTokenizer.from_pretrained(world.target_path).save_pretrained(tmp_path / "other_target")
+    assert main([*args, "--target.model", str(tmp_path / "other_target"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the frozen target's weights differ from this run's target (target.model)" in err[0]
+    # A checkpoint written before (the fingerprint of nothing) still resumes.
+    state_file = out / "proxy" / "checkpoint-1" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()),
+                                      "reference_fingerprint": EMPTY_FINGERPRINT}))
+    (out / "proxy" / "checkpoint-1" / "manifest.json").unlink()
+    assert main([*args, "--resume"]) == 0
