@@ -29,6 +29,7 @@ from alignfast.aligner.config import AlignerConfig, coerce_config
 from alignfast.aligner.data import (ENCODING_VERSIONS, PIECES_APART, CorrectionEncoder, check_rows, collate,
                                     with_identity_rows)
 from alignfast.aligner.loss import CorrectionLoss, CorrectionNLL
+from alignfast.files import readable_weights
 from alignfast.ops import weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.trainer import checkpoint as ckpt
@@ -245,13 +246,15 @@ class AlignerTrainer(RunLoop):
         exactly."""
         out = Path(output_dir or self.config.output_dir)
         if self.processes.is_main:  # the replicas are identical: one process writes
-            out.mkdir(parents=True, exist_ok=True)
-            self._save_policy(out)
+            with ckpt.writing(self.config.output_dir, "the corrector", out):
+                out.mkdir(parents=True, exist_ok=True)
+                self._save_policy(out)
         self.processes.wait()
         return out
 
     def _save_policy(self, path: Path) -> None:
         self.model.save_pretrained(str(path))
+        readable_weights(path)  # safetensors writes 0600
         self.tokenizer.save_pretrained(str(path))
         cfg = self.config
         (Path(path) / ALIGNER_FILE).write_text(json.dumps(

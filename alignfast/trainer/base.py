@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignfast.files import write_text_atomically
+from alignfast.files import readable_weights, write_text_atomically
 from alignfast.ops import _checks, cpu_gemm, weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
@@ -320,11 +320,12 @@ class PPOEngineTrainer(RunLoop):
         state = gathered_policy_state(self.processes, self.trainable) if self.processes.sharded_state else None
         extra = {"state_dict": state} if state is not None else {}
         if self.processes.is_main:  # the replicas are identical: one process writes
-            if not out.exists():  # a new folder appears whole or not at all (a kill mid-write leaves no partial model)
-                with ckpt.new_folder_atomically(out) as tmp:
-                    self._write_model(tmp, extra)
-            else:
-                self._write_model(out, extra)
+            with ckpt.writing(self.config.output_dir, "the model", out):
+                if not out.exists():  # a new folder appears whole or not at all (a kill mid-write: no partial model)
+                    with ckpt.new_folder_atomically(out) as tmp:
+                        self._write_model(tmp, extra)
+                else:
+                    self._write_model(out, extra)
         self.processes.wait()
         return out
 
@@ -332,6 +333,7 @@ class PPOEngineTrainer(RunLoop):
         """The model, its tokenizer, and which arm trained it (ARM_FILE: `alignfast eval` refuses a folder passed as
         another arm's checkpoint, which it used to score and label as that arm)."""
         self.model.save_pretrained(str(folder), **extra)
+        readable_weights(folder)  # safetensors writes 0600
         self.tokenizer.save_pretrained(str(folder))
         write_text_atomically(Path(folder) / ARM_FILE, json.dumps({"arm": self.arm}) + "\n")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from alignfast.files import write_text_atomically
 from alignfast.ops._checks import fail
+from alignfast.trainer.checkpoint import writing
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # torch.utils.tensorboard needs the first
 
@@ -59,8 +60,9 @@ class MetricsLogger:
     def restart(self, history: list[dict], *, step: int) -> None:
         """Rewrite metrics.jsonl to exactly `history` and keep the samples.jsonl rows of steps <= `step` (on
         resume: drop what the interrupted run wrote past its checkpoint; those steps run again)."""
-        write_text_atomically(self.metrics_path, "".join(json.dumps(_clean(line)) + "\n" for row in history
-                                                         for line in _lines(row)))
+        with writing(self.dir, self.metrics_path.name):
+            write_text_atomically(self.metrics_path, "".join(json.dumps(_clean(line)) + "\n" for row in history
+                                                             for line in _lines(row)))
         if self.samples_path.exists():
             lines = self.samples_path.read_text().splitlines()
             kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
@@ -68,7 +70,7 @@ class MetricsLogger:
                 write_text_atomically(self.samples_path, "".join(line + "\n" for line in kept))
 
     def write(self, metrics: dict, *, step: int) -> None:
-        with open(self.metrics_path, "a") as f:
+        with writing(self.dir, self.metrics_path.name), open(self.metrics_path, "a") as f:
             f.write(json.dumps(_clean({"step": step, **metrics})) + "\n")
 
     def track(self, metrics: dict, *, step: int) -> None:
@@ -83,7 +85,7 @@ class MetricsLogger:
     def samples(self, rows: list[dict], *, step: int) -> None:
         if not rows:
             return
-        with open(self.samples_path, "a") as f:
+        with writing(self.dir, self.samples_path.name), open(self.samples_path, "a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
 

@@ -104,7 +104,8 @@ class RunLoop:
                 control.should_training_stop = control.should_training_stop or stopping
                 stop.adopt(signal_number)
                 if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final or stopping):
-                    last_good = self._save_checkpoint()
+                    with ckpt.writing(cfg.output_dir, f"checkpoint-{self.global_step}"):
+                        last_good = self._save_checkpoint()
                     control = self.callbacks.fire("on_save")
                     stopping = self._agree_on_stop(control) or stopping  # every process saves here: one more agreement
                 if signal_number and not final:
