@@ -31,6 +31,14 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def readable_weights(folder: str | os.PathLike) -> None:
+    """Give the *.safetensors under `folder` the usual permissions (0666 less the umask): safetensors' save_file
+    creates them 0600, so other users of a shared machine could not read a model they can read the rest of."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*.safetensors"):
+        os.chmod(path, mode)
+
+
 def _umask() -> int:
     """The process's umask, read from /proc where Linux shows it (setting it to read it back would change it for
     every thread for a moment)."""

@@ -31,6 +31,7 @@ from alignfast.aligner.config import AlignerConfig, coerce_config
 from alignfast.aligner.data import (ENCODING_VERSIONS, PIECES_APART, CorrectionEncoder, check_rows, collate,
                                     with_identity_rows)
 from alignfast.aligner.loss import CorrectionLoss, CorrectionNLL
+from alignfast.files import readable_weights
 from alignfast.ops import weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout.context import check_vocabulary, max_positions
@@ -42,8 +43,9 @@ from alignfast.trainer.distributed import make_processes
 from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.optimizers import no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import bounded_param_groups
-from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_resume_matches, check_same_arm,
-                                             check_same_reference, reference_fingerprint)
+from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_num_steps, check_resume_matches,
+                                             check_same_arm, check_same_reference, reference_fingerprint,
+                                             warn_other_train_rows)
 from alignfast.trainer.results import TrainingDivergedError
 from alignfast.trainer.run_loop import RunLoop
 
@@ -256,13 +258,15 @@ class AlignerTrainer(RunLoop):
         exactly."""
         out = Path(output_dir or self.config.output_dir)
         if self.processes.is_main:  # the replicas are identical: one process writes
-            out.mkdir(parents=True, exist_ok=True)
-            self._save_policy(out)
+            with ckpt.writing(self.config.output_dir, "the corrector", out):
+                out.mkdir(parents=True, exist_ok=True)
+                self._save_policy(out)
         self.processes.wait()
         return out
 
     def _save_policy(self, path: Path) -> None:
         self.model.save_pretrained(str(path))
+        readable_weights(path)  # safetensors writes 0600
         self.tokenizer.save_pretrained(str(path))
         cfg = self.config
         (Path(path) / ALIGNER_FILE).write_text(json.dumps(
@@ -329,6 +333,7 @@ class AlignerTrainer(RunLoop):
         # Before any tensor is copied: the corrector's trainable set and shapes (with/without LoRA, other
         # target_modules or rank), then a LoRA run's frozen base weights (another base model of the same shapes).
         check_same_arm(path, state, self.arm)
+        check_num_steps(path, state, self.num_steps, self.config.lr_scheduler_type)
         check_resume_matches(path, data["trainable"], state, self.model, self.config, value_model=None,
                              value_head=None, label="corrector")
         check_same_reference(path, state, self._base_fingerprint(), self.arm,
@@ -349,16 +354,8 @@ class AlignerTrainer(RunLoop):
         if changed:
             _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
                          "match an uninterrupted one", path, ", ".join(changed))
-        # Other training rows may be on purpose (as other settings may), but never silent: the data order is drawn
-        # over the rows, so the run will not match an uninterrupted one.
-        rows = state.get("train_rows")
-        if rows is not None and rows != len(self.train_encoded):
-            _log.warning("resuming from %s with %d training rows where the checkpoint's run had %d: the data order "
-                         "and the run will not match an uninterrupted one", path, len(self.train_encoded), rows)
-        elif state.get("train_fingerprint") not in (None, self._data_fingerprint()):
-            _log.warning("resuming from %s with other training rows than the checkpoint's run (as many, %d, but "
-                         "other rows, order or tokenization): the run will not match an uninterrupted one", path,
-                         len(self.train_encoded))
+        warn_other_train_rows(path, state, len(self.train_encoded), self._data_fingerprint(), what="training rows",
+                              setting="data.train in a run file; train_dataset in Python")
         self.global_step = int(state["global_step"])
         self.num_tokens = int(state["num_tokens"])
         self.history = list(state["history"])

@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_error(f"alignfast {args.command}: error: {in_run_file_terms(line)}")
         return 2
+    finally:
+        if "alignfast.trainer.output_lock" in sys.modules:  # the command's run is over: its output_dir is free
+            sys.modules["alignfast.trainer.output_lock"].release_command_locks()
 
 
 if __name__ == "__main__":

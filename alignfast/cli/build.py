@@ -77,18 +77,25 @@ def run_file_dirs(config_path, overrides=()) -> list[str]:
 
 
 def preflight_run(cfg, *, resume) -> None:
-    """What a training command checks before it loads any model (minutes with real ones): an output_dir that holds
-    a run (unless resuming), a tracker in report_to that is not installed; then it fits the thread count to the
-    machine's free cores. cfg: any trainer config (AlignProConfig, ProxyRLHFConfig, AlignerConfig)."""
+    """What a training command checks before it loads any model (minutes with real ones): a tracker in report_to
+    that is not installed, a launcher config whose backend is not installed, an output_dir that cannot be written,
+    that another run is using (one process: the lock is taken here and held for the run) or that holds a run
+    this one would mix with; then it fits the thread count to the machine's free cores. cfg: any trainer config
+    (AlignProConfig, ProxyRLHFConfig, AlignerConfig)."""
     from alignfast.cli.threads import fit_threads_to_machine
     from alignfast.ops import AlignfastArgumentError
+    from alignfast.trainer.distributed import check_launcher_backend, launched_world_size
     from alignfast.trainer.metrics_logger import check_reporters
+    from alignfast.trainer.output_lock import check_writable, hold_for_command
     from alignfast.trainer.run_loop import check_output_dir
 
     try:
-        if not resume:
-            check_output_dir(cfg)
         check_reporters(cfg.report_to)
+        check_launcher_backend()
+        check_writable(cfg.output_dir)
+        if launched_world_size() <= 1:  # under a launcher the trainer's main process takes it, and tells the others
+            hold_for_command(cfg.output_dir)
+        check_output_dir(cfg, resume=resume)
     except AlignfastArgumentError as err:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     fit_threads_to_machine()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignfast.files import write_text_atomically
+from alignfast.files import readable_weights, write_text_atomically
 from alignfast.ops import _checks, cpu_gemm, weight_grad_buffer
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
@@ -47,8 +47,10 @@ from alignfast.trainer.optimizers import make_optimizer, no_weight_decay, own_hy
 from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, compute_advantages, make_opset,
                                         score_rollout)
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError
-from alignfast.trainer.resume_checks import (check_resume_matches, check_same_arm, check_same_reference,
-                                             reference_fingerprint)
+from alignfast.trainer.resume_checks import (check_num_steps, check_resume_matches, check_same_arm,
+                                             check_same_reference, EMPTY_FINGERPRINT, prompts_fingerprint,
+                                             reference_fingerprint,
+                                             warn_other_inputs, warn_other_train_rows)
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.run_loop import RunLoop
 
@@ -321,11 +323,12 @@ class PPOEngineTrainer(RunLoop):
         state = gathered_policy_state(self.processes, self.trainable) if self.processes.sharded_state else None
         extra = {"state_dict": state} if state is not None else {}
         if self.processes.is_main:  # the replicas are identical: one process writes
-            if not out.exists():  # a new folder appears whole or not at all (a kill mid-write leaves no partial model)
-                with ckpt.new_folder_atomically(out) as tmp:
-                    self._write_model(tmp, extra)
-            else:
-                self._write_model(out, extra)
+            with ckpt.writing(self.config.output_dir, "the model", out):
+                if not out.exists():  # a new folder appears whole or not at all (a kill mid-write: no partial model)
+                    with ckpt.new_folder_atomically(out) as tmp:
+                        self._write_model(tmp, extra)
+                else:
+                    self._write_model(out, extra)
         self.processes.wait()
         return out
 
@@ -333,6 +336,7 @@ class PPOEngineTrainer(RunLoop):
         """The model, its tokenizer, and which arm trained it (ARM_FILE: `alignfast eval` refuses a folder passed as
         another arm's checkpoint, which it used to score and label as that arm)."""
         self.model.save_pretrained(str(folder), **extra)
+        readable_weights(folder)  # safetensors writes 0600
         self.tokenizer.save_pretrained(str(folder))
         write_text_atomically(Path(folder) / ARM_FILE, json.dumps({"arm": self.arm}) + "\n")
 
@@ -589,7 +593,9 @@ class PPOEngineTrainer(RunLoop):
         state = {"global_step": self.global_step, "episode": self.episode, "kl_controller": self.kl_ctl.state_dict(),
                  "history": self.history, "config": cfg.to_dict(), "arm": self.arm, "num_steps": self.num_steps,
                  "reference_fingerprint": self._reference_fingerprint(),
-                 "num_processes": self.processes.num_processes}
+                 "num_processes": self.processes.num_processes, "train_rows": len(self.train_dataset),
+                 "train_fingerprint": self._train_fingerprint(), "target": self._target_identity(),
+                 "rewards": self._reward_setup()}
 
         def save_policy(path):
             self.model.save_pretrained(str(path))
@@ -608,11 +614,42 @@ class PPOEngineTrainer(RunLoop):
         self.processes.wait()  # no process runs ahead of (or resumes from) a half-written checkpoint
         return path
 
+    # What the frozen reference weights are, for the error of a resume from a run trained from others.
+    reference_weights_text = "its reference (SFT) weights differ from this run's policy before training"
+
     def _reference_fingerprint(self) -> str:
         """Identity of the frozen reference policy (the reference model, or LoRA's frozen base weights)."""
         ref = self.ref_model if self.ref_model is not None else self.model
         return reference_fingerprint((n, p) for n, p in ref.named_parameters() if not p.requires_grad
                                      or ref is self.ref_model)
+
+    def _train_fingerprint(self) -> str:
+        if getattr(self, "_train_fp", None) is None:
+            self._train_fp = prompts_fingerprint(self.train_dataset.prompts, self.train_dataset.columns)
+        return self._train_fp
+
+    def _target_identity(self) -> dict | None:
+        """{name, weights}: the frozen target's name and a cheap fingerprint of its weights (reference_fingerprint)
+        when it runs here; its model name alone behind an endpoint; None where the policy is the target (the
+        Oracle: its reference fingerprint covers it)."""
+        engine = getattr(self.environment, "target", None)
+        if engine is None:
+            return None
+        module = frozen.target_module(self.environment)
+        if module is not None:
+            if getattr(self, "_target_fp", None) is None:
+                name = getattr(getattr(module, "config", None), "_name_or_path", "") or type(module).__name__
+                self._target_fp = {"name": str(name), "weights": reference_fingerprint(module.named_parameters())}
+            return self._target_fp
+        name = getattr(engine, "model", None)
+        return {"name": name if isinstance(name, str) else type(engine).__name__, "weights": None}
+
+    def _reward_setup(self) -> list | None:
+        """[[name, weight], ...] of the reward functions (the reward model first)."""
+        rewards = getattr(self, "rewards", None)
+        if rewards is None:
+            return None
+        return [[name, float(w)] for name, w in zip(rewards.names, rewards.weights)]
 
     def _warn_changed_settings(self, path: Path, saved: dict) -> None:
         """A resume with other hyperparameters is allowed (it may be on purpose) but never silent: the run
@@ -628,6 +665,7 @@ class PPOEngineTrainer(RunLoop):
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         check_same_arm(path, data["state"], self.arm)
+        check_num_steps(path, data["state"], self.num_steps, self.config.lr_scheduler_type)
         sharded = check_resumable(self.processes, path, data["state"])
         if sharded:  # every process reads its shard of parameters and optimizer state
             with own_hyperparameters(self.optimizer):
@@ -637,7 +675,11 @@ class PPOEngineTrainer(RunLoop):
         if not sharded:  # accelerate's load_state has restored (and shape-checked) parameters and optimizer
             check_resume_matches(path, trainable, data["state"], self.model, self.config,
                                  value_model=self.value_model, value_head=self.shared_value_head)
-        check_same_reference(path, data["state"], self._reference_fingerprint(), self.arm)
+        ref_state = data["state"]
+        if ref_state.get("reference_fingerprint") == EMPTY_FINGERPRINT:  # recorded no frozen weight: nothing to check
+            ref_state = {**ref_state, "reference_fingerprint": None}
+        check_same_reference(path, ref_state, self._reference_fingerprint(), self.arm,
+                             weights=self.reference_weights_text)
         if not sharded:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
@@ -659,6 +701,9 @@ class PPOEngineTrainer(RunLoop):
         ckpt.set_rng_state(data["rng"])
         state = data["state"]
         self._warn_changed_settings(path, state.get("config") or {})
+        warn_other_train_rows(path, state, len(self.train_dataset), self._train_fingerprint(), what="training prompts",
+                              setting="data.train in a run file; train_dataset in Python")
+        warn_other_inputs(path, state, target=self._target_identity(), rewards=self._reward_setup())
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.global_step = int(state["global_step"])
         self.episode = int(state["episode"])
@@ -669,8 +714,10 @@ class PPOEngineTrainer(RunLoop):
 # saves, how long it runs).
 _RESUME_NEUTRAL = {"output_dir", "overwrite_output_dir", "run_name", "report_to", "logging_steps", "num_logged_samples",
                    "save_strategy", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
-                   "total_episodes", "num_train_epochs", "max_steps", "device", "gradient_checkpointing",
-                   "share_frozen_weights", "malloc_mmap_threshold"}
+                   "total_episodes", "num_train_epochs", "max_steps", "device", "share_frozen_weights",
+                   "malloc_mmap_threshold"}
+# Not neutral: gradient_checkpointing (a checkpointed policy keeps ATen's GEMMs: other roundings); a change of
+# total_episodes / num_train_epochs / max_steps rebuilds the LR schedule (resume_checks.check_num_steps says so).
 
 
 def _changed_settings(saved: dict, now: dict) -> list[str]:

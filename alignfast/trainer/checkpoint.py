@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from alignfast.files import readable_weights
 from alignfast.ops._checks import AlignfastArgumentError
 
 STATE_FILE = "trainer_state.json"
@@ -79,6 +80,50 @@ class UnverifiedCheckpoint(CorruptCheckpointError):
     """A checkpoint without a manifest: from an alignfast that wrote none (resumable, unverified), or damaged."""
 
 
+class OutputWriteError(AlignfastArgumentError, OSError):
+    """A checkpoint, the final model or metrics that could not be written (a full disk, a read-only file system).
+    An OSError too, as the error it replaces."""
+
+
+@contextlib.contextmanager
+def writing(output_dir: str | os.PathLike, what: str, folder: str | os.PathLike | None = None):
+    """A write into output_dir (or `folder`, a model's folder elsewhere) that fails for want of room or permission
+    ends in one line naming the folder and the run's last good checkpoint (torch.save says only "[enforce fail at
+    inline_container.cc] unexpected pos" on a full disk); any other error passes through."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - classified below; anything else re-raised as it was
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        last = latest_checkpoint(output_dir)
+        where = f"argument 'output_dir' '{output_dir}': cannot write {what} there" if folder is None else \
+            f"cannot write {what} in {folder}"
+        raise OutputWriteError(
+            f"alignfast: {where} ({reason}): free space or choose another folder (output_dir: "
+            f"--trainer.output_dir); the last good checkpoint is "
+            f"{last if last is not None else 'none (no checkpoint yet)'}") from err
+
+
+_WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "StorageFull",
+                   "Permission denied")
+
+
+def _write_failure(err: BaseException) -> str | None:
+    if isinstance(err, OutputWriteError):
+        return None
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    text = str(err)
+    for phrase in _WRITE_FAILURES:
+        if phrase in text:
+            return phrase
+    if isinstance(err, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text
+                                          or "unexpected pos" in text):
+        return "the file could not be written: is the disk full?"
+    return None
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict, optimizer, scheduler,
                     trainer_state: dict, save_policy=None, total_limit: int | None = None) -> Path:
     """Write checkpoint-<step> atomically; `save_policy(dir)` writes the user-facing model. trainable["policy"]
@@ -90,6 +135,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict
     try:
         if save_policy is not None:
             save_policy(tmp / "policy")
+            readable_weights(tmp)  # safetensors writes 0600: the checkpoint's files follow the umask, as promised
             if "policy" in trainable:
                 kept, files = _split_policy(trainable["policy"], tmp / "policy")
                 trainable = {**trainable, "policy": kept, POLICY_FILES: files}
@@ -149,6 +195,13 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         if m and p.is_dir() and (p / STATE_FILE).exists():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def belongs_to(requested, output_dir: str | os.PathLike) -> bool:
+    """Whether a resume request (True: output_dir's latest; or a checkpoint folder) resumes output_dir's own run."""
+    if requested is True:
+        return True
+    return os.path.realpath(Path(requested).parent) == os.path.realpath(output_dir)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -159,9 +159,18 @@ def make_processes(config) -> Processes:
     # On a machine without accelerators accelerate runs the CPU/gloo process group only when asked.
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu)
+    from accelerate.utils import DistributedType
+
+    for flag, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED",
+                                                                       DistributedType.DEEPSPEED)):
+        # accelerate falls back to plain DDP (MULTI_CPU) without a word where it cannot shard (FSDP2 on CPU): a
+        # run that asked for sharding and would hold every weight on every process instead.
+        if _env_flag(flag) and accelerator.distributed_type != kind:
+            fail("device", f"is {'cpu' if cpu else 'cuda'}, where accelerate runs this {kind.value} launch "
+                 f"({flag}=true: the launcher's config) as {accelerator.distributed_type.value}, without "
+                 f"sharding: launch {kind.value} on GPUs, or with configs/accelerate/ddp.yaml")
     processes = Processes(accelerator)
     processes.check_config(config)
-    from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # UNTESTED: DeepSpeed does not run on CPU CI
         # The engine steps itself every `gradient_accumulation_steps` backward calls, clips by its config and
@@ -172,6 +181,21 @@ def make_processes(config) -> Processes:
                   gradient_accumulation_steps=steps, gradient_clipping=config.max_grad_norm or 0.0)
         processes.backward_scale = float(steps)
     return processes
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on", "t")
+
+
+def check_launcher_backend() -> None:
+    """A launch with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED) needs deepspeed installed: one line before any
+    model loads, not a traceback per process after."""
+    import importlib.util
+
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+        fail("ACCELERATE_USE_DEEPSPEED", "is set (an accelerate launch with a DeepSpeed config: distributed_type "
+             "DEEPSPEED) but deepspeed is not installed: pip install deepspeed, or launch with "
+             "configs/accelerate/ddp.yaml or fsdp2.yaml")
 
 
 class TrainableModules(nn.Module):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from alignfast.files import write_text_atomically
 from alignfast.ops._checks import fail
+from alignfast.trainer.checkpoint import writing
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # torch.utils.tensorboard needs the first
 
@@ -59,7 +60,9 @@ class MetricsLogger:
     def restart(self, history: list[dict], *, step: int) -> None:
         """Rewrite metrics.jsonl to exactly `history` and keep the samples.jsonl rows of steps <= `step` (on
         resume: drop what the interrupted run wrote past its checkpoint; those steps run again)."""
-        write_text_atomically(self.metrics_path, "".join(json.dumps(_clean(row)) + "\n" for row in history))
+        with writing(self.dir, self.metrics_path.name):
+            write_text_atomically(self.metrics_path, "".join(json.dumps(_clean(line)) + "\n" for row in history
+                                                             for line in _lines(row)))
         if self.samples_path.exists():
             lines = self.samples_path.read_text().splitlines()
             kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
@@ -67,7 +70,7 @@ class MetricsLogger:
                 write_text_atomically(self.samples_path, "".join(line + "\n" for line in kept))
 
     def write(self, metrics: dict, *, step: int) -> None:
-        with open(self.metrics_path, "a") as f:
+        with writing(self.dir, self.metrics_path.name), open(self.metrics_path, "a") as f:
             f.write(json.dumps(_clean({"step": step, **metrics})) + "\n")
 
     def track(self, metrics: dict, *, step: int) -> None:
@@ -82,7 +85,7 @@ class MetricsLogger:
     def samples(self, rows: list[dict], *, step: int) -> None:
         if not rows:
             return
-        with open(self.samples_path, "a") as f:
+        with writing(self.dir, self.samples_path.name), open(self.samples_path, "a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
 
@@ -93,6 +96,15 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _lines(row: dict) -> list[dict]:
+    """The metrics.jsonl lines of one history row, as the run wrote them: the step's metrics, then, when it
+    evaluated, its eval/ metrics on a line of their own (history holds them merged into the step's row)."""
+    evals = {k: v for k, v in row.items() if k.startswith("eval/")}
+    if not evals:
+        return [row]
+    return [{k: v for k, v in row.items() if not k.startswith("eval/")}, {"step": row["step"], **evals}]
 
 
 def _step_of(line: str) -> int | None:

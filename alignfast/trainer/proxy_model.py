@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignfast.files import readable_weights
 from alignfast.trainer.policy import PolicyOutput
 
 CONFIG_NAME = "proxy_config.json"
@@ -78,6 +79,7 @@ class ProxyModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+        readable_weights(path)  # safetensors writes 0600
 
     @classmethod
     def from_pretrained(cls, path) -> ProxyModel:

@@ -41,6 +41,7 @@ from alignfast.trainer.environments import DirectEnvironment
 from alignfast.trainer.optimizers import no_weight_decay
 from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, make_opset
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
+from alignfast.trainer.resume_checks import reference_fingerprint
 
 
 @dataclass
@@ -184,6 +185,16 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.no_decay = no_weight_decay([self.model])
         self._setup_optimization(callbacks)
+
+    reference_weights_text = "the frozen target's weights differ from this run's target (target.model)"
+
+    def _reference_fingerprint(self) -> str:
+        """Proxy-RLHF's reference is the frozen target's own distribution (accept_prior over its tokens): its
+        weights are the run's frozen weights (the engine's default fingerprinted the proxy's frozen parameters,
+        of which it has none)."""
+        if getattr(self, "_target_reference_fp", None) is None:
+            self._target_reference_fp = reference_fingerprint(self.target.named_parameters())
+        return self._target_reference_fp
 
     @property
     def proxy_fraction(self) -> float:

@@ -4,9 +4,13 @@ deep inside torch, and never a silently half-restored run)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alignfast.ops._checks import AlignfastArgumentError
+
+
+_log = logging.getLogger("alignfast.trainer")
 
 
 class CheckpointMismatchError(AlignfastArgumentError):
@@ -100,3 +104,75 @@ def check_same_reference(path, state: dict, fingerprint: str, arm: str, *,
     if saved is not None and saved != fingerprint:
         _fail(path, f"it was trained from other frozen weights: {weights} (another model of the same architecture, or "
                     "this one loaded in another dtype?)")
+
+
+def check_num_steps(path, state: dict, num_steps: int, lr_scheduler_type) -> None:
+    """A resume may run longer or shorter (total_episodes, max_steps, num_train_epochs), but the LR schedule is
+    rebuilt over the new number of steps (a scheduler's state holds its step, not its length): the learning rate
+    then jumps at the resume. Said in one warning; fewer steps than the checkpoint has run is an error."""
+    saved, done = state.get("num_steps"), int(state.get("global_step", 0))
+    if saved is None or int(saved) == num_steps:
+        return
+    if num_steps < done:
+        _fail(Path(path), f"it is at step {done} and this run's total_episodes / max_steps / num_train_epochs give "
+                          f"{num_steps} steps; resume with at least {done}")
+    if str(lr_scheduler_type) != "constant":
+        _log.warning("resuming from %s with %d steps where its run had %d (total_episodes / max_steps / "
+                     "num_train_epochs): the %s learning-rate schedule is rebuilt over %d steps, so from step %d on "
+                     "the learning rate differs from an uninterrupted run's", path, num_steps, saved,
+                     lr_scheduler_type, num_steps, done + 1)
+
+
+def warn_other_train_rows(path, state: dict, rows: int, fingerprint: str, *, what: str, setting: str) -> None:
+    """Other training rows may be on purpose (as other settings may), but never silent: the data order is drawn over
+    the rows, so the run will not match an uninterrupted one. `what`: the rows' name; `setting`: where they are set.
+    A checkpoint that recorded nothing (an older alignfast) is not compared."""
+    saved = state.get("train_rows")
+    if saved is not None and saved != rows:
+        _log.warning("resuming from %s with %d %s where the checkpoint's run had %d (%s): the data order and the run "
+                     "will not match an uninterrupted one", path, rows, what, saved, setting)
+    elif state.get("train_fingerprint") not in (None, fingerprint):
+        _log.warning("resuming from %s with other %s than the checkpoint's run (as many, %d, but other rows, order "
+                     "or tokenization; %s): the run will not match an uninterrupted one", path, what, rows, setting)
+
+
+def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list | None) -> None:
+    """One warning line for a target, one for a reward setup, that differ from those the checkpoint's run had
+    (recorded by its trainer: target {name, weights}, rewards [[name, weight], ...]); none for a checkpoint that
+    recorded nothing."""
+    saved = state.get("target")
+    if saved is not None and target is not None and saved != target:
+        _log.warning("resuming from %s with another target (target.model in a run file; the target in Python): %s "
+                     "where the checkpoint's run had %s: the run will not match an uninterrupted one", path,
+                     _target_text(target), _target_text(saved))
+    saved = state.get("rewards")
+    if saved is not None and rewards is not None and [list(x) for x in saved] != [list(x) for x in rewards]:
+        _log.warning("resuming from %s with another reward (reward.model / reward.functions / reward.weights in a run "
+                     "file; reward_model, reward_funcs, reward_weights in Python): %s where the checkpoint's run had "
+                     "%s: the run will not match an uninterrupted one", path, _rewards_text(rewards),
+                     _rewards_text(saved))
+
+
+def _target_text(t: dict) -> str:
+    weights = t.get("weights")
+    return f"{t.get('name')!r}" + (f" (weights {weights})" if weights else "")
+
+
+def _rewards_text(rewards: list) -> str:
+    return " + ".join(f"{w:g} x {name}" for name, w in rewards)
+
+
+def prompts_fingerprint(prompts, columns: dict) -> str:
+    """Identity of the training prompts and their columns, their order included (the data order is drawn over
+    them)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps([list(prompts), {k: list(v) for k, v in sorted(columns.items())}], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+# reference_fingerprint of no tensor at all: what a Proxy-RLHF checkpoint recorded before its reference (the target)
+# was fingerprinted; it says nothing about the run's weights.
+EMPTY_FINGERPRINT = "e3b0c44298fc1c14"

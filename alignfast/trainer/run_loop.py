@@ -24,9 +24,10 @@ from pathlib import Path
 
 from alignfast.eval.report_files import reports_describing
 from alignfast.files import write_text_atomically
-from alignfast.ops._checks import fail
+from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.metrics_logger import MetricsLogger
+from alignfast.trainer.output_lock import lock_output_dir
 from alignfast.trainer.results import TrainOutput
 from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
 
@@ -41,15 +42,11 @@ class RunLoop:
         latest one in output_dir (the run then continues exactly as if uninterrupted)."""
         cfg = self.config
         resumed = None
-        for name in ckpt.clean_stale(cfg.output_dir):  # what a killed checkpoint writer left (gigabytes with real models)
-            _log.warning("removed %s, a checkpoint a killed run did not finish writing", Path(cfg.output_dir) / name)
+        self._take_output_dir(resume_from_checkpoint)  # the other processes start once the main one has claimed it
         if resume_from_checkpoint:
             path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; falls back past damaged ones
             self._load_checkpoint(path)
             resumed = path
-        elif self.processes.is_main:
-            self._claim_output_dir()
-        self.processes.wait()  # the other processes start once the main one has claimed output_dir
         # Metrics, samples and the run's config are global and written once, by the main process.
         logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict()) \
             if self.processes.is_main else _SilentLogger()
@@ -107,7 +104,8 @@ class RunLoop:
                 control.should_training_stop = control.should_training_stop or stopping
                 stop.adopt(signal_number)
                 if cfg.save_strategy == "steps" and (self.global_step % cfg.save_steps == 0 or final or stopping):
-                    last_good = self._save_checkpoint()
+                    with ckpt.writing(cfg.output_dir, f"checkpoint-{self.global_step}"):
+                        last_good = self._save_checkpoint()
                     control = self.callbacks.fire("on_save")
                     stopping = self._agree_on_stop(control) or stopping  # every process saves here: one more agreement
                 if signal_number and not final:
@@ -125,7 +123,30 @@ class RunLoop:
         control.should_training_stop = stopping
         return stopping
 
-    def _claim_output_dir(self) -> None:
+    def _take_output_dir(self, resume) -> None:
+        """The main process locks output_dir for the run (trainer/output_lock.py: a second run into it is refused),
+        removes what a killed writer left there, and claims it for a fresh run or a resume from another run's
+        checkpoint. Only then do the other processes go on (one agreement: an error of the main process stops
+        them all, none waits for it in a barrier); only the main process cleans, so no two processes restore the
+        same replaced checkpoint."""
+        cfg = self.config
+        error = None
+        if self.processes.is_main:
+            try:
+                self._output_lock = lock_output_dir(cfg.output_dir)  # held while this trainer lives (save_model too)
+                for name in ckpt.clean_stale(cfg.output_dir):  # what a killed writer left (gigabytes with real models)
+                    _log.warning("removed %s, a checkpoint a killed run did not finish writing",
+                                 Path(cfg.output_dir) / name)
+                if not resume or not ckpt.belongs_to(resume, cfg.output_dir):
+                    self._claim_output_dir(resume=resume)
+            except AlignfastArgumentError as err:
+                error = err
+        if self.processes.max_int(int(error is not None)):
+            if error is not None:
+                raise error
+            fail("output_dir", f"'{cfg.output_dir}' could not be claimed by the main process (its error says why)")
+
+    def _claim_output_dir(self, resume=None) -> None:
         """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be
         overwritten, `resume` would pick the earlier run's later checkpoints, and save_total_limit would
         delete this run's checkpoints as the oldest. So: an error, or with overwrite_output_dir, a clean slate."""
@@ -133,7 +154,7 @@ class RunLoop:
         out = Path(cfg.output_dir)
         if self.global_step > 0:  # this trainer's own run, continued by a second train() call
             return
-        found = check_output_dir(cfg)
+        found = check_output_dir(cfg, resume=resume)
         if not found:
             return
         # Its final model and the eval reports of it go too: save_model writes into an existing final/ in place, so
@@ -168,17 +189,27 @@ class _SilentLogger:
         pass
 
 
-def check_output_dir(config) -> list[str]:
+def check_output_dir(config, resume=None) -> list[str]:
     """What of an earlier run config.output_dir holds (its checkpoints, a non-empty metrics.jsonl); an error
     naming the ways out when there is any and overwrite_output_dir is off. Cheap, so a command can call it
-    before loading any model."""
+    before loading any model. `resume`: the run's resume request; a resume of output_dir's own run (True, or
+    one of its checkpoints) finds nothing, a resume from another run's checkpoint must not mix with a run the
+    folder holds (its metrics.jsonl and final/ would be replaced, its later checkpoints kept)."""
     out = Path(config.output_dir)
+    if resume and ckpt.belongs_to(resume, out):
+        return []
     metrics = out / "metrics.jsonl"
-    found = [p.name for p in ckpt.list_checkpoints(out)] + \
-        ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
+    checkpoints = [p.name for p in ckpt.list_checkpoints(out)]
+    found = checkpoints + ([metrics.name] if metrics.is_file() and metrics.stat().st_size else [])
     if found and not config.overwrite_output_dir:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        replace = "replace it with overwrite_output_dir (--trainer.overwrite_output_dir true)"
+        if resume:
+            fail("output_dir", f"'{out}' holds another run ({shown}) and {resume} is not one of its checkpoints: "
+                 f"resuming into it would mix the two runs; choose another output_dir, or {replace}")
+        if not checkpoints:  # stopped before its first checkpoint: nothing to resume
+            fail("output_dir", f"'{out}' holds a run that stopped before its first checkpoint ({shown}), so there is "
+                 f"nothing to resume: {replace}, or choose another output_dir")
         fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (the command that wrote it with "
-             "--resume; resume_from_checkpoint=True in Python), choose another output_dir, or replace it with "
-             "overwrite_output_dir (--trainer.overwrite_output_dir true)")
+             f"--resume; resume_from_checkpoint=True in Python), choose another output_dir, or {replace}")
     return found

@@ -156,7 +156,7 @@ def test_stale_temporary_folders_are_removed_and_folders_are_readable(run, tmp_p
             trainer_for(tok, prompter, out, max_steps=3).train(resume_from_checkpoint=True)
     finally:
         os.umask(old_umask)
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".alignfast.lock"]
     assert "removed" in caplog.text and stale.name in caplog.text
     ckpt.verify(out / "checkpoint-2")
     for name in ("checkpoint-2", "checkpoint-3"):  # 3 written now, under umask 022: readable by others

@@ -159,12 +159,14 @@ def test_resume_with_changed_settings_warns(tmp_path, caplog):
     same, _ = make(tok, prompter_dir, tmp_path / "run", max_steps=2, save_steps=1)  # a longer run: fine
     with caplog.at_level("WARNING", logger="alignfast.trainer"):
         same.train(resume_from_checkpoint=True)
-    assert not [r for r in caplog.records if "differ" in r.getMessage()]
+    assert not [r for r in caplog.records if "settings that differ" in r.getMessage()]
+    # ... but its LR schedule is rebuilt over the new number of steps, and that is said.
+    assert [r for r in caplog.records if "learning-rate schedule is rebuilt over 2 steps" in r.getMessage()]
     other, _ = make(tok, prompter_dir, tmp_path / "run", max_steps=3, save_steps=1, learning_rate=1e-3, seed=5,
                     adap_kl_ctrl=False, kl_coef=0.3)
     with caplog.at_level("WARNING", logger="alignfast.trainer"):
         other.train(resume_from_checkpoint=True)
-    msgs = [r.getMessage() for r in caplog.records if "differ" in r.getMessage()]
+    msgs = [r.getMessage() for r in caplog.records if "settings that differ" in r.getMessage()]
     assert len(msgs) == 1 and "learning_rate: 0.005 -> 0.001" in msgs[0] and "seed: 11 -> 5" in msgs[0], msgs
     assert "kl_coef: 0.05 -> 0.3" in msgs[0] and other.kl_ctl.value == 0.3  # a fixed kl_coef is what the config says
 
