@@ -204,6 +204,17 @@ def belongs_to(requested, output_dir: str | os.PathLike) -> bool:
     return os.path.realpath(Path(requested).parent) == os.path.realpath(output_dir)
 
 
+def checkpoints_after(requested, output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints of output_dir later than `requested`, one of its own (a resume from an earlier step)."""
+    if not isinstance(requested, (str, os.PathLike)) or not belongs_to(requested, output_dir):
+        return []  # True: the latest, nothing after it
+    match = _NAME.match(Path(requested).name)
+    if match is None:
+        return []
+    step = int(match.group(1))
+    return [p for p in list_checkpoints(output_dir) if int(_NAME.match(p.name).group(1)) > step]
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None

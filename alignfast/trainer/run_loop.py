@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from alignfast.eval.report_files import reports_describing
@@ -139,12 +140,34 @@ class RunLoop:
                                  Path(cfg.output_dir) / name)
                 if not resume or not ckpt.belongs_to(resume, cfg.output_dir):
                     self._claim_output_dir(resume=resume)
+                else:
+                    self._abandon_later_checkpoints(resume)
             except AlignfastArgumentError as err:
                 error = err
         if self.processes.max_int(int(error is not None)):
             if error is not None:
                 raise error
             fail("output_dir", f"'{cfg.output_dir}' could not be claimed by the main process (its error says why)")
+
+    def _abandon_later_checkpoints(self, resume) -> None:
+        """A resume from an earlier checkpoint of output_dir's own run starts another branch of it. The old
+        branch's later checkpoints would stay beside the new ones, and a later plain --resume would continue them
+        (metrics.jsonl going back to their history). They are moved aside, into abandoned-after-<checkpoint>-<time>/
+        of output_dir, where nothing of alignfast looks for checkpoints: kept, not deleted, and said."""
+        later = ckpt.checkpoints_after(resume, self.config.output_dir)
+        if not later or self.global_step > 0:
+            return
+        aside = Path(self.config.output_dir) / f"abandoned-after-{Path(resume).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while True:  # two branches from one checkpoint within a second get two folders
+            try:
+                aside.mkdir()
+                break
+            except FileExistsError:
+                aside = aside.with_name(aside.name + "-1")
+        for p in later:
+            p.rename(aside / p.name)
+        _log.warning("resuming from %s, an earlier checkpoint: the later %s of the run it branches from were moved "
+                     "to %s", Path(resume).name, ", ".join(p.name for p in later), aside)
 
     def _claim_output_dir(self, resume=None) -> None:
         """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be

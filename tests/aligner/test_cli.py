@@ -87,6 +87,10 @@ def test_correct_closes_its_upstream_client_whatever_happens(tmp_path, capsys):
 
     from tests.hardening.test_openai_faults import FaultServer
 
+    def engine_threads():
+        return {t for t in threading.enumerate() if t.name == "alignfast-openai" and t.is_alive()}
+
+    before = engine_threads()  # an earlier test's engine, if one is still open, is not this command's
     server = FaultServer()
     try:
         data = tmp_path / "q.jsonl"
@@ -94,7 +98,7 @@ def test_correct_closes_its_upstream_client_whatever_happens(tmp_path, capsys):
         assert main(["correct", "--aligner", str(tmp_path / "absent"), "--upstream-url", server.base_url,
                      "--upstream-model", "m", "--data", str(data), "--output", str(tmp_path / "o.jsonl")]) == 2
         assert "--aligner" in capsys.readouterr().err
-        assert not any(t.name == "alignfast-openai" and t.is_alive() for t in threading.enumerate())
+        assert not engine_threads() - before
     finally:
         server.close()
 

@@ -135,14 +135,22 @@ def test_reports_describing_a_run_reads_eval_json_of_the_parent(tmp_path, monkey
 
 
 def test_resume_from_explicit_checkpoint_path_and_missing_one(tmp_path):
+    from alignfast.trainer.checkpoint import list_checkpoints as ckpt_list
+
     tok, prompter_dir = small_world(tmp_path)
     trainer, _ = make(tok, prompter_dir, tmp_path / "run", max_steps=2, save_steps=1)
     trainer.train()
+    # From an earlier checkpoint: the later ones belong to the branch it leaves, which a plain --resume would have
+    # continued; they are moved aside (kept), and this run writes its own checkpoint-2.
+    old_state = (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text()
     again, _ = make(tok, prompter_dir, tmp_path / "run", max_steps=2, save_steps=1)
     out = again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
     assert out.global_step == 2
     for (n, p), (_, q) in zip(trainer.model.named_parameters(), again.model.named_parameters()):
         assert torch.equal(p, q), n
+    aside = list((tmp_path / "run").glob("abandoned-after-checkpoint-1-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint-2" / "trainer_state.json").read_text() == old_state
+    assert [p.name for p in ckpt_list(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
     fresh, _ = make(tok, prompter_dir, tmp_path / "empty")
     try:
         fresh.train(resume_from_checkpoint=True)
