@@ -7,8 +7,8 @@ With z = logits / temperature over the last (vocabulary) axis:
 
 It is computed as log s - sum_v e_v d_v / s with d = z - max z, e = exp d, s = sum e (the same value), which keeps
 a confident row's tiny entropy to 3e-8 of itself in float64 (V = 151936, one logit 36 above the rest, entropy
-4.5e-9; logsumexp(z) - sum p z lost 6e-7 of it to the difference of two numbers near 36). The fused kernels, which
-take log1p of the others' sum, keep it to 1e-12.
+4.5e-9; logsumexp(z) - sum softmax(z) z lost 9e-4 of it to the difference of two numbers near 36). The fused
+kernels, which take log1p of the others' sum, keep it to 1e-12.
 
 A token whose logit is -inf gets logprob -inf. Masked positions are 0 in both outputs and get
 no gradient. The linear variant computes the same from hidden states: z = (hidden @ weight.T + bias) / T.

@@ -88,8 +88,8 @@ def test_float64_is_computed_in_float64():
 
 
 def test_float64_entropy_of_a_confident_row():
-    """One logit far above the rest (V = 151936, T = 0.7; the entropy is 4.5e-9, max z = 36). As logsumexp - sum p z
-    the reference lost 6e-7 of it in float64 (two numbers near 36); shifted by max z it keeps 3e-8 (log(1 + tiny)).
+    """One logit far above the rest (V = 151936, T = 0.7; the entropy is 4.5e-9, max z = 36). As logsumexp - sum softmax(z) z
+    the reference lost 9e-4 of it in float64 (two numbers near 36); shifted by max z it keeps 3e-8 (log(1 + tiny)).
     The op's kernel, which takes -log1p of the others' sum, is held to 1e-12. The truth is mpmath's, at 30
     digits."""
     mpmath = pytest.importorskip("mpmath")
