@@ -81,9 +81,6 @@ def main(argv=None) -> None:
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--quick", action="store_true", help="one round of 1 timed step, 1x1 and 2x1 only")
     args = p.parse_args(argv)
-    if args.quick and args.record:  # as bench.harness.refuse_unrecordable, without importing torch here
-        p.error("--record and --quick together: a quick run is never recorded (drop --quick to record, or "
-                "--record to print the tables)")
     if args.quick:
         args.rounds, args.steps, args.providers = 1, 2, ["1x1", "2x1"]
     if args.worker:
@@ -105,7 +102,7 @@ def main(argv=None) -> None:
                 print(f"round {r}: {pv[0]} process(es) x {pv[1]} thread(s): median step {round_medians[pv][-1]:.3f} s",
                       file=sys.stderr)
 
-    from bench.harness import append_results, device_description
+    from bench.harness import append_results, device_description, mark_quick_run
 
     base = statistics.median(s["timing_s/step"] for s in timed[providers[0]])
     header = ["processes x threads", "episodes/s", "median step s (spread over rounds)", f"vs {args.providers[0]}",
@@ -126,6 +123,7 @@ def main(argv=None) -> None:
              f"process; system load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
     print(f"\n{table}\n\n{notes}")
     if args.record:
+        mark_quick_run(args.quick)  # a quick run's section gets its own title (bench.harness.QUICK_TITLE)
         append_results("bench_scaling: Align-Pro PPO steps on 1 vs N processes", table, device=args.device,
                        notes=notes, rounds=args.rounds)
 

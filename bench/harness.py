@@ -450,8 +450,6 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
                     setup = getattr(fn, "setup_peak_bytes", None)
                     peaks[name] = max(peak, setup) if peak is not None and setup is not None else peak
                 del fn
-            except ProviderMismatch:
-                raise
             except Exception as err:  # noqa: BLE001 - recorded in the table
                 errors[name] = _error_text(err)
             finally:
@@ -619,8 +617,14 @@ def append_results(title: str, table: str, *, device: str = "cpu", notes: str = 
         f.write("\n".join(section))
 
 
-QUICK_TITLE = "Quick run (smaller shapes, fewer rounds; never quoted by the README): "
+QUICK_TITLE = "Quick run (smaller shapes; never quoted by the README): "
 _quick_run = False
+
+
+def mark_quick_run(quick: bool) -> None:
+    """Sections appended from now on are a --quick run's: titled QUICK_TITLE + the full run's title."""
+    global _quick_run
+    _quick_run = bool(quick)
 
 
 def refuse_unrecordable(parser, args) -> None:
@@ -628,10 +632,9 @@ def refuse_unrecordable(parser, args) -> None:
     kernels (backend()). A --quick run (smaller shapes, fewer rounds or reps, no torch.compile) is recorded under
     its own titles (QUICK_TITLE + the full run's), so the README, which quotes the newest section of a full run's
     title, never quotes it; a GPU session with time for the quick shapes alone still files what it measured."""
-    global _quick_run
     if not getattr(args, "record", False):
         return
-    _quick_run = bool(getattr(args, "quick", False))
+    mark_quick_run(getattr(args, "quick", False))
     fast, what = backend(getattr(args, "device", "cpu"))
     if not fast:
         parser.error(f"--record with {what}: the alignfast rows would time the reference, not the kernels")

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         _COMMANDS.extend(_command_modules())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    from alignfast.cli.errors import name_fields_for_this_command
+
+    name_fields_for_this_command({})
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -62,6 +62,10 @@ def _train(args, overrides) -> int:
     config = load_run_config(args.config, overrides, trainer_fields=build.trainer_fields())
 
     device = build.default_device()  # under a launcher: this process's GPU
+    if args.oracle:  # its response_length is the run file's trainer.target_max_new_tokens (oracle_settings)
+        from alignfast.cli.errors import name_fields_for_this_command
+
+        name_fields_for_this_command({"argument 'response_length'": "trainer.target_max_new_tokens"})
     cfg = build.trainer_config(config, **(oracle_settings(config) if args.oracle else {}))
     if not args.oracle:  # the Oracle runs the target here, whatever target.engine says
         build.preflight_target(config)  # a wrong target.base_url fails here, before any model loads

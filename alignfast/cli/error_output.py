@@ -22,21 +22,16 @@ import sys
 import tempfile
 import time
 
+from alignfast.launch_env import launched_world_size
+
 
 def print_error(line: str) -> None:
-    if _launched_processes() <= 1:
+    if launched_world_size() <= 1:
         print(line, file=sys.stderr)
         return
     _record_for_launcher(line)
     if _first_to_say(line):
         print(line, file=sys.stderr)
-
-
-def _launched_processes() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def _record_for_launcher(line: str) -> None:

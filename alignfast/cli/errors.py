@@ -28,8 +28,18 @@ RUN_FILE_KEYS = {"argument 'target_system_prompt'": "target.system_prompt",
                  "argument 'label_index'": "reward.label_index", "argument 'reward_label_index'": "reward.label_index"}
 
 
+# This command's own names for trainer fields it sets from other keys (train --oracle: response_length is
+# trainer.target_max_new_tokens); reset by every command (alignfast.cli.main).
+_command_keys: dict[str, str] = {}
+
+
+def name_fields_for_this_command(keys: dict[str, str]) -> None:
+    _command_keys.clear()
+    _command_keys.update(keys)
+
+
 def in_run_file_terms(line: str) -> str:
-    for field, key in RUN_FILE_KEYS.items():
+    for field, key in {**RUN_FILE_KEYS, **_command_keys}.items():
         line = line.replace(field, key)
     return line
 

@@ -29,15 +29,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from alignfast.launch_env import launched_world_size
 from alignfast.ops._checks import fail
-
-
-def launched_world_size() -> int:
-    """The number of processes a launcher (torchrun, accelerate launch) started; 1 without one."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def launched_device(device: str) -> str:

@@ -30,8 +30,8 @@ import torch
 
 from alignfast.ops._checks import AlignfastArgumentError, fail
 from alignfast.rollout import templates
+from alignfast.rollout.context import CutCounter, check_vocabulary
 from alignfast.rollout.proxy_decoder import ProxyDecoder, ProxyDecodeOutput
-from alignfast.rollout.context import check_vocabulary
 from alignfast.trainer.align_pro import check_target_room
 from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, _opt
@@ -157,6 +157,9 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
                  f"({config.target_max_new_tokens}) exceeds the target's max_position_embeddings "
                  f"({room + config.target_max_new_tokens})")
         self.prompt_limit = config.max_prompt_length if config.max_prompt_length is not None else room
+        self._cut_prompts = CutCounter("target's inputs", self.prompt_limit, "max_prompt_length, or the target's "
+                                       "max_position_embeddings - target_max_new_tokens; the end holds the "
+                                       "generation prompt")
         templates.check_system_prompt(tokenizer, config.target_system_prompt,
                                       use_chat_template=config.target_use_chat_template, name="target_system_prompt",
                                       instead="put the text in the prompts instead")
@@ -203,20 +206,12 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
 
     # ------------------------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> list[list[int]]:
-        """The target's input per prompt, its last prompt_limit tokens (the end holds the generation prompt), with
-        a warning naming how many were cut."""
+        """The target's input per prompt, its last prompt_limit tokens (the end holds the generation prompt); the
+        first cut is said once with its count (rollout/context.CutCounter, as the other trainers' inputs)."""
         rows = [templates.user_turn_ids(self.tokenizer, p, use_chat_template=self.config.target_use_chat_template,
                                         system_prompt=self.config.target_system_prompt) or [self.pad_id]
                 for p in prompts]
-        limit = self.prompt_limit
-        cut = [i for i, ids in enumerate(rows) if limit is not None and len(ids) > limit]
-        if cut:
-            import warnings
-
-            warnings.warn(f"ProxyRLHFTrainer: {len(cut)} prompt(s) longer than {limit} tokens were truncated to their "
-                          f"last {limit} tokens (first: {str(prompts[cut[0]])[:60]!r}; max_prompt_length, or the "
-                          "target's max_position_embeddings - target_max_new_tokens)", stacklevel=3)
-        return [ids[-limit:] if i in cut else ids for i, ids in enumerate(rows)]
+        return self._cut_prompts(rows)
 
     def _decode_text(self, res: ProxyDecodeOutput) -> list[str]:
         stop = set(self.stop_ids)

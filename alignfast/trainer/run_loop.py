@@ -25,7 +25,7 @@ from pathlib import Path
 
 from alignfast.eval.report_files import reports_describing
 from alignfast.files import write_text_atomically
-from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.ops._checks import fail
 from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.metrics_logger import MetricsLogger
 from alignfast.trainer.output_lock import lock_output_dir
@@ -48,6 +48,8 @@ class RunLoop:
             path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; falls back past damaged ones
             self._load_checkpoint(path)
             resumed = path
+            # only once it loaded: a resume that fails (a typo, a checkpoint of another setup) leaves the run as it was
+            self._on_main_process(lambda: self._abandon_later_checkpoints(path))
         # Metrics, samples and the run's config are global and written once, by the main process.
         logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict()) \
             if self.processes.is_main else _SilentLogger()
@@ -131,23 +133,30 @@ class RunLoop:
         them all, none waits for it in a barrier); only the main process cleans, so no two processes restore the
         same replaced checkpoint."""
         cfg = self.config
+
+        def claim():
+            self._output_lock = lock_output_dir(cfg.output_dir)  # held while this trainer lives (save_model too)
+            for name in ckpt.clean_stale(cfg.output_dir):  # what a killed writer left (gigabytes with real models)
+                _log.warning("removed %s, a checkpoint a killed run did not finish writing", Path(cfg.output_dir) / name)
+            if not resume or not ckpt.belongs_to(resume, cfg.output_dir):
+                self._claim_output_dir(resume=resume)
+
+        self._on_main_process(claim)
+
+    def _on_main_process(self, work) -> None:
+        """work() on the main process alone, then one agreement: if it raised (anything: an OSError too), every
+        process stops, the main one with its error and the others with a line pointing to it; none waits in a
+        collective for a process that has already failed."""
         error = None
         if self.processes.is_main:
             try:
-                self._output_lock = lock_output_dir(cfg.output_dir)  # held while this trainer lives (save_model too)
-                for name in ckpt.clean_stale(cfg.output_dir):  # what a killed writer left (gigabytes with real models)
-                    _log.warning("removed %s, a checkpoint a killed run did not finish writing",
-                                 Path(cfg.output_dir) / name)
-                if not resume or not ckpt.belongs_to(resume, cfg.output_dir):
-                    self._claim_output_dir(resume=resume)
-                else:
-                    self._abandon_later_checkpoints(resume)
-            except AlignfastArgumentError as err:
+                work()
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes are told
                 error = err
         if self.processes.max_int(int(error is not None)):
             if error is not None:
                 raise error
-            fail("output_dir", f"'{cfg.output_dir}' could not be claimed by the main process (its error says why)")
+            fail("output_dir", f"'{self.config.output_dir}': the main process failed (its error says why)")
 
     def _abandon_later_checkpoints(self, resume) -> None:
         """A resume from an earlier checkpoint of output_dir's own run starts another branch of it. The old
@@ -155,7 +164,7 @@ class RunLoop:
         (metrics.jsonl going back to their history). They are moved aside, into abandoned-after-<checkpoint>-<time>/
         of output_dir, where nothing of alignfast looks for checkpoints: kept, not deleted, and said."""
         later = ckpt.checkpoints_after(resume, self.config.output_dir)
-        if not later or self.global_step > 0:
+        if not later:
             return
         aside = Path(self.config.output_dir) / f"abandoned-after-{Path(resume).name}-{time.strftime('%Y%m%d-%H%M%S')}"
         while True:  # two branches from one checkpoint within a second get two folders
@@ -230,8 +239,8 @@ def check_output_dir(config, resume=None) -> list[str]:
         if resume:
             fail("output_dir", f"'{out}' holds another run ({shown}) and {resume} is not one of its checkpoints: "
                  f"resuming into it would mix the two runs; choose another output_dir, or {replace}")
-        if not checkpoints:  # stopped before its first checkpoint: nothing to resume
-            fail("output_dir", f"'{out}' holds a run that stopped before its first checkpoint ({shown}), so there is "
+        if not checkpoints:  # stopped before its first checkpoint, or saved none (save_strategy "no")
+            fail("output_dir", f"'{out}' holds a run with no checkpoint ({shown}), so there is "
                  f"nothing to resume: {replace}, or choose another output_dir")
         fail("output_dir", f"'{out}' already holds a run ({shown}): resume it (the command that wrote it with "
              f"--resume; resume_from_checkpoint=True in Python), choose another output_dir, or {replace}")

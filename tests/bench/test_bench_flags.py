@@ -72,6 +72,6 @@ def test_a_quick_run_is_recorded_under_titles_the_readme_never_quotes(tmp_path, 
     finally:
         harness.refuse_unrecordable(parser, argparse.Namespace(record=True, quick=False, device="cpu"))
     text = results.read_text()
-    assert "## Quick run (smaller shapes, fewer rounds; never quoted by the README): token_logprobs, forward" in text
+    assert "## Quick run (smaller shapes; never quoted by the README): token_logprobs, forward" in text
     titles = [line[3:] for line in text.splitlines() if line.startswith("## ")]
     assert titles and not any(title.startswith(spec.section) for spec in readme_table.specs() for title in titles)

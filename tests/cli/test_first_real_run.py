@@ -118,7 +118,7 @@ def test_occupied_output_dir_fails_before_any_model_loads(tmp_path, capsys, monk
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # Killed before its first checkpoint: nothing to resume, so the way out is overwrite_output_dir, not --resume.
-    assert len(err) == 1 and "stopped before its first checkpoint (metrics.jsonl)" in err[0] and \
+    assert len(err) == 1 and "a run with no checkpoint (metrics.jsonl)" in err[0] and \
         "--trainer.overwrite_output_dir true" in err[0] and "--resume" not in err[0], err
     assert main([*argv, "--resume"]) == 2  # resuming is allowed past the check (and then fails on the model)
     assert "cannot load the prompter" in capsys.readouterr().err

@@ -61,3 +61,21 @@ def test_correct_refuses_an_upstream_that_would_replace_the_files_answers(tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "has an 'answer' column, which --upstream would replace" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_oracles_answer_budget_is_named_as_the_run_file_sets_it(tmp_path, capsys):
+    """train --oracle gives the policy the target's answer budget (trainer.target_max_new_tokens) as its
+    response_length: a budget that leaves no room names the key the user set, not trainer.response_length; the
+    next command in the same process names its own fields again."""
+    from pathlib import Path
+
+    from alignfast.cli import main
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "toy.yaml")
+    assert main(["train", "--config", config, "--oracle", "--trainer.target_max_new_tokens", "5000",
+                 "--trainer.output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("alignfast train: error: trainer.target_max_new_tokens (5000) leaves no room"), err
+    assert main(["train", "--config", config, "--trainer.response_length", "5000",
+                 "--trainer.output_dir", str(tmp_path / "a")]) == 2
+    assert "error: trainer.response_length (5000) leaves no room" in capsys.readouterr().err

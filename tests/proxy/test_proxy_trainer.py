@@ -127,7 +127,7 @@ def test_a_mini_batch_without_decisions_is_skipped_not_divided_by_zero(world, tm
         assert torch.equal(v, before[k]), k
 
 
-def test_the_prompt_room_is_checked_and_truncation_is_said(world, tmp_path):
+def test_the_prompt_room_is_checked_and_truncation_is_said(world, tmp_path, caplog):
     """The toy target has 64 positions. target_max_new_tokens 64 left a negative prompt limit (which cut the
     prompt's start as a positive slice), a max_prompt_length beyond the room ran past the positions, and
     truncation said nothing."""
@@ -137,8 +137,13 @@ def test_the_prompt_room_is_checked_and_truncation_is_said(world, tmp_path):
         make_trainer(world, tmp_path, "b", max_prompt_length=60)
     tr = make_trainer(world, tmp_path, "c", target_max_new_tokens=60)
     prompt = world.train_prompts[0]["prompt"]
-    with pytest.warns(UserWarning, match="1 prompt.* truncated to their last 4 tokens"):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="alignfast"):
         ids = tr._prompt_ids([prompt])
+        tr._prompt_ids([prompt])  # said once, not per batch
+    said = [r.getMessage() for r in caplog.records if "target's inputs are longer than" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 of 1 target's inputs are longer than 4 tokens"), said
     from alignfast.rollout.templates import user_turn_ids
 
     assert ids == [user_turn_ids(tr.tokenizer, prompt)[-4:]]

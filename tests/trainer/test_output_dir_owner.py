@@ -94,7 +94,7 @@ def test_a_run_killed_before_its_first_checkpoint_says_there_is_nothing_to_resum
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     trainer, _ = make(tok, prompter_dir, out, max_steps=1)
-    with pytest.raises(AlignfastArgumentError, match=r"stopped before its first checkpoint \(metrics.jsonl\), so "
+    with pytest.raises(AlignfastArgumentError, match=r"a run with no checkpoint \(metrics.jsonl\), so "
                                                      r"there is nothing to resume: replace it with "
                                                      r"overwrite_output_dir \(--trainer.overwrite_output_dir true\)"):
         trainer.train()

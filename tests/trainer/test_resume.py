@@ -151,6 +151,19 @@ def test_resume_from_explicit_checkpoint_path_and_missing_one(tmp_path):
     aside = list((tmp_path / "run").glob("abandoned-after-checkpoint-1-*"))
     assert len(aside) == 1 and (aside[0] / "checkpoint-2" / "trainer_state.json").read_text() == old_state
     assert [p.name for p in ckpt_list(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
+    # A resume that fails moves nothing: a checkpoint that does not exist, or a damaged one.
+    import pytest
+
+    with pytest.raises(FileNotFoundError):
+        make(tok, prompter_dir, tmp_path / "run", max_steps=2)[0].train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-0"))
+    with (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").open("a") as f:
+        f.write(" ")  # no longer what its manifest lists
+    with pytest.raises(Exception, match="checkpoint-1"):
+        make(tok, prompter_dir, tmp_path / "run", max_steps=2)[0].train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert [p.name for p in ckpt_list(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
+    assert len(list((tmp_path / "run").glob("abandoned-after-*"))) == 1
     fresh, _ = make(tok, prompter_dir, tmp_path / "empty")
     try:
         fresh.train(resume_from_checkpoint=True)
