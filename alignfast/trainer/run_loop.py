@@ -137,7 +137,8 @@ class RunLoop:
         def claim():
             self._output_lock = lock_output_dir(cfg.output_dir)  # held while this trainer lives (save_model too)
             for name in ckpt.clean_stale(cfg.output_dir):  # what a killed writer left (gigabytes with real models)
-                _log.warning("removed %s, a checkpoint a killed run did not finish writing", Path(cfg.output_dir) / name)
+                _log.warning("removed %s, a checkpoint a killed run did not finish writing",
+                             Path(cfg.output_dir) / name)
             if not resume or not ckpt.belongs_to(resume, cfg.output_dir):
                 self._claim_output_dir(resume=resume)
 
