@@ -162,8 +162,10 @@ class AlignerConfig(ConfigDict):
             if name not in text:
                 fail("template", f"must contain {name} (or be 'paper' or 'repo'), got {self.template!r}")
         from alignfast.aligner.data import check_template
+        from alignfast.rollout.templates import warn_unknown_fields
 
         check_template(text, shown=self.template)
+        warn_unknown_fields("template", text, ["question", "answer"])
 
 
 def coerce_config(config) -> AlignerConfig:

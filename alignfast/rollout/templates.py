@@ -22,6 +22,24 @@ def render(template: str, **fields: str) -> str:
     return pattern.sub(lambda m: fields[m.group(0)[1:-1]], template)
 
 
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def warn_unknown_fields(setting: str, template: str, fields: Sequence[str]) -> list[str]:
+    """A '{name}' in `template` that is none of its `fields` is sent as text (render replaces only the fields, so
+    JSON examples and code stay intact): a typo such as '{promt}', or a data column the template cannot reach, is
+    said once, naming the setting and the fields it has. Returns the unknown names."""
+    unknown = sorted({m.group(1) for m in _FIELD.finditer(template)} - set(fields))
+    if unknown:
+        import logging
+
+        logging.getLogger("alignfast").warning(
+            "%s: %s %s not a field and will reach the model as text (its fields: %s)", setting,
+            ", ".join("{" + n + "}" for n in unknown), "is" if len(unknown) == 1 else "are",
+            ", ".join("{" + f + "}" for f in fields))
+    return unknown
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

@@ -334,6 +334,11 @@ class AlignProConfig(ConfigDict):
         optional_text("target_system_prompt", self.target_system_prompt)
         if not isinstance(self.reward_template, str) or "{completion}" not in self.reward_template:
             fail("reward_template", f"must be a string containing '{{completion}}', got {self.reward_template!r}")
+        from alignfast.rollout.templates import warn_unknown_fields
+
+        warn_unknown_fields("rewrite_template", self.rewrite_template, ["prompt"])
+        warn_unknown_fields("target_prompt_template", self.target_prompt_template, ["rewrite", "prompt"])
+        warn_unknown_fields("reward_template", self.reward_template, ["prompt", "completion"])
 
         if self.reward_weights is not None:
             if not isinstance(self.reward_weights, (list, tuple)) or not self.reward_weights:

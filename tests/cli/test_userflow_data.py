@@ -79,3 +79,24 @@ def test_the_oracles_answer_budget_is_named_as_the_run_file_sets_it(tmp_path, ca
     assert main(["train", "--config", config, "--trainer.response_length", "5000",
                  "--trainer.output_dir", str(tmp_path / "a")]) == 2
     assert "error: trainer.response_length (5000) leaves no room" in capsys.readouterr().err
+
+
+def test_a_template_field_that_is_not_one_is_said(caplog):
+    """render() replaces only a template's own fields (JSON examples and code in it stay as they are), so a typo
+    such as {promt}, or a data column, reached the model as text without a word."""
+    from alignfast.aligner import AlignerConfig
+    from alignfast.trainer import AlignProConfig
+
+    with caplog.at_level(logging.WARNING, logger="alignfast"):
+        AlignProConfig(rewrite_template='Rewrite {promt} as JSON {"text": ...}: {prompt}',
+                       target_prompt_template="{rewrite} {keyword}")
+        AlignerConfig(template="Q: {question} A: {answer} {hint}")
+    said = [r.getMessage() for r in caplog.records]
+    assert "rewrite_template: {promt} is not a field and will reach the model as text (its fields: {prompt})" in said
+    assert any(m.startswith("target_prompt_template: {keyword} is not a field") for m in said)
+    assert any(m.startswith("template: {hint} is not a field") for m in said)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignfast"):
+        AlignProConfig()
+        AlignerConfig()
+    assert not caplog.records  # the defaults use their fields only
