@@ -245,8 +245,12 @@ class CorrectionEncoder:
     def inference_ids(self, question: str, answer: str) -> list[int]:
         """The corrector's input at inference: as in training, the answer cut so that at least a quarter of
         max_length stays for the correction (without max_length: untouched)."""
+        return self.inference_input(question, answer)[0]
+
+    def inference_input(self, question: str, answer: str) -> tuple[list[int], int]:
+        """(inference_ids, how many of the answer's last tokens they leave out)."""
         room = None if self.max_length is None else max(1, self.max_length - max(1, self.max_length // 4))
-        return self.prompt_ids(question, answer, room=room)[0]
+        return self.prompt_ids(question, answer, room=room)
 
 
 @dataclass

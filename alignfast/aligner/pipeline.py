@@ -51,6 +51,7 @@ class Corrector:
                                          max_length=max_length, encoding_version=encoding_version)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.answer_tokens_dropped: list[int] = []  # per row of the last generate(): the answer's end left out
         _, stops = _special_ids(tokenizer, model, None)
         self.engine = HFEngine(model, tokenizer, eos_token_id=stops)
 
@@ -115,11 +116,20 @@ class Corrector:
         if len(questions) != len(answers):
             fail("answers", f"has {len(answers)} entries for {len(questions)} questions")
         out: list[Completion] = []
+        dropped: list[int] = []
         for start in range(0, len(questions), self.batch_size):
-            ids = [self.encoder.inference_ids(q, a) for q, a in
-                   zip(questions[start: start + self.batch_size], answers[start: start + self.batch_size])]
-            completions = self.engine.generate(ids, max_new_tokens=self.max_new_tokens, temperature=0.0)
+            encoded = [self.encoder.inference_input(q, a) for q, a in
+                       zip(questions[start: start + self.batch_size], answers[start: start + self.batch_size])]
+            completions = self.engine.generate([ids for ids, _ in encoded], max_new_tokens=self.max_new_tokens,
+                                               temperature=0.0)
             out += [replace(c[0], text=c[0].text.strip()) for c in completions]
+            dropped += [cut for _, cut in encoded]
+        # Answers longer than the corrector's max_length lose their end (as in training): said, and kept per row.
+        self.answer_tokens_dropped = dropped
+        if any(dropped):
+            _log.warning("%d of %d answers are longer than the corrector's max_length (%s tokens with the question "
+                         "and template) allows: their last tokens were left out of its input (%d tokens in all)",
+                         sum(d > 0 for d in dropped), len(dropped), self.encoder.max_length, sum(dropped))
         return out
 
 
@@ -131,6 +141,7 @@ class Correction:
     answer: str
     correction: str
     truncated: bool = False
+    answer_tokens_dropped: int = 0  # the answer's last tokens the corrector did not see (its max_length)
 
 
 class AlignerPipeline:
@@ -177,5 +188,6 @@ class AlignerPipeline:
         questions = list(questions)
         answers = self.answer(questions, seed=seed) if answers is None else list(answers)
         corrections = self.corrector.generate(questions, answers)
-        return [Correction(q, a, c.text, truncated=c.finish_reason == "length")
-                for q, a, c in zip(questions, answers, corrections, strict=True)]
+        return [Correction(q, a, c.text, truncated=c.finish_reason == "length", answer_tokens_dropped=d)
+                for q, a, c, d in zip(questions, answers, corrections, self.corrector.answer_tokens_dropped,
+                                      strict=True)]

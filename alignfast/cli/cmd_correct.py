@@ -13,8 +13,9 @@ def add_parser(sub) -> None:
         description="Reads questions (a .jsonl/.json/.csv file with a 'question' column, or 'prompt'), has the "
                     "upstream model answer them (a local/hub model through the batched HF engine, or an "
                     "OpenAI-compatible endpoint), has the corrector in --aligner rewrite each answer, and writes one "
-                    "JSON line per question: its other columns (an id) and {question, answer, correction, truncated}, "
-                    "\"truncated\" true where the correction was cut at --max-new-tokens. Without "
+                    "JSON line per question: its other columns (an id) and {question, answer, correction, truncated, "
+                    "answer_tokens_dropped}: \"truncated\" true where the correction was cut at --max-new-tokens, "
+                    "\"answer_tokens_dropped\" the answer's last tokens the corrector's max_length left out. Without "
                     "--upstream/--upstream-url the file's own 'answer' column is corrected; with one, a file that "
                     "has an 'answer' column is refused (the upstream's answers would replace it).")
     p.add_argument("--aligner", required=True, metavar="DIR", help="a corrector saved by `alignfast aligner train`")
@@ -146,6 +147,7 @@ def run(args, extra) -> int:
             generated = corrector.generate(questions, answers)
             corrections = [c.text for c in generated]
             truncated = [c.finish_reason == "length" for c in generated]
+            dropped = corrector.answer_tokens_dropped
         else:
             if args.upstream:
                 from alignfast.rollout import HFEngine
@@ -169,20 +171,27 @@ def run(args, extra) -> int:
             answers = [r.answer for r in results]
             corrections = [r.correction for r in results]
             truncated = [r.truncated for r in results]
+            dropped = [r.answer_tokens_dropped for r in results]
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         from alignfast.files import write_text_atomically
 
         # The file's other columns (an id to join on) come first, as they were. "truncated" is always written, so
         # that it says what this run did: a file from an earlier round of correction may carry its own.
-        written = [{**row, "question": q, "answer": a, "correction": c, "truncated": bool(cut)}
-                   for row, q, a, c, cut in zip(rows, questions, answers, corrections, truncated, strict=True)]
+        # "answer_tokens_dropped": the answer's last tokens the corrector did not see (its max_length), as in training.
+        written = [{**row, "question": q, "answer": a, "correction": c, "truncated": bool(cut),
+                    "answer_tokens_dropped": int(d)}
+                   for row, q, a, c, cut, d in zip(rows, questions, answers, corrections, truncated, dropped,
+                                                   strict=True)]
         write_text_atomically(out, "".join(json.dumps(w) + "\n" for w in written))
         changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))
         cut = f", {sum(truncated)} cut at --max-new-tokens ({args.max_new_tokens}; \"truncated\": true)" \
             if any(truncated) else ""
-        print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector{cut}; wrote {out}",
-              file=sys.stderr)
+        long = sum(d > 0 for d in dropped)
+        long = f", {long} answers longer than the corrector's max_length seen without their end " \
+            f"(\"answer_tokens_dropped\")" if long else ""
+        print(f"alignfast correct: {len(questions)} answers, {changed} changed by the corrector{cut}{long}; wrote "
+              f"{out}", file=sys.stderr)
         return 0
     finally:
         if served is not None:

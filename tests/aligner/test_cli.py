@@ -34,7 +34,7 @@ def test_train_correct_and_eval_on_the_toy_world(tmp_path, capsys):
     rows = [json.loads(x) for x in corrected.read_text().splitlines()]
     assert [r["question"] for r in rows] == ["sort 4 8 5 1", "max 1 3 4 2 6"]
     assert rows[0]["answer"] == "8 5 4 1"  # the frozen toy target's misreading, which the corrector then edits
-    assert all(set(r) == {"question", "answer", "correction", "truncated"} for r in rows)
+    assert all(set(r) == {"question", "answer", "correction", "truncated", "answer_tokens_dropped"} for r in rows)
 
     capsys.readouterr()
     assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", str(out / "final"),
@@ -236,9 +236,26 @@ def test_correct_flags_cut_corrections_and_keeps_the_other_columns(tmp_path, cap
                                                                         [r["answer"] for r in rows])
     cut = [c.finish_reason == "length" for c in want]
     assert any(cut)  # one new token: only a first-token EOS finishes
-    assert written == [{**r, "correction": c.text, "truncated": c.finish_reason == "length"}
-                       for r, c in zip(rows, want)]
+    assert written == [{**r, "correction": c.text, "truncated": c.finish_reason == "length",
+                        "answer_tokens_dropped": 0} for r, c in zip(rows, want)]
     assert f", {sum(cut)} cut at --max-new-tokens (1; " in capsys.readouterr().err
+
+
+def test_correct_says_which_answers_the_corrector_saw_without_their_end(tmp_path, capsys):
+    """An answer longer than the corrector's max_length (64 here: 48 tokens for question, template and answer) loses
+    its end, as in training; `correct` cut it silently. Each row now says how many tokens were left out, and the
+    summary counts the rows."""
+    folder = _tiny_corrector_folder(tmp_path)
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": "what is the cat", "answer": "a dog " * 60}, {"question": "why fish", "answer": "no"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["correct", "--aligner", str(folder), "--data", str(data), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert written[0]["answer_tokens_dropped"] > 0 and written[1]["answer_tokens_dropped"] == 0
+    assert written[0]["answer"] == rows[0]["answer"]  # the row keeps the whole answer
+    assert "1 answers longer than the corrector's max_length seen without their end" in capsys.readouterr().err
 
 
 def test_a_second_round_of_correction_says_whether_its_own_correction_was_cut(tmp_path):
