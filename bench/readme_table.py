@@ -64,7 +64,11 @@ def _vs(provider: str) -> tuple[str, str]:
 
 def specs() -> list[Spec]:
     rows = [Spec("`compute_advantages`", "64×1024", "compute_advantages (cpu)", "64x1024", "alignfast",
-                 (_speedup("TRL loop"), _vs("verl loop")), memory_vs="TRL loop")]
+                 (_speedup("TRL loop"), _vs("verl loop")), memory_vs="TRL loop"),
+            # the largest shape torch.compile of the GAE loop is timed at (its unrolled graph compiles for minutes
+            # beyond T = 256: bench_advantages --compile-max-t)
+            Spec("`compute_advantages`", "8×256", "compute_advantages (cpu)", "8x256", "alignfast",
+                 (_speedup("TRL loop"), _vs("torch.compile(reference)")), memory_vs="torch.compile(reference)")]
     for title, what in ((TL_FWD, "`token_logprobs` forward"), (TL_BWD, "`token_logprobs` fwd+bwd")):
         for entropy in (False, True):
             for shape in ("8x256x32000", "4x512x151936"):
