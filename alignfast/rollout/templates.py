@@ -9,8 +9,11 @@ prompts or in the rest of a template (JSON examples, code) are left alone.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
+
+_log = logging.getLogger("alignfast")
 
 
 def render(template: str, **fields: str) -> str:
@@ -31,9 +34,7 @@ def warn_unknown_fields(setting: str, template: str, fields: Sequence[str]) -> l
     said once, naming the setting and the fields it has. Returns the unknown names."""
     unknown = sorted({m.group(1) for m in _FIELD.finditer(template)} - set(fields))
     if unknown:
-        import logging
-
-        logging.getLogger("alignfast").warning(
+        _log.warning(
             "%s: %s %s not a field and will reach the model as text (its fields: %s)", setting,
             ", ".join("{" + n + "}" for n in unknown), "is" if len(unknown) == 1 else "are",
             ", ".join("{" + f + "}" for f in fields))

@@ -67,12 +67,12 @@ def check_writable(output_dir: str | os.PathLike) -> Path:
 def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
     """The exclusive lock on output_dir for this process (the one it already holds, if any); an error naming
     output_dir when another process holds it."""
-    out = check_writable(output_dir)
-    key = os.path.realpath(out)
+    key = os.path.realpath(output_dir)
     ref = _held.get(key)
     held = ref() if ref is not None else None
     if held is not None and held.fd is not None:
-        return held
+        return held  # this process's own (the command's preflight took it; its trainer asks again): checked then
+    out = check_writable(output_dir)
     path = out / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
