@@ -246,6 +246,33 @@ def make_trainer(variant: str, world: World, root: Path, device: str, setup: Set
                            train_dataset=world.prompts, peft_config=peft_config)
 
 
+# What the providers' first (warm-up) steps must agree on before any is timed. They start from the same weights
+# and seeds, so they draw the same rollouts: the rollout metrics match to the last digit of their rounding, the
+# losses to the numerics of the path (float32 summation order; bfloat16 presets round every activation).
+ROLLOUT_METRICS = ("objective/scores", "completions/mean_length", "val/num_eos_tokens")
+LOSS_METRICS = ("loss/policy_avg", "loss/value_avg", "objective/entropy", "policy/approxkl_avg")
+LOSS_TOLERANCE = {torch.float32: (1e-3, 1e-5), torch.bfloat16: (5e-2, 1e-3), torch.float16: (2e-2, 5e-4)}
+
+
+def check_same_first_step(shape: str, first: dict[str, dict], dtype: torch.dtype) -> None:
+    """Refuse to time providers whose first PPO step disagrees with the first provider's: a fast path that trains
+    on other rollouts or computes another loss would otherwise be timed as a speed-up (harness.ProviderMismatch,
+    the check run_rounds makes of the kernels' outputs). |a - b| <= atol + rtol * |b|, per metric."""
+    names = list(first)
+    base = first[names[0]]
+    rtol, atol = LOSS_TOLERANCE.get(dtype, LOSS_TOLERANCE[torch.float32])
+    for name in names[1:]:
+        for key in ROLLOUT_METRICS + LOSS_METRICS:
+            if key not in base or key not in first[name]:
+                continue  # a metric this configuration does not log (no EOS token, say)
+            a, b = float(first[name][key]), float(base[key])
+            r, t = (1e-6, 1e-9) if key in ROLLOUT_METRICS else (rtol, atol)
+            if not abs(a - b) <= t + r * abs(b):
+                raise harness.ProviderMismatch(
+                    f"bench: {shape}: {name!r} first step {key} = {a:.6g}, {names[0]!r} = {b:.6g} "
+                    f"(tolerance {t:g} + {r:g}*|b|): the providers no longer train alike; not timed")
+
+
 def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
         thread_counts: tuple[int, ...] = ()) -> str:
     """Time the providers' PPO steps interleaved (one round = one step of each, the order rotated from round to
@@ -281,11 +308,12 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
             steps[name] += 1
             return metrics
 
-        warmup = {}
+        warmup, first = {}, {}
         for name in trainers:  # warm-up step each (with torch_compile: the compilation, mostly)
             t0 = time.perf_counter()
-            one_step(name)
+            first[name] = one_step(name)
             warmup[name] = time.perf_counter() - t0
+        check_same_first_step(shape, first, world.dtype)
         names = list(trainers)
         for rnd in range(reps):
             shift = rnd % len(names)  # the order rotates from round to round, as in harness.run_rounds
