@@ -13,50 +13,20 @@ Part 2, decoding B prompts of a random-weight Llama (bench_engine's "tiny" shape
   proxy: accept    ProxyDecoder with a judge that always accepts (the loop's own overhead: a feature
                    row and a proposal op per token)
   proxy: untrained ProxyDecoder with a fresh ProxyModel (P(accept) = 0.88: ~0.14 re-proposals per token)
-Both parts interleave the providers over --rounds rounds (after one warm-up round) and report the median
-and the spread (min-max) per provider, and the ratio to the first provider in the same run.
+Both parts run on harness.run_rounds: providers interleaved over --rounds rounds in rotated order (fresh inputs
+each round for the step), medians and IQRs, and per-round speed-ups against the first provider (decoding:
+tokens per second, since sampled completions end at random lengths). The step's alignfast output is checked
+against the reference's (same uniforms: same tokens, same log-probs) before anything is timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from bench import harness
-from bench.harness import Row, append_results, device_description, format_table
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def interleaved(providers: dict, rounds: int, device: str) -> dict[str, list[float]]:
-    """{name: [seconds per round]}: one warm-up call each, then `rounds` rounds calling every provider once."""
-    for fn in providers.values():
-        fn()
-    _sync(device)
-    times = {name: [] for name in providers}
-    for _ in range(rounds):
-        for name, fn in providers.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def rows_from(shape: str, times: dict[str, list[float]], extra: dict | None = None) -> list[Row]:
-    out = []
-    for name, ts in times.items():
-        row = Row(shape, name, statistics.median(ts), None,
-                  extra={"spread ms": f"{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}", **((extra or {}).get(name, {}))})
-        out.append(row)
-    return out
+from bench.harness import append_results, device_description, format_table
 
 
 # --- part 1: the step ----------------------------------------------------------------------------
@@ -71,24 +41,30 @@ def eager_step(logits, excluded, temperature, top_p):
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
 
 
+# The eager step samples with torch.multinomial, not from the uniforms: its tokens are another draw.
+STEP_CHECK = harness.Check(skip={"torch eager": "samples with torch.multinomial, not the given uniforms"})
+
+
+def step_inputs(device, B, V, seed):
+    """Logits, a 5% rejected-token mask and one uniform per row, drawn afresh each round."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(B, V, generator=g, device=device) * 3
+    excluded = torch.rand(B, V, generator=g, device=device) < 0.05
+    return logits, excluded, torch.rand(B, generator=g, device=device)
+
+
 def bench_step(device, B, V, top_p, rounds, temperature=0.8):
     from alignfast import reference
     from alignfast.ops import propose_token
 
-    g = torch.Generator(device=device).manual_seed(0)
-    logits = torch.randn(B, V, generator=g, device=device) * 3
-    excluded = torch.rand(B, V, generator=g, device=device) < 0.05
-    uniforms = torch.rand(B, generator=g, device=device)
     providers = {
-        "torch eager": lambda: eager_step(logits, excluded, temperature, top_p),
-        "reference": lambda: reference.propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p),
-        "alignfast": lambda: propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p),
+        "torch eager": lambda inp: lambda: eager_step(inp[0], inp[1], temperature, top_p),
+        "reference": lambda inp: lambda: reference.propose_token(*inp, temperature=temperature, top_p=top_p),
+        "alignfast": lambda inp: lambda: propose_token(*inp, temperature=temperature, top_p=top_p),
     }
-    times = interleaved(providers, rounds, device)
-    rows = rows_from(f"B={B} V={V} top_p={top_p}", times)
-    for r, (name, fn) in zip(rows, providers.items()):
-        r.peak_bytes = harness.peak_extra_memory(fn, device=device)
-    return rows
+    return harness.run_rounds(f"B={B} V={V} top_p={top_p}", providers,
+                              inputs=lambda r: step_inputs(device, B, V, seed=r), baselines=("torch eager",),
+                              device=device, rounds=rounds, check=STEP_CHECK)
 
 
 # --- part 2: decoding ----------------------------------------------------------------------------
@@ -109,30 +85,36 @@ def bench_decode(device, B, new_tokens, rounds):
                        temperature=1.0)
     torch.manual_seed(0)
     proxy = ProxyModel(model.config.hidden_size, model.config.hidden_size, 64).to(device)
-    counts = {}
+    rejections = []
 
     def accept_all(features, proposals):
         return torch.full((proposals.numel(),), 50.0, device=proposals.device), None
 
+    # Each call returns the tokens it generated (run_rounds' `work`): sampled completions end at random lengths,
+    # so the speed-up compares tokens per second in the same round.
     def run_engine():
         out = engine.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, seed=1)
-        counts["HFEngine"] = sum(len(c[0].token_ids) for c in out)
+        return sum(len(c[0].token_ids) for c in out)
 
     def run_accept():
-        res = dec.decode(prompts, accept_all, seed=1)
-        counts["proxy: accept"] = sum(len(t) for t in res.tokens)
+        return sum(len(t) for t in dec.decode(prompts, accept_all, seed=1).tokens)
 
     def run_proxy():
         with torch.no_grad():
             res = dec.decode(prompts, proxy.judge, seed=1)
-        counts["proxy: untrained"] = sum(len(t) for t in res.tokens)
-        counts["rej/token"] = float(res.rejections.sum()) / max(1, counts["proxy: untrained"])
+        tokens = sum(len(t) for t in res.tokens)
+        rejections.append(float(res.rejections.sum()) / max(1, tokens))
+        return tokens
 
-    times = interleaved({"HFEngine": run_engine, "proxy: accept": run_accept, "proxy: untrained": run_proxy},
-                        rounds, device)
-    extra = {n: {"tokens": counts[n], "tok/s": f"{counts[n] / statistics.median(times[n]):.0f}"} for n in times}
-    extra["proxy: untrained"]["rejections/token"] = f"{counts['rej/token']:.3f}"
-    return rows_from(f"{name} Llama, B={B}, {new_tokens} new tokens", times, extra)
+    providers = {"HFEngine": run_engine, "proxy: accept": run_accept, "proxy: untrained": run_proxy}
+    rows = harness.run_rounds(f"{name} Llama, B={B}, {new_tokens} new tokens",
+                              {n: (lambda fn=fn: fn) for n, fn in providers.items()}, baselines=("HFEngine",),
+                              device=device, rounds=rounds, work=True, memory="resident")
+    for row in rows:
+        if row.seconds:
+            row.extra["tok/s"] = f"{float(row.extra['work']) / row.seconds:.0f}"
+    rows[-1].extra["rejections/token"] = f"{sorted(rejections)[len(rejections) // 2]:.3f}"
+    return rows
 
 
 def main(argv=None):
@@ -149,15 +131,16 @@ def main(argv=None):
     dev = args.device
     parts = set(args.parts.split(","))
     print(f"device: {device_description(dev)}")
-    notes = (f"Interleaved rounds: {args.rounds} (after one warm-up call each); medians, spread min-max. "
-             "Memory column of the decoding table not measured.")
+    notes = (f"harness.run_rounds: {args.rounds} rounds, providers interleaved, order rotated, fresh inputs per "
+             "round; medians, IQR, per-round speed-ups (decoding: tokens per second, the completions' lengths "
+             "being sampled). The proposal step's outputs are checked against the reference before timing.")
     if "step" in parts:
         shapes = [(64, 32000)] if args.quick else [(64, 32000), (64, 151936)]
         step_rows = []
         for B, V in shapes:
             for top_p in (1.0, 0.9):
                 step_rows += bench_step(dev, B, V, top_p, args.rounds)
-        t1 = format_table(step_rows, baseline="torch eager", extra_columns=("spread ms",))
+        t1 = format_table(step_rows, baseline="torch eager")
         print("\nOne proposal step (mask, temperature 0.8, top-p, sample, log-prob):\n")
         print(t1)
         if args.record:
@@ -168,7 +151,7 @@ def main(argv=None):
         new = args.new_tokens or (16 if args.quick else 32)
         dec_rows = bench_decode(dev, B, new, args.rounds)
         t2 = format_table(dec_rows, baseline="HFEngine",
-                          extra_columns=("spread ms", "tokens", "tok/s", "rejections/token"))
+                          extra_columns=("work", "tok/s", "rejections/token"))
         print("\nDecoding (speed-up vs HFEngine < 1 is the proxy's overhead):\n")
         print(t2)
         if args.record:
