@@ -69,6 +69,22 @@ def launch(n: int, threads: int, out: Path, steps: int, device: str) -> dict:
     return json.loads((out / f"timings-{n}.json").read_text())
 
 
+def check_same_first_step(provider: tuple, step: dict, first: dict) -> None:
+    """N processes reproduce one (the trainer's parity tests): every launch's first step scores the same rollouts,
+    so its mean reward equals the first launch's. A launch that does not (a broken shard of the prompts, a rank
+    that trains on other rows) is refused rather than timed; `first` keeps the first launch's step."""
+    from bench.harness import ProviderMismatch
+
+    if not first:
+        first.update(step, provider=provider)
+        return
+    a, b = step["objective/scores"], first["objective/scores"]
+    if abs(a - b) > 1e-6 + 1e-6 * abs(b):
+        raise ProviderMismatch(f"bench_scaling: {provider[0]}x{provider[1]}: first step objective/scores {a:.6g}, "
+                               f"{first['provider'][0]}x{first['provider'][1]}: {b:.6g}: the launches no longer "
+                               "train alike; not timed")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -91,11 +107,13 @@ def main(argv=None) -> None:
     timed: dict[tuple, list[dict]] = {pv: [] for pv in providers}
     round_medians: dict[tuple, list[float]] = {pv: [] for pv in providers}
     batch = None
+    first: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for pv in providers:  # interleaved: 1x1, 1x2, 2x1, 1x1, ...
                 res = launch(*pv, Path(tmp) / f"round{r}", args.steps, args.device)
                 batch = res["batch"]
+                check_same_first_step(pv, res["steps"][0], first)
                 steps = res["steps"][1:]  # the first step is a warm-up
                 timed[pv] += steps
                 round_medians[pv].append(statistics.median(s["timing_s/step"] for s in steps))

@@ -29,3 +29,13 @@ def test_a_disagreeing_step_is_refused_with_the_metric_named(key, value):
 def test_a_metric_only_one_side_logs_is_not_compared():
     check_same_first_step("s", {"reference": STEP, "fast": {k: v for k, v in STEP.items() if k != "val/num_eos_tokens"}},
                           torch.float32)
+
+
+def test_scaling_refuses_a_launch_whose_first_step_scores_other_rollouts():
+    from bench.bench_scaling import check_same_first_step as scaling_check
+
+    first: dict = {}
+    scaling_check((1, 1), {"objective/scores": 0.5}, first)
+    scaling_check((2, 1), {"objective/scores": 0.5 + 1e-9}, first)
+    with pytest.raises(harness.ProviderMismatch, match=r"^bench_scaling: 2x1: first step objective/scores 0.51, 1x1"):
+        scaling_check((2, 1), {"objective/scores": 0.51}, first)
