@@ -255,12 +255,15 @@ class AlignerTrainer(RunLoop):
     def save_model(self, output_dir=None) -> Path:
         """The corrector (or its LoRA adapter), its tokenizer, and aligner_config.json (template, chat
         template flag, max_length, encoding_version) so AlignerPipeline / `alignfast correct` rebuild its input
-        exactly."""
-        out = Path(output_dir or self.config.output_dir)
+        exactly. In `output_dir` (by default the run's output_dir/final, where the CLI saves it), which appears whole
+        or not at all; an existing one is replaced whole (checkpoint.new_folder_atomically: a kill mid-write leaves
+        the earlier corrector as it was; files of the earlier folder the new one does not write are kept aside, with
+        a warning). A run's output_dir itself is refused (its checkpoints would go aside with it)."""
+        out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
+        ckpt.check_model_folder(out, self.config.output_dir)  # every process: none waits on one that failed
         if self.processes.is_main:  # the replicas are identical: one process writes
-            with ckpt.writing(self.config.output_dir, "the corrector", out):
-                out.mkdir(parents=True, exist_ok=True)
-                self._save_policy(out)
+            with ckpt.writing(self.config.output_dir, "the corrector", out), ckpt.new_folder_atomically(out) as tmp:
+                self._save_policy(tmp)
         self.processes.wait()
         return out
 

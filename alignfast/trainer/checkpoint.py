@@ -16,7 +16,8 @@ so other users of a shared machine can read it as they can read the run's other 
 fsynced, then the manifest, then one rename into place and an fsync of output_dir. A crash or a power loss
 therefore leaves either the previous checkpoints alone or a complete new one; never a half-written
 checkpoint-<step>. What a killed writer leaves behind (`.tmp-checkpoint-*`) is removed by the next run
-(`clean_stale`).
+(`clean_stale`). The final model (save_model's folder, final/) is written the same way by
+`new_folder_atomically`, which replaces an existing one whole.
 
 Reading: `verify` checks a checkpoint against its manifest before anything trusts it; `resume_point` picks
 the newest checkpoint that passes and warns, naming each newer one that does not and why.
@@ -33,12 +34,14 @@ import random
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from alignfast.files import readable_weights
-from alignfast.ops._checks import AlignfastArgumentError
+from alignfast.ops._checks import AlignfastArgumentError, fail
+from alignfast.trainer.output_lock import LOCK_FILE
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -164,12 +167,20 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict
 
 
 @contextlib.contextmanager
-def new_folder_atomically(path: str | os.PathLike):
-    """Yield a temporary sibling of `path` to write into; on success it is fsynced and renamed to `path`, on an
+def new_folder_atomically(path: str | os.PathLike, *, warn=None):
+    """Yield a temporary sibling of `path` to write into; on success it is fsynced and put in `path`'s place, on an
     error removed. So a kill never leaves a half-written `path` (the final model, say) that looks complete.
-    `path` must not exist yet (an existing folder may hold other things, and is written in place by callers)."""
+
+    An existing `path` stays whole until the new folder is complete, then is replaced by two renames (as
+    save_checkpoint replaces a step written again): `path` then holds exactly what was written, never the new model
+    mixed with the old one's files (a LoRA adapter beside full weights would be loaded instead of them). The old
+    folder is deleted when the new one has every name it had; when it held anything more (a file of the user's, a
+    report written into it), it is kept whole beside as `<name>.replaced-<time>` and a warning (`warn(msg)`) names
+    what: nothing is deleted silently. What a killed writer leaves is put back or removed by the next write of
+    `path` and by clean_stale: a temporary copy is deleted; an old folder caught between the two renames returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_folder(path)
     tmp = _fresh_dir(path.parent, f"{TMP_PREFIX}{path.name}-")
     try:
         yield tmp
@@ -177,11 +188,76 @@ def new_folder_atomically(path: str | os.PathLike):
             for name in names:
                 _sha256(Path(dirpath) / name, fsync=True)
             _fsync_dir(Path(dirpath))
-        os.replace(tmp, path)
+        if os.path.lexists(path):
+            _replace_folder(tmp, path, warn or _log.warning)
+        else:
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_model_folder(path: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """save_model replaces its folder whole (new_folder_atomically), so the folder must be the model's own: not a
+    run's output_dir (the run's checkpoints, metrics and lock would be moved aside with it). One line naming it."""
+    path = Path(path)
+    held = [p.name for p in list_checkpoints(path)][-2:] + \
+        [n for n in ("metrics.jsonl", LOCK_FILE) if (path / n).exists()]
+    if path.is_dir() and os.path.realpath(path) == os.path.realpath(output_dir) and not held:
+        held = ["the run's output_dir"]
+    if held:
+        fail("output_dir", f"of save_model, '{path}', holds a training run ({', '.join(held)}): the model is saved "
+             f"into a folder of its own, which a later save replaces whole; pass one such as '{path / 'final'}'")
+
+
+def clean_stale_folder(path: str | os.PathLike) -> list[str]:
+    """Remove what a killed new_folder_atomically(path) left beside `path` (its temporary copy; the old folder it
+    was replacing, put back first when `path` is missing), unless its writer still runs. Returns the names removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    name = re.escape(path.name)
+    own = re.compile(rf"^{re.escape(TMP_PREFIX)}(?:{REPLACED_FOLDER})?{name}-\d+-[0-9a-f]{{8}}$")
+    removed = []
+    for p in sorted(path.parent.iterdir()):
+        if own.match(p.name) and not _writer_alive(p.name):
+            _put_back(p, path)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def _replace_folder(tmp: Path, path: Path, warn) -> None:
+    """Put the complete folder `tmp` in the place of the existing `path` (see new_folder_atomically)."""
+    new_names = {p.name for p in tmp.iterdir()}
+    extra = sorted({p.name for p in path.iterdir()} - new_names) if path.is_dir() and not path.is_symlink() \
+        else [path.name]
+    if extra:  # kept whole, in plain sight: a kill between the renames leaves it there, never in a temporary folder
+        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        while os.path.lexists(aside):
+            aside = aside.with_name(aside.name + "-1")
+        os.replace(path, aside)
+        os.replace(tmp, path)
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        warn(f"alignfast: {path} held {shown}, which the model saved there now does not write: the earlier folder "
+             f"is kept whole as {aside} (delete it once nothing in it is needed)")
+        return
+    old = _fresh_dir(path.parent, f"{TMP_PREFIX}{REPLACED_FOLDER}{path.name}-")
+    os.replace(path, old / "c")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old / "c", path)  # the old folder back where it was
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _put_back(temp: Path, path: Path) -> None:
+    """A folder that was being replaced when its writer died (`temp`/c, `path` missing) returns to `path`."""
+    if temp.name.startswith(TMP_PREFIX + REPLACED_FOLDER) and (temp / "c").exists() and not os.path.lexists(path):
+        os.replace(temp / "c", path)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -295,7 +371,8 @@ def clean_stale(output_dir: str | os.PathLike) -> list[str]:
     """Remove what killed writers left in output_dir: `.tmp-checkpoint-*` of processes no longer running, and
     `.tmp-sharded-*`, the per-process shards of a sharded checkpoint (FSDP2, ZeRO-3: gigabytes) that were never
     moved into one (at the start of a run nothing of its own is being written). A checkpoint that was being
-    replaced when the writer died is put back first. Returns the names removed."""
+    replaced when the writer died is put back first, as is a folder new_folder_atomically was replacing (final/).
+    Returns the names removed."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -307,6 +384,9 @@ def clean_stale(output_dir: str | os.PathLike) -> list[str]:
         m = re.match(rf"^{re.escape(TMP_PREFIX)}replaced-(\d+)-", p.name)
         if m and (p / "c").is_dir() and not (root / f"checkpoint-{m.group(1)}").exists():
             os.replace(p / "c", root / f"checkpoint-{m.group(1)}")  # killed between the two renames
+        folder = re.match(rf"^{re.escape(TMP_PREFIX)}{REPLACED_FOLDER}(.+)-\d+-[0-9a-f]{{8}}$", p.name)
+        if folder:  # final/ (new_folder_atomically) replaced when the writer died
+            _put_back(p, root / folder.group(1))
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
     return removed
@@ -344,6 +424,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location=None) -> dict:
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-checkpoint-"
+# TMP_PREFIX + REPLACED_FOLDER + <name>-<pid>-<hex>/c: the folder <name> while new_folder_atomically replaces it
+REPLACED_FOLDER = "replaced-folder-"
 TMP_SHARDS_PREFIX = ".tmp-sharded-"  # + step: accelerate's save_state of every process, before the checkpoint exists
 POLICY_FILES = "policy_files"  # trainable.pt key: {parameter name: [file under policy/, tensor key]}
 _log = logging.getLogger("alignfast.trainer")
