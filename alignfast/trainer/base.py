@@ -597,7 +597,7 @@ class PPOEngineTrainer(RunLoop):
                  "reference_fingerprint": self._reference_fingerprint(),
                  "num_processes": self.processes.num_processes, "train_rows": len(self.train_dataset),
                  "train_fingerprint": self._train_fingerprint(), "target": self._target_identity(),
-                 "rewards": self._reward_setup()}
+                 "rewards": self._reward_setup(), "reward_models": self._reward_models()}
 
         def save_policy(path):
             self.model.save_pretrained(str(path))
@@ -653,6 +653,18 @@ class PPOEngineTrainer(RunLoop):
             return None
         return [[name, float(w)] for name, w in zip(rewards.names, rewards.weights)]
 
+    def _reward_models(self) -> dict | None:
+        """{name: fingerprint} of the reward functions that are reward models (reference_fingerprint of their weights:
+        a model swapped under the same name, which _reward_setup's names cannot tell, differs). Computed once: a
+        reward model is frozen, and its fingerprint reads 32 values per tensor, however large the model."""
+        rewards = getattr(self, "rewards", None)
+        if rewards is None:
+            return None
+        if getattr(self, "_reward_fp", None) is None:
+            self._reward_fp = {name: reference_fingerprint(f.model.named_parameters())
+                               for name, f in zip(rewards.names, rewards.funcs) if isinstance(f, RewardModel)}
+        return self._reward_fp
+
     def _warn_changed_settings(self, path: Path, saved: dict) -> None:
         """A resume with other hyperparameters is allowed (it may be on purpose) but never silent: the run
         will not match an uninterrupted one."""
@@ -705,7 +717,8 @@ class PPOEngineTrainer(RunLoop):
         self._warn_changed_settings(path, state.get("config") or {})
         warn_other_train_rows(path, state, len(self.train_dataset), self._train_fingerprint(), what="training prompts",
                               setting="data.train in a run file; train_dataset in Python")
-        warn_other_inputs(path, state, target=self._target_identity(), rewards=self._reward_setup())
+        warn_other_inputs(path, state, target=self._target_identity(), rewards=self._reward_setup(),
+                          reward_models=self._reward_models())
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.global_step = int(state["global_step"])
         self.episode = int(state["episode"])

@@ -136,10 +136,12 @@ def warn_other_train_rows(path, state: dict, rows: int, fingerprint: str, *, wha
                      "or tokenization; %s): the run will not match an uninterrupted one", path, what, rows, setting)
 
 
-def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list | None) -> None:
-    """One warning line for a target, one for a reward setup, that differ from those the checkpoint's run had
-    (recorded by its trainer: target {name, weights}, rewards [[name, weight], ...]); none for a checkpoint that
-    recorded nothing."""
+def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list | None,
+                      reward_models: dict | None = None) -> None:
+    """One warning line for a target, one for a reward setup, one for reward models' weights, that differ from those
+    the checkpoint's run had (recorded by its trainer: target {name, weights}, rewards [[name, weight], ...],
+    reward_models {name: fingerprint of its weights}); none for a checkpoint that recorded nothing. A warning, as
+    for the target: another reward may be on purpose, but never silent."""
     saved = state.get("target")
     if saved is not None and target is not None and saved != target:
         _log.warning("resuming from %s with another target (target.model in a run file; the target in Python): %s "
@@ -151,6 +153,13 @@ def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list |
                      "file; reward_model, reward_funcs, reward_weights in Python): %s where the checkpoint's run had "
                      "%s: the run will not match an uninterrupted one", path, _rewards_text(rewards),
                      _rewards_text(saved))
+    saved = state.get("reward_models")
+    if isinstance(saved, dict) and reward_models:
+        swapped = [name for name, fp in reward_models.items() if saved.get(name) not in (None, fp)]
+        if swapped:  # same name, other weights; a name the checkpoint lacks is the reward-setup warning's
+            _log.warning("resuming from %s with another reward model's weights under the same name (reward.model in a "
+                         "run file; reward_model in Python): %s differ from the checkpoint's run's: the run will not "
+                         "match an uninterrupted one", path, ", ".join(repr(n) for n in swapped))
 
 
 def _target_text(t: dict) -> str:

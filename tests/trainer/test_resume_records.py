@@ -139,3 +139,45 @@ def test_a_proxy_rlhf_checkpoint_records_its_targets_weights(tmp_path, capsys):
                                       "reference_fingerprint": EMPTY_FINGERPRINT}))
     (out / "proxy" / "checkpoint-1" / "manifest.json").unlink()
     assert main([*args, "--resume"]) == 0
+
+
+def test_a_resume_with_another_reward_models_weights_under_the_same_name_says_so(tmp_path, caplog):
+    from alignfast.rollout.rewards import RewardModel
+    from alignfast.trainer import checkpoint as ckpt
+    from tests.trainer.tiny import make_reward_model
+
+    tok, prompter_dir = small_world(tmp_path)
+    for seed, folder in ((6, "a"), (7, "b")):  # one name ('reward'), two sets of weights
+        make_reward_model(tmp_path / folder / "reward", len(tok), seed=seed, hidden=16)
+        tok.save_pretrained(str(tmp_path / folder / "reward"))
+    out = tmp_path / "run"
+
+    def run(folder, first=False):
+        # Resumes write no checkpoint (each resumes from checkpoint-1 alone); a constant LR: a resume over more
+        # steps says nothing of its schedule.
+        saves = {"save_steps": 1} if first else {"save_strategy": "no"}
+        rm = RewardModel(str(tmp_path / folder / "reward"))
+        t = AlignProTrainer(AlignProConfig(output_dir=str(out), **{**BASE, "max_steps": 1 if first else 2, **saves,
+                                                                   "lr_scheduler_type": "constant"}),
+                            AutoModelForCausalLM.from_pretrained(prompter_dir), tok, FunctionTarget(lambda s: s, tok),
+                            reward_model=rm, train_dataset=TRAIN_PROMPTS)
+        with caplog.at_level(logging.WARNING, logger="alignfast.trainer"):
+            t.train(resume_from_checkpoint=None if first else str(out / "checkpoint-1"))
+        return [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+
+    run("a", first=True)
+    state = ckpt.load_checkpoint(out / "checkpoint-1")["state"]
+    assert list(state["reward_models"]) == ["reward"] and state["rewards"] == [["reward", 1.0]]
+    assert run("a") == []
+    caplog.clear()
+    lines = run("b")
+    assert len(lines) == 1 and "with another reward model's weights under the same name (reward.model in a run " \
+                               "file; reward_model in Python): 'reward' differ" in lines[0], lines
+
+    # A checkpoint of an older alignfast recorded no reward model weights: it resumes, without that warning.
+    caplog.clear()
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state_file.write_text(json.dumps({k: v for k, v in json.loads(state_file.read_text()).items()
+                                      if k != "reward_models"}))
+    (out / "checkpoint-1" / "manifest.json").unlink()
+    assert [m for m in run("b") if "unverified" not in m] == []
