@@ -176,8 +176,9 @@ def new_folder_atomically(path: str | os.PathLike, *, warn=None):
     mixed with the old one's files (a LoRA adapter beside full weights would be loaded instead of them). The old
     folder is deleted when the new one has every name it had; when it held anything more (a file of the user's, a
     report written into it), it is kept whole beside as `<name>.replaced-<time>` and a warning (`warn(msg)`) names
-    what: nothing is deleted silently. What a killed writer leaves is put back or removed by the next write of
-    `path` and by clean_stale: a temporary copy is deleted; an old folder caught between the two renames returns."""
+    what: nothing is deleted silently (a kill between its two renames leaves `path` missing and the earlier folder
+    there, whole). What a killed writer leaves otherwise is put back or removed by the next write of `path` and by
+    clean_stale: a temporary copy is deleted; an old folder caught between the two renames returns to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_folder(path)
