@@ -192,7 +192,8 @@ class RunLoop:
             return
         # Its final model and the eval reports of it go too: the earlier run's model must not outlive it as this
         # run's final/ (save_model would replace it only at the end: a run stopped before then would leave it),
-        # and eval.json would describe a model that is gone. Other arms' runs in subfolders (oracle/, proxy/) have their own output_dir and stay.
+        # and eval.json would describe a model that is gone. Other arms' runs in subfolders (oracle/, proxy/) have
+        # their own output_dir and stay.
         # The reports `alignfast eval` left in the parent folder go as well when they evaluated a checkpoint of this
         # run as a second arm (eval --checkpoint run/final --oracle-checkpoint run/oracle/final writes run/eval.json).
         stale = [out / "final"] * (out / "final").exists() + reports_describing(out)
