@@ -1,0 +1,98 @@
+"""Left-padded batches under transformers' eager attention: query rows with no key to attend made harmless.
+
+Every query row of a left pad is fully masked: all keys up to it are padding. transformers' eager mask writes
+finfo(dtype).min into masked entries, and eager attention takes softmax(scores + mask, dtype=float32). In a
+float64 model that float64 min is cast to -inf, a row of -inf gives NaN, and in the next layer attn @ V
+multiplies the pads' NaN values by a real row's weight of exactly 0: NaN reaches every real token of a padded
+row. Measured with transformers 5.24 and tiny models: every family under eager attention in float64 (Llama,
+Mistral, Qwen2/3, Gemma-2/3, Starcoder2, Phi-3, Cohere2, Olmo3, Exaone4, VaultGemma), at any pad width, whether
+or not the model has a sliding window; never in float32, bfloat16 or float16 (the min stays finite there, so
+such a row is a uniform average, finite and never read), nor under sdpa or flex attention, which handle
+fully masked rows. Gemma-2, VaultGemma and gpt-oss have no sdpa, so eager is transformers' default for them.
+
+The rule: inside `pad_safe_attention()`, transformers' eager mask builder is wrapped so that a query row whose
+every entry is masked becomes an all-zero row (it attends to every key, as transformers' former
+`_unmask_unattended` did for sdpa). No real row changes: a real token always sees itself, so its row is never
+fully masked and is returned as built; the pads' (now finite) outputs still reach real rows only through
+weights of exactly 0. Masks of other attention implementations are not touched.
+
+The wrapper sits in the mapping instance transformers' masking functions read (a local entry, not the class-wide
+registry), counted so that nested and concurrent users share one install, and is removed when the last leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+
+_lock = threading.Lock()
+_users = 0
+_original = None  # the eager mask builder found at install, put back at removal
+
+
+def unmask_dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An eager (additive float) mask [B, 1|H, Q, K] with each query row that masks every key set to 0."""
+    if mask is None or mask.dtype == torch.bool or mask.size(-1) == 0:
+        return mask
+    dead = (mask == torch.finfo(mask.dtype).min).all(dim=-1, keepdim=True)
+    return mask.masked_fill(dead, 0.0)
+
+
+def _wrap(builder):
+    @functools.wraps(builder)
+    def eager_mask_without_dead_rows(*args, **kwargs):
+        return unmask_dead_rows(builder(*args, **kwargs))
+
+    eager_mask_without_dead_rows._alignfast_wrapped = builder
+    return eager_mask_without_dead_rows
+
+
+def _mask_functions():
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:  # transformers < 4.53 builds masks elsewhere: nothing to wrap
+        return None
+    return ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def _install() -> None:
+    global _original
+    functions = _mask_functions()
+    if functions is None or "eager" not in functions:
+        return
+    _original = functions["eager"]
+    if getattr(_original, "_alignfast_wrapped", None) is None:
+        functions["eager"] = _wrap(_original)
+
+
+def _remove() -> None:
+    global _original
+    functions = _mask_functions()
+    if functions is None or _original is None:
+        return
+    with contextlib.suppress(KeyError):
+        del functions["eager"]  # drops our local entry; the class-wide one shows through again
+    if functions.get("eager") is not _original:  # the original was itself a local entry
+        functions["eager"] = _original
+    _original = None
+
+
+@contextlib.contextmanager
+def pad_safe_attention():
+    """Within this block, transformers' eager masks give fully masked query rows (left padding) an all-zero row,
+    so that a float64 eager model's padded batch gives the same real-token outputs as its unpadded rows."""
+    global _users
+    with _lock:
+        if _users == 0:
+            _install()
+        _users += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                _remove()
