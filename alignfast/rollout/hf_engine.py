@@ -32,6 +32,7 @@ import torch
 from alignfast.ops._checks import choice, fail, in_range
 from alignfast.rollout._batching import build_units, plan_batches
 from alignfast.rollout._decode import decode_batch, make_runner
+from alignfast.rollout._pad_mask import pad_safe_attention
 from alignfast.rollout.engine import Completion, Prompt, TargetEngine, _is_int, check_call
 
 DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and the floor on a GPU
@@ -286,7 +287,8 @@ class HFEngine(TargetEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            # pad_safe_attention: left pads would give NaN under a float64 model's eager attention
+            with torch.no_grad(), pad_safe_attention():
                 for batch in batches:
                     rows = decode_batch(self._runner, batch, max_new_tokens=args.max_new_tokens,
                                         temperature=args.temperature, top_p=args.top_p, eos_ids=self._eos,

@@ -47,6 +47,7 @@ import torch
 from alignfast.rollout._batching import Unit, plan_batches
 from alignfast.rollout._cache_api import cache_keyword
 from alignfast.rollout._kv_cache import new_dynamic_cache, new_packed_cache, packed_cache_layers
+from alignfast.rollout._pad_mask import pad_safe_attention
 from alignfast.rollout._sampling import row_key, step_uniforms
 
 # Salts that separate the re-proposal and decision streams from the first-proposal stream of a row key.
@@ -161,6 +162,7 @@ class ProxyDecoder:
         return torch.cat([hidden, self.embed(tokens).float(), target_lp[:, None]], dim=-1)
 
     @torch.no_grad()
+    @pad_safe_attention()  # left-padded prompts: see _pad_mask
     def decode(self, prompt_ids: list[list[int]], judge: Judge, *, seed: int, greedy_decisions: bool = False,
                decision_temperature: float = 1.0, rows: tuple[int, int] | None = None) -> ProxyDecodeOutput:
         """Decode every prompt (token ids) under `judge`. greedy_decisions: accept iff P(accept) >= 1/2;

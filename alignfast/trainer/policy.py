@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from alignfast import reference
+from alignfast.rollout._pad_mask import pad_safe_attention
 from alignfast.trainer.sampling import position_ids_from_mask
 
 
@@ -149,7 +150,9 @@ class CausalLMPolicy:
         """Log-probs [B, R] of the response tokens (and entropy, values). entropy_grad=False returns the
         entropy detached (a statistic, as TRL computes it under no_grad); True keeps it in the graph
         for an entropy bonus."""
-        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled), fast_gemms_on(self):
+        # pad_safe_attention: the left-padded query would give NaN under a float64 model's eager attention
+        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled), fast_gemms_on(self), \
+                pad_safe_attention():
             return self._forward(query_ids, query_mask, response_ids, response_mask, temperature=temperature,
                                  return_entropy=return_entropy, entropy_grad=entropy_grad)
 
@@ -255,7 +258,9 @@ class ValueModel(nn.Module):
         """Values [B, R] (float32) of the states before each response token."""
         ids, attention, positions = join(query_ids, query_mask, response_ids, response_mask)
         Q, R = query_ids.size(1), response_ids.size(1)
-        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled), fast_gemms_on(self):
+        # pad_safe_attention: the left-padded query would give NaN under a float64 model's eager attention
+        with layers_in_training_mode(self.checkpointed), compiled_layers_on(self.compiled), fast_gemms_on(self), \
+                pad_safe_attention():
             hidden = self.backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
                                    use_cache=False).last_hidden_state[:, Q - 1: Q - 1 + R]
             return self.head(hidden).squeeze(-1).float()

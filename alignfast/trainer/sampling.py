@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from alignfast.rollout._cache_api import cache_keyword, output_cache
+from alignfast.rollout._pad_mask import pad_safe_attention
 
 
 @dataclass
@@ -101,6 +102,7 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None,
 
 
 @torch.no_grad()
+@pad_safe_attention()  # left-padded queries: see alignfast.rollout._pad_mask
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None,

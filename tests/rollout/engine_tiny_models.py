@@ -62,3 +62,48 @@ def save_tiny(directory: Path, **model_kwargs) -> Path:
     tokenizer.save_pretrained(directory)
     build_model(len(tokenizer), **model_kwargs).save_pretrained(directory)
     return directory
+
+
+# Families whose eager attention, in float64, turned a left pad into NaN logits for the padded rows' real tokens
+# (alignfast.rollout._pad_mask): name -> (config class, model class, extra config). The window is 4 tokens, so the
+# tests' pads are both narrower and wider than it; a family given layer_types mixes sliding and full layers.
+# Mixtral and gpt-oss are left out: their expert matmuls refuse float64 (and float32 never gave NaN).
+_HYBRID = {"layer_types": ["sliding_attention", "full_attention"]}
+SLIDING_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),  # no sliding window: the failure is not about windows
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 12, "sliding_window": 4}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 12, "sliding_window": 4, **_HYBRID}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"sliding_window": 4, "use_sliding_window": True,
+                                                  "max_window_layers": 0}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 12, "sliding_window": 4, "use_sliding_window": True,
+                                                  "max_window_layers": 1}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {"sliding_window": 4}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 4}),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {"sliding_window": 4, **_HYBRID}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {"sliding_window": 4, **_HYBRID}),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {"sliding_window": 4, **_HYBRID}),
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", {"head_dim": 12, "sliding_window": 4, **_HYBRID}),
+}
+
+
+def build_family_model(family: str, *, vocab_size: int = 64, attn_implementation: str = "eager",
+                       dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A tiny random model of a SLIDING_FAMILIES family (2 layers, hidden 48), its linear weights scaled up 3x so
+    that greedy choices are well separated; pytest.skip when this transformers lacks the family."""
+    import pytest
+    import transformers
+
+    config_name, model_name, extra = SLIDING_FAMILIES[family]
+    if not hasattr(transformers, config_name) or not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)._from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model.to(dtype).eval()

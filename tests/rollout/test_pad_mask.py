@@ -1,0 +1,144 @@
+"""Left-padded batches under float64 eager attention (alignfast.rollout._pad_mask).
+
+Before the fix, every family below gave NaN logits for the real tokens of a left-padded row under eager attention
+in float64, at any pad width and with or without a sliding window: HFEngine's batched greedy output then differed
+from per-prompt `generate` on every padded row, and the policy's log-probs, the value model and the trainer's
+sampler were NaN or garbage on them. Each check compares a padded batch with the rows run alone, pads from 1 to
+12 tokens against a window of 4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignfast.rollout import HFEngine
+from alignfast.rollout._pad_mask import pad_safe_attention, unmask_dead_rows
+from tests.rollout.engine_tiny_models import SLIDING_FAMILIES, build_family_model
+
+# prompt lengths 2..14: left pads of 12, 11, 9 and 6 tokens in one batch, against a window of 4
+PROMPT_LENGTHS = (2, 3, 5, 8, 14)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 64, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def alone(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Per-prompt greedy `generate` (no padding), EOS switched off as in the engine calls below."""
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def test_unmask_dead_rows_zeroes_only_fully_masked_rows():
+    lo = torch.finfo(torch.float64).min
+    mask = torch.tensor([[[[lo, lo, lo], [lo, 0.0, lo], [lo, 0.0, 0.0]]]], dtype=torch.float64)
+    got = unmask_dead_rows(mask)
+    assert got[0, 0, 0].tolist() == [0.0, 0.0, 0.0]  # a pad's row: attends to every key
+    assert torch.equal(got[0, 0, 1:], mask[0, 0, 1:])  # rows that see a key are returned as built
+    boolean = torch.tensor([[[[False, False], [True, False]]]])
+    assert unmask_dead_rows(boolean) is boolean  # sdpa's boolean masks are left alone
+    assert unmask_dead_rows(None) is None
+
+
+def test_pad_safe_attention_installs_once_and_restores_the_builder():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as functions
+
+    before = functions["eager"]
+    with pad_safe_attention():
+        wrapped = functions["eager"]
+        assert wrapped is not before
+        with pad_safe_attention():  # nested (a policy forward inside a sampled rollout): one wrapper, not two
+            assert functions["eager"] is wrapped
+        assert functions["eager"] is wrapped
+        assert functions["sdpa"] is not wrapped
+    assert functions["eager"] is before
+
+
+def test_pad_safe_attention_keeps_a_local_override():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as functions
+
+    original = functions["eager"]
+
+    def custom(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    functions["eager"] = custom
+    try:
+        with pad_safe_attention():
+            assert functions["eager"] is not custom
+        assert functions["eager"] is custom
+    finally:
+        del functions["eager"]
+    assert functions["eager"] is original
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING_FAMILIES))
+def test_engine_wide_left_pad_matches_per_prompt_generate(family):
+    model = build_family_model(family)
+    assert model.config._attn_implementation == "eager"
+    want = [alone(model, p, 8) for p in prompts()]
+    # the default layout (one batch) and the DynamicCache fallback with one prefill per batch
+    for packed in (True, False):
+        got = HFEngine(model, eos_token_id=[], packed_cache=packed).generate(prompts(), max_new_tokens=8)
+        assert [r[0].token_ids for r in got] == want
+
+
+def test_engine_sdpa_unchanged_by_the_fix():
+    """sdpa never gave NaN (it handles fully masked rows itself); its masks are not wrapped."""
+    model = build_family_model("mistral", attn_implementation="sdpa")
+    got = HFEngine(model, eos_token_id=[]).generate(prompts(), max_new_tokens=8)
+    assert [r[0].token_ids for r in got] == [alone(model, p, 8) for p in prompts()]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_policy_value_and_sampler_padded_rows_equal_rows_alone(family):
+    from alignfast.trainer.policy import CausalLMPolicy, ValueModel
+    from alignfast.trainer.sampling import left_pad, sample
+
+    model = build_family_model(family)
+    rows = prompts()[:4]
+    q_ids, q_mask = left_pad(rows, 0)
+    r_ids = torch.randint(3, 64, (len(rows), 3), generator=torch.Generator().manual_seed(1))
+    r_mask = torch.ones_like(r_ids, dtype=torch.bool)
+    value = ValueModel.from_causal_lm(model)
+    value.head.weight.data.normal_(generator=torch.Generator().manual_seed(2))  # from_causal_lm starts at zero
+    batch = {backend: CausalLMPolicy(model, backend=backend).forward(q_ids, q_mask, r_ids, r_mask,
+                                                                      temperature=1.0).logprobs
+             for backend in ("reference", "fast")}
+    values = value(q_ids, q_mask, r_ids, r_mask)
+    sampled = sample(model, q_ids, q_mask, max_new_tokens=4, stop_ids=[2], pad_id=0, temperature=0.0)
+    for i, row in enumerate(rows):
+        q1, m1 = left_pad([row], 0)
+        for backend, logprobs in batch.items():
+            single = CausalLMPolicy(model, backend=backend).forward(q1, m1, r_ids[i:i + 1], r_mask[i:i + 1],
+                                                                    temperature=1.0).logprobs
+            torch.testing.assert_close(logprobs[i:i + 1], single, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(values[i:i + 1], value(q1, m1, r_ids[i:i + 1], r_mask[i:i + 1]),
+                                   rtol=1e-6, atol=1e-6)
+        one = sample(model, q1, m1, max_new_tokens=4, stop_ids=[2], pad_id=0, temperature=0.0)
+        assert sampled.response_ids[i].tolist() == one.response_ids[0].tolist()
+
+
+def test_proxy_decoder_accept_all_matches_per_prompt_generate():
+    from alignfast.rollout.proxy_decoder import ProxyDecoder
+
+    model = build_family_model("gemma2")
+
+    def accept_all(features, proposals):
+        return torch.full((proposals.numel(),), 50.0), None
+
+    decoder = ProxyDecoder(model, eos_ids=[], pad_id=0, max_new_tokens=6, temperature=0.0)
+    got = decoder.decode(prompts(), accept_all, seed=0).tokens
+    assert got == [alone(model, p, 6) for p in prompts()]
