@@ -50,6 +50,10 @@ def test_unmask_dead_rows_zeroes_only_fully_masked_rows():
     boolean = torch.tensor([[[[False, False], [True, False]]]])
     assert unmask_dead_rows(boolean) is boolean  # sdpa's boolean masks are left alone
     assert unmask_dead_rows(None) is None
+    live = mask[:, :, 1:]
+    assert unmask_dead_rows(live) is live  # no dead row: no copy
+    copy = mask.clone()
+    assert unmask_dead_rows(copy, in_place=True) is copy and torch.equal(copy, got)
 
 
 def test_pad_safe_attention_installs_once_and_restores_the_builder():
