@@ -146,3 +146,33 @@ def test_proxy_decoder_accept_all_matches_per_prompt_generate():
     decoder = ProxyDecoder(model, eos_ids=[], pad_id=0, max_new_tokens=6, temperature=0.0)
     got = decoder.decode(prompts(), accept_all, seed=0).tokens
     assert got == [alone(model, p, 6) for p in prompts()]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_fix_changes_nothing_where_pads_were_finite(family, monkeypatch):
+    """float32 eager never gave NaN: there the wrapper must leave log-probs, gradients and tokens bit for bit."""
+    import alignfast.rollout._pad_mask as pad_mask
+    from alignfast.trainer.policy import CausalLMPolicy
+    from alignfast.trainer.sampling import left_pad
+
+    model = build_family_model(family, dtype=torch.float32).requires_grad_(True)
+    rows = prompts()[:4]
+    q_ids, q_mask = left_pad(rows, 0)
+    r_ids = torch.randint(3, 64, (len(rows), 4), generator=torch.Generator().manual_seed(1))
+    r_mask = torch.ones_like(r_ids, dtype=torch.bool)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logprobs = CausalLMPolicy(model, backend="reference").forward(q_ids, q_mask, r_ids, r_mask,
+                                                                       temperature=1.0).logprobs
+        logprobs.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        tokens = [r[0].token_ids for r in HFEngine(model, eos_token_id=[]).generate(rows, max_new_tokens=6)]
+        return logprobs.detach(), grads, tokens
+
+    fixed = run()
+    monkeypatch.setattr(pad_mask, "_install", lambda: None)
+    plain = run()
+    assert torch.equal(fixed[0], plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(fixed[1], plain[1]))
+    assert fixed[2] == plain[2]
