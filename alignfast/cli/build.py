@@ -175,6 +175,12 @@ def build_target_engine(config: dict, *, device):
     key_env = spec.get("api_key_env") or "OPENAI_API_KEY"
     kwargs = {k: spec[k] for k in ("api", "max_concurrency", "timeout", "max_retries", "retry_budget", "call_timeout",
                                    "system_prompt") if spec.get(k) is not None}
+    if "api" not in kwargs:
+        # The input the hf and vllm engines give the same target: its chat template (api: chat lets the server
+        # apply it) unless trainer.target_use_chat_template is false. A completions default sent an instruct
+        # model the bare rewrite when a run moved its target onto a server, and changed what the target saw.
+        use_template = run_config.section(config, "trainer").get("target_use_chat_template", True)
+        kwargs["api"] = "chat" if use_template else "completions"
     # A remote endpoint formats its own input (api: chat applies the served model's chat template), so
     # the trainer sends plain text: no local target tokenizer.
     try:

@@ -5,7 +5,8 @@ setting:
 
     prompter: {model: <hub name or path>, dtype: bfloat16, lora: {r: 16, ...} | null}
     target:   {model: <hub name or path>, engine: hf | vllm | openai, dtype, ...; for openai: base_url,
-               api: chat | completions, api_key_env (default OPENAI_API_KEY), max_concurrency, timeout,
+               api: chat | completions (default: chat, completions when trainer.target_use_chat_template is
+               false), api_key_env (default OPENAI_API_KEY), max_concurrency, timeout,
                retry_budget (seconds of retrying per request, default 30), call_timeout, ...}
     reward:   {model: <sequence-classification RM> | null, functions: ["pkg.module:function", ...], weights: [...]}
     data:     {train: {path, split, prompt_column, limit, ...}, eval: {...}}

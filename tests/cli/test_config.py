@@ -277,3 +277,20 @@ def test_the_oracle_is_compared_with_the_system_prompt_it_gets(tmp_path, caplog)
     differ = settings_against_training(args, trainer_config(config), config)
     assert differ == {"--oracle-checkpoint": {"target_system_prompt": {"trained": "be brief", "evaluated": "be long"}}}
     assert "--target.system_prompt sets it" in caplog.text
+
+
+def test_a_served_target_gets_its_chat_template_unless_the_run_turns_it_off():
+    """target.engine openai without `api`: chat, the input the hf engine gives the same target (its chat template);
+    completions when trainer.target_use_chat_template is false. A completions default sent an instruct model the
+    bare rewrite when a run moved its target onto a vLLM server."""
+    from alignfast.cli.build import build_target_engine
+
+    served = {"model": "m", "engine": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    for trainer, api in (({}, "chat"), ({"target_use_chat_template": True}, "chat"),
+                         ({"target_use_chat_template": False}, "completions")):
+        engine, _ = build_target_engine({"target": dict(served), "trainer": trainer}, device="cpu")
+        assert engine.api == api, trainer
+        engine.close()
+    engine, _ = build_target_engine({"target": {**served, "api": "completions"}}, device="cpu")
+    assert engine.api == "completions"  # an explicit setting wins
+    engine.close()
