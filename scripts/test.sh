@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs the default test suite: CPU + Triton interpreter,
-# no GPU needed, slow tests excluded. Extra arguments go to pytest (e.g. -k engine, -m gpu).
+# no GPU needed, slow tests excluded. Extra arguments replace that default filter and go to pytest, so keep it
+# when selecting (e.g. -m "not slow and not gpu" -k engine; -m gpu on a GPU machine).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # The tests must exercise the compiled kernels: a failed extension build is an error here.

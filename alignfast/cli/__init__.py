@@ -29,8 +29,9 @@ EPILOG = "Run `alignfast <command> --help` for a command's options. Docs: README
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignfast",
-        description="Align a frozen LLM with a small PPO-trained prompter (Align-Pro, arXiv 2501.03486), "
-                    "on fused kernels.",
+        description="Align a frozen LLM with a small trained model beside it, on fused kernels: a prompter "
+                    "(Align-Pro, arXiv 2501.03486), a corrector (Aligner, arXiv 2402.02416) or a token-level proxy "
+                    "(Proxy-RLHF, arXiv 2403.04283).",
         epilog=EPILOG)
     from alignfast import __version__
 

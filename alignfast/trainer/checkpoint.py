@@ -349,7 +349,7 @@ def resume_point(output_dir: str | os.PathLike, requested: str | os.PathLike | b
             continue
         for err in skipped:
             (warn or _log.warning)(f"alignfast: not resuming from {err.path.name}: {err.reason}; resuming from "
-                                   f"{path.name} instead (the damaged checkpoint is left in place)")
+                                   f"{path.name} instead (the damaged checkpoint is not deleted)")
         return path
     raise CorruptCheckpointError(Path(output_dir), "no checkpoint in it passes verification ("
                                  + "; ".join(f"{e.path.name}: {e.reason}" for e in skipped) + ")")
