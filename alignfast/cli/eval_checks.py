@@ -105,7 +105,9 @@ def check_default_output(out: Path, args) -> None:
     differ = [k for k, v in mine.items() if not same(earlier.get(k), v)]
     if any(k in earlier for k in mine) and differ:
         def shown(record):
-            return ", ".join(f"--{k.replace('_', '-')} {record.get(k)}" for k in differ if record.get(k)) or "none"
+            # each differing flag, with its folder or "no --flag" (an evaluation that had no such arm)
+            return ", ".join(f"--{k.replace('_', '-')} {record[k]}" if record.get(k) else f"no --{k.replace('_', '-')}"
+                             for k in differ)
 
         raise CLIError(f"{out / 'eval.json'} holds an evaluation of other checkpoints (there: {shown(earlier)}; "
                        f"here: {shown(mine)}): pass --output-dir to keep both, or delete it")

@@ -294,3 +294,20 @@ def test_a_served_target_gets_its_chat_template_unless_the_run_turns_it_off():
     engine, _ = build_target_engine({"target": {**served, "api": "completions"}}, device="cpu")
     assert engine.api == "completions"  # an explicit setting wins
     engine.close()
+
+
+def test_an_eval_that_adds_an_arm_is_told_which_arm_the_kept_report_lacks(tmp_path):
+    """eval.json beside the checkpoint evaluated no Aligner; an eval adding --aligner-checkpoint is refused (the kept
+    report would be overwritten) with 'no --aligner-checkpoint' for the earlier run, not 'none'."""
+    import argparse
+    import json
+
+    from alignfast.cli.eval_checks import check_default_output
+
+    (tmp_path / "eval.json").write_text(json.dumps({"checkpoint": str(tmp_path / "final"), "aligner_checkpoint": None}))
+    args = argparse.Namespace(output_dir=None, checkpoint=str(tmp_path / "final"), oracle_checkpoint=None,
+                              aligner_checkpoint=str(tmp_path / "al"), aligner_ppo_checkpoint=None,
+                              proxy_checkpoint=None)
+    with pytest.raises(CLIError, match=rf"\(there: no --aligner-checkpoint; here: --aligner-checkpoint "
+                                       rf"{tmp_path / 'al'}\): pass --output-dir"):
+        check_default_output(tmp_path, args)
