@@ -20,12 +20,7 @@ from tests.rollout.engine_tiny_models import SLIDING_FAMILIES, build_family_mode
 PROMPT_LENGTHS = (2, 3, 5, 8, 14)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts() -> list[list[int]]:
