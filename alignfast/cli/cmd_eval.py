@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                     "Align-Pro (the prompter in --checkpoint rewrites it, greedily) and, with --oracle-checkpoint, "
                     "the Oracle (a target trained with `alignfast train --oracle`); with --aligner-checkpoint / "
                     "--aligner-ppo-checkpoint, Aligner correctors after the same target; with --proxy-checkpoint, the target "
-                    "decoding under a Proxy-RLHF proxy. Prints mean reward, reward "
+                    "decoding under a Proxy-RLHF proxy (No fine-tuning is then decoded by the proxy's decoder with "
+                    "every proposal accepted). Prints mean reward, reward "
                     "variance and win rate vs No fine-tuning; writes eval.json, eval.md and the rollouts.")
     p.add_argument("--config", required=True, metavar="RUN.yaml", help="the run file used for training")
     p.add_argument("--checkpoint", metavar="DIR",
@@ -96,6 +97,9 @@ def _evaluate(args, overrides) -> int:
     if (args.aligner_checkpoint or args.aligner_ppo_checkpoint) and cfg.target_num_samples > 1:
         raise CLIError(f"the Aligner arms correct one answer per prompt, and trainer.target_num_samples is "
                        f"{cfg.target_num_samples} (No fine-tuning's score is the mean over that many): set it to 1")
+    if args.proxy_checkpoint and cfg.target_num_samples > 1:
+        raise CLIError(f"the Proxy-RLHF arm decodes one answer per prompt, and trainer.target_num_samples is "
+                       f"{cfg.target_num_samples} (No fine-tuning's score is the mean over that many): set it to 1")
     out = Path(args.output_dir) if args.output_dir else Path(checkpoints[0]).parent
     eval_checks.check_default_output(out, args)
     settings_differ = eval_checks.settings_against_training(args, cfg, config)
@@ -111,7 +115,11 @@ def _evaluate(args, overrides) -> int:
     engine, target_tokenizer = build.build_target_engine(config, device=device)
     env = AlignProEnvironment.from_config(cfg, engine, rewards, target_tokenizer=target_tokenizer)
 
-    results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
+    proxy = eval_proxy.proxy_trainer(args, config, engine, r, prompts, device=device) if args.proxy_checkpoint else None
+    if proxy is not None:  # decoded as the proxy's arm is: the two differ only by the proxy's decisions
+        results = {BASELINE: eval_proxy.no_fine_tuning_arm(proxy, BASELINE, prompts, columns, seed=args.seed)}
+    else:
+        results = {BASELINE: arm_eval.no_fine_tuning(env, prompts, columns, seed=args.seed)}
     if args.checkpoint and not args.no_sft:  # the prompter before PPO (prompter.model, without the checkpoint's training)
         spec = section(config, "prompter")
         sft = load_causal_lm(spec, "prompter", device=device).eval().requires_grad_(False)
@@ -146,9 +154,8 @@ def _evaluate(args, overrides) -> int:
                                                  max_new_tokens=cfg.target_max_new_tokens, seed=args.seed,
                                                  rewrites=False, system_prompt=oracle_system_prompt)
 
-    if args.proxy_checkpoint:
-        results[eval_proxy.PROXY_NAME] = eval_proxy.proxy_arm(args, config, engine, r, prompts, columns,
-                                                              device=device)
+    if proxy is not None:
+        results[eval_proxy.PROXY_NAME] = eval_proxy.proxy_arm(proxy, prompts, columns, seed=args.seed)
 
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +163,8 @@ def _evaluate(args, overrides) -> int:
     # each written whole or not at all (alignfast.files): a kill mid-write leaves the earlier file, not half a new one
     write_text_atomically(out / "eval.json", to_json(rows, baseline=BASELINE, extra={
         **eval_checks.recorded_checkpoints(args), "seed": args.seed, "prompts": len(prompts),
-        "settings_differ_from_training": settings_differ}))
+        "settings_differ_from_training": settings_differ,
+        **({"no_fine_tuning_decoding": "the proxy's decoder, every proposal accepted"} if proxy is not None else {})}))
     write_text_atomically(out / "eval.md", table + "\n")
     arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")
     print(table)

@@ -4,6 +4,11 @@ proxy (`alignfast train --method proxy`) accepts or rejects each token it propos
 
 The decoding settings (target_max_new_tokens, max_rejections_per_token, target_temperature/top_k/top_p) are
 read from the run file's trainer section, so pass the run file the proxy was trained with.
+
+No fine-tuning is then decoded by the same decoder under a judge that accepts every proposal, with the same
+settings and seed (ProxyRLHFTrainer.target_rollout): the HF engine's sampling rule differs from the decoder's when
+target_top_p < 1 or target_top_k > 0, and an always-accepting proxy showed wins and losses of that difference
+(23 / 189 / 38 of 250 at top_p 0.9). The other arms of the same evaluation are compared with that No fine-tuning.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def proxy_dir(path: str | Path) -> Path:
     return p
 
 
-def proxy_arm(args, config, engine, rewards_spec, prompts: list[str], columns: dict, *, device):
-    """ArmResult of the target decoding under the proxy in args.proxy_checkpoint.
+def proxy_trainer(args, config, engine, rewards_spec, prompts: list[str], *, device):
+    """The ProxyRLHFTrainer that decodes for both of the proxy's comparisons: the proxy in args.proxy_checkpoint
+    over eval's target, scored by eval's rewards.
 
     engine: eval's in-process target engine (its model is reused, not loaded twice); rewards_spec: the
     reward model/functions eval built (the arm is scored by the same ones)."""
@@ -63,7 +69,6 @@ def proxy_arm(args, config, engine, rewards_spec, prompts: list[str], columns: d
     from alignfast.cli.errors import CLIError
     from alignfast.cli.models import load_tokenizer
     from alignfast.cli.train_proxy import proxy_trainer_config
-    from alignfast.eval.arms import ArmResult
     from alignfast.ops import AlignfastArgumentError
     from alignfast.rollout import HFEngine
     from alignfast.trainer.proxy_model import ProxyModel
@@ -81,13 +86,34 @@ def proxy_arm(args, config, engine, rewards_spec, prompts: list[str], columns: d
     cfg = dataclasses.replace(proxy_trainer_config(config), eval_steps=None)
     try:
         proxy = ProxyModel.from_pretrained(where)
-        trainer = ProxyRLHFTrainer(cfg, engine.model, load_tokenizer(spec, "target"), proxy=proxy,
-                                   reward_model=rewards_spec.reward_model,
-                                   reward_tokenizer=rewards_spec.reward_tokenizer,
-                                   reward_funcs=rewards_spec.reward_funcs, reward_weights=rewards_spec.reward_weights,
-                                   train_dataset=[{"prompt": p} for p in prompts])
-        res = trainer.rollout(prompts, greedy=True, seed=args.seed, columns=columns)
+        return ProxyRLHFTrainer(cfg, engine.model, load_tokenizer(spec, "target"), proxy=proxy,
+                                reward_model=rewards_spec.reward_model, reward_tokenizer=rewards_spec.reward_tokenizer,
+                                reward_funcs=rewards_spec.reward_funcs, reward_weights=rewards_spec.reward_weights,
+                                train_dataset=[{"prompt": p} for p in prompts])
     except (AlignfastArgumentError, FileNotFoundError) as err:
         raise CLIError("--proxy-checkpoint: " + str(err).removeprefix("alignfast: ")) from None
-    return ArmResult(PROXY_NAME, list(prompts), list(prompts), list(res.answers), [float(s) for s in res.scores],
+
+
+def no_fine_tuning_arm(trainer, name: str, prompts: list[str], columns: dict, *, seed: int):
+    """ArmResult of the untouched target decoded as the proxy's arm is (ProxyRLHFTrainer.target_rollout: the same
+    decoder, settings and draws, every proposal accepted), so the proxy's wins and losses come from its decisions,
+    not from the HF engine's other sampling rule when target_top_p < 1 or target_top_k > 0."""
+    return _arm(name, prompts, lambda: trainer.target_rollout(prompts, seed=seed, columns=columns))
+
+
+def proxy_arm(trainer, prompts: list[str], columns: dict, *, seed: int):
+    """ArmResult of the target decoding under the trained proxy (greedy decisions)."""
+    return _arm(PROXY_NAME, prompts, lambda: trainer.rollout(prompts, greedy=True, seed=seed, columns=columns))
+
+
+def _arm(name: str, prompts: list[str], decode):
+    from alignfast.cli.errors import CLIError
+    from alignfast.eval.arms import ArmResult
+    from alignfast.ops import AlignfastArgumentError
+
+    try:
+        res = decode()
+    except AlignfastArgumentError as err:
+        raise CLIError("--proxy-checkpoint: " + str(err).removeprefix("alignfast: ")) from None
+    return ArmResult(name, list(prompts), list(prompts), list(res.answers), [float(s) for s in res.scores],
                      dict(res.reward_components))

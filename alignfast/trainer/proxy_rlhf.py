@@ -92,6 +92,12 @@ def _warn_unused_settings(config: ProxyRLHFConfig) -> None:
                           stacklevel=3)
 
 
+def accept_every_proposal(features: torch.Tensor, proposals: torch.Tensor):
+    """A judge (ProxyDecoder's interface) that accepts every proposal: the decoder then gives the target's own
+    answers, with the draws a proxy's decoding gets (P(accept) = 1, so sampled decisions accept too)."""
+    return torch.full((proposals.shape[0],), math.inf, device=proposals.device), None
+
+
 def coerce_proxy_config(config) -> ProxyRLHFConfig:
     if isinstance(config, dict):
         return ProxyRLHFConfig.from_dict(config)
@@ -218,28 +224,44 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         return [self.tokenizer.decode([t for t in row if t not in stop], skip_special_tokens=True).strip()
                 for row in res.tokens]
 
-    def proxy_decode(self, prompts, *, greedy: bool, seed: int,
-                     rows: tuple[int, int] | None = None) -> tuple[ProxyDecodeOutput, list[str]]:
+    def proxy_decode(self, prompts, *, greedy: bool, seed: int, rows: tuple[int, int] | None = None,
+                     judge=None) -> tuple[ProxyDecodeOutput, list[str]]:
         """Decode prompts under the proxy: greedy decisions (P(accept) >= 1/2) or sampled ones; rows=(lo, hi):
-        only those prompts, with the draws they get in the whole call (a process's share of a batch)."""
+        only those prompts, with the draws they get in the whole call (a process's share of a batch). judge: another
+        judge than the proxy's (accept_every_proposal decodes the untouched target with the same draws)."""
         from alignfast.ops import force_backend
 
         # backend="reference": the proposal step runs on its spec too (the fast-vs-reference parity test)
         with force_backend("reference" if self.config.backend == "reference" else "auto"):
-            res = self.decoder.decode(self._prompt_ids(prompts), self.model.judge, seed=seed, rows=rows,
+            res = self.decoder.decode(self._prompt_ids(prompts), judge or self.model.judge, seed=seed, rows=rows,
                                       greedy_decisions=greedy, decision_temperature=self.config.temperature)
         return res, self._decode_text(res)
 
     def _rollout_plan(self, seed: int):
         """The target's draws of AlignProEnvironment.answer (the No fine-tuning arm's): chunks of target_batch_size,
         seed + chunk. The decoder keys each row by (seed, its prompt) as the HF engine does, so under one seed a
-        proxy that accepts every proposal gives the untouched target's own answers, and an evaluation's wins and
-        losses against No fine-tuning come from the proxy's decisions, not from two different sampling draws."""
+        proxy that accepts every proposal gives the HF engine's answers when top_p = 1 and target_top_k = 0. Below
+        that the decoder's nucleus (inverse CDF on its uniforms) and top-k are not the HF engine's sampling rule:
+        the arm a proxy's answers pair with is target_rollout(), this decoder under a judge that accepts every
+        proposal, so that wins and losses come from the proxy's decisions alone at every top_p/top_k/temperature."""
         return self.config.target_batch_size, lambda chunk: seed + chunk
 
     def _rollout_outputs(self, prompts, columns, *, greedy: bool, seed: int) -> list[str]:
         """rollout(): the target's answers under the proxy (greedy decisions by default); the engine scores them."""
-        return self.proxy_decode(prompts, greedy=greedy, seed=seed % (2**31))[1]
+        return self.proxy_decode(prompts, greedy=greedy, seed=seed % (2**31), judge=self._rollout_judge)[1]
+
+    _rollout_judge = None  # rollout()'s judge: None is the proxy's; target_rollout() swaps in accept_every_proposal
+
+    def target_rollout(self, prompts, *, seed: int | None = None, columns: dict[str, list] | None = None):
+        """The untouched target's answers, scored: rollout() with a judge that accepts every proposal, so the same
+        decoder, settings (target_temperature, target_top_p, target_top_k, target_max_new_tokens), chunks and seeds
+        as the proxy's rollout(prompts, seed=seed). This is the No fine-tuning arm the proxy's answers pair with:
+        the two differ only where the proxy rejected a proposal."""
+        self._rollout_judge = accept_every_proposal
+        try:
+            return self.rollout(prompts, greedy=True, seed=seed, columns=columns)
+        finally:
+            del self._rollout_judge  # back to the class default (the proxy's judge)
 
     def _rewrites_for_result(self, prompts, outputs):
         return list(prompts)  # no rewrite: the target answers the prompt itself

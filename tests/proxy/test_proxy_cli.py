@@ -133,3 +133,25 @@ def test_oracle_with_another_method_is_refused(capsys):
         assert main(["train", "--config", RUN, "--oracle", "--method", method]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--oracle" in err[0] and f"--method {method}" in err[0], err
+
+
+def _wtl(out: Path, arm: str) -> tuple[int, int, int]:
+    row = {a["name"]: a for a in json.loads((out / "eval.json").read_text())["arms"]}[arm]
+    return row["wins"], row["ties"], row["losses"]
+
+
+def test_an_accepting_proxy_ties_no_fine_tuning_at_every_top_p_and_top_k(tmp_path):
+    """No fine-tuning was decoded by the HF engine, the proxy's arm by the proxy's decoder, whose nucleus and top-k
+    are not the engine's sampling rule: an always-accepting proxy won and lost prompts at top_p 0.9 (23 / 189 / 38
+    of 250 in a review's run). Now No fine-tuning is the same decoder with every proposal accepted."""
+    accept = _saved_proxy(tmp_path, 50.0)
+    common = ["eval", "--config", RUN, "--data.eval.limit", "40", "--proxy-checkpoint", str(accept),
+              "--target_temperature", "1.0", "--target_max_new_tokens", "6"]
+    for name, extra in (("p", ["--target_top_p", "0.9"]), ("k", ["--target_top_k", "3"]),
+                        ("pk", ["--target_top_p", "0.8", "--target_top_k", "5", "--seed", "7"])):
+        out = tmp_path / name
+        assert main([*common, *extra, "--output-dir", str(out)]) == 0
+        answers = _arm_answers(out)
+        assert answers["Proxy-RLHF"] == answers["No fine-tuning"], name
+        assert _wtl(out, "Proxy-RLHF") == (0, 40, 0), name
+        assert "proxy's decoder" in json.loads((out / "eval.json").read_text())["no_fine_tuning_decoding"]

@@ -181,3 +181,27 @@ def test_an_accepting_proxy_is_paired_with_no_fine_tuning(world, tmp_path):
                                           target_tokenizer=tok)
     baseline = arms.no_fine_tuning(env, prompts, seed=11)
     assert tr.rollout(prompts, greedy=True, seed=11).answers == baseline.answers
+
+
+@pytest.mark.parametrize("nucleus", [dict(target_top_p=0.9), dict(target_top_k=3),
+                                     dict(target_top_p=0.7, target_top_k=5)])
+def test_target_rollout_pairs_an_accepting_proxy_at_any_nucleus(world, tmp_path, nucleus):
+    """target_rollout() is the No fine-tuning arm of a proxy's evaluation: the same decoder, settings and draws with
+    every proposal accepted. An always-accepting proxy gives its answers, with greedy and with sampled decisions, and
+    a rejecting one changes some (the pairing is by the proxy's decisions, not by a second sampler)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignfast.trainer.proxy_model import ProxyModel
+
+    target = AutoModelForCausalLM.from_pretrained(world.target_path)
+    size = (target.config.hidden_size, target.get_input_embeddings().embedding_dim, 16)
+    prompts = [r["prompt"] for r in world.eval_prompts[:12]]
+    common = dict(target_temperature=1.0, target_max_new_tokens=6, target_batch_size=5, **nucleus)
+    tr = make_trainer(world, tmp_path, "a", proxy=ProxyModel(*size, accept_bias=50.0), **common)
+    base = tr.target_rollout(prompts, seed=4)
+    assert tr.rollout(prompts, greedy=True, seed=4).answers == base.answers
+    assert tr.rollout(prompts, greedy=False, seed=4).answers == base.answers
+    assert tr.rollout(prompts, greedy=True, seed=4).scores == base.scores
+    rejecting = make_trainer(world, tmp_path, "r", proxy=ProxyModel(*size, accept_bias=-50.0), **common)
+    assert rejecting.target_rollout(prompts, seed=4).answers == base.answers
+    assert rejecting.rollout(prompts, greedy=True, seed=4).answers != base.answers
