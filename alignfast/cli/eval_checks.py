@@ -29,6 +29,9 @@ TRAINED_SETTINGS = {
                                       "target_prompt_template", "target_system_prompt", "target_use_chat_template")],
     "--oracle-checkpoint": [("response_length", "target_max_new_tokens"), ("max_prompt_length", "max_prompt_length"),
                             ("stop_token_id", "stop_token_id"), ("target_system_prompt", "target_system_prompt")],
+    # The target's proposals and the stabiliser the proxy learned its decisions under (and its KL reference).
+    "--proxy-checkpoint": [(k, k) for k in ("max_rejections_per_token", "target_temperature", "target_top_p",
+                                            "target_top_k", "target_max_new_tokens", "accept_prior")],
 }
 
 
@@ -54,22 +57,32 @@ def check_checkpoint_kinds(args) -> None:
 def settings_against_training(args, cfg, config: dict) -> dict:
     """{flag: {key: {"trained": value, "evaluated": value}}} for every setting that differs from the run that
     trained the checkpoint (a warning each; the evaluation may mean it, as an ablation), recorded in eval.json.
-    config: the run file; the Oracle gets target.system_prompt whatever target.engine is (as in training)."""
+    config: the run file; the Oracle gets target.system_prompt whatever target.engine is (as in training); a proxy
+    is checked against the run file's ProxyRLHFConfig (cfg, the other arms', has none of its fields)."""
     from alignfast.cli.config import section
 
     from alignfast.cli.checkpoints import policy_dir, trained_as
 
     differ: dict = {}
-    for flag, path in (("--checkpoint", args.checkpoint), ("--oracle-checkpoint", args.oracle_checkpoint)):
+    for flag, path in (("--checkpoint", args.checkpoint), ("--oracle-checkpoint", args.oracle_checkpoint),
+                       ("--proxy-checkpoint", getattr(args, "proxy_checkpoint", None))):
         if not path:
             continue
-        _, trained = trained_as(policy_dir(path))
+        evaluated = cfg
+        if flag == "--proxy-checkpoint":
+            from alignfast.cli.eval_proxy import proxy_dir
+            from alignfast.cli.train_proxy import proxy_trainer_config
+
+            folder, evaluated = proxy_dir(path), proxy_trainer_config(config)
+        else:
+            folder = policy_dir(path)
+        _, trained = trained_as(folder)
         if not trained or "kl_coef" not in trained:  # not a trainer's settings
             continue
         for trained_key, eval_key in TRAINED_SETTINGS[flag]:
             if trained_key not in trained:
                 continue
-            now = getattr(cfg, eval_key)
+            now = getattr(evaluated, eval_key)
             if flag == "--oracle-checkpoint" and eval_key == "target_system_prompt":
                 now = section(config, "target").get("system_prompt")
             if trained[trained_key] != now:

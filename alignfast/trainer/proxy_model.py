@@ -47,6 +47,10 @@ class ProxyModel(nn.Module):
         nn.init.constant_(self.policy_head.bias, self.accept_bias)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        # {name, weights, vocab_size} of the target the proxy was trained on (its trainer sets it when it saves;
+        # proxy_config.json's "target"): a proxy reads one target's hidden states and token embeddings, and a
+        # folder saved before this was recorded loads with None.
+        self.trained_on: dict | None = None
 
     @property
     def feature_size(self) -> int:
@@ -77,7 +81,8 @@ class ProxyModel(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
+        config = {**self.config_dict(), **({"target": self.trained_on} if self.trained_on else {})}
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
         readable_weights(path)  # safetensors writes 0600
 
@@ -88,8 +93,11 @@ class ProxyModel(nn.Module):
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"alignfast: {path} holds no {CONFIG_NAME} (not a saved proxy)")
-        model = cls(**json.loads((path / CONFIG_NAME).read_text()))
+        config = json.loads((path / CONFIG_NAME).read_text())
+        trained_on = config.pop("target", None)
+        model = cls(**config)
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        model.trained_on = trained_on if isinstance(trained_on, dict) else None
         return model
 
 

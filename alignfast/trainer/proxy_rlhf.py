@@ -186,6 +186,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
             fail("proxy", f"must be an alignfast ProxyModel, got {type(proxy).__name__}")
         if proxy.feature_size != self.decoder.feature_size:
             fail("proxy", f"reads {proxy.feature_size} features but this target gives {self.decoder.feature_size}")
+        self._check_trained_on(proxy.trained_on)
         self.model = proxy.to(self.device).eval()
         self.policy = ProxyPolicy(self.model, accept_prior=config.accept_prior)
         self.value_model = None
@@ -204,6 +205,42 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         if getattr(self, "_target_reference_fp", None) is None:
             self._target_reference_fp = reference_fingerprint(self.target.named_parameters())
         return self._target_reference_fp
+
+    def _target_record(self) -> dict:
+        """{name, weights, vocab_size} of this run's target, which the saved proxy records (proxy_config.json)."""
+        name = getattr(self.target.config, "_name_or_path", "") or type(self.target).__name__
+        return {"name": str(name), "weights": self._reference_fingerprint(),
+                "vocab_size": int(self.target.get_input_embeddings().num_embeddings)}
+
+    def _check_trained_on(self, saved: dict | None) -> None:
+        """A proxy trained on a target with another vocabulary is refused: it judged other tokens' embeddings,
+        and the feature width check passes whenever the hidden sizes agree. Other weights under the same vocabulary
+        are a warning, as a resume from another target is (trainer/resume_checks.warn_other_inputs): a retrained
+        or differently quantized target may be meant, but never silently. A proxy without a record (saved before
+        it was kept) is not checked."""
+        if not saved:
+            return
+        now = self._target_record()
+        vocab = saved.get("vocab_size")
+        if vocab is not None and vocab != now["vocab_size"]:
+            fail("proxy", f"was trained on a target with a vocabulary of {vocab} tokens ({saved.get('name')!r}) and "
+                 f"this target ({now['name']!r}) has {now['vocab_size']}: decode it with the target it was trained "
+                 "on (target.model in a run file)")
+        if saved.get("weights") not in (None, now["weights"]):
+            import logging
+
+            logging.getLogger("alignfast.trainer").warning(
+                "the proxy was trained on target %r (weights %s) and this target is %r (weights %s): its decisions "
+                "were learned on another model's hidden states (target.model / target.dtype in a run file)",
+                saved.get("name"), saved.get("weights"), now["name"], now["weights"])
+
+    def _write_model(self, folder, extra: dict) -> None:
+        self.model.trained_on = self._target_record()  # the target it was trained on, checked where it decodes
+        super()._write_model(folder, extra)
+
+    def _save_checkpoint(self):
+        self.model.trained_on = self._target_record()  # a checkpoint's policy/ is a saved proxy too
+        return super()._save_checkpoint()
 
     @property
     def proxy_fraction(self) -> float:

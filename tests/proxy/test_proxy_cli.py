@@ -155,3 +155,86 @@ def test_an_accepting_proxy_ties_no_fine_tuning_at_every_top_p_and_top_k(tmp_pat
         assert answers["Proxy-RLHF"] == answers["No fine-tuning"], name
         assert _wtl(out, "Proxy-RLHF") == (0, 40, 0), name
         assert "proxy's decoder" in json.loads((out / "eval.json").read_text())["no_fine_tuning_decoding"]
+
+
+def _trained_proxy(tmp_path) -> Path:
+    out = tmp_path / "trained"
+    assert main(["train", "--config", RUN, "--method", "proxy", "--trainer.output_dir", str(out),
+                 "--per_device_train_batch_size", "8", "--num_mini_batches", "1", "--total_episodes", "8",
+                 "--target_max_new_tokens", "4", "--save_steps", "1"]) == 0
+    return out / "proxy" / "final"
+
+
+def _other_targets(tmp_path) -> tuple[Path, Path]:
+    """(a target of the toy's width with another vocabulary, the toy target with one weight changed)."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.toy import load_world
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.trainer.tiny import make_causal_lm, make_tokenizer
+
+    vocab = tmp_path / "other-vocab"
+    tok = make_tokenizer(vocab, [f"w{i}" for i in range(40)] + ["sort", "the", "numbers", ":"])
+    make_causal_lm(vocab, len(tok), hidden=96, layers=1, heads=2)
+    toy = load_world().target_path
+    retrained = tmp_path / "retrained"
+    model = AutoModelForCausalLM.from_pretrained(toy)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0, 0] += 1.0
+    model.save_pretrained(retrained)
+    AutoTokenizer.from_pretrained(toy).save_pretrained(retrained)
+    return vocab, retrained
+
+
+def test_eval_checks_the_target_and_settings_a_proxy_was_trained_with(tmp_path, capsys):
+    """Only the proxy's feature width was checked: a proxy decoded another target with another vocabulary, under
+    other decoding settings, and eval printed a table. Now its folder records the target (name, weights fingerprint,
+    vocabulary size): another vocabulary is a one-line error, other weights a warning (as a resume from another
+    target), and the settings it decodes under are compared with its run's (a warning each, in eval.json)."""
+    final = _trained_proxy(tmp_path)
+    recorded = json.loads((final / "proxy_config.json").read_text())["target"]
+    assert recorded["vocab_size"] > 0 and len(recorded["weights"]) == 16 and recorded["name"]
+    checkpoint = json.loads((final.parent / "checkpoint-1" / "policy" / "proxy_config.json").read_text())
+    assert checkpoint["target"] == recorded
+    vocab, retrained = _other_targets(tmp_path)
+    common = ["eval", "--config", RUN, "--data.eval.limit", "8", "--target_max_new_tokens", "4",
+              "--proxy-checkpoint", str(final)]
+
+    capsys.readouterr()
+    assert main([*common, "--target.model", str(vocab), "--output-dir", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--proxy-checkpoint" in err[0] and f"vocabulary of {recorded['vocab_size']} tokens" \
+        in err[0] and "target.model" in err[0], err
+
+    assert main([*common, "--target.model", str(retrained), "--output-dir", str(tmp_path / "w")]) == 0
+    err = capsys.readouterr().err
+    assert "the proxy was trained on target" in err and recorded["weights"] in err, err
+
+    assert main([*common, "--target_top_p", "0.9", "--target_top_k", "4", "--max_rejections_per_token", "1",
+                 "--output-dir", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert "the proxy was trained on target" not in err  # its own target: no warning
+    differ = json.loads((tmp_path / "s" / "eval.json").read_text())["settings_differ_from_training"]
+    assert differ == {"--proxy-checkpoint": {"target_top_p": {"trained": 1.0, "evaluated": 0.9},
+                                             "target_top_k": {"trained": 0, "evaluated": 4},
+                                             "max_rejections_per_token": {"trained": 2, "evaluated": 1}}}, differ
+    assert "--trainer.target_top_p sets it" in err and "--trainer.max_rejections_per_token sets it" in err, err
+    # The same checks for a checkpoint's proxy.
+    assert main([*common[:-1], str(final.parent / "checkpoint-1"), "--target_top_p", "0.9",
+                 "--output-dir", str(tmp_path / "c")]) == 0
+    differ = json.loads((tmp_path / "c" / "eval.json").read_text())["settings_differ_from_training"]
+    assert differ == {"--proxy-checkpoint": {"target_top_p": {"trained": 1.0, "evaluated": 0.9}}}, differ
+
+
+def test_a_proxy_saved_without_a_target_record_still_loads(tmp_path):
+    from alignfast.trainer.proxy_model import ProxyModel
+
+    where = _saved_proxy(tmp_path, 30.0)  # what a proxy folder held before the target was recorded
+    assert "target" not in json.loads((where / "proxy_config.json").read_text())
+    assert ProxyModel.from_pretrained(where).trained_on is None
+    assert main(["eval", "--config", RUN, "--data.eval.limit", "4", "--proxy-checkpoint", str(where),
+                 "--output-dir", str(tmp_path / "o")]) == 0
