@@ -456,7 +456,11 @@ class PPOEngineTrainer(RunLoop):
                 step=step + 1, checkpoint=last_good) from None
         self.last_update_losses = stats.losses
         lr_used = float(self.optimizer.param_groups[0]["lr"])  # torchao keeps it as a tensor
-        self.lr_scheduler.step()
+        if stats.optimizer_steps:
+            # A step without any optimizer step (Proxy-RLHF: every token forced, no decision) leaves the schedule
+            # where it was, as transformers' Trainer does when it skips one: the schedule counts updates, and torch
+            # warns of (and skips) the first LR value when the scheduler steps before the optimizer ever has.
+            self.lr_scheduler.step()
         return stats, lr_used
 
     def _ppo_step_metrics(self, rollout: Rollout, adv, scores: torch.Tensor, stats, *, lr_used: float, num_eos: int,

@@ -105,7 +105,8 @@ class AlignProConfig(ConfigDict):
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = _opt(1.0, "Clip the gradient norm (None: no clipping).")
-    lr_scheduler_type: str = _opt("linear", "transformers scheduler name, stepped once per PPO step.")
+    lr_scheduler_type: str = _opt("linear", "transformers scheduler name, stepped once per PPO step that updates "
+                                            "the policy (not after a Proxy-RLHF step without any decision).")
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     per_device_train_batch_size: int = _opt(8, "Episodes per micro-batch (one forward/backward).")

@@ -181,6 +181,7 @@ class UpdateStats:
 
     def __init__(self):
         self._values: dict[str, list[torch.Tensor]] = {k: [] for k in self.KEYS}
+        self.optimizer_steps = 0  # mini-batches that stepped the optimizer (0: the step had no action to learn from)
 
     def add(self, **values: torch.Tensor) -> None:
         for k in self.KEYS:
@@ -406,6 +407,7 @@ class PPOUpdater:
                 self._clip_grad_norm()
                 optimizer_step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
+        stats.optimizer_steps = ran
         if n_procs > 1:
             stats.gather(procs, steps=ran)
         return stats

@@ -22,6 +22,7 @@ it is exactly zero-cost to compute. kl_coef = 0 recovers the paper's reward-only
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from alignfast.trainer.optimizers import no_weight_decay
 from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, make_opset
 from alignfast.trainer.proxy_model import ProxyModel, ProxyPolicy
 from alignfast.trainer.resume_checks import reference_fingerprint
+
+_log = logging.getLogger("alignfast.trainer")
 
 
 @dataclass
@@ -227,9 +230,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
                  f"this target ({now['name']!r}) has {now['vocab_size']}: decode it with the target it was trained "
                  "on (target.model in a run file)")
         if saved.get("weights") not in (None, now["weights"]):
-            import logging
-
-            logging.getLogger("alignfast.trainer").warning(
+            _log.warning(
                 "the proxy was trained on target %r (weights %s) and this target is %r (weights %s): its decisions "
                 "were learned on another model's hidden states (target.model / target.dtype in a run file)",
                 saved.get("name"), saved.get("weights"), now["name"], now["weights"])
@@ -371,13 +372,16 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         m = rollout.response_mask
         n_dec = int(m.sum())
         n_tok = int(procs.sum(sum(len(t) for t in res.tokens)))
+        if n_dec == 0:
+            self._warn_no_decision(step, B)
         step_time = t_end - t_start
         metrics = {
             **self._ppo_step_metrics(rollout, adv, scores, stats, lr_used=lr_used, num_eos=int(ended.sum()),
                                      batch_size=B, per_func=env_out.per_func),
             "completions/mean_length": n_tok / B,
             "proxy/decisions_per_episode": n_dec / B,
-            "proxy/accept_rate": float(((rollout.response_ids == 1) & m).sum()) / max(n_dec, 1),
+            # NaN, not 0.0, without a decision: the proxy rejected nothing, it was never asked
+            "proxy/accept_rate": float(((rollout.response_ids == 1) & m).sum()) / n_dec if n_dec else math.nan,
             "proxy/rejections_per_token": procs.sum(float(res.rejections.sum())) / max(n_tok, 1),
             "proxy/forced_per_token": procs.sum(float(res.forced.sum())) / max(n_tok, 1),
             "timing_s/prompter_gen": 0.0,
@@ -391,6 +395,24 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         samples = [{"prompt": p, "output": o, "answer": o, "score": s}
                    for p, o, s in zip(batch.prompts, outputs, scores.tolist())]
         return metrics, samples
+
+    _said_no_decision = False
+
+    def _warn_no_decision(self, step: int, episodes: int) -> None:
+        """A step whose every token was forced gave the proxy no decision: nothing to learn from, so no update (and
+        the LR schedule waits, base._ppo_update). Said once per run, on the first such step; the step's metrics say
+        the rest (proxy/decisions_per_episode 0, proxy/accept_rate NaN). Not an error: a later batch may leave the
+        proxy choices (an early EOS, a flatter position), and a run meant to leave the target alone is legitimate;
+        but a run that trains as a silent no-op was a review's finding."""
+        if self._said_no_decision:
+            return
+        self._said_no_decision = True
+        cfg = self.config
+        _log.warning(
+            "step %d: the proxy had no decision to make in any of its %d episodes: every token was forced, the "
+            "target's proposal set holding one token at each position (target_top_p=%s, target_top_k=%s, "
+            "target_temperature=%s), so the proxy is not trained by such steps: raise target_top_p / target_top_k "
+            "(said once per run)", step + 1, episodes, cfg.target_top_p, cfg.target_top_k, cfg.target_temperature)
 
     def _ref_logprobs(self, *args, **kwargs):
         raise AlignfastArgumentError("alignfast: the proxy's reference is the Bernoulli prior (ProxyPolicy)")

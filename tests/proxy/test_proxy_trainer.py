@@ -205,3 +205,35 @@ def test_target_rollout_pairs_an_accepting_proxy_at_any_nucleus(world, tmp_path,
     rejecting = make_trainer(world, tmp_path, "r", proxy=ProxyModel(*size, accept_bias=-50.0), **common)
     assert rejecting.target_rollout(prompts, seed=4).answers == base.answers
     assert rejecting.rollout(prompts, greedy=True, seed=4).answers != base.answers
+
+
+def test_a_run_without_any_decision_says_so_once(world, tmp_path, caplog):
+    """target_top_p 0.01 leaves one token in every proposal set: every token is forced and the proxy never decides.
+    Such a run trained as a silent no-op: proxy/accept_rate 0.0 (it rejected nothing), and torch's "lr_scheduler.step()
+    before optimizer.step()" warning, the schedule stepping without an update. Now one warning line names the
+    settings, accept_rate is NaN, and the schedule waits for an update."""
+    import logging
+    import math
+    import warnings
+
+    tr = make_trainer(world, tmp_path, target_top_p=0.01, target_temperature=1.0, max_steps=3)
+    lr0 = tr.optimizer.param_groups[0]["lr"]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="alignfast"):
+        warnings.simplefilter("always")
+        tr.train()
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+    said = [r.getMessage() for r in caplog.records if "no decision" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert all(k in said[0] for k in ("target_top_p=0.01", "target_top_k=0", "target_temperature=1.0")), said
+    assert tr.global_step == 3 and len(tr.history) == 3
+    for row in tr.history:
+        assert row["proxy/decisions_per_episode"] == 0.0 and row["proxy/forced_per_token"] == 1.0
+        assert math.isnan(row["proxy/accept_rate"])
+    assert tr.lr_scheduler.last_epoch == 0 and tr.optimizer.param_groups[0]["lr"] == lr0
+
+
+def test_accept_rate_is_a_rate_of_decisions(world, tmp_path):
+    tr = make_trainer(world, tmp_path, max_steps=1)
+    tr.train()
+    rate = tr.history[-1]["proxy/accept_rate"]
+    assert 0.0 < rate < 1.0 and tr.lr_scheduler.last_epoch == 1
