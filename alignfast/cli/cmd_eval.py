@@ -92,7 +92,9 @@ def _evaluate(args, overrides) -> int:
     eval_checks.check_checkpoint_kinds(args)
     if args.checkpoint and not args.no_sft:  # the SFT arm loads prompter.model (after the target and a whole arm)
         require(config, "prompter.model")
-    arms_config = eval_proxy.without_proxy_fields(config) if args.proxy_checkpoint else config
+    if not args.proxy_checkpoint:
+        eval_proxy.ignored_proxy_fields(config)
+    arms_config = eval_proxy.without_proxy_fields(config)  # the other arms read the rest as an AlignProConfig
     cfg = build.trainer_config(arms_config, output_dir=str(Path(checkpoints[0]).parent))
     if (args.aligner_checkpoint or args.aligner_ppo_checkpoint) and cfg.target_num_samples > 1:
         raise CLIError(f"the Aligner arms correct one answer per prompt, and trainer.target_num_samples is "

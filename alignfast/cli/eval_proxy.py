@@ -31,6 +31,21 @@ def without_proxy_fields(config: dict) -> dict:
     return {**config, "trainer": trainer}
 
 
+def ignored_proxy_fields(config: dict) -> list[str]:
+    """The run file's proxy-only trainer keys, which an evaluation without --proxy-checkpoint does not use: they are
+    dropped with one warning naming them (they were an error whose hint, "add --method proxy", named a flag eval
+    has not; a proxy's run file may well be the one an Aligner or Align-Pro checkpoint is evaluated with)."""
+    import logging
+
+    dropped = sorted(set(config.get("trainer") or {}) - set(without_proxy_fields(config)["trainer"]))
+    if dropped:
+        logging.getLogger("alignfast.eval").warning(
+            "%s %s Proxy-RLHF setting%s, not used without --proxy-checkpoint",
+            ", ".join(f"trainer.{k}" for k in dropped), "are" if len(dropped) > 1 else "is a",
+            "s" if len(dropped) > 1 else "")
+    return dropped
+
+
 def proxy_dir(path: str | Path) -> Path:
     """The folder holding a saved proxy: <output_dir>/proxy/final, or a checkpoint-<step> (its policy/)."""
     from alignfast.cli.checkpoints import _check_intact

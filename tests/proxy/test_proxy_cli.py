@@ -238,3 +238,20 @@ def test_a_proxy_saved_without_a_target_record_still_loads(tmp_path):
     assert ProxyModel.from_pretrained(where).trained_on is None
     assert main(["eval", "--config", RUN, "--data.eval.limit", "4", "--proxy-checkpoint", str(where),
                  "--output-dir", str(tmp_path / "o")]) == 0
+
+
+def test_eval_without_a_proxy_drops_a_proxy_run_files_settings_with_a_note(tmp_path, capsys):
+    """A proxy's run file given to eval for another arm failed on trainer.accept_prior with the hint "add --method
+    proxy", a flag eval has not. The proxy's settings do not concern the other arms: they are dropped, with one
+    warning line naming them."""
+    from alignfast.toy import load_world
+
+    prompter = str(Path(load_world().target_path).parent / "prompter")
+    assert main(["eval", "--config", RUN, "--checkpoint", prompter, "--no-sft", "--data.eval.limit", "4",
+                 "--output-dir", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--method proxy" not in err and "unknown key" not in err, err
+    said = [line for line in err.splitlines() if "Proxy-RLHF setting" in line]
+    assert len(said) == 1 and "trainer.accept_prior" in said[0] and "trainer.max_rejections_per_token" in said[0] \
+        and "not used without --proxy-checkpoint" in said[0], said
+    assert "Align-Pro" in json.loads((tmp_path / "o" / "eval.json").read_text())["arms"][1]["name"]
