@@ -15,7 +15,9 @@ def add_parser(sub) -> None:
                     "OpenAI-compatible endpoint), has the corrector in --aligner rewrite each answer, and writes one "
                     "JSON line per question: its other columns (an id) and {question, answer, correction, truncated, "
                     "answer_tokens_dropped}: \"truncated\" true where the correction was cut at --max-new-tokens, "
-                    "\"answer_tokens_dropped\" the answer's last tokens the corrector's max_length left out. Without "
+                    "\"answer_tokens_dropped\" the answer's last tokens the corrector's max_length left out; with "
+                    "an upstream, also \"answer_truncated\": true where its answer was cut at "
+                    "--upstream-max-new-tokens (the corrector rewrote a cut answer). Without "
                     "--upstream/--upstream-url the file's own 'answer' column is corrected; with one, a file that "
                     "has an 'answer' column is refused (the upstream's answers would replace it).")
     p.add_argument("--aligner", required=True, metavar="DIR", help="a corrector saved by `alignfast aligner train`")
@@ -142,6 +144,7 @@ def run(args, extra) -> int:
             raise CLIError(f"cannot load the corrector from {args.aligner}: {str(err).splitlines()[0]}") from None
         questions = [r["question"] for r in rows]
         _check_room(corrector.model, args.max_new_tokens, "--max-new-tokens")
+        answer_cut: list[bool] | None = None  # the upstream's answers cut at its budget (None: --data's answers)
         if have_answers:
             answers = [r["answer"] for r in rows]
             generated = corrector.generate(questions, answers)
@@ -165,6 +168,8 @@ def run(args, extra) -> int:
                                            upstream_max_new_tokens=args.upstream_max_new_tokens,
                                            batch_size=args.batch_size)
             except AlignfastArgumentError as err:
+                if "'upstream_system_prompt' " not in str(err):  # the budgets were checked above, in flag terms
+                    raise
                 raise CLIError("--upstream-system-prompt "
                                + str(err).split("'upstream_system_prompt' ", 1)[-1]) from None
             results = pipeline(questions)
@@ -172,6 +177,7 @@ def run(args, extra) -> int:
             corrections = [r.correction for r in results]
             truncated = [r.truncated for r in results]
             dropped = [r.answer_tokens_dropped for r in results]
+            answer_cut = [bool(r.answer_truncated) for r in results]
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         from alignfast.files import write_text_atomically
@@ -179,14 +185,21 @@ def run(args, extra) -> int:
         # The file's other columns (an id to join on) come first, as they were. "truncated" is always written, so
         # that it says what this run did: a file from an earlier round of correction may carry its own.
         # "answer_tokens_dropped": the answer's last tokens the corrector did not see (its max_length), as in training.
+        # "answer_truncated" (with an upstream only): its answer stopped at --upstream-max-new-tokens, so the corrector
+        # rewrote a cut answer; --data's own answers are not this run's to judge (a column of theirs is kept).
         written = [{**row, "question": q, "answer": a, "correction": c, "truncated": bool(cut),
                     "answer_tokens_dropped": int(d)}
                    for row, q, a, c, cut, d in zip(rows, questions, answers, corrections, truncated, dropped,
                                                    strict=True)]
+        if answer_cut is not None:
+            written = [{**w, "answer_truncated": u} for w, u in zip(written, answer_cut, strict=True)]
         write_text_atomically(out, "".join(json.dumps(w) + "\n" for w in written))
         changed = sum(a.strip() != c.strip() for a, c in zip(answers, corrections))
         cut = f", {sum(truncated)} cut at --max-new-tokens ({args.max_new_tokens}; \"truncated\": true)" \
             if any(truncated) else ""
+        if answer_cut and any(answer_cut):
+            cut = f", {sum(answer_cut)} upstream answers cut at --upstream-max-new-tokens " \
+                f"({args.upstream_max_new_tokens}; \"answer_truncated\": true){cut}"
         long = sum(d > 0 for d in dropped)
         long = f", {long} answers longer than the corrector's max_length seen without their end " \
             f"(\"answer_tokens_dropped\")" if long else ""

@@ -18,12 +18,14 @@ policy, a small corrector, rewrites the draft; score r(x, y). Train any of them 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from alignfast.ops._checks import fail
 from alignfast.rollout import templates
+from alignfast.rollout.engine import Completion
 from alignfast.rollout.rewards import WeightedRewards
 
 
@@ -152,8 +154,14 @@ class AlignProEnvironment(Environment):
     def answer(self, requests: Sequence[str], *, seed: int | None) -> tuple[list[list[str]], int]:
         """The target's answers (num_samples per request, leading and trailing whitespace stripped) and the
         number of tokens it generated."""
+        completions, n_tokens = self.completions(requests, seed=seed)
+        return [[c.text for c in per_prompt] for per_prompt in completions], n_tokens
+
+    def completions(self, requests: Sequence[str], *, seed: int | None) -> tuple[list[list[Completion]], int]:
+        """As `answer`, the engine's Completions kept (text stripped): finish_reason 'length' marks an answer cut at
+        max_new_tokens, which the text alone cannot tell from a finished one."""
         inputs = self.target_inputs(requests)
-        answers: list[list[str]] = []
+        answers: list[list[Completion]] = []
         n_tokens = 0
         for chunk_index, start in enumerate(range(0, len(inputs), self.batch_size)):
             chunk = inputs[start: start + self.batch_size]
@@ -172,7 +180,7 @@ class AlignProEnvironment(Environment):
                                        f"{str(requests[start + i])[:80]!r}")
                 # Stripped as every other model's output is (the prompter's rewrite, the Oracle's and the
                 # proxy's answers, the corrector's): the reward and the eval arms see one post-processing.
-                answers.append([c.text.strip() for c in per_prompt])
+                answers.append([dataclasses.replace(c, text=c.text.strip()) for c in per_prompt])
                 n_tokens += sum(c.generated_tokens for c in per_prompt)
         return answers, n_tokens
 

@@ -34,7 +34,8 @@ def test_train_correct_and_eval_on_the_toy_world(tmp_path, capsys):
     rows = [json.loads(x) for x in corrected.read_text().splitlines()]
     assert [r["question"] for r in rows] == ["sort 4 8 5 1", "max 1 3 4 2 6"]
     assert rows[0]["answer"] == "8 5 4 1"  # the frozen toy target's misreading, which the corrector then edits
-    assert all(set(r) == {"question", "answer", "correction", "truncated", "answer_tokens_dropped"} for r in rows)
+    assert all(set(r) == {"question", "answer", "correction", "truncated", "answer_tokens_dropped",
+                          "answer_truncated"} for r in rows)
 
     capsys.readouterr()
     assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", str(out / "final"),
@@ -342,3 +343,29 @@ def test_a_bad_aligner_lora_key_names_the_aligner_section(tmp_path, capsys):
                  "--data.eval", "null", "--trainer.output_dir", str(tmp_path / "o"), "--aligner.lora.rr", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "aligner.lora: " in err[0] and "'rr'" in err[0] and "prompter" not in err[0], err
+
+
+def test_correct_says_which_upstream_answers_were_cut_at_their_budget(tmp_path, capsys):
+    """With --upstream-max-new-tokens too small for the upstream's answers, `correct` corrected the cut answers with
+    no trace (the pipeline kept only their text). Each row now has "answer_truncated" and the summary counts them;
+    without an upstream the file's answers are not this run's, and no such column is written."""
+    folder = _tiny_corrector_folder(tmp_path)
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "sort 4 8 5 1"}\n{"question": "max 1 3 4 2 6"}\n')
+    out = tmp_path / "out.jsonl"
+    base = ["correct", "--aligner", str(folder), "--upstream", "toy:target", "--data", str(data), "--output", str(out),
+            "--max-new-tokens", "4"]
+    assert main([*base, "--upstream-max-new-tokens", "2"]) == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    # the toy target answers '8 5 4 1' and '1' (see the HF-upstream test): the first is cut at 2 tokens
+    assert [(w["answer"], w["answer_truncated"]) for w in written] == [("8 5", True), ("1", False)]
+    assert ", 1 upstream answers cut at --upstream-max-new-tokens (2; \"answer_truncated\": true)" in \
+        capsys.readouterr().err
+    assert main([*base, "--upstream-max-new-tokens", "8"]) == 0
+    assert [json.loads(x)["answer_truncated"] for x in out.read_text().splitlines()] == [False, False]
+    assert "upstream answers cut" not in capsys.readouterr().err
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "what is the cat", "answer": "a dog"}\n')
+    assert main(["correct", "--aligner", str(folder), "--data", str(qa), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    assert "answer_truncated" not in json.loads(out.read_text())

@@ -41,8 +41,9 @@ def test_sft_learns_the_corrections_and_the_pipeline_applies_them(tmp_path):
     assert out.metrics["eval/loss"] < 0.1 < before
     trainer.save_model(tmp_path / "final")
     upstream = FunctionTarget(lambda q: "a dog", tok)
-    pipe = AlignerPipeline(upstream, tmp_path / "final", upstream_tokenizer=tok, upstream_max_new_tokens=4)
-    pipe.corrector.max_new_tokens = 8
+    pipe = AlignerPipeline(upstream, tmp_path / "final", upstream_tokenizer=tok, upstream_max_new_tokens=4,
+                           max_new_tokens=8)
+    assert pipe.corrector.max_new_tokens == 8
     got = pipe(["what is the cat", "what is the bird", "what is a dog"])
     assert [g.answer for g in got] == ["a dog"] * 3  # the upstream's answers, corrected by the SFT corrector
     assert [g.correction for g in got] == ["a cat", "a bird", "a dog"]
@@ -299,6 +300,55 @@ def test_an_hf_upstream_is_asked_in_its_own_chat_format(tmp_path):
     explicit = AlignerPipeline(HFEngine(target, target_tok), corrector, upstream_tokenizer=target_tok,
                                upstream_max_new_tokens=8).answer(questions)
     assert implicit == explicit == ["8 5 4 1", "1"]  # the toy target's (mis)readings, as `alignfast correct` gets
+
+
+def _toy_target():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.rollout import HFEngine
+    from alignfast.toy import load_world
+
+    world = load_world()
+    return HFEngine(AutoModelForCausalLM.from_pretrained(world.target_path).eval(),
+                    AutoTokenizer.from_pretrained(world.target_path))
+
+
+def test_the_pipeline_says_which_upstream_answers_were_cut(tmp_path):
+    """AlignerPipeline kept only the upstream's text: an answer cut at upstream_max_new_tokens was corrected as if
+    whole. Each Correction now says so (answer_truncated), and None where the answers were given, not generated."""
+    model, tok = tiny_corrector(tmp_path, hidden=32)
+    questions = ["sort 4 8 5 1", "max 1 3 4 2 6"]  # the toy target answers '8 5 4 1' and '1'
+    pipe = AlignerPipeline(_toy_target(), Corrector(model, tok, template=TEMPLATE, max_new_tokens=2),
+                           upstream_max_new_tokens=2)
+    got = pipe(questions)
+    assert [(g.answer, g.answer_truncated) for g in got] == [("8 5", True), ("1", False)]
+    assert [c.finish_reason for c in pipe.upstream_completions(questions)] == ["length", "stop"]
+    assert [g.answer_truncated for g in pipe(questions, answers=["a", "b"])] == [None, None]
+
+
+def test_the_pipeline_takes_the_correctors_budget_and_names_it(tmp_path):
+    """AlignerPipeline had no max_new_tokens: a corrector loaded from a folder got 256, and one of 64 positions failed
+    at the first correction naming an argument ('max_new_tokens') the caller could not pass. It is now the pipeline's
+    setting (with dtype, as `alignfast correct` has them), checked when the pipeline is built."""
+    from alignfast.aligner.pipeline import Corrector as _Corrector
+
+    model, tok = tiny_corrector(tmp_path, hidden=32)
+    model.config.max_position_embeddings = 64
+    trainer = AlignerTrainer(_config(tmp_path, max_steps=1), model, tok, train_dataset=ROWS)
+    folder = trainer.save_model(tmp_path / "final")
+    with pytest.raises(AlignfastArgumentError, match=r"^alignfast: argument 'max_new_tokens' \(256, the default\) "
+                       r"leaves no room for the corrector's input: its max_position_embeddings is 64$"):
+        AlignerPipeline(_toy_target(), folder, upstream_max_new_tokens=8)
+    with pytest.raises(AlignfastArgumentError, match=r"argument 'upstream_max_new_tokens' \(64\) leaves no room"):
+        AlignerPipeline(_toy_target(), folder, upstream_max_new_tokens=64, max_new_tokens=8)
+    pipe = AlignerPipeline(_toy_target(), folder, upstream_max_new_tokens=8, max_new_tokens=3, dtype=torch.float64)
+    assert pipe.corrector.max_new_tokens == 3 and next(pipe.corrector.model.parameters()).dtype == torch.float64
+    got = pipe(["sort 4 8 5 1"])
+    assert got[0].answer == "8 5 4 1" and got[0].answer_truncated is False
+    for name, value in (("max_new_tokens", 3), ("dtype", torch.float64)):
+        with pytest.raises(AlignfastArgumentError, match=f"argument '{name}' is a setting of the corrector loaded"):
+            AlignerPipeline(_toy_target(), _Corrector.from_pretrained(folder), upstream_max_new_tokens=8,
+                            **{name: value})
 
 
 def test_a_vllm_upstream_is_asked_in_its_own_chat_format(tmp_path, monkeypatch):
