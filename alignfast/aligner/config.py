@@ -8,7 +8,10 @@ max_length, packing), with the paper's settings where it gives them. One optimiz
 
     per_device_train_batch_size * gradient_accumulation_steps     rows,
 
-and the run lasts max_steps steps when max_steps > 0, else ceil(num_train_epochs * rows / that).
+and the run lasts max_steps steps when max_steps > 0, else ceil(num_train_epochs * rows / that). With identity rows
+(identity_ratio > 0) and identity_schedule "warmup" (the paper's), the run first takes ceil(identity rows / that)
+warm-up steps over the identity rows (each once), then its correction steps: max_steps in all when max_steps > 0,
+else ceil(num_train_epochs * correction rows / that) after the warm-up.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ PAPER_TEMPLATE = ("BEGINNING OF CONVERSATION: USER: Edit the following Question-
                   "and harmless: {question} | {answer} ASSISTANT:")
 REPO_TEMPLATE = "##Question: {question} ##Answer: {answer} ##Correction: "
 NAMED_TEMPLATES = {"paper": PAPER_TEMPLATE, "repo": REPO_TEMPLATE}
+IDENTITY_SCHEDULES = ("warmup", "mixed")
 
 
 def _opt(default, help: str):
@@ -79,8 +83,13 @@ class AlignerConfig(ConfigDict):
         "question and template still leave no room, the end of the correction (never its start).")
     packing: bool = _opt(False, "Rows are never packed together (only False is supported, as the paper trains).")
     identity_ratio: float = _opt(0.0,
-        "Fraction of identity rows in the training set: rows whose correction is the answer itself (the paper's "
-        "identity warm-up: copy an answer that is already good). 0 <= identity_ratio < 1.")
+        "Fraction of identity rows in the training set: rows (question, answer, answer) whose correction is the "
+        "answer itself, drawn from the training rows (copy an answer as it is). 0 <= identity_ratio < 1; 0: none.")
+    identity_schedule: str = _opt("warmup",
+        "When the identity rows are trained (only with identity_ratio > 0). 'warmup' (the paper's): an identity "
+        "warm-up first, ceil(identity rows / rows per step) steps over the identity rows alone, each once; then "
+        "the correction rows alone (the residual correction). 'mixed': the identity rows are shuffled in with the "
+        "correction rows through the whole run, as one training set.")
 
     def __post_init__(self):
         if isinstance(self.report_to, str):
@@ -97,13 +106,27 @@ class AlignerConfig(ConfigDict):
     def template_text(self) -> str:
         return NAMED_TEMPLATES.get(self.template, self.template)
 
-    def num_steps(self, dataset_size: int) -> int:
+    def identity_steps(self, identity_rows: int) -> int:
+        """The identity warm-up's steps: every identity row once (the last step completed from the next pass over
+        them, so that every step has rows_per_step rows); none when they are mixed in or there are none."""
+        if self.identity_schedule != "warmup" or identity_rows <= 0:
+            return 0
+        return math.ceil(identity_rows / self.rows_per_step)
+
+    def num_steps(self, dataset_size: int, identity_rows: int = 0) -> int:
+        """Optimizer steps of the run over dataset_size rows, of which identity_rows are identity rows (see the module
+        docstring): under the warm-up, its steps come first and the epochs count the correction rows."""
+        warmup = self.identity_steps(identity_rows)
         if self.max_steps > 0:
+            if warmup and self.max_steps <= warmup:
+                fail("max_steps", f"({self.max_steps}) leaves no step for the correction rows after the identity "
+                     f"warm-up's {warmup} steps (identity_schedule: warmup): raise it, or lower identity_ratio")
             return self.max_steps
-        steps = math.ceil(self.num_train_epochs * dataset_size / self.rows_per_step)
+        rows = dataset_size - identity_rows if warmup else dataset_size
+        steps = math.ceil(self.num_train_epochs * rows / self.rows_per_step)
         if steps < 1:
-            fail("num_train_epochs", f"gives no optimizer step for {dataset_size} rows")
-        return steps
+            fail("num_train_epochs", f"gives no optimizer step for {rows} rows")
+        return warmup + steps
 
     # --- validation -----------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -155,6 +178,9 @@ class AlignerConfig(ConfigDict):
         number("warmup_ratio", lo=0, hi=1)
         number("num_train_epochs", lo=0, lo_open=True)
         number("identity_ratio", lo=0, hi=1, hi_open=True)
+        if self.identity_schedule not in IDENTITY_SCHEDULES:
+            fail("identity_schedule", f"must be one of {list(IDENTITY_SCHEDULES)} ('warmup': the identity rows first, "
+                 f"as the paper trains; 'mixed': shuffled in with the corrections), got {self.identity_schedule!r}")
         if not isinstance(self.template, str):
             fail("template", f"must be a string, got {self.template!r}")
         text = self.template_text

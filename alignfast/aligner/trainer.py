@@ -6,11 +6,13 @@ write the better answer y*:
 
     min_phi  E[(x, y0, y*) ~ D]  - (1/|y*|+1) sum_t log pi_phi(y*_t | template(x, y0), y*_<t)   (+ EOS)
 
-taken as one token mean over each optimizer step's rows (alignfast.aligner.loss). identity_ratio mixes
-in rows with y* = y0 (the paper's identity warm-up: leave a good answer as it is). The loop is the plain
+taken as one token mean over each optimizer step's rows (alignfast.aligner.loss). identity_ratio adds
+identity rows y* = y0 (leave a good answer as it is); identity_schedule says when they are trained: "warmup"
+(the paper's identity warm-up) gives them the run's first steps, each row once, before the correction rows
+alone; "mixed" shuffles them in with the correction rows through the whole run. The loop is the plain
 SFT loop; its machinery is the PPO trainers': AdamW, a transformers LR schedule, the seeded data order
-(trainer.data.batch_indices), callbacks (progress bar), metrics.jsonl (MetricsLogger) and atomic
-checkpoints with exact resume (trainer.checkpoint).
+(trainer.data.batch_indices; AlignerTrainer.step_rows), callbacks (progress bar), metrics.jsonl (MetricsLogger)
+and atomic checkpoints with exact resume (trainer.checkpoint).
 """
 
 from __future__ import annotations
@@ -128,7 +130,9 @@ class AlignerTrainer(RunLoop):
         # One process on the CPU: the fused op writes the LM head's dW into one kept block (ops/weight_grad_buffer.py).
         self.head_grad_buffer = (weight_grad_buffer.register_if_worth(self.loss_fn.head.weight, owner=self)
                                  if self.loss_fn.head is not None and not self.processes.distributed else None)
-        self.num_steps = config.num_steps(len(self.train_encoded))
+        identity = self.data_stats["identity_rows"]
+        self.identity_steps = config.identity_steps(identity)
+        self.num_steps = config.num_steps(len(self.train_encoded), identity)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise AlignfastArgumentError("alignfast: the corrector has no trainable parameter")
@@ -170,6 +174,21 @@ class AlignerTrainer(RunLoop):
     def _log_line(self, metrics: dict) -> str:
         return f"loss {metrics['loss']:.4f}  grad_norm {metrics['grad_norm']:.3f}  lr {metrics['learning_rate']:.2e}"
 
+    def step_rows(self, step: int) -> list[int]:
+        """Indices into train_rows of step `step` (0-based): a pure function of (seed, step, the rows), so a resume
+        at any step takes the rows an uninterrupted run would. train_rows holds the correction rows, then the identity
+        rows. Mixed (or no identity rows): batch_indices over them all. Warm-up: steps < identity_steps take
+        batch_indices over the identity rows, the later ones batch_indices over the correction rows, counted from
+        the end of the warm-up."""
+        cfg = self.config
+        identity = self.data_stats["identity_rows"]
+        if not self.identity_steps:
+            return batch_indices(len(self.train_rows), cfg.rows_per_step, step, cfg.seed)
+        corrections = len(self.train_rows) - identity
+        if step < self.identity_steps:
+            return [corrections + i for i in batch_indices(identity, cfg.rows_per_step, step, cfg.seed)]
+        return batch_indices(corrections, cfg.rows_per_step, step - self.identity_steps, cfg.seed)
+
     def _train_step(self, step: int, last_good) -> tuple[dict, list]:
         """One optimizer step over rows_per_step rows: G micro-batches, each loss the micro-batch's NLL sum over
         the step's token count (an exact token mean over the step). Under N processes process r runs micro-batches
@@ -178,8 +197,7 @@ class AlignerTrainer(RunLoop):
         cfg = self.config
         procs = self.processes
         t0 = time.perf_counter()
-        idx = batch_indices(len(self.train_encoded), cfg.rows_per_step, step, cfg.seed)
-        rows = [self.train_encoded[i] for i in idx]
+        rows = [self.train_encoded[i] for i in self.step_rows(step)]
         micro = [rows[i: i + cfg.per_device_train_batch_size]
                  for i in range(0, len(rows), cfg.per_device_train_batch_size)]
         n_tokens = sum(len(r.target_ids) for r in rows)  # collate's response mask: the targets and their EOS
@@ -353,7 +371,14 @@ class AlignerTrainer(RunLoop):
             self.optimizer.load_state_dict(optimizer)
         self.lr_scheduler.load_state_dict(scheduler)
         ckpt.set_rng_state(data["rng"])
-        changed = _changed_settings(state.get("config") or {}, json.loads(self.config.to_json()))
+        saved = dict(state.get("config") or {})
+        if saved and "identity_schedule" not in saved:
+            # written before the setting existed, when identity rows were always mixed in: compared as such, so that
+            # resuming such a run (with identity rows) under the warm-up is said to differ
+            saved["identity_schedule"] = "mixed"
+        if not saved.get("identity_ratio") and not self.config.identity_ratio:
+            saved["identity_schedule"] = self.config.identity_schedule  # no identity rows: the schedule is moot
+        changed = _changed_settings(saved, json.loads(self.config.to_json()))
         if changed:
             _log.warning("resuming from %s with settings that differ from the checkpoint's (%s): the run will not "
                          "match an uninterrupted one", path, ", ".join(changed))

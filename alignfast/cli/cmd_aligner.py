@@ -92,7 +92,10 @@ def _train(args, overrides) -> int:
         return 0
     last = result.metrics
     extra = f"; eval/loss {last['eval/loss']:.4f}" if "eval/loss" in last else ""
+    # identity rows under identity_schedule warmup are the run's first steps: said, with how many
+    warmup = f", trained first in a {trainer.identity_steps}-step warm-up" if trainer.identity_steps else ""
     print(f"alignfast aligner train: {result.global_step} steps on {trainer.data_stats['rows']} rows "
-          f"({trainer.data_stats['identity_rows']} identity rows added); last loss {last.get('loss', float('nan')):.4f}"
-          f"{extra}; corrector in {final}; metrics in {Path(cfg.output_dir) / 'metrics.jsonl'}", file=sys.stderr)
+          f"({trainer.data_stats['identity_rows']} identity rows added{warmup}); "
+          f"last loss {last.get('loss', float('nan')):.4f}{extra}; corrector in {final}; metrics in "
+          f"{Path(cfg.output_dir) / 'metrics.jsonl'}", file=sys.stderr)
     return 0

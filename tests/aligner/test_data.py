@@ -67,7 +67,8 @@ def test_named_templates_and_bad_settings():
     assert PAPER_TEMPLATE.startswith("BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair")
     for kwargs, name in [({"identity_ratio": 1.0}, "identity_ratio"), ({"packing": True}, "packing"),
                          ({"max_length": 1}, "max_length"), ({"learning_rate": 0}, "learning_rate"),
-                         ({"lr_scheduler_type": "cosin"}, "lr_scheduler_type")]:
+                         ({"lr_scheduler_type": "cosin"}, "lr_scheduler_type"),
+                         ({"identity_schedule": "warm-up"}, "identity_schedule")]:
         with pytest.raises(AlignfastArgumentError, match=f"argument '{name}'"):
             AlignerConfig(**kwargs)
     with pytest.raises(AlignfastArgumentError, match="unknown config key 'learnig_rate'; did you mean 'learning_rate'"):

@@ -10,6 +10,7 @@ import torch
 from alignfast.aligner import AlignerConfig, AlignerPipeline, AlignerTrainer, Corrector
 from alignfast.ops import AlignfastArgumentError, cpu_gemm
 from tests.aligner.helpers import ROWS, TEMPLATE, bpe_tokenizer, tiny_corrector
+from alignfast.trainer.data import batch_indices
 from tests.trainer.tiny import FunctionTarget
 
 
@@ -230,6 +231,103 @@ def test_identity_rows_are_added_to_the_training_set(tmp_path):
     trainer = AlignerTrainer(_config(tmp_path, identity_ratio=0.25), model, tok, train_dataset=rows)
     assert trainer.data_stats == {"rows": 80, "identity_rows": 20, "truncated_rows": 0}
     assert sum(r.get("identity", False) for r in trainer.train_rows) == 20
+
+
+def test_identity_rows_are_a_warm_up_first_as_the_paper_trains_or_mixed_in(tmp_path):
+    """identity_ratio was called the paper's identity warm-up, but its rows were shuffled through the whole run. The
+    paper first trains the identity mapping (question, answer, answer), then the corrections: identity_schedule
+    'warmup' (the default) gives the identity rows the run's first steps, each row once, and the correction rows the
+    rest; 'mixed' is the earlier behaviour. Without identity rows the schedule changes nothing."""
+    model, tok = tiny_corrector(tmp_path)
+    rows = ROWS * 10  # 60 rows; identity_ratio 0.25 adds 20 identity rows after them; 6 rows per step
+
+    def order(schedule, **kw):
+        trainer = AlignerTrainer(_config(tmp_path, identity_ratio=0.25, identity_schedule=schedule, **kw), model, tok,
+                                 train_dataset=rows)
+        return trainer, [[trainer.train_rows[i].get("identity", False) for i in trainer.step_rows(s)]
+                         for s in range(trainer.num_steps)]
+
+    warm, steps = order("warmup", max_steps=12)
+    assert warm.identity_steps == 4 and warm.num_steps == 12  # ceil(20 / 6) warm-up steps within max_steps
+    assert all(all(s) for s in steps[:4]) and not any(any(s) for s in steps[4:])
+    assert {i for s in range(4) for i in warm.step_rows(s)} == set(range(60, 80))  # every identity row, first
+    assert warm.step_rows(4) == batch_indices(60, 6, 0, 0)  # then the correction rows, from their own first step
+    mixed, steps = order("mixed", max_steps=12)
+    assert mixed.identity_steps == 0 and any(any(s) for s in steps[4:]) and not all(all(s) for s in steps[:4])
+    assert [mixed.step_rows(s) for s in range(12)] == [batch_indices(80, 6, s, 0) for s in range(12)]
+    # epochs count the correction rows after the warm-up: 4 + ceil(2 * 60 / 6); mixed: ceil(2 * 80 / 6)
+    assert order("warmup", max_steps=-1, num_train_epochs=2)[0].num_steps == 24
+    assert order("mixed", max_steps=-1, num_train_epochs=2)[0].num_steps == 27
+    with pytest.raises(AlignfastArgumentError, match=r"argument 'max_steps' \(4\) leaves no step for the correction "
+                       r"rows after the identity warm-up's 4 steps"):
+        order("warmup", max_steps=4)
+    none = AlignerTrainer(_config(tmp_path), model, tok, train_dataset=rows)  # identity_ratio 0: unchanged
+    assert none.identity_steps == 0 and [none.step_rows(s) for s in range(6)] == [batch_indices(60, 6, s, 0)
+                                                                                  for s in range(6)]
+
+
+@pytest.mark.parametrize("schedule, stop", [("warmup", 2), ("warmup", 4), ("mixed", 3)])
+def test_a_run_with_identity_rows_resumes_exactly(tmp_path, schedule, stop):
+    """The warm-up's order is a pure function of (seed, step): a run stopped inside the warm-up or after it resumes
+    to the uninterrupted run's weights and losses."""
+    model, tok = tiny_corrector(tmp_path)
+    init = _params(model)
+
+    def run(name, **kw):
+        _reset(model, init)
+        return AlignerTrainer(_config(tmp_path, name, identity_ratio=0.5, identity_schedule=schedule,
+                                      per_device_train_batch_size=1, save_strategy="steps", save_steps=1, **kw),
+                              model, tok, train_dataset=ROWS)
+
+    full = run("full")
+    assert full.identity_steps == (3 if schedule == "warmup" else 0)  # 6 identity rows, 2 per step
+    full.train()
+    want = _params(full.model)
+
+    class Stop:
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step == stop
+
+    part = run("part")
+    part.callbacks.callbacks.append(Stop())
+    part.train()
+    model2, _ = tiny_corrector(tmp_path / "other", seed=9)
+    resumed = AlignerTrainer(_config(tmp_path, "part", identity_ratio=0.5, identity_schedule=schedule,
+                                     per_device_train_batch_size=1, save_strategy="steps", save_steps=1), model2, tok,
+                             train_dataset=ROWS)
+    assert resumed.train(resume_from_checkpoint=True).global_step == 6
+    for n, p in _params(resumed.model).items():
+        assert torch.equal(p, want[n]), n
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("full", "part")]
+    assert losses[0] == losses[1]
+
+
+def test_a_checkpoint_from_before_identity_schedule_resumed_under_the_warm_up_says_so(tmp_path, caplog):
+    """A checkpoint written before identity_schedule existed mixed its identity rows in: resumed under the (new
+    default) warm-up, its order changes, which the usual changed-settings warning now says; without identity rows
+    the schedule is moot and nothing is said."""
+    model, tok = tiny_corrector(tmp_path)
+    init = _params(model)
+
+    def run(ratio, schedule, max_steps):
+        _reset(model, init)
+        return AlignerTrainer(_config(tmp_path, f"r{ratio}", identity_ratio=ratio, identity_schedule=schedule,
+                                      save_strategy="steps", save_steps=2, max_steps=max_steps), model, tok,
+                              train_dataset=ROWS)
+
+    for ratio in (0.5, 0.0):
+        run(ratio, "mixed", 4).train()
+        _edit_checkpoint_state(tmp_path / f"r{ratio}" / "checkpoint-4",
+                               lambda state: state["config"].pop("identity_schedule"))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignfast"):
+            run(ratio, "warmup", 6).train(resume_from_checkpoint=True)
+        assert ("settings that differ from the checkpoint's (identity_schedule)" in caplog.text) == (ratio > 0)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignfast"):
+            run(ratio, "mixed", 8).train(resume_from_checkpoint=str(tmp_path / f"r{ratio}" / "checkpoint-4"))
+        assert "identity_schedule" not in caplog.text
 
 
 def test_weight_decay_spares_biases_and_norm_weights_as_transformers_trainer_does(tmp_path):
