@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
                         "prompts, which shows what PPO changed (it loads that model once more)")
     p.add_argument("--aligner-checkpoint", metavar="DIR",
                    help="an Aligner corrector trained by SFT (`alignfast aligner train`): the Aligner (SFT) arm")
+    p.add_argument("--aligner-max-new-tokens", type=int, metavar="N", default=None,
+                   help="the --aligner-checkpoint corrector's budget per correction (default: "
+                        "trainer.target_max_new_tokens); corrections that reach it are scored cut and counted")
     p.add_argument("--aligner-ppo-checkpoint", metavar="DIR",
                    help="a corrector trained with PPO in AlignerEnvironment: the Aligner (PPO corrector) arm")
     p.add_argument("--aligner-ppo-template", metavar="TEXT", default=None,
@@ -83,9 +86,10 @@ def _evaluate(args, overrides) -> int:
     for path in (args.checkpoint, args.aligner_checkpoint, args.aligner_ppo_checkpoint, args.oracle_checkpoint):
         if path:
             policy_dir(path)
-    if args.aligner_checkpoint:
-        from alignfast.cli.eval_aligner import check_aligner_checkpoint
+    from alignfast.cli.eval_aligner import check_aligner_checkpoint, check_budget_flag
 
+    check_budget_flag(args)
+    if args.aligner_checkpoint:
         check_aligner_checkpoint(args.aligner_checkpoint)
     if args.proxy_checkpoint:
         eval_proxy.proxy_dir(args.proxy_checkpoint)
@@ -162,10 +166,16 @@ def _evaluate(args, overrides) -> int:
     rows = compare_arms({name: res.scores for name, res in results.items()}, baseline=BASELINE)
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(rows, baseline=BASELINE)
+    # What the table's means hide (corrections scored cut): under the table, and in eval.json with the counts.
+    notes = [n for res in results.values() for n in res.notes]
+    if notes:
+        table += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    truncated = {name: sum(res.truncated) for name, res in results.items() if res.truncated is not None}
     # each written whole or not at all (alignfast.files): a kill mid-write leaves the earlier file, not half a new one
     write_text_atomically(out / "eval.json", to_json(rows, baseline=BASELINE, extra={
         **eval_checks.recorded_checkpoints(args), "seed": args.seed, "prompts": len(prompts),
-        "settings_differ_from_training": settings_differ,
+        "settings_differ_from_training": settings_differ, **({"truncated": truncated} if truncated else {}),
+        **({"notes": notes} if notes else {}),
         **({"no_fine_tuning_decoding": "the proxy's decoder, every proposal accepted"} if proxy is not None else {})}))
     write_text_atomically(out / "eval.md", table + "\n")
     arm_eval.write_rollouts(results, out / "eval_rollouts.jsonl")

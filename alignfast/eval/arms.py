@@ -32,7 +32,10 @@ class ArmResult:
     """prompts[i] -> rewrites[i] (the prompt itself where an arm does not rewrite) -> answers[i] -> scores[i].
 
     samples[i]: every answer the target gave to prompt i when it gives several (target_num_samples > 1; the score
-    is their mean reward); None when each prompt has one answer."""
+    is their mean reward); None when each prompt has one answer.
+    truncated[i]: answers[i] stopped at its model's token budget, not at EOS (it is scored cut); None where the arm
+    does not report it (only the corrector arm, with_corrector, does).
+    notes: lines the report prints under its table about this arm (alignfast eval's cut corrections)."""
 
     name: str
     prompts: list[str]
@@ -41,6 +44,8 @@ class ArmResult:
     scores: list[float]
     components: dict[str, list] = field(default_factory=dict)
     samples: list[list[str]] | None = None
+    truncated: list[bool] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -123,25 +128,39 @@ def with_corrector(name: str, environment, corrector, prompts: Sequence[str], co
                    answers: Sequence[str] | None = None, seed: int = 0) -> ArmResult:
     """Aligner: the frozen target answers x (the No fine-tuning answers, computed here unless given), the
     corrector rewrites each answer from (x, answer), and the environment's reward scores the correction
-    r(x, y) on x. corrector: anything with correct(questions, answers) -> list[str] (alignfast.aligner)."""
+    r(x, y) on x. corrector: anything with correct(questions, answers) -> list[str]; one with generate(questions,
+    answers) -> Completions (alignfast.aligner.Corrector) also gives the result's `truncated` (corrections that
+    stopped at its max_new_tokens, scored as they are)."""
     prompts = list(prompts)
     cols = _columns(columns, len(prompts))
     if answers is None:
         answers = no_fine_tuning(environment, prompts, cols, seed=seed).answers
-    corrections = corrector.correct(prompts, list(answers))
+    truncated = None
+    if callable(getattr(corrector, "generate", None)):
+        completions = corrector.generate(prompts, list(answers))
+        corrections = [c.text for c in completions]
+        truncated = [c.finish_reason == "length" for c in completions]
+    else:
+        corrections = corrector.correct(prompts, list(answers))
     out = environment.rewards(prompts, corrections, **cols)
     return ArmResult(name, prompts, list(prompts), corrections, _as_floats(out.total, name, prompts, out.per_func),
-                     dict(out.per_func))
+                     dict(out.per_func), truncated=truncated)
 
 
 def write_rollouts(results: Mapping[str, ArmResult], path: str | Path) -> Path:
-    """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward, and "answers" (all of them, their
-    mean reward being "reward") where the target gave several; the file is replaced whole."""
+    """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward, "answers" (all of them, their
+    mean reward being "reward") where the target gave several, and "truncated" where the arm reports it (the
+    answer stopped at its token budget); the file is replaced whole."""
     lines = []
     for name, r in results.items():
         samples = r.samples or [None] * len(r.prompts)
-        for prompt, rewrite, answer, score, every in zip(r.prompts, r.rewrites, r.answers, r.scores, samples,
-                                                         strict=True):
+        cut = r.truncated or [None] * len(r.prompts)
+        for prompt, rewrite, answer, score, every, stopped in zip(r.prompts, r.rewrites, r.answers, r.scores,
+                                                                  samples, cut, strict=True):
             row = {"arm": name, "prompt": prompt, "rewrite": rewrite, "answer": answer, "reward": score}
-            lines.append(json.dumps({**row, "answers": every} if every is not None else row) + "\n")
+            if every is not None:
+                row["answers"] = every
+            if stopped is not None:
+                row["truncated"] = stopped
+            lines.append(json.dumps(row) + "\n")
     return write_text_atomically(path, "".join(lines))

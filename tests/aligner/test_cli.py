@@ -369,3 +369,38 @@ def test_correct_says_which_upstream_answers_were_cut_at_their_budget(tmp_path, 
     assert main(["correct", "--aligner", str(folder), "--data", str(qa), "--output", str(out),
                  "--max-new-tokens", "4"]) == 0
     assert "answer_truncated" not in json.loads(out.read_text())
+
+
+def test_eval_counts_and_names_aligner_corrections_cut_at_the_correctors_budget(tmp_path, capsys, caplog):
+    """The Aligner (SFT) arm of `alignfast eval` scored corrections cut at its budget (tied to
+    trainer.target_max_new_tokens) with no count or warning. The cut ones are now counted in a warning, under the
+    table in eval.md, in eval.json ("truncated", "notes") and per row in eval_rollouts.jsonl; --aligner-max-new-tokens
+    sets the corrector's own budget."""
+    out = tmp_path / "run"
+    assert main(["aligner", "train", "--config", str(CONFIGS / "aligner_toy.yaml"), "--trainer.output_dir", str(out),
+                 "--max_steps", "1", "--save_strategy", "no", "--data.train.limit", "32", "--data.eval", "null"]) == 0
+    base = ["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", str(out / "final"),
+            "--data.eval.limit", "8", "--output-dir", str(tmp_path / "eval")]
+    for extra, setting, budget in ((["--target_max_new_tokens", "3"], "trainer.target_max_new_tokens", 3),
+                                   (["--aligner-max-new-tokens", "1"], "--aligner-max-new-tokens", 1)):
+        caplog.clear()
+        capsys.readouterr()
+        assert main([*base, *extra]) == 0
+        report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+        rollouts = [json.loads(x) for x in (tmp_path / "eval" / "eval_rollouts.jsonl").read_text().splitlines()]
+        cut = [r["truncated"] for r in rollouts if r["arm"] == "Aligner (SFT)"]
+        assert len(cut) == 8 and sum(cut) > 0 and report["truncated"] == {"Aligner (SFT)": sum(cut)}
+        note = (f"Aligner (SFT): {sum(cut)} of 8 corrections stopped at the corrector's max_new_tokens ({budget}, "
+                f"{setting}) before EOS and are scored cut")
+        assert report["notes"][0].startswith(note)
+        assert note in (tmp_path / "eval" / "eval.md").read_text() and note in caplog.text
+        assert all("truncated" not in r for r in rollouts if r["arm"] != "Aligner (SFT)")
+    for args, message in (([*base, "--aligner-max-new-tokens", "0"], "--aligner-max-new-tokens must be >= 1, got 0"),
+                          ([*base, "--aligner-max-new-tokens", "64"], "--aligner-max-new-tokens (64) leaves no room "
+                           "for the Aligner (SFT) corrector's input: its max_position_embeddings is 64"),
+                          ([*base[:3], "--aligner-ppo-checkpoint", *base[4:], "--aligner-max-new-tokens", "4"],
+                           "--aligner-max-new-tokens is the budget of the --aligner-checkpoint corrector")):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1], err
