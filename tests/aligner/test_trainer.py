@@ -587,3 +587,27 @@ def test_max_length_beyond_the_correctors_context_becomes_the_context(tmp_path, 
     assert trainer.config.max_length == positions
     assert f"max_length={positions + 100} is beyond the corrector's max_position_embeddings ({positions})" \
         in caplog.text
+
+
+def test_the_toy_targets_tokenizer_with_another_corrector_is_a_warning(tmp_path, caplog):
+    """`--aligner.tokenizer toy:target` (51 tokens, EOS 3 and BOS 2) with a 220-row corrector (EOS 2, BOS 1) trained
+    and exited 0 with no word: only a tokenizer larger than the embeddings was refused. It is now a warning naming
+    the setting; the corrector's own tokenizer gives none."""
+    from transformers import AutoTokenizer
+
+    from alignfast.toy import load_world
+    from tests.trainer.tiny import make_causal_lm
+
+    toy = AutoTokenizer.from_pretrained(load_world().target_path)
+    model = make_causal_lm(tmp_path / "m", 220, hidden=16, layers=1)
+    rows = [{"question": "sort 4 8 5 1", "answer": "8 5 4 1", "correction": "1 4 5 8"}]
+    with caplog.at_level("WARNING", logger="alignfast"):
+        AlignerTrainer(_config(tmp_path, template="{question} : {answer}"), model, toy, train_dataset=rows)
+    message = next(r.getMessage() for r in caplog.records if "another model's tokenizer" in r.getMessage())
+    assert "its eos token id is 3, the model config's 2" in message and "51 tokens for the corrector's 220" in message
+    assert "(aligner.tokenizer in a run file)" in message
+    caplog.clear()
+    own, tok = tiny_corrector(tmp_path / "own")
+    with caplog.at_level("WARNING", logger="alignfast"):
+        AlignerTrainer(_config(tmp_path, "o2"), own, tok, train_dataset=ROWS)
+    assert "another model's tokenizer" not in caplog.text
