@@ -199,17 +199,35 @@ def new_folder_atomically(path: str | os.PathLike, *, warn=None):
         raise
 
 
+# What every saved model folder holds (save_pretrained's config or a LoRA adapter's, a proxy's, a corrector's): an
+# existing folder with none of them is not a model that a new save may replace whole.
+MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json", "proxy_config.json", "aligner_config.json")
+
+
 def check_model_folder(path: str | os.PathLike, output_dir: str | os.PathLike) -> None:
-    """save_model replaces its folder whole (new_folder_atomically), so the folder must be the model's own: not a
-    run's output_dir (the run's checkpoints, metrics and lock would be moved aside with it). One line naming it."""
+    """save_model replaces its folder whole (new_folder_atomically), so the folder must be the model's own. Refused
+    in one line naming it: the run's output_dir or a folder containing it (the run's checkpoints, metrics and lock
+    would be moved aside with it), the working or home folder or a root, a folder holding a training run, and an
+    existing non-empty folder that holds no saved model (its files would be moved aside, not replaced)."""
     path = Path(path)
+    real, run = Path(os.path.realpath(path)), Path(os.path.realpath(output_dir))
+    suggestion = f"pass a folder of its own such as '{run / 'final'}'"
+    if not real.name or real in (Path(os.path.realpath(Path.cwd())), Path(os.path.realpath(Path.home()))):
+        fail("output_dir", f"of save_model, '{path}', is {'a root' if not real.name else 'the working or home folder'}"
+             f": the model's folder is replaced whole by every save; {suggestion}")
     held = [p.name for p in list_checkpoints(path)][-2:] + \
         [n for n in ("metrics.jsonl", LOCK_FILE) if (path / n).exists()]
-    if path.is_dir() and os.path.realpath(path) == os.path.realpath(output_dir) and not held:
-        held = ["the run's output_dir"]
+    if not held and (run == real or real in run.parents):
+        held = ["the run's output_dir" if run == real else f"the run's output_dir {output_dir}"]
     if held:
         fail("output_dir", f"of save_model, '{path}', holds a training run ({', '.join(held)}): the model is saved "
-             f"into a folder of its own, which a later save replaces whole; pass one such as '{path / 'final'}'")
+             f"into a folder of its own, which a later save replaces whole; {suggestion}")
+    if real.is_dir():
+        names = sorted(p.name for p in real.iterdir())
+        if names and not any((real / m).is_file() for m in MODEL_FOLDER_MARKERS):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            fail("output_dir", f"of save_model, '{path}', holds files that are not a saved model ({shown}): the "
+                 f"model's folder is replaced whole by every save; pass a new or empty folder")
 
 
 def clean_stale_folder(path: str | os.PathLike) -> list[str]:
@@ -239,7 +257,11 @@ def _replace_folder(tmp: Path, path: Path, warn) -> None:
         while os.path.lexists(aside):
             aside = aside.with_name(aside.name + "-1")
         os.replace(path, aside)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(aside, path)  # the old folder back where it was (tmp is removed by the caller)
+            raise
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         warn(f"alignfast: {path} held {shown}, which the model saved there now does not write: the earlier folder "
              f"is kept whole as {aside} (delete it once nothing in it is needed)")

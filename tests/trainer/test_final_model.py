@@ -136,3 +136,47 @@ def test_a_run_folder_is_refused_as_the_model_folder(align_pro, tmp_path):
                                                      r"holds a training run \(metrics.jsonl\)"):
         align_pro.save_model(run)
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_folder_containing_the_run_or_no_model_is_refused(align_pro, tmp_path, monkeypatch):
+    """A parent of the run's output_dir (it would move the live run aside), the working folder, and an existing folder
+    of other files (they would be moved aside, not replaced) are refused in one line naming output_dir; nothing
+    moves."""
+    (tmp_path / "run").mkdir(exist_ok=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(AlignfastArgumentError, match=r"^alignfast: argument 'output_dir' of save_model, '.*', holds a "
+                                                     r"training run \(the run's output_dir .*run\)"):
+        align_pro.save_model(tmp_path)
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(AlignfastArgumentError, match=r"'\.', is the working or home folder"):
+        align_pro.save_model(".")
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "other.bin").write_bytes(b"x")
+    with pytest.raises(AlignfastArgumentError, match=r"'.*models', holds files that are not a saved model \(other.bin\)"):
+        align_pro.save_model(mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["models"])
+    assert [p.name for p in mine.iterdir()] == ["other.bin"]
+
+
+def test_a_failed_swap_puts_the_earlier_folder_back(align_pro, tmp_path, monkeypatch):
+    """The second rename of a replacement that keeps the earlier folder aside fails (a full disk, say): the earlier
+    folder returns to final/, and no temporary copy stays."""
+    import os
+
+    final = align_pro.save_model(tmp_path / "run" / "final")
+    (final / "notes.txt").write_text("mine")
+    before = _files(final)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).startswith(str(final.parent / ckpt.TMP_PREFIX)) and str(dst) == str(final):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(Exception, match="No space left"):
+        align_pro.save_model(final)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert _files(final) == before
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
