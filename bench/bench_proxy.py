@@ -22,6 +22,7 @@ against the reference's (same uniforms: same tokens, same log-probs) before anyt
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -113,7 +114,9 @@ def bench_decode(device, B, new_tokens, rounds):
     for row in rows:
         if row.seconds:
             row.extra["tok/s"] = f"{float(row.extra['work']) / row.seconds:.0f}"
-    rows[-1].extra["rejections/token"] = f"{sorted(rejections)[len(rejections) // 2]:.3f}"
+    for row in rows:  # the untrained proxy's median re-proposals per token (none if it could not run)
+        if row.provider == "proxy: untrained" and rejections:
+            row.extra["rejections/token"] = f"{statistics.median(rejections):.3f}"
     return rows
 
 

@@ -10,7 +10,8 @@ max_length, packing), with the paper's settings where it gives them. One optimiz
 
 and the run lasts max_steps steps when max_steps > 0, else ceil(num_train_epochs * rows / that). With identity rows
 (identity_ratio > 0) and identity_schedule "warmup" (the paper's), the run first takes ceil(identity rows / that)
-warm-up steps over the identity rows (each once), then its correction steps: max_steps in all when max_steps > 0,
+warm-up steps over the identity rows (each at least once: the last step is filled from another pass over them,
+repeating rows when there are fewer than a step's), then its correction steps: max_steps in all when max_steps > 0,
 else ceil(num_train_epochs * correction rows / that) after the warm-up.
 """
 
@@ -87,7 +88,9 @@ class AlignerConfig(ConfigDict):
         "answer itself, drawn from the training rows (copy an answer as it is). 0 <= identity_ratio < 1; 0: none.")
     identity_schedule: str = _opt("warmup",
         "When the identity rows are trained (only with identity_ratio > 0). 'warmup' (the paper's): an identity "
-        "warm-up first, ceil(identity rows / rows per step) steps over the identity rows alone, each once; then "
+        "warm-up first, ceil(identity rows / rows per step) steps over the identity rows alone, each at least "
+        "once (the last step is filled from another pass over them, repeating rows when there are fewer than a "
+        "step's); then "
         "the correction rows alone (the residual correction). 'mixed': the identity rows are shuffled in with the "
         "correction rows through the whole run, as one training set.")
 
@@ -107,8 +110,9 @@ class AlignerConfig(ConfigDict):
         return NAMED_TEMPLATES.get(self.template, self.template)
 
     def identity_steps(self, identity_rows: int) -> int:
-        """The identity warm-up's steps: every identity row once (the last step completed from the next pass over
-        them, so that every step has rows_per_step rows); none when they are mixed in or there are none."""
+        """The identity warm-up's steps: every identity row at least once (the last step completed from further passes
+        over them, so that every step has rows_per_step rows: with fewer identity rows than that, rows repeat within
+        the step); none when they are mixed in or there are none."""
         if self.identity_schedule != "warmup" or identity_rows <= 0:
             return 0
         return math.ceil(identity_rows / self.rows_per_step)

@@ -8,11 +8,11 @@ write the better answer y*:
 
 taken as one token mean over each optimizer step's rows (alignfast.aligner.loss). identity_ratio adds
 identity rows y* = y0 (leave a good answer as it is); identity_schedule says when they are trained: "warmup"
-(the paper's identity warm-up) gives them the run's first steps, each row once, before the correction rows
-alone; "mixed" shuffles them in with the correction rows through the whole run. The loop is the plain
-SFT loop; its machinery is the PPO trainers': AdamW, a transformers LR schedule, the seeded data order
-(trainer.data.batch_indices; AlignerTrainer.step_rows), callbacks (progress bar), metrics.jsonl (MetricsLogger)
-and atomic checkpoints with exact resume (trainer.checkpoint).
+(the paper's identity warm-up) gives them the run's first steps, each row at least once (the last step is
+filled by repeating them), before the correction rows alone; "mixed" shuffles them in with the correction
+rows through the whole run. The loop is the plain SFT loop; its machinery is the PPO trainers': AdamW, a
+transformers LR schedule, the seeded data order (trainer.data.batch_indices; AlignerTrainer.step_rows),
+callbacks (progress bar), metrics.jsonl (MetricsLogger) and atomic checkpoints with exact resume (trainer.checkpoint).
 """
 
 from __future__ import annotations

@@ -225,6 +225,15 @@ class OpenAIEngine(TargetEngine):
             raise malformed("no message content string" if self.api == "chat" else "no text string")
         return index, content, c.get("finish_reason")
 
+    def _hint(self, err: BaseException) -> str:
+        """What to change when a chat request reaches a model without a chat template (a base model served by
+        vLLM answers 400, naming the chat template): a run file's openai target asks in chat by default."""
+        if self.api == "chat" and "chat template" in str(err).lower() and \
+                getattr(err, "status_code", None) == 400:
+            return (" (api='chat' needs a served model with a chat template; ask a base model with api='completions': "
+                    "target.api: completions, or trainer.target_use_chat_template: false, in a run file)")
+        return ""
+
     def _classify(self, err: BaseException) -> tuple[bool, float | None]:
         """(retryable, Retry-After seconds or None)."""
         o = self._openai
@@ -250,7 +259,7 @@ class OpenAIEngine(TargetEngine):
             name = "malformed response" if isinstance(err, _Malformed) else name
             failure = f"OpenAIEngine ({self.base_url}): the request for prompts[{index}] failed {tries}: {name}: {err}"
             if not retryable or (self.max_retries is not None and attempt >= self.max_retries):
-                raise EngineRequestError(failure) from err
+                raise EngineRequestError(failure + self._hint(err)) from err
             wait = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.75, 1.0)
             server_wait = retry_after is not None and retry_after >= MIN_RETRY_AFTER
             wait = retry_after if server_wait else wait  # see the module docstring: 0 s would never use the budget

@@ -52,6 +52,7 @@ class FaultServer:
         html             200 with an HTML page
         error-200        200 carrying {"error": ...}
         no-choices       200 with a JSON object without choices
+        base-model       a chat request: 400 naming the chat template (a base model); a completion: answered
         BAD_CHOICES key  200 with those choices (the chat API's last user message is the prompt)
         anything else    a normal completion (usage: 3 tokens per choice)"""
 
@@ -121,6 +122,10 @@ class FaultServer:
                     self._send(503, {"error": {"message": "overloaded"}}, headers=[("Retry-After", "0")])
                 elif prompt == "always-429-ms0":
                     self._send(429, {"error": {"message": "slow down"}}, headers=[("retry-after-ms", "0")])
+                elif prompt == "base-model" and "messages" in body:  # vLLM serving a model without a chat template
+                    self._send(400, {"error": {"message": "As of transformers v4.44, default chat template is no "
+                                               "longer allowed, so you must provide a chat template if the tokenizer "
+                                               "does not define one.", "type": "BadRequestError", "code": 400}})
                 elif prompt == "html":
                     self._send(200, None, raw=b"<html><body>Bad Gateway from the proxy</body></html>",
                                ctype="text/html")
@@ -344,3 +349,20 @@ def test_retry_after_header_forms():
     assert 8 < _retry_after(R(**{"retry-after": formatdate(time.time() + 10, usegmt=True)})) <= 10
     assert _retry_after(R(**{"retry-after": "soon"})) is None and _retry_after(R()) is None
     assert _retry_after(R(**{"retry-after": "-3"})) is None and _retry_after(None) is None
+
+
+def test_a_chat_request_to_a_base_model_says_to_ask_it_in_completions(server):
+    """A run file's openai target asks in chat by default; a served base model (no chat template) refuses that with
+    a 400, and the one-line failure says which setting asks it in completions."""
+    with engine(server, api="chat") as e:
+        with pytest.raises(EngineRequestError, match=r"HTTP 400|BadRequestError") as err:
+            e.generate(["base-model"], max_new_tokens=2)
+    assert "chat template" in str(err.value) and str(err.value).endswith(
+        "(api='chat' needs a served model with a chat template; ask a base model with api='completions': "
+        "target.api: completions, or trainer.target_use_chat_template: false, in a run file)")
+    with engine(server, api="completions") as e:
+        assert e.generate(["base-model"], max_new_tokens=2)[0][0].text == "base-model|0"
+    with engine(server, api="chat") as e:  # other failures get no such hint
+        with pytest.raises(EngineRequestError) as err:
+            e.generate(["error-200"], max_new_tokens=2)
+    assert "api='completions'" not in str(err.value)
