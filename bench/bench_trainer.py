@@ -274,12 +274,12 @@ def check_same_first_step(shape: str, first: dict[str, dict], dtype: torch.dtype
 
 
 def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
-        thread_counts: tuple[int, ...] = ()) -> str:
+        thread_counts: tuple[int, ...] = (), variants: tuple[str, ...] | None = None) -> str:
     """Time the providers' PPO steps interleaved (one round = one step of each, the order rotated from round to
     round: A B, B A, ...) so that load drifting on a shared machine hits every provider alike; report medians per
     provider and per phase, and the per-round ratio to the reference (its median and inter-quartile range).
     thread_counts: the providers are the fast trainer once per count instead, and the ratios are against the first
-    count."""
+    count. variants: the providers (default the preset's; "reference", the baseline, among them)."""
     # Time the step as a long-running process's glibc serves it: blocks up to 32 MiB from the heap, and the heap
     # not trimmed below 64 MiB. A 32 MiB threshold alone (this bench until 2026-11-30) left glibc's trim
     # threshold at 128 KiB, so every freed top of the heap went back to the system and faulted in again; that
@@ -295,7 +295,9 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
         if threads:  # identical trainers (same seed, same rollouts): only the thread count differs
             trainers = {name: make_trainer("fast", world, root, device, setup, engine) for name in threads}
         else:
-            trainers = {name: make_trainer(name, world, root, device, setup, engine) for name in world.variants}
+            chosen = ["reference", *(v for v in VARIANTS if v in variants and v != "reference")] if variants \
+                else world.variants
+            trainers = {name: make_trainer(name, world, root, device, setup, engine) for name in chosen}
         baseline = next(iter(trainers)) if threads else "reference"
         steps = {name: 0 for name in trainers}
         totals = {name: [] for name in trainers}
@@ -345,7 +347,9 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
         cfg = trainers[baseline].config
     print(f"\n{device_description(device)}, load average {os.getloadavg()[0]:.1f}\n{table}" +
           (f"\n{spread}" if spread else ""))
-    what = f"the fast step at {' vs '.join(map(str, thread_counts))} threads" if threads else "fast vs reference"
+    others = [n for n in trainers if n != "reference"]
+    what = f"the fast step at {' vs '.join(map(str, thread_counts))} threads" if threads else \
+        f"{' and '.join(others)} vs reference"  # the preset's providers: "fast vs reference", the README's title
     if record:
         append_results(f"bench_trainer ({preset_name}{setup.label()}): one Align-Pro PPO step, {what}",
                        table, device=device, rounds=reps,
@@ -594,7 +598,8 @@ def main(argv=None):
                     "prompter's weights (a run with one model for both roles), the target in bfloat16, glibc's malloc_trim after each phase, glibc's mmap threshold at 64 KiB instead of 32 MiB, no sharing of identical frozen weights")
     ap.add_argument("--memory", action="store_true", help="peak RSS and what holds it, one process per provider")
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS),
-                    help="--memory: the providers to measure (repeatable; default the preset's)")
+                    help="the providers to time or (--memory) measure (repeatable; default the preset's; timing "
+                    "always adds reference, the baseline)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--thread-counts", default=None, metavar="N,M,...",
                     help="time the fast provider at each of these torch thread counts instead, interleaved")
@@ -623,7 +628,8 @@ def main(argv=None):
             run_memory(name, args.device, args.record, setup, args.variant)
         else:
             run(name, args.device, args.reps or (10 if args.device == "cuda" else 5), args.record, setup,
-                thread_counts=tuple(int(t) for t in args.thread_counts.split(",")) if args.thread_counts else ())
+                thread_counts=tuple(int(t) for t in args.thread_counts.split(",")) if args.thread_counts else (),
+                variants=tuple(args.variant) if args.variant else None)
 
 
 if __name__ == "__main__":
