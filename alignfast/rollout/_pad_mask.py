@@ -17,7 +17,10 @@ fully masked and is returned as built; the pads' (now finite) outputs still reac
 weights of exactly 0. Masks of other attention implementations are not touched.
 
 The wrapper sits in the mapping instance transformers' masking functions read (a local entry, not the class-wide
-registry), counted so that nested and concurrent users share one install, and is removed when the last leaves.
+registry), counted so that nested and concurrent users share one install, and is removed when the last leaves:
+the local entry found at install (none, or a user's override) is put back exactly, and only while ours is still
+there. A builder registered class-wide while a block is open shows through after it; a local entry someone set
+while a block was open replaced ours and is left as they set it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import torch
 
 _lock = threading.Lock()
 _users = 0
-_original = None  # the eager mask builder found at install, put back at removal
+_wrapper = None  # our wrapper, while it is installed
+_prior = None  # (True, the local entry) or (False, None): the mapping's local "eager" entry before the install
+_MISSING = object()
 
 
 def unmask_dead_rows(mask: torch.Tensor | None, *, in_place: bool = False) -> torch.Tensor | None:
@@ -71,26 +76,46 @@ def _mask_functions():
     return ALL_MASK_ATTENTION_FUNCTIONS
 
 
+def _local_entries(functions) -> dict:
+    """The mapping's own (local) entries: transformers' GeneralInterface keeps them in `_local_mapping`, in front of
+    the class-wide registry (`AttentionMaskInterface.register`); a mapping without one is taken as a plain dict."""
+    local = getattr(functions, "_local_mapping", None)
+    return local if isinstance(local, dict) else functions
+
+
 def _install() -> None:
-    global _original
+    global _wrapper, _prior
     functions = _mask_functions()
     if functions is None or "eager" not in functions:
         return
-    _original = functions["eager"]
-    if getattr(_original, "_alignfast_wrapped", None) is None:
-        functions["eager"] = _wrap(_original)
+    builder = functions["eager"]
+    if getattr(builder, "_alignfast_wrapped", None) is not None:  # already wrapped (another copy of this module)
+        return
+    local = _local_entries(functions)
+    prior = local.get("eager", _MISSING)
+    _prior = (False, None) if prior is _MISSING else (True, prior)
+    _wrapper = _wrap(builder)
+    functions["eager"] = _wrapper
 
 
 def _remove() -> None:
-    global _original
+    """Put back exactly the local entry found at install, and only if ours is still there: an entry someone set
+    while the block was open (their own local override) is theirs and stays; with no local entry before, ours
+    is deleted, so that the class-wide builder, including one registered while the block was open, shows
+    through again."""
+    global _wrapper, _prior
+    wrapper, (had_local, prior) = _wrapper, _prior or (False, None)
+    _wrapper = _prior = None
     functions = _mask_functions()
-    if functions is None or _original is None:
+    if functions is None or wrapper is None:
         return
-    with contextlib.suppress(KeyError):
-        del functions["eager"]  # drops our local entry; the class-wide one shows through again
-    if functions.get("eager") is not _original:  # the original was itself a local entry
-        functions["eager"] = _original
-    _original = None
+    local = _local_entries(functions)
+    if local.get("eager") is not wrapper:  # replaced while the block was open: not ours to touch
+        return
+    if had_local:
+        local["eager"] = prior
+    else:
+        del local["eager"]
 
 
 @contextlib.contextmanager

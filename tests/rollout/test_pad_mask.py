@@ -83,6 +83,73 @@ def test_pad_safe_attention_keeps_a_local_override():
     assert functions["eager"] is original
 
 
+def test_pad_safe_attention_leaves_a_class_wide_registration_made_inside_the_block():
+    """AttentionMaskInterface.register while a block is open (another thread, a library import): after the block
+    the new class-wide builder shows through, not a local copy of the builder found at install."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as functions
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    def mine(*args, **kwargs):
+        return eager_mask(*args, **kwargs)
+
+    assert "eager" not in functions._local_mapping
+    try:
+        with pad_safe_attention():
+            AttentionMaskInterface.register("eager", mine)
+        assert functions["eager"] is mine
+        assert "eager" not in functions._local_mapping
+    finally:
+        AttentionMaskInterface.register("eager", eager_mask)
+        functions._local_mapping.pop("eager", None)
+
+
+def test_pad_safe_attention_leaves_a_local_entry_set_inside_the_block():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as functions
+
+    original = functions["eager"]
+
+    def mine(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    try:
+        with pad_safe_attention():
+            with pad_safe_attention():
+                functions["eager"] = mine  # replaces our wrapper: theirs from now on
+            assert functions["eager"] is mine
+        assert functions["eager"] is mine
+    finally:
+        functions._local_mapping.pop("eager", None)
+    assert functions["eager"] is original
+
+
+def test_pad_safe_attention_leaves_a_replacement_of_a_prior_local_override():
+    """A local override before the block, replaced by another inside it: the replacement stays (the prior one
+    is not put back over it), and a class-wide registration inside the block does not disturb the prior one."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as functions
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    def first(*args, **kwargs):
+        return eager_mask(*args, **kwargs)
+
+    def second(*args, **kwargs):
+        return eager_mask(*args, **kwargs)
+
+    try:
+        functions["eager"] = first
+        with pad_safe_attention():
+            assert functions["eager"]._alignfast_wrapped is first
+            functions["eager"] = second
+        assert functions["eager"] is second
+        functions["eager"] = first
+        with pad_safe_attention():
+            AttentionMaskInterface.register("eager", second)
+        assert functions._local_mapping["eager"] is first and functions["eager"] is first
+    finally:
+        AttentionMaskInterface.register("eager", eager_mask)
+        functions._local_mapping.pop("eager", None)
+    assert functions["eager"] is eager_mask
+
+
 @pytest.mark.parametrize("family", sorted(SLIDING_FAMILIES))
 def test_engine_wide_left_pad_matches_per_prompt_generate(family):
     model = build_family_model(family)
