@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from alignfast.aligner.data import Batch
 from alignfast.ops.linear import route_linear
+from alignfast.rollout._pad_mask import pad_safe_attention
 from alignfast.trainer.policy import backbone_of, join, plain_linear_head
 
 IGNORE_INDEX = -100
@@ -41,8 +42,9 @@ class CorrectionLoss:
         if self.backend != "fast":
             return reference_nll_sum(self.model, batch)
         # The backbone's F.linear on oneDNN's GEMMs where the process chose them, unless the model checkpoints its
-        # layers (ops/linear.py: route_linear).
-        with route_linear(self.model):
+        # layers (ops/linear.py: route_linear). pad_safe_attention: the left-padded prompts would give NaN under a
+        # float64 model's eager attention (alignfast.rollout._pad_mask).
+        with route_linear(self.model), pad_safe_attention():
             return self._fast_nll_sum(batch)
 
     def _fast_nll_sum(self, batch: Batch) -> torch.Tensor:
@@ -83,7 +85,8 @@ def reference_nll_sum(model, batch: Batch) -> torch.Tensor:
     """Full logits + cross-entropy on the target positions (the logits at position t predict token t+1)."""
     ids, attention, positions = join(batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     Q, R = batch.query_ids.size(1), batch.response_ids.size(1)
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
+    with pad_safe_attention():  # left-padded prompts: see alignfast.rollout._pad_mask
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
     logits = logits[:, Q - 1: Q - 1 + R]
     labels = batch.response_ids.masked_fill(~batch.response_mask, IGNORE_INDEX)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
