@@ -248,10 +248,12 @@ def make_trainer(variant: str, world: World, root: Path, device: str, setup: Set
 
 # What the providers' first (warm-up) steps must agree on before any is timed. They start from the same weights
 # and seeds, so they draw the same rollouts: the rollout metrics match to the last digit of their rounding, the
-# losses to the numerics of the path (float32 summation order; bfloat16 presets round every activation).
+# losses to the numerics of the path (float32 summation order; bfloat16 presets round every activation). Not
+# policy/approxkl_avg: in a first epoch it measures only that numerical gap (0 on the reference path, whose old
+# log-probs are the same forward's; ~3e-5 on the 135M model for `fast`, whose are the sampler's), not training.
 ROLLOUT_METRICS = ("objective/scores", "completions/mean_length", "val/num_eos_tokens")
-LOSS_METRICS = ("loss/policy_avg", "loss/value_avg", "objective/entropy", "policy/approxkl_avg")
-LOSS_TOLERANCE = {torch.float32: (1e-3, 1e-5), torch.bfloat16: (5e-2, 1e-3), torch.float16: (2e-2, 5e-4)}
+LOSS_METRICS = ("loss/policy_avg", "loss/value_avg", "objective/entropy")
+LOSS_TOLERANCE = {torch.float32: (1e-3, 1e-4), torch.bfloat16: (5e-2, 1e-3), torch.float16: (2e-2, 5e-4)}
 
 
 def check_same_first_step(shape: str, first: dict[str, dict], dtype: torch.dtype) -> None:
