@@ -119,6 +119,10 @@ def _evaluate(args, overrides) -> int:
     rewards = build_rewards(cfg, reward_model=r.reward_model, reward_tokenizer=r.reward_tokenizer,
                             reward_funcs=r.reward_funcs, reward_weights=r.reward_weights, device=device)
     engine, target_tokenizer = build.build_target_engine(config, device=device)
+    from alignfast.trainer.align_pro import check_target_room
+
+    # the target's budget named as the setting it is (the engine's own error named its 'max_new_tokens' argument)
+    check_target_room(getattr(engine, "model", None), cfg.target_max_new_tokens)
     env = AlignProEnvironment.from_config(cfg, engine, rewards, target_tokenizer=target_tokenizer)
 
     proxy = eval_proxy.proxy_trainer(args, config, engine, r, prompts, device=device) if args.proxy_checkpoint else None

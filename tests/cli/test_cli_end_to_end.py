@@ -134,6 +134,9 @@ def test_eval_checks_what_it_is_given(tmp_path, capsys):
     assert "was trained as the align_pro arm: pass it as --checkpoint" in _error(capsys)
     assert main([*evaluate, "--checkpoint", str(out / "final"), "--prompter.model", "null"]) == 2
     assert "needs 'prompter.model'" in _error(capsys)
+    # the target's budget is named as the setting, not as the engine's 'max_new_tokens' argument
+    assert main([*evaluate, "--checkpoint", str(out / "final"), "--target_max_new_tokens", "64", "--no-sft"]) == 2
+    assert "argument 'target_max_new_tokens' (64) leaves no room for a prompt" in _error(capsys)
 
     # A setting other than training's is said, and recorded; the default folder keeps another checkpoint's reports.
     assert main([*evaluate, "--checkpoint", str(out / "final"), "--response_length", "3", "--no-sft"]) == 0
