@@ -21,6 +21,7 @@ everything else is identical, which is what makes the fast-vs-reference parity t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -209,9 +210,11 @@ class UpdateStats:
         return self.series("loss")
 
     def averages(self) -> dict[str, float]:
+        """Means over the step's micro-batches; NaN for a step that updated nothing (Proxy-RLHF with every token
+        forced: no action, no loss), which a 0.0 would report as a loss of zero."""
         def mean(key):
             v = self.series(key)
-            return sum(v) / len(v) if v else 0.0
+            return sum(v) / len(v) if v else math.nan
 
         ratio = torch.tensor(self.series("ratio"), dtype=torch.float64)
         return {
@@ -222,7 +225,7 @@ class UpdateStats:
             "val/clipfrac_avg": mean("vf_clipfrac"),
             "policy/entropy_avg": mean("entropy"),
             "val/ratio": mean("ratio"),
-            "val/ratio_var": float(ratio.var()) if ratio.numel() > 1 else 0.0,
+            "val/ratio_var": float(ratio.var()) if ratio.numel() > 1 else (0.0 if ratio.numel() else math.nan),
         }
 
 

@@ -229,6 +229,8 @@ def test_a_run_without_any_decision_says_so_once(world, tmp_path, caplog):
     for row in tr.history:
         assert row["proxy/decisions_per_episode"] == 0.0 and row["proxy/forced_per_token"] == 1.0
         assert math.isnan(row["proxy/accept_rate"])
+        # nothing was updated: no loss to report (a 0.0 would read as a loss of zero)
+        assert all(math.isnan(row[k]) for k in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"))
     assert tr.lr_scheduler.last_epoch == 0 and tr.optimizer.param_groups[0]["lr"] == lr0
 
 
