@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from alignfast.cli import config as run_config
 from alignfast.cli.data import load_prompts
@@ -87,6 +88,7 @@ def preflight_run(cfg, *, resume) -> None:
     from alignfast.trainer.distributed import check_launcher_backend, launched_world_size
     from alignfast.trainer.metrics_logger import check_reporters
     from alignfast.trainer.output_lock import check_writable, hold_for_command
+    from alignfast.trainer.checkpoint import check_model_folder
     from alignfast.trainer.run_loop import check_output_dir
 
     try:
@@ -96,6 +98,9 @@ def preflight_run(cfg, *, resume) -> None:
         if launched_world_size() <= 1:  # under a launcher the trainer's main process takes it, and tells the others
             hold_for_command(cfg.output_dir)
         check_output_dir(cfg, resume=resume)
+        if resume or not getattr(cfg, "overwrite_output_dir", False):  # an overwrite removes the earlier final/
+            # the command saves the model there at the end: a folder save_model would refuse, found before training
+            check_model_folder(Path(cfg.output_dir) / "final", cfg.output_dir)
     except AlignfastArgumentError as err:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     fit_threads_to_machine()

@@ -215,19 +215,24 @@ def check_model_folder(path: str | os.PathLike, output_dir: str | os.PathLike) -
     if not real.name or real in (Path(os.path.realpath(Path.cwd())), Path(os.path.realpath(Path.home()))):
         fail("output_dir", f"of save_model, '{path}', is {'a root' if not real.name else 'the working or home folder'}"
              f": the model's folder is replaced whole by every save; {suggestion}")
-    held = [p.name for p in list_checkpoints(path)][-2:] + \
-        [n for n in ("metrics.jsonl", LOCK_FILE) if (path / n).exists()]
+    try:
+        held = [p.name for p in list_checkpoints(path)][-2:] + \
+            [n for n in ("metrics.jsonl", LOCK_FILE) if (path / n).exists()]
+    except FileNotFoundError:  # being replaced by the main process (every process checks, one writes)
+        held = []
     if not held and (run == real or real in run.parents):
         held = ["the run's output_dir" if run == real else f"the run's output_dir {output_dir}"]
     if held:
         fail("output_dir", f"of save_model, '{path}', holds a training run ({', '.join(held)}): the model is saved "
              f"into a folder of its own, which a later save replaces whole; {suggestion}")
-    if real.is_dir():
-        names = sorted(p.name for p in real.iterdir())
-        if names and not any((real / m).is_file() for m in MODEL_FOLDER_MARKERS):
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            fail("output_dir", f"of save_model, '{path}', holds files that are not a saved model ({shown}): the "
-                 f"model's folder is replaced whole by every save; pass a new or empty folder")
+    try:
+        names = sorted(p.name for p in real.iterdir()) if real.is_dir() else []
+    except FileNotFoundError:  # the same: a folder the main process is swapping holds a model
+        names = []
+    if names and not any((real / m).is_file() for m in MODEL_FOLDER_MARKERS):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        fail("output_dir", f"of save_model, '{path}', holds files that are not a saved model ({shown}): the "
+             f"model's folder is replaced whole by every save; pass a new or empty folder")
 
 
 def clean_stale_folder(path: str | os.PathLike) -> list[str]:

@@ -407,6 +407,8 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         if self._said_no_decision:
             return
         self._said_no_decision = True
+        if not self.processes.is_main:  # every process holds the whole rollout: the main one says it for all
+            return
         cfg = self.config
         _log.warning(
             "step %d: the proxy had no decision to make in any of its %d episodes: every token was forced, the "

@@ -18,6 +18,7 @@ _train_step, _save_checkpoint, _load_checkpoint, evaluate, _eval_due, _epoch and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -35,6 +36,21 @@ from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
 _log = logging.getLogger("alignfast.trainer")
 
 
+@contextlib.contextmanager
+def _warnings_on_main_process_only(is_main: bool):
+    """Within the block, a process other than the main one logs errors only (logging.disable: process-wide, for the
+    block's duration). For what every process computes alike, whose warnings the main process gives once."""
+    if is_main:
+        yield
+        return
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
 class RunLoop:
     """Mixin: train() and the output-directory rule of every trainer (see the module docstring)."""
 
@@ -45,8 +61,11 @@ class RunLoop:
         resumed = None
         self._take_output_dir(resume_from_checkpoint)  # the other processes start once the main one has claimed it
         if resume_from_checkpoint:
-            path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; falls back past damaged ones
-            self._load_checkpoint(path)
+            # Every process verifies and loads, and would say each warning of it (another step count, a skipped
+            # damaged checkpoint, other data) N times: the main process says them.
+            with _warnings_on_main_process_only(self.processes.is_main):
+                path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; past damaged ones
+                self._load_checkpoint(path)
             resumed = path
             # only once it loaded: a resume that fails (a typo, a checkpoint of another setup) leaves the run as it was
             self._on_main_process(lambda: self._abandon_later_checkpoints(path))

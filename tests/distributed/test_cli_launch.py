@@ -99,3 +99,23 @@ def test_an_error_only_one_process_meets_is_still_printed(tmp_path):
     (tmp_path / "error0.json").unlink()
     said = _say_in_two_processes(tmp_path, "error: alone", "error: alone", world_size="1")
     assert said.splitlines() == ["error: alone", "error: alone"] and not (tmp_path / "error0.json").exists()
+
+
+def test_resume_and_proxy_warnings_are_said_once_under_two_processes(tmp_path):
+    """Every process verifies and loads the checkpoint, and every process holds a Proxy-RLHF step's whole rollout:
+    their warnings (another step count on resume; a step without any decision) were printed once per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args, sub, _ = COMMANDS["proxy"]
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "alignfast.cli", *args, "--trainer.output_dir", str(out), "--per_device_train_batch_size", "16",
+              "--gradient_accumulation_steps", "2", "--target_top_p", "0.01", "--target_temperature", "1.0"]
+    first = subprocess.run([*launch, "--max_steps", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sum("no decision to make" in line for line in first.stderr.splitlines()) == 1, first.stderr[-3000:]
+    again = subprocess.run([*launch, "--max_steps", "2", "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rebuilt = [line for line in again.stderr.splitlines() if "learning-rate schedule is rebuilt" in line]
+    assert len(rebuilt) == 1, again.stderr[-3000:]

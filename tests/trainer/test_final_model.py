@@ -180,3 +180,20 @@ def test_a_failed_swap_puts_the_earlier_folder_back(align_pro, tmp_path, monkeyp
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
     assert _files(final) == before
     assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
+
+
+def test_the_cli_refuses_a_final_folder_it_could_not_replace_before_training(tmp_path, capsys):
+    """`alignfast train` saves to output_dir/final at the end: a final/ of someone else's files is refused up front,
+    in one line, before any model loads or step runs (it was refused only after training)."""
+    from pathlib import Path
+
+    from alignfast.cli import main
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "notes.txt").write_text("mine")
+    toy = str(Path(__file__).resolve().parents[2] / "configs" / "toy.yaml")
+    assert main(["train", "--config", toy, "--trainer.output_dir", str(run), "--trainer.total_episodes", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds files that are not a saved model (notes.txt)" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == [".alignfast.lock", "final"]  # no metrics, no checkpoint
