@@ -1,0 +1,127 @@
+"""A custom Environment's outputs are checked by the engine right after each call (trainer/env_checks.py): a
+request or score too few, a None, a string, a bare list, an answers list that does not match the episodes, is one
+line naming the environment class, the method and the field, before anything is trained on or written. Without
+the checks these trained silently (zip truncated), or failed deep in the engine under its internal names."""
+
+import math
+
+import pytest
+
+from alignfast.ops import AlignfastArgumentError
+from alignfast.rollout.rewards import WeightedRewards
+from alignfast.trainer import AlignProConfig, DirectEnvironment, Environment, EnvOutput, PPOTrainer
+from alignfast.trainer import TrainingDivergedError
+from alignfast.trainer.env_checks import check_env_output, check_requests
+from tests.trainer.tiny import WORDS, make_causal_lm, make_tokenizer
+
+PROMPTS = [f"what is the {w}" for w in ("cat", "dog", "bird", "fish")] * 2
+
+
+def my_reward(prompt, answer):
+    return float(prompt.split()[-1] in answer.split()) - 0.05 * len(answer.split())
+
+
+class QuizEnv(Environment):
+    """A well-behaved environment that `bad` breaks in one way."""
+
+    def __init__(self, bad=None):
+        self.bad = bad
+
+    def policy_requests(self, prompts, columns, *, seed=None):
+        requests = [f"answer briefly : {p}" for p in prompts]
+        if self.bad == "short_requests":
+            return requests[:-1]
+        if self.bad == "none_request":
+            requests[3] = None
+        if self.bad == "short_column":
+            columns["hint"] = ["a"] * (len(prompts) - 1)
+        if self.bad == "tuple_requests":
+            return tuple(requests)  # a sequence is fine
+        return requests
+
+    def step(self, prompts, outputs, columns, *, seed):
+        scores = [my_reward(p, o) for p, o in zip(prompts, outputs)]
+        per_func = {"my_reward": list(scores)}
+        answers = [[o] for o in outputs]
+        if self.bad == "list":
+            return scores
+        if self.bad == "short_scores":
+            scores = scores[:-1]
+        if self.bad == "no_answers":
+            answers = []
+        if self.bad == "str_answers":
+            answers = list(outputs)
+        if self.bad == "str_score":
+            scores[2] = "1.0"
+        if self.bad == "short_per_func":
+            per_func["my_reward"] = per_func["my_reward"][:2]
+        if self.bad == "none_score":
+            scores[1] = None
+            per_func["my_reward"][1] = None
+        if self.bad == "nan_score":
+            scores[1] = per_func["my_reward"][1] = float("nan")
+        return EnvOutput(scores=scores, per_func=per_func, answers=answers)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    tok = make_tokenizer(root / "tok", WORDS)
+    make_causal_lm(root / "policy", len(tok), seed=3, hidden=32, layers=1)
+    tok.save_pretrained(str(root / "policy"))
+    return root
+
+
+def _trainer(world, tmp_path, env):
+    cfg = AlignProConfig(output_dir=str(tmp_path / "out"), seed=0, response_length=3,
+                         per_device_train_batch_size=len(PROMPTS), per_device_eval_batch_size=4, num_mini_batches=1,
+                         num_ppo_epochs=1, max_steps=1, save_strategy="no", logging_steps=1)
+    return PPOTrainer(cfg, str(world / "policy"), None, env, train_dataset=PROMPTS)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("short_requests", r"^alignfast: QuizEnv\.policy_requests returned 7 requests for 8 prompts$"),
+    ("none_request", r"^alignfast: QuizEnv\.policy_requests returned requests\[3\] None: it must be a str, got "
+                     r"NoneType$"),
+    ("short_column", r"^alignfast: QuizEnv\.policy_requests left columns\['hint'\] with 7 values for 8 prompts"),
+    ("list", r"^alignfast: QuizEnv\.step must return an EnvOutput, got list$"),
+    ("short_scores", r"^alignfast: QuizEnv\.step returned 7 scores for 8 episodes$"),
+    ("no_answers", r"^alignfast: QuizEnv\.step returned 0 answers for 8 episodes"),
+    ("str_answers", r"^alignfast: QuizEnv\.step returned answers\[0\] '.*': it must be a list of str .*got str$"),
+    ("str_score", r"^alignfast: QuizEnv\.step returned scores\[2\] '1\.0': it must be a number \(a float\), got str$"),
+    ("short_per_func", r"^alignfast: QuizEnv\.step returned per_func\['my_reward'\] with 2 values for 8 episodes$"),
+])
+def test_a_bad_environment_output_is_one_line_naming_class_method_and_field(world, tmp_path, bad, message):
+    trainer = _trainer(world, tmp_path, QuizEnv(bad))
+    with pytest.raises(AlignfastArgumentError, match=message) as info:
+        trainer.train()
+    assert "\n" not in str(info.value)
+    assert trainer.global_step == 0 and trainer.history == []
+    assert not (tmp_path / "out" / "samples.jsonl").exists()  # nothing was written from the bad step
+    with pytest.raises(AlignfastArgumentError, match=message.replace(" 8 ", " 4 ").replace(" 7 ", " 3 ")):
+        trainer.rollout(PROMPTS[:4])  # the same check on the evaluation path (4 prompts per chunk)
+
+
+def test_a_nan_score_is_still_a_divergence_naming_step_episode_and_function(world, tmp_path):
+    trainer = _trainer(world, tmp_path, QuizEnv("nan_score"))
+    with pytest.raises(TrainingDivergedError, match=r"non-finite reward nan at step 1 for episode 1 \(reward "
+                       r"function 'my_reward' returned nan\)"):
+        trainer.train()
+
+
+def test_a_good_custom_environment_trains_and_rolls_out(world, tmp_path):
+    trainer = _trainer(world, tmp_path, QuizEnv("tuple_requests"))
+    assert trainer.train().global_step == 1
+    res = trainer.rollout(PROMPTS)
+    assert len(res.answers) == len(res.scores) == len(PROMPTS) and all(math.isfinite(s) for s in res.scores)
+    assert len(res.reward_components["my_reward"]) == len(PROMPTS)
+
+
+def test_the_built_in_environment_outputs_pass():
+    env = DirectEnvironment(WeightedRewards([lambda p, c, **k: [1, True, 0.5]]))  # numbers of any kind
+    columns = {"extra": [1, 2, 3]}
+    requests = check_requests(env, env.policy_requests(["a", "b", "c"], columns), columns, 3)
+    check_env_output(env, env.step(["a", "b", "c"], ["x", "y", "z"], columns, seed=0), ["a", "b", "c"])
+    assert requests == ["a", "b", "c"]
+    # EnvOutput's defaults (no requests, timings or tokens) pass
+    check_env_output(env, EnvOutput(scores=[0.0], per_func={}, answers=[[]]), ["a"])
