@@ -46,7 +46,8 @@ def check_requests(env, requests, columns: dict, n: int) -> list[str]:
 
 
 def check_env_output(env, out, prompts, *, first_episode: int = 0) -> None:
-    """step's result: an EnvOutput with one real score per episode, one list of str answers per episode, per_func
+    """step's result: an EnvOutput with one real score per episode (None is an unscored episode: an error naming
+    the episode and the reward functions that left it unscored), one list of str answers per episode, per_func
     lists of len(prompts) (a real or None each), requests empty or one per episode. NaN and inf pass: the trainer
     reports them as a divergence (they come from a reward, not from the environment's bookkeeping).
     first_episode: the batch index of prompts[0] (a process's share of the batch), for the episode numbers."""
@@ -74,6 +75,13 @@ def check_env_output(env, out, prompts, *, first_episode: int = 0) -> None:
             got = f"{len(values)} values" if _is_list(values) else type(values).__name__
             _raise(env, "step", f"returned per_func['{name}'] with {got} for {n} episodes")
     for i, s in enumerate(out.scores):
+        if s is None:
+            unscored = [name for name, values in out.per_func.items() if values[i] is None]
+            plural = "s" if len(unscored) > 1 else ""
+            why = f": reward function{plural} {', '.join(repr(u) for u in unscored)} returned None for it" \
+                if unscored else ""
+            _raise(env, "step", f"returned no score (None) for episode {first_episode + i}{why}; prompt "
+                   f"{str(prompts[i])[:80]!r}. Every episode needs a score: an unscored episode cannot be trained on")
         if not isinstance(s, numbers.Real):
             _raise(env, "step", f"returned scores[{i}] {_shown(s)}: it must be a number (a float), got "
                    f"{type(s).__name__}")

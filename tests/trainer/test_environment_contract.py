@@ -102,6 +102,19 @@ def test_a_bad_environment_output_is_one_line_naming_class_method_and_field(worl
         trainer.rollout(PROMPTS[:4])  # the same check on the evaluation path (4 prompts per chunk)
 
 
+def test_an_unscored_episode_names_the_environment_reward_and_episode_not_a_divergence(world, tmp_path):
+    trainer = _trainer(world, tmp_path, QuizEnv("none_score"))
+    with pytest.raises(AlignfastArgumentError, match=r"^alignfast: QuizEnv\.step returned no score \(None\) for "
+                       r"episode 1: reward function 'my_reward' returned None for it; "
+                       r"prompt 'what is the \w+'\. ") as e:
+        trainer.train()
+    assert not isinstance(e.value, TrainingDivergedError) and "\n" not in str(e.value)
+    # a process's share of the batch numbers its episodes from its first row
+    out = EnvOutput(scores=[1.0, None], per_func={}, answers=[["a"], ["b"]])
+    with pytest.raises(AlignfastArgumentError, match=r"QuizEnv\.step returned no score \(None\) for episode 5; "):
+        check_env_output(QuizEnv(), out, ["p", "q"], first_episode=4)
+
+
 def test_a_nan_score_is_still_a_divergence_naming_step_episode_and_function(world, tmp_path):
     trainer = _trainer(world, tmp_path, QuizEnv("nan_score"))
     with pytest.raises(TrainingDivergedError, match=r"non-finite reward nan at step 1 for episode 1 \(reward "
