@@ -31,8 +31,19 @@ from alignfast.rollout.rewards import WeightedRewards
 
 @dataclass
 class EnvOutput:
-    """scores[i] for episode i; per_func[name][i] the mean of that reward component (None: not scored);
-    answers[i] the final answers scored for episode i; timings in seconds; generated_tokens by the env."""
+    """What Environment.step returns for n episodes (n = len(prompts); the engine checks lengths and types, see
+    trainer/env_checks.py):
+
+    scores           n numbers, the episode's scalar reward (finite; None is an error, NaN/inf a divergence)
+    per_func         {name: n numbers or None}: each reward component (None: not scored for that episode);
+                     logged as rewards/<name> (train) and eval/rewards/<name>, RolloutResult.reward_components
+    answers          n lists of str: the final answers scored for episode i (answers[i][0], or "" when empty,
+                     goes to samples.jsonl and RolloutResult.answers; the lists to RolloutResult.all_answers)
+    requests         [] or n values: what the environment sent onward (a target's requests); for the caller
+                     to inspect, the engine does not read it
+    timings          {name: seconds}: "target_gen" and "reward" are logged as timing_s/<name>
+    generated_tokens tokens the environment generated (counted in tokens/s)
+    """
 
     scores: list[float]
     per_func: dict[str, list[float | None]]
@@ -43,7 +54,40 @@ class EnvOutput:
 
 
 class Environment(abc.ABC):
-    """What a PPO method does around its policy (see the module docstring)."""
+    """What a PPO method does around its policy (see the module docstring). The contract, which the engine checks
+    after each call (lengths and types: one line naming the class, the method and the field):
+
+    policy_requests(prompts, columns, *, seed) -> list of len(prompts) str, in the prompts' order: the user
+        message the policy answers for each prompt. prompts: one batch (a PPO step's, or a process's share of it
+        under a launcher; a chunk of per_device_eval_batch_size in rollout()). columns: the dataset's other
+        columns, {name: one value per prompt}; it may add lists of len(prompts) (episode state computed before
+        the policy acts), which step and the reward functions then receive. seed: an int the engine derives from
+        config.seed and the step (rollout(): its seed and the chunk); use it for any sampling here, so that runs
+        repeat. Each request goes through the policy tokenizer's chat template as the user turn (plain text with
+        the tokenizer's special tokens when it has no template). PPOTrainer has no setting to switch the template
+        off (config.target_use_chat_template is the frozen target's): set tokenizer.chat_template = None to send
+        requests as plain text. A request over config.max_prompt_length tokens (by default what the policy's
+        max_position_embeddings leaves beside response_length) keeps its last tokens, with a warning.
+    step(prompts, outputs, columns, *, seed) -> EnvOutput for the same episodes: outputs[i] is the policy's
+        decoded response to requests[i] (stop and special tokens dropped, whitespace stripped); columns as
+        policy_requests left them; seed an int as above. scores[i] is one finite number per episode, its scalar
+        reward: PPO adds it at the last response token (less config.missing_eos_penalty when the response did not
+        end), beside a per-token KL penalty (config.kl_coef; adaptive with kl_target) against the reference
+        policy: ref_model when given, else a frozen copy of the initial policy, or with LoRA the policy's base
+        with the adapter off. answers, per_func, requests, timings: see EnvOutput.
+
+    Attributes the engine reads where an environment has them: `target`, the frozen target engine (an HFEngine's
+    .model is shared with the reference policy under config.share_frozen_weights when the weights are the same; its
+    name and weights are recorded in checkpoints, and a resume on another target warns); `rewards`, a
+    WeightedRewards (PPOTrainer records its functions and weights in checkpoints); `batch_size`, the chunk size of
+    the environment's own seeded calls (under a launcher a process's seeds are offset by its first row // batch_size
+    when that divides, else by its first row).
+
+    Evaluate a policy trained in a custom environment with trainer.rollout(prompts) (the policy's outputs, the
+    answers, scores and reward components) or trainer.evaluate(eval_dataset) (eval/scores, eval/rewards/<name>);
+    during training with eval_dataset and config.eval_steps. A saved policy folder (save_model) can be passed as
+    the model of a new PPOTrainer for this. `alignfast eval` has no flag for a custom environment.
+    """
 
     @abc.abstractmethod
     def policy_requests(self, prompts: Sequence[str], columns: dict[str, list], *,

@@ -138,3 +138,35 @@ def test_the_built_in_environment_outputs_pass():
     assert requests == ["a", "b", "c"]
     # EnvOutput's defaults (no requests, timings or tokens) pass
     check_env_output(env, EnvOutput(scores=[0.0], per_func={}, answers=[[]]), ["a"])
+
+
+def test_the_environment_contract_is_written_where_researchers_read_it():
+    doc = Environment.__doc__
+    for statement in ("policy_requests(prompts, columns, *, seed) -> list of len(prompts) str",
+                      "step(prompts, outputs, columns, *, seed) -> EnvOutput", "one finite number per episode",
+                      "last response token", "KL penalty", "frozen copy of the initial policy", "adapter off",
+                      "chat template", "tokenizer.chat_template = None", "`target`", "trainer.rollout(prompts)",
+                      "trainer.evaluate(eval_dataset)", "`alignfast eval` has no flag"):
+        assert statement in doc, statement
+    for field_name in ("scores", "per_func", "answers", "requests", "timings", "generated_tokens",
+                       "samples.jsonl", "rewards/<name>"):
+        assert field_name in EnvOutput.__doc__, field_name
+
+
+def _policy_inputs(trainer, requests):
+    sampled = trainer._sample(PROMPTS[:len(requests)], {}, greedy=True, seed=0)
+    return [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(sampled.query_ids.tolist(),
+                                                                     sampled.query_mask.tolist())]
+
+
+def test_requests_reach_the_policy_in_its_chat_template_unless_the_tokenizer_has_none(world, tmp_path):
+    """What the docstring says of the policy's input: the chat template's user turn, with no setting to switch it
+    off in PPOTrainer; a tokenizer whose chat_template is None sends the request as plain text."""
+    trainer = _trainer(world, tmp_path, QuizEnv())
+    tok = trainer.tokenizer
+    requests = QuizEnv().policy_requests(PROMPTS[:2], {})
+    chat = [tok.apply_chat_template([{"role": "user", "content": r}], add_generation_prompt=True, tokenize=False)
+            for r in requests]
+    assert _policy_inputs(trainer, requests) == [tok(c, add_special_tokens=False)["input_ids"] for c in chat]
+    tok.chat_template = None
+    assert _policy_inputs(trainer, requests) == [tok(r)["input_ids"] for r in requests]
