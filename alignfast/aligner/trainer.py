@@ -289,6 +289,7 @@ class AlignerTrainer(RunLoop):
         self.model.save_pretrained(str(path))
         readable_weights(path)  # safetensors writes 0600
         self.tokenizer.save_pretrained(str(path))
+        ckpt.absolute_adapter_base(path)  # a base given as a relative folder loads from any working directory
         cfg = self.config
         (Path(path) / ALIGNER_FILE).write_text(json.dumps(
             {"template": cfg.template_text, "use_chat_template": cfg.use_chat_template, "max_length": cfg.max_length,

@@ -342,6 +342,7 @@ class PPOEngineTrainer(RunLoop):
         self.model.save_pretrained(str(folder), **extra)
         readable_weights(folder)  # safetensors writes 0600
         self.tokenizer.save_pretrained(str(folder))
+        ckpt.absolute_adapter_base(folder)
         write_text_atomically(Path(folder) / ARM_FILE, json.dumps({"arm": self.arm}) + "\n")
 
     # ------------------------------------------------------------------------------------------

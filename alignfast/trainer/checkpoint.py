@@ -138,6 +138,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict
     try:
         if save_policy is not None:
             save_policy(tmp / "policy")
+            absolute_adapter_base(tmp / "policy")
             readable_weights(tmp)  # safetensors writes 0600: the checkpoint's files follow the umask, as promised
             if "policy" in trainable:
                 kept, files = _split_policy(trainable["policy"], tmp / "policy")
@@ -608,3 +609,18 @@ def _json_default(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def absolute_adapter_base(folder: str | os.PathLike) -> None:
+    """A LoRA adapter saved in `folder` names its base model in adapter_config.json as it was given: a local folder
+    given relative to the working directory (`--init models/policy`) then loads only from that directory. Such a
+    path is made absolute; a hub name, or a path that is no folder here, stays as it is."""
+    config = Path(folder) / "adapter_config.json"
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    base = data.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base or os.path.isabs(base) or not Path(base).expanduser().is_dir():
+        return
+    data["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -2,6 +2,8 @@
 through AlignerEnvironment + PPOTrainer. The target drafts before the policy acts; the policy sees the
 draft in its request; the reward sees the draft column and scores the corrected answer; learning works."""
 
+import json
+
 import pytest
 
 from alignfast.ops import AlignfastArgumentError
@@ -50,3 +52,25 @@ def test_bad_environment_and_template(tmp_path):
     with pytest.raises(AlignfastArgumentError, match="'environment' must be an alignfast.trainer.Environment"):
         PPOTrainer(AlignProConfig(output_dir=str(tmp_path / "o")), make_causal_lm(tmp_path / "m", len(tok)), tok,
                    object(), train_dataset=["a"])
+
+
+def test_a_lora_policy_from_a_relative_folder_records_its_base_absolutely(tmp_path, monkeypatch):
+    """A LoRA policy loaded from `models/policy` (relative to the working directory) saved that path as its
+    adapter's base_model_name_or_path, so the adapter loaded only from that directory."""
+    peft = pytest.importorskip("peft")
+    tok = make_tokenizer(tmp_path / "tok", WORDS)
+    make_causal_lm(tmp_path / "models" / "policy", len(tok), seed=3, hidden=32, layers=1)
+    tok.save_pretrained(str(tmp_path / "models" / "policy"))
+    monkeypatch.chdir(tmp_path)
+    env = AlignerEnvironment(FunctionTarget(lambda request: "a dog", tok), WeightedRewards([corrected]),
+                             target_tokenizer=tok, max_new_tokens=2)
+    cfg = AlignProConfig(output_dir="out", response_length=2, per_device_train_batch_size=4, max_steps=1,
+                         save_steps=1)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = PPOTrainer(cfg, "models/policy", None, env, train_dataset=[{"prompt": p} for p in PROMPTS],
+                         peft_config=lora)
+    trainer.train()
+    trainer.save_model()
+    for folder in ("out/final", "out/checkpoint-1/policy"):
+        base = json.loads((tmp_path / folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert base == str((tmp_path / "models" / "policy").resolve()), folder
