@@ -100,7 +100,8 @@ def build_rewards(config: AlignProConfig, *, reward_model, reward_tokenizer, rew
     return WeightedRewards(funcs, weights)
 
 
-# Beside a saved model: {"arm": "align_pro" | "oracle" | "proxy" | ...}, the trainer that wrote it.
+# Beside a saved model: {"arm": "align_pro" | "oracle" | "proxy" | ...}, the trainer that wrote it, with the class of
+# its environment and what the environment's describe() says ("environment", "environment_settings").
 ARM_FILE = "alignfast_arm.json"
 
 
@@ -343,7 +344,19 @@ class PPOEngineTrainer(RunLoop):
         readable_weights(folder)  # safetensors writes 0600
         self.tokenizer.save_pretrained(str(folder))
         ckpt.absolute_adapter_base(folder)
-        write_text_atomically(Path(folder) / ARM_FILE, json.dumps({"arm": self.arm}) + "\n")
+        write_text_atomically(Path(folder) / ARM_FILE, json.dumps({"arm": self.arm, **self._environment_record()})
+                              + "\n")
+
+    def _environment_record(self) -> dict:
+        """{"environment": its class name, "environment_settings": its describe()} (the latter where it says):
+        what `alignfast eval` rebuilds the policy's environment from and checks its settings against."""
+        env = self.environment
+        record = {"environment": type(env).__name__}
+        describe = getattr(env, "describe", None)
+        settings = describe() if callable(describe) else None
+        if settings is not None:
+            record["environment_settings"] = json.loads(json.dumps(settings, default=repr))
+        return record
 
     # ------------------------------------------------------------------------------------------
     # hooks for subclasses
@@ -606,7 +619,7 @@ class PPOEngineTrainer(RunLoop):
                  "reference_fingerprint": self._reference_fingerprint(),
                  "num_processes": self.processes.num_processes, "train_rows": len(self.train_dataset),
                  "train_fingerprint": self._train_fingerprint(), "target": self._target_identity(),
-                 "rewards": self._reward_setup(), "reward_models": self._reward_models()}
+                 "rewards": self._reward_setup(), "reward_models": self._reward_models(), **self._environment_record()}
 
         def save_policy(path):
             self.model.save_pretrained(str(path))

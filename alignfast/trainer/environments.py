@@ -13,6 +13,15 @@ Everything here is environment dynamics: no gradient, log-prob or KL is taken on
 DirectEnvironment (Oracle / standard RLHF): the policy output is the answer; score r(x, y).
 AlignerEnvironment (Aligner, Ji et al. 2024): the frozen target drafts y0 before the policy acts; the
 policy, a small corrector, rewrites the draft; score r(x, y). Train any of them with trainer.PPOTrainer.
+
+Besides these two methods the engine reads, where an environment has them:
+
+    target      the frozen target engine (an HFEngine's .model is then shared with the reference policy under
+                share_frozen_weights, and its name and weights are recorded in checkpoints, so that a resume on
+                another target warns)
+    describe()  JSON-able settings that decide what the policy sees (templates, the target's decoding); the
+                trainer records them with the saved model (alignfast_arm.json, trainer_state.json), so that
+                `alignfast eval` can rebuild and check the environment the policy was trained in
 """
 
 from __future__ import annotations
@@ -101,12 +110,20 @@ class Environment(abc.ABC):
              seed: int | None) -> EnvOutput:
         ...
 
+    def describe(self) -> dict | None:
+        """The settings that decide what the policy sees, JSON-able (recorded with the saved model); None: none
+        recorded (an environment that does not say)."""
+        return None
+
 
 class DirectEnvironment(Environment):
     """The policy answers the prompt itself; the reward scores its answer (standard RLHF)."""
 
     def __init__(self, rewards: WeightedRewards):
         self.rewards = rewards
+
+    def describe(self) -> dict:
+        return {}
 
     def policy_requests(self, prompts, columns, *, seed=None):
         return list(prompts)
@@ -168,6 +185,12 @@ class AlignProEnvironment(Environment):
                    temperature=config.target_temperature, top_p=config.target_top_p,
                    num_samples=config.target_num_samples, batch_size=config.target_batch_size,
                    use_chat_template=config.target_use_chat_template, system_prompt=config.target_system_prompt)
+
+    def describe(self) -> dict:
+        return {"rewrite_template": self.rewrite_template, "target_prompt_template": self.target_prompt_template,
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "num_samples": self.num_samples, "use_chat_template": self.use_chat_template,
+                "system_prompt": self.system_prompt}
 
     def policy_requests(self, prompts, columns, *, seed=None):
         return templates.rewrite_instructions(self.rewrite_template, prompts)
@@ -287,9 +310,31 @@ class AlignerEnvironment(Environment):
             top_p=top_p, num_samples=1, batch_size=batch_size, use_chat_template=use_chat_template,
             system_prompt=system_prompt)
 
+    @property
+    def target(self):
+        """The frozen target engine that drafts (read by the trainer: share_frozen_weights, resume records)."""
+        return self._drafter.target
+
+    @property
+    def target_tokenizer(self):
+        return self._drafter.target_tokenizer
+
+    def describe(self) -> dict:
+        d = self._drafter
+        return {"correction_template": self.correction_template, "max_new_tokens": d.max_new_tokens,
+                "temperature": d.temperature, "top_p": d.top_p, "use_chat_template": d.use_chat_template,
+                "system_prompt": d.system_prompt}
+
     def policy_requests(self, prompts, columns, *, seed=None):
         drafts, _ = self._drafter.answer(list(prompts), seed=seed)
-        columns["draft"] = [d[0] if d else "" for d in drafts]
+        return self.requests_from_drafts(prompts, [d[0] if d else "" for d in drafts], columns)
+
+    def requests_from_drafts(self, prompts, drafts, columns) -> list[str]:
+        """The policy's requests for drafts given (columns["draft"] set to them): what policy_requests does after
+        the target drafts; `alignfast eval` gives the No fine-tuning answers, the drafts its other arms correct."""
+        if len(drafts) != len(prompts):
+            raise ValueError(f"alignfast: argument 'drafts' has {len(drafts)} values for {len(prompts)} prompts")
+        columns["draft"] = list(drafts)
         return [templates.render(self.correction_template, prompt=p, draft=d)
                 for p, d in zip(prompts, columns["draft"], strict=True)]
 
