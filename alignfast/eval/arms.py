@@ -34,7 +34,8 @@ class ArmResult:
     samples[i]: every answer the target gave to prompt i when it gives several (target_num_samples > 1; the score
     is their mean reward); None when each prompt has one answer.
     truncated[i]: answers[i] stopped at its model's token budget, not at EOS (it is scored cut); None where the arm
-    does not report it (only the corrector arm, with_corrector, does).
+    does not report it (with_corrector does; with_policy where asked, report_truncated=True).
+    drafts[i]: the target's answer that answers[i] corrects, for a corrector arm (Aligner); None otherwise.
     notes: lines the report prints under its table about this arm (alignfast eval's cut corrections)."""
 
     name: str
@@ -45,6 +46,7 @@ class ArmResult:
     components: dict[str, list] = field(default_factory=dict)
     samples: list[list[str]] | None = None
     truncated: list[bool] | None = None
+    drafts: list[str] | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -82,15 +84,20 @@ def _columns(columns: dict | None, n: int) -> dict[str, list]:
 
 
 def policy_outputs(engine, tokenizer, requests: Sequence[str], *, max_new_tokens: int,
-                   use_chat_template: bool = True, system_prompt: str | None = None) -> list[str]:
+                   use_chat_template: bool = True, system_prompt: str | None = None,
+                   report_truncated: bool = False) -> list[str] | tuple[list[str], list[bool]]:
     """Greedy answers of a policy model (behind a TargetEngine) to user messages, in its chat format (after
-    system_prompt as the system message, when given)."""
+    system_prompt as the system message, when given). report_truncated: (answers, truncated), truncated[i] when
+    answer i stopped at max_new_tokens before EOS (finish_reason 'length')."""
     from alignfast.rollout import templates
 
     ids = [templates.user_turn_ids(tokenizer, r, use_chat_template=use_chat_template, system_prompt=system_prompt)
            for r in requests]
     completions = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0) if ids else []
-    return [c[0].text.strip() for c in completions]
+    texts = [c[0].text.strip() for c in completions]
+    if not report_truncated:
+        return texts
+    return texts, [c[0].finish_reason == "length" for c in completions]
 
 
 def no_fine_tuning(environment, prompts: Sequence[str], columns: dict | None = None, *, seed: int = 0,
@@ -111,17 +118,33 @@ def no_fine_tuning(environment, prompts: Sequence[str], columns: dict | None = N
 
 def with_policy(name: str, environment, policy_engine, policy_tokenizer, prompts: Sequence[str],
                 columns: dict | None = None, *, max_new_tokens: int, seed: int = 0,
-                rewrites: bool = True, system_prompt: str | None = None) -> ArmResult:
+                rewrites: bool = True, system_prompt: str | None = None, report_truncated: bool = False,
+                drafts: Sequence[str] | None = None) -> ArmResult:
     """A trained policy in front of `environment`: a prompter whose outputs are rewrites (Align-Pro,
-    rewrites=True) or the target itself, whose outputs are the answers (Oracle, rewrites=False; system_prompt:
-    the target's system message, config.target_system_prompt)."""
+    rewrites=True), the target itself, whose outputs are the answers (Oracle, rewrites=False; system_prompt:
+    the target's system message, config.target_system_prompt), or a corrector in an AlignerEnvironment
+    (rewrites=False; the result's `drafts` are the target's answers it corrected).
+
+    report_truncated: the result's `truncated` says which outputs stopped at max_new_tokens before EOS.
+    drafts: for an AlignerEnvironment, the target answers to correct (the No fine-tuning answers, as with_corrector
+    corrects), instead of the environment's own drafts."""
     prompts = list(prompts)
     cols = _columns(columns, len(prompts))
-    outputs = policy_outputs(policy_engine, policy_tokenizer, environment.policy_requests(prompts, cols, seed=seed),
-                             max_new_tokens=max_new_tokens, system_prompt=system_prompt)
+    if drafts is not None:
+        if not callable(getattr(environment, "requests_from_drafts", None)):
+            raise ValueError(f"alignfast: argument 'drafts' is for an AlignerEnvironment, got "
+                             f"{type(environment).__name__}")
+        requests = environment.requests_from_drafts(prompts, list(drafts), cols)
+    else:
+        requests = environment.policy_requests(prompts, cols, seed=seed)
+    got = policy_outputs(policy_engine, policy_tokenizer, requests, max_new_tokens=max_new_tokens,
+                         system_prompt=system_prompt, report_truncated=report_truncated)
+    outputs, truncated = got if report_truncated else (got, None)
     out = environment.step(prompts, outputs, cols, seed=seed)
+    corrected = cols.get("draft") if callable(getattr(environment, "requests_from_drafts", None)) else None
     return ArmResult(name, prompts, list(outputs if rewrites else prompts), [a[0] if a else "" for a in out.answers],
-                     _as_floats(out.scores, name, prompts, out.per_func), dict(out.per_func), _samples(out.answers))
+                     _as_floats(out.scores, name, prompts, out.per_func), dict(out.per_func), _samples(out.answers),
+                     truncated=truncated, drafts=list(corrected) if corrected is not None else None)
 
 
 def with_corrector(name: str, environment, corrector, prompts: Sequence[str], columns: dict | None = None, *,
@@ -144,20 +167,24 @@ def with_corrector(name: str, environment, corrector, prompts: Sequence[str], co
         corrections = corrector.correct(prompts, list(answers))
     out = environment.rewards(prompts, corrections, **cols)
     return ArmResult(name, prompts, list(prompts), corrections, _as_floats(out.total, name, prompts, out.per_func),
-                     dict(out.per_func), truncated=truncated)
+                     dict(out.per_func), truncated=truncated, drafts=list(answers))
 
 
 def write_rollouts(results: Mapping[str, ArmResult], path: str | Path) -> Path:
     """One JSON line per (arm, prompt): arm, prompt, rewrite, answer, reward, "answers" (all of them, their
-    mean reward being "reward") where the target gave several, and "truncated" where the arm reports it (the
-    answer stopped at its token budget); the file is replaced whole."""
+    mean reward being "reward") where the target gave several, "truncated" where the arm reports it (the
+    answer stopped at its token budget), and "draft" for a corrector arm (the target's answer it corrected); the
+    file is replaced whole."""
     lines = []
     for name, r in results.items():
         samples = r.samples or [None] * len(r.prompts)
         cut = r.truncated or [None] * len(r.prompts)
-        for prompt, rewrite, answer, score, every, stopped in zip(r.prompts, r.rewrites, r.answers, r.scores,
-                                                                  samples, cut, strict=True):
+        drafts = r.drafts or [None] * len(r.prompts)
+        for prompt, rewrite, answer, score, every, stopped, draft in zip(r.prompts, r.rewrites, r.answers, r.scores,
+                                                                         samples, cut, drafts, strict=True):
             row = {"arm": name, "prompt": prompt, "rewrite": rewrite, "answer": answer, "reward": score}
+            if draft is not None:
+                row["draft"] = draft
             if every is not None:
                 row["answers"] = every
             if stopped is not None:

@@ -168,3 +168,41 @@ def test_an_arm_that_is_the_target_ties_with_no_fine_tuning_on_every_prompt():
     assert base.answers == oracle.answers == ["ok", "", "ok", ""]
     row = compare_arms({"No fine-tuning": base.scores, "Oracle": oracle.scores}, "No fine-tuning")[1]
     assert (row.wins, row.ties, row.losses) == (0, 4, 0)
+
+
+def test_with_policy_reports_outputs_cut_at_their_budget_where_asked(tmp_path):
+    """Only with_corrector reported cut outputs: the Aligner (PPO corrector) arm, decoded by with_policy, scored its
+    cut corrections with no count. report_truncated=True gives the result's `truncated` from finish_reason, and
+    write_rollouts writes it per row (with the draft each correction started from)."""
+    import json
+
+    from alignfast.eval.arms import with_policy, write_rollouts
+    from alignfast.rollout.engine import Completion, TargetEngine
+    from alignfast.rollout.rewards import WeightedRewards
+    from alignfast.trainer.environments import AlignerEnvironment
+
+    class Policy(TargetEngine):
+        def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=None):
+            return [[Completion("fixed", finish_reason="length" if i % 2 else "stop")] for i in range(len(prompts))]
+
+    class Tok:  # user_turn_ids without a chat template: the text's ids
+        chat_template = None
+        bos_token_id = eos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True, **kw):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def encode(self, text, add_special_tokens=True, **kw):
+            return [ord(c) for c in text]
+
+    def length(prompts, completions, **columns):
+        return [float(len(c)) for c in completions]
+
+    env = AlignerEnvironment(Policy(), WeightedRewards([length]))
+    prompts = ["a", "b", "c"]
+    assert with_policy("P", env, Policy(), Tok(), prompts, max_new_tokens=2, rewrites=False).truncated is None
+    res = with_policy("P", env, Policy(), Tok(), prompts, max_new_tokens=2, rewrites=False, report_truncated=True,
+                      drafts=["d0", "d1", "d2"])
+    assert res.truncated == [False, True, False] and res.drafts == ["d0", "d1", "d2"]
+    rows = [json.loads(x) for x in write_rollouts({"P": res}, tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["draft"], r["truncated"]) for r in rows] == [("d0", False), ("d1", True), ("d2", False)]
