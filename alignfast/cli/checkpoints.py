@@ -56,6 +56,28 @@ def trained_as(path: str | Path) -> tuple[str | None, dict | None]:
         return None, None
 
 
+def trained_environment(path: str | Path) -> tuple[str | None, dict | None]:
+    """(environment class, its describe() settings) that a PPO trainer recorded with a model folder (ARM_FILE, or a
+    checkpoint-<step>'s trainer_state.json); (None, None) where none was recorded (a folder from before the record,
+    or from elsewhere), settings None where the environment did not describe itself."""
+    import json
+
+    from alignfast.trainer.base import ARM_FILE
+    from alignfast.trainer.checkpoint import STATE_FILE
+
+    p = Path(path).expanduser()
+    checkpoint = p if (p / STATE_FILE).is_file() else p.parent if (p.parent / STATE_FILE).is_file() else None
+    source = checkpoint / STATE_FILE if checkpoint is not None else p / ARM_FILE
+    try:
+        record = json.loads(source.read_text()) if source.is_file() else {}
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(record, dict):
+        return None, None
+    settings = record.get("environment_settings")
+    return record.get("environment"), settings if isinstance(settings, dict) else None
+
+
 def _check_intact(checkpoint: Path) -> None:
     """A checkpoint's files against its manifest (a truncated model file would fail deep inside the loader)."""
     from alignfast.trainer import checkpoint as ckpt

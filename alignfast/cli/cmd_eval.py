@@ -37,7 +37,12 @@ def add_parser(sub) -> None:
     p.add_argument("--aligner-ppo-checkpoint", metavar="DIR",
                    help="a corrector trained with PPO in AlignerEnvironment: the Aligner (PPO corrector) arm")
     p.add_argument("--aligner-ppo-template", metavar="TEXT", default=None,
-                   help="the PPO corrector's correction_template ({prompt}, {draft}; default AlignerEnvironment's)")
+                   help="the PPO corrector's correction_template ({prompt}, {draft}; default: the one it was trained "
+                        "with, recorded in the checkpoint, else AlignerEnvironment's)")
+    p.add_argument("--aligner-ppo-max-new-tokens", type=int, metavar="N", default=None,
+                   help="the --aligner-ppo-checkpoint corrector's budget per correction (default: the response_length "
+                        "it was trained with, else trainer.target_max_new_tokens); corrections that reach it are "
+                        "scored cut and counted")
     p.add_argument("--proxy-checkpoint", metavar="DIR",
                    help="a proxy trained with `alignfast train --method proxy` (<output_dir>/proxy/final or a "
                         "checkpoint-<step> there): the Proxy-RLHF arm, the target decoding under it (target.engine hf)")

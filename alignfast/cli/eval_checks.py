@@ -17,10 +17,12 @@ from alignfast.cli.errors import CLIError
 
 _log = logging.getLogger("alignfast.eval")
 
-# flag -> (the arm that must have trained it, the flag for each other arm)
-EXPECTED_ARM = {"--checkpoint": "align_pro", "--oracle-checkpoint": "oracle"}
+# flag -> (the arm that must have trained it, the flag for each other arm); the "ppo" arm (PPOTrainer) is the
+# Aligner (PPO corrector) where its environment is PPO_ENVIRONMENT (or not recorded: a folder saved before it was).
+EXPECTED_ARM = {"--checkpoint": "align_pro", "--oracle-checkpoint": "oracle", "--aligner-ppo-checkpoint": "ppo"}
 FLAG_OF_ARM = {"align_pro": "--checkpoint", "oracle": "--oracle-checkpoint", "proxy": "--proxy-checkpoint",
-               "aligner": "--aligner-checkpoint"}
+               "aligner": "--aligner-checkpoint", "ppo": "--aligner-ppo-checkpoint"}
+PPO_ENVIRONMENT = "AlignerEnvironment"
 
 # The settings that shape what a trained policy does at evaluation, per flag: (key in the trained run's settings,
 # key of this evaluation's trainer config). The Oracle writes the answer, with the target's budget as its length.
@@ -32,26 +34,47 @@ TRAINED_SETTINGS = {
     # The target's proposals and the stabiliser the proxy learned its decisions under (and its KL reference).
     "--proxy-checkpoint": [(k, k) for k in ("max_rejections_per_token", "target_temperature", "target_top_p",
                                             "target_top_k", "target_max_new_tokens", "accept_prior")],
+    # The PPO corrector: its own decoding (trainer settings of its run), and its AlignerEnvironment's (recorded as
+    # "environment.<key>"): the request's template and how the target drafted. Evaluated keys that are no run-file
+    # setting are the flags', named in EVAL_FLAGS.
+    "--aligner-ppo-checkpoint": [("response_length", "aligner_ppo_max_new_tokens"),
+                                 ("max_prompt_length", "max_prompt_length"), ("stop_token_id", "stop_token_id"),
+                                 ("environment.correction_template", "aligner_ppo_template"),
+                                 ("environment.max_new_tokens", "target_max_new_tokens"),
+                                 ("environment.temperature", "target_temperature"),
+                                 ("environment.top_p", "target_top_p"),
+                                 ("environment.use_chat_template", "target_use_chat_template"),
+                                 ("environment.system_prompt", "target_system_prompt")],
 }
+EVAL_FLAGS = {"aligner_ppo_template": "--aligner-ppo-template",
+              "aligner_ppo_max_new_tokens": "--aligner-ppo-max-new-tokens"}
 
 
 def check_checkpoint_kinds(args) -> None:
-    """A corrector or a model another arm trained, given to --checkpoint / --oracle-checkpoint, is one line naming
-    the flag it belongs to."""
-    from alignfast.cli.checkpoints import policy_dir, trained_as
+    """A corrector or a model another arm trained, given to --checkpoint / --oracle-checkpoint /
+    --aligner-ppo-checkpoint, is one line naming the flag it belongs to. A PPO model whose recorded environment is
+    not AlignerEnvironment is no PPO corrector; one saved before the environment was recorded is accepted."""
+    from alignfast.cli.checkpoints import policy_dir, trained_as, trained_environment
 
-    for flag, path in (("--checkpoint", args.checkpoint), ("--oracle-checkpoint", args.oracle_checkpoint)):
+    for flag, path in (("--checkpoint", args.checkpoint), ("--oracle-checkpoint", args.oracle_checkpoint),
+                       ("--aligner-ppo-checkpoint", getattr(args, "aligner_ppo_checkpoint", None))):
         if not path:
             continue
         folder = policy_dir(path)
         if (folder / "aligner_config.json").is_file() or (Path(path) / "aligner_config.json").is_file():
-            raise CLIError(f"{flag} {path} is an Aligner corrector (it holds aligner_config.json): pass it as "
-                           "--aligner-checkpoint")
+            raise CLIError(f"{flag} {path} is an Aligner corrector trained by SFT (it holds aligner_config.json): "
+                           "pass it as --aligner-checkpoint")
         arm, _ = trained_as(folder)
+        environment, _ = trained_environment(folder)
+        other = FLAG_OF_ARM.get(arm)
+        if arm == "ppo" and environment not in (None, PPO_ENVIRONMENT):
+            other = None  # PPO in an environment of the user's: no arm of `alignfast eval` rebuilds it
         if arm is not None and arm != EXPECTED_ARM[flag]:
-            other = FLAG_OF_ARM.get(arm)
             raise CLIError(f"{flag} {path} was trained as the {arm} arm, not {EXPECTED_ARM[flag]}"
                            + (f": pass it as {other}" if other else ""))
+        if arm == "ppo" and other is None:
+            raise CLIError(f"{flag} {path} was trained by PPO in {environment}, not {PPO_ENVIRONMENT}: the Aligner "
+                           "(PPO corrector) arm decodes it after the target's drafts")
 
 
 def settings_against_training(args, cfg, config: dict) -> dict:
@@ -61,11 +84,12 @@ def settings_against_training(args, cfg, config: dict) -> dict:
     is checked against the run file's ProxyRLHFConfig (cfg, the other arms', has none of its fields)."""
     from alignfast.cli.config import section
 
-    from alignfast.cli.checkpoints import policy_dir, trained_as
+    from alignfast.cli.checkpoints import policy_dir, trained_as, trained_environment
 
     differ: dict = {}
     for flag, path in (("--checkpoint", args.checkpoint), ("--oracle-checkpoint", args.oracle_checkpoint),
-                       ("--proxy-checkpoint", getattr(args, "proxy_checkpoint", None))):
+                       ("--proxy-checkpoint", getattr(args, "proxy_checkpoint", None)),
+                       ("--aligner-ppo-checkpoint", getattr(args, "aligner_ppo_checkpoint", None))):
         if not path:
             continue
         evaluated = cfg
@@ -78,7 +102,16 @@ def settings_against_training(args, cfg, config: dict) -> dict:
             folder = policy_dir(path)
         _, trained = trained_as(folder)
         if not trained or "kl_coef" not in trained:  # not a trainer's settings
-            continue
+            trained = {}
+        if flag == "--aligner-ppo-checkpoint":
+            from types import SimpleNamespace
+
+            from alignfast.cli.eval_aligner import ppo_budget, ppo_template
+
+            _, env_settings = trained_environment(folder)
+            trained = {**trained, **{f"environment.{k}": v for k, v in (env_settings or {}).items()}}
+            evaluated = SimpleNamespace(**cfg.to_dict(), aligner_ppo_template=ppo_template(args, folder),
+                                        aligner_ppo_max_new_tokens=ppo_budget(args, cfg, folder)[0])
         for trained_key, eval_key in TRAINED_SETTINGS[flag]:
             if trained_key not in trained:
                 continue
@@ -87,9 +120,11 @@ def settings_against_training(args, cfg, config: dict) -> dict:
                 now = section(config, "target").get("system_prompt")
             if trained[trained_key] != now:
                 differ.setdefault(flag, {})[eval_key] = {"trained": trained[trained_key], "evaluated": now}
-                where = "--target.system_prompt" if eval_key == "target_system_prompt" else f"--trainer.{eval_key}"
-                _log.warning("%s %s was trained with %s=%r and is evaluated with %s=%r (the run file's); %s sets it",
-                             flag, path, trained_key, trained[trained_key], eval_key, now, where)
+                where = ("--target.system_prompt" if eval_key == "target_system_prompt"
+                         else EVAL_FLAGS.get(eval_key, f"--trainer.{eval_key}"))
+                _log.warning("%s %s was trained with %s=%r and is evaluated with %s=%r (%s); %s sets it",
+                             flag, path, trained_key, trained[trained_key], eval_key, now,
+                             "given" if eval_key in EVAL_FLAGS else "the run file's", where)
     return differ
 
 

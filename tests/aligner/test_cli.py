@@ -39,11 +39,16 @@ def test_train_correct_and_eval_on_the_toy_world(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-checkpoint", str(out / "final"),
-                 "--aligner-ppo-checkpoint", str(out / "final"), "--data.eval.limit", "10",
-                 "--output-dir", str(tmp_path / "eval")]) == 0
+                 "--data.eval.limit", "10", "--output-dir", str(tmp_path / "eval")]) == 0
     table = capsys.readouterr().out
     names = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")]
-    assert names == ["No fine-tuning", "Aligner (SFT)", "Aligner (PPO corrector)"]
+    assert names == ["No fine-tuning", "Aligner (SFT)"]
+    # an SFT corrector is no PPO corrector: it was scored and labelled "Aligner (PPO corrector)"
+    assert main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--aligner-ppo-checkpoint", str(out / "final"),
+                 "--data.eval.limit", "10", "--output-dir", str(tmp_path / "eval2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an Aligner corrector trained by SFT" in err[0] and \
+        "pass it as --aligner-checkpoint" in err[0], err
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("aligner_*.yaml")), ids=lambda p: p.stem)
@@ -404,3 +409,130 @@ def test_eval_counts_and_names_aligner_corrections_cut_at_the_correctors_budget(
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1], err
+
+
+PPO_TEMPLATE = "{prompt} : {draft}"
+
+
+@pytest.fixture(scope="module")
+def ppo_corrector(tmp_path_factory):
+    """A corrector trained one PPO step in AlignerEnvironment on the toy world (from Python, as the README shows),
+    with its own template and a response_length of 3, below the toy run file's target_max_new_tokens (8)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignfast.rollout import HFEngine
+    from alignfast.rollout.rewards import WeightedRewards
+    from alignfast.toy import load_world
+    from alignfast.trainer import AlignerEnvironment, AlignProConfig, PPOTrainer
+
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    world = load_world()
+    tok = AutoTokenizer.from_pretrained(world.target_path)
+    target = HFEngine(AutoModelForCausalLM.from_pretrained(world.target_path).eval().requires_grad_(False), tok)
+    env = AlignerEnvironment(target, WeightedRewards(world.reward_funcs), target_tokenizer=tok,
+                             correction_template=PPO_TEMPLATE, max_new_tokens=8)
+    cfg = AlignProConfig(output_dir=str(out), seed=0, response_length=3, per_device_train_batch_size=8,
+                         num_mini_batches=1, max_steps=1, save_steps=1)
+    trainer = PPOTrainer(cfg, world.target_path, None, env, train_dataset=world.train_prompts[:8])
+    trainer.train()
+    trainer.save_model()
+    return out
+
+
+def _eval(tmp_path, name, *extra):
+    out = tmp_path / name
+    code = main(["eval", "--config", str(CONFIGS / "toy.yaml"), "--data.eval.limit", "8", "--output-dir", str(out),
+                 *extra])
+    if code:
+        return code, None, None
+    report = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(x) for x in (out / "eval_rollouts.jsonl").read_text().splitlines()]
+    return code, report, rows
+
+
+def _arm(rows, name):
+    return [r for r in rows if r["arm"] == name]
+
+
+def test_eval_scores_the_ppo_corrector_as_it_was_trained(ppo_corrector, tmp_path, caplog):
+    """The Aligner (PPO corrector) arm was decoded with trainer.target_max_new_tokens (8) though trained with
+    response_length 3, with AlignerEnvironment's default template unless --aligner-ppo-template was given (0.492
+    instead of 0.965 on the review's corrector, silently), its cut corrections were not reported, and its rows in
+    eval_rollouts.jsonl held no draft. Its template and budget now come from the checkpoint's record; cuts are
+    reported as the SFT arm's are; each row has the draft it corrected (the No fine-tuning answer)."""
+    final = str(ppo_corrector / "final")
+    code, report, rows = _eval(tmp_path, "a", "--aligner-ppo-checkpoint", final)
+    assert code == 0 and report["settings_differ_from_training"] == {}
+    ppo = _arm(rows, "Aligner (PPO corrector)")
+    assert [r["draft"] for r in ppo] == [r["answer"] for r in _arm(rows, "No fine-tuning")]
+    cut = [r["truncated"] for r in ppo]
+    assert len(cut) == 8 and sum(cut) > 0 and report["truncated"] == {"Aligner (PPO corrector)": sum(cut)}
+    assert all(len(r["answer"].split()) <= 3 for r in ppo)  # the toy tokenizer: a number is a token
+    note = (f"Aligner (PPO corrector): {sum(cut)} of 8 corrections stopped at the corrector's max_new_tokens (3, the "
+            "response_length it was trained with)")
+    assert report["notes"][0].startswith(note) and note in caplog.text
+    # the recorded template is the one used: giving it changes nothing
+    code, _, same = _eval(tmp_path, "b", "--aligner-ppo-checkpoint", final, "--aligner-ppo-template", PPO_TEMPLATE)
+    assert code == 0 and [r["answer"] for r in _arm(same, "Aligner (PPO corrector)")] == [r["answer"] for r in ppo]
+
+    caplog.clear()  # other settings than the training's: a warning each, and eval.json says which
+    code, report, _ = _eval(tmp_path, "c", "--aligner-ppo-checkpoint", final, "--aligner-ppo-max-new-tokens", "2",
+                            "--aligner-ppo-template", "{draft} ? {prompt}", "--target_max_new_tokens", "6")
+    assert code == 0 and report["settings_differ_from_training"] == {"--aligner-ppo-checkpoint": {
+        "aligner_ppo_max_new_tokens": {"trained": 3, "evaluated": 2},
+        "aligner_ppo_template": {"trained": PPO_TEMPLATE, "evaluated": "{draft} ? {prompt}"},
+        "target_max_new_tokens": {"trained": 8, "evaluated": 6}}}
+    assert "sets it" in caplog.text and "--aligner-ppo-max-new-tokens" in caplog.text
+
+
+def test_both_corrector_arms_correct_the_same_drafts(ppo_corrector, tmp_path):
+    """The PPO arm drew its own drafts with top_p=1.0 whatever trainer.target_top_p said (29 of 40 equal to the
+    SFT arm's on the review's run); both now correct the No fine-tuning answers."""
+    code, report, rows = _eval(tmp_path, "a", "--aligner-ppo-checkpoint", str(ppo_corrector / "final"),
+                               "--aligner-checkpoint", str(_tiny_corrector_folder(tmp_path)),
+                               "--aligner-max-new-tokens", "4", "--target_temperature", "1.0", "--target_top_p", "0.5")
+    assert code == 0
+    baseline = [r["answer"] for r in _arm(rows, "No fine-tuning")]
+    assert [r["draft"] for r in _arm(rows, "Aligner (PPO corrector)")] == baseline
+    assert [r["draft"] for r in _arm(rows, "Aligner (SFT)")] == baseline
+    assert report["settings_differ_from_training"]["--aligner-ppo-checkpoint"] == {
+        "target_temperature": {"trained": 0.0, "evaluated": 1.0}, "target_top_p": {"trained": 1.0, "evaluated": 0.5}}
+
+
+def test_aligner_ppo_checkpoint_takes_ppo_correctors_only(ppo_corrector, tmp_path, capsys, caplog):
+    """--aligner-ppo-checkpoint accepted any model; a PPO corrector given as --checkpoint was refused without
+    naming the flag it belongs to. A folder saved before the environment was recorded is still evaluated, with
+    AlignerEnvironment's default template and a warning."""
+    import shutil
+
+    final = ppo_corrector / "final"
+    for extra, message in ((["--checkpoint", str(final)], "was trained as the ppo arm, not align_pro: pass it as "
+                                                           "--aligner-ppo-checkpoint"),
+                           (["--aligner-ppo-checkpoint", str(_tiny_corrector_folder(tmp_path))],
+                            "is an Aligner corrector trained by SFT (it holds aligner_config.json): pass it as "
+                            "--aligner-checkpoint")):
+        capsys.readouterr()
+        assert _eval(tmp_path, "x", *extra)[0] == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    for extra, message in ((["--aligner-ppo-checkpoint", str(final), "--aligner-ppo-max-new-tokens", "0"],
+                            "--aligner-ppo-max-new-tokens must be >= 1, got 0"),
+                           (["--aligner-ppo-checkpoint", str(final), "--aligner-ppo-max-new-tokens", "64"],
+                            "--aligner-ppo-max-new-tokens (64) leaves no room for the Aligner (PPO) corrector's input"),
+                           (["--aligner-checkpoint", str(_tiny_corrector_folder(tmp_path)),
+                             "--aligner-ppo-max-new-tokens", "4"],
+                            "--aligner-ppo-max-new-tokens is the budget of the --aligner-ppo-checkpoint corrector")):
+        capsys.readouterr()
+        assert _eval(tmp_path, "x", *extra)[0] == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1], err
+    other = tmp_path / "other"
+    shutil.copytree(final, other)
+    (other / "alignfast_arm.json").write_text(json.dumps({"arm": "ppo", "environment": "MyEnvironment"}))
+    assert _eval(tmp_path, "x", "--aligner-ppo-checkpoint", str(other))[0] == 2
+    assert "was trained by PPO in MyEnvironment, not AlignerEnvironment" in capsys.readouterr().err
+    (other / "alignfast_arm.json").write_text(json.dumps({"arm": "ppo"}))  # as saved before the record
+    caplog.clear()
+    code, report, rows = _eval(tmp_path, "old", "--aligner-ppo-checkpoint", str(other))
+    assert code == 0 and report["settings_differ_from_training"] == {}
+    assert "records no correction_template" in caplog.text
