@@ -14,14 +14,8 @@ DirectEnvironment (Oracle / standard RLHF): the policy output is the answer; sco
 AlignerEnvironment (Aligner, Ji et al. 2024): the frozen target drafts y0 before the policy acts; the
 policy, a small corrector, rewrites the draft; score r(x, y). Train any of them with trainer.PPOTrainer.
 
-Besides these two methods the engine reads, where an environment has them:
-
-    target      the frozen target engine (an HFEngine's .model is then shared with the reference policy under
-                share_frozen_weights, and its name and weights are recorded in checkpoints, so that a resume on
-                another target warns)
-    describe()  JSON-able settings that decide what the policy sees (templates, the target's decoding); the
-                trainer records them with the saved model (alignfast_arm.json, trainer_state.json), so that
-                `alignfast eval` can rebuild and check the environment the policy was trained in
+The contract of the two methods, and what else the engine reads where an environment has it (`target`,
+`rewards`, `batch_size`, `describe()`), is in Environment's docstring.
 """
 
 from __future__ import annotations
@@ -90,7 +84,9 @@ class Environment(abc.ABC):
     name and weights are recorded in checkpoints, and a resume on another target warns); `rewards`, a
     WeightedRewards (PPOTrainer records its functions and weights in checkpoints); `batch_size`, the chunk size of
     the environment's own seeded calls (under a launcher a process's seeds are offset by its first row // batch_size
-    when that divides, else by its first row).
+    when that divides, else by its first row). And `describe()`: JSON-able settings that decide what the policy sees
+    (templates, the target's decoding), recorded with the saved model (alignfast_arm.json, trainer_state.json) so
+    that `alignfast eval` can rebuild and check the environment the policy was trained in.
 
     Evaluate a policy trained in a custom environment with trainer.rollout(prompts) (the policy's outputs, the
     answers, scores and reward components) or trainer.evaluate(eval_dataset) (eval/scores, eval/rewards/<name>);
