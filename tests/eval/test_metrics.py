@@ -10,6 +10,22 @@ from alignfast.eval import wilson_interval, win_rate
 from alignfast.ops import AlignfastArgumentError
 
 
+class Tok:
+    """A policy tokenizer for with_policy without a chat template: user_turn_ids gives the text's ids."""
+    chat_template = None
+    bos_token_id = eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def encode(self, text, add_special_tokens=True, **kw):
+        return [ord(c) for c in text]
+
+
+def length(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
 def test_mean_and_unbiased_variance():
     mean, var = mean_and_variance([1.0, 2.0, 4.0])
     assert mean == pytest.approx(7 / 3)
@@ -146,19 +162,6 @@ def test_an_arm_that_is_the_target_ties_with_no_fine_tuning_on_every_prompt():
             return [[Completion("\n\n" + ("" if i % 2 else "ok") + "\n") for _ in range(n)]
                     for i in range(len(prompts))]
 
-    class Tok:  # user_turn_ids without a chat template: the text's ids
-        chat_template = None
-        bos_token_id = eos_token_id = 1
-
-        def __call__(self, text, add_special_tokens=True, **kw):
-            return {"input_ids": [ord(c) for c in text]}
-
-        def encode(self, text, add_special_tokens=True, **kw):
-            return [ord(c) for c in text]
-
-    def length(prompts, completions, **columns):
-        return [float(len(c)) for c in completions]
-
     rewards = WeightedRewards([length])
     prompts = ["a", "b", "c", "d"]
     env = AlignProEnvironment(Raw(), rewards, rewrite_template="{prompt}")
@@ -184,19 +187,6 @@ def test_with_policy_reports_outputs_cut_at_their_budget_where_asked(tmp_path):
     class Policy(TargetEngine):
         def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=None):
             return [[Completion("fixed", finish_reason="length" if i % 2 else "stop")] for i in range(len(prompts))]
-
-    class Tok:  # user_turn_ids without a chat template: the text's ids
-        chat_template = None
-        bos_token_id = eos_token_id = 1
-
-        def __call__(self, text, add_special_tokens=True, **kw):
-            return {"input_ids": [ord(c) for c in text]}
-
-        def encode(self, text, add_special_tokens=True, **kw):
-            return [ord(c) for c in text]
-
-    def length(prompts, completions, **columns):
-        return [float(len(c)) for c in completions]
 
     env = AlignerEnvironment(Policy(), WeightedRewards([length]))
     prompts = ["a", "b", "c"]
