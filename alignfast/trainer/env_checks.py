@@ -101,3 +101,23 @@ def check_env_output(env, out, prompts, *, first_episode: int = 0) -> None:
                "{name: seconds}")
     if not isinstance(out.generated_tokens, numbers.Integral):
         _raise(env, "step", f"returned EnvOutput.generated_tokens {_shown(out.generated_tokens)}: it must be an int")
+
+
+def agreed(processes, check, *args, **kwargs):
+    """check(*args, **kwargs) with every process raising together. Under N processes each checks its own share of
+    the batch before the results are gathered; one that raised alone left the others waiting in that gather until
+    the launcher's timeout. So the processes agree whether any check failed (one collective per call) and all raise
+    the first failing process's line. For the training step only, which every process runs in step."""
+    error, result = None, None
+    try:
+        result = check(*args, **kwargs)
+    except AlignfastArgumentError as err:
+        error = err
+    if processes is not None and processes.distributed and processes.max_int(int(error is not None)):
+        if error is None:
+            raise AlignfastArgumentError(processes.gather_objects([])[0])
+        processes.gather_objects([str(error)])
+        raise error
+    if error is not None:
+        raise error
+    return result

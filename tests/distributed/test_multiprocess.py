@@ -46,8 +46,8 @@ def runs(tmp_path_factory):
     one, two = root / "one", root / "two"
     stub = HFCompletionsStub(str(world / "prompter"))
     try:
-        first = launch(world, two, "align_pro", "align_pro_8bit", "oracle", "hf_target", "openai_target", "bad_accumulation",
-                       "stopped_sharded", "fsdp_generation", "proxy", "aligner", "aligner_stopped",
+        first = launch(world, two, "align_pro", "align_pro_8bit", "oracle", "hf_target", "openai_target",
+                       "bad_accumulation", "bad_env_one_rank", "stopped_sharded", "fsdp_generation", "proxy", "aligner", "aligner_stopped",
                        "aligner_bad_accumulation", "killed", env={"ALIGNFAST_TEST_STUB_URL": stub.base_url})
     finally:
         stub.close()
@@ -156,6 +156,13 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(runs):
 def test_batch_that_does_not_split_over_the_processes_is_one_line_error(runs):
     message = (runs["two"] / "bad_accumulation.error").read_text()
     assert "\n" not in message and "'gradient_accumulation_steps'" in message and "processes (2)" in message
+
+
+def test_an_environment_output_one_process_rejects_ends_every_process(runs):
+    """A None score on one process's share of the batch: that process's check raised alone, and the other waited in
+    the gather of the environment's outputs; every process now raises the same one line (the launch returned)."""
+    message = (runs["two"] / "bad_env_one_rank.error").read_text()
+    assert "\n" not in message and ".step returned no score (None) for episode " in message, message
 
 
 def test_sharded_state_checkpoint_resumes_under_the_same_processes_only(runs):

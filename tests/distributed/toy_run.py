@@ -20,6 +20,8 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
     openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
     bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
+    bad_env_one_rank align_pro whose environment leaves one episode of RANK 1's share unscored (None) in step 1:
+                     every process must end with the one-line error, not wait in the gather for the one that raised
     aligner          AlignerTrainer (SFT) of WORLD_DIR/aligner/corrector, 3 steps of 2 x 2 rows, eval/loss at the end
     aligner_stopped  the same saving every step, stopped after checkpoint-2; aligner_resumed continues it to step 3
     aligner_bad_accumulation  gradient_accumulation_steps 3 (not a multiple of 2 processes)
@@ -276,6 +278,8 @@ def run(world: Path, out: Path, scenario: str) -> None:
     os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
     try:
         trainer = make_trainer(world, out, scenario, **overrides)
+        if scenario == "bad_env_one_rank":
+            unscore_on_rank(trainer.environment, rank=1)
         result = trainer.train(resume_from_checkpoint=True if scenario.startswith("resumed") else None)
     except TrainingInterrupted as stopped:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -298,6 +302,19 @@ def run(world: Path, out: Path, scenario: str) -> None:
         torch.save({"params": params, "history": history, "kl_coef": trainer.kl_ctl.value, "saved": saved,
                     "num_processes": trainer.processes.num_processes, "replicas_differ_by": replicas_differ_by,
                     "quantised_states": quantised_optimizer_states(trainer)}, out / f"{scenario}.pt")
+
+
+def unscore_on_rank(environment, rank: int) -> None:
+    """The environment's step leaves its first episode unscored (None) on process `rank` only."""
+    step = environment.step
+
+    def unscored(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if int(os.environ.get("RANK", "0")) == rank:
+            out.scores[0] = None
+        return out
+
+    environment.step = unscored
 
 
 def max_difference_between_processes(trainer) -> float:
