@@ -351,7 +351,7 @@ def run(preset_name: str, device: str, reps: int, record: bool, setup: Setup,
           (f"\n{spread}" if spread else ""))
     others = [n for n in trainers if n != "reference"]
     what = f"the fast step at {' vs '.join(map(str, thread_counts))} threads" if threads else \
-        f"{' and '.join(others)} vs reference"  # the preset's providers: "fast vs reference", the README's title
+        (f"{' and '.join(others)} vs reference" if others else "reference alone")  # the preset's: "fast vs reference"
     if record:
         append_results(f"bench_trainer ({preset_name}{setup.label()}): one Align-Pro PPO step, {what}",
                        table, device=device, rounds=reps,
@@ -611,6 +611,8 @@ def main(argv=None):
     ap.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     harness.refuse_unrecordable(ap, args)
+    if args.variant and args.thread_counts and not args.memory:
+        ap.error("--variant and --thread-counts: --thread-counts times the fast provider alone, at each count")
     apply_run_flags(ap, args)
     setup = Setup(args.finetune, args.value_head, args.gradient_checkpointing, args.torch_compile, tuple(args.mem))
     presets = args.preset or (["cuda-0.5b"] if args.device == "cuda" else ["demo", "cpu-tiny", "cpu-small"])

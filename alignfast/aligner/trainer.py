@@ -276,7 +276,8 @@ class AlignerTrainer(RunLoop):
         exactly. In `output_dir` (by default the run's output_dir/final, where the CLI saves it), which appears whole
         or not at all; an existing one is replaced whole (checkpoint.new_folder_atomically: a kill mid-write leaves
         the earlier corrector as it was; files of the earlier folder the new one does not write are kept aside, with
-        a warning). A run's output_dir itself is refused (its checkpoints would go aside with it)."""
+        a warning). A run's output_dir, a folder containing it, the working or home folder and a folder of files that
+        are no saved model are refused in one line (checkpoint.check_model_folder: the swap would move them aside)."""
         out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
         ckpt.check_model_folder(out, self.config.output_dir)  # every process: none waits on one that failed
         if self.processes.is_main:  # the replicas are identical: one process writes

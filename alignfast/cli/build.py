@@ -97,10 +97,11 @@ def preflight_run(cfg, *, resume) -> None:
         check_writable(cfg.output_dir)
         if launched_world_size() <= 1:  # under a launcher the trainer's main process takes it, and tells the others
             hold_for_command(cfg.output_dir)
-        check_output_dir(cfg, resume=resume)
-        if resume or not getattr(cfg, "overwrite_output_dir", False):  # an overwrite removes the earlier final/
-            # the command saves the model there at the end: a folder save_model would refuse, found before training
-            check_model_folder(Path(cfg.output_dir) / "final", cfg.output_dir)
+        found = check_output_dir(cfg, resume=resume)
+        # The command saves the model in output_dir/final at the end: a folder save_model would refuse is found
+        # before training. Not when the run's claim removes it (an overwrite of an earlier run it found).
+        if not (found and getattr(cfg, "overwrite_output_dir", False)):
+            check_model_folder(Path(cfg.output_dir) / "final", cfg.output_dir, before_run=True)
     except AlignfastArgumentError as err:
         raise CLIError(str(err).removeprefix("alignfast: ")) from None
     fit_threads_to_machine()

@@ -324,7 +324,8 @@ class PPOEngineTrainer(RunLoop):
         the run's output_dir/final, where the CLI saves it). The folder appears whole or not at all, and an existing
         one is replaced whole (checkpoint.new_folder_atomically: a kill mid-write leaves the earlier model as it
         was; files of the earlier folder the new model does not write are kept aside, with a warning). A run's
-        output_dir itself is refused (its checkpoints would go aside with it)."""
+        output_dir, a folder containing it, the working or home folder and a folder of files that are no saved model
+        are refused in one line (checkpoint.check_model_folder: the swap would move them aside whole)."""
         out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
         # Every process checks, before the gather: none waits in it for one that refused.
         ckpt.check_model_folder(out, self.config.output_dir)

@@ -205,11 +205,13 @@ def new_folder_atomically(path: str | os.PathLike, *, warn=None):
 MODEL_FOLDER_MARKERS = ("config.json", "adapter_config.json", "proxy_config.json", "aligner_config.json")
 
 
-def check_model_folder(path: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+def check_model_folder(path: str | os.PathLike, output_dir: str | os.PathLike, *, before_run: bool = False) -> None:
     """save_model replaces its folder whole (new_folder_atomically), so the folder must be the model's own. Refused
     in one line naming it: the run's output_dir or a folder containing it (the run's checkpoints, metrics and lock
     would be moved aside with it), the working or home folder or a root, a folder holding a training run, and an
-    existing non-empty folder that holds no saved model (its files would be moved aside, not replaced)."""
+    existing non-empty folder that holds no saved model (its files would be moved aside, not replaced; a symlink is
+    not: the swap moves the link, and what it points to stays). before_run: checked by a training command before it
+    trains, for the final/ it saves at the end (the message names output_dir's final/, not save_model's argument)."""
     path = Path(path)
     real, run = Path(os.path.realpath(path)), Path(os.path.realpath(output_dir))
     suggestion = f"pass a folder of its own such as '{run / 'final'}'"
@@ -226,12 +228,16 @@ def check_model_folder(path: str | os.PathLike, output_dir: str | os.PathLike) -
     if held:
         fail("output_dir", f"of save_model, '{path}', holds a training run ({', '.join(held)}): the model is saved "
              f"into a folder of its own, which a later save replaces whole; {suggestion}")
-    try:
-        names = sorted(p.name for p in real.iterdir()) if real.is_dir() else []
+    try:  # one listing decides: the main process may swap the folder between two looks at it
+        names = sorted(p.name for p in real.iterdir()) if real.is_dir() and not path.is_symlink() else []
     except FileNotFoundError:  # the same: a folder the main process is swapping holds a model
         names = []
-    if names and not any((real / m).is_file() for m in MODEL_FOLDER_MARKERS):
+    if names and not any(m in names for m in MODEL_FOLDER_MARKERS):
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        if before_run:
+            fail("output_dir", f"'{output_dir}' has a final/ holding files that are not a saved model ({shown}): "
+                 "the run saves its model there at the end, replacing the folder whole; move or delete it, or "
+                 "choose another output_dir")
         fail("output_dir", f"of save_model, '{path}', holds files that are not a saved model ({shown}): the "
              f"model's folder is replaced whole by every save; pass a new or empty folder")
 

@@ -56,6 +56,7 @@ def check_env_output(env, out, prompts, *, first_episode: int = 0) -> None:
     n = len(prompts)
     if not isinstance(out, EnvOutput):
         _raise(env, "step", f"must return an EnvOutput, got {type(out).__name__}")
+    _as_python_numbers(out)
     for name in ("scores", "answers", "requests"):
         if not _is_list(getattr(out, name)):
             _raise(env, "step", f"returned EnvOutput.{name} of type {type(getattr(out, name)).__name__}: it must "
@@ -101,6 +102,25 @@ def check_env_output(env, out, prompts, *, first_episode: int = 0) -> None:
                "{name: seconds}")
     if not isinstance(out.generated_tokens, numbers.Integral):
         _raise(env, "step", f"returned EnvOutput.generated_tokens {_shown(out.generated_tokens)}: it must be an int")
+
+
+def _as_python_numbers(out) -> None:
+    """A torch tensor or numpy array of scores (or of one reward's values), and a 0-d tensor or numpy integer of
+    generated tokens, as the lists and ints the engine uses: what the engine took before it checked (it built its
+    tensors from them), converted in place with .tolist() / .item() as rewards._scores does."""
+    if hasattr(out.scores, "tolist") and not isinstance(out.scores, (list, tuple)):
+        out.scores = out.scores.tolist()
+    if isinstance(out.scores, list):
+        out.scores = [s.item() if hasattr(s, "item") and not isinstance(s, numbers.Real) else s for s in out.scores]
+    if isinstance(out.per_func, dict):
+        for name, values in out.per_func.items():
+            if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+                out.per_func[name] = values.tolist()
+    if hasattr(out.generated_tokens, "item") and not isinstance(out.generated_tokens, numbers.Integral):
+        value = out.generated_tokens.item()
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        out.generated_tokens = value
 
 
 def agreed(processes, check, *args, **kwargs):

@@ -315,6 +315,11 @@ class AlignerEnvironment(Environment):
     def target_tokenizer(self):
         return self._drafter.target_tokenizer
 
+    @property
+    def batch_size(self) -> int:
+        """The drafts' chunk size, which the engine reads to seed a process's share as one process would."""
+        return self._drafter.batch_size
+
     def describe(self) -> dict:
         d = self._drafter
         return {"correction_template": self.correction_template, "max_new_tokens": d.max_new_tokens,

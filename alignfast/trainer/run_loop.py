@@ -65,6 +65,7 @@ class RunLoop:
             # damaged checkpoint, other data) N times: the main process says them.
             with _warnings_on_main_process_only(self.processes.is_main):
                 path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; past damaged ones
+                self._agree_on_resume_point(path)
                 self._load_checkpoint(path)
             resumed = path
             # only once it loaded: a resume that fails (a typo, a checkpoint of another setup) leaves the run as it was
@@ -197,6 +198,19 @@ class RunLoop:
             p.rename(aside / p.name)
         _log.warning("resuming from %s, an earlier checkpoint: the later %s of the run it branches from were moved "
                      "to %s", Path(resume).name, ", ".join(p.name for p in later), aside)
+
+    def _agree_on_resume_point(self, path) -> None:
+        """Every process resumes from the same checkpoint. Each verifies them itself, and one that finds the newest
+        damaged (its own read of a node-local or flaky disk) would fall back to an earlier step alone, its warning
+        muted off the main process: the processes compare steps (two collectives) and all stop, in one line."""
+        if not self.processes.distributed:
+            return
+        step = int(Path(path).name.rpartition("-")[2]) if Path(path).name.startswith("checkpoint-") else -1
+        newest, oldest = self.processes.max_int(step), -self.processes.max_int(-step)
+        if newest != oldest:
+            fail("resume_from_checkpoint", f"the processes chose different checkpoints to resume from (steps "
+                 f"{oldest} to {newest}; this one {Path(path).name}): one of them found a checkpoint damaged that "
+                 "another read whole; check the file system, or resume from one checkpoint by its path")
 
     def _claim_output_dir(self, resume=None) -> None:
         """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be

@@ -6,6 +6,7 @@ the checks these trained silently (zip truncated), or failed deep in the engine 
 import math
 
 import pytest
+import torch
 
 from alignfast.ops import AlignfastArgumentError
 from alignfast.rollout.rewards import WeightedRewards
@@ -170,3 +171,19 @@ def test_requests_reach_the_policy_in_its_chat_template_unless_the_tokenizer_has
     assert _policy_inputs(trainer, requests) == [tok(c, add_special_tokens=False)["input_ids"] for c in chat]
     tok.chat_template = None
     assert _policy_inputs(trainer, requests) == [tok(r)["input_ids"] for r in requests]
+
+
+def test_tensor_and_numpy_scores_are_taken_as_before_the_checks():
+    """The engine built its tensors from whatever step returned, so a torch tensor or numpy array of scores (or of a
+    reward's values) and a 0-d tensor of generated tokens trained; the checks take them as lists and ints."""
+    import numpy as np
+
+    class E:
+        pass
+
+    for scores in (torch.tensor([1.0, 2.0]), np.array([1.0, 2.0]), [torch.tensor(1.0), np.float32(2.0)]):
+        out = EnvOutput(scores=scores, per_func={"r": np.array([1.0, 2.0])}, answers=[["a"], ["b"]],
+                        generated_tokens=torch.tensor(3))
+        check_env_output(E(), out, ["p", "q"])
+        assert [float(s) for s in out.scores] == [1.0, 2.0] and out.per_func == {"r": [1.0, 2.0]}
+        assert out.generated_tokens == 3 and isinstance(out.generated_tokens, int)

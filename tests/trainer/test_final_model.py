@@ -195,5 +195,23 @@ def test_the_cli_refuses_a_final_folder_it_could_not_replace_before_training(tmp
     toy = str(Path(__file__).resolve().parents[2] / "configs" / "toy.yaml")
     assert main(["train", "--config", toy, "--trainer.output_dir", str(run), "--trainer.total_episodes", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds files that are not a saved model (notes.txt)" in err[0], err
+    assert len(err) == 1 and "has a final/ holding files that are not a saved model (notes.txt)" in err[0], err
+    assert "move or delete it, or choose another output_dir" in err[0]
     assert sorted(p.name for p in run.iterdir()) == [".alignfast.lock", "final"]  # no metrics, no checkpoint
+    # overwrite_output_dir removes an earlier run's final/, but this folder holds no run: it is still refused
+    assert main(["train", "--config", toy, "--trainer.output_dir", str(run), "--trainer.total_episodes", "64",
+                 "--trainer.overwrite_output_dir", "true"]) == 2
+    assert "has a final/ holding files" in capsys.readouterr().err
+
+
+def test_a_symlinked_final_folder_is_not_judged_by_what_it_points_to(align_pro, tmp_path):
+    """The swap moves a symlink, not the folder it points to: a final/ that links to a folder of other files is
+    replaced (the link kept aside), and the folder it pointed to is untouched."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final").symlink_to(mine, target_is_directory=True)
+    final = align_pro.save_model(tmp_path / "run" / "final")
+    assert not final.is_symlink() and (final / "config.json").is_file()
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
