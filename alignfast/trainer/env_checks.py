@@ -111,16 +111,25 @@ def _as_python_numbers(out) -> None:
     if hasattr(out.scores, "tolist") and not isinstance(out.scores, (list, tuple)):
         out.scores = out.scores.tolist()
     if isinstance(out.scores, list):
-        out.scores = [s.item() if hasattr(s, "item") and not isinstance(s, numbers.Real) else s for s in out.scores]
+        out.scores = [_scalar(s) for s in out.scores]
     if isinstance(out.per_func, dict):
         for name, values in out.per_func.items():
             if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
                 out.per_func[name] = values.tolist()
-    if hasattr(out.generated_tokens, "item") and not isinstance(out.generated_tokens, numbers.Integral):
-        value = out.generated_tokens.item()
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        out.generated_tokens = value
+            elif isinstance(values, list):
+                out.per_func[name] = [_scalar(v) for v in values]
+    value = _scalar(out.generated_tokens)
+    out.generated_tokens = int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _scalar(value):
+    """A one-element tensor or array as its Python number; anything else as it is (for the checks to judge: a
+    several-element tensor's .item() would raise its own error, not the checks' one line)."""
+    if isinstance(value, numbers.Real) or not hasattr(value, "item"):
+        return value
+    size = getattr(value, "numel", None)
+    size = size() if callable(size) else getattr(value, "size", None)
+    return value.item() if size == 1 else value
 
 
 def agreed(processes, check, *args, **kwargs):
@@ -131,13 +140,21 @@ def agreed(processes, check, *args, **kwargs):
     error, result = None, None
     try:
         result = check(*args, **kwargs)
-    except AlignfastArgumentError as err:
+    except Exception as err:  # noqa: BLE001 - agreed on first, then re-raised as it was on this process
         error = err
     if processes is not None and processes.distributed and processes.max_int(int(error is not None)):
         if error is None:
             raise AlignfastArgumentError(processes.gather_objects([])[0])
-        processes.gather_objects([str(error)])
+        processes.gather_objects([_one_line(error)])
         raise error
     if error is not None:
         raise error
     return result
+
+
+def _one_line(error: BaseException) -> str:
+    """What the other processes raise for this process's error: its own line, or its type and first line."""
+    if isinstance(error, AlignfastArgumentError):
+        return str(error)
+    first = (str(error).splitlines() or [""])[0]
+    return f"alignfast: another process failed: {type(error).__name__}: {first}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -64,8 +65,8 @@ class RunLoop:
             # Every process verifies and loads, and would say each warning of it (another step count, a skipped
             # damaged checkpoint, other data) N times: the main process says them.
             with _warnings_on_main_process_only(self.processes.is_main):
-                path = ckpt.resume_point(cfg.output_dir, resume_from_checkpoint)  # verified; past damaged ones
-                self._agree_on_resume_point(path)
+                # verified, past damaged ones; the same on every process
+                path = self._agreed_resume_point(resume_from_checkpoint)
                 self._load_checkpoint(path)
             resumed = path
             # only once it loaded: a resume that fails (a typo, a checkpoint of another setup) leaves the run as it was
@@ -199,18 +200,36 @@ class RunLoop:
         _log.warning("resuming from %s, an earlier checkpoint: the later %s of the run it branches from were moved "
                      "to %s", Path(resume).name, ", ".join(p.name for p in later), aside)
 
-    def _agree_on_resume_point(self, path) -> None:
-        """Every process resumes from the same checkpoint. Each verifies them itself, and one that finds the newest
-        damaged (its own read of a node-local or flaky disk) would fall back to an earlier step alone, its warning
-        muted off the main process: the processes compare steps (two collectives) and all stop, in one line."""
-        if not self.processes.distributed:
-            return
-        step = int(Path(path).name.rpartition("-")[2]) if Path(path).name.startswith("checkpoint-") else -1
-        newest, oldest = self.processes.max_int(step), -self.processes.max_int(-step)
+    def _agreed_resume_point(self, requested):
+        """ckpt.resume_point, the same on every process. Each verifies the checkpoints itself: one that finds the
+        newest damaged (its own read of a node-local or flaky disk) would fall back to an earlier step alone, its
+        warning muted off the main process, and one that finds none whole would fail alone while the others went
+        on. So the processes agree (three collectives): all raise when any failed (its error there, its line on the
+        others), and all stop in one line when their steps differ."""
+        error, path = None, None
+        try:
+            path = ckpt.resume_point(self.config.output_dir, requested)
+        except Exception as err:  # noqa: BLE001 - agreed on first, then re-raised as it was on this process
+            error = err
+        procs = self.processes
+        if not procs.distributed:
+            if error is not None:
+                raise error
+            return path
+        if procs.max_int(int(error is not None)):
+            if error is None:
+                fail("resume_from_checkpoint", procs.gather_objects([])[0])
+            procs.gather_objects([f"failed on another process: {type(error).__name__}: "
+                                  f"{(str(error).splitlines() or [''])[0].removeprefix('alignfast: ')}"])
+            raise error
+        match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+        step = int(match.group(1)) if match else -1
+        newest, oldest = procs.max_int(step), -procs.max_int(-step)
         if newest != oldest:
             fail("resume_from_checkpoint", f"the processes chose different checkpoints to resume from (steps "
                  f"{oldest} to {newest}; this one {Path(path).name}): one of them found a checkpoint damaged that "
                  "another read whole; check the file system, or resume from one checkpoint by its path")
+        return path
 
     def _claim_output_dir(self, resume=None) -> None:
         """A fresh run must not mix with an earlier one in the same output_dir: its metrics.jsonl would be

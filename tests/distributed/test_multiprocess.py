@@ -56,7 +56,9 @@ def runs(tmp_path_factory):
     assert not (two / "killed" / "checkpoint-3").exists()
     shutil.copytree(two / "killed", two / "killed_copy")
     shutil.copytree(two / "stopped_sharded", two / "sharded_copy")
-    second = launch(world, two, "resumed", "resumed_sharded", "aligner_resumed")
+    shutil.copytree(two / "killed", two / "killed_probe")
+    second = launch(world, two, "resume_fails_one_rank", "resume_differs_one_rank", "resumed", "resumed_sharded",
+                    "aligner_resumed")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
     toy_run.main([str(world), str(one), "align_pro", "align_pro_8bit", "oracle", "hf_target", "aligner", "proxy"])
     toy_run.main([str(world), str(two), "resumed_copy", "resumed_sharded_copy"])  # 2 processes' checkpoints, 1 resumes
@@ -156,6 +158,16 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(runs):
 def test_batch_that_does_not_split_over_the_processes_is_one_line_error(runs):
     message = (runs["two"] / "bad_accumulation.error").read_text()
     assert "\n" not in message and "'gradient_accumulation_steps'" in message and "processes (2)" in message
+
+
+def test_a_resume_one_process_sees_otherwise_ends_every_process(runs):
+    """Each process verifies the checkpoints itself: one that finds none whole failed alone, and one that read the
+    newest as damaged resumed an earlier step alone. Both now end every process with one line (the launch went
+    on to the next scenarios, so none waited in a collective)."""
+    failed = (runs["two"] / "resume_fails_one_rank.error").read_text()
+    assert "\n" not in failed and "failed on another process: CorruptCheckpointError" in failed, failed
+    differ = (runs["two"] / "resume_differs_one_rank.error").read_text()
+    assert "\n" not in differ and "chose different checkpoints to resume from (steps 1 to 2" in differ, differ
 
 
 def test_an_environment_output_one_process_rejects_ends_every_process(runs):

@@ -20,6 +20,9 @@ or OUT_DIR/<scenario>.error = the one-line error it ended with. Scenarios:
     hf_target        align_pro with a real tiny HF target (greedy), each process holding its own HFEngine
     openai_target    the same target served by $ALIGNFAST_TEST_STUB_URL (an OpenAI-compatible stub)
     bad_accumulation gradient_accumulation_steps 3 (not a multiple of 2 processes)
+    resume_fails_one_rank / resume_differs_one_rank  resume OUT_DIR/killed_probe (a copy of `killed`) where RANK 1
+                     alone finds no whole checkpoint / falls back to checkpoint-1 (its disk read the newest as
+                     damaged): every process must end with one line, none wait for the other in a collective
     bad_env_one_rank align_pro whose environment leaves one episode of RANK 1's share unscored (None) in step 1:
                      every process must end with the one-line error, not wait in the gather for the one that raised
     aligner          AlignerTrainer (SFT) of WORLD_DIR/aligner/corrector, 3 steps of 2 x 2 rows, eval/loss at the end
@@ -50,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importab
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from alignfast.ops._checks import AlignfastArgumentError  # noqa: E402
+from alignfast.trainer.checkpoint import resume_point as REAL_RESUME_POINT  # noqa: E402
 from alignfast.trainer.distributed import end_processes  # noqa: E402
 from alignfast.trainer.stop_signals import TrainingInterrupted  # noqa: E402
 from tests.trainer.tiny import TRAIN_PROMPTS, FunctionTarget, keyword_reward  # noqa: E402
@@ -269,6 +273,8 @@ def run(world: Path, out: Path, scenario: str) -> None:
         overrides = dict(save_steps=1, output_dir=str(out / folder), overwrite_output_dir=scenario == "stopped_sharded")
     if scenario == "bad_accumulation":
         overrides = dict(gradient_accumulation_steps=3)
+    if scenario.startswith("resume_") and scenario.endswith("_one_rank"):
+        overrides = dict(save_steps=1, output_dir=str(out / "killed_probe"), overwrite_output_dir=False)
     if scenario == "align_pro_8bit":
         overrides = dict(optim="adamw_torch_8bit")
     if scenario in ("signal_one_rank", "callback_one_rank"):
@@ -277,10 +283,12 @@ def run(world: Path, out: Path, scenario: str) -> None:
         overrides = dict(output_dir=str(out / scenario), overwrite_output_dir=True, save_steps=1)
     os.environ["ALIGNFAST_SHARDED_CHECKPOINTS"] = "1" if "sharded" in scenario else "0"
     try:
+        if scenario.startswith("resume_") and scenario.endswith("_one_rank"):
+            damage_resume_on_rank(scenario, rank=1)
         trainer = make_trainer(world, out, scenario, **overrides)
         if scenario == "bad_env_one_rank":
             unscore_on_rank(trainer.environment, rank=1)
-        result = trainer.train(resume_from_checkpoint=True if scenario.startswith("resumed") else None)
+        result = trainer.train(resume_from_checkpoint=True if scenario.startswith("resume") else None)
     except TrainingInterrupted as stopped:
         if int(os.environ.get("RANK", "0")) == 0:
             (out / f"{scenario}.stopped").write_text(f"{stopped.step} {stopped.signal_name} {stopped.checkpoint}")
@@ -289,6 +297,10 @@ def run(world: Path, out: Path, scenario: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             (out / f"{scenario}.error").write_text(str(err))
         return
+    finally:
+        from alignfast.trainer import checkpoint as ckpt
+
+        ckpt.resume_point = REAL_RESUME_POINT  # the next scenario's processes find checkpoints alike
     # the user-facing model of a sharded run: the gathered full weights (a collective call)
     final = trainer.save_model(out / scenario / "final") if "sharded" in scenario else None
     replicas_differ_by = max_difference_between_processes(trainer)
@@ -302,6 +314,22 @@ def run(world: Path, out: Path, scenario: str) -> None:
         torch.save({"params": params, "history": history, "kl_coef": trainer.kl_ctl.value, "saved": saved,
                     "num_processes": trainer.processes.num_processes, "replicas_differ_by": replicas_differ_by,
                     "quantised_states": quantised_optimizer_states(trainer)}, out / f"{scenario}.pt")
+
+
+def damage_resume_on_rank(scenario: str, rank: int) -> None:
+    """On process `rank` only, the checkpoint search finds none whole, or reads the newest as damaged."""
+    from alignfast.trainer import checkpoint as ckpt
+
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    found = REAL_RESUME_POINT
+
+    def damaged(output_dir, requested, **kwargs):
+        if scenario == "resume_fails_one_rank":
+            raise ckpt.CorruptCheckpointError(Path(output_dir), "no checkpoint in it passes verification (probe)")
+        return found(output_dir, Path(output_dir) / "checkpoint-1", **kwargs)
+
+    ckpt.resume_point = damaged
 
 
 def unscore_on_rank(environment, rank: int) -> None:

@@ -187,3 +187,18 @@ def test_tensor_and_numpy_scores_are_taken_as_before_the_checks():
         check_env_output(E(), out, ["p", "q"])
         assert [float(s) for s in out.scores] == [1.0, 2.0] and out.per_func == {"r": [1.0, 2.0]}
         assert out.generated_tokens == 3 and isinstance(out.generated_tokens, int)
+
+
+@pytest.mark.parametrize("field, value", [("generated_tokens", torch.tensor([1, 2])), ("scores", "several")])
+def test_a_several_element_tensor_is_the_checks_one_line_not_items_error(field, value):
+    """.item() of a several-element tensor or array raised torch's or numpy's own error (which a launcher's other
+    processes would not have agreed on); the checks' one line names the field instead."""
+    import numpy as np
+
+    class E:
+        pass
+
+    kwargs = dict(scores=[1.0, 2.0], per_func={}, answers=[["a"], ["b"]])
+    kwargs[field] = [np.array([1.0, 2.0]), 1.0] if value == "several" else value
+    with pytest.raises(AlignfastArgumentError, match=rf"^alignfast: E\.step returned .*{field}"):
+        check_env_output(E(), EnvOutput(**kwargs), ["p", "q"])
