@@ -13,7 +13,7 @@ from alignfast.rollout.rewards import WeightedRewards
 from alignfast.trainer import AlignProConfig, DirectEnvironment, Environment, EnvOutput, PPOTrainer
 from alignfast.trainer import TrainingDivergedError
 from alignfast.trainer.env_checks import check_env_output, check_requests
-from tests.trainer.tiny import WORDS, make_causal_lm, make_tokenizer
+from tests.trainer.tiny import small_world
 
 PROMPTS = [f"what is the {w}" for w in ("cat", "dog", "bird", "fish")] * 2
 
@@ -67,9 +67,7 @@ class QuizEnv(Environment):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")
-    tok = make_tokenizer(root / "tok", WORDS)
-    make_causal_lm(root / "policy", len(tok), seed=3, hidden=32, layers=1)
-    tok.save_pretrained(str(root / "policy"))
+    small_world(root, prompter_seed=3, name="policy", hidden=32)
     return root
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alignfast.trainer.ppo_core import UpdateStats, compute_advantages
-from tests.trainer.tiny import echo_trainer, make_causal_lm, make_tokenizer, WORDS
+from tests.trainer.tiny import echo_trainer, small_world
 from tests.utils import relative_error
 
 
@@ -45,11 +45,7 @@ def saved_for_backward(trainer) -> tuple[int, list]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("memory")
-    tok = make_tokenizer(root / "tok", WORDS)
-    make_causal_lm(root / "prompter", len(tok), seed=0, hidden=16, layers=3)
-    tok.save_pretrained(str(root / "prompter"))
-    return tok, root / "prompter"
+    return small_world(tmp_path_factory.mktemp("memory"), layers=3)
 
 
 @pytest.mark.parametrize("value_head,lora", [("separate", False), ("shared", False), ("separate", True)])

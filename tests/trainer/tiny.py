@@ -114,12 +114,13 @@ class Recorder:
         self.logs.append(dict(logs))
 
 
-def small_world(root, *, prompter_seed: int = 0):
-    """(tokenizer, prompter dir) of the small rewrite world used by the trainer tests."""
+def small_world(root, *, prompter_seed: int = 0, name: str = "prompter", hidden: int = 16, layers: int = 1):
+    """(tokenizer, prompter dir) of the small rewrite world used by the trainer tests (the model's folder `name`,
+    of that hidden size and depth)."""
     tok = make_tokenizer(root / "tok", WORDS)
-    make_causal_lm(root / "prompter", len(tok), seed=prompter_seed, hidden=16, layers=1)
-    tok.save_pretrained(str(root / "prompter"))  # a loadable model directory, as users have
-    return tok, root / "prompter"
+    make_causal_lm(root / name, len(tok), seed=prompter_seed, hidden=hidden, layers=layers)
+    tok.save_pretrained(str(root / name))  # a loadable model directory, as users have
+    return tok, root / name
 
 
 TRAIN_PROMPTS = ["what is a cat", "why fish", "explain the dog", "bird", "what is the bird", "a dog"]
