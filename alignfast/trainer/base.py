@@ -37,7 +37,7 @@ from alignfast.trainer.distributed import (NoState as _NoState, TrainableModules
                                            gather_env_output, gather_rollout, gathered_for_generation,
                                            gathered_policy_state, make_processes, save_sharded_state)
 from alignfast.trainer.embedding_grad import install_for_critic, install_for_policy
-from alignfast.trainer.env_checks import agreed, check_env_output, check_requests
+from alignfast.trainer.env_checks import check_env_output, check_requests
 from alignfast.trainer.environments import Environment
 from alignfast.trainer.kl_controller import make_kl_controller
 from alignfast.trainer.lora_fast import install_lean_lora
@@ -392,7 +392,7 @@ class PPOEngineTrainer(RunLoop):
 
         env_out = self.environment.step(local.prompts, outputs, local.columns,
                                         seed=self._env_seed(derive_seed(cfg.seed, step, stream=3) % (2**31), lo))
-        agreed(procs, check_env_output, self.environment, env_out, local.prompts, first_episode=lo)
+        procs.agreed(check_env_output, self.environment, env_out, local.prompts, first_episode=lo)
         if procs.distributed:
             outputs, env_out = procs.gather_objects(outputs), gather_env_output(procs, env_out)
         self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)
@@ -552,7 +552,7 @@ class PPOEngineTrainer(RunLoop):
             policy_seed = derive_seed(seed, 0, stream=7) % (2**31)
         requests = self.environment.policy_requests(prompts, columns, seed=policy_seed)
         if draw_rows is not None:  # a training step under N processes: every process raises together
-            requests = agreed(self.processes, check_requests, self.environment, requests, columns, len(prompts))
+            requests = self.processes.agreed(check_requests, self.environment, requests, columns, len(prompts))
         else:
             requests = check_requests(self.environment, requests, columns, len(prompts))
         rows = self._cut_policy_inputs([templates.user_turn_ids(self.tokenizer, r,

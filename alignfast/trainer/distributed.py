@@ -131,6 +131,27 @@ class Processes:
         t = torch.tensor([int(value)], dtype=torch.int64, device=self.accelerator.device)
         return int(self.accelerator.gather(t).max())
 
+    def agreed(self, work, *args, **kwargs):
+        """work(*args, **kwargs) on every process, then one agreement on whether it raised anywhere (a collective
+        when distributed). Each process's work sees its own share or its own disk; one that raised alone would leave
+        the others waiting in the next collective. So every process raises together: the failing one its own
+        error (anything: an OSError too), the others one line naming it."""
+        error, result = None, None
+        try:
+            result = work(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - agreed on first, then re-raised as it was on this process
+            error = err
+        if self.distributed and self.max_int(int(error is not None)):
+            if error is None:
+                from alignfast.ops._checks import AlignfastArgumentError
+
+                raise AlignfastArgumentError(f"alignfast: {self.gather_objects([])[0]}")
+            line = (str(error).splitlines() or [""])[0].removeprefix("alignfast: ")
+            self.gather_objects([f"failed on another process: {type(error).__name__}: {line}"])
+        if error is not None:
+            raise error
+        return result
+
     def wait(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()

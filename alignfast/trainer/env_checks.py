@@ -131,30 +131,3 @@ def _scalar(value):
     size = size() if callable(size) else getattr(value, "size", None)
     return value.item() if size == 1 else value
 
-
-def agreed(processes, check, *args, **kwargs):
-    """check(*args, **kwargs) with every process raising together. Under N processes each checks its own share of
-    the batch before the results are gathered; one that raised alone left the others waiting in that gather until
-    the launcher's timeout. So the processes agree whether any check failed (one collective per call) and all raise
-    the first failing process's line. For the training step only, which every process runs in step."""
-    error, result = None, None
-    try:
-        result = check(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - agreed on first, then re-raised as it was on this process
-        error = err
-    if processes is not None and processes.distributed and processes.max_int(int(error is not None)):
-        if error is None:
-            raise AlignfastArgumentError(processes.gather_objects([])[0])
-        processes.gather_objects([_one_line(error)])
-        raise error
-    if error is not None:
-        raise error
-    return result
-
-
-def _one_line(error: BaseException) -> str:
-    """What the other processes raise for this process's error: its own line, or its type and first line."""
-    if isinstance(error, AlignfastArgumentError):
-        return str(error)
-    first = (str(error).splitlines() or [""])[0]
-    return f"alignfast: another process failed: {type(error).__name__}: {first}"

@@ -38,7 +38,7 @@ from alignfast.trainer.base import PPOEngineTrainer, _special_ids, build_rewards
 from alignfast.trainer.config import AlignProConfig, _opt
 from alignfast.trainer.data import PromptDataset, batch_indices, derive_seed
 from alignfast.trainer.distributed import gather_env_output, gather_rollout, make_processes
-from alignfast.trainer.env_checks import agreed, check_env_output
+from alignfast.trainer.env_checks import check_env_output
 from alignfast.trainer.environments import DirectEnvironment
 from alignfast.trainer.optimizers import no_weight_decay
 from alignfast.trainer.ppo_core import Advantages, Rollout, compute_advantages, make_opset
@@ -349,7 +349,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         t_gen = time.perf_counter()
         env_out = self.environment.step(batch.prompts[lo:hi], outputs, {k: v[lo:hi] for k, v in batch.columns.items()},
                                         seed=self._env_seed(derive_seed(cfg.seed, step, stream=3) % (2**31), lo))
-        agreed(procs, check_env_output, self.environment, env_out, batch.prompts[lo:hi], first_episode=lo)
+        procs.agreed(check_env_output, self.environment, env_out, batch.prompts[lo:hi], first_episode=lo)
         if procs.distributed:
             outputs, env_out = procs.gather_objects(outputs), gather_env_output(procs, env_out)
         self._check_scores(env_out.scores, env_out.per_func, step, last_good, batch.prompts)

@@ -204,24 +204,12 @@ class RunLoop:
         """ckpt.resume_point, the same on every process. Each verifies the checkpoints itself: one that finds the
         newest damaged (its own read of a node-local or flaky disk) would fall back to an earlier step alone, its
         warning muted off the main process, and one that finds none whole would fail alone while the others went
-        on. So the processes agree (three collectives): all raise when any failed (its error there, its line on the
-        others), and all stop in one line when their steps differ."""
-        error, path = None, None
-        try:
-            path = ckpt.resume_point(self.config.output_dir, requested)
-        except Exception as err:  # noqa: BLE001 - agreed on first, then re-raised as it was on this process
-            error = err
+        on. So the processes agree: all raise when any failed (Processes.agreed), and all stop in one line when
+        their steps differ."""
         procs = self.processes
+        path = procs.agreed(ckpt.resume_point, self.config.output_dir, requested)
         if not procs.distributed:
-            if error is not None:
-                raise error
             return path
-        if procs.max_int(int(error is not None)):
-            if error is None:
-                fail("resume_from_checkpoint", procs.gather_objects([])[0])
-            procs.gather_objects([f"failed on another process: {type(error).__name__}: "
-                                  f"{(str(error).splitlines() or [''])[0].removeprefix('alignfast: ')}"])
-            raise error
         match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
         step = int(match.group(1)) if match else -1
         newest, oldest = procs.max_int(step), -procs.max_int(-step)
