@@ -3,6 +3,8 @@ either holding full weights or a LoRA adapter (peft), with its tokenizer."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 from alignfast.cli.errors import CLIError
@@ -39,29 +41,40 @@ def trained_as(path: str | Path) -> tuple[str | None, dict | None]:
     config.json is beside it. (None, None) for a folder from elsewhere or from before the arm was recorded."""
     import json
 
-    from alignfast.trainer.base import ARM_FILE
-    from alignfast.trainer.checkpoint import STATE_FILE
-
-    p = Path(path).expanduser()
-    checkpoint = p if (p / STATE_FILE).is_file() else p.parent if (p.parent / STATE_FILE).is_file() else None
+    record, in_checkpoint = _trained_record(path)
+    arm = record.get("arm")
+    if in_checkpoint:
+        return arm, record.get("config")
+    run_config = Path(path).expanduser().parent / "config.json"
     try:
-        if checkpoint is not None:
-            state = json.loads((checkpoint / STATE_FILE).read_text())
-            return state.get("arm"), state.get("config")
-        arm = json.loads((p / ARM_FILE).read_text()).get("arm") if (p / ARM_FILE).is_file() else None
-        run_config = p.parent / "config.json"
         settings = json.loads(run_config.read_text()) if arm is not None and run_config.is_file() else None
-        return arm, settings if isinstance(settings, dict) else None
     except (OSError, ValueError):  # unreadable: the loader's own checks speak for the folder
         return None, None
+    return arm, settings if isinstance(settings, dict) else None
 
 
 def trained_environment(path: str | Path) -> tuple[str | None, dict | None]:
     """(environment class, its describe() settings) that a PPO trainer recorded with a model folder (ARM_FILE, or a
     checkpoint-<step>'s trainer_state.json); (None, None) where none was recorded (a folder from before the record,
     or from elsewhere), settings None where the environment did not describe itself."""
+    record, _ = _trained_record(path)
+    settings = record.get("environment_settings")
+    return record.get("environment"), settings if isinstance(settings, dict) else None
+
+
+@functools.lru_cache(maxsize=16)
+def _read_record(source: str, mtime_ns: int) -> dict:
     import json
 
+    record = json.loads(Path(source).read_text())
+    return record if isinstance(record, dict) else {}
+
+
+def _trained_record(path: str | Path) -> tuple[dict, bool]:
+    """(the record the trainer left with a model folder, whether it is a checkpoint's trainer_state.json): a
+    checkpoint-<step>'s (the folder's or its parent's) or the save_model folder's ARM_FILE; {} where there is none
+    or it does not read. Read once per file version (eval asks several questions of one folder, and a checkpoint's
+    state holds the whole history)."""
     from alignfast.trainer.base import ARM_FILE
     from alignfast.trainer.checkpoint import STATE_FILE
 
@@ -69,13 +82,10 @@ def trained_environment(path: str | Path) -> tuple[str | None, dict | None]:
     checkpoint = p if (p / STATE_FILE).is_file() else p.parent if (p.parent / STATE_FILE).is_file() else None
     source = checkpoint / STATE_FILE if checkpoint is not None else p / ARM_FILE
     try:
-        record = json.loads(source.read_text()) if source.is_file() else {}
-    except (OSError, ValueError):
-        return None, None
-    if not isinstance(record, dict):
-        return None, None
-    settings = record.get("environment_settings")
-    return record.get("environment"), settings if isinstance(settings, dict) else None
+        # a copy: callers may edit what they get, and the cached record must stay the file's
+        return copy.deepcopy(_read_record(str(source.resolve()), source.stat().st_mtime_ns)), checkpoint is not None
+    except (OSError, ValueError):  # absent or unreadable: the loader's own checks speak for the folder
+        return {}, checkpoint is not None
 
 
 def _check_intact(checkpoint: Path) -> None:
