@@ -295,6 +295,12 @@ def _put_back(temp: Path, path: Path) -> None:
         os.replace(temp / "c", path)
 
 
+def step_of(path: str | os.PathLike) -> int:
+    """N of a checkpoint-N folder; -1 for a folder named otherwise (a copy a user renamed)."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """checkpoint-<step> folders under output_dir (not yet verified), oldest step first."""
     root = Path(output_dir)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -169,16 +168,7 @@ class RunLoop:
         """work() on the main process alone, then one agreement: if it raised (anything: an OSError too), every
         process stops, the main one with its error and the others with a line pointing to it; none waits in a
         collective for a process that has already failed."""
-        error = None
-        if self.processes.is_main:
-            try:
-                work()
-            except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes are told
-                error = err
-        if self.processes.max_int(int(error is not None)):
-            if error is not None:
-                raise error
-            fail("output_dir", f"'{self.config.output_dir}': the main process failed (its error says why)")
+        self.processes.agreed(work if self.processes.is_main else lambda: None)
 
     def _abandon_later_checkpoints(self, resume) -> None:
         """A resume from an earlier checkpoint of output_dir's own run starts another branch of it. The old
@@ -210,9 +200,8 @@ class RunLoop:
         path = procs.agreed(ckpt.resume_point, self.config.output_dir, requested)
         if not procs.distributed:
             return path
-        match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
-        step = int(match.group(1)) if match else -1
-        newest, oldest = procs.max_int(step), -procs.max_int(-step)
+        steps = procs.gather_objects([ckpt.step_of(path)])
+        newest, oldest = max(steps), min(steps)
         if newest != oldest:
             fail("resume_from_checkpoint", f"the processes chose different checkpoints to resume from (steps "
                  f"{oldest} to {newest}; this one {Path(path).name}): one of them found a checkpoint damaged that "
