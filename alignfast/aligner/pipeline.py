@@ -225,11 +225,11 @@ class AlignerPipeline:
         if answers is None:
             upstream = self.upstream_completions(questions, seed=seed)
             answers = [c.text for c in upstream]
-            cut: list[bool | None] = [c.finish_reason == "length" for c in upstream]
+            cut: list[bool | None] = [c.truncated for c in upstream]
         else:
             answers, cut = list(answers), [None] * len(questions)
         corrections = self.corrector.generate(questions, answers)
-        return [Correction(q, a, c.text, truncated=c.finish_reason == "length", answer_tokens_dropped=d,
+        return [Correction(q, a, c.text, truncated=c.truncated, answer_tokens_dropped=d,
                            answer_truncated=u)
                 for q, a, c, d, u in zip(questions, answers, corrections, self.corrector.answer_tokens_dropped, cut,
                                          strict=True)]

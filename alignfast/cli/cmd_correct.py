@@ -149,7 +149,7 @@ def run(args, extra) -> int:
             answers = [r["answer"] for r in rows]
             generated = corrector.generate(questions, answers)
             corrections = [c.text for c in generated]
-            truncated = [c.finish_reason == "length" for c in generated]
+            truncated = [c.truncated for c in generated]
             dropped = corrector.answer_tokens_dropped
         else:
             if args.upstream:

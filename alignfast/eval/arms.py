@@ -97,7 +97,7 @@ def policy_outputs(engine, tokenizer, requests: Sequence[str], *, max_new_tokens
     texts = [c[0].text.strip() for c in completions]
     if not report_truncated:
         return texts
-    return texts, [c[0].finish_reason == "length" for c in completions]
+    return texts, [c[0].truncated for c in completions]
 
 
 def no_fine_tuning(environment, prompts: Sequence[str], columns: dict | None = None, *, seed: int = 0,
@@ -162,7 +162,7 @@ def with_corrector(name: str, environment, corrector, prompts: Sequence[str], co
     if callable(getattr(corrector, "generate", None)):
         completions = corrector.generate(prompts, list(answers))
         corrections = [c.text for c in completions]
-        truncated = [c.finish_reason == "length" for c in completions]
+        truncated = [c.truncated for c in completions]
     else:
         corrections = corrector.correct(prompts, list(answers))
     out = environment.rewards(prompts, corrections, **cols)

@@ -28,6 +28,11 @@ class Completion:
     def generated_tokens(self) -> int:
         return len(self.token_ids) if self.num_tokens is None else self.num_tokens
 
+    @property
+    def truncated(self) -> bool:
+        """It stopped at max_new_tokens before EOS: the answer is cut."""
+        return self.finish_reason == "length"
+
 
 Prompt = str | Sequence[int]
 
