@@ -273,18 +273,9 @@ class AlignerTrainer(RunLoop):
     def save_model(self, output_dir=None) -> Path:
         """The corrector (or its LoRA adapter), its tokenizer, and aligner_config.json (template, chat
         template flag, max_length, encoding_version) so AlignerPipeline / `alignfast correct` rebuild its input
-        exactly. In `output_dir` (by default the run's output_dir/final, where the CLI saves it), which appears whole
-        or not at all; an existing one is replaced whole (checkpoint.new_folder_atomically: a kill mid-write leaves
-        the earlier corrector as it was; files of the earlier folder the new one does not write are kept aside, with
-        a warning). A run's output_dir, a folder containing it, the working or home folder and a folder of files that
-        are no saved model are refused in one line (checkpoint.check_model_folder: the swap would move them aside)."""
-        out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
-        ckpt.check_model_folder(out, self.config.output_dir)  # every process: none waits on one that failed
-        if self.processes.is_main:  # the replicas are identical: one process writes
-            with ckpt.writing(self.config.output_dir, "the corrector", out), ckpt.new_folder_atomically(out) as tmp:
-                self._save_policy(tmp)
-        self.processes.wait()
-        return out
+        exactly; in `output_dir` (by default the run's output_dir/final), written whole or not at all:
+        RunLoop._save_model_folder."""
+        return self._save_model_folder(output_dir, "the corrector", lambda: self._save_policy)
 
     def _save_policy(self, path: Path) -> None:
         self.model.save_pretrained(str(path))

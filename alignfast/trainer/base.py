@@ -321,22 +321,14 @@ class PPOEngineTrainer(RunLoop):
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """The policy (or its LoRA adapter) and its tokenizer in save_pretrained form, in `output_dir` (by default
-        the run's output_dir/final, where the CLI saves it). The folder appears whole or not at all, and an existing
-        one is replaced whole (checkpoint.new_folder_atomically: a kill mid-write leaves the earlier model as it
-        was; files of the earlier folder the new model does not write are kept aside, with a warning). A run's
-        output_dir, a folder containing it, the working or home folder and a folder of files that are no saved model
-        are refused in one line (checkpoint.check_model_folder: the swap would move them aside whole)."""
-        out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
-        # Every process checks, before the gather: none waits in it for one that refused.
-        ckpt.check_model_folder(out, self.config.output_dir)
-        # Sharded state (FSDP2 / ZeRO-3): the full weights are gathered to the main process (collective).
-        state = gathered_policy_state(self.processes, self.trainable) if self.processes.sharded_state else None
-        extra = {"state_dict": state} if state is not None else {}
-        if self.processes.is_main:  # the replicas are identical: one process writes
-            with ckpt.writing(self.config.output_dir, "the model", out), ckpt.new_folder_atomically(out) as tmp:
-                self._write_model(tmp, extra)
-        self.processes.wait()
-        return out
+        the run's output_dir/final), written whole or not at all: RunLoop._save_model_folder."""
+        def gathered():
+            # Sharded state (FSDP2 / ZeRO-3): the full weights are gathered to the main process (collective).
+            state = gathered_policy_state(self.processes, self.trainable) if self.processes.sharded_state else None
+            extra = {"state_dict": state} if state is not None else {}
+            return lambda folder: self._write_model(folder, extra)
+
+        return self._save_model_folder(output_dir, "the model", gathered)
 
     def _write_model(self, folder: Path, extra: dict) -> None:
         """The model, its tokenizer, and which arm trained it (ARM_FILE: `alignfast eval` refuses a folder passed as

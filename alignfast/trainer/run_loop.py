@@ -164,6 +164,24 @@ class RunLoop:
 
         self._on_main_process(claim)
 
+    def _save_model_folder(self, output_dir, what: str, prepare) -> Path:
+        """Save the trained model into `output_dir` (by default the run's output_dir/final, where the CLI saves it),
+        which appears whole or not at all; an existing one is replaced whole (checkpoint.new_folder_atomically: a kill
+        mid-write leaves the earlier model as it was; files of the earlier folder the new model does not write are
+        kept aside, with a warning). A run's output_dir, a folder containing it, the working or home folder and a
+        folder of files that are no saved model are refused in one line (checkpoint.check_model_folder: the swap
+        would move them aside whole). prepare(), on every process after that check (so none waits in a collective
+        for one that refused): what the save needs of every process (a sharded model's gather), returning
+        write(folder), which the main process alone runs (the replicas are identical). `what`: for write errors."""
+        out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
+        ckpt.check_model_folder(out, self.config.output_dir)
+        write = prepare()
+        if self.processes.is_main:
+            with ckpt.writing(self.config.output_dir, what, out), ckpt.new_folder_atomically(out) as tmp:
+                write(tmp)
+        self.processes.wait()
+        return out
+
     def _on_main_process(self, work) -> None:
         """work() on the main process alone, then one agreement: if it raised (anything: an OSError too), every
         process stops, the main one with its error and the others with a line pointing to it; none waits in a
