@@ -736,7 +736,7 @@ class PPOEngineTrainer(RunLoop):
         warn_other_train_rows(path, state, len(self.train_dataset), self._train_fingerprint(), what="training prompts",
                               setting="data.train in a run file; train_dataset in Python")
         warn_other_inputs(path, state, target=self._target_identity(), rewards=self._reward_setup(),
-                          reward_models=self._reward_models())
+                          reward_models=self._reward_models(), environment=self._environment_record())
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.global_step = int(state["global_step"])
         self.episode = int(state["episode"])

@@ -137,11 +137,13 @@ def warn_other_train_rows(path, state: dict, rows: int, fingerprint: str, *, wha
 
 
 def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list | None,
-                      reward_models: dict | None = None) -> None:
-    """One warning line for a target, one for a reward setup, one for reward models' weights, that differ from those
-    the checkpoint's run had (recorded by its trainer: target {name, weights}, rewards [[name, weight], ...],
-    reward_models {name: fingerprint of its weights}); none for a checkpoint that recorded nothing. A warning, as
+                      reward_models: dict | None = None, environment: dict | None = None) -> None:
+    """One warning line for a target, one for a reward setup, one for reward models' weights, one for the
+    environment, that differ from those the checkpoint's run had (recorded by its trainer: target {name, weights},
+    rewards [[name, weight], ...], reward_models {name: fingerprint of its weights}, environment {"environment":
+    class name, "environment_settings": its describe()}); none for a checkpoint that recorded nothing. A warning, as
     for the target: another reward may be on purpose, but never silent."""
+    _warn_other_environment(path, state, environment)
     saved = state.get("target")
     if saved is not None and target is not None and saved != target:
         _log.warning("resuming from %s with another target (target.model in a run file; the target in Python): %s "
@@ -160,6 +162,27 @@ def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list |
             _log.warning("resuming from %s with another reward model's weights under the same name (reward.model in a "
                          "run file; reward_model in Python): %s differ from the checkpoint's run's: the run will not "
                          "match an uninterrupted one", path, ", ".join(repr(n) for n in swapped))
+
+
+def _warn_other_environment(path, state: dict, environment: dict | None) -> None:
+    """The environment's settings live outside the trainer's config for some environments (Aligner-PPO's
+    correction template and draft budget, a user's own Environment), so the config comparison cannot see them."""
+    if environment is None or "environment" not in state:
+        return
+    if state["environment"] != environment["environment"]:
+        _log.warning("resuming from %s with another environment: %s where the checkpoint's run had %s: the run will "
+                     "not match an uninterrupted one", path, environment["environment"], state["environment"])
+        return
+    saved, now = state.get("environment_settings"), environment.get("environment_settings")
+    if saved is None or now is None or saved == now:
+        return
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, _MISSING) != now.get(k, _MISSING))
+    _log.warning("resuming from %s with environment settings (%s.describe()) that differ from the checkpoint's (%s): "
+                 "the run will not match an uninterrupted one", path, environment["environment"],
+                 "; ".join(f"{k}: {saved.get(k, _MISSING)!r} -> {now.get(k, _MISSING)!r}" for k in changed))
+
+
+_MISSING = "<unset>"
 
 
 def _target_text(t: dict) -> str:

@@ -20,12 +20,13 @@ def corrected(prompts, completions, draft, **columns):
     return [float(x.split()[-1] in y.split()) - 0.05 * len(y.split()) for x, y in zip(prompts, completions)]
 
 
-def _trainer(tmp_path, **overrides):
+def _trainer(tmp_path, env_settings=None, **overrides):
     tok = make_tokenizer(tmp_path / "tok", WORDS)
     policy = make_causal_lm(tmp_path / "policy", len(tok), seed=3, hidden=32, layers=1)
     target = FunctionTarget(lambda request: "a dog", tok)
     env = AlignerEnvironment(target, WeightedRewards([corrected]), target_tokenizer=tok,
-                             correction_template="{prompt} answer {draft} rewrite", max_new_tokens=4)
+                             **{"correction_template": "{prompt} answer {draft} rewrite", "max_new_tokens": 4,
+                                **(env_settings or {})})
     cfg = AlignProConfig(**{"output_dir": str(tmp_path / "out"), "seed": 0, "learning_rate": 1e-2,
                             "response_length": 4, "temperature": 1.0, "per_device_train_batch_size": 16,
                             "num_mini_batches": 1, "num_ppo_epochs": 4, "kl_coef": 0.01, "save_strategy": "no",
@@ -69,6 +70,29 @@ def test_the_saved_corrector_records_its_environment(tmp_path):
         "arm": "ppo", "environment": "AlignerEnvironment", "environment_settings": described}
     state = json.loads((tmp_path / "out" / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["environment"] == "AlignerEnvironment" and state["environment_settings"] == described
+
+
+def test_a_resume_with_other_environment_settings_says_which(tmp_path, caplog):
+    """Aligner-PPO's correction template and draft budget live in the environment, not in the trainer's config, so a
+    resume with others was silent; it now says which settings differ, and says nothing when none does."""
+    import logging
+
+    constant = dict(lr_scheduler_type="constant")  # a resume over more steps says nothing of its schedule
+    trainer, _, _ = _trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, **constant)
+    trainer.train()
+
+    def resume(**env_settings):
+        t, _, _ = _trainer(tmp_path, env_settings, max_steps=2, save_strategy="no", **constant)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignfast.trainer"):
+            t.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+        return [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+
+    assert resume() == []
+    lines = resume(correction_template="{draft} fix {prompt}", max_new_tokens=3)
+    assert len(lines) == 1 and "with environment settings (AlignerEnvironment.describe()) that differ from the " \
+        "checkpoint's (correction_template: '{prompt} answer {draft} rewrite' -> '{draft} fix {prompt}'; " \
+        "max_new_tokens: 4 -> 3)" in lines[0], lines
 
 
 def test_the_aligner_target_is_the_engines_target(tmp_path):
