@@ -98,7 +98,12 @@ class RewardModel:
             for p, c in zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size]):
                 text, add_special = exchange(self.tokenizer, p, c, fallback_template=self.template,
                                              use_chat_template=self.use_chat_template)
-                encoded.append(list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"]))
+                ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+                if not ids:  # an all-pad row: the classifier would pool a pad (NaN under float64 eager attention)
+                    fail("reward_template", f"renders exchange {start + len(encoded)} (prompt {p!r}, completion "
+                         f"{c!r}) to text of no token ({text!r}): there is nothing for the reward model to score; give "
+                         "a template with fixed text, or a tokenizer with a chat template")
+                encoded.append(ids)
             encoded = self._cut(encoded)
             input_ids, attention_mask = right_pad(encoded, self.pad_token_id, self.device)
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -97,3 +97,16 @@ def test_reward_model_label_choice_and_truncation(tmp_path):
     # A path object loads like a path string (it was taken for a model object: AttributeError on .config).
     from_path = RewardModel(tmp_path / "rm", label_index=1, max_length=3)
     assert from_path(["what is a cat"], ["the cat is a cat"]) == rm(["what is a cat"], ["the cat is a cat"])
+
+
+def test_an_exchange_of_no_token_is_refused_naming_the_template(tmp_path):
+    """A row of no token is all pads: the classifier pooled a pad (its score depended on the batch's width, and it was
+    NaN under float64 eager attention, whose pad row sees no key). It is refused naming reward_template."""
+    tok = make_tokenizer(tmp_path / "rm", WORDS, chat_template=False)
+    model = make_reward_model(tmp_path / "rm", len(tok), seed=1, hidden=16)
+    assert tok("", add_special_tokens=True)["input_ids"] == []
+    rm = RewardModel(model, tok, template="{prompt}{completion}")
+    with pytest.raises(AlignfastArgumentError, match=r"'reward_template' renders exchange 1 \(prompt '', completion "
+                                                     r"''\) to text of no token \(''\): there is nothing"):
+        rm(["a cat", ""], ["the cat", ""])
+    assert len(rm(["a cat", ""], ["the cat", "dog"])) == 2
