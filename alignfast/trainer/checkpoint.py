@@ -151,10 +151,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, trainable: dict
             json.dump(trainer_state, f, indent=1, default=_json_default)
         _write_manifest(tmp)  # fsyncs every file and folder, then the manifest: from here the copy is complete
         if final.exists():  # the same step written again (a rerun): replace it, still atomically
-            old = _fresh_dir(root, f"{TMP_PREFIX}replaced-{step}-")
-            os.replace(final, old / "c")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap(tmp, final, parked=_fresh_dir(root, f"{TMP_PREFIX}replaced-{step}-"))
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
@@ -278,15 +275,21 @@ def _replace_folder(tmp: Path, path: Path, warn) -> None:
         warn(f"alignfast: {path} held {shown}, which the model saved there now does not write: the earlier folder "
              f"is kept whole as {aside} (delete it once nothing in it is needed)")
         return
-    old = _fresh_dir(path.parent, f"{TMP_PREFIX}{REPLACED_FOLDER}{path.name}-")
-    os.replace(path, old / "c")
+    _swap(tmp, path, parked=_fresh_dir(path.parent, f"{TMP_PREFIX}{REPLACED_FOLDER}{path.name}-"))
+
+
+def _swap(tmp: Path, path: Path, *, parked: Path) -> None:
+    """Put `tmp` in the place of the existing `path` by two renames: `path` to `parked`/c, then `tmp` to `path`.
+    A failed second rename puts the old folder back; a kill between the two leaves it in `parked`, whose name
+    (a step's, or REPLACED_FOLDER + the folder's) tells clean_stale where it returns."""
+    os.replace(path, parked / "c")
     try:
         os.replace(tmp, path)
     except BaseException:
-        os.replace(old / "c", path)  # the old folder back where it was
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(parked / "c", path)
+        shutil.rmtree(parked, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(parked, ignore_errors=True)
 
 
 def _put_back(temp: Path, path: Path) -> None:

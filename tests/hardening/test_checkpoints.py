@@ -322,3 +322,33 @@ def test_a_sharded_checkpoint_under_a_launch_that_does_not_shard_says_so(tmp_pat
         check_resumable(ddp, tmp_path, {"num_processes": 2})
     assert check_resumable(SimpleNamespace(num_processes=2, sharded_state=True), tmp_path,
                            {"num_processes": 2}) == tmp_path / SHARDS
+
+
+def test_a_failed_rewrite_of_a_step_puts_its_checkpoint_back(tmp_path, monkeypatch):
+    """A step written again (a rerun) replaces its checkpoint by two renames; when the second fails (a full disk, say)
+    the earlier checkpoint returns whole and verified, and no temporary folder stays."""
+    from pathlib import Path
+
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def save(value):
+        return ckpt.save_checkpoint(tmp_path, 1, trainable={"policy": {"w": torch.full((2,), value)}},
+                                    optimizer=optimizer, scheduler=scheduler, trainer_state={"global_step": 1})
+
+    first = save(1.0)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(f"{ckpt.TMP_PREFIX}1-") and str(dst) == str(first):  # the new copy's rename
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        save(2.0)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    ckpt.verify(first)
+    assert torch.equal(ckpt.load_checkpoint(first)["trainable"]["policy"]["w"], torch.full((2,), 1.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
