@@ -14,7 +14,7 @@ import torch
 
 from alignfast.ops._checks import fail
 from alignfast.rollout.engine import TargetEngine
-from alignfast.rollout.context import check_vocabulary
+from alignfast.rollout.context import check_vocabulary, max_positions
 from alignfast.trainer.base import PPOEngineTrainer, build_rewards, load_causal_lm, load_tokenizer
 from alignfast.trainer.config import AlignProConfig, coerce_config
 from alignfast.trainer.environments import AlignProEnvironment
@@ -40,9 +40,8 @@ def check_target_room(model, max_new_tokens: int, name: str = "target_max_new_to
     """Up front, in the caller's terms (name: its setting): a target with a position limit (an HF model) needs room
     for at least one prompt token beside max_new_tokens (the engine would otherwise stop the first step, naming
     its own 'max_new_tokens' argument). Returns the room left for a prompt (None: no limit known)."""
-    config = getattr(model, "config", None)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if not isinstance(max_pos, int):
+    max_pos = max_positions(model)  # a multimodal model's is its text config's
+    if max_pos is None:
         return None
     if max_new_tokens >= max_pos:
         fail(name, f"({max_new_tokens}) leaves no room for a prompt: the model's max_position_embeddings is "

@@ -123,3 +123,21 @@ def test_target_max_new_tokens_must_fit_the_target(tmp_path):
     with pytest.raises(AlignfastArgumentError, match="'target_max_new_tokens' \\(256\\) leaves no room .* 256"):
         AlignProTrainer(cfg, AutoModelForCausalLM.from_pretrained(prompter_dir), tok, HFEngine(target, tok),
                         reward_funcs=[keyword_reward], train_dataset=["a"])
+
+
+def test_a_multimodal_targets_room_is_its_text_configs():
+    """A multimodal model keeps max_position_embeddings in its text config: the check read the top-level config only,
+    found no limit, and let a budget with no room for a prompt through to the first generation."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma3Config
+
+    from alignfast.trainer.align_pro import check_target_room
+
+    text = dict(max_position_embeddings=64, vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                num_key_value_heads=1, intermediate_size=16, head_dim=16)
+    model = SimpleNamespace(config=Gemma3Config(text_config=text))
+    assert check_target_room(model, 10) == 54
+    with pytest.raises(AlignfastArgumentError, match=r"'target_max_new_tokens' \(64\) leaves no room for a prompt: "
+                                                     r"the model's max_position_embeddings is 64"):
+        check_target_room(model, 64)
