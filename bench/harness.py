@@ -475,19 +475,6 @@ def run_rounds(shape: str, providers: dict[str, Callable], *, inputs: Callable[[
     return rows
 
 
-def run_providers(shape: str, providers: dict[str, Callable[[], Callable[[], object]]], *, device: str = "cpu",
-                  warmup: int = 2, reps: int = 10, measure_memory: bool = True,
-                  baselines: tuple[str, ...] = ()) -> list[Row]:
-    """providers: name -> factory returning the zero-argument callable to time (inputs bound inside).
-
-    The same interleaved rounds as run_rounds (without fresh inputs: the factories own theirs), `reps`
-    calls spread over ROUNDS rounds.
-    """
-    per_round = max(1, -(-reps // ROUNDS))
-    return run_rounds(shape, providers, device=device, rounds=ROUNDS, reps=per_round + (per_round % 2 == 0),
-                      warmup=warmup, measure_memory=measure_memory, baselines=baselines)
-
-
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -653,7 +640,3 @@ def backend(device: str = "cpu") -> tuple[bool, str]:
     impls = sorted({_library.describe(name, kind)[0] for name, info in _library.OPS.items() if info.public})
     fast = chosen != "reference" and "reference" not in impls
     return fast, f"alignfast backend {chosen} ({', '.join(impls)} on {kind})"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("0", "", "false", "no")

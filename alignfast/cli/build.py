@@ -12,7 +12,7 @@ from pathlib import Path
 from alignfast.cli import config as run_config
 from alignfast.cli.data import load_prompts
 from alignfast.cli.errors import CLIError
-from alignfast.cli.models import import_callable, load_causal_lm, load_reward_model, load_tokenizer, torch_dtype
+from alignfast.cli.models import import_callable, load_causal_lm, load_reward_model, load_tokenizer
 
 ENGINES = ("hf", "vllm", "openai")
 
@@ -241,7 +241,3 @@ def load_data(config: dict, *, need_train: bool, need_eval: bool) -> tuple[list[
     if need_eval and evals is None:
         raise CLIError("the config needs data.eval (held-out prompts)")
     return train, evals
-
-
-def policy_dtype(spec: dict):
-    return torch_dtype(spec.get("dtype"))

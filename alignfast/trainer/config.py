@@ -214,10 +214,6 @@ class AlignProConfig(ConfigDict):
 
     # --- derived sizes ------------------------------------------------------------------------------
     @property
-    def micro_batches_per_mini_batch(self) -> int:
-        return self.gradient_accumulation_steps
-
-    @property
     def mini_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
