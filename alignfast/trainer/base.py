@@ -683,9 +683,9 @@ class PPOEngineTrainer(RunLoop):
                                for name, f in zip(rewards.names, rewards.funcs) if isinstance(f, RewardModel)}
         return self._reward_fp
 
-    def _warn_changed_settings(self, path: Path, saved: dict) -> None:
+    def _warn_changed_settings(self, path: Path, saved: dict) -> list[tuple]:
         """A resume with other hyperparameters is allowed (it may be on purpose) but never silent: the run
-        will not match an uninterrupted one."""
+        will not match an uninterrupted one. Returns the changes as (before, after) pairs."""
         now = json.loads(self.config.to_json())  # the form the checkpoint stored
         changed = _changed_settings(saved, now)
         if changed:
@@ -693,6 +693,7 @@ class PPOEngineTrainer(RunLoop):
                          "match an uninterrupted one (AdamW's moments and the learning-rate schedule, learning rate "
                          "included, continue from the checkpoint; weight_decay, betas and eps are this run's)", path,
                          "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
+        return [(saved[k], now[k]) for k in changed]
 
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
@@ -732,11 +733,12 @@ class PPOEngineTrainer(RunLoop):
         self.lr_scheduler.load_state_dict(data["scheduler"])
         ckpt.set_rng_state(data["rng"])
         state = data["state"]
-        self._warn_changed_settings(path, state.get("config") or {})
+        config_changes = self._warn_changed_settings(path, state.get("config") or {})
         warn_other_train_rows(path, state, len(self.train_dataset), self._train_fingerprint(), what="training prompts",
                               setting="data.train in a run file; train_dataset in Python")
         warn_other_inputs(path, state, target=self._target_identity(), rewards=self._reward_setup(),
-                          reward_models=self._reward_models(), environment=self._environment_record())
+                          reward_models=self._reward_models(), environment=self._environment_record(),
+                          changes_said=config_changes)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.global_step = int(state["global_step"])
         self.episode = int(state["episode"])

@@ -137,13 +137,16 @@ def warn_other_train_rows(path, state: dict, rows: int, fingerprint: str, *, wha
 
 
 def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list | None,
-                      reward_models: dict | None = None, environment: dict | None = None) -> None:
+                      reward_models: dict | None = None, environment: dict | None = None,
+                      changes_said: list[tuple] = ()) -> None:
     """One warning line for a target, one for a reward setup, one for reward models' weights, one for the
     environment, that differ from those the checkpoint's run had (recorded by its trainer: target {name, weights},
     rewards [[name, weight], ...], reward_models {name: fingerprint of its weights}, environment {"environment":
     class name, "environment_settings": its describe()}); none for a checkpoint that recorded nothing. A warning, as
-    for the target: another reward may be on purpose, but never silent."""
-    _warn_other_environment(path, state, environment)
+    for the target: another reward may be on purpose, but never silent. changes_said: the (before, after) pairs of
+    the config's changes, already said: an environment setting that changed alike is the config's (Align-Pro's
+    environment is built from target_max_new_tokens and the others), not said twice."""
+    _warn_other_environment(path, state, environment, changes_said)
     saved = state.get("target")
     if saved is not None and target is not None and saved != target:
         _log.warning("resuming from %s with another target (target.model in a run file; the target in Python): %s "
@@ -164,7 +167,7 @@ def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list |
                          "match an uninterrupted one", path, ", ".join(repr(n) for n in swapped))
 
 
-def _warn_other_environment(path, state: dict, environment: dict | None) -> None:
+def _warn_other_environment(path, state: dict, environment: dict | None, changes_said) -> None:
     """The environment's settings live outside the trainer's config for some environments (Aligner-PPO's
     correction template and draft budget, a user's own Environment), so the config comparison cannot see them."""
     if environment is None or "environment" not in state:
@@ -176,7 +179,10 @@ def _warn_other_environment(path, state: dict, environment: dict | None) -> None
     saved, now = state.get("environment_settings"), environment.get("environment_settings")
     if saved is None or now is None or saved == now:
         return
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, _MISSING) != now.get(k, _MISSING))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, _MISSING) != now.get(k, _MISSING)
+                     and (saved.get(k, _MISSING), now.get(k, _MISSING)) not in changes_said)
+    if not changed:
+        return
     _log.warning("resuming from %s with environment settings (%s.describe()) that differ from the checkpoint's (%s): "
                  "the run will not match an uninterrupted one", path, environment["environment"],
                  "; ".join(f"{k}: {saved.get(k, _MISSING)!r} -> {now.get(k, _MISSING)!r}" for k in changed))

@@ -86,6 +86,9 @@ def test_a_resume_with_other_prompts_target_or_reward_says_so_in_one_line_each(t
     for extra, says in ((["--data.train", "toy:eval"], "with 250 training prompts where the checkpoint's run had 2000 "
                                                        "(data.train in a run file"),
                         (["--target.model", "toy:prompter"], "with another target (target.model in a run file"),
+                        # the environment's max_new_tokens changes with it: one line, the config's
+                        (["--target_max_new_tokens", "5"], "with settings that differ from the checkpoint's "
+                                                           "(target_max_new_tokens: "),
                         (["--reward.weights", "[2.0]"], "with another reward (reward.model / reward.functions / "
                                                         "reward.weights in a run file; reward_model, reward_funcs, "
                                                         "reward_weights in Python): 2 x answer_accuracy where the "
