@@ -219,7 +219,8 @@ RowStats<acc_t> merge_tiles(const acc_t* lse, const acc_t* ent, int64_t stride, 
   constexpr double inf = std::numeric_limits<double>::infinity();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   double L = -inf;
-  for (int64_t k = 0; k < tiles; ++k) L = std::max(L, static_cast<double>(lse[k * stride]));
+  for (int64_t k = 0; k < tiles; ++k) L = logprobs::nan_max(L, static_cast<double>(lse[k * stride]));
+  if (L != L) return {nan, nan, nan};  // a tile with a NaN logit
   if (L == -inf) return {nan, nan, static_cast<acc_t>(-inf)};
   const double lse_t = lse[k_t * stride];
   if (L == inf) return {lse_t == inf ? lp_t : static_cast<acc_t>(-inf), nan, static_cast<acc_t>(inf)};

@@ -64,6 +64,7 @@ inline RowStats<acc_t> finish_row(acc_t raw_max, acc_t m, acc_t s_off, acc_t w, 
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   RowStats<acc_t> r;
+  if (raw_max != raw_max) return {nan, nan, nan};  // a NaN logit (nan_max kept it): NaN like log_softmax
   if (raw_max == -inf) return {nan, nan, -inf};  // every logit is -inf: no distribution; NaN like log_softmax
   if (raw_max == inf) return {std::isnan(d_t) ? nan : -inf, nan, inf};  // d_t = inf - inf for a +inf target
   const acc_t e_t = std::exp(d_t);
@@ -83,6 +84,14 @@ inline RowStats<acc_t> finish_row(acc_t raw_max, acc_t m, acc_t s_off, acc_t w, 
   return r;
 }
 
+// max(a, b) that keeps a NaN in either argument (std::max drops one in its second). A row's max is NaN when any
+// logit is: the row's stats are then NaN, as log_softmax's are, wherever the NaN sits (the vector exp gives 0 for a
+// NaN argument, so a sum alone would drop it).
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
 // ---------------------------------------------------------------- scalar (any type, double accumulation ok)
 
 // Accumulates in double whatever acc_t is: one running sum over a 150K-entry row in float would lose ~1e-4
@@ -97,7 +106,8 @@ inline RowStats<acc_t> forward_row_scalar(const scalar_t* x, int64_t V, int64_t 
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const int64_t b1 = std::min(V, b0 + kBlock);
     double bm = -inf;
-    for (int64_t v = b0; v < b1; ++v) bm = std::max(bm, at(v));
+    for (int64_t v = b0; v < b1; ++v) bm = nan_max(bm, at(v));
+    if (bm != bm) return finish_row<acc_t>(static_cast<acc_t>(bm), 0, 0, 0, 0);
     if (bm == inf) return finish_row<acc_t>(inf, inf, 0, 0, static_cast<acc_t>((at(t) - inf) * inv_temp));
     if (bm > M) {
       if (M != -inf) {

@@ -174,7 +174,7 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
     const int64_t b1 = std::min(V, b0 + kBlock);
     const int64_t bv = b0 + ((b1 - b0) / kStep) * kStep;  // end of the vectorised part
     float tail_max = -inf;
-    for (int64_t v = bv; v < b1; ++v) tail_max = std::max(tail_max, static_cast<float>(x[v]));
+    for (int64_t v = bv; v < b1; ++v) tail_max = nan_max(tail_max, static_cast<float>(x[v]));
     if (M == -inf) {
       // No reference yet: the block's max first (two reads of this block).
       Vec vmax(-inf);
@@ -183,8 +183,9 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
         load2(x + v, a, b);
         vmax = at::vec::maximum(vmax, at::vec::maximum(a, b));
       }
-      const float bm = std::max(tail_max, at::vec::vec_reduce_all<float>(
-                                              [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax));
+      const float bm = nan_max(tail_max, at::vec::vec_reduce_all<float>(  // at::vec::maximum keeps a NaN
+                                             [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax));
+      if (bm != bm) return finish_row<float>(bm, 0.f, 0.f, 0.f, 0.f);
       if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
       if (bm == -inf) continue;
       M = bm;
@@ -192,7 +193,8 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
     } else {
       const Vec vs0 = vs, vw0 = vw;
       const float s_tail0 = s_tail, w_tail0 = w_tail;
-      const float bm = std::max(tail_max, sum_block(std::true_type{}, b0, bv));
+      const float bm = nan_max(tail_max, sum_block(std::true_type{}, b0, bv));
+      if (bm != bm) return finish_row<float>(bm, 0.f, 0.f, 0.f, 0.f);
       if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
       if (bm > M) {  // a new max: undo this block's sums, rescale the earlier blocks, sum it again
         vs = vs0, vw = vw0, s_tail = s_tail0, w_tail = w_tail0;

@@ -125,6 +125,52 @@ def check_positive_infinity(op, dtype):
     torch.testing.assert_close(grad[0, 3].double(), r_grad[0, 3], rtol=2e-2, atol=1e-6)
 
 
+def check_nan_logit(op, dtype, V=3000):
+    """A NaN logit makes its row's logprob, entropy and gradient NaN, as log_softmax's, wherever it sits: the CPU
+    kernel's vector exp gives 0 for a NaN argument and std::max dropped a NaN block max, so a NaN in the vector part
+    of a block left the whole block out of the sum (finite, wrong log-probs from a diverged model). Rows: a NaN at
+    the start of the first block, in a later block, in the scalar tail, at the target; the last row has none."""
+    where = [5, 1030, V - 1, 7]
+    logits = (torch.randn(1, len(where) + 1, V) * 2).to(dtype)
+    tokens = torch.tensor([[7, 7, 7, 7, 7]])
+    for row, v in enumerate(where):
+        logits[0, row, v] = float("nan")
+    g_lp, g_ent = torch.randn(1, len(where) + 1), torch.randn(1, len(where) + 1)
+    lp, ent, grad = op(logits, tokens, 0.7, g_lp, g_ent)
+    r_lp, r_ent, r_grad = _reference(logits, tokens, 0.7, g_lp, g_ent)
+    nan_rows = list(range(len(where)))
+    for got in (lp, ent, r_lp, r_ent):
+        assert torch.isnan(got[0, nan_rows]).all() and torch.isfinite(got[0, -1]), got
+    assert torch.isnan(grad[0, nan_rows]).all() and torch.isnan(r_grad[0, nan_rows]).all()
+    torch.testing.assert_close(lp[0, -1].double(), r_lp[0, -1], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(grad[0, -1].double(), r_grad[0, -1], rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_nan_logit_makes_its_row_nan_wherever_it_sits(op, dtype):
+    check_nan_logit(op, dtype, V=3000 if op is _cpu_op else 1100)
+
+
+@needs_cpu_kernel
+def test_linear_op_a_nan_weight_row_or_hidden_row_gives_nan():
+    """The fused linear op merges per-tile (lse_k, H_k): std::max dropped a tile whose lse was NaN, so a NaN weight
+    row gave finite entropies, and -inf logprobs to rows whose target was in that tile."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(4, 16, generator=g), torch.randn(3000, 16, generator=g)
+    tokens = torch.tensor([3, 2500, 1500, 7])
+    bad_weight = weight.clone()
+    bad_weight[2000] = float("nan")
+    lp, ent = linear_token_logprobs(hidden, bad_weight, tokens, return_entropy=True)
+    assert torch.isnan(lp).all() and torch.isnan(ent).all()
+    bad_hidden = hidden.clone()
+    bad_hidden[1, 3] = float("nan")
+    lp, ent = linear_token_logprobs(bad_hidden, weight, tokens, return_entropy=True)
+    r_lp = reference.linear_token_logprobs(bad_hidden.double(), weight.double(), tokens)
+    assert torch.equal(torch.isnan(lp), torch.isnan(r_lp)) and torch.isnan(lp[1]) and torch.isnan(ent[1])
+    torch.testing.assert_close(lp.double()[[0, 2, 3]], r_lp[[0, 2, 3]], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("op", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1e-9, 1e-6])
@@ -215,12 +261,13 @@ def test_other_instruction_sets(isa):
         "import torch\n"
         "torch.manual_seed(0)\n"
         "from tests.ops.test_logprobs_extremes import _cpu_op, _reference, check_tiny_temperature, "
-        "check_positive_infinity, check_exp_of_gaps\n"
+        "check_positive_infinity, check_exp_of_gaps, check_nan_logit\n"
         "for dt in (torch.float32, torch.bfloat16):\n"
         "    check_tiny_temperature(_cpu_op, dt, 3000, 1e-9)\n"
         "    check_positive_infinity(_cpu_op, dt)\n"
         "    check_exp_of_gaps(_cpu_op, dt, 1.0)\n"
         "    check_exp_of_gaps(_cpu_op, dt, 0.5)\n"
+        "    check_nan_logit(_cpu_op, dt)\n"
         "    x = (torch.randn(3, 5, 2051) * 3).to(dt); t = torch.randint(0, 2051, (3, 5))\n"
         "    g1, g2 = torch.randn(3, 5), torch.randn(3, 5)\n"
         "    got, ref = _cpu_op(x, t, 0.7, g1, g2), _reference(x, t, 0.7, g1, g2)\n"
