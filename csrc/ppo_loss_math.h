@@ -70,14 +70,17 @@ ALIGNFAST_HD inline PpoToken<acc_t> ppo_token(acc_t logprob, acc_t old_logprob, 
   out.grad_logprob = max_grad(pg1, pg2, g1, g2);
 
   const acc_t vlo = old_value - cliprange_value, vhi = old_value + cliprange_value;
-  const acc_t value_clipped = clamp_(value, vlo, vhi);
+  // A NaN old value gives NaN bounds, which torch.clamp returns and clamp_'s comparisons would pass over: the
+  // token's value loss and gradient are then NaN, as the reference's are, never a finite value that hides it.
+  const bool old_nan = old_value != old_value;
+  const acc_t value_clipped = old_nan ? old_value : clamp_(value, vlo, vhi);
   const acc_t e1 = value - ret, e2 = value_clipped - ret;
   const acc_t vf1 = e1 * e1, vf2 = e2 * e2;
   out.vf = vf1 > vf2 ? vf1 : vf2;
   out.vf_clipped = vf2 > vf1;
   const acc_t h1 = acc_t(2) * e1;
   const acc_t h2 = (value > vlo && value < vhi) ? acc_t(2) * e2 : acc_t(0);
-  out.grad_value = acc_t(0.5) * vf_coef * max_grad(vf1, vf2, h1, h2);
+  out.grad_value = old_nan ? old_value : acc_t(0.5) * vf_coef * max_grad(vf1, vf2, h1, h2);
   return out;
 }
 

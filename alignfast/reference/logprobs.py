@@ -35,7 +35,10 @@ def token_logprobs(
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
     if mask is not None:
         mask = mask.bool()
-        # Masked rows are not computed at all (their token ids may be arbitrary padding).
+        # Masked rows' outputs are 0 and their token ids are not read (they may be arbitrary padding). Their logits
+        # are still reduced, as TRL's code does: a masked row of non-finite logits (NaN, +inf, all -inf) gets a NaN
+        # gradient (logsumexp's backward is 0 * softmax there). Replacing them first would cost one more [N, V] pass
+        # (1.5x the eager forward at [16, 64, 49152]: 352 vs 228 ms); the fused kernels skip masked rows and give 0.
         safe_tokens = torch.where(mask, tokens, torch.zeros_like(tokens))
     else:
         safe_tokens = tokens

@@ -24,6 +24,7 @@ from alignfast.reference.logprobs import token_logprobs
 def _policy_terms(logprobs, old_logprobs, advantages, mask, cliprange):
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = masked_mean(torch.maximum(pg1, pg2), mask)
@@ -51,6 +52,9 @@ def ppo_loss(
 ):
     """All [B, T]. Returns (loss, stats) with stats keys pg_loss, vf_loss, clipfrac, vf_clipfrac, approxkl, ratio."""
     mask = mask.bool()
+    # Masked tokens are not computed: their inputs are replaced by zeros first, so that garbage there (NaN, inf)
+    # reaches neither the loss nor, through 0 * NaN in a backward, the gradients.
+    values, old_values, returns = (torch.where(mask, x, torch.zeros_like(x)) for x in (values, old_values, returns))
     pg_loss, stats = _policy_terms(logprobs, old_logprobs, advantages, mask, cliprange)
     v_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     vf1 = (values - returns) ** 2

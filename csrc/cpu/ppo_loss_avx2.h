@@ -93,12 +93,14 @@ __attribute__((target("avx2,fma"))) inline void ppo_blocks(
     const f8 v_old = select(m, load(old_values + i), zero);
     const f8 ret = select(m, load(returns + i), zero);
     const f8 vlo = v_old - cliprange_value, vhi = v_old + cliprange_value;
-    const f8 v_clipped = select(v < vlo, vlo, select(v > vhi, vhi, v));
+    const i8 old_nan = v_old != v_old;  // NaN bounds: the value loss and gradient are NaN (ppo_loss_math.h)
+    const f8 v_clipped = select(old_nan, v_old, select(v < vlo, vlo, select(v > vhi, vhi, v)));
     const f8 e1 = v - ret, e2 = v_clipped - ret;
     const f8 vf1 = e1 * e1, vf2 = e2 * e2;
     const f8 h1 = 2.f * e1;
     const f8 h2 = select((v > vlo) & (v < vhi), 2.f * e2, zero);
-    const f8 grad_v = (0.5f * vf_coef) * select(vf1 > vf2, h1, select(vf2 > vf1, h2, half * (h1 + h2)));
+    const f8 grad_v = select(old_nan, v_old,
+                             (0.5f * vf_coef) * select(vf1 > vf2, h1, select(vf2 > vf1, h2, half * (h1 + h2))));
 
     add_to(acc[kPgLoss], select(m, select(pg1 > pg2, pg1, pg2), zero));
     add_to(acc[kVfLoss], select(m, select(vf1 > vf2, vf1, vf2), zero));

@@ -149,19 +149,40 @@ def test_no_valid_token_gives_zero_loss_and_zero_gradients():
     assert torch.equal(tensors[0].grad, torch.zeros(3, 4)) and torch.equal(tensors[3].grad, torch.zeros(3, 4))
 
 
-def test_garbage_at_masked_positions_is_skipped():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_garbage_at_masked_positions_is_skipped(backend):
+    """On the reference (the spec, the trainer's reference backend, the fallback without the extension) too: it
+    masked the loss after computing it, and 0 * NaN in the backward gave NaN gradients at masked values."""
     tensors, mask = make_inputs(6, 21, seed=6)
     clean = leaf(tensors)
-    loss_clean, _ = ops.ppo_loss(*clean, mask)
+    with force_backend(backend):
+        loss_clean, _ = ops.ppo_loss(*clean, mask)
     loss_clean.backward()
     dirty = [t.clone() for t in tensors]
     for t, bad in zip(dirty, (float("nan"), float("inf"), float("-inf"), float("nan"), float("inf"), float("nan"))):
         t[~mask] = bad
     dirty = leaf(dirty)
-    loss_dirty, _ = ops.ppo_loss(*dirty, mask)
+    with force_backend(backend):
+        loss_dirty, _ = ops.ppo_loss(*dirty, mask)
     loss_dirty.backward()
     assert torch.equal(loss_dirty, loss_clean)
     assert torch.equal(dirty[0].grad, clean[0].grad) and torch.equal(dirty[3].grad, clean[3].grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_nan_old_value_at_a_valid_token_makes_the_value_loss_nan(dtype):
+    """NaN clip bounds: torch.clamp (the reference) returns NaN, while the kernel's comparisons passed the value
+    through, so a corrupted rollout gave a finite value loss and gradient. A NaN in the AVX2 blocks (T = 19: two
+    blocks of 8) and in the scalar tail, both kernels (float32 and float64)."""
+    tensors, mask = make_inputs(2, 19, dtype=dtype, seed=8, mask=torch.ones(2, 19, dtype=torch.bool))
+    tensors[4][0, 3] = tensors[4][1, 17] = float("nan")
+    tensors = leaf(tensors)
+    loss, stats = ops.ppo_loss(*tensors, mask)
+    d_values = torch.autograd.grad(loss, tensors[3])[0]
+    ref_loss, ref_stats, (_, ref_d_values) = reference_f64(tensors, mask)
+    assert torch.isnan(loss) and torch.isnan(stats["vf_loss"]) and torch.isnan(ref_loss)
+    assert torch.equal(torch.isnan(d_values), torch.isnan(ref_d_values))
+    assert torch.isnan(d_values[0, 3]) and torch.isnan(d_values[1, 17]) and torch.isfinite(d_values[0, :3]).all()
 
 
 def test_bf16_inputs_give_float32_loss_and_bf16_gradients():
