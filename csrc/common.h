@@ -6,12 +6,23 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 
 #define ALIGNFAST_CHECK_ARG(cond, name, ...) TORCH_CHECK((cond), "alignfast: argument '", name, "': ", __VA_ARGS__)
 
 namespace alignfast {
+
+// A temperature the kernels can scale by: finite, > 0 (or 0 where it means greedy), and 1/temperature a finite
+// float32 (the row kernels scale logits in float32; below ~2.94e-39 the reciprocal overflows to inf and the
+// log-probs to NaN). The Python wrappers check the same first (alignfast.ops._checks.temperature).
+inline bool usable_temperature(double temperature, bool zero_is_greedy = false) {
+  if (zero_is_greedy && temperature == 0.0) return true;
+  return std::isfinite(temperature) && temperature > 0 &&
+         1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max());
+}
 
 inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
   TORCH_CHECK(a.sizes() == b.sizes(), "alignfast: argument '", b_name, "' has shape ", b.sizes(),

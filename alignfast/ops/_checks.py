@@ -99,6 +99,20 @@ def non_negative(name: str, value) -> float:
     return v
 
 
+# The smallest temperature whose reciprocal is a finite float32: the kernels scale logits by 1/temperature in float32.
+MIN_TEMPERATURE = 1.0 / 3.4028234663852886e38
+
+
+def temperature(name: str, value, *, zero_is_greedy: bool = False) -> float:
+    """A temperature: finite, > 0 (>= 0 where 0 means greedy), and not so small that 1/temperature overflows
+    float32 (NaN log-probs, where a clear error is due)."""
+    v = non_negative(name, value) if zero_is_greedy else positive(name, value)
+    if 0 < v < MIN_TEMPERATURE:
+        fail(name, f"({value!r}) is below {MIN_TEMPERATURE:.4g}: 1/temperature overflows float32, in which the "
+             "kernels scale the logits" + ("; use 0 for greedy" if zero_is_greedy else ""))
+    return v
+
+
 def optional_text(name: str, value) -> str | None:
     """None, or a string with more than whitespace (a system message, say: an empty one would be sent as such)."""
     if value is not None and (not isinstance(value, str) or not value.strip()):

@@ -163,7 +163,7 @@ def _check(hidden, weight, tokens, bias, mask, temperature, chunk_size):
     _checks.tensor("tokens", tokens)
     _checks.same_shape("hidden's leading dims", hidden, "tokens", tokens, shape=hidden.shape[:-1])
     _checks.same_device("hidden", hidden, "tokens", tokens)
-    temperature = _checks.positive("temperature", temperature)
+    temperature = _checks.temperature("temperature", temperature)
     if mask is not None:
         mask = _checks.mask("mask", mask, "tokens", tokens)
     check_token_ids(tokens, weight.shape[0], mask)

@@ -54,7 +54,7 @@ def check_args(logits, excluded, uniforms, temperature, top_p):
     _checks.tensor("uniforms", uniforms, ndim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.same_shape("logits", logits, "uniforms", uniforms, shape=(logits.shape[0],))
     _checks.same_device("logits", logits, "uniforms", uniforms)
-    temperature = _checks.non_negative("temperature", temperature)
+    temperature = _checks.temperature("temperature", temperature, zero_is_greedy=True)
     top_p = _checks.in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
     return temperature, top_p
 

@@ -137,7 +137,7 @@ def check_args(logits, tokens, mask, temperature, *, logits_name: str = "logits"
     _checks.tensor("tokens", tokens)
     _checks.same_shape(logits_name + "'s leading dims", logits, "tokens", tokens, shape=logits.shape[:-1])
     _checks.same_device(logits_name, logits, "tokens", tokens)
-    temperature = _checks.positive("temperature", temperature)
+    temperature = _checks.temperature("temperature", temperature)
     if mask is not None:
         mask = _checks.mask("mask", mask, "tokens", tokens)
     check_token_ids(tokens, logits.shape[-1], mask)

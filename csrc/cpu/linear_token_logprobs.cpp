@@ -84,8 +84,8 @@ Inputs check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const st
                         "must be bool [", hidden.size(0), "], got ", mask->scalar_type(), " ", mask->sizes());
     check_device(hidden, "hidden", *mask, "mask");
   }
-  ALIGNFAST_CHECK_ARG(std::isfinite(temperature) && temperature > 0, "temperature", "must be finite and > 0, got ",
-                      temperature);
+  ALIGNFAST_CHECK_ARG(usable_temperature(temperature), "temperature",
+                      "must be finite and > 0 with 1/temperature a finite float32, got ", temperature);
   ALIGNFAST_CHECK_ARG(chunk >= 1, "chunk_size", "must be >= 1, got ", chunk);
   return {hidden.size(0), hidden.size(1), weight.size(0),
           hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat};

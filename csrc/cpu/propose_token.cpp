@@ -149,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propose_token_cpu(const at::Tenso
                       uniforms.scalar_type(), " ", uniforms.sizes());
   check_device(logits, "logits", excluded, "excluded");
   check_device(logits, "logits", uniforms, "uniforms");
-  ALIGNFAST_CHECK_ARG(std::isfinite(temperature) && temperature >= 0, "temperature", "must be finite and >= 0, got ",
-                      temperature);
+  ALIGNFAST_CHECK_ARG(usable_temperature(temperature, /*zero_is_greedy=*/true), "temperature",
+                      "must be 0 (greedy), or finite and > 0 with 1/temperature a finite float32, got ", temperature);
   ALIGNFAST_CHECK_ARG(top_p > 0 && top_p <= 1, "top_p", "must be in (0, 1], got ", top_p);
   const int64_t B = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
   at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));

@@ -45,7 +45,8 @@ RowLayout check_inputs(const at::Tensor& logits, const at::Tensor& tokens, const
     ALIGNFAST_CHECK_ARG(mask->sizes() == tokens.sizes(), "mask", "has shape ", mask->sizes(), " but tokens are ", tokens.sizes());
     check_device(logits, "logits", *mask, "mask");
   }
-  ALIGNFAST_CHECK_ARG(std::isfinite(temperature) && temperature > 0, "temperature", "must be finite and > 0, got ", temperature);
+  ALIGNFAST_CHECK_ARG(usable_temperature(temperature), "temperature",
+                      "must be finite and > 0 with 1/temperature a finite float32, got ", temperature);
   return {logits.size(0), logits.size(1), logits.size(2), logits.stride(0), logits.stride(1)};
 }
 

@@ -124,6 +124,24 @@ def test_masked_positions_are_zero_with_zero_gradient(dtype):
     assert (grad[~mask] == 0).all()
 
 
+def test_non_finite_logits_at_masked_positions_give_zero_gradient():
+    """The fused kernel skips masked rows: a masked row of NaN, +inf or -inf logits gets a zero gradient row. (The
+    reference reduces masked rows as TRL's code does, so its gradient there is NaN: alignfast/reference/logprobs.py
+    says why it is left so.)"""
+    logits = make_logits((2, 4, 50), torch.float32)
+    tokens = torch.randint(0, 50, (2, 4))
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 1:] = False
+    logits[1, 1] = float("nan")
+    logits[1, 2, 7] = float("inf")
+    logits[1, 3] = float("-inf")
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, tokens, mask=mask, return_entropy=True)
+    (grad,) = torch.autograd.grad((lp + ent).sum(), x)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all() and (lp[~mask] == 0).all()
+    assert (grad[~mask] == 0).all() and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_negative_infinity_logits(dtype):
     B, T, V = 2, 4, 1000
@@ -316,6 +334,28 @@ def test_kernel_itself_rejects_bad_token_ids():
 def test_bad_temperature(bad):
     with pytest.raises(AlignfastArgumentError, match="temperature"):
         token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), **bad)
+
+
+def test_a_temperature_whose_reciprocal_overflows_float32_is_refused_on_every_entry():
+    """1e-40 passed the '> 0' check and gave NaN log-probs (1/T overflows float32, in which the kernels scale).
+    The smallest usable one still works; the Python wrappers and the C++ kernels (direct calls) refuse below it."""
+    from alignfast.ops import linear_token_logprobs, propose_token
+    from alignfast.ops._checks import MIN_TEMPERATURE
+
+    logits, tokens = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    lp = token_logprobs(logits, tokens, temperature=MIN_TEMPERATURE * 1.001)  # a point mass: 0 at the max, else -inf
+    assert lp.tolist() == [0.0 if logits[i].argmax() == 0 else float("-inf") for i in range(2)]
+    message = r"argument 'temperature' \(1e-40\) is below 2.939e-39: 1/temperature overflows float32"
+    with pytest.raises(AlignfastArgumentError, match=message):
+        token_logprobs(logits, tokens, temperature=1e-40)
+    with pytest.raises(AlignfastArgumentError, match=message):
+        linear_token_logprobs(torch.randn(2, 3), torch.randn(5, 3), tokens, temperature=1e-40)
+    excluded, u = torch.zeros(2, 5, dtype=torch.bool), torch.full((2,), 0.5, dtype=torch.float64)
+    with pytest.raises(AlignfastArgumentError, match=message + ".*; use 0 for greedy"):
+        propose_token(logits, excluded, u, temperature=1e-40)
+    assert propose_token(logits, excluded, u, temperature=0.0)[0].tolist() == logits.argmax(-1).tolist()
+    with pytest.raises(RuntimeError, match="'temperature': must be finite and > 0 with 1/temperature a finite float32"):
+        op("token_logprobs")(logits.unsqueeze(0), tokens.unsqueeze(0), None, 1e-40, False)
 
 
 def test_bad_arguments():
