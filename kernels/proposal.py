@@ -3,7 +3,8 @@
 Same math as csrc/cpu/propose_token.cpp and the spec alignfast/reference/proposal.py. One program per
 row walks the row in BLOCK-wide tiles, never holding more than a tile:
 
-    pass 1      max m and min of the finite logits
+    pass 1      max m and min of the finite logits; a NaN logit, or a +inf one when T > 0, ends the row
+                here: token -1, logprob NaN, num_allowed 0 (the spec's non-finite rule)
     bisection   (top_p < 1) on the ordered int32 keys of the logits: the smallest key t with
                 sum_{key(l) > t} exp((l - m) / tau) < top_p * Z; one masked sum over the row per step,
                 at most 32 steps; the nucleus is {key(l) >= t}
@@ -47,14 +48,25 @@ def _propose_kernel(logits_ptr, excl_ptr, u_ptr, tok_ptr, lp_ptr, n_ptr, V, stri
 
     m_vec = tl.full([BLOCK], NEG, tl.float32)
     lo_vec = tl.full([BLOCK], POS, tl.float32)
+    nan_vec = tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < V, other=NEG).to(tl.float32)
-        fin = x > NEG
-        m_vec = tl.maximum(m_vec, x)
+        fin = x > NEG  # False for NaN
+        nan_vec = tl.maximum(nan_vec, (x != x).to(tl.int32))
+        # NaN kept out of the max explicitly: tl.maximum's NaN handling differs between the GPU and the interpreter
+        m_vec = tl.maximum(m_vec, tl.where(fin, x, NEG))
         lo_vec = tl.minimum(lo_vec, tl.where(fin, x, POS))
     m = tl.max(m_vec, 0)
     lo_val = tl.min(lo_vec, 0)
+    no_dist = tl.max(nan_vec, 0) > 0
+    if not GREEDY:
+        no_dist = no_dist | (m == POS)
+    if no_dist:  # no distribution (NaN softmax): not an empty allowed set
+        tl.store(tok_ptr + row, -1)
+        tl.store(lp_ptr + row, float("nan"))
+        tl.store(n_ptr + row, 0)
+        return
     if m == NEG:
         tl.store(tok_ptr + row, -1)
         tl.store(lp_ptr + row, NEG)
@@ -69,8 +81,9 @@ def _propose_kernel(logits_ptr, excl_ptr, u_ptr, tok_ptr, lp_ptr, n_ptr, V, stri
             x = tl.load(x_row + offs, mask=offs < V, other=NEG).to(tl.float32)
             z_vec += tl.where(x > NEG, tl.exp((x - m) * inv_t), 0.0)
         limit = (tl.full([], 1.0, tl.float64) * top_p).to(tl.float32) * tl.sum(z_vec, 0)
-        lo = thr - 1
         hi = _key(m).to(tl.int64)
+        # greedy with +inf logits: they carry the softmax's whole mass, the nucleus is them (no bisection)
+        lo = tl.where(m == POS, hi - 1, thr - 1)
         while hi - lo > 1:
             mid = lo + (hi - lo) // 2
             a_vec = tl.zeros([BLOCK], tl.float32)

@@ -12,7 +12,8 @@ alignfast.reference.proposal, the spec. The kernels never build a softmax copy o
 they make one online pass for (max, sum of exp), find the top-p threshold by bisection on the
 ordered bit patterns of the logits (each step a masked sum over the row; no sort), then one pass for
 the allowed set's (max, sum) and one inverse-CDF pass. CPU: csrc/cpu/propose_token.cpp; CUDA:
-kernels/proposal.py (Triton). Sampling has no gradient.
+kernels/proposal.py (Triton). Sampling has no gradient. Non-finite logits (a NaN, or +inf at a temperature
+above 0) give token -1 with a NaN log-prob, found in the pass that takes the row's max (see the spec).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def propose_token(logits: torch.Tensor, excluded: torch.Tensor, uniforms: torch.
     restricted to its top-p nucleus minus the excluded tokens (see the module docstring).
 
     A row with no allowed token gets token -1 and log-prob -inf; temperature 0 proposes the most likely
-    allowed token with log-prob 0. Uniforms must lie in [0, 1) (they are not checked: a sync per step).
+    allowed token with log-prob 0. A row with a NaN logit, or a +inf one when temperature > 0, has no
+    distribution: token -1, log-prob NaN, num_allowed 0 (at temperature 0 a +inf logit is the most likely
+    token). Uniforms must lie in [0, 1) (they are not checked: a sync per step).
     """
     temperature, top_p = check_args(logits, excluded, uniforms, temperature, top_p)
     if use_reference(NAME, logits):

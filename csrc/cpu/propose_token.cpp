@@ -1,6 +1,7 @@
 // CPU kernel of alignfast::propose_token, the fused step of Proxy-RLHF decoding.
 // The math is alignfast/reference/proposal.py; per row, with no [V] scratch buffer:
-//   pass 1      max of the finite logits m (and, for top_p < 1, Z = sum exp((l - m) / tau))
+//   pass 1      max of the finite logits m (and, for top_p < 1, Z = sum exp((l - m) / tau)); a NaN logit, or a +inf
+//               one when T > 0, ends the row here: token -1, logprob NaN, num_allowed 0 (the spec's non-finite rule)
 //   bisection   (top_p < 1 only) on the ordered bit patterns of the logits: the smallest key t with
 //               sum_{key(l_j) > t} exp((l_j - m) / tau) < top_p * Z; the nucleus is {key(l) >= t}
 //   pass 2      over the allowed set A = nucleus minus excluded: count, max m_A, W = sum exp((l - m_A) / T)
@@ -44,13 +45,23 @@ void propose_row(const in_t* x, const bool* ex, int64_t V, acc_t u, acc_t inv_ta
                  int64_t* tok_out, acc_t* lp_out, int64_t* n_out) {
   using K = key_t<acc_t>;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t m = neg_inf, lo_val = std::numeric_limits<acc_t>::infinity();
+  const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
+  acc_t m = neg_inf, lo_val = pos_inf;
+  bool has_nan = false;
   for (int64_t v = 0; v < V; ++v) {
     const acc_t l = static_cast<acc_t>(x[v]);
     if (l > neg_inf) {
       m = std::max(m, l);
       lo_val = std::min(lo_val, l);
+    } else if (std::isnan(l)) {
+      has_nan = true;
     }
+  }
+  if (has_nan || (!greedy && m == pos_inf)) {  // no distribution (NaN softmax): not an empty allowed set
+    *tok_out = -1;
+    *lp_out = std::numeric_limits<acc_t>::quiet_NaN();
+    *n_out = 0;
+    return;
   }
   if (!(m > neg_inf)) {  // no finite logit: nothing to propose
     *tok_out = -1;
@@ -60,7 +71,9 @@ void propose_row(const in_t* x, const bool* ex, int64_t V, acc_t u, acc_t inv_ta
   }
   // threshold key: a token is in the nucleus iff it is finite and key(l) >= thr
   K thr = order_key(lo_val);
-  if (top_p < 1.0) {
+  if (top_p < 1.0 && m == pos_inf) {
+    thr = order_key(m);  // greedy with +inf logits: they carry the softmax's whole mass, the nucleus is them
+  } else if (top_p < 1.0) {
     double Z = 0;  // sums in double: a sequential float sum over 150k terms drifts by ~1e-4
     for (int64_t v = 0; v < V; ++v) {
       const acc_t l = static_cast<acc_t>(x[v]);

@@ -7,6 +7,8 @@ What must hold:
     (interpreter, small shapes), and the same num_allowed; log-probs agree to 1e-5 relative in float32
     (1e-10 in float64);
   * edges: everything excluded but one token, -inf logits, an all -inf row, V = 151936, greedy;
+  * non-finite logits: a NaN row, or a +inf row at T > 0, is (-1, NaN, 0) in all three implementations; at T = 0
+    a +inf logit is the greedy maximum; the normal rows of the batch are unchanged;
   * opcheck on the schema; bad input names the argument.
 """
 
@@ -248,3 +250,132 @@ def test_triton_keys_a_negative_zero_as_a_zero(row, u, top_p):
     rtok, _, rn = reference.propose_token(logits.double(), excluded, torch.tensor([u], dtype=torch.float64),
                                           temperature=1.0, top_p=top_p)
     assert torch.equal(tok.cpu(), rtok) and torch.equal(n.cpu(), rn)
+
+
+# --- non-finite logits: a NaN logit, or a +inf one at T > 0, leaves a row without a distribution ------------------
+
+NAN, INF = float("nan"), float("inf")
+NONFINITE_V = [45, 70]  # neither a multiple of 16 nor of 32: the last tile of a row is partial
+
+
+def nonfinite_batch(V, dtype, seed=40):
+    """Rows of NaN / +inf / -inf mixes at the first, a middle and the last index, among normal rows (0 and 13).
+    Returns (logits, excluded, uniforms, kinds): kinds[b] is "normal", "nan" (any NaN) or "inf" (+inf, no NaN)."""
+    logits, excluded, uniforms = make(14, V, seed=seed, dtype=torch.float64, p_excl=0.25)
+    mid, last = V // 2, V - 1
+    rows = {
+        1: {0: NAN},
+        2: {last: NAN},
+        3: {mid: NAN, 2: -INF, last: -INF},
+        4: {mid: INF},
+        5: {last: INF},
+        6: {3: INF, last - 1: INF},  # two +inf: greedy takes the first allowed one
+        7: {0: INF, mid: NAN},  # both: NaN decides
+        8: {0: -INF, 1: -INF, mid: INF, last: -INF},
+        9: {0: INF},  # its only +inf token excluded below
+        10: {2: INF, 5: INF},  # every +inf token excluded below
+        11: {mid: NAN},  # the NaN token excluded below: still no distribution
+    }
+    for b, entries in rows.items():
+        for v, value in entries.items():
+            logits[b, v] = value
+    logits[12] = NAN  # all NaN
+    logits[13, ::4] = -INF  # a normal row with -inf logits
+    excluded[4, mid] = excluded[5, last] = excluded[6, 3] = excluded[6, last - 1] = False
+    excluded[9, 0] = excluded[10, 2] = excluded[10, 5] = excluded[11, mid] = True
+    kinds = ["nan" if bool(torch.isnan(r).any()) else "inf" if bool(torch.isposinf(r).any()) else "normal"
+             for r in logits]
+    return logits.to(dtype), excluded, uniforms.to(torch.float64 if dtype == torch.float64 else torch.float32), kinds
+
+
+def assert_same_proposals(got, want, *, tol, name=""):
+    (tok, lp, n), (rtok, rlp, rn) = got, want
+    assert torch.equal(tok.cpu(), rtok), f"{name} tokens {tok.tolist()} != {rtok.tolist()}"
+    assert torch.equal(n.cpu(), rn), f"{name} num_allowed {n.tolist()} != {rn.tolist()}"
+    assert torch.equal(torch.isnan(lp.cpu()), torch.isnan(rlp)), f"{name} NaN log-probs {lp.tolist()} != {rlp.tolist()}"
+    assert_close(lp.cpu(), rlp, rtol=tol, atol=tol, name=f"{name} logprobs")
+
+
+NONFINITE_SETTINGS = [(1.0, 1.0), (0.8, 0.7), (0.0, 1.0), (0.0, 0.7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature,top_p", NONFINITE_SETTINGS)
+def test_the_spec_on_non_finite_logits(dtype, temperature, top_p):
+    """The spec's rule, written out: a NaN row, or a +inf row at T > 0, is (-1, NaN, 0) whatever top_p and the
+    exclusions; at T = 0 a +inf logit is the greedy maximum (the first allowed one), and for top_p < 1 the nucleus is
+    the +inf tokens (every one excluded: -1, -inf, 0). The normal rows propose what they propose alone."""
+    logits, excluded, uniforms, kinds = nonfinite_batch(45, dtype)
+    tok, lp, n = reference.propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p)
+    for b, kind in enumerate(kinds):
+        row = logits[b]
+        if kind == "nan" or (kind == "inf" and temperature > 0):
+            assert (int(tok[b]), int(n[b])) == (-1, 0) and bool(torch.isnan(lp[b])), (b, kind)
+        elif kind == "inf":
+            allowed = (torch.isposinf(row) if top_p < 1 else row > -INF) & ~excluded[b]
+            want = int(torch.where(allowed, row, -INF).argmax()) if bool(allowed.any()) else -1
+            assert (int(tok[b]), int(n[b])) == (want, int(allowed.sum())), (b, kind)
+            assert float(lp[b]) == (0.0 if want >= 0 else -INF)
+    if temperature == 0:
+        assert int(tok[6]) == 3  # the first of two +inf
+        if top_p < 1:  # the nucleus is the +inf tokens, all excluded
+            assert int(tok[10]) == -1 and float(lp[10]) == -INF
+    normal = [b for b, kind in enumerate(kinds) if kind == "normal"]
+    alone = reference.propose_token(logits[normal], excluded[normal], uniforms[normal], temperature=temperature,
+                                    top_p=top_p)
+    assert_same_proposals((tok[normal], lp[normal], n[normal]), alone, tol=0, name="normal rows")
+    assert bool((tok[normal] >= 0).all())
+
+
+@needs_cpp
+@pytest.mark.parametrize("V", NONFINITE_V)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("temperature,top_p", NONFINITE_SETTINGS)
+def test_cpp_matches_the_spec_on_non_finite_logits(V, dtype, temperature, top_p):
+    """The C++ kernel ignored a NaN logit (and proposed a token under top_p < 1 where the spec's nucleus was empty)
+    and proposed the +inf token at T > 0 where the spec returned one outside its allowed set."""
+    logits, excluded, uniforms, _ = nonfinite_batch(V, dtype)
+    got = ops.propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p)
+    want = reference.propose_token(logits.double() if dtype != torch.float32 else logits, excluded,
+                                   uniforms, temperature=temperature, top_p=top_p)
+    assert_same_proposals(got, want, tol=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
+@pytest.mark.parametrize("V", NONFINITE_V)
+@pytest.mark.parametrize("temperature,top_p", NONFINITE_SETTINGS)
+def test_triton_matches_the_spec_on_non_finite_logits(V, temperature, top_p, monkeypatch):
+    """The Triton kernel on the same rows, with 16-wide tiles: the last one partial, a NaN or +inf in the first, a
+    middle or the last tile; its max pass keeps NaN out of the max itself (tl.maximum's NaN rule differs between the
+    GPU and the interpreter)."""
+    pytest.importorskip("triton")
+    from alignfast.kernels import proposal as K
+
+    monkeypatch.setattr(K, "BLOCK_MAX", 16)
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    logits, excluded, uniforms, _ = nonfinite_batch(V, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy evaluates both sides of tl.where
+        got = K.propose_token_triton(logits.to(dev), excluded.to(dev), uniforms.to(dev), temperature, top_p)
+    want = reference.propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p)
+    assert_same_proposals(got, want, tol=1e-5, name="triton")
+    if has_kernel("propose_token", "cpu"):
+        assert_same_proposals(ops.propose_token(logits, excluded, uniforms, temperature=temperature, top_p=top_p),
+                              want, tol=1e-5, name="cpp")
+
+
+@needs_cpp
+def test_a_nan_logit_is_not_read_as_minus_infinity():
+    """The review's rows: with top_p < 1 the kernel skipped the NaN and proposed a token (the spec: an empty
+    nucleus, -1 / -inf); with a +inf logit at T = 1 the spec returned the last index, outside its allowed set."""
+    g = torch.Generator().manual_seed(0)
+    for value in (NAN, INF):
+        logits = torch.randn(1, 20, generator=g, dtype=torch.float64)
+        logits[0, 5] = value
+        for backend in ("auto", "reference"):
+            with force_backend(backend):
+                tok, lp, n = ops.propose_token(logits, torch.zeros_like(logits, dtype=torch.bool),
+                                               torch.tensor([0.3], dtype=torch.float64), temperature=1.0, top_p=0.9)
+            assert (int(tok), int(n)) == (-1, 0) and bool(torch.isnan(lp)), (value, backend)
