@@ -25,6 +25,10 @@ Choices the paper leaves open (Proxy-RLHF, arXiv 2403.04283), made here:
     under the same seed; re-proposals and decisions draw from two other keyed streams. A row's draws do
     not depend on the batch it is decoded in.
 
+A NaN or +inf logit in a live row stops the decoding with an error naming the target's dtype (float16 logits
+overflow): propose_token has no distribution for such a row (token -1, log-prob NaN), and even where a greedy
+proposal exists the proxy's third input would be NaN.
+
 Finished rows (EOS) keep their cache slot and stop asking the proxy; the batch is not compacted
 (the proxy's decisions, not the retired rows, dominate the cost at these batch sizes).
 
@@ -257,6 +261,8 @@ class ProxyDecoder:
         records = []  # (rows, slots, features, proposals, actions, logprobs, values) per attempt
         for t in range(self.max_new_tokens):
             lse = torch.logsumexp(logits, dim=-1)
+            # NaN where a row has a NaN logit, +inf where it has a +inf one (an all -inf row's is -inf)
+            not_finite = torch.isnan(lse) | torch.isposinf(lse)
             excluded = torch.zeros_like(logits, dtype=torch.bool)
             if self.top_k and self.top_k < logits.size(1):
                 kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
@@ -282,7 +288,13 @@ class ProxyDecoder:
                     temp = 0.0 if at_bound or not sampling else self.temperature
                     tok, _lp, n_allowed = propose_token(logits[rows], excluded[rows], u, temperature=temp,
                                                         top_p=self.top_p)
-                if bool((tok < 0).any()):  # cannot happen: the last allowed token is forced, never rejected
+                stop = (tok < 0).any()
+                if attempt == 0:  # the logits do not change between attempts; one sync for both checks
+                    stop = stop | not_finite[rows].any()
+                if bool(stop):
+                    if bool(not_finite[rows].any()):
+                        self._raise_not_finite(t, int(not_finite[rows].sum()))
+                    # cannot happen: the last allowed token is forced, never rejected
                     raise RuntimeError("alignfast: the proxy decoder ran out of allowed tokens")
                 forced = torch.full_like(tok, at_bound, dtype=torch.bool) | (n_allowed <= 1)
                 accept = forced.clone()
@@ -322,6 +334,21 @@ class ProxyDecoder:
             logits, hidden = self._forward(tokens[:, None], attn[:, :width + t + 1], next_pos[:, None], cache)
             next_pos = next_pos + 1
         return out, alive, records, n_dec, rejections, forced_count
+
+    def _raise_not_finite(self, t: int, n_rows: int):
+        from alignfast.ops._checks import AlignfastArgumentError
+
+        dtype = self.embed.weight.dtype
+        if dtype == torch.float16:
+            cause = ("the likely cause is the target's dtype, float16, whose range (+-65504) its activations "
+                     "overflow: load the target in bfloat16 or float32 (target.dtype in a run file)")
+        else:
+            cause = (f"the target runs in {str(dtype).removeprefix('torch.')}; the usual cause is a float16 target "
+                     "overflowing (its range ends at +-65504): check target.dtype in the run file, and the target's "
+                     "weights")
+        raise AlignfastArgumentError(
+            f"alignfast: the frozen target's logits are not finite (NaN or +inf) at new token {t + 1} "
+            f"({n_rows} prompt(s)), so no token can be proposed from them; {cause}")
 
     def _assemble(self, out, alive, records, n_dec, rejections, forced_count) -> ProxyDecodeOutput:
         R = out.size(0)

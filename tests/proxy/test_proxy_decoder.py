@@ -218,3 +218,48 @@ def test_a_share_of_the_rows_decodes_what_the_whole_call_gives_those_rows(toy):
     assert torch.equal(share.rejections, whole.rejections[lo:hi]) and int(whole.rejections[lo:hi].sum()) > 0
     with pytest.raises(ValueError, match="rows"):
         dec.decode(prompts, judge, seed=5, rows=(3, 3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature,top_p,step", [(1.0, 1.0, 0), (1.0, 0.9, 1), (0.0, 1.0, 1)])
+def test_non_finite_target_logits_name_the_targets_dtype(toy, bad, temperature, top_p, step):
+    """A NaN or +inf logit from the target (a float16 forward overflowing) made propose_token return -1 and the
+    decoder say it "ran out of allowed tokens"; greedy proposals went on with a NaN feature for the proxy. The
+    error now says the target's logits are not finite at that step and which setting to change."""
+    from alignfast.cli.errors import known_error_line
+    from alignfast.ops._checks import AlignfastArgumentError
+
+    model, tok, prompts = toy
+    dec = decoder(model, tok, temperature=temperature, top_p=top_p)
+    forward, calls = dec._forward, []
+
+    def broken_forward(*args):
+        logits, hidden = forward(*args)
+        if len(calls) == step:  # forward `step` gives the logits of new token step + 1
+            logits = logits.clone()
+            logits[1, 7] = bad
+        calls.append(1)
+        return logits, hidden
+
+    dec._forward = broken_forward
+    with pytest.raises(AlignfastArgumentError) as err:
+        dec.decode(prompts[:3], accept_all, seed=5)
+    message = str(err.value)
+    assert message.startswith("alignfast: the frozen target's logits are not finite (NaN or +inf) at new token "
+                              f"{step + 1} (1 prompt(s))")
+    assert "the target runs in float32; the usual cause is a float16 target overflowing" in message
+    assert "target.dtype in the run file" in message
+    assert "\n" not in message and "ran out of allowed tokens" not in message
+    assert known_error_line(err.value) is not None  # the command line prints it as one line, no traceback
+
+
+def test_a_float16_target_is_named_as_the_cause(toy):
+    from alignfast.ops._checks import AlignfastArgumentError
+
+    model, tok, _ = toy
+    dec = decoder(model, tok)
+    dec.embed = torch.nn.Embedding(4, 2).half()  # only its dtype is read: the target's dtype
+    with pytest.raises(AlignfastArgumentError, match=r"at new token 3 \(2 prompt\(s\)\), so no token can be "
+                       r"proposed from them; the likely cause is the target's dtype, float16, .*: load the target in "
+                       r"bfloat16 or float32 \(target.dtype in a run file\)$"):
+        dec._raise_not_finite(2, 2)
