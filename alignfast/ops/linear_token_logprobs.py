@@ -17,6 +17,10 @@ library (ops/cpu_gemm.py: the float32 logits of the float32 path, with dlogits r
 and dweight products as eager's bf16 autograd does); elsewhere bfloat16/float16 inputs run their GEMMs in
 float32 (hidden converted once, W a tile at a time; csrc/cpu/linear_token_logprobs.cpp).
 
+Determinism: a call gives the same bits every time with the same thread count. On CPU the tile width follows
+at::get_num_threads(), so another thread count sums the logits in other groupings: results then differ at float
+rounding (measured: ~2e-6 relative in float32, one bf16 ulp in bfloat16 dhidden), never more.
+
 Chunk size (rows' worth of logits per piece, overridable with chunk_size=): the piece's float32 logits are kept to
 1/16 of the size the materialised logits would have in the input's dtype, so that with the backward's
 dlogits buffer the extra memory stays within 1/8 of them (on CPU 1/32 for bfloat16/float16, whose float32
