@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ class GenerateArgs:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def requested_n(self) -> int:
+        """Samples to ask a backend for per prompt: greedy decoding has one answer (repeat_greedy copies it)."""
+        return 1 if self.greedy else self.n
+
     def base_seed(self) -> int:
         """The call's seed, or (seed=None) one drawn from torch's global generator, so that
         torch.manual_seed makes unseeded calls reproducible too. A greedy call uses no randomness and
@@ -103,6 +109,15 @@ class GenerateArgs:
         import torch
 
         return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def repeat_greedy(results: list[list[Completion]], args: GenerateArgs) -> list[list[Completion]]:
+    """Each prompt's n answers from a backend asked for args.requested_n: a greedy call's one answer, n times
+    (vLLM refuses n > 1 at temperature 0, offline and behind `vllm serve`: 'n must be 1 when using greedy
+    sampling'); a sampled call's as they are."""
+    if args.requested_n == args.n:
+        return results
+    return [[dataclasses.replace(r[0]) for _ in range(args.n)] for r in results]
 
 
 def _is_int(x) -> bool:

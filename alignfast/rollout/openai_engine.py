@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 
 from alignfast.rollout._sampling import request_seeds
-from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, TargetEngine, check_call
+from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, TargetEngine, check_call, repeat_greedy
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 DEFAULT_RETRY_BUDGET = 30.0  # seconds of waiting between attempts, per request: a server restart fits in it
@@ -290,19 +290,20 @@ class OpenAIEngine(TargetEngine):
                     fail(f"prompts[{i}]", "must be text for api='chat' (token ids need api='completions')")
         seeds = request_seeds(prompt_list, args.seed) if (self.send_seed and args.seed is not None) else None
 
-        # (prompt index, samples in this request, seed) per request
+        # (prompt index, samples in this request, seed) per request; a greedy call asks once per prompt (vLLM's
+        # server answers n > 1 at temperature 0 with a 400) and repeats the answer
         jobs = []
         for i in range(len(prompt_list)):
             s = None if seeds is None else seeds[i]
             if self.n_per_request:
-                jobs.append((i, args.n, s))
+                jobs.append((i, args.requested_n, s))
             else:
-                jobs.extend((i, 1, None if s is None else (s + k) & 0x7FFFFFFF) for k in range(args.n))
+                jobs.extend((i, 1, None if s is None else (s + k) & 0x7FFFFFFF) for k in range(args.requested_n))
         answers = self._run(self._run_jobs(jobs, prompt_list, args), what="generate()")
         results: list[list[Completion]] = [[] for _ in prompt_list]
         for (i, _, _), got in zip(jobs, answers):
             results[i].extend(got)
-        return results
+        return repeat_greedy(results, args)
 
     async def _run_jobs(self, jobs, prompt_list, args) -> list[list[Completion]]:
         gate = asyncio.Semaphore(self.max_concurrency)

@@ -4,10 +4,15 @@ vLLM does its own continuous batching, paged KV cache and prefix caching, so thi
 the TargetEngine call onto it:
 
     prompts     text -> as is;  token ids -> {"prompt_token_ids": ids}
+    truncation  max_prompt_length keeps a prompt's last tokens, done here (text is encoded with the LLM's
+                tokenizer, special tokens added as vLLM adds them): SamplingParams' truncate_prompt_tokens
+                was removed in vLLM 0.17 (an error there) and ignored for a list of params before
     sampling    SamplingParams(n, temperature (0 = greedy), top_p, max_tokens=max_new_tokens,
-                seed per request, truncate_prompt_tokens=max_prompt_length when set)
+                seed per request); a greedy call asks for n=1 and repeats the answer (vLLM refuses
+                n > 1 with temperature 0)
     results     one RequestOutput per prompt, in order; its `outputs` sorted by `index` become the
-                n Completions (text, token_ids, finish_reason 'stop' | 'length')
+                n Completions (text, token_ids, finish_reason 'length', or 'stop' for 'stop' and
+                'repetition'); 'abort' and 'error' (a request vLLM rejected) raise EngineRequestError
 
 Seeds are per request and derived from (seed, prompt, occurrence) as in HFEngine, so a prompt's
 samples do not depend on its neighbours in the call. vLLM is optional: asking for this engine
@@ -20,7 +25,10 @@ import gc
 from collections.abc import Sequence
 
 from alignfast.rollout._sampling import request_seeds
-from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, TargetEngine, check_call
+from alignfast.rollout.engine import Completion, EngineRequestError, Prompt, TargetEngine, check_call, repeat_greedy
+
+# finish_reason values of a vLLM output that are an answer; 'abort' and 'error' are not (vllm/v1/engine)
+_ANSWERED = {"stop": "stop", "repetition": "stop", "length": "length"}
 
 
 def _import_vllm():
@@ -74,17 +82,35 @@ class VLLMEngine(TargetEngine):
                                        top_p=top_p, n=n, seed=seed)
         if not prompt_list:
             return []
-        common = dict(n=args.n, temperature=args.temperature, top_p=args.top_p if not args.greedy else 1.0,
-                      max_tokens=args.max_new_tokens)
-        if self.max_prompt_length is not None:
-            common["truncate_prompt_tokens"] = self.max_prompt_length
+        common = dict(n=args.requested_n, temperature=args.temperature,
+                      top_p=args.top_p if not args.greedy else 1.0, max_tokens=args.max_new_tokens)
         params = [self._vllm.SamplingParams(**common, seed=s) for s in request_seeds(prompt_list, args.base_seed())]
-        inputs = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt_list]
+        inputs = [self._input(p) for p in prompt_list]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         if len(outputs) != len(inputs):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(inputs)} prompts")
-        return [[Completion(o.text, list(o.token_ids), "length" if o.finish_reason == "length" else "stop")
-                 for o in sorted(req.outputs, key=lambda o: o.index)] for req in outputs]
+        results = [[self._completion(o, i) for o in sorted(req.outputs, key=lambda o: o.index)]
+                   for i, req in enumerate(outputs)]
+        return repeat_greedy(results, args)
+
+    def _input(self, prompt: Prompt):
+        """vLLM's input for one prompt: text as is, token ids as a TokensPrompt, either cut to its last
+        max_prompt_length tokens when longer."""
+        keep = self.max_prompt_length
+        if isinstance(prompt, str):
+            if keep is None:
+                return prompt
+            ids = list(self.llm.get_tokenizer().encode(prompt))
+            return prompt if len(ids) <= keep else {"prompt_token_ids": ids[-keep:]}
+        return {"prompt_token_ids": prompt if keep is None else prompt[-keep:]}
+
+    @staticmethod
+    def _completion(o, i: int) -> Completion:
+        reason = _ANSWERED.get(o.finish_reason)
+        if reason is None:
+            raise EngineRequestError(f"VLLMEngine: vLLM ended the request for prompts[{i}] with finish_reason "
+                                     f"{o.finish_reason!r} and no answer (it rejected or aborted it)")
+        return Completion(o.text, list(o.token_ids), reason)
 
     @property
     def chat_tokenizer(self):

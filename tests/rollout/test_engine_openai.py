@@ -127,14 +127,25 @@ def test_engine_openai_completions_n_and_order(stub):
 
 def test_engine_openai_chat_one_request_per_sample(stub):
     with engine_for(stub, api="chat", n_per_request=False, system_prompt="be brief") as engine:
-        out = engine.generate(["hi", "there"], max_new_tokens=2, n=2)
+        out = engine.generate(["hi", "there"], max_new_tokens=2, n=2, temperature=0.7)
     assert [[c.text.split("|")[0] for c in r] for r in out] == [["hi", "hi"], ["there", "there"]]
     assert all(c.finish_reason == "length" for r in out for c in r)
     assert len(stub.requests) == 4
     for path, body in stub.requests:
         assert path.endswith("/chat/completions") and body["n"] == 1 and "seed" not in body
         assert body["messages"][0] == {"role": "system", "content": "be brief"}
-        assert body["temperature"] == 0.0 and body["top_p"] == 1.0  # greedy
+        assert body["temperature"] == 0.7 and body["top_p"] == 1.0
+
+
+@pytest.mark.parametrize("n_per_request", [True, False])
+def test_engine_openai_greedy_asks_once_per_prompt_and_repeats_the_answer(stub, n_per_request):
+    """vLLM's server answers n > 1 at temperature 0 with a 400 ('n must be 1 when using greedy sampling'), and greedy
+    decoding has one answer: a greedy call asks once per prompt and returns its answer n times (as copies)."""
+    with engine_for(stub, n_per_request=n_per_request) as engine:
+        out = engine.generate(["hi", "there"], max_new_tokens=2, n=3)
+    assert len(stub.requests) == 2 and all(body["n"] == 1 for _, body in stub.requests)
+    assert [len(r) for r in out] == [3, 3] and all(len({c.text for c in r}) == 1 for r in out)
+    assert out[0][0] is not out[0][1] and out[0][0] == out[0][1]
 
 
 def test_engine_openai_retries_a_server_error_then_succeeds(stub):

@@ -1,5 +1,7 @@
 """VLLMEngine's mapping onto vLLM's offline API, against a fake `vllm` module (vLLM is not installed
-here), and its error when vLLM is missing."""
+here), and its error when vLLM is missing. The fake is as strict as vLLM 0.33 (read from its wheel): SamplingParams
+takes no truncate_prompt_tokens (removed in 0.17: a TypeError), refuses n > 1 at temperature 0, and an output may
+end with finish_reason 'repetition', 'abort' or 'error'."""
 
 from __future__ import annotations
 
@@ -20,7 +22,15 @@ class FakeSamplingParams:
     top_p: float = 1.0
     max_tokens: int = 16
     seed: int | None = None
-    truncate_prompt_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.temperature == 0.0 and self.n > 1:  # vllm/sampling_params.py, _verify_greedy_sampling
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+
+
+class FakeTokenizer:
+    def encode(self, text):  # one id per character after a BOS (1), as the fake LLM reads text
+        return [1] + [ord(c) for c in text]
 
 
 @dataclass
@@ -47,6 +57,9 @@ class FakeLLM:
         self.calls = []
         FakeLLM.instances.append(self)
 
+    def get_tokenizer(self):
+        return FakeTokenizer()
+
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append((prompts, sampling_params))
         results = []
@@ -56,8 +69,10 @@ class FakeLLM:
             for i in reversed(range(sp.n)):  # out of order on purpose: the engine must sort by index
                 length = 1 + (sum(ids) + i + (sp.seed or 0)) % sp.max_tokens
                 toks = [(sum(ids) + 7 * i + (sp.seed or 0) + k) % 100 for k in range(length)]
-                outs.append(FakeCompletionOutput(i, f"s{i}:{len(toks)}", toks,
-                                                 "length" if length == sp.max_tokens else "stop"))
+                reason = "length" if length == sp.max_tokens else "stop"
+                if isinstance(prompt, str) and prompt.startswith("reason:"):  # a reason chosen by the test
+                    reason = prompt.split(":")[1]
+                outs.append(FakeCompletionOutput(i, f"s{i}:{len(toks)}", toks, reason))
             results.append(FakeRequestOutput(prompt, outs))
         return results
 
@@ -104,8 +119,7 @@ def test_engine_vllm_maps_prompts_params_and_outputs(fake_vllm):
     out = engine.generate(prompts, max_new_tokens=9, temperature=0.7, top_p=0.9, n=3, seed=1)
     (inputs, params), = FakeLLM.instances[-1].calls
     assert inputs == ["hello", {"prompt_token_ids": [5, 6, 7]}, "hello"]
-    assert all((p.n, p.temperature, p.top_p, p.max_tokens, p.truncate_prompt_tokens) == (3, 0.7, 0.9, 9, 64)
-               for p in params)
+    assert all((p.n, p.temperature, p.top_p, p.max_tokens) == (3, 0.7, 0.9, 9) for p in params)
     seeds = [p.seed for p in params]
     assert len(set(seeds)) == 3  # the repeated prompt gets its own seed
     assert [len(r) for r in out] == [3, 3, 3]
@@ -126,7 +140,7 @@ def test_engine_vllm_greedy_empty_and_bad_arguments(fake_vllm):
     assert engine.generate([], max_new_tokens=4) == []
     engine.generate(["a"], max_new_tokens=4, top_p=0.5)
     p = FakeLLM.instances[-1].calls[-1][1][0]
-    assert p.temperature == 0.0 and p.top_p == 1.0 and p.truncate_prompt_tokens is None
+    assert p.temperature == 0.0 and p.top_p == 1.0
     with pytest.raises(AlignfastArgumentError, match="'max_new_tokens'"):
         engine.generate(["a"], max_new_tokens=0)
     with pytest.raises(AlignfastArgumentError, match=r"prompts\[0\]"):
@@ -134,3 +148,40 @@ def test_engine_vllm_greedy_empty_and_bad_arguments(fake_vllm):
     engine.close()
     engine.close()  # idempotent
     assert engine.llm is None
+
+
+def test_engine_vllm_cuts_long_prompts_itself(fake_vllm):
+    """SamplingParams(truncate_prompt_tokens=) is an error since vLLM 0.17 (and was ignored for a list of params
+    before): a prompt over max_prompt_length keeps its last tokens, cut here; shorter text goes as text."""
+    from alignfast.rollout import VLLMEngine
+
+    engine = VLLMEngine("m", max_prompt_length=4)
+    engine.generate(["abc", "abcdefg", list(range(10, 20)), [1, 2]], max_new_tokens=3, temperature=0.5)
+    inputs = FakeLLM.instances[-1].calls[-1][0]
+    assert inputs == ["abc", {"prompt_token_ids": [ord(c) for c in "defg"]}, {"prompt_token_ids": [16, 17, 18, 19]},
+                      {"prompt_token_ids": [1, 2]}]
+
+
+def test_engine_vllm_greedy_asks_once_and_repeats_the_answer(fake_vllm):
+    """vLLM refuses n > 1 at temperature 0 ('n must be 1 when using greedy sampling'): a greedy call with n=3 asks
+    for one answer per prompt and returns it three times."""
+    from alignfast.rollout import VLLMEngine
+
+    out = VLLMEngine("m").generate(["a", [3, 4]], max_new_tokens=5, n=3)
+    assert [p.n for p in FakeLLM.instances[-1].calls[-1][1]] == [1, 1]
+    assert [len(r) for r in out] == [3, 3] and all(r[0] == r[1] == r[2] for r in out)
+
+
+@pytest.mark.parametrize("reason,expected", [("repetition", "stop"), ("abort", None), ("error", None)])
+def test_engine_vllm_finish_reasons(fake_vllm, reason, expected):
+    """'repetition' (vLLM's repetition detection) is a stop; 'abort' and 'error' (a request vLLM rejected: empty
+    token_ids) are not answers and were returned as empty finished ones."""
+    from alignfast.rollout import VLLMEngine
+    from alignfast.rollout.engine import EngineRequestError
+
+    engine = VLLMEngine("m")
+    if expected is None:
+        with pytest.raises(EngineRequestError, match=rf"prompts\[1\] with finish_reason '{reason}' and no answer"):
+            engine.generate(["fine", f"reason:{reason}"], max_new_tokens=3)
+    else:
+        assert engine.generate([f"reason:{reason}"], max_new_tokens=3)[0][0].finish_reason == expected
