@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from alignfast.ops._checks import fail
+from alignfast.ops._checks import fail, output_folder
 from alignfast.trainer.config import BACKENDS, LR_SCHEDULERS, REPORTERS, SAVE_STRATEGIES, ConfigDict
 
 # The paper's corrector input (PKU-Alignment/aligner), and the shorter form of the repository's data.
@@ -134,6 +134,8 @@ class AlignerConfig(ConfigDict):
 
     # --- validation -----------------------------------------------------------------------------------
     def _validate(self) -> None:
+        self.output_dir = output_folder("output_dir", self.output_dir)
+
         def integer(name, *, minimum):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:

@@ -24,11 +24,14 @@ def proxy_trainer_config(config: dict):
     from alignfast.cli.config import section
     from alignfast.cli.errors import CLIError
     from alignfast.ops import AlignfastArgumentError
+    from alignfast.ops._checks import output_folder
     from alignfast.trainer.proxy_rlhf import ProxyRLHFConfig
 
     values = {**section(config, "trainer"), **local_target_settings(config)}
-    values["output_dir"] = str(Path(str(values.get("output_dir") or "alignfast-output")) / "proxy")
     try:
+        # the proxy's run lives in <output_dir>/proxy; an empty output_dir is refused as the other methods refuse it
+        values["output_dir"] = str(Path(output_folder("output_dir", values.get("output_dir", "alignfast-output")))
+                                   / "proxy")
         return ProxyRLHFConfig.from_dict(values)
     except AlignfastArgumentError as err:
         raise CLIError(str(err).removeprefix("alignfast: ").replace("config key '", "key 'trainer.")) from None

@@ -113,6 +113,17 @@ def temperature(name: str, value, *, zero_is_greedy: bool = False) -> float:
     return v
 
 
+def output_folder(name: str, value) -> str:
+    """A run's output folder: a non-empty path. An empty one ('' from an unset shell variable, `output_dir: ""`)
+    would be the working directory, where a run's checkpoints, metrics and lock would land among other files."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        fail(name, f"must name a folder, got {value!r} (an empty value would write the run into the working "
+             "directory; give a folder such as 'runs/my-run')")
+    return value
+
+
 def optional_text(name: str, value) -> str | None:
     """None, or a string with more than whitespace (a system message, say: an empty one would be sent as such)."""
     if value is not None and (not isinstance(value, str) or not value.strip()):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignfast.ops import _checks
-from alignfast.ops._checks import AlignfastArgumentError, fail, optional_text
+from alignfast.ops._checks import AlignfastArgumentError, fail, optional_text, output_folder
 
 BACKENDS = ("fast", "reference")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -236,6 +236,8 @@ class AlignProConfig(ConfigDict):
 
     # --- validation ---------------------------------------------------------------------------------
     def _validate(self) -> None:
+        self.output_dir = output_folder("output_dir", self.output_dir)
+
         def positive_int(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -104,3 +104,17 @@ def test_a_target_that_fails_for_good_says_how_to_continue(tmp_path, capsys):
     assert line.startswith("alignfast train: error: the target failed: OpenAIEngine (" + server.base_url)
     assert "InternalServerError" in line and "server restarting" in line and "retry budget of 0.3 s" in line
     assert "no checkpoint was written yet: rerun once the endpoint is back" in line
+
+
+@pytest.mark.parametrize("command", [["train"], ["train", "--method", "proxy"], ["aligner", "train"]])
+def test_an_empty_output_dir_is_refused_not_the_working_directory(tmp_path, capsys, monkeypatch, command):
+    """`--trainer.output_dir "$OUT"` with OUT unset: Align-Pro and the Aligner wrote their checkpoints, metrics, final/
+    and lock into the working directory (exit 0); Proxy-RLHF took the default instead. Each is now one line."""
+    configs = Path(TOY).parent
+    config = {"train": TOY, "proxy": str(configs / "proxy_toy.yaml"), "aligner": str(configs / "aligner_toy.yaml")}
+    monkeypatch.chdir(tmp_path)
+    key = "proxy" if "proxy" in command else command[0]
+    line = one_line(capsys, main([*command, "--config", config[key], "--trainer.output_dir", ""]))
+    assert "output_dir" in line and "must name a folder, got '' (an empty value would write the run into the " \
+                                   "working directory" in line, line
+    assert list(tmp_path.iterdir()) == []
