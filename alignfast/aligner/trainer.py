@@ -46,8 +46,8 @@ from alignfast.trainer.metrics_logger import check_reporters
 from alignfast.trainer.optimizers import no_weight_decay, own_hyperparameters, regrouped_state
 from alignfast.trainer.ppo_core import bounded_param_groups
 from alignfast.trainer.resume_checks import (CheckpointMismatchError, check_num_steps, check_resume_matches,
-                                             check_same_arm, check_same_reference, reference_fingerprint,
-                                             warn_other_train_rows)
+                                             check_same_arm, check_same_reference, follow_schedule,
+                                             reference_fingerprint, warn_other_train_rows)
 from alignfast.trainer.results import TrainingDivergedError
 from alignfast.trainer.run_loop import RunLoop
 
@@ -347,7 +347,7 @@ class AlignerTrainer(RunLoop):
         # Before any tensor is copied: the corrector's trainable set and shapes (with/without LoRA, other
         # target_modules or rank), then a LoRA run's frozen base weights (another base model of the same shapes).
         check_same_arm(path, state, self.arm)
-        check_num_steps(path, state, self.num_steps, self.config.lr_scheduler_type)
+        rebuilt = check_num_steps(path, state, self.num_steps, self.config.lr_scheduler_type)
         check_resume_matches(path, data["trainable"], state, self.model, self.config, value_model=None,
                              value_head=None, label="corrector")
         check_same_reference(path, state, self._base_fingerprint(), self.arm,
@@ -363,6 +363,8 @@ class AlignerTrainer(RunLoop):
         with own_hyperparameters(self.optimizer):  # this run's weight_decay, betas and eps
             self.optimizer.load_state_dict(optimizer)
         self.lr_scheduler.load_state_dict(scheduler)
+        if rebuilt:
+            follow_schedule(self.lr_scheduler)
         ckpt.set_rng_state(data["rng"])
         saved = dict(state.get("config") or {})
         if saved and "identity_schedule" not in saved:

@@ -50,8 +50,8 @@ from alignfast.trainer.ppo_core import (NonFiniteLoss, PPOUpdater, Rollout, comp
 from alignfast.trainer.results import RolloutResult, TrainingDivergedError
 from alignfast.trainer.resume_checks import (check_num_steps, check_resume_matches, check_same_arm,
                                              check_same_reference, EMPTY_FINGERPRINT, prompts_fingerprint,
-                                             reference_fingerprint,
-                                             warn_other_inputs, warn_other_train_rows)
+                                             follow_schedule, reference_fingerprint, warn_other_inputs,
+                                             warn_other_train_rows)
 from alignfast.trainer.sampling import SampledBatch, left_pad, sample
 from alignfast.trainer.run_loop import RunLoop
 
@@ -698,7 +698,7 @@ class PPOEngineTrainer(RunLoop):
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)
         check_same_arm(path, data["state"], self.arm)
-        check_num_steps(path, data["state"], self.num_steps, self.config.lr_scheduler_type)
+        rebuilt = check_num_steps(path, data["state"], self.num_steps, self.config.lr_scheduler_type)
         sharded = check_resumable(self.processes, path, data["state"])
         if sharded:  # every process reads its shard of parameters and optimizer state
             with own_hyperparameters(self.optimizer):
@@ -731,6 +731,8 @@ class PPOEngineTrainer(RunLoop):
             with own_hyperparameters(self.optimizer):
                 self.optimizer.load_state_dict(data["optimizer"])
         self.lr_scheduler.load_state_dict(data["scheduler"])
+        if rebuilt:
+            follow_schedule(self.lr_scheduler)
         ckpt.set_rng_state(data["rng"])
         state = data["state"]
         config_changes = self._warn_changed_settings(path, state.get("config") or {})

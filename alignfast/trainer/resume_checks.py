@@ -106,13 +106,14 @@ def check_same_reference(path, state: dict, fingerprint: str, arm: str, *,
                     "this one loaded in another dtype?)")
 
 
-def check_num_steps(path, state: dict, num_steps: int, lr_scheduler_type) -> None:
+def check_num_steps(path, state: dict, num_steps: int, lr_scheduler_type) -> bool:
     """A resume may run longer or shorter (total_episodes, max_steps, num_train_epochs), but the LR schedule is
     rebuilt over the new number of steps (a scheduler's state holds its step, not its length): the learning rate
-    then jumps at the resume. Said in one warning; fewer steps than the checkpoint has run is an error."""
+    then jumps at the resume. Said in one warning; fewer steps than the checkpoint has run is an error. Returns
+    whether the schedule is rebuilt (the caller then applies it from the first resumed step: follow_schedule)."""
     saved, done = state.get("num_steps"), int(state.get("global_step", 0))
     if saved is None or int(saved) == num_steps:
-        return
+        return False
     if num_steps < done:
         _fail(Path(path), f"it is at step {done} and this run's total_episodes / max_steps / num_train_epochs give "
                           f"{num_steps} steps; resume with at least {done}")
@@ -121,6 +122,19 @@ def check_num_steps(path, state: dict, num_steps: int, lr_scheduler_type) -> Non
                      "num_train_epochs): the %s learning-rate schedule is rebuilt over %d steps, so from step %d on "
                      "the learning rate differs from an uninterrupted run's", path, num_steps, saved,
                      lr_scheduler_type, num_steps, done + 1)
+    return True
+
+
+def follow_schedule(scheduler) -> None:
+    """After a resume over another number of steps (check_num_steps): the learning rate of the step about to run is
+    the rebuilt schedule's. The loaded optimizer holds the checkpoint run's last one (0 once a linear decay has
+    ended, so the first resumed step changed nothing) and the scheduler sets the new one only after that step."""
+    import warnings
+
+    scheduler.last_epoch -= 1
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose, no step is taken
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
 
 def warn_other_train_rows(path, state: dict, rows: int, fingerprint: str, *, what: str, setting: str) -> None:

@@ -4,6 +4,7 @@ checkpoint's run did not have (training prompts, target, reward, number of steps
 import json
 import logging
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -45,8 +46,6 @@ def test_a_resumed_run_writes_the_metrics_lines_of_an_uninterrupted_one(tmp_path
 
 
 def test_a_resume_over_another_number_of_steps_says_the_lr_schedule_changes(tmp_path, caplog):
-    import pytest
-
     from alignfast.trainer.resume_checks import CheckpointMismatchError
 
     tok, prompter_dir = small_world(tmp_path)
@@ -184,3 +183,18 @@ def test_a_resume_with_another_reward_models_weights_under_the_same_name_says_so
                                       if k != "reward_models"}))
     (out / "checkpoint-1" / "manifest.json").unlink()
     assert [m for m in run("b") if "unverified" not in m] == []
+
+
+def test_the_first_resumed_step_runs_at_the_rebuilt_schedules_learning_rate(tmp_path):
+    """Extending a finished 3-step run (linear decay) to 6 steps: the first resumed step ran at the old schedule's
+    last learning rate (its optimizer's), and the rebuilt schedule started a step late; step 4 now runs at the
+    rebuilt schedule's value for step 4, lr0 * (1 - 3/6)."""
+    tok, prompter_dir = small_world(tmp_path)
+    out = tmp_path / "run"
+    trainer(tok, prompter_dir, out, max_steps=3, save_steps=3, lr_scheduler_type="linear").train()
+    trainer(tok, prompter_dir, out, max_steps=6, save_steps=3, lr_scheduler_type="linear").train(
+        resume_from_checkpoint=True)
+    lr0 = BASE["learning_rate"]
+    lrs = [r["lr"] for r in _lines(out / "metrics.jsonl")]
+    want = [lr0 * (1 - k / 3) for k in range(3)] + [lr0 * (1 - k / 6) for k in range(3, 6)]
+    assert lrs == pytest.approx(want, rel=1e-12), lrs
