@@ -11,10 +11,22 @@ from alignfast.cli.errors import CLIError
 from alignfast.cli.models import load_tokenizer
 
 
+def refuse_unfinished(p: Path) -> None:
+    """A temporary folder a killed save left (checkpoint.TMP_PREFIX: a checkpoint or final/ being written, or an old
+    copy being replaced) may hold a model's files without the rest: never evaluated as if it were whole."""
+    from alignfast.trainer import checkpoint as ckpt
+
+    if any(name.startswith(ckpt.TMP_PREFIX) for name in (p.name, p.parent.name)):
+        raise CLIError(f"{p} is a temporary folder that a save left unfinished ({ckpt.TMP_PREFIX}*: its writer was "
+                       "killed), not a checkpoint or model; pass checkpoint-<step>/ or final/ (the run's next start "
+                       "or --resume removes it)")
+
+
 def policy_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CLIError(f"checkpoint not found: {p}")
+    refuse_unfinished(p)
     if (p / "policy").is_dir():  # output_dir/checkpoint-<step>/policy
         _check_intact(p)
         p = p / "policy"

@@ -93,6 +93,25 @@ def test_eval_names_a_damaged_checkpoint(run, tmp_path):
             policy_dir(path)
 
 
+def test_eval_refuses_the_temporary_folder_of_a_killed_save(run, tmp_path):
+    """kill -9 after a checkpoint's policy/ was written leaves .tmp-checkpoint-<step>-<pid>-<hex>/policy, which
+    holds a loadable model and nothing else: `alignfast eval --checkpoint` / `--proxy-checkpoint` evaluated it
+    without a word. It is refused, as --resume refuses it, whether the folder or its policy/ is passed."""
+    import shutil
+
+    from alignfast.cli.checkpoints import policy_dir
+    from alignfast.cli.errors import CLIError
+    from alignfast.cli.eval_proxy import proxy_dir
+
+    _, _, out, _ = run
+    left = tmp_path / f"{ckpt.TMP_PREFIX}2-999999999-0123abcd"
+    shutil.copytree(out / "checkpoint-2" / "policy", left / "policy")
+    for resolve in (policy_dir, proxy_dir):
+        for path in (left, left / "policy"):
+            with pytest.raises(CLIError, match=r"is a temporary folder that a save left unfinished"):
+                resolve(path)
+
+
 def test_damaged_checkpoints_are_detected_and_skipped_by_name(run, tmp_path):
     _, _, out, _ = run
     for how in DAMAGES:
