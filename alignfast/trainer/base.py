@@ -636,6 +636,8 @@ class PPOEngineTrainer(RunLoop):
 
     # What the frozen reference weights are, for the error of a resume from a run trained from others.
     reference_weights_text = "its reference (SFT) weights differ from this run's policy before training"
+    # The likely causes of a trained tensor whose shape differs from the checkpoint's, for that error.
+    resume_shape_hint = "another model, or another LoRA rank?"
 
     def _reference_fingerprint(self) -> str:
         """Identity of the frozen reference policy (the reference model, or LoRA's frozen base weights)."""
@@ -707,7 +709,8 @@ class PPOEngineTrainer(RunLoop):
         trainable = data["trainable"]
         if not sharded:  # accelerate's load_state has restored (and shape-checked) parameters and optimizer
             check_resume_matches(path, trainable, data["state"], self.model, self.config,
-                                 value_model=self.value_model, value_head=self.shared_value_head)
+                                 value_model=self.value_model, value_head=self.shared_value_head,
+                                 label=self.policy_role, shape_hint=self.resume_shape_hint)
         ref_state = data["state"]
         if ref_state.get("reference_fingerprint") == EMPTY_FINGERPRINT:  # recorded no frozen weight: nothing to check
             ref_state = {**ref_state, "reference_fingerprint": None}

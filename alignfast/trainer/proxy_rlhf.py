@@ -124,6 +124,7 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
     """
 
     arm = "proxy"
+    policy_role = "proxy"
 
     def __init__(self, config, target, tokenizer=None, *, proxy: ProxyModel | None = None, reward_model=None,
                  reward_tokenizer=None, reward_funcs=None, reward_weights=None, train_dataset, eval_dataset=None,
@@ -201,6 +202,9 @@ class ProxyRLHFTrainer(PPOEngineTrainer):
         self._setup_optimization(callbacks)
 
     reference_weights_text = "the frozen target's weights differ from this run's target (target.model)"
+    # The proxy's input width comes from the target (its hidden size and vocabulary), its own width from the config.
+    resume_shape_hint = "another target, whose hidden size sets the proxy's input (target.model), or another " \
+                        "proxy_hidden_size?"
 
     def _reference_fingerprint(self) -> str:
         """Proxy-RLHF's reference is the frozen target's own distribution (accept_prior over its tokens): its

@@ -23,9 +23,10 @@ def _fail(path: Path, message: str):
 
 
 def check_resume_matches(path, trainable: dict, state: dict, model, config, *, value_model, value_head,
-                         label: str = "policy") -> None:
+                         label: str = "policy", shape_hint: str = "another model, or another LoRA rank?") -> None:
     """The checkpoint's trained tensors are exactly this run's trainable ones, shapes included. `label` names the
-    trained model in the messages (the Aligner's is the corrector)."""
+    trained model in the messages (the Aligner's is the corrector); `shape_hint`, the likely causes of a shape that
+    differs (a proxy's come from its target and proxy_hidden_size, not from LoRA)."""
     path = Path(path)
     saved_cfg = state.get("config") or {}
     if (value_model is not None and "value_model" not in trainable) or \
@@ -41,7 +42,7 @@ def check_resume_matches(path, trainable: dict, state: dict, model, config, *, v
     for name, value in saved.items():
         if tuple(value.shape) != tuple(params[name].shape):
             _fail(path, f"{label} parameter {name!r} has shape {tuple(value.shape)} there and "
-                        f"{tuple(params[name].shape)} in this {label} (another model, or another LoRA rank?)")
+                        f"{tuple(params[name].shape)} in this {label} ({shape_hint})")
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     if missing:
         _fail(path, f"it does not hold trainable {label} parameter {missing[0]!r} (written for another model, or "

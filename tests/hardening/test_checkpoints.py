@@ -292,7 +292,7 @@ def test_resuming_with_another_value_head_or_model_is_one_line(run, tmp_path):
                                                       r"value_head='separate' and this run has value_head='shared'"):
         trainer_for(tok, prompter, out, value_head="shared", max_steps=3).train(resume_from_checkpoint=True)
     other = make_causal_lm(tmp_path / "other", len(tok), hidden=32, layers=1)
-    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-2: policy parameter '.*' has shape .* there"):
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-2: prompter parameter '.*' has shape .* there"):
         trainer_for(tok, other, out, max_steps=3).train(resume_from_checkpoint=True)
     assert issubclass(CheckpointMismatchError, AlignfastArgumentError)  # the CLI prints these in one line
 

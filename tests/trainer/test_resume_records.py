@@ -198,3 +198,20 @@ def test_the_first_resumed_step_runs_at_the_rebuilt_schedules_learning_rate(tmp_
     lrs = [r["lr"] for r in _lines(out / "metrics.jsonl")]
     want = [lr0 * (1 - k / 3) for k in range(3)] + [lr0 * (1 - k / 6) for k in range(3, 6)]
     assert lrs == pytest.approx(want, rel=1e-12), lrs
+
+
+def test_a_proxy_resumed_at_another_size_names_the_proxys_settings(tmp_path, capsys):
+    """The shape error blamed 'another model, or another LoRA rank?' for a proxy, which has no LoRA: its shapes come
+    from its target's hidden size and proxy_hidden_size, which the line now names."""
+    from alignfast.cli import main
+    from tests.proxy.test_proxy_cli import RUN
+
+    args = ["train", "--config", RUN, "--method", "proxy", "--trainer.output_dir", str(tmp_path / "run"),
+            "--per_device_train_batch_size", "8", "--num_mini_batches", "1", "--save_steps", "1",
+            "--target_max_new_tokens", "4", "--total_episodes", "8"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--proxy_hidden_size", "24", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "proxy parameter 'inp.weight' has shape" in err[0] and "in this proxy (another target, " \
+        "whose hidden size sets the proxy's input (target.model), or another proxy_hidden_size?)" in err[0], err
