@@ -25,6 +25,9 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual permissions
         os.replace(tmp, path)
+    except IsADirectoryError as err:  # a folder where the file goes: named, not the temporary file that is gone
+        Path(tmp).unlink(missing_ok=True)
+        raise IsADirectoryError(err.errno, "a folder is in the way of a file alignfast writes", str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

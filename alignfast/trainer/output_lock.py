@@ -59,9 +59,21 @@ def check_writable(output_dir: str | os.PathLike) -> Path:
             f.write("ok\n")
         probe.unlink()
     except OSError as err:
-        fail("output_dir", f"'{out}' cannot be written ({err.strerror or err}): choose another output_dir "
+        fail("output_dir", f"'{out}' cannot be written ({_why(out, err)}): choose another output_dir "
              "(--trainer.output_dir)")
     return out
+
+
+def _why(out: Path, err: OSError) -> str:
+    """What is in the way, in words: mkdir's 'File exists' for a file or a dangling link says neither."""
+    if out.is_symlink() and not out.exists():
+        return f"it is a symbolic link to {os.readlink(out)}, which does not exist"
+    if out.exists() and not out.is_dir():
+        return "it is a file, not a folder"
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder"
+    return err.strerror or str(err)
 
 
 def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:

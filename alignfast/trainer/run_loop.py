@@ -70,14 +70,15 @@ class RunLoop:
             resumed = path
             # only once it loaded: a resume that fails (a typo, a checkpoint of another setup) leaves the run as it was
             self._on_main_process(lambda: self._abandon_later_checkpoints(path))
-        # Metrics, samples and the run's config are global and written once, by the main process.
+        # Metrics, samples and the run's config are global and written once, by the main process; the config first,
+        # so that a run that cannot write it (a folder in its place) leaves no fresh metrics file behind.
+        if self.processes.is_main:
+            write_text_atomically(Path(cfg.output_dir) / "config.json", cfg.to_json())
         logger = MetricsLogger(cfg.output_dir, cfg.report_to, run_name=cfg.run_name, config=cfg.to_dict()) \
             if self.processes.is_main else _SilentLogger()
         logger.restart(self.history, step=self.global_step)
-        if self.processes.is_main:
-            if resumed is None and logger.samples_path.exists():
-                logger.samples_path.unlink()
-            write_text_atomically(Path(cfg.output_dir) / "config.json", cfg.to_json())
+        if self.processes.is_main and resumed is None and logger.samples_path.exists():
+            logger.samples_path.unlink()
         state = self.callbacks.state
         state.max_steps = self.num_steps
         state.global_step = self.global_step

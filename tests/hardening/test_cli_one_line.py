@@ -118,3 +118,21 @@ def test_an_empty_output_dir_is_refused_not_the_working_directory(tmp_path, caps
     assert "output_dir" in line and "must name a folder, got '' (an empty value would write the run into the " \
                                    "working directory" in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_is_in_the_way_of_output_dir_is_said_in_words(tmp_path, capsys):
+    """mkdir's 'File exists' named neither a file where the folder goes nor a dangling link; a folder where
+    config.json goes was reported as the temporary file written for it (gone by then), after metrics.jsonl had
+    been created."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "missing" / "x")
+    (tmp_path / "run" / "config.json").mkdir(parents=True)
+    base = ["train", "--config", TOY, *SMALL, "--trainer.output_dir"]
+    for folder, says in (("afile", "cannot be written (it is a file, not a folder)"),
+                         ("link", f"cannot be written (it is a symbolic link to {tmp_path / 'missing' / 'x'}, which "
+                                  "does not exist)"),
+                         ("run", "a folder is in the way of a file alignfast writes: "
+                                 f"{tmp_path / 'run' / 'config.json'}")):
+        line = one_line(capsys, main([*base, str(tmp_path / folder)]))
+        assert says in line, line
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".alignfast.lock", "config.json"]
