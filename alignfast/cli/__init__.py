@@ -83,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"alignfast {args.command}: error: {err.strerror}: {err.filename}")
         return 2
     except KeyboardInterrupt as err:
-        if getattr(err, "exit_code", None):  # TrainingInterrupted: SIGTERM/SIGINT, checkpoint written; says how to resume
-            from alignfast.trainer.stop_signals import stop_line
-
-            line = stop_line(err.signal_name, err.step, err.num_steps, err.checkpoint,
-                             how="the same command with --resume")
+        # TrainingInterrupted: SIGTERM/SIGINT, checkpoint written; StoppedAtOnce: a second one, the step or the
+        # final save abandoned. Either line says what is left and how to continue; the code is 128 + the signal's.
+        if getattr(err, "exit_code", None):
+            line = err.line(how="the same command with --resume")
             if os.environ.get("RANK", "0") in ("0", ""):  # every process stops after the same step: one line
                 print(f"alignfast {args.command}: {line}", file=sys.stderr)
             return err.exit_code

@@ -5,7 +5,15 @@ a handler either one ends the process at once and loses every step since the las
 `StopSignals` installed around the training loop:
 
     first signal   -> the current PPO step finishes, a checkpoint is written, TrainingInterrupted is raised
-    second signal  -> the step is abandoned at once (KeyboardInterrupt); the last checkpoint stays as it was
+    second signal  -> the step is abandoned at once (StoppedAtOnce, naming the last checkpoint); that checkpoint
+                      stays as it was
+
+and around the save of the final model (RunLoop._save_model_folder, after train() returned):
+
+    first signal   -> the save finishes (the model is the run's result), a warning says so, nothing is raised
+    second signal  -> the save is abandoned at once (StoppedAtOnce); the folder stays as it was (written atomically)
+
+Both exceptions are KeyboardInterrupts carrying exit_code 128 + the signal's number and the one line the CLI prints.
 
 Under a launcher (torchrun, accelerate launch) every process stops after the same step: the run
 loop takes the largest signal number over the processes once per step (StopSignals.adopt), so a signal that
@@ -43,11 +51,36 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __str__(self) -> str:
         return self.args[0] if self.args else ""
 
+    def line(self, how: str) -> str:
+        """The one line for the user, `how` naming the way to continue (the CLI: 'the same command with --resume')."""
+        return stop_line(self.signal_name, self.step, self.num_steps, self.checkpoint, how=how)
+
+
+class StoppedAtOnce(TrainingInterrupted):
+    """A second SIGTERM/SIGINT: what was running stopped at once. `checkpoint`: the last one written (None: none),
+    which the run continues from; `folder`: the model folder whose save was abandoned (None: a training step
+    was), left as it was: `folder_kept` says whether it held an earlier model."""
+
+    def __init__(self, message: str, *, folder=None, folder_kept: bool = False, **kwargs):
+        super().__init__(message, **kwargs)
+        self.folder, self.folder_kept = folder, folder_kept
+
+    def line(self, how: str) -> str:
+        return stop_line(self.signal_name, self.step, self.num_steps, self.checkpoint, how=how, twice=True,
+                         folder=self.folder, folder_kept=self.folder_kept)
+
 
 class StopSignals:
-    """Installs the handlers on enter (main thread only) and restores the previous ones on exit."""
+    """Installs the handlers on enter (main thread only) and restores the previous ones on exit.
 
-    def __init__(self):
+    `finishing`: what a first signal lets finish, for its log line ("SIGTERM received: finishing <finishing> (send
+    it again to <again>)"). `at_once(signum)`: the exception a second signal raises (StoppedAtOnce, built when it
+    comes, so it names the checkpoint of that moment). Within another StopSignals (a model saved by a callback
+    during a training step) nothing is installed: the outer one's handling covers the step, the save included."""
+
+    def __init__(self, finishing: str = "the current step, then writing a checkpoint and stopping",
+                 again: str = "stop at once without a checkpoint", at_once=None):
+        self.finishing, self.again, self._at_once = finishing, again, at_once
         self.received: int | None = None
         self._received_at = 0.0
         self._previous: dict = {}
@@ -65,6 +98,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
+                if getattr(signal.getsignal(s), "__func__", None) is StopSignals._handle:
+                    continue  # an outer StopSignals handles it
                 try:
                     self._previous[s] = signal.signal(s, self._handle)
                 except (ValueError, OSError):  # not allowed here (an embedded interpreter): leave it
@@ -84,8 +119,8 @@ class StopSignals:
         if signum and self.received is None:
             self.received = signum
             self._received_at = time.monotonic()
-            _log.warning("alignfast: %s received by another process: finishing the current step, then writing a "
-                         "checkpoint and stopping", signal.Signals(signum).name)
+            _log.warning("alignfast: %s received by another process: finishing %s", signal.Signals(signum).name,
+                         self.finishing)
 
     def _handle(self, signum, _frame) -> None:
         if self.received is not None and self._launched and signum == self.received and \
@@ -93,11 +128,13 @@ class StopSignals:
             return  # the same signal from the launcher and from the scheduler: one request
         if self.received is not None:  # the second one: stop now
             self.restore()
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: the current step was abandoned")
+            if self._at_once is not None:
+                raise self._at_once(signum)
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: stopped at once")
         self.received = signum
         self._received_at = time.monotonic()
-        _log.warning("alignfast: %s received: finishing the current step, then writing a checkpoint and stopping "
-                     "(send it again to stop at once without a checkpoint)", signal.Signals(signum).name)
+        _log.warning("alignfast: %s received: finishing %s (send it again to %s)", signal.Signals(signum).name,
+                     self.finishing, self.again)
 
 
 def stopped_by_signal(stop: StopSignals, step: int, num_steps: int, checkpoint) -> TrainingInterrupted:
@@ -107,8 +144,30 @@ def stopped_by_signal(stop: StopSignals, step: int, num_steps: int, checkpoint) 
                                signal_name=stop.name, exit_code=128 + int(stop.received))
 
 
-def stop_line(signal_name: str, step: int, num_steps: int, checkpoint, *, how: str) -> str:
-    """'stopped by SIGTERM after step 3 of 10; checkpoint <path> written; <how> continues the run'."""
+def stopped_at_once(signum: int, step: int, num_steps: int, checkpoint, *, how: str, folder=None,
+                    folder_kept: bool = False) -> StoppedAtOnce:
+    """The exception (and the one line) for a second signal: during a training step (after `step` of `num_steps`;
+    `checkpoint` the last one written), or during the save of the model `folder`."""
+    name = signal.Signals(signum).name
+    line = stop_line(name, step, num_steps, checkpoint, how=how, twice=True, folder=folder, folder_kept=folder_kept)
+    return StoppedAtOnce(f"alignfast: {line}", step=step, num_steps=num_steps, checkpoint=checkpoint,
+                         signal_name=name, exit_code=128 + int(signum), folder=folder, folder_kept=folder_kept)
+
+
+def stop_line(signal_name: str, step: int, num_steps: int, checkpoint, *, how: str, twice: bool = False,
+              folder=None, folder_kept: bool = False) -> str:
+    """'stopped by SIGTERM after step 3 of 10; checkpoint <path> written; <how> continues the run'. twice: a second
+    signal stopped the step in progress at once (`checkpoint`: the last one written), or the save of `folder`."""
+    if twice and folder is not None:
+        left = "keeps the earlier model" if folder_kept else "was not written"
+        where = f"{how} continues from {checkpoint} and writes it again" if checkpoint is not None else \
+            "no checkpoint was written, so the run cannot be resumed: this model is lost"
+        return (f"stopped at once by {signal_name} received twice, during the save of {folder} after step {step} of "
+                f"{num_steps}: {folder} {left}; {where}")
+    if twice:
+        where = f"the last checkpoint is {checkpoint}: {how} continues the run from it" if checkpoint is not None \
+            else "no checkpoint was written: the run cannot be resumed"
+        return f"stopped at once by {signal_name} received twice, after step {step} of {num_steps}; {where}"
     if checkpoint is not None and str(checkpoint).endswith(f"checkpoint-{step}"):
         where = f"checkpoint {checkpoint} written; {how} continues the run"
     elif checkpoint is not None:
