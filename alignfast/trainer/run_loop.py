@@ -31,7 +31,7 @@ from alignfast.trainer import checkpoint as ckpt
 from alignfast.trainer.metrics_logger import MetricsLogger
 from alignfast.trainer.output_lock import lock_output_dir
 from alignfast.trainer.results import TrainOutput
-from alignfast.trainer.stop_signals import StopSignals, stopped_by_signal
+from alignfast.trainer.stop_signals import StopSignals, stopped_at_once, stopped_by_signal
 
 _log = logging.getLogger("alignfast.trainer")
 
@@ -89,7 +89,13 @@ class RunLoop:
         stopping = self._agree_on_stop(control)
         last_good = resumed
         metrics: dict = self.history[-1] if self.history else {}
-        stop = StopSignals().__enter__()  # SIGTERM/SIGINT: finish the step, checkpoint, stop (trainer/stop_signals.py)
+        # SIGTERM/SIGINT: finish the step, checkpoint, stop (trainer/stop_signals.py). A second one stops at once,
+        # naming the last checkpoint: at_once reads last_good and global_step when it comes (a closure over them).
+        finishing = ("the current step, then writing a checkpoint and stopping", "stop at once without a checkpoint") \
+            if cfg.save_strategy == "steps" else \
+            ("the current step, then stopping (no checkpoint: save_strategy is 'no')", "stop at once")
+        stop = StopSignals(*finishing, at_once=lambda signum: stopped_at_once(
+            signum, self.global_step, self.num_steps, last_good, how="train(resume_from_checkpoint=True)")).__enter__()
         try:
             while self.global_step < self.num_steps and not stopping:
                 step = self.global_step

@@ -179,3 +179,81 @@ def test_the_stop_line_is_printed_once_under_a_launcher(rank, printed, monkeypat
     assert main(["train", "--config", TOY]) == 143
     err = capsys.readouterr().err
     assert ("stopped by SIGTERM after step 3 of 9" in err) is printed, err
+
+
+# A subprocess running the CLI with a patch that sends the signals from inside the run (signal.raise_signal: to the
+# main thread, handled before it returns), so each test signals exactly where it means to, whatever the timing.
+_DRIVER = """
+import contextlib, signal, sys
+from alignfast.trainer import base, checkpoint as ckpt
+{patch}
+from alignfast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+_TWICE_IN_STEP_4 = """
+real = base.PPOEngineTrainer._train_step
+def step(self, step, last_good):
+    if step == 3:  # the 4th step: checkpoint-2 written, step 4 not
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+    return real(self, step, last_good)
+base.PPOEngineTrainer._train_step = step
+"""
+# 10 short steps; a checkpoint every 2 with save_strategy 'steps'
+SHORT = ["--total_episodes", "40", "--per_device_train_batch_size", "4", "--num_mini_batches", "1",
+         "--num_ppo_epochs", "1", "--response_length", "6", "--logging_steps", "1000", "--data.eval", "null"]
+
+
+def _run_patched(tmp_path, patch: str, args: list[str]) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK")}  # one process: no launcher rule
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _DRIVER.format(patch=patch), "train", "--config", TOY, *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def _last_line(err: str) -> str:
+    return [line for line in err.splitlines() if line.strip()][-1]
+
+
+def test_a_second_sigterm_during_training_exits_143_naming_the_last_checkpoint(tmp_path):
+    """The second signal used to end in 'alignfast train: interrupted' and exit code 130, whichever the signal."""
+    out = tmp_path / "run"
+    code, err = _run_patched(tmp_path, _TWICE_IN_STEP_4, ["--trainer.output_dir", str(out), "--save_steps", "2",
+                                                          *SHORT])
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM received: finishing the current step, then writing a checkpoint and stopping (send it again to " \
+           "stop at once without a checkpoint)" in err, err[-3000:]
+    assert _last_line(err) == (
+        f"alignfast train: stopped at once by SIGTERM received twice, after step 3 of 10; the last checkpoint is "
+        f"{out / 'checkpoint-2'}: the same command with --resume continues the run from it"), err[-3000:]
+    ckpt.verify(out / "checkpoint-2")
+    assert not (out / "checkpoint-4").exists() and not list(out.glob(".tmp-checkpoint-*"))
+
+
+def test_the_second_signal_lines_and_exceptions():
+    """StoppedAtOnce: a KeyboardInterrupt and a TrainingInterrupted (so `except TrainingInterrupted` still finds the
+    checkpoint to resume from) with the second signal's exit code; its lines without a checkpoint, and with an
+    earlier model kept."""
+    from alignfast.trainer.stop_signals import StoppedAtOnce, StopSignals, TrainingInterrupted, stopped_at_once
+
+    err = stopped_at_once(signal.SIGINT, 3, 9, None, how="x")
+    assert isinstance(err, TrainingInterrupted) and isinstance(err, KeyboardInterrupt)
+    assert err.exit_code == 130 and err.signal_name == "SIGINT" and err.checkpoint is None
+    assert err.line("--resume") == ("stopped at once by SIGINT received twice, after step 3 of 9; no checkpoint was "
+                                    "written: the run cannot be resumed")
+    kept = stopped_at_once(signal.SIGTERM, 9, 9, "out/checkpoint-9", how="x", folder="out/final", folder_kept=True)
+    assert kept.exit_code == 143 and kept.line("--resume") == (
+        "stopped at once by SIGTERM received twice, during the save of out/final after step 9 of 9: out/final keeps "
+        "the earlier model; --resume continues from out/checkpoint-9 and writes it again")
+    assert stopped_at_once(signal.SIGTERM, 9, 9, None, how="x", folder="out/final").line("--resume").endswith(
+        ": out/final was not written; no checkpoint was written, so the run cannot be resumed: this model is lost")
+
+    at_once = lambda signum: stopped_at_once(signum, 2, 5, "c", how="x")  # noqa: E731
+    with StopSignals(at_once=at_once) as outer:
+        with StopSignals() as inner:  # a save inside a training step: the training's handling stays
+            assert not inner._previous
+            outer._handle(signal.SIGTERM, None)
+            with pytest.raises(StoppedAtOnce, match="SIGTERM received twice, after step 2 of 5") as raised:
+                outer._handle(signal.SIGTERM, None)
+    assert raised.value.exit_code == 143 and not inner.requested
