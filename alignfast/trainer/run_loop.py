@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -181,12 +182,24 @@ class RunLoop:
         for one that refused): what the save needs of every process (a sharded model's gather), returning
         write(folder), which the main process alone runs (the replicas are identical). `what`: for write errors."""
         out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
-        ckpt.check_model_folder(out, self.config.output_dir)
-        write = prepare()
-        if self.processes.is_main:
-            with ckpt.writing(self.config.output_dir, what, out), ckpt.new_folder_atomically(out) as tmp:
-                write(tmp)
-        self.processes.wait()
+        # SIGTERM/SIGINT during the save, all of it (prepare()'s collectives too): a first signal does not interrupt
+        # it (the model is the run's result; the commands end right after it), a second one stops it at once
+        # and raises StoppedAtOnce naming what is left: `out` as it was (the write is atomic), the last checkpoint.
+        # Every process defers alike and none raises on a first signal, so none leaves the others in a collective.
+        kept, last = os.path.lexists(out), ckpt.latest_checkpoint(self.config.output_dir)
+        with StopSignals(f"the save of {out} first", "stop at once; the folder then stays as it was",
+                         at_once=lambda signum: stopped_at_once(
+                             signum, self.global_step, self.num_steps, last, folder=out, folder_kept=kept,
+                             how="train(resume_from_checkpoint=True) then save_model()")) as stop:
+            ckpt.check_model_folder(out, self.config.output_dir)
+            write = prepare()
+            if self.processes.is_main:
+                with ckpt.writing(self.config.output_dir, what, out), ckpt.new_folder_atomically(out) as tmp:
+                    write(tmp)
+            self.processes.wait()
+        if stop.requested:
+            _log.warning("alignfast: %s was received during the save of %s: the save completed first, so the run is "
+                         "complete", stop.name, out)
         return out
 
     def _on_main_process(self, work) -> None:

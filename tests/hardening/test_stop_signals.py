@@ -190,6 +190,17 @@ from alignfast.trainer import base, checkpoint as ckpt
 from alignfast.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+_IN_THE_FINAL_SAVE = """
+real = ckpt.new_folder_atomically
+@contextlib.contextmanager
+def signalled(path, **kwargs):
+    with real(path, **kwargs) as tmp:
+        yield tmp  # write(tmp): the model's files are written here
+        if path.name == "final":  # then the signals, before the folder is put in its place
+            for _ in range({times}):
+                signal.raise_signal(signal.SIGTERM)
+ckpt.new_folder_atomically = signalled
+"""
 _TWICE_IN_STEP_4 = """
 real = base.PPOEngineTrainer._train_step
 def step(self, step, last_good):
@@ -199,7 +210,7 @@ def step(self, step, last_good):
     return real(self, step, last_good)
 base.PPOEngineTrainer._train_step = step
 """
-# 10 short steps; a checkpoint every 2 with save_strategy 'steps'
+# 10 short steps (each test gives its save_strategy or save_steps)
 SHORT = ["--total_episodes", "40", "--per_device_train_batch_size", "4", "--num_mini_batches", "1",
          "--num_ppo_epochs", "1", "--response_length", "6", "--logging_steps", "1000", "--data.eval", "null"]
 
@@ -214,6 +225,49 @@ def _run_patched(tmp_path, patch: str, args: list[str]) -> tuple[int, str]:
 
 def _last_line(err: str) -> str:
     return [line for line in err.splitlines() if line.strip()][-1]
+
+
+def _assert_loadable(final: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(final) is not None
+
+
+def test_sigterm_during_the_final_save_lets_it_complete(tmp_path):
+    """The review's case: SIGTERM while final/ was written killed the process (rc 143, no line), and with
+    save_strategy 'no' the trained run was lost. Now the save completes, a warning says so and the command ends as
+    a complete run (exit 0, its summary line)."""
+    out = tmp_path / "run"
+    code, err = _run_patched(tmp_path, _IN_THE_FINAL_SAVE.format(times=1),
+                             ["--trainer.output_dir", str(out), "--save_strategy", "no", *SHORT])
+    assert code == 0, err[-3000:]
+    final = out / "final"
+    assert f"SIGTERM received: finishing the save of {final} first (send it again to stop at once; the folder then " \
+           "stays as it was)" in err, err[-3000:]
+    assert f"SIGTERM was received during the save of {final}: the save completed first, so the run is complete" in err
+    assert _last_line(err).startswith("alignfast train: 10 PPO steps;"), err[-3000:]
+    _assert_loadable(final)
+    assert not list(out.glob(".tmp-checkpoint-*")) and not list(out.glob("checkpoint-*"))
+
+
+def test_a_second_signal_during_the_final_save_leaves_the_folder_as_it_was_and_says_how_to_rewrite_it(tmp_path):
+    out = tmp_path / "run"
+    code, err = _run_patched(tmp_path, _IN_THE_FINAL_SAVE.format(times=2),
+                             ["--trainer.output_dir", str(out), "--save_steps", "4", *SHORT])
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    final = out / "final"
+    assert _last_line(err) == (
+        f"alignfast train: stopped at once by SIGTERM received twice, during the save of {final} after step 10 of 10: "
+        f"{final} was not written; the same command with --resume continues from {out / 'checkpoint-10'} and "
+        "writes it again"), err[-3000:]
+    assert not final.exists() and not list(out.glob(".tmp-checkpoint-*"))
+    ckpt.verify(out / "checkpoint-10")
+
+    from alignfast.cli import main  # what the line says: --resume loads checkpoint-10 and writes final/
+
+    assert main(["train", "--config", TOY, "--trainer.output_dir", str(out), "--save_steps", "4", *SHORT,
+                 "--resume"]) == 0
+    _assert_loadable(final)
 
 
 def test_a_second_sigterm_during_training_exits_143_naming_the_last_checkpoint(tmp_path):
