@@ -64,4 +64,5 @@ def test_an_output_dir_that_cannot_be_written_fails_before_any_model_loads(tmp_p
     (tmp_path / "file").write_text("")
     line = one_line(capsys, main(["train", "--config", TOY, "--trainer.output_dir", str(tmp_path / "file" / "run"),
                                   *SMALL]))
-    assert f"'output_dir' '{tmp_path / 'file' / 'run'}' cannot be written (Not a directory)" in line and not loaded
+    assert f"'output_dir' '{tmp_path / 'file' / 'run'}' cannot be written ({tmp_path / 'file'} is a file, not a " \
+           "folder)" in line and not loaded
