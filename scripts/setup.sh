@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "alignfast setup: installing dependencies ($TORCH_SPEC, build tools, test tools)"
   python -m pip install -q --upgrade "pip>=23" 2>&1 | grep -v "is ignored: it is neither" || true
   python -m pip install -q "$TORCH_SPEC" setuptools wheel "cmake>=3.27" ninja \
-      "transformers>=4.45" tokenizers safetensors numpy pyyaml tqdm matplotlib \
+      "transformers>=5.5" tokenizers safetensors numpy pyyaml tqdm matplotlib \
       pytest pytest-benchmark peft "openai>=1.0" "accelerate>=1.0" "torchao>=0.18" datasets 2>&1 | grep -v "is ignored: it is neither" || true
   python -c "import torch, transformers, pytest" || { echo "alignfast setup: dependency install failed" >&2; exit 1; }
   echo "$want" > "$stamp"

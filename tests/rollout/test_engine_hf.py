@@ -113,7 +113,10 @@ def test_engine_loads_a_model_without_sdpa_from_path(tmp_path, tokenizer):
     tf.Gemma2ForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     engine = HFEngine(str(tmp_path), dtype=torch.float64, device="cpu")
-    assert engine.model.config._attn_implementation == "eager"
+    from packaging.version import Version
+
+    if Version(tf.__version__) >= Version("5.21"):  # earlier releases give Gemma-2 sdpa (no NaN to guard there)
+        assert engine.model.config._attn_implementation == "eager"
     got = engine.generate(PROMPTS, max_new_tokens=6)
     lengths = [len(ids) for ids in tokenizer(PROMPTS).input_ids]
     assert max(lengths) - min(lengths) > config.sliding_window  # the shortest prompt's pad is wider than the window
