@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -197,9 +198,11 @@ class RunLoop:
                 with ckpt.writing(self.config.output_dir, what, out), ckpt.new_folder_atomically(out) as tmp:
                     write(tmp)
             self.processes.wait()
-        if stop.requested:
-            _log.warning("alignfast: %s was received during the save of %s: the save completed first, so the run is "
-                         "complete", stop.name, out)
+        if stop.requested:  # delivered now, to the handler in place before the save: the caller stops as it would
+            # have (`alignfast demo` trains further arms after a save; a command ends), with the model whole
+            _log.warning("alignfast: %s was received during the save of %s: the save completed first; %s takes "
+                         "effect now", stop.name, out, stop.name)
+            signal.raise_signal(stop.received)
         return out
 
     def _on_main_process(self, work) -> None:

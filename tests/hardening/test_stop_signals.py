@@ -235,17 +235,18 @@ def _assert_loadable(final: Path) -> None:
 
 def test_sigterm_during_the_final_save_lets_it_complete(tmp_path):
     """The review's case: SIGTERM while final/ was written killed the process (rc 143, no line), and with
-    save_strategy 'no' the trained run was lost. Now the save completes, a warning says so and the command ends as
-    a complete run (exit 0, its summary line)."""
+    save_strategy 'no' the trained run was lost. Now the save completes, a warning says so, and then the signal
+    takes effect (the default handler here: the process ends by SIGTERM; `alignfast demo` would not go on to its
+    next arm)."""
     out = tmp_path / "run"
     code, err = _run_patched(tmp_path, _IN_THE_FINAL_SAVE.format(times=1),
                              ["--trainer.output_dir", str(out), "--save_strategy", "no", *SHORT])
-    assert code == 0, err[-3000:]
+    assert code == -signal.SIGTERM, (code, err[-3000:])
     final = out / "final"
     assert f"SIGTERM received: finishing the save of {final} first (send it again to stop at once; the folder then " \
            "stays as it was)" in err, err[-3000:]
-    assert f"SIGTERM was received during the save of {final}: the save completed first, so the run is complete" in err
-    assert _last_line(err).startswith("alignfast train: 10 PPO steps;"), err[-3000:]
+    assert f"SIGTERM was received during the save of {final}: the save completed first; SIGTERM takes effect now" \
+        in err
     _assert_loadable(final)
     assert not list(out.glob(".tmp-checkpoint-*")) and not list(out.glob("checkpoint-*"))
 
