@@ -127,11 +127,12 @@ def _is_int(x) -> bool:
 
 def check_generate_args(*, max_new_tokens, temperature, top_p, n, seed) -> GenerateArgs:
     """Validates the keyword arguments of `TargetEngine.generate`; errors name the argument."""
-    from alignfast.ops._checks import fail, in_range, non_negative
+    from alignfast.ops._checks import fail, in_range
+    from alignfast.ops._checks import temperature as check_temperature
 
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         fail("max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
-    temperature = non_negative("temperature", temperature)
+    temperature = check_temperature("temperature", temperature, zero_is_greedy=True)
     top_p = in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
     if not _is_int(n) or n < 1:
         fail("n", f"must be an integer >= 1, got {n!r}")

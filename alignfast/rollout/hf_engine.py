@@ -33,6 +33,7 @@ from alignfast.ops._checks import choice, fail, in_range
 from alignfast.rollout._batching import build_units, plan_batches
 from alignfast.rollout._decode import decode_batch, make_runner
 from alignfast.rollout._pad_mask import pad_safe_attention
+from alignfast.rollout.context import max_positions
 from alignfast.rollout.engine import Completion, Prompt, TargetEngine, _is_int, check_call
 
 DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and the floor on a GPU
@@ -231,7 +232,7 @@ class HFEngine(TargetEngine):
     def _prompt_limit(self, max_new_tokens: int) -> int | None:
         if self.max_prompt_length is not None:
             return self.max_prompt_length
-        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        max_pos = max_positions(self.model)  # a multimodal model's is its text config's
         if max_pos is None:
             return None
         if max_pos - max_new_tokens < 1:

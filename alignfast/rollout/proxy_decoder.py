@@ -107,6 +107,7 @@ class ProxyDecoder:
     def __init__(self, model, *, eos_ids: list[int], pad_id: int, max_new_tokens: int,
                  max_rejections_per_token: int = 3, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  max_batch_tokens: int | None = None, max_batch_size: int | None = None):
+        from alignfast.ops import _checks
         from alignfast.ops._checks import fail
         from alignfast.rollout.hf_engine import default_batch_limits
 
@@ -115,8 +116,7 @@ class ProxyDecoder:
                  f"{max_rejections_per_token!r}")
         if max_new_tokens < 1:
             fail("max_new_tokens", f"must be >= 1, got {max_new_tokens!r}")
-        if temperature < 0:
-            fail("temperature", f"must be >= 0, got {temperature!r}")
+        temperature = _checks.temperature("temperature", temperature, zero_is_greedy=True)
         if not 0 < top_p <= 1:
             fail("top_p", f"must be in (0, 1], got {top_p!r}")
         if top_k < 0:

@@ -46,7 +46,7 @@ class VLLMEngine(TargetEngine):
 
     model: a path or hub name (loaded by vLLM), or an existing `vllm.LLM` (used as is).
     gpu_memory_utilization, tensor_parallel_size, dtype, max_model_len, seed: passed to `vllm.LLM`.
-    max_prompt_length: longer prompts keep their last tokens (vLLM's truncate_prompt_tokens).
+    max_prompt_length: longer prompts keep their last tokens (cut here: see the module docstring).
     llm_kwargs: any further `vllm.LLM` arguments (enforce_eager, enable_prefix_caching, ...).
     """
 
@@ -100,8 +100,7 @@ class VLLMEngine(TargetEngine):
         if isinstance(prompt, str):
             if keep is None:
                 return prompt
-            ids = list(self.llm.get_tokenizer().encode(prompt))
-            return prompt if len(ids) <= keep else {"prompt_token_ids": ids[-keep:]}
+            return {"prompt_token_ids": list(self.llm.get_tokenizer().encode(prompt))[-keep:]}  # encoded once
         return {"prompt_token_ids": prompt if keep is None else prompt[-keep:]}
 
     @staticmethod

@@ -685,9 +685,9 @@ class PPOEngineTrainer(RunLoop):
                                for name, f in zip(rewards.names, rewards.funcs) if isinstance(f, RewardModel)}
         return self._reward_fp
 
-    def _warn_changed_settings(self, path: Path, saved: dict) -> list[tuple]:
+    def _warn_changed_settings(self, path: Path, saved: dict) -> list[str]:
         """A resume with other hyperparameters is allowed (it may be on purpose) but never silent: the run
-        will not match an uninterrupted one. Returns the changes as (before, after) pairs."""
+        will not match an uninterrupted one. Returns the names of the settings that changed."""
         now = json.loads(self.config.to_json())  # the form the checkpoint stored
         changed = _changed_settings(saved, now)
         if changed:
@@ -695,7 +695,7 @@ class PPOEngineTrainer(RunLoop):
                          "match an uninterrupted one (AdamW's moments and the learning-rate schedule, learning rate "
                          "included, continue from the checkpoint; weight_decay, betas and eps are this run's)", path,
                          "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed))
-        return [(saved[k], now[k]) for k in changed]
+        return changed
 
     def _load_checkpoint(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, map_location=self.device)

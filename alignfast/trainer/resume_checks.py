@@ -5,6 +5,7 @@ deep inside torch, and never a silently half-restored run)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from alignfast.ops._checks import AlignfastArgumentError
@@ -153,14 +154,14 @@ def warn_other_train_rows(path, state: dict, rows: int, fingerprint: str, *, wha
 
 def warn_other_inputs(path, state: dict, *, target: dict | None, rewards: list | None,
                       reward_models: dict | None = None, environment: dict | None = None,
-                      changes_said: list[tuple] = ()) -> None:
+                      changes_said: Sequence[str] = ()) -> None:
     """One warning line for a target, one for a reward setup, one for reward models' weights, one for the
     environment, that differ from those the checkpoint's run had (recorded by its trainer: target {name, weights},
     rewards [[name, weight], ...], reward_models {name: fingerprint of its weights}, environment {"environment":
     class name, "environment_settings": its describe()}); none for a checkpoint that recorded nothing. A warning, as
-    for the target: another reward may be on purpose, but never silent. changes_said: the (before, after) pairs of
-    the config's changes, already said: an environment setting that changed alike is the config's (Align-Pro's
-    environment is built from target_max_new_tokens and the others), not said twice."""
+    for the target: another reward may be on purpose, but never silent. changes_said: the config settings whose
+    change was already said: an environment setting `k` whose config setting `k` or `target_k` is among them is
+    the config's (Align-Pro's environment is built from target_max_new_tokens and the others), not said twice."""
     _warn_other_environment(path, state, environment, changes_said)
     saved = state.get("target")
     if saved is not None and target is not None and saved != target:
@@ -195,7 +196,7 @@ def _warn_other_environment(path, state: dict, environment: dict | None, changes
     if saved is None or now is None or saved == now:
         return
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k, _MISSING) != now.get(k, _MISSING)
-                     and (saved.get(k, _MISSING), now.get(k, _MISSING)) not in changes_said)
+                     and k not in changes_said and f"target_{k}" not in changes_said)
     if not changed:
         return
     _log.warning("resuming from %s with environment settings (%s.describe()) that differ from the checkpoint's (%s): "

@@ -118,7 +118,8 @@ def test_engine_vllm_maps_prompts_params_and_outputs(fake_vllm):
     prompts = ["hello", [5, 6, 7], "hello"]
     out = engine.generate(prompts, max_new_tokens=9, temperature=0.7, top_p=0.9, n=3, seed=1)
     (inputs, params), = FakeLLM.instances[-1].calls
-    assert inputs == ["hello", {"prompt_token_ids": [5, 6, 7]}, "hello"]
+    hello = {"prompt_token_ids": [1] + [ord(c) for c in "hello"]}  # max_prompt_length: encoded here, fits
+    assert inputs == [hello, {"prompt_token_ids": [5, 6, 7]}, hello]
     assert all((p.n, p.temperature, p.top_p, p.max_tokens) == (3, 0.7, 0.9, 9) for p in params)
     seeds = [p.seed for p in params]
     assert len(set(seeds)) == 3  # the repeated prompt gets its own seed
@@ -152,14 +153,16 @@ def test_engine_vllm_greedy_empty_and_bad_arguments(fake_vllm):
 
 def test_engine_vllm_cuts_long_prompts_itself(fake_vllm):
     """SamplingParams(truncate_prompt_tokens=) is an error since vLLM 0.17 (and was ignored for a list of params
-    before): a prompt over max_prompt_length keeps its last tokens, cut here; shorter text goes as text."""
+    before): a prompt over max_prompt_length keeps its last tokens, cut here. Text is encoded once, here, with the
+    LLM's tokenizer (special tokens added, as vLLM adds them)."""
     from alignfast.rollout import VLLMEngine
 
     engine = VLLMEngine("m", max_prompt_length=4)
     engine.generate(["abc", "abcdefg", list(range(10, 20)), [1, 2]], max_new_tokens=3, temperature=0.5)
     inputs = FakeLLM.instances[-1].calls[-1][0]
-    assert inputs == ["abc", {"prompt_token_ids": [ord(c) for c in "defg"]}, {"prompt_token_ids": [16, 17, 18, 19]},
-                      {"prompt_token_ids": [1, 2]}]
+    assert inputs == [{"prompt_token_ids": [1] + [ord(c) for c in "abc"]},
+                      {"prompt_token_ids": [ord(c) for c in "defg"]},
+                      {"prompt_token_ids": [16, 17, 18, 19]}, {"prompt_token_ids": [1, 2]}]
 
 
 def test_engine_vllm_greedy_asks_once_and_repeats_the_answer(fake_vllm):

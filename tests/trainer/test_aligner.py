@@ -81,8 +81,8 @@ def test_a_resume_with_other_environment_settings_says_which(tmp_path, caplog):
     trainer, _, _ = _trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, **constant)
     trainer.train()
 
-    def resume(**env_settings):
-        t, _, _ = _trainer(tmp_path, env_settings, max_steps=2, save_strategy="no", **constant)
+    def resume(config=None, **env_settings):
+        t, _, _ = _trainer(tmp_path, env_settings, max_steps=2, save_strategy="no", **constant, **(config or {}))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="alignfast.trainer"):
             t.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
@@ -93,6 +93,9 @@ def test_a_resume_with_other_environment_settings_says_which(tmp_path, caplog):
     assert len(lines) == 1 and "with environment settings (AlignerEnvironment.describe()) that differ from the " \
         "checkpoint's (correction_template: '{prompt} answer {draft} rewrite' -> '{draft} fix {prompt}'; " \
         "max_new_tokens: 4 -> 3)" in lines[0], lines
+    # a config setting that changed alike (4 -> 3) under another name does not hide the environment's change
+    lines = resume({"response_length": 3}, max_new_tokens=3)
+    assert len(lines) == 2 and "(response_length: 4 -> 3)" in lines[0] and "(max_new_tokens: 4 -> 3)" in lines[1]
 
 
 def test_the_aligner_target_is_the_engines_target(tmp_path):
