@@ -107,8 +107,10 @@ inline RowStats<acc_t> forward_row_scalar(const scalar_t* x, int64_t V, int64_t 
     const int64_t b1 = std::min(V, b0 + kBlock);
     double bm = -inf;
     for (int64_t v = b0; v < b1; ++v) bm = nan_max(bm, at(v));
-    if (bm != bm) return finish_row<acc_t>(static_cast<acc_t>(bm), 0, 0, 0, 0);
-    if (bm == inf) return finish_row<acc_t>(inf, inf, 0, 0, static_cast<acc_t>((at(t) - inf) * inv_temp));
+    if (!(bm < inf)) {  // a NaN or a +inf logit: the row's stats are finish_row's non-finite ones
+      return finish_row<acc_t>(static_cast<acc_t>(bm), static_cast<acc_t>(bm), 0, 0,
+                               static_cast<acc_t>((at(t) - bm) * inv_temp));
+    }
     if (bm > M) {
       if (M != -inf) {
         // W' = sum e^{d'} d' = c (W + shift S) over the elements seen so far; S includes the target's term

@@ -185,8 +185,7 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
       }
       const float bm = nan_max(tail_max, at::vec::vec_reduce_all<float>(  // at::vec::maximum keeps a NaN
                                              [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax));
-      if (bm != bm) return finish_row<float>(bm, 0.f, 0.f, 0.f, 0.f);
-      if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
+      if (!(bm < inf)) return finish_row<float>(bm, bm, 0.f, 0.f, (static_cast<float>(x[t]) - bm) * inv_temp);
       if (bm == -inf) continue;
       M = bm;
       sum_block(std::false_type{}, b0, bv);
@@ -194,8 +193,7 @@ inline RowStats<float> forward_row_impl(const scalar_t* x, int64_t V, int64_t t,
       const Vec vs0 = vs, vw0 = vw;
       const float s_tail0 = s_tail, w_tail0 = w_tail;
       const float bm = nan_max(tail_max, sum_block(std::true_type{}, b0, bv));
-      if (bm != bm) return finish_row<float>(bm, 0.f, 0.f, 0.f, 0.f);
-      if (bm == inf) return finish_row<float>(inf, inf, 0.f, 0.f, (static_cast<float>(x[t]) - inf) * inv_temp);
+      if (!(bm < inf)) return finish_row<float>(bm, bm, 0.f, 0.f, (static_cast<float>(x[t]) - bm) * inv_temp);
       if (bm > M) {  // a new max: undo this block's sums, rescale the earlier blocks, sum it again
         vs = vs0, vw = vw0, s_tail = s_tail0, w_tail = w_tail0;
         rescale_to(bm, b0);
