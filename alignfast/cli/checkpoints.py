@@ -22,16 +22,24 @@ def refuse_unfinished(p: Path) -> None:
                        "or --resume removes it)")
 
 
-def policy_dir(path: str | Path) -> Path:
+def model_root(path: str | Path, not_found: str) -> Path:
+    """The model folder a flag names: a checkpoint-<step> gives its policy/, verified against its manifest (as a
+    checkpoint's policy/ passed itself is); a missing folder (`not_found: <path>`) or one a killed save left is one
+    line."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise CLIError(f"checkpoint not found: {p}")
+        raise CLIError(f"{not_found}: {p}")
     refuse_unfinished(p)
     if (p / "policy").is_dir():  # output_dir/checkpoint-<step>/policy
         _check_intact(p)
         p = p / "policy"
     elif p.name == "policy" and (p.parent / "manifest.json").is_file():
         _check_intact(p.parent)
+    return p
+
+
+def policy_dir(path: str | Path) -> Path:
+    p = model_root(path, "checkpoint not found")
     if (p / "metrics.jsonl").is_file():  # a run's output_dir: its config.json is the trainer's, not a model's
         runs = sorted(c.name for c in p.iterdir() if c.name == "final" or c.name.startswith("checkpoint-"))
         raise CLIError(f"{p} is a training run's folder, not a model; pass one of its model folders"

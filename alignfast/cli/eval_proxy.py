@@ -48,17 +48,11 @@ def ignored_proxy_fields(config: dict) -> list[str]:
 
 def proxy_dir(path: str | Path) -> Path:
     """The folder holding a saved proxy: <output_dir>/proxy/final, or a checkpoint-<step> (its policy/)."""
-    from alignfast.cli.checkpoints import _check_intact, refuse_unfinished
+    from alignfast.cli.checkpoints import model_root
     from alignfast.cli.errors import CLIError
     from alignfast.trainer.proxy_model import CONFIG_NAME
 
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise CLIError(f"--proxy-checkpoint not found: {p}")
-    refuse_unfinished(p)
-    if (p / "policy").is_dir():
-        _check_intact(p)
-        p = p / "policy"
+    p = model_root(path, "--proxy-checkpoint not found")
     if not (p / CONFIG_NAME).is_file():
         from alignfast.cli.checkpoints import trained_as
         from alignfast.cli.eval_checks import FLAG_OF_ARM
