@@ -52,7 +52,8 @@ def nucleus(logits: torch.Tensor, *, temperature: float, top_p: float) -> torch.
         return finite & ~nan_row
     posinf = torch.isposinf(logits)
     inf_row = posinf.any(dim=-1, keepdim=True)
-    z = logits / (temperature if temperature > 0 else 1.0)
+    # scaled after the row's max is subtracted (softmax is shift-invariant): l / tau overflows float32 near its max
+    z = (logits - logits.amax(dim=-1, keepdim=True)) / (temperature if temperature > 0 else 1.0)
     # an all -inf row has no nucleus; NaN and +inf rows are decided above (their softmax is NaN)
     usable = finite.any(dim=-1, keepdim=True) & ~nan_row & ~inf_row
     safe = torch.where(usable, z, torch.zeros_like(z))
@@ -87,16 +88,17 @@ def propose_token(logits: torch.Tensor, excluded: torch.Tensor, uniforms: torch.
         tokens = masked.argmax(dim=-1)  # the first maximal index
         logprobs = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
     else:
-        z = masked / temperature
-        m = z.max(dim=-1, keepdim=True).values
+        # d = (l - max_A l) / tau <= 0, the raw max subtracted before scaling, as the kernels do: l / tau alone
+        # overflows in float32 for logits near its maximum at a small temperature
+        m = masked.max(dim=-1, keepdim=True).values
         m = torch.where(empty[:, None], torch.zeros_like(m), m)
-        w = torch.where(allowed, torch.exp(z - m), torch.zeros_like(z))
+        d = (masked - m) / temperature
+        w = torch.where(allowed, torch.exp(d), torch.zeros_like(d))
         cum = w.cumsum(dim=-1)
         total = cum[:, -1:]
         target = torch.minimum(uniforms.view(-1, 1).to(cum.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
         tokens = torch.searchsorted(cum, target, right=True).squeeze(-1).clamp(max=logits.shape[1] - 1)
-        z_tok = z.gather(-1, tokens[:, None]).squeeze(-1)
-        logprobs = z_tok - m.squeeze(-1) - torch.log(total.squeeze(-1))
+        logprobs = d.gather(-1, tokens[:, None]).squeeze(-1) - torch.log(total.squeeze(-1))
     tokens = torch.where(empty, torch.full_like(tokens, -1), tokens)
     logprobs = torch.where(empty, torch.full_like(logprobs, float("-inf")), logprobs)
     logprobs = torch.where(no_distribution, torch.full_like(logprobs, float("nan")), logprobs)

@@ -379,3 +379,18 @@ def test_a_nan_logit_is_not_read_as_minus_infinity():
                 tok, lp, n = ops.propose_token(logits, torch.zeros_like(logits, dtype=torch.bool),
                                                torch.tensor([0.3], dtype=torch.float64), temperature=1.0, top_p=0.9)
             assert (int(tok), int(n)) == (-1, 0) and bool(torch.isnan(lp)), (value, backend)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_the_spec_in_float32_does_not_overflow_near_the_float32_maximum(top_p):
+    """The spec scaled l / tau before subtracting the max: [3e38, 2.9e38, 0] at T = 0.5 overflowed float32 and gave
+    token 2 with a NaN log-prob; the C++ kernel (which subtracts the raw max first) and the float64 spec give token 0.
+    The spec now subtracts first too."""
+    logits = torch.tensor([[3e38, 2.9e38, 0.0]])
+    excluded, u = torch.zeros(1, 3, dtype=torch.bool), torch.tensor([0.3], dtype=torch.float64)
+    got = reference.propose_token(logits, excluded, u, temperature=0.5, top_p=top_p)
+    want = reference.propose_token(logits.double(), excluded, u, temperature=0.5, top_p=top_p)
+    assert got[0].tolist() == want[0].tolist() == [0] and torch.isfinite(got[1]).all()
+    assert got[1].double().tolist() == want[1].tolist() and got[2].tolist() == want[2].tolist()
+    if has_kernel("propose_token", "cpu"):
+        assert ops.propose_token(logits, excluded, u, temperature=0.5, top_p=top_p)[0].tolist() == [0]
