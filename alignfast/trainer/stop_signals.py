@@ -43,10 +43,11 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGTERM/SIGINT after a step; `checkpoint` is where to resume from (None when
     save_strategy is 'no'), `signal_name` the signal, `exit_code` 128 + its number (the shell's convention)."""
 
-    def __init__(self, message: str, *, step: int, num_steps: int, checkpoint, signal_name: str, exit_code: int):
-        super().__init__(message)
+    def __init__(self, *, step: int, num_steps: int, checkpoint, signal_name: str, exit_code: int,
+                 how: str = "train(resume_from_checkpoint=True)"):
         self.step, self.num_steps, self.checkpoint = step, num_steps, checkpoint
         self.signal_name, self.exit_code = signal_name, exit_code
+        super().__init__(f"alignfast: {self.line(how)}")  # the Python API's message; the CLI asks line() its own way
 
     def __str__(self) -> str:
         return self.args[0] if self.args else ""
@@ -61,9 +62,9 @@ class StoppedAtOnce(TrainingInterrupted):
     which the run continues from; `folder`: the model folder whose save was abandoned (None: a training step
     was), left as it was: `folder_kept` says whether it held an earlier model."""
 
-    def __init__(self, message: str, *, folder=None, folder_kept: bool = False, **kwargs):
-        super().__init__(message, **kwargs)
-        self.folder, self.folder_kept = folder, folder_kept
+    def __init__(self, *, folder=None, folder_kept: bool = False, **kwargs):
+        self.folder, self.folder_kept = folder, folder_kept  # before the message, which names them
+        super().__init__(**kwargs)
 
     def line(self, how: str) -> str:
         return stop_line(self.signal_name, self.step, self.num_steps, self.checkpoint, how=how, twice=True,
@@ -139,19 +140,16 @@ class StopSignals:
 
 def stopped_by_signal(stop: StopSignals, step: int, num_steps: int, checkpoint) -> TrainingInterrupted:
     """The exception (and the one line the CLI prints) for a run stopped by `stop`'s signal after `step`."""
-    line = stop_line(stop.name, step, num_steps, checkpoint, how="train(resume_from_checkpoint=True)")
-    return TrainingInterrupted(f"alignfast: {line}", step=step, num_steps=num_steps, checkpoint=checkpoint,
-                               signal_name=stop.name, exit_code=128 + int(stop.received))
+    return TrainingInterrupted(step=step, num_steps=num_steps, checkpoint=checkpoint, signal_name=stop.name,
+                               exit_code=128 + int(stop.received))
 
 
 def stopped_at_once(signum: int, step: int, num_steps: int, checkpoint, *, how: str, folder=None,
                     folder_kept: bool = False) -> StoppedAtOnce:
     """The exception (and the one line) for a second signal: during a training step (after `step` of `num_steps`;
     `checkpoint` the last one written), or during the save of the model `folder`."""
-    name = signal.Signals(signum).name
-    line = stop_line(name, step, num_steps, checkpoint, how=how, twice=True, folder=folder, folder_kept=folder_kept)
-    return StoppedAtOnce(f"alignfast: {line}", step=step, num_steps=num_steps, checkpoint=checkpoint,
-                         signal_name=name, exit_code=128 + int(signum), folder=folder, folder_kept=folder_kept)
+    return StoppedAtOnce(step=step, num_steps=num_steps, checkpoint=checkpoint, signal_name=signal.Signals(signum).name,
+                         exit_code=128 + int(signum), how=how, folder=folder, folder_kept=folder_kept)
 
 
 def stop_line(signal_name: str, step: int, num_steps: int, checkpoint, *, how: str, twice: bool = False,

@@ -171,7 +171,7 @@ def test_the_stop_line_is_printed_once_under_a_launcher(rank, printed, monkeypat
     from alignfast.trainer.stop_signals import TrainingInterrupted
 
     def stopped(args, overrides):
-        raise TrainingInterrupted("stopped", step=3, num_steps=9, checkpoint="out/checkpoint-3", signal_name="SIGTERM",
+        raise TrainingInterrupted(step=3, num_steps=9, checkpoint="out/checkpoint-3", signal_name="SIGTERM",
                                   exit_code=143)
 
     monkeypatch.setattr(cmd_train, "_train", stopped)
