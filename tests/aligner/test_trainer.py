@@ -611,3 +611,16 @@ def test_the_toy_targets_tokenizer_with_another_corrector_is_a_warning(tmp_path,
     with caplog.at_level("WARNING", logger="alignfast"):
         AlignerTrainer(_config(tmp_path, "o2"), own, tok, train_dataset=ROWS)
     assert "another model's tokenizer" not in caplog.text
+
+
+def test_a_resume_over_more_steps_runs_its_first_step_at_the_rebuilt_learning_rate(tmp_path):
+    """As for the PPO trainers (trainer/resume_checks.follow_schedule): extending a finished 3-step run (linear decay)
+    to 6 steps ran step 4 at the old schedule's last rate; it now runs at lr0 * (1 - 3/6)."""
+    model, tok = tiny_corrector(tmp_path)
+    cfg = dict(lr_scheduler_type="linear", save_strategy="steps", save_steps=3)
+    AlignerTrainer(_config(tmp_path, max_steps=3, **cfg), model, tok, train_dataset=ROWS).train()
+    AlignerTrainer(_config(tmp_path, max_steps=6, **cfg), model, tok, train_dataset=ROWS).train(
+        resume_from_checkpoint=True)
+    lrs = [json.loads(x)["learning_rate"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    want = [1e-2 * (1 - k / 3) for k in range(3)] + [1e-2 * (1 - k / 6) for k in range(3, 6)]
+    assert lrs == pytest.approx(want, rel=1e-12), lrs
