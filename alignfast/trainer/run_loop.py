@@ -93,10 +93,10 @@ class RunLoop:
         metrics: dict = self.history[-1] if self.history else {}
         # SIGTERM/SIGINT: finish the step, checkpoint, stop (trainer/stop_signals.py). A second one stops at once,
         # naming the last checkpoint: at_once reads last_good and global_step when it comes (a closure over them).
-        finishing = ("the current step, then writing a checkpoint and stopping", "stop at once without a checkpoint") \
-            if cfg.save_strategy == "steps" else \
-            ("the current step, then stopping (no checkpoint: save_strategy is 'no')", "stop at once")
-        stop = StopSignals(*finishing, at_once=lambda signum: stopped_at_once(
+        # StopSignals' own texts say a checkpoint is written; without one they say so.
+        no_checkpoint = {} if cfg.save_strategy == "steps" else dict(
+            finishing="the current step, then stopping (no checkpoint: save_strategy is 'no')", again="stop at once")
+        stop = StopSignals(**no_checkpoint, at_once=lambda signum: stopped_at_once(
             signum, self.global_step, self.num_steps, last_good, how="train(resume_from_checkpoint=True)")).__enter__()
         try:
             while self.global_step < self.num_steps and not stopping:
@@ -184,9 +184,9 @@ class RunLoop:
         write(folder), which the main process alone runs (the replicas are identical). `what`: for write errors."""
         out = Path(output_dir) if output_dir is not None else Path(self.config.output_dir) / "final"
         # SIGTERM/SIGINT during the save, all of it (prepare()'s collectives too): a first signal does not interrupt
-        # it (the model is the run's result; the commands end right after it), a second one stops it at once
-        # and raises StoppedAtOnce naming what is left: `out` as it was (the write is atomic), the last checkpoint.
-        # Every process defers alike and none raises on a first signal, so none leaves the others in a collective.
+        # it (the model is the run's result) and is delivered once the save is whole, below; a second one stops it
+        # at once and raises StoppedAtOnce naming what is left: `out` as it was (the write is atomic), the last
+        # checkpoint. Every process defers alike until the save is done, so none leaves the others in a collective.
         kept, last = os.path.lexists(out), ckpt.latest_checkpoint(self.config.output_dir)
         with StopSignals(f"the save of {out} first", "stop at once; the folder then stays as it was",
                          at_once=lambda signum: stopped_at_once(
